@@ -1,0 +1,3 @@
+//! switchyard: move a live PostgreSQL database to a new server with near-zero downtime.
+pub mod plan;
+pub mod state;

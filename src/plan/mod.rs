@@ -1,0 +1,239 @@
+//! The plan file: what to migrate, from where to where, and how.
+//!
+//! Every key but `name`, `[source] url` and `[target] url` has a default; `plans/example.toml`
+//! documents them all. Errors name the file, line, column and key path.
+
+mod interpolate;
+mod values;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use interpolate::interpolate;
+pub use values::{Dur, EnvString, PgUrl, PlanName, TablePattern};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot read plan file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub name: PlanName,
+    pub source: Endpoint,
+    pub target: Endpoint,
+    #[serde(default)]
+    pub sync: SyncSettings,
+    #[serde(default)]
+    pub state: StateSettings,
+    /// The file the plan was read from.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// The coordinator's own connection (a superuser).
+    pub url: PgUrl,
+    /// How the *other* server reaches this one, when it differs from `url`'s host and port.
+    pub replication_url: Option<PgUrl>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    #[serde(default = "default_tables")]
+    pub tables: Vec<TablePattern>,
+    #[serde(default)]
+    pub exclude: Vec<TablePattern>,
+    #[serde(default = "default_max_lag_bytes")]
+    pub max_lag_bytes: u64,
+    #[serde(default = "default_retained_wal_warn_bytes")]
+    pub retained_wal_warn_bytes: u64,
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Dur,
+    /// Tables the target copies at once (its `max_sync_workers_per_subscription`); 0 keeps the
+    /// target's own setting.
+    #[serde(default)]
+    pub copy_workers: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    pub path: Option<EnvString>,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_tables() -> Vec<TablePattern> {
+    vec![TablePattern { schema: "public".into(), table: "*".into() }]
+}
+
+fn default_max_lag_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_retained_wal_warn_bytes() -> u64 {
+    8 * 1024 * 1024 * 1024
+}
+
+fn default_poll_interval() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            tables: default_tables(),
+            exclude: Vec::new(),
+            max_lag_bytes: default_max_lag_bytes(),
+            retained_wal_warn_bytes: default_retained_wal_warn_bytes(),
+            poll_interval: default_poll_interval(),
+            copy_workers: 0,
+        }
+    }
+}
+
+impl Plan {
+    pub fn load(path: &Path) -> Result<Plan, PlanError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Plan::parse(&text, path)
+    }
+
+    /// Parses plan text; `path` is only used in error messages and to remember the origin.
+    pub fn parse(text: &str, path: &Path) -> Result<Plan, PlanError> {
+        let deserializer = toml::de::Deserializer::new(text);
+        let mut plan: Plan = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner();
+            let (line, column) = inner
+                .span()
+                .map(|span| line_and_column(text, span.start))
+                .unwrap_or((1, 1));
+            PlanError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                key: if key == "." { "(top level)".into() } else { key },
+                message: inner.message().trim().to_string(),
+            }
+        })?;
+        plan.path = path.to_owned();
+        Ok(plan)
+    }
+
+    /// Where the migration's state lives: `[state] path`, or `.switchyard/<name>.json` in the
+    /// current directory.
+    pub fn state_path(&self) -> PathBuf {
+        match &self.state.path {
+            Some(EnvString(path)) => PathBuf::from(path),
+            None => PathBuf::from(".switchyard").join(format!("{}.json", self.name.0)),
+        }
+    }
+
+    /// The publication on the source, the slot it feeds and the subscription on the target all
+    /// share one name, so that a crashed run can find what it created.
+    pub fn replication_name(&self) -> String {
+        format!("switchyard_{}", self.name.0)
+    }
+
+    pub fn selects(&self, schema: &str, table: &str) -> bool {
+        self.sync.tables.iter().any(|p| p.matches(schema, table))
+            && !self.sync.exclude.iter().any(|p| p.matches(schema, table))
+    }
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "shop"
+[source]
+url = "postgres://migrator@db-old:5432/shop"
+[target]
+url = "postgres://migrator@db-new:5432/shop"
+"#;
+
+    fn parse(text: &str) -> Result<Plan, PlanError> {
+        Plan::parse(text, Path::new("plans/shop.toml"))
+    }
+
+    #[test]
+    fn minimal_plan_gets_defaults() {
+        let plan = parse(MINIMAL).unwrap();
+        assert_eq!(plan.sync.max_lag_bytes, 1024 * 1024);
+        assert_eq!(plan.state_path(), PathBuf::from(".switchyard/shop.json"));
+        assert!(plan.selects("public", "orders"));
+        assert!(!plan.selects("audit", "log"));
+        assert_eq!(plan.replication_name(), "switchyard_shop");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = format!("{MINIMAL}[sync]\nmax_lag = 5\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("plans/shop.toml:8:1:"), "{err}");
+        assert!(err.contains("sync"), "{err}");
+        assert!(err.contains("max_lag"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = format!("{MINIMAL}[sync]\nmax_lag_bytes = \"big\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains(":8:17:"), "{err}");
+        assert!(err.contains("sync.max_lag_bytes"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_and_duration_are_reported_at_their_key() {
+        let text = MINIMAL.replace("postgres://migrator@db-new:5432/shop", "postgres://db-new");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("target.url"), "{err}");
+        assert!(err.contains(":6:7:"), "{err}");
+
+        let text = format!("{MINIMAL}[sync]\npoll_interval = \"soon\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("sync.poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let text = MINIMAL.replace("migrator@db-old", "migrator:${SWITCHYARD_TEST_SURELY_UNSET}@db-old");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("SWITCHYARD_TEST_SURELY_UNSET"), "{err}");
+        assert!(err.contains("source.url"), "{err}");
+    }
+}

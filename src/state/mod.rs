@@ -1,0 +1,202 @@
+//! Migration state: the phase, every object switchyard created, and a log of every step, kept
+//! in a [`StateStore`] so that a coordinator that died mid-step can be run again.
+
+mod file;
+mod lock;
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+pub use file::FileStore;
+pub use lock::LockGuard;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {action} state file {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is damaged ({source}); restore it from a backup or move it away")]
+    Corrupt {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("state file {path} belongs to migration {found:?}, not {expected:?}")]
+    WrongMigration {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("another switchyard is working on this migration: {holder} (lock {path}); wait for it, or delete the lock file if that process is gone")]
+    Locked { path: String, holder: String },
+}
+
+/// Where a migration stands. Transitions are recorded before and after each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Nothing created yet (or everything removed again by `abort`).
+    Planned,
+    /// Replication objects exist; tables are copying or streaming.
+    Syncing,
+    /// Every table streams, lag was below the limit, the target is analysed and its indexes valid.
+    Synced,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Phase::Planned => "planned",
+            Phase::Syncing => "syncing",
+            Phase::Synced => "synced",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Objects switchyard created, so that `abort` removes exactly these and a re-run skips them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    /// Roles created on the target.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Extensions created on the target.
+    #[serde(default)]
+    pub extensions: Vec<String>,
+    /// Set once the schema was restored on the target.
+    #[serde(default)]
+    pub schema: Option<SchemaCopy>,
+    /// Publication on the source.
+    #[serde(default)]
+    pub publication: Option<String>,
+    /// Subscription on the target, with the slot it created on the source.
+    #[serde(default)]
+    pub subscription: Option<SubscriptionRecord>,
+    /// The target's `max_sync_workers_per_subscription` before switchyard changed it.
+    #[serde(default)]
+    pub original_sync_workers: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchemaCopy {
+    /// Schemas that did not exist on the target and were created by the restore.
+    pub created_schemas: Vec<String>,
+    /// Every table restored, schema-qualified and quoted.
+    pub tables: Vec<String>,
+    /// Other restored objects in schemas that already existed (`TYPE public.mood`, …), for
+    /// `abort --drop-target-data`.
+    #[serde(default)]
+    pub other_objects: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    pub name: String,
+    /// The target's OID of the subscription: table-sync slots on the source carry it.
+    pub oid: u32,
+    pub slot: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub at: String,
+    pub event: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub format: u32,
+    pub name: String,
+    pub phase: Phase,
+    #[serde(default)]
+    pub created: Created,
+    #[serde(default)]
+    pub log: Vec<LogEntry>,
+}
+
+impl State {
+    pub fn new(name: &str) -> State {
+        State {
+            format: 1,
+            name: name.to_string(),
+            phase: Phase::Planned,
+            created: Created::default(),
+            log: Vec::new(),
+        }
+    }
+
+    pub fn note(&mut self, event: impl Into<String>) {
+        self.log.push(LogEntry {
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: event.into(),
+        });
+    }
+
+    pub fn set_phase(&mut self, phase: Phase) {
+        if self.phase != phase {
+            self.note(format!("phase {} -> {}", self.phase, phase));
+            self.phase = phase;
+        }
+    }
+
+    /// True when the step was begun and never recorded as done: a crash happened inside it.
+    pub fn interrupted(&self, step: &str) -> bool {
+        let begun = format!("begin {step}");
+        let done = format!("done {step}");
+        self.log
+            .iter()
+            .rev()
+            .find(|e| e.event == begun || e.event == done)
+            .is_some_and(|e| e.event == begun)
+    }
+}
+
+/// Keeps one migration's [`State`]. A file by default; later a shared backend for teams.
+pub trait StateStore: Send + Sync {
+    fn load(&self) -> Result<Option<State>, StateError>;
+    fn save(&self, state: &State) -> Result<(), StateError>;
+    /// Takes the migration's lock, or says who holds it.
+    fn lock(&self, purpose: &str) -> Result<LockGuard, StateError>;
+    /// Where the state lives, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Loads the state or starts a new one for `name`.
+pub fn load_or_new(store: &dyn StateStore, name: &str) -> Result<State, StateError> {
+    match store.load()? {
+        Some(state) if state.name != name => Err(StateError::WrongMigration {
+            path: store.describe(),
+            found: state.name,
+            expected: name.to_string(),
+        }),
+        Some(state) => Ok(state),
+        None => Ok(State::new(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_step_is_detected() {
+        let mut state = State::new("shop");
+        assert!(!state.interrupted("schema"));
+        state.note("begin schema");
+        assert!(state.interrupted("schema"));
+        state.note("done schema");
+        assert!(!state.interrupted("schema"));
+    }
+
+    #[test]
+    fn phase_changes_are_logged() {
+        let mut state = State::new("shop");
+        state.set_phase(Phase::Syncing);
+        state.set_phase(Phase::Syncing);
+        assert_eq!(state.log.len(), 1);
+        assert_eq!(state.log[0].event, "phase planned -> syncing");
+    }
+}
