@@ -86,7 +86,8 @@ pub struct SchemaCopy {
     pub created_schemas: Vec<String>,
     /// Every table restored, schema-qualified and quoted.
     pub tables: Vec<String>,
-    /// Other restored objects in schemas that already existed (`TYPE public.mood`, …), for
+    /// Other restored objects in schemas that already existed, as they follow `DROP`
+    /// (`TYPE IF EXISTS "public"."mood"`, …), for
     /// `abort --drop-target-data`.
     #[serde(default)]
     pub other_objects: Vec<String>,

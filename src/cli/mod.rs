@@ -1,0 +1,97 @@
+//! Command-line interface: one file per subcommand, each turning arguments into a library call
+//! and its result into output and an exit code.
+
+mod abort;
+mod plan;
+mod status;
+mod sync;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::plan::Plan;
+use switchyard::state::FileStore;
+use switchyard::{Error, Exit};
+
+const AFTER_HELP: &str = "\
+Exit codes (every subcommand):
+  0  done
+  1  refused, or a step failed and was cleanly undone (blocking findings, a gate not met)
+  2  usage, plan or connection error
+  3  stopped half-way: an operator must look; the message says what to run next
+
+A migration, start to finish:
+  switchyard plan plans/shop.toml          # preflight: what blocks, what will happen
+  switchyard sync plans/shop.toml --wait   # copy schema and rows, then stream changes
+  switchyard status plans/shop.toml        # per-table state, lag, drift
+  switchyard abort plans/shop.toml         # remove slot, publication, subscription";
+
+/// Move a live PostgreSQL database to a new server with near-zero downtime and a way back.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, after_help = AFTER_HELP)]
+pub struct Args {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Plan(plan::PlanArgs),
+    Sync(sync::SyncArgs),
+    Status(status::StatusArgs),
+    Abort(abort::AbortArgs),
+}
+
+pub fn init_logging(args: &Args) {
+    let default = match args.verbose {
+        0 => "warn,switchyard=info",
+        1 => "info,switchyard=debug",
+        _ => "debug,switchyard=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn dispatch(args: Args) -> Exit {
+    let result = match args.command {
+        Command::Plan(a) => plan::run(a).await,
+        Command::Sync(a) => sync::run(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Abort(a) => abort::run(a).await,
+    };
+    match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit()
+        }
+    }
+}
+
+fn load_plan(path: &PathBuf) -> Result<(Plan, FileStore), Error> {
+    let plan = Plan::load(path)?;
+    let store = FileStore::new(plan.state_path());
+    Ok((plan, store))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Refused(format!("cannot render JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}

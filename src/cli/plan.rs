@@ -1,0 +1,90 @@
+use std::path::PathBuf;
+
+use clap::Args;
+use switchyard::output::{human_bytes, table};
+use switchyard::pg::checks::{self, Preflight, Severity};
+use switchyard::state;
+use switchyard::sync::Servers;
+use switchyard::{Error, Exit};
+
+/// Preflight: check both servers and print what `sync` would do. Changes nothing.
+///
+/// Example: switchyard plan plans/shop.toml --json
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The plan file (TOML).
+    plan: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: PlanArgs) -> Result<Exit, Error> {
+    let (plan, store) = super::load_plan(&args.plan)?;
+    let state = state::load_or_new(&store, &plan.name.0)?;
+    let servers = Servers::connect(&plan).await?;
+    let inspection = checks::inspect(&plan, &servers.source, &servers.target, &state).await?;
+    let report = inspection.report;
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.blocked { Exit::Refused } else { Exit::Done })
+}
+
+pub fn print_report(r: &Preflight) {
+    println!("Migration {}: source {} (PostgreSQL {}) -> target {} (PostgreSQL {})\n", r.name, r.source.url, r.source.version, r.target.url, r.target.version);
+    let rows: i64 = r.tables.iter().map(|t| t.estimated_rows).sum();
+    let bytes: i64 = r.tables.iter().map(|t| t.bytes).sum();
+    println!("Tables: {} (about {rows} rows, {})", r.tables.len(), human_bytes(bytes));
+    println!(
+        "{}",
+        table(
+            &["table", "rows (est.)", "size", "identity", "on target"],
+            r.tables.iter().map(|t| {
+                let name = match &t.partition_of {
+                    Some(parent) => format!("{} (partition of {parent})", t.name),
+                    None if t.partitioned => format!("{} (partitioned)", t.name),
+                    None => t.name.clone(),
+                };
+                vec![name, t.estimated_rows.to_string(), human_bytes(t.bytes), t.identity.clone().unwrap_or_else(|| "NONE".into()), t.on_target.to_string()]
+            })
+        )
+    );
+    let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(", ") };
+    println!("Sequences (values copied at cutover): {}", list(&r.sequences));
+    println!("Roles to create on the target: {}", list(&r.roles_to_create));
+    println!("Extensions to create on the target: {}", list(&r.extensions_to_create));
+    if !r.unfenceable_roles.is_empty() {
+        println!("\nRoles the cutover cannot fence:");
+        println!("{}", table(&["role", "why"], r.unfenceable_roles.iter().map(|u| vec![u.role.clone(), u.reasons.join(", ")])));
+    }
+    if !r.findings.is_empty() {
+        println!("\nFindings:");
+        println!(
+            "{}",
+            table(
+                &["", "check", "subject", "finding", "fix"],
+                r.findings.iter().map(|f| {
+                    let mark = match f.severity {
+                        Severity::Block => "BLOCK",
+                        Severity::Warn => "warn",
+                        Severity::Info => "info",
+                    };
+                    vec![mark.to_string(), f.check.to_string(), f.subject.clone(), f.message.clone(), f.fix.clone().unwrap_or_default()]
+                })
+            )
+        );
+    }
+    println!("\nSteps `switchyard sync` runs:");
+    for (i, step) in r.steps.iter().enumerate() {
+        println!("  {}. {}{}", i + 1, if step.done { "[done] " } else { "" }, step.description);
+    }
+    let blocking = r.findings.iter().filter(|f| f.severity == Severity::Block).count();
+    if blocking > 0 {
+        println!("\nBLOCKED: {blocking} finding(s) must be fixed first; nothing was changed.");
+    } else {
+        println!("\nReady: nothing blocks. Run `switchyard sync PLAN --wait`.");
+    }
+}

@@ -1,0 +1,74 @@
+use std::path::PathBuf;
+
+use clap::Args;
+use switchyard::output::{human_bytes, table};
+use switchyard::sync::{status, Servers, Status};
+use switchyard::{state, Error, Exit};
+
+/// Show the phase, each table's state, lag, retained WAL, the last apply error and drift.
+///
+/// Example: switchyard status plans/shop.toml --json
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The plan file (TOML).
+    plan: PathBuf,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: StatusArgs) -> Result<Exit, Error> {
+    let (plan, store) = super::load_plan(&args.plan)?;
+    let state = state::load_or_new(&store, &plan.name.0)?;
+    let servers = Servers::connect(&plan).await?;
+    let status = status::read(&plan, &state, &servers.source, &servers.target, true).await?;
+    if args.json {
+        super::print_json(&status)?;
+    } else {
+        print_status(&status);
+    }
+    Ok(Exit::Done)
+}
+
+pub fn print_status(s: &Status) {
+    println!("Migration {}: phase {}", s.name, s.phase);
+    match &s.subscription {
+        Some(sub) => println!(
+            "Subscription {sub}: {}, apply worker {}",
+            if s.enabled { "enabled" } else { "DISABLED" },
+            if s.worker_running { "running" } else { "not running" }
+        ),
+        None => println!("No subscription on the target."),
+    }
+    if !s.tables.is_empty() {
+        println!(
+            "{}",
+            table(
+                &["table", "state", "rows copied"],
+                s.tables.iter().map(|t| vec![t.name.clone(), t.state.to_string(), t.rows_copied.map(|r| r.to_string()).unwrap_or_default()])
+            )
+        );
+    }
+    let lag = match (s.lag_bytes, s.lag_seconds) {
+        (Some(bytes), Some(secs)) => format!("{} ({secs:.1} s)", human_bytes(bytes)),
+        (Some(bytes), None) => format!("{} (no WAL sender connected)", human_bytes(bytes)),
+        _ => "no slot".into(),
+    };
+    println!("Lag: {lag}");
+    if let Some(retained) = s.retained_wal_bytes {
+        println!("WAL retained by the slot on the source: {}", human_bytes(retained));
+    }
+    if s.apply_errors + s.sync_errors > 0 {
+        println!("Errors on the target: {} apply, {} table copy", s.apply_errors, s.sync_errors);
+    }
+    if let Some(error) = &s.last_error {
+        println!("Last error: {error}");
+    }
+    for warning in &s.warnings {
+        println!("WARNING: {warning}");
+    }
+    if !s.drift.is_empty() {
+        println!("\nSchema drift (blocking: apply the fix on the target):");
+        println!("{}", table(&["table", "drift", "fix"], s.drift.iter().map(|d| vec![d.table.clone(), d.detail.clone(), d.fix.clone()])));
+    }
+}

@@ -1,0 +1,135 @@
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar};
+use switchyard::output::{self, human_bytes, table};
+use switchyard::pg::catalog;
+use switchyard::sync::{self, sequences, Servers, Status, SyncOptions, SyncOutcome};
+use switchyard::{Error, Exit};
+
+/// Create roles, copy the schema, and start logical replication from source to target.
+///
+/// Runs the preflight first and refuses on blocking findings. Safe to run again after a crash
+/// or Ctrl-C: it carries on where the last run stopped.
+/// Example: switchyard sync plans/shop.toml --wait --timeout 2h
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The plan file (TOML).
+    plan: PathBuf,
+    /// Wait until every table streams and lag is below [sync] max_lag_bytes, showing progress.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long ("90s", "2h"); replication goes on.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Only copy sequence values from source to target, now.
+    #[arg(long, conflicts_with = "wait")]
+    sequences: bool,
+    /// Print the final status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: SyncArgs) -> Result<Exit, Error> {
+    let (plan, store) = super::load_plan(&args.plan)?;
+    if args.sequences {
+        return copy_sequences(&plan, args.json).await;
+    }
+    let options = SyncOptions { wait: args.wait, timeout: args.timeout };
+    let mut progress = Progress::new();
+    let outcome = sync::run(&plan, &store, &options, &mut |status| progress.update(status)).await;
+    progress.finish();
+    match outcome? {
+        SyncOutcome::Blocked(report) => {
+            if args.json {
+                super::print_json(&report)?;
+            } else {
+                super::plan::print_report(&report);
+            }
+            Ok(Exit::Refused)
+        }
+        SyncOutcome::Started(status) => {
+            show(&status, args.json)?;
+            if !args.json {
+                println!("\nReplication is set up and runs on its own. Watch it with `switchyard status`, or wait with `switchyard sync --wait`.");
+            }
+            Ok(Exit::Done)
+        }
+        SyncOutcome::Synced(status) => {
+            show(&status, args.json)?;
+            if !args.json {
+                println!("\nSynced: every table streams; the target is analysed and its indexes are valid.");
+            }
+            Ok(Exit::Done)
+        }
+    }
+}
+
+fn show(status: &Status, json: bool) -> Result<(), Error> {
+    if json {
+        super::print_json(status)
+    } else {
+        super::status::print_status(status);
+        Ok(())
+    }
+}
+
+async fn copy_sequences(plan: &switchyard::plan::Plan, json: bool) -> Result<Exit, Error> {
+    let servers = Servers::connect(plan).await?;
+    let selection = catalog::select(plan, catalog::tables(&servers.source).await?);
+    let copied = sequences::copy_sequences(&servers.source, &servers.target, &selection).await?;
+    if json {
+        super::print_json(&copied)?;
+    } else {
+        println!("{}", table(&["sequence", "value set on the target"], copied.iter().map(|s| vec![s.name.clone(), s.value.map_or("restarted (never used)".into(), |v| v.to_string())])));
+    }
+    Ok(Exit::Done)
+}
+
+/// Copy progress per table while copying, then the lag; plain log lines when stderr is not a
+/// terminal.
+struct Progress {
+    bars: MultiProgress,
+    tables: HashMap<String, ProgressBar>,
+    states: HashMap<String, &'static str>,
+    lag: ProgressBar,
+    interactive: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bars = MultiProgress::new();
+        let lag = bars.add(output::status_line());
+        Progress { bars, tables: HashMap::new(), states: HashMap::new(), lag, interactive: std::io::stderr().is_terminal() }
+    }
+
+    fn update(&mut self, status: &Status) {
+        for table in &status.tables {
+            if self.states.insert(table.name.clone(), table.state) != Some(table.state) && !self.interactive {
+                tracing::info!(table = %table.name, state = table.state, "table state");
+            }
+            if table.state == "copying" {
+                let bar = self.tables.entry(table.name.clone()).or_insert_with(|| {
+                    let total = table.estimated_rows.unwrap_or(0).max(0) as u64;
+                    self.bars.insert_before(&self.lag, output::rows_bar(&table.name, total))
+                });
+                bar.set_position(table.rows_copied.unwrap_or(0).max(0) as u64);
+            } else if let Some(bar) = self.tables.remove(&table.name) {
+                bar.finish_and_clear();
+            }
+        }
+        let streaming = status.tables.iter().filter(|t| t.state == "streaming").count();
+        let lag = status.lag_bytes.map_or("-".into(), human_bytes);
+        self.lag.set_message(format!("{streaming}/{} tables streaming, lag {lag}", status.tables.len()));
+        self.lag.tick();
+    }
+
+    fn finish(&mut self) {
+        for (_, bar) in self.tables.drain() {
+            bar.finish_and_clear();
+        }
+        self.lag.finish_and_clear();
+    }
+}

@@ -1,0 +1,538 @@
+//! `switchyard plan`: everything that would make the migration fail, found before anything is
+//! changed, and the steps `sync` would run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::catalog::{self, RoleInfo, Selection, TableInfo};
+use super::{sql, tools, PgError, Server, TableName};
+use crate::output::human_bytes;
+use crate::plan::Plan;
+use crate::state::State;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Replication would fail: `sync` refuses to start.
+    Block,
+    /// Works, but an operator should know.
+    Warn,
+    Info,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable identifier of the check, e.g. `no_replica_identity`.
+    pub check: &'static str,
+    /// What it is about: `source`, `target` or a table or role name.
+    pub subject: String,
+    pub message: String,
+    /// The statement or action that fixes it.
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReport {
+    pub url: String,
+    pub version: String,
+    pub settings: BTreeMap<String, String>,
+    /// Free bytes on the file system that holds `pg_wal`, when the server lets us ask.
+    pub free_disk_bytes: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableReport {
+    pub name: String,
+    pub estimated_rows: i64,
+    pub bytes: i64,
+    /// How UPDATE and DELETE find their row: `primary key`, `full`, `index …`, or null.
+    pub identity: Option<String>,
+    pub partitioned: bool,
+    pub partition_of: Option<String>,
+    /// `absent`, `empty` or `has_rows`.
+    pub on_target: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UnfenceableRole {
+    pub role: String,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub description: String,
+    pub done: bool,
+}
+
+/// What `switchyard plan` reports; its JSON form is a stable document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preflight {
+    pub name: String,
+    pub blocked: bool,
+    pub source: ServerReport,
+    pub target: ServerReport,
+    pub tables: Vec<TableReport>,
+    pub sequences: Vec<String>,
+    pub roles_to_create: Vec<String>,
+    pub extensions_to_create: Vec<String>,
+    pub unfenceable_roles: Vec<UnfenceableRole>,
+    pub findings: Vec<Finding>,
+    pub steps: Vec<Step>,
+}
+
+/// The preflight report and what `sync` needs from the inspection.
+pub struct Inspection {
+    pub report: Preflight,
+    pub selection: Selection,
+    /// Roles to create on the target, in an order that creates members after their groups.
+    pub missing_roles: Vec<RoleInfo>,
+    /// `(extension, schema)` pairs to create on the target.
+    pub missing_extensions: Vec<(String, String)>,
+    pub pg_dump: std::path::PathBuf,
+    pub pg_restore: std::path::PathBuf,
+}
+
+const SOURCE_SETTINGS: &[&str] = &[
+    "server_version",
+    "wal_level",
+    "max_replication_slots",
+    "max_wal_senders",
+    "max_slot_wal_keep_size",
+    "server_encoding",
+    "lc_collate",
+];
+const TARGET_SETTINGS: &[&str] = &[
+    "server_version",
+    "max_logical_replication_workers",
+    "max_sync_workers_per_subscription",
+    "max_worker_processes",
+    "max_replication_slots",
+    "max_active_replication_origins",
+    "server_encoding",
+    "lc_collate",
+];
+
+struct Checker {
+    findings: Vec<Finding>,
+}
+
+impl Checker {
+    fn add(&mut self, severity: Severity, check: &'static str, subject: impl Into<String>, message: impl Into<String>, fix: Option<String>) {
+        self.findings.push(Finding { severity, check, subject: subject.into(), message: message.into(), fix });
+    }
+}
+
+fn setting_i64(settings: &HashMap<String, String>, name: &str) -> i64 {
+    settings.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Inspects both servers; changes nothing on either.
+pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &State) -> Result<Inspection, PgError> {
+    let mut c = Checker { findings: Vec::new() };
+    let src_settings = catalog::settings(source, SOURCE_SETTINGS).await?;
+    let tgt_settings = catalog::settings(target, TARGET_SETTINGS).await?;
+    let ours = plan.replication_name();
+
+    check_versions(&mut c, source, target);
+    let (pg_dump, pg_restore) = check_tools(&mut c, source);
+    check_superuser(&mut c, source).await?;
+    check_superuser(&mut c, target).await?;
+    let copy_workers = if plan.sync.copy_workers > 0 {
+        i64::from(plan.sync.copy_workers)
+    } else {
+        setting_i64(&tgt_settings, "max_sync_workers_per_subscription").max(1)
+    };
+    check_source_capacity(&mut c, source, &src_settings, &ours, copy_workers).await?;
+    check_target_capacity(&mut c, target, &tgt_settings, &ours, copy_workers).await?;
+    check_encoding(&mut c, &src_settings, &tgt_settings);
+
+    let selection = catalog::select(plan, catalog::tables(source).await?);
+    let total_bytes: i64 = selection.tables.iter().map(|t| t.bytes).sum();
+    let source_disk = free_disk_bytes(source).await;
+    let target_disk = free_disk_bytes(target).await;
+    check_disk(&mut c, &src_settings, source_disk, target_disk, total_bytes);
+
+    check_selection(&mut c, &selection);
+    let on_target = check_target_tables(&mut c, target, &selection, state).await?;
+    check_large_objects(&mut c, source, &selection).await?;
+    let sequences = catalog::sequences(source, &selection).await?;
+
+    let missing_extensions = check_extensions(&mut c, source, target).await?;
+    let (roles, verifiers_readable) = catalog::roles(source, &selection).await?;
+    let target_roles = catalog::role_names(target).await?;
+    let missing_roles: Vec<RoleInfo> = order_roles(roles.into_iter().filter(|r| !target_roles.contains(&r.name)).collect());
+    if !missing_roles.is_empty() && !verifiers_readable {
+        c.add(
+            Severity::Warn,
+            "password_verifiers_unreadable",
+            "source",
+            "the coordinator cannot read pg_authid, so roles are created on the target without passwords",
+            Some("set each created role's password on the target with ALTER ROLE ... PASSWORD before the cutover".into()),
+        );
+    }
+    let unfenceable_roles = unfenceable_roles(source, &selection).await?;
+    for role in &unfenceable_roles {
+        c.add(
+            Severity::Warn,
+            "unfenceable_role",
+            &role.role,
+            format!("the cutover cannot stop this role from writing to the source ({})", role.reasons.join(", ")),
+            Some("do not let applications log in as this role; give them a plain role through the proxy".into()),
+        );
+    }
+
+    let tables = selection
+        .tables
+        .iter()
+        .map(|t| TableReport {
+            name: t.name.to_string(),
+            estimated_rows: t.estimated_rows,
+            bytes: t.bytes,
+            identity: t.identity(),
+            partitioned: t.partitioned,
+            partition_of: t.partition_of.as_ref().map(|p| p.to_string()),
+            on_target: on_target.get(&t.name).copied().unwrap_or("absent"),
+        })
+        .collect();
+    c.findings.sort_by_key(|f| f.severity);
+    let blocked = c.findings.iter().any(|f| f.severity == Severity::Block);
+    let steps = planned_steps(plan, &selection, &missing_roles, &missing_extensions, state, copy_workers);
+    let report = Preflight {
+        name: plan.name.0.clone(),
+        blocked,
+        source: server_report(source, src_settings, source_disk),
+        target: server_report(target, tgt_settings, target_disk),
+        tables,
+        sequences: sequences.iter().map(|s| s.name.to_string()).collect(),
+        roles_to_create: missing_roles.iter().map(|r| r.name.clone()).collect(),
+        extensions_to_create: missing_extensions.iter().map(|(e, _)| e.clone()).collect(),
+        unfenceable_roles,
+        findings: c.findings,
+        steps,
+    };
+    Ok(Inspection { report, selection, missing_roles, missing_extensions, pg_dump, pg_restore })
+}
+
+fn server_report(server: &Server, settings: HashMap<String, String>, free_disk_bytes: Option<i64>) -> ServerReport {
+    let mut settings: BTreeMap<String, String> = settings.into_iter().collect();
+    let version = settings.remove("server_version").unwrap_or_default();
+    ServerReport { url: server.url.to_string(), version, settings, free_disk_bytes }
+}
+
+fn check_versions(c: &mut Checker, source: &Server, target: &Server) {
+    if source.major() < 10 {
+        c.add(Severity::Block, "source_version", "source", format!("PostgreSQL {} has no logical replication", source.major()), Some("upgrade the source to PostgreSQL 10 or later".into()));
+    }
+    if target.major() < source.major() {
+        c.add(
+            Severity::Block,
+            "target_version",
+            "target",
+            format!("the target runs PostgreSQL {}, older than the source's {}", target.major(), source.major()),
+            Some("use a target of the same or a newer major version".into()),
+        );
+    }
+}
+
+fn check_tools(c: &mut Checker, source: &Server) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pg_dump = match tools::find("pg_dump", source.major()) {
+        Ok((path, _)) => path,
+        Err(e) => {
+            c.add(Severity::Block, "pg_dump", "coordinator", e.to_string(), None);
+            "pg_dump".into()
+        }
+    };
+    let pg_restore = match tools::find("pg_restore", source.major()) {
+        Ok((path, _)) => path,
+        Err(e) => {
+            c.add(Severity::Block, "pg_restore", "coordinator", e.to_string(), None);
+            "pg_restore".into()
+        }
+    };
+    (pg_dump, pg_restore)
+}
+
+async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError> {
+    let row = server
+        .query_one("check the coordinator's role", "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    let (user, superuser): (String, bool) = (row.get(0), row.get(1));
+    if !superuser {
+        c.add(
+            Severity::Block,
+            "coordinator_not_superuser",
+            server.side.to_string(),
+            format!("role {user} is not a superuser: it cannot create subscriptions on PostgreSQL 15 nor revoke rights for the fence"),
+            Some(format!("ALTER ROLE {} SUPERUSER;  -- or, on RDS, GRANT rds_superuser TO {}", sql::ident(&user), sql::ident(&user))),
+        );
+    }
+    Ok(())
+}
+
+async fn count(server: &Server, context: &str, query: &str, name: &str) -> Result<i64, PgError> {
+    Ok(server.query_one(context, query, &[&name]).await?.get(0))
+}
+
+async fn check_source_capacity(c: &mut Checker, source: &Server, s: &HashMap<String, String>, ours: &str, copy_workers: i64) -> Result<(), PgError> {
+    if s.get("wal_level").map(String::as_str) != Some("logical") {
+        c.add(
+            Severity::Block,
+            "wal_level",
+            "source",
+            format!("wal_level is {}, logical replication needs logical", s.get("wal_level").map_or("unknown", String::as_str)),
+            Some("ALTER SYSTEM SET wal_level = logical;  -- then restart the source".into()),
+        );
+    }
+    let used_slots = count(source, "count replication slots", "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1", ours).await?;
+    let free_slots = setting_i64(s, "max_replication_slots") - used_slots;
+    let senders = count(source, "count WAL senders", "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1", ours).await?;
+    let free_senders = setting_i64(s, "max_wal_senders") - senders;
+    for (what, free, setting) in [("replication slots", free_slots, "max_replication_slots"), ("WAL senders", free_senders, "max_wal_senders")] {
+        let needed = 1 + copy_workers;
+        if free < 1 {
+            c.add(Severity::Block, "source_capacity", "source", format!("no free {what} ({setting} = {})", s.get(setting).map_or("?", String::as_str)), Some(format!("ALTER SYSTEM SET {setting} = {};  -- then restart the source", setting_i64(s, setting) + needed)));
+        } else if free < needed {
+            c.add(Severity::Warn, "source_capacity", "source", format!("{free} free {what}: the initial copy uses up to {needed} at once, so tables will copy fewer at a time"), Some(format!("ALTER SYSTEM SET {setting} = {};  -- then restart the source", setting_i64(s, setting) + needed - free)));
+        }
+    }
+    Ok(())
+}
+
+async fn check_target_capacity(c: &mut Checker, target: &Server, s: &HashMap<String, String>, ours: &str, copy_workers: i64) -> Result<(), PgError> {
+    let running = count(target, "count subscription workers", "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname <> $1", ours).await?;
+    let free_workers = setting_i64(s, "max_logical_replication_workers") - running;
+    if free_workers < 1 {
+        c.add(Severity::Block, "target_capacity", "target", "no free logical replication worker on the target", Some("ALTER SYSTEM SET max_logical_replication_workers = 8;  -- then restart the target".into()));
+    } else if free_workers < 1 + copy_workers {
+        c.add(Severity::Warn, "target_capacity", "target", format!("{free_workers} free logical replication workers: tables will copy {} at a time", free_workers - 1), None);
+    }
+    // Before PostgreSQL 18 replication origins are limited by max_replication_slots.
+    let origin_limit = if target.major() >= 18 { "max_active_replication_origins" } else { "max_replication_slots" };
+    let origins = count(target, "count replication origins", "SELECT count(*) FROM pg_replication_origin WHERE roname NOT LIKE 'pg\\_' || coalesce((SELECT oid::text FROM pg_subscription WHERE subname = $1), '-') || '%'", ours).await?;
+    if setting_i64(s, origin_limit) - origins < 1 + copy_workers {
+        c.add(
+            Severity::Block,
+            "target_capacity",
+            "target",
+            format!("{origin_limit} = {} leaves too few replication origins for one subscription and {copy_workers} table copies", s.get(origin_limit).map_or("?", String::as_str)),
+            Some(format!("ALTER SYSTEM SET {origin_limit} = {};  -- then restart the target", origins + 2 + copy_workers)),
+        );
+    }
+    if setting_i64(s, "max_worker_processes") < setting_i64(s, "max_logical_replication_workers") + 1 {
+        c.add(Severity::Warn, "target_capacity", "target", "max_worker_processes is lower than max_logical_replication_workers + 1: workers may fail to start", Some("raise max_worker_processes on the target".into()));
+    }
+    Ok(())
+}
+
+fn check_encoding(c: &mut Checker, src: &HashMap<String, String>, tgt: &HashMap<String, String>) {
+    if src.get("server_encoding") != tgt.get("server_encoding") {
+        c.add(Severity::Block, "encoding", "target", format!("the source database is encoded {:?}, the target {:?}", src.get("server_encoding"), tgt.get("server_encoding")), Some("create the target database with the source's encoding".into()));
+    }
+    if src.get("lc_collate") != tgt.get("lc_collate") {
+        c.add(Severity::Warn, "collation", "target", format!("collation differs: source {:?}, target {:?}; text sorts and unique indexes on text may behave differently", src.get("lc_collate"), tgt.get("lc_collate")), None);
+    }
+}
+
+fn check_disk(c: &mut Checker, s: &HashMap<String, String>, source_free: Option<i64>, target_free: Option<i64>, total_bytes: i64) {
+    let keep_mb = setting_i64(s, "max_slot_wal_keep_size");
+    if keep_mb < 0 {
+        c.add(Severity::Info, "wal_retention", "source", "max_slot_wal_keep_size is unlimited: if replication stalls, the slot keeps WAL until the disk fills; `switchyard status` warns past [sync] retained_wal_warn_bytes", None);
+    } else if keep_mb * 1024 * 1024 < total_bytes {
+        c.add(Severity::Warn, "wal_retention", "source", format!("max_slot_wal_keep_size = {keep_mb}MB is smaller than the data to copy: writes during a long copy can invalidate the slot"), Some("raise max_slot_wal_keep_size on the source for the duration of the copy".into()));
+    }
+    match source_free {
+        Some(free) if free < total_bytes / 2 => c.add(Severity::Warn, "disk_headroom", "source", format!("only {} free for WAL on the source; WAL retained during the copy may fill it", human_bytes(free)), None),
+        Some(_) => {}
+        None => c.add(Severity::Info, "disk_headroom", "source", "free disk space could not be read (needs superuser and a shell on the server); check it by hand", None),
+    }
+    if let Some(free) = target_free.filter(|&free| free < total_bytes) {
+        c.add(Severity::Block, "disk_headroom", "target", format!("the target has {} free but the selected tables take {}", human_bytes(free), human_bytes(total_bytes)), Some("give the target more disk".into()));
+    }
+}
+
+fn check_selection(c: &mut Checker, selection: &Selection) {
+    if selection.tables.is_empty() {
+        c.add(Severity::Block, "no_tables", "plan", "no table on the source matches [sync] tables", Some("check the patterns in [sync] tables and exclude".into()));
+    }
+    for pattern in &selection.unmatched_patterns {
+        c.add(Severity::Warn, "unmatched_pattern", "plan", format!("pattern {pattern:?} matches no table"), None);
+    }
+    for table in selection.leaves() {
+        check_table(c, table);
+    }
+}
+
+fn check_table(c: &mut Checker, t: &TableInfo) {
+    let name = t.name.to_string();
+    if t.unlogged {
+        c.add(Severity::Block, "unlogged_table", &name, "unlogged tables are not written to WAL and cannot be replicated", Some(format!("ALTER TABLE {} SET LOGGED;  -- or add it to [sync] exclude", t.name.sql())));
+    }
+    if t.identity().is_none() {
+        let fix = match &t.unique_candidate {
+            Some(index) => format!("ALTER TABLE {} REPLICA IDENTITY USING INDEX {};", t.name.sql(), index.rsplit('.').next().unwrap_or(index)),
+            None => format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.name.sql()),
+        };
+        c.add(Severity::Block, "no_replica_identity", &name, "no primary key and no replica identity: UPDATE and DELETE on it would fail on the source once published", Some(fix));
+    } else if t.replica_identity == 'f' && !t.columns_without_equality.is_empty() {
+        c.add(
+            Severity::Block,
+            "identity_full_without_equality",
+            &name,
+            format!("REPLICA IDENTITY FULL, but column(s) {} have no equality operator, so the target cannot find rows to update or delete", t.columns_without_equality.join(", ")),
+            Some(format!("add a primary key to {}, or change those columns to jsonb", t.name.sql())),
+        );
+    }
+    if !t.large_object_columns.is_empty() {
+        c.add(Severity::Warn, "large_object_column", &name, format!("column(s) {} may reference large objects, which logical replication does not copy", t.large_object_columns.join(", ")), None);
+    }
+}
+
+async fn check_target_tables(c: &mut Checker, target: &Server, selection: &Selection, state: &State) -> Result<HashMap<TableName, &'static str>, PgError> {
+    let existing: BTreeSet<TableName> = catalog::tables(target).await?.into_iter().map(|t| t.name).collect();
+    let ours = state.created.schema.is_some();
+    let mut on_target = HashMap::new();
+    for table in selection.leaves().filter(|t| existing.contains(&t.name)) {
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", table.name.sql());
+        let has_rows: bool = target.query_one("look for rows on the target", &sql, &[]).await?.get(0);
+        on_target.insert(table.name.clone(), if has_rows { "has_rows" } else { "empty" });
+        if ours {
+            continue;
+        }
+        let (message, fix) = if has_rows {
+            ("already holds rows on the target: the initial copy would duplicate or collide with them", format!("TRUNCATE {};  -- on the target, or `switchyard abort --drop-target-data` after an earlier run", table.name.sql()))
+        } else {
+            ("already exists on the target: switchyard copies the schema itself", format!("DROP TABLE {};  -- on the target, or add it to [sync] exclude", table.name.sql()))
+        };
+        c.add(Severity::Block, "exists_on_target", table.name.to_string(), message, Some(fix));
+    }
+    Ok(on_target)
+}
+
+async fn check_large_objects(c: &mut Checker, source: &Server, selection: &Selection) -> Result<(), PgError> {
+    if selection.tables.is_empty() {
+        return Ok(());
+    }
+    let n: i64 = source.query_one("count large objects", "SELECT count(*) FROM pg_largeobject_metadata", &[]).await?.get(0);
+    if n > 0 {
+        c.add(Severity::Warn, "large_objects", "source", format!("the source database holds {n} large objects; logical replication does not copy them"), Some("move them with pg_dump --large-objects before the cutover, or store them in bytea".into()));
+    }
+    Ok(())
+}
+
+async fn check_extensions(c: &mut Checker, source: &Server, target: &Server) -> Result<Vec<(String, String)>, PgError> {
+    let used = source
+        .query("list extensions", "SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname <> 'plpgsql' ORDER BY 1", &[])
+        .await?;
+    let available = target
+        .query("list available extensions", "SELECT name::text, installed_version IS NOT NULL FROM pg_available_extensions", &[])
+        .await?;
+    let available: HashMap<String, bool> = available.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut missing = Vec::new();
+    for row in &used {
+        let (name, schema): (String, String) = (row.get(0), row.get(1));
+        match available.get(&name) {
+            Some(true) => {}
+            Some(false) => missing.push((name, schema)),
+            None => c.add(Severity::Block, "extension_unavailable", &name, format!("extension {name} is used on the source but not installable on the target"), Some(format!("install the package that provides {name} on the target server"))),
+        }
+    }
+    Ok(missing)
+}
+
+async fn unfenceable_roles(source: &Server, selection: &Selection) -> Result<Vec<UnfenceableRole>, PgError> {
+    let owners: Vec<u32> = selection.tables.iter().map(|t| t.owner_oid).collect();
+    let write_all = if source.major() >= 14 { "pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER') AND NOT r.rolsuper" } else { "false" };
+    let sql = format!(
+        "SELECT r.rolname::text, r.rolsuper, {write_all}, r.oid = ANY ($1)
+           FROM pg_roles r
+          WHERE r.rolcanlogin AND r.rolname <> current_user AND (r.rolsuper OR ({write_all}) OR r.oid = ANY ($1))
+          ORDER BY 1"
+    );
+    let rows = source.query("list roles the cutover cannot fence", &sql, &[&owners]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let reasons = [(1, "superuser"), (2, "member of pg_write_all_data"), (3, "owns migrated tables")]
+                .iter()
+                .filter(|&&(i, _)| r.get::<_, bool>(i))
+                .map(|&(_, why)| why.to_string())
+                .collect();
+            UnfenceableRole { role: r.get(0), reasons }
+        })
+        .collect())
+}
+
+/// Orders roles so that every role comes after the roles it is a member of.
+fn order_roles(mut roles: Vec<RoleInfo>) -> Vec<RoleInfo> {
+    let mut ordered: Vec<RoleInfo> = Vec::with_capacity(roles.len());
+    while !roles.is_empty() {
+        let placed: BTreeSet<String> = ordered.iter().map(|r| r.name.clone()).collect();
+        let pending: BTreeSet<String> = roles.iter().map(|r| r.name.clone()).collect();
+        let (ready, rest): (Vec<RoleInfo>, Vec<RoleInfo>) = roles
+            .into_iter()
+            .partition(|r| r.member_of.iter().all(|g| placed.contains(g) || !pending.contains(g)));
+        if ready.is_empty() {
+            // A membership cycle cannot exist in PostgreSQL; keep the rest as they are.
+            ordered.extend(rest);
+            break;
+        }
+        ordered.extend(ready);
+        roles = rest;
+    }
+    ordered
+}
+
+/// Free space of the file system that holds `pg_wal`, read with `df` through
+/// `COPY ... FROM PROGRAM` inside a transaction that is rolled back. `None` where the server
+/// does not allow it (not a superuser, a managed service).
+async fn free_disk_bytes(server: &Server) -> Option<i64> {
+    let dir = server.simple_column("read data_directory", "SHOW data_directory").await.ok()?.into_iter().next()??;
+    let command = format!("df -Pk '{}/pg_wal'", dir.replace('\'', ""));
+    let setup = format!(
+        "BEGIN; CREATE TEMP TABLE switchyard_df (line text) ON COMMIT DROP; COPY switchyard_df FROM PROGRAM {}",
+        sql::literal(&command)
+    );
+    let result = match server.execute("read free disk space", &setup).await {
+        Ok(()) => server.simple_column("read free disk space", "SELECT line FROM switchyard_df").await.ok(),
+        Err(e) => {
+            tracing::debug!("cannot read free disk space on the {}: {e}", server.side);
+            None
+        }
+    };
+    let _ = server.execute("roll back", "ROLLBACK").await;
+    let lines = result?;
+    let data_line = lines.into_iter().flatten().nth(1)?;
+    let available_kb: i64 = data_line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(available_kb * 1024)
+}
+
+fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensions: &[(String, String)], state: &State, copy_workers: i64) -> Vec<Step> {
+    let name = plan.replication_name();
+    let rows: i64 = selection.tables.iter().map(|t| t.estimated_rows).sum();
+    let bytes: i64 = selection.tables.iter().map(|t| t.bytes).sum();
+    let created = &state.created;
+    let mut steps = Vec::new();
+    if !roles.is_empty() {
+        let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+        steps.push(Step { description: format!("create roles on the target: {}", names.join(", ")), done: false });
+    }
+    if !extensions.is_empty() {
+        let names: Vec<&str> = extensions.iter().map(|(e, _)| e.as_str()).collect();
+        steps.push(Step { description: format!("create extensions on the target: {}", names.join(", ")), done: false });
+    }
+    steps.push(Step {
+        description: format!("copy the schema of {} ({} tables) with pg_dump --schema-only and pg_restore, in one transaction", selection.schemas.join(", "), selection.tables.len()),
+        done: created.schema.is_some(),
+    });
+    steps.push(Step { description: format!("create publication {name} on the source for {} tables", selection.published().len()), done: created.publication.is_some() });
+    steps.push(Step {
+        description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
+        done: created.subscription.is_some(),
+    });
+    steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == crate::state::Phase::Synced });
+    steps
+}
+

@@ -1,0 +1,210 @@
+//! Connections to the two servers, catalog inspection and the preflight checks.
+
+pub mod catalog;
+pub mod checks;
+mod pgpass;
+pub mod sql;
+pub mod tools;
+
+use std::fmt;
+
+use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
+
+use crate::plan::{Endpoint, PgUrl};
+pub use sql::TableName;
+
+/// Which of the two servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("cannot connect to the {side} ({url}): {message}")]
+    Connect { side: Side, url: String, message: String },
+    #[error("{side}: {context}: {message}")]
+    Query {
+        side: Side,
+        context: String,
+        message: String,
+        /// The SQLSTATE, when the server sent one.
+        code: Option<String>,
+    },
+    #[error("{0}")]
+    Tool(String),
+}
+
+impl PgError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            PgError::Query { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// The message a person needs: the server's message with its detail and hint, or the client's.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(inner) = source {
+                text.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            text
+        }
+    }
+}
+
+/// One of the two servers, connected as the coordinator's role.
+pub struct Server {
+    pub side: Side,
+    pub client: Client,
+    /// `server_version_num`, e.g. 150010.
+    pub version_num: i32,
+    pub url: PgUrl,
+}
+
+impl Server {
+    /// The one way switchyard connects to a server.
+    pub async fn connect(side: Side, endpoint: &Endpoint) -> Result<Server, PgError> {
+        let url = endpoint.url.clone();
+        let mut config = url.config().clone();
+        if let Some(password) = password_for(&url) {
+            config.password(password);
+        }
+        config.application_name("switchyard-coordinator");
+        config.connect_timeout(endpoint.connect_timeout.0);
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
+            side,
+            url: url.to_string(),
+            message: describe(&e),
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%side, "connection closed: {}", describe(&e));
+            }
+        });
+        let mut server = Server { side, client, version_num: 0, url };
+        let row = server.query_one("read the server version", "SELECT current_setting('server_version_num')::int4", &[]).await?;
+        server.version_num = row.get(0);
+        Ok(server)
+    }
+
+    pub fn major(&self) -> i32 {
+        self.version_num / 10000
+    }
+
+    fn error(&self, context: &str, err: tokio_postgres::Error) -> PgError {
+        PgError::Query {
+            side: self.side,
+            context: context.to_string(),
+            code: err.code().map(|c| c.code().to_string()),
+            message: describe(&err),
+        }
+    }
+
+    pub async fn query(
+        &self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        tracing::trace!(side = %self.side, sql, "query");
+        self.client.query(sql, params).await.map_err(|e| self.error(context, e))
+    }
+
+    pub async fn query_one(
+        &self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Row, PgError> {
+        tracing::trace!(side = %self.side, sql, "query");
+        self.client.query_one(sql, params).await.map_err(|e| self.error(context, e))
+    }
+
+    /// Runs statements that take no parameters (DDL) with the simple protocol.
+    pub async fn execute(&self, context: &str, sql: &str) -> Result<(), PgError> {
+        tracing::debug!(side = %self.side, sql, "execute");
+        self.client.batch_execute(sql).await.map_err(|e| self.error(context, e))
+    }
+
+    /// Runs a simple query and returns the first column of each row as text.
+    pub async fn simple_column(&self, context: &str, sql: &str) -> Result<Vec<Option<String>>, PgError> {
+        let messages = self.client.simple_query(sql).await.map_err(|e| self.error(context, e))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// The password for `url`: in the URL, else `PGPASSWORD`, else `~/.pgpass`.
+fn password_for(url: &PgUrl) -> Option<String> {
+    url.config()
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .or_else(|| pgpass::resolve_password(&url.host(), url.port(), url.dbname(), url.user()))
+}
+
+/// A libpq `key=value` connection string for `url`, without the password.
+fn conninfo(url: &PgUrl) -> String {
+    let sslmode = match url.config().get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Require => "require",
+        _ => "prefer",
+    };
+    format!(
+        "host={} port={} dbname={} user={} sslmode={sslmode}",
+        sql::conninfo_value(&url.host()),
+        url.port(),
+        sql::conninfo_value(url.dbname()),
+        sql::conninfo_value(url.user()),
+    )
+}
+
+/// The connection string for the coordinator's own client programs (pg_dump, pg_restore) and
+/// the password to hand them in the environment.
+pub fn coordinator_conninfo(url: &PgUrl) -> (String, Option<String>) {
+    (conninfo(url), password_for(url))
+}
+
+/// The connection string a *server* uses to reach `endpoint` (for `CREATE SUBSCRIPTION`):
+/// `replication_url` if given, else `url`, with the password resolved on the coordinator,
+/// because the server cannot see the coordinator's environment or `~/.pgpass`.
+pub fn peer_conninfo(endpoint: &Endpoint) -> String {
+    let url = endpoint.replication_url.as_ref().unwrap_or(&endpoint.url);
+    let password = password_for(url).or_else(|| password_for(&endpoint.url));
+    match password {
+        Some(password) => format!("{} password={}", conninfo(url), sql::conninfo_value(&password)),
+        None => conninfo(url),
+    }
+}

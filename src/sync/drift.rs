@@ -1,0 +1,112 @@
+//! Schema drift: DDL run on the source after the schema copy. Logical replication does not
+//! carry DDL, so a new column or table on the source breaks or silently skips replication.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::pg::catalog::{self, Column};
+use crate::pg::{sql, PgError, Server, TableName};
+use crate::plan::Plan;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    pub table: String,
+    /// `missing_table`, `missing_column`, `extra_column` or `type_differs`.
+    pub kind: &'static str,
+    pub column: Option<String>,
+    pub detail: String,
+    /// The statement(s) to run on the target.
+    pub fix: String,
+}
+
+/// Compares the selected tables' columns on both sides.
+pub async fn detect(plan: &Plan, source: &Server, target: &Server) -> Result<Vec<Drift>, PgError> {
+    let selection = catalog::select(plan, catalog::tables(source).await?);
+    let names = selection.names();
+    let on_source = catalog::columns(source, &names).await?;
+    let on_target = catalog::columns(target, &names).await?;
+    let publication = sql::ident(&plan.replication_name());
+    let mut drift = Vec::new();
+    for table in &names {
+        let source_columns = on_source.get(table).map(Vec::as_slice).unwrap_or_default();
+        match on_target.get(table) {
+            None => drift.push(Drift {
+                table: table.to_string(),
+                kind: "missing_table",
+                column: None,
+                detail: "exists on the source and matches [sync] tables, but not on the target".into(),
+                fix: format!(
+                    "{}\nALTER PUBLICATION {publication} ADD TABLE {};  -- on the source\nALTER SUBSCRIPTION {publication} REFRESH PUBLICATION;  -- on the target",
+                    create_table_sql(table, source_columns),
+                    table.sql()
+                ),
+            }),
+            Some(target_columns) => drift.extend(compare_columns(table, source_columns, target_columns)),
+        }
+    }
+    Ok(drift)
+}
+
+fn create_table_sql(table: &TableName, columns: &[Column]) -> String {
+    let defs: Vec<String> = columns.iter().map(column_sql).collect();
+    format!("CREATE TABLE {} ({});  -- on the target; add its keys and indexes too", table.sql(), defs.join(", "))
+}
+
+fn column_sql(c: &Column) -> String {
+    format!("{} {}{}", sql::ident(&c.name), c.type_sql, if c.not_null { " NOT NULL" } else { "" })
+}
+
+fn compare_columns(table: &TableName, source: &[Column], target: &[Column]) -> Vec<Drift> {
+    let mut drift = Vec::new();
+    let source_names: BTreeSet<&str> = source.iter().map(|c| c.name.as_str()).collect();
+    for column in source {
+        match target.iter().find(|t| t.name == column.name) {
+            None => drift.push(Drift {
+                table: table.to_string(),
+                kind: "missing_column",
+                column: Some(column.name.clone()),
+                detail: format!("column {} {} was added on the source", column.name, column.type_sql),
+                fix: format!("ALTER TABLE {} ADD COLUMN {};", table.sql(), column_sql(column)),
+            }),
+            Some(t) if t.type_sql != column.type_sql => drift.push(Drift {
+                table: table.to_string(),
+                kind: "type_differs",
+                column: Some(column.name.clone()),
+                detail: format!("column {} is {} on the source and {} on the target", column.name, column.type_sql, t.type_sql),
+                fix: format!("ALTER TABLE {} ALTER COLUMN {} TYPE {};", table.sql(), sql::ident(&column.name), column.type_sql),
+            }),
+            Some(_) => {}
+        }
+    }
+    for column in target.iter().filter(|c| !source_names.contains(c.name.as_str())) {
+        drift.push(Drift {
+            table: table.to_string(),
+            kind: "extra_column",
+            column: Some(column.name.clone()),
+            detail: format!("column {} exists only on the target (dropped or renamed on the source)", column.name),
+            fix: format!("ALTER TABLE {} DROP COLUMN {};  -- or make the same change on the target", table.sql(), sql::ident(&column.name)),
+        });
+    }
+    drift
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: &str) -> Column {
+        Column { name: name.into(), type_sql: ty.into(), not_null: false }
+    }
+
+    #[test]
+    fn added_changed_and_dropped_columns() {
+        let t = TableName::new("public", "orders");
+        let source = [col("id", "bigint"), col("note", "text"), col("qty", "bigint")];
+        let target = [col("id", "bigint"), col("qty", "integer"), col("old", "text")];
+        let kinds: Vec<&str> = compare_columns(&t, &source, &target).iter().map(|d| d.kind).collect();
+        assert_eq!(kinds, ["missing_column", "type_differs", "extra_column"]);
+        let fix = &compare_columns(&t, &source, &target)[0].fix;
+        assert_eq!(fix, "ALTER TABLE \"public\".\"orders\" ADD COLUMN \"note\" text;");
+    }
+}

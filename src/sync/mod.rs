@@ -1,0 +1,223 @@
+//! `switchyard sync`: roles, schema, publication and subscription, then the wait until every
+//! table streams. Every step is recorded in the state before and after it runs, and every step
+//! first looks for what an earlier, interrupted run already made.
+
+pub mod drift;
+pub mod replication;
+pub mod roles;
+pub mod schema;
+pub mod sequences;
+pub mod status;
+
+use std::time::{Duration, Instant};
+
+use crate::pg::checks::{self, Inspection, Preflight};
+use crate::pg::{self, catalog, sql, Server, Side};
+use crate::plan::Plan;
+use crate::state::{self, Phase, State, StateStore, SubscriptionRecord};
+use crate::{Error, Result};
+pub use status::Status;
+
+pub struct SyncOptions {
+    /// Wait until every table streams and lag is below `max_lag_bytes`.
+    pub wait: bool,
+    /// Give up waiting after this long.
+    pub timeout: Option<Duration>,
+}
+
+pub enum SyncOutcome {
+    /// Blocking findings: nothing was changed.
+    Blocked(Box<Preflight>),
+    /// Replication is set up; tables may still be copying.
+    Started(Status),
+    /// Every table streams, the target is analysed and its indexes are valid.
+    Synced(Status),
+}
+
+/// Both servers, connected as the coordinator.
+pub struct Servers {
+    pub source: Server,
+    pub target: Server,
+}
+
+impl Servers {
+    pub async fn connect(plan: &Plan) -> Result<Servers> {
+        let (source, target) = tokio::join!(Server::connect(Side::Source, &plan.source), Server::connect(Side::Target, &plan.target));
+        Ok(Servers { source: source?, target: target? })
+    }
+}
+
+/// Runs `sync`; `observe` is called with each status read while waiting.
+pub async fn run(plan: &Plan, store: &dyn StateStore, options: &SyncOptions, observe: &mut dyn FnMut(&Status)) -> Result<SyncOutcome> {
+    let _lock = store.lock("sync")?;
+    let mut state = state::load_or_new(store, &plan.name.0)?;
+    let servers = Servers::connect(plan).await?;
+    let inspection = checks::inspect(plan, &servers.source, &servers.target, &state).await?;
+    if inspection.report.blocked {
+        return Ok(SyncOutcome::Blocked(Box::new(inspection.report)));
+    }
+    let next = "run `switchyard sync` again to carry on, or `switchyard abort` to remove what was created";
+    if state.phase == Phase::Planned {
+        state.set_phase(Phase::Syncing);
+        store.save(&state)?;
+    }
+    set_up(plan, store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    if !options.wait {
+        let status = status::read(plan, &state, &servers.source, &servers.target, false).await?;
+        return Ok(SyncOutcome::Started(status));
+    }
+    let status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
+    finish(plan, store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    Ok(SyncOutcome::Synced(status))
+}
+
+fn begin(state: &mut State, store: &dyn StateStore, step: &str) -> Result<()> {
+    tracing::info!("{step}");
+    state.note(format!("begin {step}"));
+    Ok(store.save(state)?)
+}
+
+fn done(state: &mut State, store: &dyn StateStore, step: &str) -> Result<()> {
+    state.note(format!("done {step}"));
+    Ok(store.save(state)?)
+}
+
+async fn set_up(plan: &Plan, store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
+    let Servers { source, target } = servers;
+    let name = plan.replication_name();
+
+    if !inspection.missing_roles.is_empty() {
+        begin(state, store, "roles")?;
+        for role in &inspection.missing_roles {
+            roles::create(target, role).await?;
+            state.created.roles.push(role.name.clone());
+            store.save(state)?;
+        }
+        done(state, store, "roles")?;
+    }
+
+    if !inspection.missing_extensions.is_empty() {
+        begin(state, store, "extensions")?;
+        for (extension, schema) in &inspection.missing_extensions {
+            let statement = format!("CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}", s = sql::ident(schema), e = sql::ident(extension));
+            target.execute(&format!("create extension {extension}"), &statement).await?;
+            state.created.extensions.push(extension.clone());
+            store.save(state)?;
+        }
+        done(state, store, "extensions")?;
+    }
+
+    if plan.sync.copy_workers > 0 {
+        set_copy_workers(plan, store, state, target).await?;
+    }
+
+    if state.created.schema.is_none() {
+        begin(state, store, "schema")?;
+        let copied = schema::copy(inspection, &plan.source, &plan.target, target).await?;
+        tracing::info!(tables = copied.tables.len(), "schema restored on the target");
+        state.created.schema = Some(copied);
+        done(state, store, "schema")?;
+    }
+
+    if !replication::publication_exists(source, &name).await? {
+        begin(state, store, "publication")?;
+        replication::create_publication(source, &name, &inspection.selection).await?;
+        state.created.publication = Some(name.clone());
+        done(state, store, "publication")?;
+    }
+
+    if replication::subscription_oid(target, &name).await?.is_none() {
+        begin(state, store, "subscription")?;
+        // A slot without its subscription is left from a run that died in between.
+        if replication::slot_exists(source, &name).await? {
+            replication::drop_slots(source, &name, None).await?;
+        }
+        let oid = replication::create_subscription(target, &name, &pg::peer_conninfo(&plan.source)).await?;
+        state.created.subscription = Some(SubscriptionRecord { name: name.clone(), oid, slot: name.clone() });
+        done(state, store, "subscription")?;
+    }
+    Ok(())
+}
+
+/// Sets the target's table-copy parallelism, remembering the old value for `abort`.
+async fn set_copy_workers(plan: &Plan, store: &dyn StateStore, state: &mut State, target: &Server) -> Result<()> {
+    let current = catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
+    let current = current.get("max_sync_workers_per_subscription").cloned().unwrap_or_default();
+    let wanted = plan.sync.copy_workers.to_string();
+    if current == wanted {
+        return Ok(());
+    }
+    if state.created.original_sync_workers.is_none() {
+        state.created.original_sync_workers = Some(current);
+        store.save(state)?;
+    }
+    target
+        .execute("set max_sync_workers_per_subscription", &format!("ALTER SYSTEM SET max_sync_workers_per_subscription = {wanted}; SELECT pg_reload_conf()"))
+        .await?;
+    Ok(())
+}
+
+/// Polls until every table streams and the lag is within `[sync] max_lag_bytes`.
+pub async fn wait_until_caught_up(plan: &Plan, state: &State, servers: &Servers, timeout: Option<Duration>, observe: &mut dyn FnMut(&Status)) -> Result<Status> {
+    let started = Instant::now();
+    loop {
+        let status = status::read(plan, state, &servers.source, &servers.target, false).await?;
+        observe(&status);
+        if status.caught_up(plan.sync.max_lag_bytes) {
+            return Ok(status);
+        }
+        if status.subscription.is_some() && !status.enabled {
+            return Err(Error::Refused(format!(
+                "subscription {} on the target is disabled; enable it (ALTER SUBSCRIPTION {} ENABLE) and run `switchyard sync --wait` again",
+                plan.replication_name(),
+                sql::ident(&plan.replication_name())
+            )));
+        }
+        if let Some(limit) = timeout.filter(|&limit| started.elapsed() >= limit) {
+            let pending: Vec<String> = status.tables.iter().filter(|t| t.state != "streaming").map(|t| format!("{} ({})", t.name, t.state)).collect();
+            let error = status.last_error.map(|e| format!("; last error on the target: {e}")).unwrap_or_default();
+            return Err(Error::Refused(format!(
+                "not caught up after {}: lag {} bytes, waiting for {}{error}; replication goes on, run `switchyard sync --wait` again",
+                humantime::format_duration(limit),
+                status.lag_bytes.map_or("unknown".into(), |l| l.to_string()),
+                if pending.is_empty() { "the lag to fall".into() } else { pending.join(", ") }
+            )));
+        }
+        tokio::time::sleep(plan.sync.poll_interval.0).await;
+    }
+}
+
+/// After the copy: ANALYZE the target's tables, check every index is valid, mark the phase.
+async fn finish(plan: &Plan, store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
+    let target = &servers.target;
+    if state.phase != Phase::Synced {
+        begin(state, store, "analyze")?;
+        let tables: Vec<String> = inspection.selection.tables.iter().map(|t| t.name.sql()).collect();
+        target.execute("analyze the target", &format!("ANALYZE {}", tables.join(", "))).await?;
+        done(state, store, "analyze")?;
+    }
+    let invalid = invalid_indexes(target, &inspection.selection.schemas).await?;
+    if !invalid.is_empty() {
+        return Err(Error::Refused(format!(
+            "invalid indexes on the target: {}; run REINDEX INDEX CONCURRENTLY on each and then `switchyard sync --wait` again",
+            invalid.join(", ")
+        )));
+    }
+    let _ = plan;
+    state.set_phase(Phase::Synced);
+    store.save(state)?;
+    Ok(())
+}
+
+pub async fn invalid_indexes(target: &Server, schemas: &[String]) -> Result<Vec<String>> {
+    let rows = target
+        .query(
+            "check indexes",
+            "SELECT i.indexrelid::regclass::text FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = ANY ($1) AND NOT (i.indisvalid AND i.indisready)",
+            &[&schemas],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
