@@ -35,8 +35,9 @@ pub async fn run(args: PlanArgs) -> Result<Exit, Error> {
 
 pub fn print_report(r: &Preflight) {
     println!("Migration {}: source {} (PostgreSQL {}) -> target {} (PostgreSQL {})\n", r.name, r.source.url, r.source.version, r.target.url, r.target.version);
-    let rows: i64 = r.tables.iter().map(|t| t.estimated_rows).sum();
-    let bytes: i64 = r.tables.iter().map(|t| t.bytes).sum();
+    let leaves = || r.tables.iter().filter(|t| !t.partitioned);
+    let rows: i64 = leaves().map(|t| t.estimated_rows).sum();
+    let bytes: i64 = leaves().map(|t| t.bytes).sum();
     println!("Tables: {} (about {rows} rows, {})", r.tables.len(), human_bytes(bytes));
     println!(
         "{}",
@@ -52,6 +53,8 @@ pub fn print_report(r: &Preflight) {
             })
         )
     );
+    let disk = |free: Option<i64>| free.map_or("unknown".into(), human_bytes);
+    println!("Free disk for WAL: source {}, target {}", disk(r.source.free_disk_bytes), disk(r.target.free_disk_bytes));
     let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(", ") };
     println!("Sequences (values copied at cutover): {}", list(&r.sequences));
     println!("Roles to create on the target: {}", list(&r.roles_to_create));

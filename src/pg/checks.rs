@@ -101,8 +101,6 @@ const SOURCE_SETTINGS: &[&str] = &[
     "max_replication_slots",
     "max_wal_senders",
     "max_slot_wal_keep_size",
-    "server_encoding",
-    "lc_collate",
 ];
 const TARGET_SETTINGS: &[&str] = &[
     "server_version",
@@ -111,8 +109,6 @@ const TARGET_SETTINGS: &[&str] = &[
     "max_worker_processes",
     "max_replication_slots",
     "max_active_replication_origins",
-    "server_encoding",
-    "lc_collate",
 ];
 
 struct Checker {
@@ -132,8 +128,10 @@ fn setting_i64(settings: &HashMap<String, String>, name: &str) -> i64 {
 /// Inspects both servers; changes nothing on either.
 pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &State) -> Result<Inspection, PgError> {
     let mut c = Checker { findings: Vec::new() };
-    let src_settings = catalog::settings(source, SOURCE_SETTINGS).await?;
-    let tgt_settings = catalog::settings(target, TARGET_SETTINGS).await?;
+    let mut src_settings = catalog::settings(source, SOURCE_SETTINGS).await?;
+    let mut tgt_settings = catalog::settings(target, TARGET_SETTINGS).await?;
+    src_settings.extend(database_locale(source).await?);
+    tgt_settings.extend(database_locale(target).await?);
     let ours = plan.replication_name();
 
     check_versions(&mut c, source, target);
@@ -150,7 +148,7 @@ pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &Stat
     check_encoding(&mut c, &src_settings, &tgt_settings);
 
     let selection = catalog::select(plan, catalog::tables(source).await?);
-    let total_bytes: i64 = selection.tables.iter().map(|t| t.bytes).sum();
+    let total_bytes: i64 = selection.leaves().map(|t| t.bytes).sum();
     let source_disk = free_disk_bytes(source).await;
     let target_disk = free_disk_bytes(target).await;
     check_disk(&mut c, &src_settings, source_disk, target_disk, total_bytes);
@@ -327,12 +325,31 @@ async fn check_target_capacity(c: &mut Checker, target: &Server, s: &HashMap<Str
     Ok(())
 }
 
+/// The database's encoding and collation (`lc_collate` is no setting since PostgreSQL 16).
+async fn database_locale(server: &Server) -> Result<HashMap<String, String>, PgError> {
+    let row = server
+        .query_one(
+            "read the database's locale",
+            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(HashMap::from([
+        ("database_encoding".to_string(), row.get(0)),
+        ("database_collate".to_string(), row.get(1)),
+        ("database_ctype".to_string(), row.get(2)),
+    ]))
+}
+
 fn check_encoding(c: &mut Checker, src: &HashMap<String, String>, tgt: &HashMap<String, String>) {
-    if src.get("server_encoding") != tgt.get("server_encoding") {
-        c.add(Severity::Block, "encoding", "target", format!("the source database is encoded {:?}, the target {:?}", src.get("server_encoding"), tgt.get("server_encoding")), Some("create the target database with the source's encoding".into()));
+    let get = |s: &HashMap<String, String>, key: &str| s.get(key).cloned().unwrap_or_default();
+    let (src_enc, tgt_enc) = (get(src, "database_encoding"), get(tgt, "database_encoding"));
+    if src_enc != tgt_enc {
+        c.add(Severity::Block, "encoding", "target", format!("the source database is encoded {src_enc}, the target {tgt_enc}"), Some(format!("create the target database with ENCODING '{src_enc}'")));
     }
-    if src.get("lc_collate") != tgt.get("lc_collate") {
-        c.add(Severity::Warn, "collation", "target", format!("collation differs: source {:?}, target {:?}; text sorts and unique indexes on text may behave differently", src.get("lc_collate"), tgt.get("lc_collate")), None);
+    let (src_coll, tgt_coll) = (get(src, "database_collate"), get(tgt, "database_collate"));
+    if src_coll != tgt_coll {
+        c.add(Severity::Warn, "collation", "target", format!("collation differs: source {src_coll}, target {tgt_coll}; text sorts and unique indexes on text may behave differently"), None);
     }
 }
 
@@ -511,8 +528,8 @@ async fn free_disk_bytes(server: &Server) -> Option<i64> {
 
 fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensions: &[(String, String)], state: &State, copy_workers: i64) -> Vec<Step> {
     let name = plan.replication_name();
-    let rows: i64 = selection.tables.iter().map(|t| t.estimated_rows).sum();
-    let bytes: i64 = selection.tables.iter().map(|t| t.bytes).sum();
+    let rows: i64 = selection.leaves().map(|t| t.estimated_rows).sum();
+    let bytes: i64 = selection.leaves().map(|t| t.bytes).sum();
     let created = &state.created;
     let mut steps = Vec::new();
     if !roles.is_empty() {

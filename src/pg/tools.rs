@@ -33,7 +33,7 @@ pub fn find(name: &str, min_major: i32) -> Result<(PathBuf, i32), PgError> {
     }
 }
 
-fn major_of(path: &PathBuf) -> Option<i32> {
+fn major_of(path: &std::path::Path) -> Option<i32> {
     let output = Command::new(path).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
     // "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"

