@@ -9,7 +9,7 @@ use super::catalog::{self, RoleInfo, Selection, TableInfo};
 use super::{sql, tools, PgError, Server, TableName};
 use crate::output::human_bytes;
 use crate::plan::Plan;
-use crate::state::State;
+use crate::state::{Phase, State};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -409,7 +409,9 @@ fn check_table(c: &mut Checker, t: &TableInfo) {
 
 async fn check_target_tables(c: &mut Checker, target: &Server, selection: &Selection, state: &State) -> Result<HashMap<TableName, &'static str>, PgError> {
     let existing: BTreeSet<TableName> = catalog::tables(target).await?.into_iter().map(|t| t.name).collect();
-    let ours = state.created.schema.is_some();
+    // Tables this migration restored and is copying into. After `abort` (the planned phase)
+    // they hold an old copy that a new subscription would collide with.
+    let ours = state.created.schema.is_some() && state.phase != Phase::Planned;
     let mut on_target = HashMap::new();
     for table in selection.leaves().filter(|t| existing.contains(&t.name)) {
         let sql = format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", table.name.sql());
@@ -549,7 +551,7 @@ fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensi
         description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
         done: created.subscription.is_some(),
     });
-    steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == crate::state::Phase::Synced });
+    steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == Phase::Synced });
     steps
 }
 

@@ -1,6 +1,11 @@
-//! Integration tests against real servers: PostgreSQL 15 source, PostgreSQL 17 target.
+//! Integration tests against real servers: PostgreSQL 15 source, PostgreSQL 17 target, shared
+//! by all tests of this binary; each test has its own database.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod abort;
+mod drift;
+mod plan_errors;
+mod resume;
 mod sync_live;

@@ -1,0 +1,72 @@
+//! Killing `sync --wait` mid-copy and restarting the target mid-copy: a second run completes
+//! with the same result as an undisturbed one.
+
+use std::time::{Duration, Instant};
+
+use crate::common::servers::{Cluster, Flavor};
+use crate::common::{self, except_all, text, TestDb};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_target_restart_mid_copy_then_resume() {
+    // A target of its own: restarting the shared one would disturb the other tests.
+    let target: &'static Cluster = Box::leak(Box::new(Cluster::start(Flavor::Target17)));
+    let db = TestDb::on("resume_mid_copy", common::source(), target).await;
+    db.load_testdata(1000).await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL, n numeric);
+             INSERT INTO big SELECT i, repeat(md5(i::text), 4), i / 7.0 FROM generate_series(1, 1500000) AS i;
+             ANALYZE big;",
+        )
+        .await
+        .unwrap();
+
+    let plan_path = db.plan_path();
+    let mut child = db
+        .command(&["sync", plan_path.to_str().unwrap(), "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sync");
+
+    // Wait until the big table is being copied.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copying = match tokio_postgres::connect(&target.url(&db.name), tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+                    .query("SELECT 1 FROM pg_stat_progress_copy p JOIN pg_class c ON c.oid = p.relid WHERE c.relname = 'big' AND p.tuples_processed > 0", &[])
+                    .await
+                    .map(|rows| !rows.is_empty())
+                    .unwrap_or(false)
+            }
+            Err(_) => false,
+        };
+        if copying {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy of big never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    child.kill().expect("kill sync");
+    let _ = child.wait();
+    tokio::task::spawn_blocking(move || target.restart()).await.unwrap();
+
+    let target_client = db.target_client().await;
+    let copied: i64 = target_client.query_one("SELECT count(*) FROM big", &[]).await.unwrap().get(0);
+    assert!(copied < 1_500_000, "the copy had already finished ({copied} rows): nothing was interrupted");
+
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "300s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+
+    common::wait_caught_up(&source, &format!("switchyard_{}", db.name), Duration::from_secs(60)).await;
+    for table in ["big", "customers", "orders", "order_items", "events", "measurements"] {
+        let (only_source, only_target) = except_all(&source, &target_client, table).await;
+        assert!(only_source.is_empty() && only_target.is_empty(), "{table}: {} only on source, {} only on target", only_source.len(), only_target.len());
+    }
+    let output = db.switchyard(&["abort"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
