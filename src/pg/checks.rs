@@ -461,25 +461,36 @@ async fn check_extensions(c: &mut Checker, source: &Server, target: &Server) -> 
     Ok(missing)
 }
 
+/// Login roles that the fence (revoking writes on the migrated tables) cannot stop: superusers,
+/// members of `pg_write_all_data`, and owners of the migrated tables or members of an owner
+/// role (they can `SET ROLE` to it).
 async fn unfenceable_roles(source: &Server, selection: &Selection) -> Result<Vec<UnfenceableRole>, PgError> {
     let owners: Vec<u32> = selection.tables.iter().map(|t| t.owner_oid).collect();
-    let write_all = if source.major() >= 14 { "pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER') AND NOT r.rolsuper" } else { "false" };
+    let write_all = if source.major() >= 14 { "pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER')" } else { "false" };
     let sql = format!(
-        "SELECT r.rolname::text, r.rolsuper, {write_all}, r.oid = ANY ($1)
+        "SELECT r.rolname::text, r.rolsuper,
+                NOT r.rolsuper AND {write_all},
+                NOT r.rolsuper AND r.oid = ANY ($1),
+                ARRAY(SELECT DISTINCT o.rolname::text FROM pg_roles o
+                       WHERE o.oid = ANY ($1) AND o.oid <> r.oid AND NOT r.rolsuper AND pg_has_role(r.oid, o.oid, 'MEMBER'))
            FROM pg_roles r
-          WHERE r.rolcanlogin AND r.rolname <> current_user AND (r.rolsuper OR ({write_all}) OR r.oid = ANY ($1))
+          WHERE r.rolcanlogin AND r.rolname <> current_user
           ORDER BY 1"
     );
     let rows = source.query("list roles the cutover cannot fence", &sql, &[&owners]).await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let reasons = [(1, "superuser"), (2, "member of pg_write_all_data"), (3, "owns migrated tables")]
+        .filter_map(|r| {
+            let mut reasons: Vec<String> = [(1, "superuser"), (2, "member of pg_write_all_data"), (3, "owns migrated tables")]
                 .iter()
                 .filter(|&&(i, _)| r.get::<_, bool>(i))
                 .map(|&(_, why)| why.to_string())
                 .collect();
-            UnfenceableRole { role: r.get(0), reasons }
+            let owner_roles: Vec<String> = r.get(4);
+            if !owner_roles.is_empty() {
+                reasons.push(format!("can SET ROLE to table owner {}", owner_roles.join(", ")));
+            }
+            (!reasons.is_empty()).then(|| UnfenceableRole { role: r.get(0), reasons })
         })
         .collect())
 }

@@ -8,4 +8,5 @@ mod abort;
 mod drift;
 mod plan_errors;
 mod resume;
+mod roles;
 mod sync_live;

@@ -69,6 +69,18 @@ async fn sync_under_concurrent_writes_matches_row_for_row() {
         assert!(only_source.is_empty() && only_target.is_empty(), "{table}: {} rows only on the source (e.g. {:?}), {} only on the target (e.g. {:?})", only_source.len(), only_source.first(), only_target.len(), only_target.first());
     }
 
+    // Sequences are not replicated; `sync --sequences` copies them.
+    db.write_plan("");
+    let output = db.switchyard(&["sync", "--sequences"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    for sequence in ["customers_id_seq", "orders_id_seq"] {
+        let sql = format!("SELECT last_value FROM {sequence}");
+        let on_source: i64 = source.query_one(&sql, &[]).await.unwrap().get(0);
+        let on_target: i64 = target.query_one(&sql, &[]).await.unwrap().get(0);
+        assert_eq!(on_source, on_target, "{sequence}");
+        assert!(on_source > 2000, "{sequence} was not advanced by the writer");
+    }
+
     // status --json has the documented keys (this plan carries the password in its URLs).
     db.write_plan("");
     let output = db.switchyard(&["status", "--json"]);
