@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The demo: starts a throwaway PostgreSQL 15 source and PostgreSQL 17 target on free loopback
+# ports, loads testdata into the source, and runs `switchyard plan`, `sync --wait` and `status`.
+# Everything it starts stops when it ends. DEMO_ROWS sets the data size (default 50000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROWS=${DEMO_ROWS:-50000}
+
+scripts/install-deps.sh
+cargo build --quiet --bin switchyard --example servers
+SWITCHYARD="$ROOT/target/debug/switchyard"
+
+WORK=$(mktemp -d /tmp/switchyard-demo.XXXXXX)
+# The servers live as long as the example's stdin stays open.
+mkfifo "$WORK/hold"
+"$ROOT/target/debug/examples/servers" < "$WORK/hold" > "$WORK/servers.env" &
+SERVERS_PID=$!
+exec 3> "$WORK/hold"
+cleanup() { exec 3>&- || true; wait "$SERVERS_PID" 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+for _ in $(seq 1 600); do grep -q TARGET_BIN "$WORK/servers.env" 2>/dev/null && break; sleep 0.1; done
+# shellcheck disable=SC1091
+source "$WORK/servers.env"
+export PGPASSWORD
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "Loading testdata ($ROWS customers) into the PostgreSQL 15 source"
+psql -q -v ON_ERROR_STOP=1 "$SOURCE_URL" -c "CREATE DATABASE shop"
+psql -q -v ON_ERROR_STOP=1 "$TARGET_URL" -c "CREATE DATABASE shop"
+psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -f testdata/schema.sql
+sed "s/{{rows}}/$ROWS/g" testdata/data.sql | psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop"
+
+cat > "$WORK/shop.toml" <<PLAN
+name = "shop"
+[source]
+url = "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop"   # password from PGPASSWORD
+[target]
+url = "postgres://postgres@127.0.0.1:$TARGET_PORT/shop"
+[sync]
+tables = ["public.*"]
+[state]
+path = "$WORK/shop.json"
+PLAN
+
+cd "$WORK"
+step "switchyard plan shop.toml"
+"$SWITCHYARD" plan shop.toml
+step "switchyard sync shop.toml --wait"
+"$SWITCHYARD" sync shop.toml --wait --timeout 10m
+step "A write on the source, then switchyard status shop.toml"
+psql -q "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -c "INSERT INTO customers (name) VALUES ('written after the sync')"
+sleep 1
+"$SWITCHYARD" status shop.toml
+psql -At "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "SELECT 'on the target: ' || name FROM customers WHERE name = 'written after the sync'"
+step "switchyard abort shop.toml (removes slot, publication and subscription)"
+"$SWITCHYARD" abort shop.toml
+step "Done. The demo servers stop now."

