@@ -25,7 +25,11 @@ fn main() {
         Flavor::Source15.bin_dir().display(),
         Flavor::Target17.bin_dir().display(),
     );
-    if out.write_all(lines.as_bytes()).and_then(|_| out.flush()).is_err() {
+    if out
+        .write_all(lines.as_bytes())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
         return;
     }
     // Runs until whoever started us closes our stdin (or kills us: the servers die with us).

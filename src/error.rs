@@ -46,7 +46,10 @@ impl Error {
     /// telling them what to run next.
     pub fn halfway(self, next: &str) -> Error {
         match self {
-            Error::Pg(PgError::Connect { .. }) | Error::Refused(_) | Error::NeedsOperator(_) | Error::State(StateError::Locked { .. }) => self,
+            Error::Pg(PgError::Connect { .. })
+            | Error::Refused(_)
+            | Error::NeedsOperator(_)
+            | Error::State(StateError::Locked { .. }) => self,
             other => Error::NeedsOperator(format!("{other}\nnothing is lost: {next}")),
         }
     }

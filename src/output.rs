@@ -24,9 +24,11 @@ where
 /// A bar counting rows, with rate and ETA; hidden when stderr is not a terminal.
 pub fn rows_bar(label: &str, total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total.max(1));
-    let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix:>28} [{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(label.to_string());
     bar
@@ -35,7 +37,10 @@ pub fn rows_bar(label: &str, total: u64) -> ProgressBar {
 /// A line that shows a changing message (the lag once streaming).
 pub fn status_line() -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar
 }
 

@@ -29,14 +29,30 @@ pub async fn run(args: AbortArgs) -> Result<Exit, Error> {
         return Ok(Exit::Done);
     }
     let yes_no = |b: bool| if b { "dropped" } else { "not present" };
-    println!("subscription on the target: {}", yes_no(report.dropped_subscription));
-    println!("slots on the source: {}", if report.dropped_slots.is_empty() { "none present".into() } else { report.dropped_slots.join(", ") });
-    println!("publication on the source: {}", yes_no(report.dropped_publication));
+    println!(
+        "subscription on the target: {}",
+        yes_no(report.dropped_subscription)
+    );
+    println!(
+        "slots on the source: {}",
+        if report.dropped_slots.is_empty() {
+            "none present".into()
+        } else {
+            report.dropped_slots.join(", ")
+        }
+    );
+    println!(
+        "publication on the source: {}",
+        yes_no(report.dropped_publication)
+    );
     for object in &report.dropped_target_objects {
         println!("target: {object}");
     }
     if !report.dropped_roles.is_empty() {
-        println!("roles dropped on the target: {}", report.dropped_roles.join(", "));
+        println!(
+            "roles dropped on the target: {}",
+            report.dropped_roles.join(", ")
+        );
     }
     println!("Aborted: the migration is back in the planned phase.");
     Ok(Exit::Done)

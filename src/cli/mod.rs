@@ -7,7 +7,6 @@ mod status;
 mod sync;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::plan::Plan;
@@ -61,8 +60,13 @@ pub fn init_logging(args: &Args) {
         1 => "info,switchyard=debug",
         _ => "debug,switchyard=trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -85,14 +89,15 @@ pub async fn dispatch(args: Args) -> Exit {
     }
 }
 
-fn load_plan(path: &PathBuf) -> Result<(Plan, FileStore), Error> {
+fn load_plan(path: &std::path::Path) -> Result<(Plan, FileStore), Error> {
     let plan = Plan::load(path)?;
     let store = FileStore::new(plan.state_path());
     Ok((plan, store))
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Refused(format!("cannot render JSON: {e}")))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Refused(format!("cannot render JSON: {e}")))?;
     println!("{text}");
     Ok(())
 }

@@ -30,15 +30,26 @@ pub async fn run(args: PlanArgs) -> Result<Exit, Error> {
     } else {
         print_report(&report);
     }
-    Ok(if report.blocked { Exit::Refused } else { Exit::Done })
+    Ok(if report.blocked {
+        Exit::Refused
+    } else {
+        Exit::Done
+    })
 }
 
 pub fn print_report(r: &Preflight) {
-    println!("Migration {}: source {} (PostgreSQL {}) -> target {} (PostgreSQL {})\n", r.name, r.source.url, r.source.version, r.target.url, r.target.version);
+    println!(
+        "Migration {}: source {} (PostgreSQL {}) -> target {} (PostgreSQL {})\n",
+        r.name, r.source.url, r.source.version, r.target.url, r.target.version
+    );
     let leaves = || r.tables.iter().filter(|t| !t.partitioned);
     let rows: i64 = leaves().map(|t| t.estimated_rows).sum();
     let bytes: i64 = leaves().map(|t| t.bytes).sum();
-    println!("Tables: {} (about {rows} rows, {})", r.tables.len(), human_bytes(bytes));
+    println!(
+        "Tables: {} (about {rows} rows, {})",
+        r.tables.len(),
+        human_bytes(bytes)
+    );
     println!(
         "{}",
         table(
@@ -49,19 +60,52 @@ pub fn print_report(r: &Preflight) {
                     None if t.partitioned => format!("{} (partitioned)", t.name),
                     None => t.name.clone(),
                 };
-                vec![name, t.estimated_rows.to_string(), human_bytes(t.bytes), t.identity.clone().unwrap_or_else(|| "NONE".into()), t.on_target.to_string()]
+                vec![
+                    name,
+                    t.estimated_rows.to_string(),
+                    human_bytes(t.bytes),
+                    t.identity.clone().unwrap_or_else(|| "NONE".into()),
+                    t.on_target.to_string(),
+                ]
             })
         )
     );
     let disk = |free: Option<i64>| free.map_or("unknown".into(), human_bytes);
-    println!("Free disk for WAL: source {}, target {}", disk(r.source.free_disk_bytes), disk(r.target.free_disk_bytes));
-    let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(", ") };
-    println!("Sequences (values copied at cutover): {}", list(&r.sequences));
-    println!("Roles to create on the target: {}", list(&r.roles_to_create));
-    println!("Extensions to create on the target: {}", list(&r.extensions_to_create));
+    println!(
+        "Free disk for WAL: source {}, target {}",
+        disk(r.source.free_disk_bytes),
+        disk(r.target.free_disk_bytes)
+    );
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    println!(
+        "Sequences (values copied at cutover): {}",
+        list(&r.sequences)
+    );
+    println!(
+        "Roles to create on the target: {}",
+        list(&r.roles_to_create)
+    );
+    println!(
+        "Extensions to create on the target: {}",
+        list(&r.extensions_to_create)
+    );
     if !r.unfenceable_roles.is_empty() {
         println!("\nRoles the cutover cannot fence:");
-        println!("{}", table(&["role", "why"], r.unfenceable_roles.iter().map(|u| vec![u.role.clone(), u.reasons.join(", ")])));
+        println!(
+            "{}",
+            table(
+                &["role", "why"],
+                r.unfenceable_roles
+                    .iter()
+                    .map(|u| vec![u.role.clone(), u.reasons.join(", ")])
+            )
+        );
     }
     if !r.findings.is_empty() {
         println!("\nFindings:");
@@ -75,16 +119,31 @@ pub fn print_report(r: &Preflight) {
                         Severity::Warn => "warn",
                         Severity::Info => "info",
                     };
-                    vec![mark.to_string(), f.check.to_string(), f.subject.clone(), f.message.clone(), f.fix.clone().unwrap_or_default()]
+                    vec![
+                        mark.to_string(),
+                        f.check.to_string(),
+                        f.subject.clone(),
+                        f.message.clone(),
+                        f.fix.clone().unwrap_or_default(),
+                    ]
                 })
             )
         );
     }
     println!("\nSteps `switchyard sync` runs:");
     for (i, step) in r.steps.iter().enumerate() {
-        println!("  {}. {}{}", i + 1, if step.done { "[done] " } else { "" }, step.description);
+        println!(
+            "  {}. {}{}",
+            i + 1,
+            if step.done { "[done] " } else { "" },
+            step.description
+        );
     }
-    let blocking = r.findings.iter().filter(|f| f.severity == Severity::Block).count();
+    let blocking = r
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Block)
+        .count();
     if blocking > 0 {
         println!("\nBLOCKED: {blocking} finding(s) must be fixed first; nothing was changed.");
     } else {

@@ -36,7 +36,11 @@ pub fn print_status(s: &Status) {
         Some(sub) => println!(
             "Subscription {sub}: {}, apply worker {}",
             if s.enabled { "enabled" } else { "DISABLED" },
-            if s.worker_running { "running" } else { "not running" }
+            if s.worker_running {
+                "running"
+            } else {
+                "not running"
+            }
         ),
         None => println!("No subscription on the target."),
     }
@@ -45,7 +49,11 @@ pub fn print_status(s: &Status) {
             "{}",
             table(
                 &["table", "state", "rows copied"],
-                s.tables.iter().map(|t| vec![t.name.clone(), t.state.to_string(), t.rows_copied.map(|r| r.to_string()).unwrap_or_default()])
+                s.tables.iter().map(|t| vec![
+                    t.name.clone(),
+                    t.state.to_string(),
+                    t.rows_copied.map(|r| r.to_string()).unwrap_or_default()
+                ])
             )
         );
     }
@@ -56,10 +64,16 @@ pub fn print_status(s: &Status) {
     };
     println!("Lag: {lag}");
     if let Some(retained) = s.retained_wal_bytes {
-        println!("WAL retained by the slot on the source: {}", human_bytes(retained));
+        println!(
+            "WAL retained by the slot on the source: {}",
+            human_bytes(retained)
+        );
     }
     if s.apply_errors + s.sync_errors > 0 {
-        println!("Errors on the target: {} apply, {} table copy", s.apply_errors, s.sync_errors);
+        println!(
+            "Errors on the target: {} apply, {} table copy",
+            s.apply_errors, s.sync_errors
+        );
     }
     if let Some(error) = &s.last_error {
         println!("Last error: {error}");
@@ -69,6 +83,14 @@ pub fn print_status(s: &Status) {
     }
     if !s.drift.is_empty() {
         println!("\nSchema drift (blocking: apply the fix on the target):");
-        println!("{}", table(&["table", "drift", "fix"], s.drift.iter().map(|d| vec![d.table.clone(), d.detail.clone(), d.fix.clone()])));
+        println!(
+            "{}",
+            table(
+                &["table", "drift", "fix"],
+                s.drift
+                    .iter()
+                    .map(|d| vec![d.table.clone(), d.detail.clone(), d.fix.clone()])
+            )
+        );
     }
 }

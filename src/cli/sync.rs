@@ -37,9 +37,15 @@ pub async fn run(args: SyncArgs) -> Result<Exit, Error> {
     if args.sequences {
         return copy_sequences(&plan, args.json).await;
     }
-    let options = SyncOptions { wait: args.wait, timeout: args.timeout };
+    let options = SyncOptions {
+        wait: args.wait,
+        timeout: args.timeout,
+    };
     let mut progress = Progress::new();
-    let outcome = sync::run(&plan, &store, &options, &mut |status| progress.update(status)).await;
+    let outcome = sync::run(&plan, &store, &options, &mut |status| {
+        progress.update(status)
+    })
+    .await;
     progress.finish();
     match outcome? {
         SyncOutcome::Blocked(report) => {
@@ -83,7 +89,17 @@ async fn copy_sequences(plan: &switchyard::plan::Plan, json: bool) -> Result<Exi
     if json {
         super::print_json(&copied)?;
     } else {
-        println!("{}", table(&["sequence", "value set on the target"], copied.iter().map(|s| vec![s.name.clone(), s.value.map_or("restarted (never used)".into(), |v| v.to_string())])));
+        println!(
+            "{}",
+            table(
+                &["sequence", "value set on the target"],
+                copied.iter().map(|s| vec![
+                    s.name.clone(),
+                    s.value
+                        .map_or("restarted (never used)".into(), |v| v.to_string())
+                ])
+            )
+        );
     }
     Ok(Exit::Done)
 }
@@ -102,27 +118,43 @@ impl Progress {
     fn new() -> Progress {
         let bars = MultiProgress::new();
         let lag = bars.add(output::status_line());
-        Progress { bars, tables: HashMap::new(), states: HashMap::new(), lag, interactive: std::io::stderr().is_terminal() }
+        Progress {
+            bars,
+            tables: HashMap::new(),
+            states: HashMap::new(),
+            lag,
+            interactive: std::io::stderr().is_terminal(),
+        }
     }
 
     fn update(&mut self, status: &Status) {
         for table in &status.tables {
-            if self.states.insert(table.name.clone(), table.state) != Some(table.state) && !self.interactive {
+            if self.states.insert(table.name.clone(), table.state) != Some(table.state)
+                && !self.interactive
+            {
                 tracing::info!(table = %table.name, state = table.state, "table state");
             }
             if table.state == "copying" {
                 let bar = self.tables.entry(table.name.clone()).or_insert_with(|| {
                     let total = table.estimated_rows.unwrap_or(0).max(0) as u64;
-                    self.bars.insert_before(&self.lag, output::rows_bar(&table.name, total))
+                    self.bars
+                        .insert_before(&self.lag, output::rows_bar(&table.name, total))
                 });
                 bar.set_position(table.rows_copied.unwrap_or(0).max(0) as u64);
             } else if let Some(bar) = self.tables.remove(&table.name) {
                 bar.finish_and_clear();
             }
         }
-        let streaming = status.tables.iter().filter(|t| t.state == "streaming").count();
+        let streaming = status
+            .tables
+            .iter()
+            .filter(|t| t.state == "streaming")
+            .count();
         let lag = status.lag_bytes.map_or("-".into(), human_bytes);
-        self.lag.set_message(format!("{streaming}/{} tables streaming, lag {lag}", status.tables.len()));
+        self.lag.set_message(format!(
+            "{streaming}/{} tables streaming, lag {lag}",
+            status.tables.len()
+        ));
         self.lag.tick();
     }
 

@@ -21,7 +21,11 @@ pub struct AbortReport {
     pub left_behind: Vec<String>,
 }
 
-pub async fn run(plan: &Plan, store: &dyn StateStore, drop_target_data: bool) -> Result<AbortReport> {
+pub async fn run(
+    plan: &Plan,
+    store: &dyn StateStore,
+    drop_target_data: bool,
+) -> Result<AbortReport> {
     let _lock = store.lock("abort")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     state.note("begin abort");
@@ -41,19 +45,25 @@ pub async fn run(plan: &Plan, store: &dyn StateStore, drop_target_data: bool) ->
             report.dropped_subscription = replication::drop_subscription(target, &name).await?;
             restore_copy_workers(target, &state.created).await?;
         }
-        Err(e) => report.left_behind.push(format!("subscription {name} on the target ({e})")),
+        Err(e) => report
+            .left_behind
+            .push(format!("subscription {name} on the target ({e})")),
     }
     match &source {
         Ok(source) => {
             report.dropped_slots = replication::drop_slots(source, &name, sub_oid).await?;
             report.dropped_publication = replication::drop_publication(source, &name).await?;
         }
-        Err(e) => report.left_behind.push(format!("slot and publication {name} on the source ({e})")),
+        Err(e) => report
+            .left_behind
+            .push(format!("slot and publication {name} on the source ({e})")),
     }
     if drop_target_data {
         match &target {
             Ok(target) => drop_target_objects(target, &state.created, &mut report).await?,
-            Err(_) => report.left_behind.push("the copied schema and data on the target".into()),
+            Err(_) => report
+                .left_behind
+                .push("the copied schema and data on the target".into()),
         }
     }
 
@@ -69,7 +79,12 @@ pub async fn run(plan: &Plan, store: &dyn StateStore, drop_target_data: bool) ->
     if !drop_target_data {
         // The target keeps its tables; remember them so a later `abort --drop-target-data`
         // can still remove them. `sync` refuses to copy into them from the planned phase.
-        state.created = Created { roles: kept.roles, extensions: kept.extensions, schema: kept.schema, ..Created::default() };
+        state.created = Created {
+            roles: kept.roles,
+            extensions: kept.extensions,
+            schema: kept.schema,
+            ..Created::default()
+        };
     }
     state.set_phase(Phase::Planned);
     state.note("done abort");
@@ -83,20 +98,40 @@ async fn restore_copy_workers(target: &Server, created: &Created) -> Result<()> 
             "ALTER SYSTEM SET max_sync_workers_per_subscription = {}; SELECT pg_reload_conf()",
             sql::literal(original)
         );
-        target.execute("restore max_sync_workers_per_subscription", &statement).await?;
+        target
+            .execute("restore max_sync_workers_per_subscription", &statement)
+            .await?;
     }
     Ok(())
 }
 
 /// Drops what the schema copy made on the target: its tables, the other objects it restored
 /// into schemas that already existed, the schemas it created, and the roles it created.
-async fn drop_target_objects(target: &Server, created: &Created, report: &mut AbortReport) -> Result<()> {
+async fn drop_target_objects(
+    target: &Server,
+    created: &Created,
+    report: &mut AbortReport,
+) -> Result<()> {
     let Some(schema) = &created.schema else {
         return Ok(());
     };
-    let mut statements: Vec<String> = schema.tables.iter().map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE")).collect();
-    statements.extend(schema.other_objects.iter().map(|o| format!("DROP {o} CASCADE")));
-    statements.extend(schema.created_schemas.iter().map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s))));
+    let mut statements: Vec<String> = schema
+        .tables
+        .iter()
+        .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"))
+        .collect();
+    statements.extend(
+        schema
+            .other_objects
+            .iter()
+            .map(|o| format!("DROP {o} CASCADE")),
+    );
+    statements.extend(
+        schema
+            .created_schemas
+            .iter()
+            .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s))),
+    );
     for statement in statements {
         target.execute("drop copied objects", &statement).await?;
         report.dropped_target_objects.push(statement);
@@ -106,7 +141,9 @@ async fn drop_target_objects(target: &Server, created: &Created, report: &mut Ab
         match target.execute("drop a created role", &statement).await {
             Ok(()) => report.dropped_roles.push(role.clone()),
             // 2BP01: the role still owns or may use something switchyard did not create.
-            Err(e) if e.code() == Some("2BP01") => report.left_behind.push(format!("role {role} on the target ({e})")),
+            Err(e) if e.code() == Some("2BP01") => report
+                .left_behind
+                .push(format!("role {role} on the target ({e})")),
             Err(e) => return Err(e.into()),
         }
     }

@@ -45,7 +45,10 @@ impl TableInfo {
         match self.replica_identity {
             'd' if self.has_primary_key => Some("primary key".into()),
             'f' => Some("full".into()),
-            'i' => Some(format!("index {}", self.replica_identity_index.as_deref().unwrap_or("?"))),
+            'i' => Some(format!(
+                "index {}",
+                self.replica_identity_index.as_deref().unwrap_or("?")
+            )),
             _ => None,
         }
     }
@@ -107,7 +110,9 @@ pub async fn tables(server: &Server) -> Result<Vec<TableInfo>, PgError> {
                 owner: r.get(4),
                 partitioned: r.get(5),
                 unlogged: r.get(6),
-                partition_of: parent_schema.zip(parent_name).map(|(s, n)| TableName::new(s, n)),
+                partition_of: parent_schema
+                    .zip(parent_name)
+                    .map(|(s, n)| TableName::new(s, n)),
                 estimated_rows: r.get(9),
                 bytes: r.get(10),
                 has_primary_key: r.get(11),
@@ -136,7 +141,10 @@ pub struct Selection {
 impl Selection {
     /// The tables the publication lists: partitions are covered by their root.
     pub fn published(&self) -> Vec<&TableInfo> {
-        self.tables.iter().filter(|t| t.partition_of.is_none()).collect()
+        self.tables
+            .iter()
+            .filter(|t| t.partition_of.is_none())
+            .collect()
     }
 
     /// Tables that hold rows (partitioned roots hold none themselves).
@@ -175,8 +183,9 @@ pub fn select(plan: &Plan, all: Vec<TableInfo>) -> Selection {
         .filter(|p| !all.iter().any(|t| p.matches(&t.name.schema, &t.name.name)))
         .map(|p| p.to_string())
         .collect();
-    let (tables, rest): (Vec<TableInfo>, Vec<TableInfo>) =
-        all.into_iter().partition(|t| chosen_roots.contains(&root_of(&t.name)));
+    let (tables, rest): (Vec<TableInfo>, Vec<TableInfo>) = all
+        .into_iter()
+        .partition(|t| chosen_roots.contains(&root_of(&t.name)));
     let schemas: BTreeSet<String> = tables.iter().map(|t| t.name.schema.clone()).collect();
     let excluded = rest
         .into_iter()
@@ -200,7 +209,10 @@ pub struct SequenceInfo {
 }
 
 /// Sequences in the selected schemas, except those owned by tables the plan leaves out.
-pub async fn sequences(server: &Server, selection: &Selection) -> Result<Vec<SequenceInfo>, PgError> {
+pub async fn sequences(
+    server: &Server,
+    selection: &Selection,
+) -> Result<Vec<SequenceInfo>, PgError> {
     let sql = r#"
         SELECT s.schemaname::text, s.sequencename::text, tn.nspname, t.relname, s.last_value
           FROM pg_sequences s
@@ -212,7 +224,9 @@ pub async fn sequences(server: &Server, selection: &Selection) -> Result<Vec<Seq
           LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
          WHERE s.schemaname = ANY ($1)
          ORDER BY 1, 2"#;
-    let rows = server.query("list sequences", sql, &[&selection.schemas]).await?;
+    let rows = server
+        .query("list sequences", sql, &[&selection.schemas])
+        .await?;
     let excluded: BTreeSet<&TableName> = selection.excluded.iter().collect();
     Ok(rows
         .iter()
@@ -221,7 +235,9 @@ pub async fn sequences(server: &Server, selection: &Selection) -> Result<Vec<Seq
             let owner_table: Option<String> = r.get(3);
             SequenceInfo {
                 name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-                owned_by: owner_schema.zip(owner_table).map(|(s, t)| TableName::new(s, t)),
+                owned_by: owner_schema
+                    .zip(owner_table)
+                    .map(|(s, t)| TableName::new(s, t)),
                 last_value: r.get(4),
             }
         })
@@ -248,7 +264,10 @@ pub struct RoleInfo {
 
 /// Roles that own or hold rights on anything in the selected schemas, and the roles they are
 /// members of. Returns the roles and whether their password verifiers could be read.
-pub async fn roles(server: &Server, selection: &Selection) -> Result<(Vec<RoleInfo>, bool), PgError> {
+pub async fn roles(
+    server: &Server,
+    selection: &Selection,
+) -> Result<(Vec<RoleInfo>, bool), PgError> {
     let sql = r#"
         WITH RECURSIVE nsp AS (SELECT oid FROM pg_namespace WHERE nspname = ANY ($1)),
         objs AS (
@@ -276,7 +295,9 @@ pub async fn roles(server: &Server, selection: &Selection) -> Result<(Vec<RoleIn
          WHERE r.oid IN (SELECT role FROM closure) AND r.rolname !~ '^pg_'
          ORDER BY r.rolname"#;
     let oids: Vec<u32> = selection.tables.iter().map(|t| t.oid).collect();
-    let rows = server.query("list roles", sql, &[&selection.schemas, &oids]).await?;
+    let rows = server
+        .query("list roles", sql, &[&selection.schemas, &oids])
+        .await?;
     let mut roles: Vec<RoleInfo> = rows
         .iter()
         .map(|r| {
@@ -291,7 +312,10 @@ pub async fn roles(server: &Server, selection: &Selection) -> Result<(Vec<RoleIn
             ];
             RoleInfo {
                 name: r.get(0),
-                attributes: flags.iter().map(|&(i, yes, no)| if r.get(i) { yes } else { no }).collect(),
+                attributes: flags
+                    .iter()
+                    .map(|&(i, yes, no)| if r.get(i) { yes } else { no })
+                    .collect(),
                 connection_limit: r.get(8),
                 valid_until: r.get(9),
                 password: None,
@@ -309,7 +333,8 @@ pub async fn roles(server: &Server, selection: &Selection) -> Result<(Vec<RoleIn
         .await;
     let readable = match passwords {
         Ok(rows) => {
-            let verifiers: HashMap<String, Option<String>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let verifiers: HashMap<String, Option<String>> =
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             for role in &mut roles {
                 role.password = verifiers.get(&role.name).cloned().flatten();
             }
@@ -323,13 +348,17 @@ pub async fn roles(server: &Server, selection: &Selection) -> Result<(Vec<RoleIn
 
 /// Names of all roles on a server.
 pub async fn role_names(server: &Server) -> Result<BTreeSet<String>, PgError> {
-    let rows = server.query("list roles", "SELECT rolname FROM pg_roles", &[]).await?;
+    let rows = server
+        .query("list roles", "SELECT rolname FROM pg_roles", &[])
+        .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Names of all schemas on a server.
 pub async fn schema_names(server: &Server) -> Result<BTreeSet<String>, PgError> {
-    let rows = server.query("list schemas", "SELECT nspname FROM pg_namespace", &[]).await?;
+    let rows = server
+        .query("list schemas", "SELECT nspname FROM pg_namespace", &[])
+        .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -342,7 +371,10 @@ pub struct Column {
 }
 
 /// Columns of the given tables, in order, keyed by table.
-pub async fn columns(server: &Server, tables: &[TableName]) -> Result<BTreeMap<TableName, Vec<Column>>, PgError> {
+pub async fn columns(
+    server: &Server,
+    tables: &[TableName],
+) -> Result<BTreeMap<TableName, Vec<Column>>, PgError> {
     let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
     let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let sql = r#"
@@ -352,12 +384,18 @@ pub async fn columns(server: &Server, tables: &[TableName]) -> Result<BTreeMap<T
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = wanted.name
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
          ORDER BY 1, 2, a.attnum"#;
-    let rows = server.query("list columns", sql, &[&schemas, &names]).await?;
+    let rows = server
+        .query("list columns", sql, &[&schemas, &names])
+        .await?;
     let mut out: BTreeMap<TableName, Vec<Column>> = BTreeMap::new();
     for r in &rows {
         out.entry(TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
             .or_default()
-            .push(Column { name: r.get(2), type_sql: r.get(3), not_null: r.get(4) });
+            .push(Column {
+                name: r.get(2),
+                type_sql: r.get(3),
+                not_null: r.get(4),
+            });
     }
     Ok(out)
 }
@@ -365,7 +403,11 @@ pub async fn columns(server: &Server, tables: &[TableName]) -> Result<BTreeMap<T
 /// Current values of server settings by name.
 pub async fn settings(server: &Server, names: &[&str]) -> Result<HashMap<String, String>, PgError> {
     let rows = server
-        .query("read settings", "SELECT name, setting FROM pg_settings WHERE name = ANY ($1)", &[&names])
+        .query(
+            "read settings",
+            "SELECT name, setting FROM pg_settings WHERE name = ANY ($1)",
+            &[&names],
+        )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

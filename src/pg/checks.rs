@@ -116,8 +116,21 @@ struct Checker {
 }
 
 impl Checker {
-    fn add(&mut self, severity: Severity, check: &'static str, subject: impl Into<String>, message: impl Into<String>, fix: Option<String>) {
-        self.findings.push(Finding { severity, check, subject: subject.into(), message: message.into(), fix });
+    fn add(
+        &mut self,
+        severity: Severity,
+        check: &'static str,
+        subject: impl Into<String>,
+        message: impl Into<String>,
+        fix: Option<String>,
+    ) {
+        self.findings.push(Finding {
+            severity,
+            check,
+            subject: subject.into(),
+            message: message.into(),
+            fix,
+        });
     }
 }
 
@@ -126,8 +139,15 @@ fn setting_i64(settings: &HashMap<String, String>, name: &str) -> i64 {
 }
 
 /// Inspects both servers; changes nothing on either.
-pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &State) -> Result<Inspection, PgError> {
-    let mut c = Checker { findings: Vec::new() };
+pub async fn inspect(
+    plan: &Plan,
+    source: &Server,
+    target: &Server,
+    state: &State,
+) -> Result<Inspection, PgError> {
+    let mut c = Checker {
+        findings: Vec::new(),
+    };
     let mut src_settings = catalog::settings(source, SOURCE_SETTINGS).await?;
     let mut tgt_settings = catalog::settings(target, TARGET_SETTINGS).await?;
     src_settings.extend(database_locale(source).await?);
@@ -161,7 +181,12 @@ pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &Stat
     let missing_extensions = check_extensions(&mut c, source, target).await?;
     let (roles, verifiers_readable) = catalog::roles(source, &selection).await?;
     let target_roles = catalog::role_names(target).await?;
-    let missing_roles: Vec<RoleInfo> = order_roles(roles.into_iter().filter(|r| !target_roles.contains(&r.name)).collect());
+    let missing_roles: Vec<RoleInfo> = order_roles(
+        roles
+            .into_iter()
+            .filter(|r| !target_roles.contains(&r.name))
+            .collect(),
+    );
     if !missing_roles.is_empty() && !verifiers_readable {
         c.add(
             Severity::Warn,
@@ -197,7 +222,14 @@ pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &Stat
         .collect();
     c.findings.sort_by_key(|f| f.severity);
     let blocked = c.findings.iter().any(|f| f.severity == Severity::Block);
-    let steps = planned_steps(plan, &selection, &missing_roles, &missing_extensions, state, copy_workers);
+    let steps = planned_steps(
+        plan,
+        &selection,
+        &missing_roles,
+        &missing_extensions,
+        state,
+        copy_workers,
+    );
     let report = Preflight {
         name: plan.name.0.clone(),
         blocked,
@@ -211,25 +243,51 @@ pub async fn inspect(plan: &Plan, source: &Server, target: &Server, state: &Stat
         findings: c.findings,
         steps,
     };
-    Ok(Inspection { report, selection, missing_roles, missing_extensions, pg_dump, pg_restore })
+    Ok(Inspection {
+        report,
+        selection,
+        missing_roles,
+        missing_extensions,
+        pg_dump,
+        pg_restore,
+    })
 }
 
-fn server_report(server: &Server, settings: HashMap<String, String>, free_disk_bytes: Option<i64>) -> ServerReport {
+fn server_report(
+    server: &Server,
+    settings: HashMap<String, String>,
+    free_disk_bytes: Option<i64>,
+) -> ServerReport {
     let mut settings: BTreeMap<String, String> = settings.into_iter().collect();
     let version = settings.remove("server_version").unwrap_or_default();
-    ServerReport { url: server.url.to_string(), version, settings, free_disk_bytes }
+    ServerReport {
+        url: server.url.to_string(),
+        version,
+        settings,
+        free_disk_bytes,
+    }
 }
 
 fn check_versions(c: &mut Checker, source: &Server, target: &Server) {
     if source.major() < 10 {
-        c.add(Severity::Block, "source_version", "source", format!("PostgreSQL {} has no logical replication", source.major()), Some("upgrade the source to PostgreSQL 10 or later".into()));
+        c.add(
+            Severity::Block,
+            "source_version",
+            "source",
+            format!("PostgreSQL {} has no logical replication", source.major()),
+            Some("upgrade the source to PostgreSQL 10 or later".into()),
+        );
     }
     if target.major() < source.major() {
         c.add(
             Severity::Block,
             "target_version",
             "target",
-            format!("the target runs PostgreSQL {}, older than the source's {}", target.major(), source.major()),
+            format!(
+                "the target runs PostgreSQL {}, older than the source's {}",
+                target.major(),
+                source.major()
+            ),
             Some("use a target of the same or a newer major version".into()),
         );
     }
@@ -239,14 +297,26 @@ fn check_tools(c: &mut Checker, source: &Server) -> (std::path::PathBuf, std::pa
     let pg_dump = match tools::find("pg_dump", source.major()) {
         Ok((path, _)) => path,
         Err(e) => {
-            c.add(Severity::Block, "pg_dump", "coordinator", e.to_string(), None);
+            c.add(
+                Severity::Block,
+                "pg_dump",
+                "coordinator",
+                e.to_string(),
+                None,
+            );
             "pg_dump".into()
         }
     };
     let pg_restore = match tools::find("pg_restore", source.major()) {
         Ok((path, _)) => path,
         Err(e) => {
-            c.add(Severity::Block, "pg_restore", "coordinator", e.to_string(), None);
+            c.add(
+                Severity::Block,
+                "pg_restore",
+                "coordinator",
+                e.to_string(),
+                None,
+            );
             "pg_restore".into()
         }
     };
@@ -255,7 +325,11 @@ fn check_tools(c: &mut Checker, source: &Server) -> (std::path::PathBuf, std::pa
 
 async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError> {
     let row = server
-        .query_one("check the coordinator's role", "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "check the coordinator's role",
+            "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await?;
     let (user, superuser): (String, bool) = (row.get(0), row.get(1));
     if !superuser {
@@ -274,24 +348,60 @@ async fn count(server: &Server, context: &str, query: &str, name: &str) -> Resul
     Ok(server.query_one(context, query, &[&name]).await?.get(0))
 }
 
-async fn check_source_capacity(c: &mut Checker, source: &Server, s: &HashMap<String, String>, ours: &str, copy_workers: i64) -> Result<(), PgError> {
+async fn check_source_capacity(
+    c: &mut Checker,
+    source: &Server,
+    s: &HashMap<String, String>,
+    ours: &str,
+    copy_workers: i64,
+) -> Result<(), PgError> {
     if s.get("wal_level").map(String::as_str) != Some("logical") {
         c.add(
             Severity::Block,
             "wal_level",
             "source",
-            format!("wal_level is {}, logical replication needs logical", s.get("wal_level").map_or("unknown", String::as_str)),
+            format!(
+                "wal_level is {}, logical replication needs logical",
+                s.get("wal_level").map_or("unknown", String::as_str)
+            ),
             Some("ALTER SYSTEM SET wal_level = logical;  -- then restart the source".into()),
         );
     }
-    let used_slots = count(source, "count replication slots", "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1", ours).await?;
+    let used_slots = count(
+        source,
+        "count replication slots",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1",
+        ours,
+    )
+    .await?;
     let free_slots = setting_i64(s, "max_replication_slots") - used_slots;
-    let senders = count(source, "count WAL senders", "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1", ours).await?;
+    let senders = count(
+        source,
+        "count WAL senders",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1",
+        ours,
+    )
+    .await?;
     let free_senders = setting_i64(s, "max_wal_senders") - senders;
-    for (what, free, setting) in [("replication slots", free_slots, "max_replication_slots"), ("WAL senders", free_senders, "max_wal_senders")] {
+    for (what, free, setting) in [
+        ("replication slots", free_slots, "max_replication_slots"),
+        ("WAL senders", free_senders, "max_wal_senders"),
+    ] {
         let needed = 1 + copy_workers;
         if free < 1 {
-            c.add(Severity::Block, "source_capacity", "source", format!("no free {what} ({setting} = {})", s.get(setting).map_or("?", String::as_str)), Some(format!("ALTER SYSTEM SET {setting} = {};  -- then restart the source", setting_i64(s, setting) + needed)));
+            c.add(
+                Severity::Block,
+                "source_capacity",
+                "source",
+                format!(
+                    "no free {what} ({setting} = {})",
+                    s.get(setting).map_or("?", String::as_str)
+                ),
+                Some(format!(
+                    "ALTER SYSTEM SET {setting} = {};  -- then restart the source",
+                    setting_i64(s, setting) + needed
+                )),
+            );
         } else if free < needed {
             c.add(Severity::Warn, "source_capacity", "source", format!("{free} free {what}: the initial copy uses up to {needed} at once, so tables will copy fewer at a time"), Some(format!("ALTER SYSTEM SET {setting} = {};  -- then restart the source", setting_i64(s, setting) + needed - free)));
         }
@@ -299,16 +409,50 @@ async fn check_source_capacity(c: &mut Checker, source: &Server, s: &HashMap<Str
     Ok(())
 }
 
-async fn check_target_capacity(c: &mut Checker, target: &Server, s: &HashMap<String, String>, ours: &str, copy_workers: i64) -> Result<(), PgError> {
-    let running = count(target, "count subscription workers", "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname <> $1", ours).await?;
+async fn check_target_capacity(
+    c: &mut Checker,
+    target: &Server,
+    s: &HashMap<String, String>,
+    ours: &str,
+    copy_workers: i64,
+) -> Result<(), PgError> {
+    let running = count(
+        target,
+        "count subscription workers",
+        "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname <> $1",
+        ours,
+    )
+    .await?;
     let free_workers = setting_i64(s, "max_logical_replication_workers") - running;
     if free_workers < 1 {
-        c.add(Severity::Block, "target_capacity", "target", "no free logical replication worker on the target", Some("ALTER SYSTEM SET max_logical_replication_workers = 8;  -- then restart the target".into()));
+        c.add(
+            Severity::Block,
+            "target_capacity",
+            "target",
+            "no free logical replication worker on the target",
+            Some(
+                "ALTER SYSTEM SET max_logical_replication_workers = 8;  -- then restart the target"
+                    .into(),
+            ),
+        );
     } else if free_workers < 1 + copy_workers {
-        c.add(Severity::Warn, "target_capacity", "target", format!("{free_workers} free logical replication workers: tables will copy {} at a time", free_workers - 1), None);
+        c.add(
+            Severity::Warn,
+            "target_capacity",
+            "target",
+            format!(
+                "{free_workers} free logical replication workers: tables will copy {} at a time",
+                free_workers - 1
+            ),
+            None,
+        );
     }
     // Before PostgreSQL 18 replication origins are limited by max_replication_slots.
-    let origin_limit = if target.major() >= 18 { "max_active_replication_origins" } else { "max_replication_slots" };
+    let origin_limit = if target.major() >= 18 {
+        "max_active_replication_origins"
+    } else {
+        "max_replication_slots"
+    };
     let origins = count(target, "count replication origins", "SELECT count(*) FROM pg_replication_origin WHERE roname NOT LIKE 'pg\\_' || coalesce((SELECT oid::text FROM pg_subscription WHERE subname = $1), '-') || '%'", ours).await?;
     if setting_i64(s, origin_limit) - origins < 1 + copy_workers {
         c.add(
@@ -319,7 +463,9 @@ async fn check_target_capacity(c: &mut Checker, target: &Server, s: &HashMap<Str
             Some(format!("ALTER SYSTEM SET {origin_limit} = {};  -- then restart the target", origins + 2 + copy_workers)),
         );
     }
-    if setting_i64(s, "max_worker_processes") < setting_i64(s, "max_logical_replication_workers") + 1 {
+    if setting_i64(s, "max_worker_processes")
+        < setting_i64(s, "max_logical_replication_workers") + 1
+    {
         c.add(Severity::Warn, "target_capacity", "target", "max_worker_processes is lower than max_logical_replication_workers + 1: workers may fail to start", Some("raise max_worker_processes on the target".into()));
     }
     Ok(())
@@ -345,7 +491,15 @@ fn check_encoding(c: &mut Checker, src: &HashMap<String, String>, tgt: &HashMap<
     let get = |s: &HashMap<String, String>, key: &str| s.get(key).cloned().unwrap_or_default();
     let (src_enc, tgt_enc) = (get(src, "database_encoding"), get(tgt, "database_encoding"));
     if src_enc != tgt_enc {
-        c.add(Severity::Block, "encoding", "target", format!("the source database is encoded {src_enc}, the target {tgt_enc}"), Some(format!("create the target database with ENCODING '{src_enc}'")));
+        c.add(
+            Severity::Block,
+            "encoding",
+            "target",
+            format!("the source database is encoded {src_enc}, the target {tgt_enc}"),
+            Some(format!(
+                "create the target database with ENCODING '{src_enc}'"
+            )),
+        );
     }
     let (src_coll, tgt_coll) = (get(src, "database_collate"), get(tgt, "database_collate"));
     if src_coll != tgt_coll {
@@ -353,7 +507,13 @@ fn check_encoding(c: &mut Checker, src: &HashMap<String, String>, tgt: &HashMap<
     }
 }
 
-fn check_disk(c: &mut Checker, s: &HashMap<String, String>, source_free: Option<i64>, target_free: Option<i64>, total_bytes: i64) {
+fn check_disk(
+    c: &mut Checker,
+    s: &HashMap<String, String>,
+    source_free: Option<i64>,
+    target_free: Option<i64>,
+    total_bytes: i64,
+) {
     let keep_mb = setting_i64(s, "max_slot_wal_keep_size");
     if keep_mb < 0 {
         c.add(Severity::Info, "wal_retention", "source", "max_slot_wal_keep_size is unlimited: if replication stalls, the slot keeps WAL until the disk fills; `switchyard status` warns past [sync] retained_wal_warn_bytes", None);
@@ -366,16 +526,38 @@ fn check_disk(c: &mut Checker, s: &HashMap<String, String>, source_free: Option<
         None => c.add(Severity::Info, "disk_headroom", "source", "free disk space could not be read (needs superuser and a shell on the server); check it by hand", None),
     }
     if let Some(free) = target_free.filter(|&free| free < total_bytes) {
-        c.add(Severity::Block, "disk_headroom", "target", format!("the target has {} free but the selected tables take {}", human_bytes(free), human_bytes(total_bytes)), Some("give the target more disk".into()));
+        c.add(
+            Severity::Block,
+            "disk_headroom",
+            "target",
+            format!(
+                "the target has {} free but the selected tables take {}",
+                human_bytes(free),
+                human_bytes(total_bytes)
+            ),
+            Some("give the target more disk".into()),
+        );
     }
 }
 
 fn check_selection(c: &mut Checker, selection: &Selection) {
     if selection.tables.is_empty() {
-        c.add(Severity::Block, "no_tables", "plan", "no table on the source matches [sync] tables", Some("check the patterns in [sync] tables and exclude".into()));
+        c.add(
+            Severity::Block,
+            "no_tables",
+            "plan",
+            "no table on the source matches [sync] tables",
+            Some("check the patterns in [sync] tables and exclude".into()),
+        );
     }
     for pattern in &selection.unmatched_patterns {
-        c.add(Severity::Warn, "unmatched_pattern", "plan", format!("pattern {pattern:?} matches no table"), None);
+        c.add(
+            Severity::Warn,
+            "unmatched_pattern",
+            "plan",
+            format!("pattern {pattern:?} matches no table"),
+            None,
+        );
     }
     for table in selection.leaves() {
         check_table(c, table);
@@ -385,11 +567,24 @@ fn check_selection(c: &mut Checker, selection: &Selection) {
 fn check_table(c: &mut Checker, t: &TableInfo) {
     let name = t.name.to_string();
     if t.unlogged {
-        c.add(Severity::Block, "unlogged_table", &name, "unlogged tables are not written to WAL and cannot be replicated", Some(format!("ALTER TABLE {} SET LOGGED;  -- or add it to [sync] exclude", t.name.sql())));
+        c.add(
+            Severity::Block,
+            "unlogged_table",
+            &name,
+            "unlogged tables are not written to WAL and cannot be replicated",
+            Some(format!(
+                "ALTER TABLE {} SET LOGGED;  -- or add it to [sync] exclude",
+                t.name.sql()
+            )),
+        );
     }
     if t.identity().is_none() {
         let fix = match &t.unique_candidate {
-            Some(index) => format!("ALTER TABLE {} REPLICA IDENTITY USING INDEX {};", t.name.sql(), index.rsplit('.').next().unwrap_or(index)),
+            Some(index) => format!(
+                "ALTER TABLE {} REPLICA IDENTITY USING INDEX {};",
+                t.name.sql(),
+                index.rsplit('.').next().unwrap_or(index)
+            ),
             None => format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.name.sql()),
         };
         c.add(Severity::Block, "no_replica_identity", &name, "no primary key and no replica identity: UPDATE and DELETE on it would fail on the source once published", Some(fix));
@@ -403,50 +598,105 @@ fn check_table(c: &mut Checker, t: &TableInfo) {
         );
     }
     if !t.large_object_columns.is_empty() {
-        c.add(Severity::Warn, "large_object_column", &name, format!("column(s) {} may reference large objects, which logical replication does not copy", t.large_object_columns.join(", ")), None);
+        c.add(
+            Severity::Warn,
+            "large_object_column",
+            &name,
+            format!(
+                "column(s) {} may reference large objects, which logical replication does not copy",
+                t.large_object_columns.join(", ")
+            ),
+            None,
+        );
     }
 }
 
-async fn check_target_tables(c: &mut Checker, target: &Server, selection: &Selection, state: &State) -> Result<HashMap<TableName, &'static str>, PgError> {
-    let existing: BTreeSet<TableName> = catalog::tables(target).await?.into_iter().map(|t| t.name).collect();
+async fn check_target_tables(
+    c: &mut Checker,
+    target: &Server,
+    selection: &Selection,
+    state: &State,
+) -> Result<HashMap<TableName, &'static str>, PgError> {
+    let existing: BTreeSet<TableName> = catalog::tables(target)
+        .await?
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     // Tables this migration restored and is copying into. After `abort` (the planned phase)
     // they hold an old copy that a new subscription would collide with.
     let ours = state.created.schema.is_some() && state.phase != Phase::Planned;
     let mut on_target = HashMap::new();
     for table in selection.leaves().filter(|t| existing.contains(&t.name)) {
         let sql = format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", table.name.sql());
-        let has_rows: bool = target.query_one("look for rows on the target", &sql, &[]).await?.get(0);
-        on_target.insert(table.name.clone(), if has_rows { "has_rows" } else { "empty" });
+        let has_rows: bool = target
+            .query_one("look for rows on the target", &sql, &[])
+            .await?
+            .get(0);
+        on_target.insert(
+            table.name.clone(),
+            if has_rows { "has_rows" } else { "empty" },
+        );
         if ours {
             continue;
         }
         let (message, fix) = if has_rows {
             ("already holds rows on the target: the initial copy would duplicate or collide with them", format!("TRUNCATE {};  -- on the target, or `switchyard abort --drop-target-data` after an earlier run", table.name.sql()))
         } else {
-            ("already exists on the target: switchyard copies the schema itself", format!("DROP TABLE {};  -- on the target, or add it to [sync] exclude", table.name.sql()))
+            (
+                "already exists on the target: switchyard copies the schema itself",
+                format!(
+                    "DROP TABLE {};  -- on the target, or add it to [sync] exclude",
+                    table.name.sql()
+                ),
+            )
         };
-        c.add(Severity::Block, "exists_on_target", table.name.to_string(), message, Some(fix));
+        c.add(
+            Severity::Block,
+            "exists_on_target",
+            table.name.to_string(),
+            message,
+            Some(fix),
+        );
     }
     Ok(on_target)
 }
 
-async fn check_large_objects(c: &mut Checker, source: &Server, selection: &Selection) -> Result<(), PgError> {
+async fn check_large_objects(
+    c: &mut Checker,
+    source: &Server,
+    selection: &Selection,
+) -> Result<(), PgError> {
     if selection.tables.is_empty() {
         return Ok(());
     }
-    let n: i64 = source.query_one("count large objects", "SELECT count(*) FROM pg_largeobject_metadata", &[]).await?.get(0);
+    let n: i64 = source
+        .query_one(
+            "count large objects",
+            "SELECT count(*) FROM pg_largeobject_metadata",
+            &[],
+        )
+        .await?
+        .get(0);
     if n > 0 {
         c.add(Severity::Warn, "large_objects", "source", format!("the source database holds {n} large objects; logical replication does not copy them"), Some("move them with pg_dump --large-objects before the cutover, or store them in bytea".into()));
     }
     Ok(())
 }
 
-async fn check_extensions(c: &mut Checker, source: &Server, target: &Server) -> Result<Vec<(String, String)>, PgError> {
+async fn check_extensions(
+    c: &mut Checker,
+    source: &Server,
+    target: &Server,
+) -> Result<Vec<(String, String)>, PgError> {
     let used = source
         .query("list extensions", "SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname <> 'plpgsql' ORDER BY 1", &[])
         .await?;
     let available = target
-        .query("list available extensions", "SELECT name::text, installed_version IS NOT NULL FROM pg_available_extensions", &[])
+        .query(
+            "list available extensions",
+            "SELECT name::text, installed_version IS NOT NULL FROM pg_available_extensions",
+            &[],
+        )
         .await?;
     let available: HashMap<String, bool> = available.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut missing = Vec::new();
@@ -455,7 +705,15 @@ async fn check_extensions(c: &mut Checker, source: &Server, target: &Server) -> 
         match available.get(&name) {
             Some(true) => {}
             Some(false) => missing.push((name, schema)),
-            None => c.add(Severity::Block, "extension_unavailable", &name, format!("extension {name} is used on the source but not installable on the target"), Some(format!("install the package that provides {name} on the target server"))),
+            None => c.add(
+                Severity::Block,
+                "extension_unavailable",
+                &name,
+                format!("extension {name} is used on the source but not installable on the target"),
+                Some(format!(
+                    "install the package that provides {name} on the target server"
+                )),
+            ),
         }
     }
     Ok(missing)
@@ -464,9 +722,16 @@ async fn check_extensions(c: &mut Checker, source: &Server, target: &Server) -> 
 /// Login roles that the fence (revoking writes on the migrated tables) cannot stop: superusers,
 /// members of `pg_write_all_data`, and owners of the migrated tables or members of an owner
 /// role (they can `SET ROLE` to it).
-async fn unfenceable_roles(source: &Server, selection: &Selection) -> Result<Vec<UnfenceableRole>, PgError> {
+async fn unfenceable_roles(
+    source: &Server,
+    selection: &Selection,
+) -> Result<Vec<UnfenceableRole>, PgError> {
     let owners: Vec<u32> = selection.tables.iter().map(|t| t.owner_oid).collect();
-    let write_all = if source.major() >= 14 { "pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER')" } else { "false" };
+    let write_all = if source.major() >= 14 {
+        "pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER')"
+    } else {
+        "false"
+    };
     let sql = format!(
         "SELECT r.rolname::text, r.rolsuper,
                 NOT r.rolsuper AND {write_all},
@@ -477,20 +742,32 @@ async fn unfenceable_roles(source: &Server, selection: &Selection) -> Result<Vec
           WHERE r.rolcanlogin AND r.rolname <> current_user
           ORDER BY 1"
     );
-    let rows = source.query("list roles the cutover cannot fence", &sql, &[&owners]).await?;
+    let rows = source
+        .query("list roles the cutover cannot fence", &sql, &[&owners])
+        .await?;
     Ok(rows
         .iter()
         .filter_map(|r| {
-            let mut reasons: Vec<String> = [(1, "superuser"), (2, "member of pg_write_all_data"), (3, "owns migrated tables")]
-                .iter()
-                .filter(|&&(i, _)| r.get::<_, bool>(i))
-                .map(|&(_, why)| why.to_string())
-                .collect();
+            let mut reasons: Vec<String> = [
+                (1, "superuser"),
+                (2, "member of pg_write_all_data"),
+                (3, "owns migrated tables"),
+            ]
+            .iter()
+            .filter(|&&(i, _)| r.get::<_, bool>(i))
+            .map(|&(_, why)| why.to_string())
+            .collect();
             let owner_roles: Vec<String> = r.get(4);
             if !owner_roles.is_empty() {
-                reasons.push(format!("can SET ROLE to table owner {}", owner_roles.join(", ")));
+                reasons.push(format!(
+                    "can SET ROLE to table owner {}",
+                    owner_roles.join(", ")
+                ));
             }
-            (!reasons.is_empty()).then(|| UnfenceableRole { role: r.get(0), reasons })
+            (!reasons.is_empty()).then(|| UnfenceableRole {
+                role: r.get(0),
+                reasons,
+            })
         })
         .collect())
 }
@@ -501,9 +778,11 @@ fn order_roles(mut roles: Vec<RoleInfo>) -> Vec<RoleInfo> {
     while !roles.is_empty() {
         let placed: BTreeSet<String> = ordered.iter().map(|r| r.name.clone()).collect();
         let pending: BTreeSet<String> = roles.iter().map(|r| r.name.clone()).collect();
-        let (ready, rest): (Vec<RoleInfo>, Vec<RoleInfo>) = roles
-            .into_iter()
-            .partition(|r| r.member_of.iter().all(|g| placed.contains(g) || !pending.contains(g)));
+        let (ready, rest): (Vec<RoleInfo>, Vec<RoleInfo>) = roles.into_iter().partition(|r| {
+            r.member_of
+                .iter()
+                .all(|g| placed.contains(g) || !pending.contains(g))
+        });
         if ready.is_empty() {
             // A membership cycle cannot exist in PostgreSQL; keep the rest as they are.
             ordered.extend(rest);
@@ -519,14 +798,22 @@ fn order_roles(mut roles: Vec<RoleInfo>) -> Vec<RoleInfo> {
 /// `COPY ... FROM PROGRAM` inside a transaction that is rolled back. `None` where the server
 /// does not allow it (not a superuser, a managed service).
 async fn free_disk_bytes(server: &Server) -> Option<i64> {
-    let dir = server.simple_column("read data_directory", "SHOW data_directory").await.ok()?.into_iter().next()??;
+    let dir = server
+        .simple_column("read data_directory", "SHOW data_directory")
+        .await
+        .ok()?
+        .into_iter()
+        .next()??;
     let command = format!("df -Pk '{}/pg_wal'", dir.replace('\'', ""));
     let setup = format!(
         "BEGIN; CREATE TEMP TABLE switchyard_df (line text) ON COMMIT DROP; COPY switchyard_df FROM PROGRAM {}",
         sql::literal(&command)
     );
     let result = match server.execute("read free disk space", &setup).await {
-        Ok(()) => server.simple_column("read free disk space", "SELECT line FROM switchyard_df").await.ok(),
+        Ok(()) => server
+            .simple_column("read free disk space", "SELECT line FROM switchyard_df")
+            .await
+            .ok(),
         Err(e) => {
             tracing::debug!("cannot read free disk space on the {}: {e}", server.side);
             None
@@ -539,7 +826,14 @@ async fn free_disk_bytes(server: &Server) -> Option<i64> {
     Some(available_kb * 1024)
 }
 
-fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensions: &[(String, String)], state: &State, copy_workers: i64) -> Vec<Step> {
+fn planned_steps(
+    plan: &Plan,
+    selection: &Selection,
+    roles: &[RoleInfo],
+    extensions: &[(String, String)],
+    state: &State,
+    copy_workers: i64,
+) -> Vec<Step> {
     let name = plan.replication_name();
     let rows: i64 = selection.leaves().map(|t| t.estimated_rows).sum();
     let bytes: i64 = selection.leaves().map(|t| t.bytes).sum();
@@ -547,17 +841,29 @@ fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensi
     let mut steps = Vec::new();
     if !roles.is_empty() {
         let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
-        steps.push(Step { description: format!("create roles on the target: {}", names.join(", ")), done: false });
+        steps.push(Step {
+            description: format!("create roles on the target: {}", names.join(", ")),
+            done: false,
+        });
     }
     if !extensions.is_empty() {
         let names: Vec<&str> = extensions.iter().map(|(e, _)| e.as_str()).collect();
-        steps.push(Step { description: format!("create extensions on the target: {}", names.join(", ")), done: false });
+        steps.push(Step {
+            description: format!("create extensions on the target: {}", names.join(", ")),
+            done: false,
+        });
     }
     steps.push(Step {
         description: format!("copy the schema of {} ({} tables) with pg_dump --schema-only and pg_restore, in one transaction", selection.schemas.join(", "), selection.tables.len()),
         done: created.schema.is_some(),
     });
-    steps.push(Step { description: format!("create publication {name} on the source for {} tables", selection.published().len()), done: created.publication.is_some() });
+    steps.push(Step {
+        description: format!(
+            "create publication {name} on the source for {} tables",
+            selection.published().len()
+        ),
+        done: created.publication.is_some(),
+    });
     steps.push(Step {
         description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
         done: created.subscription.is_some(),
@@ -565,4 +871,3 @@ fn planned_steps(plan: &Plan, selection: &Selection, roles: &[RoleInfo], extensi
     steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == Phase::Synced });
     steps
 }
-

@@ -33,7 +33,11 @@ impl fmt::Display for Side {
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("cannot connect to the {side} ({url}): {message}")]
-    Connect { side: Side, url: String, message: String },
+    Connect {
+        side: Side,
+        url: String,
+        message: String,
+    },
     #[error("{side}: {context}: {message}")]
     Query {
         side: Side,
@@ -109,8 +113,19 @@ impl Server {
                 tracing::debug!(%side, "connection closed: {}", describe(&e));
             }
         });
-        let mut server = Server { side, client, version_num: 0, url };
-        let row = server.query_one("read the server version", "SELECT current_setting('server_version_num')::int4", &[]).await?;
+        let mut server = Server {
+            side,
+            client,
+            version_num: 0,
+            url,
+        };
+        let row = server
+            .query_one(
+                "read the server version",
+                "SELECT current_setting('server_version_num')::int4",
+                &[],
+            )
+            .await?;
         server.version_num = row.get(0);
         Ok(server)
     }
@@ -135,7 +150,10 @@ impl Server {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, PgError> {
         tracing::trace!(side = %self.side, sql, "query");
-        self.client.query(sql, params).await.map_err(|e| self.error(context, e))
+        self.client
+            .query(sql, params)
+            .await
+            .map_err(|e| self.error(context, e))
     }
 
     pub async fn query_one(
@@ -145,18 +163,32 @@ impl Server {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Row, PgError> {
         tracing::trace!(side = %self.side, sql, "query");
-        self.client.query_one(sql, params).await.map_err(|e| self.error(context, e))
+        self.client
+            .query_one(sql, params)
+            .await
+            .map_err(|e| self.error(context, e))
     }
 
     /// Runs statements that take no parameters (DDL) with the simple protocol.
     pub async fn execute(&self, context: &str, sql: &str) -> Result<(), PgError> {
         tracing::debug!(side = %self.side, sql, "execute");
-        self.client.batch_execute(sql).await.map_err(|e| self.error(context, e))
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| self.error(context, e))
     }
 
     /// Runs a simple query and returns the first column of each row as text.
-    pub async fn simple_column(&self, context: &str, sql: &str) -> Result<Vec<Option<String>>, PgError> {
-        let messages = self.client.simple_query(sql).await.map_err(|e| self.error(context, e))?;
+    pub async fn simple_column(
+        &self,
+        context: &str,
+        sql: &str,
+    ) -> Result<Vec<Option<String>>, PgError> {
+        let messages = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| self.error(context, e))?;
         Ok(messages
             .into_iter()
             .filter_map(|m| match m {
@@ -204,7 +236,11 @@ pub fn peer_conninfo(endpoint: &Endpoint) -> String {
     let url = endpoint.replication_url.as_ref().unwrap_or(&endpoint.url);
     let password = password_for(url).or_else(|| password_for(&endpoint.url));
     match password {
-        Some(password) => format!("{} password={}", conninfo(url), sql::conninfo_value(&password)),
+        Some(password) => format!(
+            "{} password={}",
+            conninfo(url),
+            sql::conninfo_value(&password)
+        ),
         None => conninfo(url),
     }
 }

@@ -25,10 +25,9 @@ pub fn lookup(text: &str, host: &str, port: u16, dbname: &str, user: &str) -> Op
         .map(split_fields)
         .filter(|fields| fields.len() == 5)
         .find(|fields| {
-            fields[..4]
-                .iter()
-                .zip(wanted)
-                .all(|(field, want)| field == "*" || field == want || (field == "localhost" && want == "127.0.0.1"))
+            fields[..4].iter().zip(wanted).all(|(field, want)| {
+                field == "*" || field == want || (field == "localhost" && want == "127.0.0.1")
+            })
         })
         .map(|fields| fields[4].clone())
 }
@@ -62,8 +61,14 @@ mod tests {
     #[test]
     fn matches_wildcards_and_escapes() {
         let file = "# comment\ndb-old:5432:shop:migrator:pa\\:ss\n*:*:*:other:x\n";
-        assert_eq!(lookup(file, "db-old", 5432, "shop", "migrator").as_deref(), Some("pa:ss"));
-        assert_eq!(lookup(file, "db-new", 5433, "any", "other").as_deref(), Some("x"));
+        assert_eq!(
+            lookup(file, "db-old", 5432, "shop", "migrator").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(
+            lookup(file, "db-new", 5433, "any", "other").as_deref(),
+            Some("x")
+        );
         assert_eq!(lookup(file, "db-new", 5432, "shop", "migrator"), None);
     }
 }

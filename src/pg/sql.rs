@@ -16,7 +16,9 @@ pub fn conninfo_value(value: &str) -> String {
 }
 
 /// A schema-qualified relation name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
@@ -24,7 +26,10 @@ pub struct TableName {
 
 impl TableName {
     pub fn new(schema: impl Into<String>, name: impl Into<String>) -> TableName {
-        TableName { schema: schema.into(), name: name.into() }
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
     }
 
     /// Quoted for SQL: `"public"."Orders"`.
@@ -49,6 +54,9 @@ mod tests {
         assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(conninfo_value("p'w\\"), "'p\\'w\\\\'");
-        assert_eq!(TableName::new("public", "Orders").sql(), "\"public\".\"Orders\"");
+        assert_eq!(
+            TableName::new("public", "Orders").sql(),
+            "\"public\".\"Orders\""
+        );
     }
 }

@@ -19,10 +19,13 @@ pub fn interpolate(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Resu
                 .ok_or_else(|| format!("unclosed `${{` in {value:?}"))?;
             let name = &open[..close];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("`${{{name}}}` is not a valid environment variable name"));
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable name"
+                ));
             }
-            let resolved = lookup(name)
-                .ok_or_else(|| format!("environment variable {name} is not set (used as `${{{name}}}`)"))?;
+            let resolved = lookup(name).ok_or_else(|| {
+                format!("environment variable {name} is not set (used as `${{{name}}}`)")
+            })?;
             out.push_str(&resolved);
             rest = &open[close + 1..];
         } else {

@@ -87,7 +87,10 @@ fn default_connect_timeout() -> Dur {
 }
 
 fn default_tables() -> Vec<TablePattern> {
-    vec![TablePattern { schema: "public".into(), table: "*".into() }]
+    vec![TablePattern {
+        schema: "public".into(),
+        table: "*".into(),
+    }]
 }
 
 fn default_max_lag_bytes() -> u64 {
@@ -138,7 +141,11 @@ impl Plan {
                 path: path.to_owned(),
                 line,
                 column,
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: inner.message().trim().to_string(),
             }
         })?;
@@ -231,7 +238,10 @@ url = "postgres://migrator@db-new:5432/shop"
 
     #[test]
     fn missing_env_var_is_named() {
-        let text = MINIMAL.replace("migrator@db-old", "migrator:${SWITCHYARD_TEST_SURELY_UNSET}@db-old");
+        let text = MINIMAL.replace(
+            "migrator@db-old",
+            "migrator:${SWITCHYARD_TEST_SURELY_UNSET}@db-old",
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("SWITCHYARD_TEST_SURELY_UNSET"), "{err}");
         assert!(err.contains("source.url"), "{err}");

@@ -85,8 +85,9 @@ impl FromStr for PgUrl {
     type Err = String;
 
     fn from_str(raw: &str) -> Result<Self, String> {
-        let config = tokio_postgres::Config::from_str(raw)
-            .map_err(|e| format!("not a valid PostgreSQL URL ({e}); expected postgres://user@host:5432/dbname"))?;
+        let config = tokio_postgres::Config::from_str(raw).map_err(|e| {
+            format!("not a valid PostgreSQL URL ({e}); expected postgres://user@host:5432/dbname")
+        })?;
         if config.get_user().is_none() {
             return Err("the URL names no user; write postgres://user@host/dbname".into());
         }
@@ -94,7 +95,9 @@ impl FromStr for PgUrl {
             return Err("the URL names no database; write postgres://user@host/dbname".into());
         }
         if config.get_hosts().len() > 1 {
-            return Err("the URL names several hosts; switchyard needs exactly one server per side".into());
+            return Err(
+                "the URL names several hosts; switchyard needs exactly one server per side".into(),
+            );
         }
         Ok(PgUrl { config })
     }
@@ -109,7 +112,14 @@ impl<'de> Deserialize<'de> for PgUrl {
 /// Shown without the password, so a URL can be logged and printed.
 impl fmt::Display for PgUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user(), self.host(), self.port(), self.dbname())
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.user(),
+            self.host(),
+            self.port(),
+            self.dbname()
+        )
     }
 }
 
@@ -126,9 +136,11 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = env_string(deserializer)?;
-        humantime::parse_duration(&raw)
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("{raw:?} is not a duration ({e}); write e.g. \"500ms\", \"30s\" or \"1h\"")))
+        humantime::parse_duration(&raw).map(Dur).map_err(|e| {
+            de::Error::custom(format!(
+                "{raw:?} is not a duration ({e}); write e.g. \"500ms\", \"30s\" or \"1h\""
+            ))
+        })
     }
 }
 

@@ -34,10 +34,15 @@ impl LockGuard {
         };
         // Two attempts: the second after removing a lock whose process is gone.
         for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut file) => {
                     let json = serde_json::to_vec(&me).unwrap_or_default();
-                    file.write_all(&json).map_err(|source| io_error(&path, source))?;
+                    file.write_all(&json)
+                        .map_err(|source| io_error(&path, source))?;
                     return Ok(LockGuard { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -52,7 +57,10 @@ impl LockGuard {
                         Some(h) => {
                             return Err(StateError::Locked {
                                 path: path.display().to_string(),
-                                holder: format!("`{}` by pid {} on {} since {}", h.purpose, h.pid, h.host, h.since),
+                                holder: format!(
+                                    "`{}` by pid {} on {} since {}",
+                                    h.purpose, h.pid, h.host, h.since
+                                ),
                             })
                         }
                         None => {
@@ -111,12 +119,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shop.lock");
         let first = LockGuard::acquire(path.clone(), "sync").unwrap();
-        let err = LockGuard::acquire(path.clone(), "abort").unwrap_err().to_string();
+        let err = LockGuard::acquire(path.clone(), "abort")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`sync`"), "{err}");
         drop(first);
         assert!(!path.exists());
 
-        let stale = Holder { pid: u32::MAX / 2, host: hostname(), purpose: "sync".into(), since: "then".into() };
+        let stale = Holder {
+            pid: u32::MAX / 2,
+            host: hostname(),
+            purpose: "sync".into(),
+            since: "then".into(),
+        };
         std::fs::write(&path, serde_json::to_vec(&stale).unwrap()).unwrap();
         let _taken = LockGuard::acquire(path.clone(), "abort").unwrap();
     }

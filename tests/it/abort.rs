@@ -21,8 +21,12 @@ async fn leftovers(db: &TestDb, sub_oid: u32) -> Vec<String> {
 }
 
 fn subscription_oid(db: &TestDb) -> u32 {
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(db.state_path()).expect("state file")).expect("state JSON");
-    state["created"]["subscription"]["oid"].as_u64().expect("subscription oid in state") as u32
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(db.state_path()).expect("state file"))
+            .expect("state JSON");
+    state["created"]["subscription"]["oid"]
+        .as_u64()
+        .expect("subscription oid in state") as u32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +47,11 @@ async fn abort_mid_copy_leaves_nothing_behind() {
     // The copied schema stays, so sync from the planned phase refuses to copy into it…
     let output = db.switchyard(&["plan"]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("exists_on_target"), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("exists_on_target"),
+        "{}",
+        text(&output)
+    );
 
     // …until abort --drop-target-data removes it; then a new sync runs to the end.
     let output = db.switchyard(&["abort", "--drop-target-data"]);

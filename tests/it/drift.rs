@@ -13,33 +13,58 @@ async fn column_added_on_source_is_drift() {
 
     let output = db.switchyard(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
-    assert_eq!(status["drift"].as_array().map(Vec::len), Some(0), "{status}");
+    assert_eq!(
+        status["drift"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
 
     let source = db.source_client().await;
     source.batch_execute("ALTER TABLE customers ADD COLUMN loyalty integer NOT NULL DEFAULT 0; CREATE TABLE coupons (code text PRIMARY KEY)").await.unwrap();
     // A row with the new column stops the apply on the target: status must say why.
-    source.batch_execute("INSERT INTO customers (name, loyalty) VALUES ('after ddl', 5)").await.unwrap();
+    source
+        .batch_execute("INSERT INTO customers (name, loyalty) VALUES ('after ddl', 5)")
+        .await
+        .unwrap();
 
     let output = db.switchyard(&["status", "--json"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
     let drift = status["drift"].as_array().expect("drift array");
-    let column = drift.iter().find(|d| d["kind"] == "missing_column").unwrap_or_else(|| panic!("no missing_column in {status}"));
+    let column = drift
+        .iter()
+        .find(|d| d["kind"] == "missing_column")
+        .unwrap_or_else(|| panic!("no missing_column in {status}"));
     assert_eq!(column["table"], "public.customers");
     assert_eq!(column["column"], "loyalty");
-    assert_eq!(column["fix"], "ALTER TABLE \"public\".\"customers\" ADD COLUMN \"loyalty\" integer NOT NULL;");
-    assert!(drift.iter().any(|d| d["kind"] == "missing_table" && d["table"] == "public.coupons"), "{status}");
+    assert_eq!(
+        column["fix"],
+        "ALTER TABLE \"public\".\"customers\" ADD COLUMN \"loyalty\" integer NOT NULL;"
+    );
+    assert!(
+        drift
+            .iter()
+            .any(|d| d["kind"] == "missing_table" && d["table"] == "public.coupons"),
+        "{status}"
+    );
 
     // The apply fails on the missing column; status reports the error from the target's log.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let output = db.switchyard(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("status JSON");
         if let Some(error) = status["last_error"].as_str() {
-            assert!(error.contains("loyalty") || error.contains("missing"), "{error}");
+            assert!(
+                error.contains("loyalty") || error.contains("missing"),
+                "{error}"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no apply error reported: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no apply error reported: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 

@@ -22,7 +22,10 @@ async fn unknown_key_names_file_line_and_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_environment_variable_is_named() {
     let db = TestDb::new("err_missing_env").await;
-    let plan = db.plan_text("").replace("postgres:switchyard-test-pw@", "postgres:${SWITCHYARD_SURELY_UNSET_PW}@");
+    let plan = db.plan_text("").replace(
+        "postgres:switchyard-test-pw@",
+        "postgres:${SWITCHYARD_SURELY_UNSET_PW}@",
+    );
     std::fs::write(db.plan_path(), plan).unwrap();
     let output = db.switchyard(&["sync"]);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
@@ -52,9 +55,18 @@ async fn table_without_key_blocks_with_the_fix() {
     let output = db.switchyard(&["plan"]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let report = String::from_utf8_lossy(&output.stdout);
-    assert!(report.contains("ALTER TABLE \"public\".\"nokey\" REPLICA IDENTITY FULL;"), "{report}");
-    assert!(report.contains("ALTER TABLE \"public\".\"uniq\" REPLICA IDENTITY USING INDEX uniq_a;"), "{report}");
-    assert!(report.contains("ALTER TABLE \"public\".\"scratch\" SET LOGGED;"), "{report}");
+    assert!(
+        report.contains("ALTER TABLE \"public\".\"nokey\" REPLICA IDENTITY FULL;"),
+        "{report}"
+    );
+    assert!(
+        report.contains("ALTER TABLE \"public\".\"uniq\" REPLICA IDENTITY USING INDEX uniq_a;"),
+        "{report}"
+    );
+    assert!(
+        report.contains("ALTER TABLE \"public\".\"scratch\" SET LOGGED;"),
+        "{report}"
+    );
     assert!(report.contains("BLOCKED"), "{report}");
 
     let output = db.switchyard(&["plan", "--json"]);
@@ -66,7 +78,12 @@ async fn table_without_key_blocks_with_the_fix() {
         .unwrap()
         .iter()
         .filter(|f| f["severity"] == "block")
-        .map(|f| (f["check"].as_str().unwrap().to_string(), f["subject"].as_str().unwrap().to_string()))
+        .map(|f| {
+            (
+                f["check"].as_str().unwrap().to_string(),
+                f["subject"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     for expected in [
         ("no_replica_identity", "public.nokey"),
@@ -74,27 +91,51 @@ async fn table_without_key_blocks_with_the_fix() {
         ("unlogged_table", "public.scratch"),
         ("identity_full_without_equality", "public.docs"),
     ] {
-        assert!(blocking.contains(&(expected.0.to_string(), expected.1.to_string())), "{expected:?} not in {blocking:?}");
+        assert!(
+            blocking.contains(&(expected.0.to_string(), expected.1.to_string())),
+            "{expected:?} not in {blocking:?}"
+        );
     }
-    assert!(!blocking.iter().any(|(_, subject)| subject == "public.keyed"), "{blocking:?}");
+    assert!(
+        !blocking
+            .iter()
+            .any(|(_, subject)| subject == "public.keyed"),
+        "{blocking:?}"
+    );
 
     // sync refuses the same way and creates nothing.
     let output = db.switchyard(&["sync"]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    let publications = source.query("SELECT 1 FROM pg_publication", &[]).await.unwrap();
+    let publications = source
+        .query("SELECT 1 FROM pg_publication", &[])
+        .await
+        .unwrap();
     assert!(publications.is_empty());
     let target = db.target_client().await;
-    let tables = target.query("SELECT 1 FROM pg_tables WHERE schemaname = 'public'", &[]).await.unwrap();
-    assert!(tables.is_empty(), "sync created tables on the target despite blocking findings");
+    let tables = target
+        .query("SELECT 1 FROM pg_tables WHERE schemaname = 'public'", &[])
+        .await
+        .unwrap();
+    assert!(
+        tables.is_empty(),
+        "sync created tables on the target despite blocking findings"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_is_a_connection_error() {
     let db = TestDb::new("err_unreachable").await;
     let port = crate::common::servers::free_port();
-    let plan = db.plan_text("").replace(&format!("127.0.0.1:{}/", db.target.port), &format!("127.0.0.1:{port}/"));
+    let plan = db.plan_text("").replace(
+        &format!("127.0.0.1:{}/", db.target.port),
+        &format!("127.0.0.1:{port}/"),
+    );
     std::fs::write(db.plan_path(), plan).unwrap();
     let output = db.switchyard(&["plan"]);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
-    assert!(stderr(&output).contains("cannot connect to the target"), "{}", text(&output));
+    assert!(
+        stderr(&output).contains("cannot connect to the target"),
+        "{}",
+        text(&output)
+    );
 }

@@ -33,7 +33,9 @@ async fn kill_and_target_restart_mid_copy_then_resume() {
     // Wait until the big table is being copied.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let copying = match tokio_postgres::connect(&target.url(&db.name), tokio_postgres::NoTls).await {
+        let copying = match tokio_postgres::connect(&target.url(&db.name), tokio_postgres::NoTls)
+            .await
+        {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 client
@@ -53,19 +55,45 @@ async fn kill_and_target_restart_mid_copy_then_resume() {
 
     child.kill().expect("kill sync");
     let _ = child.wait();
-    tokio::task::spawn_blocking(move || target.restart()).await.unwrap();
+    tokio::task::spawn_blocking(move || target.restart())
+        .await
+        .unwrap();
 
     let target_client = db.target_client().await;
-    let copied: i64 = target_client.query_one("SELECT count(*) FROM big", &[]).await.unwrap().get(0);
-    assert!(copied < 1_500_000, "the copy had already finished ({copied} rows): nothing was interrupted");
+    let copied: i64 = target_client
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        copied < 1_500_000,
+        "the copy had already finished ({copied} rows): nothing was interrupted"
+    );
 
     let output = db.switchyard(&["sync", "--wait", "--timeout", "300s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 
-    common::wait_caught_up(&source, &format!("switchyard_{}", db.name), Duration::from_secs(60)).await;
-    for table in ["big", "customers", "orders", "order_items", "events", "measurements"] {
+    common::wait_caught_up(
+        &source,
+        &format!("switchyard_{}", db.name),
+        Duration::from_secs(60),
+    )
+    .await;
+    for table in [
+        "big",
+        "customers",
+        "orders",
+        "order_items",
+        "events",
+        "measurements",
+    ] {
         let (only_source, only_target) = except_all(&source, &target_client, table).await;
-        assert!(only_source.is_empty() && only_target.is_empty(), "{table}: {} only on source, {} only on target", only_source.len(), only_target.len());
+        assert!(
+            only_source.is_empty() && only_target.is_empty(),
+            "{table}: {} only on source, {} only on target",
+            only_source.len(),
+            only_target.len()
+        );
     }
     let output = db.switchyard(&["abort"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));

@@ -25,15 +25,35 @@ async fn roles_grants_and_extensions_are_copied() {
     let output = db.switchyard(&["plan", "--json"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let to_create: Vec<&str> = report["roles_to_create"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    let to_create: Vec<&str> = report["roles_to_create"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
     for role in ["roles_copy_owner", "roles_copy_readers", "roles_copy_app"] {
         assert!(to_create.contains(&role), "{role} not in {to_create:?}");
     }
-    assert_eq!(report["extensions_to_create"], serde_json::json!(["citext"]));
+    assert_eq!(
+        report["extensions_to_create"],
+        serde_json::json!(["citext"])
+    );
     let unfenceable = report["unfenceable_roles"].as_array().unwrap();
-    let dev = unfenceable.iter().find(|r| r["role"] == "roles_copy_dev").unwrap_or_else(|| panic!("roles_copy_dev not listed: {unfenceable:?}"));
-    assert!(dev["reasons"][0].as_str().unwrap().contains("roles_copy_owner"), "{dev}");
-    assert!(!unfenceable.iter().any(|r| r["role"] == "roles_copy_app"), "{unfenceable:?}");
+    let dev = unfenceable
+        .iter()
+        .find(|r| r["role"] == "roles_copy_dev")
+        .unwrap_or_else(|| panic!("roles_copy_dev not listed: {unfenceable:?}"));
+    assert!(
+        dev["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("roles_copy_owner"),
+        "{dev}"
+    );
+    assert!(
+        !unfenceable.iter().any(|r| r["role"] == "roles_copy_app"),
+        "{unfenceable:?}"
+    );
 
     let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
@@ -53,23 +73,51 @@ async fn roles_grants_and_extensions_are_copied() {
         .unwrap();
     assert_eq!(checks.get::<_, String>(0), "roles_copy_owner");
     assert!(checks.get::<_, bool>(1), "INSERT grant missing");
-    assert!(checks.get::<_, bool>(2), "SELECT through membership missing");
+    assert!(
+        checks.get::<_, bool>(2),
+        "SELECT through membership missing"
+    );
     assert!(!checks.get::<_, bool>(3), "DELETE was never granted");
     assert!(checks.get::<_, bool>(4), "membership missing");
     assert!(checks.get::<_, bool>(5), "extension missing");
 
     // The password verifier came along: the application logs in to the target unchanged.
-    let app_url = format!("postgres://roles_copy_app:app-secret@127.0.0.1:{}/{}", db.target.port, db.name);
+    let app_url = format!(
+        "postgres://roles_copy_app:app-secret@127.0.0.1:{}/{}",
+        db.target.port, db.name
+    );
     let app = common::connect(&app_url).await;
-    let n: i64 = app.query_one("SELECT count(*) FROM accounts WHERE email = 'user7@example.com'", &[]).await.unwrap().get(0);
+    let n: i64 = app
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE email = 'user7@example.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1, "citext comparison on the target");
 
-    common::wait_caught_up(&source, &format!("switchyard_{}", db.name), std::time::Duration::from_secs(30)).await;
+    common::wait_caught_up(
+        &source,
+        &format!("switchyard_{}", db.name),
+        std::time::Duration::from_secs(30),
+    )
+    .await;
     let (a, b) = except_all(&source, &target, "accounts").await;
     assert!(a.is_empty() && b.is_empty());
 
     let output = db.switchyard(&["abort", "--drop-target-data"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    let roles: i64 = target.query_one("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'roles\\_copy\\_%'", &[]).await.unwrap().get(0);
-    assert_eq!(roles, 0, "abort --drop-target-data leaves the roles it created");
+    let roles: i64 = target
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'roles\\_copy\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        roles, 0,
+        "abort --drop-target-data leaves the roles it created"
+    );
 }
