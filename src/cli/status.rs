@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use switchyard::output::{human_bytes, table};
+use switchyard::sync::status::TableStatus;
 use switchyard::sync::{status, Servers, Status};
 use switchyard::{state, Error, Exit};
 
@@ -44,16 +45,29 @@ pub fn print_status(s: &Status) {
         ),
         None => println!("No subscription on the target."),
     }
-    if !s.tables.is_empty() {
+    if s.tables.iter().any(|t| t.rows_copied.is_some()) {
+        let rows = |t: &TableStatus| match (t.rows_copied, t.estimated_rows) {
+            (Some(done), Some(total)) => format!("{done} of ~{total}"),
+            (Some(done), None) => done.to_string(),
+            _ => String::new(),
+        };
         println!(
             "{}",
             table(
                 &["table", "state", "rows copied"],
-                s.tables.iter().map(|t| vec![
-                    t.name.clone(),
-                    t.state.to_string(),
-                    t.rows_copied.map(|r| r.to_string()).unwrap_or_default()
-                ])
+                s.tables
+                    .iter()
+                    .map(|t| vec![t.name.clone(), t.state.to_string(), rows(t)])
+            )
+        );
+    } else if !s.tables.is_empty() {
+        println!(
+            "{}",
+            table(
+                &["table", "state"],
+                s.tables
+                    .iter()
+                    .map(|t| vec![t.name.clone(), t.state.to_string()])
             )
         );
     }
@@ -77,6 +91,9 @@ pub fn print_status(s: &Status) {
     }
     if let Some(error) = &s.last_error {
         println!("Last error: {error}");
+    }
+    if let Some(step) = &s.interrupted_step {
+        println!("WARNING: step `{step}` was begun and not finished (the command was stopped or failed); run the same command again to carry on, or `switchyard abort`");
     }
     for warning in &s.warnings {
         println!("WARNING: {warning}");

@@ -21,6 +21,7 @@ pub struct TableInfo {
     pub unlogged: bool,
     pub estimated_rows: i64,
     pub bytes: i64,
+    /// A primary key that can identify rows (not DEFERRABLE).
     pub has_primary_key: bool,
     /// `d` default, `n` nothing, `f` full, `i` index.
     #[serde(skip)]
@@ -60,7 +61,8 @@ SELECT n.nspname, c.relname, c.oid, c.relowner, pg_get_userbyid(c.relowner),
        pn.nspname, p.relname,
        CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8 ELSE coalesce(s.n_live_tup, 0) END,
        pg_total_relation_size(c.oid),
-       EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'p'),
+       -- A DEFERRABLE primary key cannot identify rows for logical replication.
+       EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisprimary AND x.indimmediate),
        c.relreplident::text,
        (SELECT x.indexrelid::regclass::text FROM pg_index x WHERE x.indrelid = c.oid AND x.indisreplident),
        (SELECT x.indexrelid::regclass::text FROM pg_index x

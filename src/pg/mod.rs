@@ -178,6 +178,15 @@ impl Server {
             .map_err(|e| self.error(context, e))
     }
 
+    /// Like [`Server::execute`], but never logs the statement: it carries a password.
+    pub async fn execute_secret(&self, context: &str, sql: &str) -> Result<(), PgError> {
+        tracing::debug!(side = %self.side, context, "execute (statement not logged: it holds a password)");
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| self.error(context, e))
+    }
+
     /// Runs a simple query and returns the first column of each row as text.
     pub async fn simple_column(
         &self,

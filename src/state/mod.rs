@@ -66,7 +66,7 @@ pub struct Created {
     /// Extensions created on the target.
     #[serde(default)]
     pub extensions: Vec<String>,
-    /// Set once the schema was restored on the target.
+    /// The schema copy: recorded before the restore runs, marked `restored` once it committed.
     #[serde(default)]
     pub schema: Option<SchemaCopy>,
     /// Publication on the source.
@@ -91,6 +91,9 @@ pub struct SchemaCopy {
     /// `abort --drop-target-data`.
     #[serde(default)]
     pub other_objects: Vec<String>,
+    /// False between the record being saved and the restore being confirmed.
+    #[serde(default)]
+    pub restored: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,15 +146,18 @@ impl State {
         }
     }
 
-    /// True when the step was begun and never recorded as done: a crash happened inside it.
-    pub fn interrupted(&self, step: &str) -> bool {
-        let begun = format!("begin {step}");
-        let done = format!("done {step}");
+    /// The step that was begun and never recorded as done: a crash or Ctrl-C happened in it.
+    pub fn interrupted_step(&self) -> Option<&str> {
         self.log
             .iter()
             .rev()
-            .find(|e| e.event == begun || e.event == done)
-            .is_some_and(|e| e.event == begun)
+            .find_map(|e| {
+                e.event
+                    .strip_prefix("begin ")
+                    .map(Some)
+                    .or_else(|| e.event.strip_prefix("done ").map(|_| None))
+            })
+            .flatten()
     }
 }
 
@@ -185,11 +191,11 @@ mod tests {
     #[test]
     fn interrupted_step_is_detected() {
         let mut state = State::new("shop");
-        assert!(!state.interrupted("schema"));
+        assert_eq!(state.interrupted_step(), None);
         state.note("begin schema");
-        assert!(state.interrupted("schema"));
+        assert_eq!(state.interrupted_step(), Some("schema"));
         state.note("done schema");
-        assert!(!state.interrupted("schema"));
+        assert_eq!(state.interrupted_step(), None);
     }
 
     #[test]

@@ -112,9 +112,13 @@ async fn set_up(
     if !inspection.missing_roles.is_empty() {
         begin(state, store, "roles")?;
         for role in &inspection.missing_roles {
+            // Recorded first: a role created by a run that then died is still dropped by
+            // `abort --drop-target-data`, and only roles missing on the target get here.
+            if !state.created.roles.contains(&role.name) {
+                state.created.roles.push(role.name.clone());
+                store.save(state)?;
+            }
             roles::create(target, role).await?;
-            state.created.roles.push(role.name.clone());
-            store.save(state)?;
         }
         done(state, store, "roles")?;
     }
@@ -123,11 +127,13 @@ async fn set_up(
         begin(state, store, "extensions")?;
         for (extension, schema) in &inspection.missing_extensions {
             let statement = format!("CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}", s = sql::ident(schema), e = sql::ident(extension));
+            if !state.created.extensions.contains(extension) {
+                state.created.extensions.push(extension.clone());
+                store.save(state)?;
+            }
             target
                 .execute(&format!("create extension {extension}"), &statement)
                 .await?;
-            state.created.extensions.push(extension.clone());
-            store.save(state)?;
         }
         done(state, store, "extensions")?;
     }
@@ -136,16 +142,7 @@ async fn set_up(
         set_copy_workers(plan, store, state, target).await?;
     }
 
-    if state.created.schema.is_none() {
-        begin(state, store, "schema")?;
-        let copied = schema::copy(inspection, &plan.source, &plan.target, target).await?;
-        tracing::info!(
-            tables = copied.tables.len(),
-            "schema restored on the target"
-        );
-        state.created.schema = Some(copied);
-        done(state, store, "schema")?;
-    }
+    copy_schema(plan, store, state, target, inspection).await?;
 
     if !replication::publication_exists(source, &name).await? {
         begin(state, store, "publication")?;
@@ -173,6 +170,37 @@ async fn set_up(
         done(state, store, "subscription")?;
     }
     Ok(())
+}
+
+/// Restores the schema on the target, once: a restore that committed before the run died is
+/// recognised, not repeated.
+async fn copy_schema(
+    plan: &Plan,
+    store: &dyn StateStore,
+    state: &mut State,
+    target: &Server,
+    inspection: &Inspection,
+) -> Result<()> {
+    if let Some(record) = state.created.schema.as_mut().filter(|r| !r.restored) {
+        if schema::was_restored(target, record).await? {
+            record.restored = true;
+            done(state, store, "schema")?;
+        }
+    }
+    if state.created.schema.as_ref().is_some_and(|r| r.restored) {
+        return Ok(());
+    }
+    begin(state, store, "schema")?;
+    let mut prepared = schema::prepare(inspection, &plan.source, target).await?;
+    state.created.schema = Some(prepared.record.clone());
+    store.save(state)?;
+    schema::restore(&mut prepared, &plan.target).await?;
+    tracing::info!(
+        tables = prepared.record.tables.len(),
+        "schema restored on the target"
+    );
+    state.created.schema = Some(prepared.record.clone());
+    done(state, store, "schema")
 }
 
 /// Sets the target's table-copy parallelism, remembering the old value for `abort`.

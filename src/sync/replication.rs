@@ -69,7 +69,7 @@ pub async fn create_subscription(
         slot = sql::literal(name),
     );
     target
-        .execute("create the subscription", &statement)
+        .execute_secret("create the subscription", &statement)
         .await?;
     subscription_oid(target, name).await?.ok_or_else(|| {
         PgError::Tool(format!(

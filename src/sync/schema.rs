@@ -6,7 +6,7 @@
 //! restore a single atomic step that a re-run can trust.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
@@ -15,38 +15,53 @@ use crate::pg::{catalog, sql, PgError, Server};
 use crate::plan::{Endpoint, PgUrl};
 use crate::state::SchemaCopy;
 
-/// Dumps the selected schemas from the source and restores them on the target.
-pub async fn copy(
+/// A schema dump ready to restore, with the record of what the restore will create. The
+/// record is saved in the state *before* the restore, so that a run killed right after the
+/// restore committed can tell, and `abort --drop-target-data` can undo either way.
+pub struct PreparedSchema {
+    pub record: SchemaCopy,
+    dump: PathBuf,
+    list: PathBuf,
+    pg_restore: PathBuf,
+}
+
+impl Drop for PreparedSchema {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.dump);
+        let _ = std::fs::remove_file(&self.list);
+    }
+}
+
+/// Dumps the schemas that hold the selected tables and plans the restore: schemas that already
+/// exist on the target (such as `public`) are not created again.
+pub async fn prepare(
     inspection: &Inspection,
     source: &Endpoint,
-    target_endpoint: &Endpoint,
     target: &Server,
-) -> Result<SchemaCopy, PgError> {
+) -> Result<PreparedSchema, PgError> {
+    let selection = &inspection.selection;
     let dump = std::env::temp_dir().join(format!(
         "switchyard-{}-{}.dump",
         inspection.report.name,
         std::process::id()
     ));
-    let result = dump_and_restore(inspection, source, target_endpoint, target, &dump).await;
-    let _ = std::fs::remove_file(&dump);
-    let _ = std::fs::remove_file(dump.with_extension("list"));
-    result
-}
-
-async fn dump_and_restore(
-    inspection: &Inspection,
-    source: &Endpoint,
-    target_endpoint: &Endpoint,
-    target: &Server,
-    dump: &Path,
-) -> Result<SchemaCopy, PgError> {
-    let selection = &inspection.selection;
+    let mut prepared = PreparedSchema {
+        record: SchemaCopy {
+            created_schemas: Vec::new(),
+            tables: Vec::new(),
+            other_objects: Vec::new(),
+            restored: false,
+        },
+        list: dump.with_extension("list"),
+        dump,
+        pg_restore: inspection.pg_restore.clone(),
+    };
     let mut args: Vec<String> = vec![
         "--schema-only".into(),
         "--no-publications".into(),
         "--no-subscriptions".into(),
         "--format=custom".into(),
-        format!("--file={}", dump.display()),
+        format!("--file={}", prepared.dump.display()),
     ];
     args.extend(
         selection
@@ -63,8 +78,8 @@ async fn dump_and_restore(
     run_tool(&inspection.pg_dump, &args, Some(&source.url)).await?;
 
     let listing = run_tool(
-        &inspection.pg_restore,
-        &["--list".to_string(), dump.display().to_string()],
+        &prepared.pg_restore,
+        &["--list".to_string(), prepared.dump.display().to_string()],
         None,
     )
     .await?;
@@ -74,23 +89,9 @@ async fn dump_and_restore(
         .iter()
         .filter(|e| !(e.kind == "SCHEMA" && existing.contains(&e.tag)))
         .collect();
-    let list_file = dump.with_extension("list");
     let list_text: String = keep.iter().map(|e| format!("{}\n", e.line)).collect();
-    std::fs::write(&list_file, list_text)
-        .map_err(|e| PgError::Tool(format!("cannot write {}: {e}", list_file.display())))?;
-
-    let restore_args = vec![
-        "--single-transaction".to_string(),
-        "--exit-on-error".to_string(),
-        format!("--use-list={}", list_file.display()),
-        dump.display().to_string(),
-    ];
-    run_tool(
-        &inspection.pg_restore,
-        &restore_args,
-        Some(&target_endpoint.url),
-    )
-    .await?;
+    std::fs::write(&prepared.list, list_text)
+        .map_err(|e| PgError::Tool(format!("cannot write {}: {e}", prepared.list.display())))?;
 
     let created_schemas: Vec<String> = keep
         .iter()
@@ -98,16 +99,43 @@ async fn dump_and_restore(
         .map(|e| e.tag.clone())
         .collect();
     let created: BTreeSet<&String> = created_schemas.iter().collect();
-    let other_objects = keep
+    prepared.record.other_objects = keep
         .iter()
         .filter(|e| !created.contains(&e.namespace))
         .filter_map(|e| e.drop_target())
         .collect();
-    Ok(SchemaCopy {
-        created_schemas,
-        tables: selection.tables.iter().map(|t| t.name.sql()).collect(),
-        other_objects,
-    })
+    prepared.record.tables = selection.tables.iter().map(|t| t.name.sql()).collect();
+    prepared.record.created_schemas = created_schemas;
+    Ok(prepared)
+}
+
+/// Restores the dump on the target in one transaction.
+pub async fn restore(prepared: &mut PreparedSchema, target: &Endpoint) -> Result<(), PgError> {
+    let args = vec![
+        "--single-transaction".to_string(),
+        "--exit-on-error".to_string(),
+        format!("--use-list={}", prepared.list.display()),
+        prepared.dump.display().to_string(),
+    ];
+    run_tool(&prepared.pg_restore, &args, Some(&target.url)).await?;
+    prepared.record.restored = true;
+    Ok(())
+}
+
+/// Whether a restore recorded as begun has committed: it is one transaction, so one table
+/// tells for all.
+pub async fn was_restored(target: &Server, record: &SchemaCopy) -> Result<bool, PgError> {
+    let Some(table) = record.tables.first() else {
+        return Ok(false);
+    };
+    let row = target
+        .query_one(
+            "look for a restored table",
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[table],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// One line of `pg_restore --list`: `215; 1259 16390 TABLE public orders owner`.

@@ -38,6 +38,8 @@ pub struct Status {
     pub last_error: Option<String>,
     pub drift: Vec<Drift>,
     pub warnings: Vec<String>,
+    /// A step an earlier command began and never finished (it was killed or failed).
+    pub interrupted_step: Option<String>,
 }
 
 impl Status {
@@ -79,6 +81,7 @@ pub async fn read(
         last_error: None,
         drift: Vec::new(),
         warnings: Vec::new(),
+        interrupted_step: state.interrupted_step().map(str::to_string),
     };
     if let Some(oid) = replication::subscription_oid(target, &name).await? {
         status.subscription = Some(name.clone());

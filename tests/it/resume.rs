@@ -98,3 +98,47 @@ async fn kill_and_target_restart_mid_copy_then_resume() {
     let output = db.switchyard(&["abort"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_that_committed_before_the_crash_is_not_repeated() {
+    let db = TestDb::new("resume_after_restore").await;
+    let source = db.source_client().await;
+    source.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text); CREATE TYPE tint AS ENUM ('red', 'blue'); CREATE TABLE tagged (id int PRIMARY KEY, t tint)").await.unwrap();
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let output = db.switchyard(&["abort"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+
+    // Make the state look like a run that died right after pg_restore committed: the schema
+    // is on the target (empty tables), the record says the restore had begun.
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(db.state_path()).unwrap()).unwrap();
+    state["phase"] = "syncing".into();
+    state["created"]["schema"]["restored"] = false.into();
+    state["log"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"at": "2026-01-01T00:00:00Z", "event": "begin schema"}));
+    std::fs::write(db.state_path(), serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let output = db.switchyard(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["interrupted_step"], "schema", "{status}");
+
+    source.batch_execute("INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 1000) AS i; INSERT INTO tagged VALUES (1, 'red'), (2, 'blue')").await.unwrap();
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let target = db.target_client().await;
+    common::wait_caught_up(
+        &source,
+        &format!("switchyard_{}", db.name),
+        Duration::from_secs(30),
+    )
+    .await;
+    for table in ["items", "tagged"] {
+        let (a, b) = except_all(&source, &target, table).await;
+        assert!(a.is_empty() && b.is_empty(), "{table}");
+    }
+    let output = db.switchyard(&["abort", "--drop-target-data"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
