@@ -7,9 +7,12 @@ use switchyard::{Error, Exit};
 /// Remove the subscription, the replication slots and the publication. The target's copied
 /// schema and data stay unless --drop-target-data is given.
 ///
-/// Works from any phase before the switch, and after a crash.
-/// Example: switchyard abort plans/shop.toml --drop-target-data
+/// Works from any phase before the switch, and after a crash: it finds the objects by name
+/// even when the state file is lost.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard abort plans/shop.toml\n  switchyard abort plans/shop.toml --drop-target-data   # also empty the target"
+)]
 pub struct AbortArgs {
     /// The plan file (TOML).
     plan: PathBuf,

@@ -9,8 +9,13 @@ use switchyard::{Error, Exit};
 
 /// Preflight: check both servers and print what `sync` would do. Changes nothing.
 ///
-/// Example: switchyard plan plans/shop.toml --json
+/// Checks versions, wal_level, slots, WAL senders, workers, disk for WAL, the coordinator's
+/// rights, every table's key or replica identity, extensions, roles, roles the cutover cannot
+/// fence, and tables that already hold rows on the target. Exits 1 on blocking findings.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard plan plans/shop.toml\n  switchyard plan plans/shop.toml --json | jq '.findings[] | select(.severity == \"block\")'"
+)]
 pub struct PlanArgs {
     /// The plan file (TOML).
     plan: PathBuf,

@@ -7,9 +7,10 @@ use switchyard::sync::{status, Servers, Status};
 use switchyard::{state, Error, Exit};
 
 /// Show the phase, each table's state, lag, retained WAL, the last apply error and drift.
-///
-/// Example: switchyard status plans/shop.toml --json
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard status plans/shop.toml\n  watch -n 5 switchyard status plans/shop.toml\n  switchyard status plans/shop.toml --json | jq .lag_bytes"
+)]
 pub struct StatusArgs {
     /// The plan file (TOML).
     plan: PathBuf,

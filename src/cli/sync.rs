@@ -1,11 +1,13 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
 use switchyard::output::{self, human_bytes, table};
 use switchyard::pg::catalog;
+use switchyard::sync::status::TableStatus;
 use switchyard::sync::{self, sequences, Servers, Status, SyncOptions, SyncOutcome};
 use switchyard::{Error, Exit};
 
@@ -13,8 +15,10 @@ use switchyard::{Error, Exit};
 ///
 /// Runs the preflight first and refuses on blocking findings. Safe to run again after a crash
 /// or Ctrl-C: it carries on where the last run stopped.
-/// Example: switchyard sync plans/shop.toml --wait --timeout 2h
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard sync plans/shop.toml                     # set up, return while tables copy\n  switchyard sync plans/shop.toml --wait --timeout 2h # and wait until caught up\n  switchyard sync plans/shop.toml --sequences         # copy sequence values now"
+)]
 pub struct SyncArgs {
     /// The plan file (TOML).
     plan: PathBuf,
@@ -108,7 +112,8 @@ async fn copy_sequences(plan: &switchyard::plan::Plan, json: bool) -> Result<Exi
 /// terminal.
 struct Progress {
     bars: MultiProgress,
-    tables: HashMap<String, ProgressBar>,
+    /// Per table being copied: its bar, and when and at how many rows we first saw it.
+    tables: HashMap<String, (ProgressBar, Instant, u64)>,
     states: HashMap<String, &'static str>,
     lag: ProgressBar,
     interactive: bool,
@@ -129,19 +134,18 @@ impl Progress {
 
     fn update(&mut self, status: &Status) {
         for table in &status.tables {
-            if self.states.insert(table.name.clone(), table.state) != Some(table.state)
-                && !self.interactive
-            {
-                tracing::info!(table = %table.name, state = table.state, "table state");
+            if self.states.insert(table.name.clone(), table.state) != Some(table.state) {
+                if self.interactive {
+                    let _ = self
+                        .bars
+                        .println(format!("{}: {}", table.name, table.state));
+                } else {
+                    tracing::info!(table = %table.name, state = table.state, "table state");
+                }
             }
             if table.state == "copying" {
-                let bar = self.tables.entry(table.name.clone()).or_insert_with(|| {
-                    let total = table.estimated_rows.unwrap_or(0).max(0) as u64;
-                    self.bars
-                        .insert_before(&self.lag, output::rows_bar(&table.name, total))
-                });
-                bar.set_position(table.rows_copied.unwrap_or(0).max(0) as u64);
-            } else if let Some(bar) = self.tables.remove(&table.name) {
+                self.show_copy(table);
+            } else if let Some((bar, _, _)) = self.tables.remove(&table.name) {
                 bar.finish_and_clear();
             }
         }
@@ -158,8 +162,28 @@ impl Progress {
         self.lag.tick();
     }
 
+    fn show_copy(&mut self, table: &TableStatus) {
+        let done = table.rows_copied.unwrap_or(0).max(0) as u64;
+        let total = (table.estimated_rows.unwrap_or(0).max(0) as u64).max(done);
+        let (bar, first_seen, first_rows) =
+            self.tables.entry(table.name.clone()).or_insert_with(|| {
+                let bar = self
+                    .bars
+                    .insert_before(&self.lag, output::rows_bar(&table.name, done, total));
+                (bar, Instant::now(), done)
+            });
+        bar.set_length(total.max(bar.length().unwrap_or(0)));
+        bar.set_position(done);
+        bar.set_message(output::rate_and_eta(
+            done,
+            *first_rows,
+            first_seen.elapsed(),
+            total,
+        ));
+    }
+
     fn finish(&mut self) {
-        for (_, bar) in self.tables.drain() {
+        for (_, (bar, _, _)) in self.tables.drain() {
             bar.finish_and_clear();
         }
         self.lag.finish_and_clear();
