@@ -60,7 +60,7 @@ pub async fn run(
     options: &SyncOptions,
     observe: &mut dyn FnMut(&Status),
 ) -> Result<SyncOutcome> {
-    let _lock = store.lock("sync")?;
+    let lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     let servers = Servers::connect(plan).await?;
     let inspection = checks::inspect(plan, &servers.source, &servers.target, &state).await?;
@@ -80,7 +80,17 @@ pub async fn run(
         let status = status::read(plan, &state, &servers.source, &servers.target, false).await?;
         return Ok(SyncOutcome::Started(status));
     }
+    // Waiting only reads: let `abort` or `status` act meanwhile, and take the lock back for
+    // the last steps.
+    drop(lock);
     let mut status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
+    let _lock = store.lock("sync")?;
+    let mut state = state::load_or_new(store, &plan.name.0)?;
+    if state.phase == Phase::Planned {
+        return Err(Error::Refused(
+            "the migration was aborted while sync waited".into(),
+        ));
+    }
     finish(store, &mut state, &servers, &inspection)
         .await
         .map_err(|e| e.halfway(next))?;
@@ -244,7 +254,13 @@ pub async fn wait_until_caught_up(
         if status.caught_up(plan.sync.max_lag_bytes) {
             return Ok(status);
         }
-        if status.subscription.is_some() && !status.enabled {
+        if status.subscription.is_none() {
+            return Err(Error::Refused(format!(
+                "subscription {} is gone from the target (aborted meanwhile?); run `switchyard sync` to set it up again",
+                plan.replication_name()
+            )));
+        }
+        if !status.enabled {
             return Err(Error::Refused(format!(
                 "subscription {} on the target is disabled; enable it (ALTER SUBSCRIPTION {} ENABLE) and run `switchyard sync --wait` again",
                 plan.replication_name(),

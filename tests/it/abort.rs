@@ -83,3 +83,45 @@ async fn abort_without_state_cleans_up_by_name() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     assert_eq!(leftovers(&db, oid).await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_while_sync_waits() {
+    let db = TestDb::new("abort_during_wait").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text); INSERT INTO wide SELECT i, repeat('x', 200) FROM generate_series(1, 400000) AS i")
+        .await
+        .unwrap();
+    let plan_path = db.plan_path();
+    let child = db
+        .command(&["sync", plan_path.to_str().unwrap(), "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sync");
+    // Abort as soon as the subscription exists: sync is waiting for the copy by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(db.state_path())
+        .unwrap_or_default()
+        .contains("\"oid\"")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sync never created the subscription"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let oid = subscription_oid(&db);
+    let output = db.switchyard(&["abort"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("abort"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(leftovers(&db, oid).await, Vec::<String>::new());
+}
