@@ -7,6 +7,9 @@ use switchyard::sync::{status, Servers, Status};
 use switchyard::{state, Error, Exit};
 
 /// Show the phase, each table's state, lag, retained WAL, the last apply error and drift.
+///
+/// Exits 1 when something blocks the migration (schema drift, a lost slot, a failing apply),
+/// so that a monitor can page on it.
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  switchyard status plans/shop.toml\n  watch -n 5 switchyard status plans/shop.toml\n  switchyard status plans/shop.toml --json | jq .lag_bytes"
@@ -29,7 +32,12 @@ pub async fn run(args: StatusArgs) -> Result<Exit, Error> {
     } else {
         print_status(&status);
     }
-    Ok(Exit::Done)
+    // Scripts and monitors can tell a migration that needs a person from one that does not.
+    Ok(if status.blocking.is_empty() {
+        Exit::Done
+    } else {
+        Exit::Refused
+    })
 }
 
 pub fn print_status(s: &Status) {
@@ -98,6 +106,9 @@ pub fn print_status(s: &Status) {
     }
     for warning in &s.warnings {
         println!("WARNING: {warning}");
+    }
+    for blocker in &s.blocking {
+        println!("BLOCKING: {blocker}");
     }
     if !s.drift.is_empty() {
         println!("\nSchema drift (blocking: apply the fix on the target):");

@@ -6,9 +6,9 @@ use std::time::Instant;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
 use switchyard::output::{self, human_bytes, table};
-use switchyard::pg::catalog;
+use switchyard::state::FileStore;
 use switchyard::sync::status::TableStatus;
-use switchyard::sync::{self, sequences, Servers, Status, SyncOptions, SyncOutcome};
+use switchyard::sync::{self, Status, SyncOptions, SyncOutcome};
 use switchyard::{Error, Exit};
 
 /// Create roles, copy the schema, and start logical replication from source to target.
@@ -39,7 +39,7 @@ pub struct SyncArgs {
 pub async fn run(args: SyncArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
     if args.sequences {
-        return copy_sequences(&plan, args.json).await;
+        return copy_sequences(&plan, &store, args.json).await;
     }
     let options = SyncOptions {
         wait: args.wait,
@@ -86,21 +86,23 @@ fn show(status: &Status, json: bool) -> Result<(), Error> {
     }
 }
 
-async fn copy_sequences(plan: &switchyard::plan::Plan, json: bool) -> Result<Exit, Error> {
-    let servers = Servers::connect(plan).await?;
-    let selection = catalog::select(plan, catalog::tables(&servers.source).await?);
-    let copied = sequences::copy_sequences(&servers.source, &servers.target, &selection).await?;
+async fn copy_sequences(
+    plan: &switchyard::plan::Plan,
+    store: &FileStore,
+    json: bool,
+) -> Result<Exit, Error> {
+    let copied = sync::copy_sequences_now(plan, store).await?;
     if json {
         super::print_json(&copied)?;
     } else {
         println!(
             "{}",
             table(
-                &["sequence", "value set on the target"],
+                &["sequence", "last_value", "is_called"],
                 copied.iter().map(|s| vec![
                     s.name.clone(),
-                    s.value
-                        .map_or("restarted (never used)".into(), |v| v.to_string())
+                    s.last_value.to_string(),
+                    s.is_called.to_string()
                 ])
             )
         );

@@ -1,13 +1,14 @@
 //! `switchyard abort`: removes the subscription, the slots and the publication, from any phase
 //! before the switch and after a crash. Works by name as well as from the state, so it cleans
-//! up after a run that died before it could record what it made.
+//! up after a run that died before it could record what it made. Each step runs even when an
+//! earlier one failed; what could not be removed is reported with exit code 3.
 
 use serde::Serialize;
 
-use crate::pg::{sql, Server, Side};
+use crate::pg::{sql, PgError, Server, Side};
 use crate::plan::Plan;
 use crate::state::{self, Created, Phase, StateStore};
-use crate::sync::replication;
+use crate::sync::{replication, schema};
 use crate::{Error, Result};
 
 #[derive(Debug, Default, Serialize)]
@@ -17,8 +18,17 @@ pub struct AbortReport {
     pub dropped_publication: bool,
     pub dropped_target_objects: Vec<String>,
     pub dropped_roles: Vec<String>,
-    /// What could not be done, with what to run.
+    /// What could not be done, and why.
     pub left_behind: Vec<String>,
+}
+
+impl AbortReport {
+    fn record<T: Default>(&mut self, what: &str, result: std::result::Result<T, PgError>) -> T {
+        result.unwrap_or_else(|e| {
+            self.left_behind.push(format!("{what}: {e}"));
+            T::default()
+        })
+    }
 }
 
 pub async fn run(
@@ -33,46 +43,72 @@ pub async fn run(
     let name = plan.replication_name();
     let mut report = AbortReport::default();
 
-    let target = Server::connect(Side::Target, &plan.target).await;
-    let source = Server::connect(Side::Source, &plan.source).await;
-
-    let mut sub_oid = state.created.subscription.as_ref().map(|s| s.oid);
+    let (target, source) = tokio::join!(
+        Server::connect(Side::Target, &plan.target),
+        Server::connect(Side::Source, &plan.source)
+    );
+    let recorded = state.created.subscription.clone();
+    let mut sync_slots = recorded
+        .as_ref()
+        .map(|s| replication::sync_slot_pattern(s.oid, s.target_system_id));
     match &target {
         Ok(target) => {
-            if let Some(oid) = replication::subscription_oid(target, &name).await? {
-                sub_oid = Some(oid);
+            if let Some(oid) = report.record(
+                "look up the subscription",
+                replication::subscription_oid(target, &name).await,
+            ) {
+                let system_id = report.record(
+                    "read the target's system identifier",
+                    replication::system_identifier(target).await.map(Some),
+                );
+                sync_slots = Some(replication::sync_slot_pattern(oid, system_id));
             }
-            report.dropped_subscription = replication::drop_subscription(target, &name).await?;
-            restore_copy_workers(target, &state.created).await?;
+            report.dropped_subscription = report.record(
+                "drop the subscription on the target",
+                replication::drop_subscription(target, &name).await,
+            );
         }
         Err(e) => report
             .left_behind
-            .push(format!("subscription {name} on the target ({e})")),
+            .push(format!("subscription {name} on the target: {e}")),
     }
     match &source {
         Ok(source) => {
-            report.dropped_slots = replication::drop_slots(source, &name, sub_oid).await?;
-            report.dropped_publication = replication::drop_publication(source, &name).await?;
+            report.dropped_slots = report.record(
+                "drop the slots on the source",
+                replication::drop_slots(source, &name, sync_slots.as_deref()).await,
+            );
+            report.dropped_publication = report.record(
+                "drop the publication on the source",
+                replication::drop_publication(source, &name).await,
+            );
         }
         Err(e) => report
             .left_behind
-            .push(format!("slot and publication {name} on the source ({e})")),
+            .push(format!("slot and publication {name} on the source: {e}")),
     }
-    if drop_target_data {
-        match &target {
-            Ok(target) => drop_target_objects(target, &state.created, &mut report).await?,
-            Err(_) => report
-                .left_behind
-                .push("the copied schema and data on the target".into()),
+    match &target {
+        Ok(target) => {
+            report.record(
+                "restore max_sync_workers_per_subscription on the target",
+                restore_copy_workers(target, &state.created).await,
+            );
+            if drop_target_data {
+                drop_target_objects(target, &state.created, &mut report).await;
+            }
         }
+        Err(_) if drop_target_data => report
+            .left_behind
+            .push("the copied schema and data on the target".into()),
+        Err(_) => {}
     }
 
     if !report.left_behind.is_empty() {
         state.note("abort incomplete");
         store.save(&state)?;
         return Err(Error::NeedsOperator(format!(
-            "abort could not remove: {}; run `switchyard abort` again once both servers are reachable",
-            report.left_behind.join("; ")
+            "abort could not finish:\n  {}\nfix the cause and run `switchyard abort` again; it carries on",
+            report.left_behind.join("\n  ")
         )));
     }
     let kept = std::mem::take(&mut state.created);
@@ -92,60 +128,70 @@ pub async fn run(
     Ok(report)
 }
 
-async fn restore_copy_workers(target: &Server, created: &Created) -> Result<()> {
+async fn restore_copy_workers(
+    target: &Server,
+    created: &Created,
+) -> std::result::Result<(), PgError> {
     if let Some(original) = &created.original_sync_workers {
+        // ALTER SYSTEM cannot share a transaction, so it goes on its own.
         let statement = format!(
-            "ALTER SYSTEM SET max_sync_workers_per_subscription = {}; SELECT pg_reload_conf()",
+            "ALTER SYSTEM SET max_sync_workers_per_subscription = {}",
             sql::literal(original)
         );
         target
             .execute("restore max_sync_workers_per_subscription", &statement)
+            .await?;
+        target
+            .execute("reload the configuration", "SELECT pg_reload_conf()")
             .await?;
     }
     Ok(())
 }
 
 /// Drops what the schema copy made on the target: its tables, the other objects it restored
-/// into schemas that already existed, the schemas it created, and the roles it created.
-async fn drop_target_objects(
-    target: &Server,
-    created: &Created,
-    report: &mut AbortReport,
-) -> Result<()> {
-    let Some(schema) = &created.schema else {
-        return Ok(());
-    };
-    let mut statements: Vec<String> = schema
-        .tables
-        .iter()
-        .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"))
-        .collect();
-    statements.extend(
-        schema
-            .other_objects
-            .iter()
-            .map(|o| format!("DROP {o} CASCADE")),
-    );
-    statements.extend(
-        schema
-            .created_schemas
-            .iter()
-            .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s))),
-    );
-    for statement in statements {
-        target.execute("drop copied objects", &statement).await?;
-        report.dropped_target_objects.push(statement);
+/// into schemas that already existed, the schemas it created, and the roles it created. Only
+/// a restore that committed made anything: a failed one (one transaction) made nothing, and
+/// objects of the same names then belong to someone else.
+async fn drop_target_objects(target: &Server, created: &Created, report: &mut AbortReport) {
+    if let Some(schema) = &created.schema {
+        let restored = schema.restored
+            || report.record(
+                "check the restore",
+                schema::was_restored(target, schema).await,
+            );
+        if restored {
+            let mut statements: Vec<String> = schema
+                .tables
+                .iter()
+                .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"))
+                .collect();
+            statements.extend(
+                schema
+                    .other_objects
+                    .iter()
+                    .map(|o| format!("DROP {o} CASCADE")),
+            );
+            statements.extend(
+                schema
+                    .created_schemas
+                    .iter()
+                    .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s))),
+            );
+            for statement in statements {
+                match target.execute("drop copied objects", &statement).await {
+                    Ok(()) => report.dropped_target_objects.push(statement),
+                    Err(e) => report.left_behind.push(format!("{statement}: {e}")),
+                }
+            }
+        }
     }
     for role in created.roles.iter().rev() {
         let statement = format!("DROP ROLE IF EXISTS {}", sql::ident(role));
         match target.execute("drop a created role", &statement).await {
             Ok(()) => report.dropped_roles.push(role.clone()),
-            // 2BP01: the role still owns or may use something switchyard did not create.
-            Err(e) if e.code() == Some("2BP01") => report
+            Err(e) => report
                 .left_behind
-                .push(format!("role {role} on the target ({e})")),
-            Err(e) => return Err(e.into()),
+                .push(format!("role {role} on the target: {e}")),
         }
     }
-    Ok(())
 }

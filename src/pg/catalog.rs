@@ -38,6 +38,9 @@ pub struct TableInfo {
     /// Columns of type `oid` or `lo` that may point at large objects.
     #[serde(skip)]
     pub large_object_columns: Vec<String>,
+    /// `FOR VALUES ...` of a partition.
+    #[serde(skip)]
+    pub partition_bound: Option<String>,
 }
 
 impl TableInfo {
@@ -60,7 +63,7 @@ SELECT n.nspname, c.relname, c.oid, c.relowner, pg_get_userbyid(c.relowner),
        c.relkind = 'p', c.relpersistence = 'u',
        pn.nspname, p.relname,
        CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8 ELSE coalesce(s.n_live_tup, 0) END,
-       pg_total_relation_size(c.oid),
+       coalesce(pg_total_relation_size(c.oid), 0),
        -- A DEFERRABLE primary key cannot identify rows for logical replication.
        EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisprimary AND x.indimmediate),
        c.relreplident::text,
@@ -80,7 +83,8 @@ SELECT n.nspname, c.relname, c.oid, c.relowner, pg_get_userbyid(c.relowner),
                         'box'::regtype, 'path'::regtype, 'polygon'::regtype, 'circle'::regtype)),
        ARRAY(SELECT quote_ident(a.attname) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                AND (t.oid = 'oid'::regtype OR t.typname = 'lo'))
+                AND (t.oid = 'oid'::regtype OR t.typname = 'lo')),
+       pg_get_expr(c.relpartbound, c.oid)
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND c.relispartition
@@ -123,6 +127,7 @@ pub async fn tables(server: &Server) -> Result<Vec<TableInfo>, PgError> {
                 unique_candidate: r.get(14),
                 columns_without_equality: r.get(15),
                 large_object_columns: r.get(16),
+                partition_bound: r.get(17),
             }
         })
         .collect())
@@ -202,12 +207,11 @@ pub fn select(plan: &Plan, all: Vec<TableInfo>) -> Selection {
     }
 }
 
-/// A sequence with its current value (`None` when `nextval` was never called).
+/// A sequence, and the table column that owns it (serial and identity columns).
 #[derive(Debug, Clone, Serialize)]
 pub struct SequenceInfo {
     pub name: TableName,
     pub owned_by: Option<TableName>,
-    pub last_value: Option<i64>,
 }
 
 /// Sequences in the selected schemas, except those owned by tables the plan leaves out.
@@ -216,7 +220,7 @@ pub async fn sequences(
     selection: &Selection,
 ) -> Result<Vec<SequenceInfo>, PgError> {
     let sql = r#"
-        SELECT s.schemaname::text, s.sequencename::text, tn.nspname, t.relname, s.last_value
+        SELECT s.schemaname::text, s.sequencename::text, tn.nspname, t.relname
           FROM pg_sequences s
           JOIN pg_namespace n ON n.nspname = s.schemaname
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.sequencename
@@ -240,7 +244,6 @@ pub async fn sequences(
                 owned_by: owner_schema
                     .zip(owner_table)
                     .map(|(s, t)| TableName::new(s, t)),
-                last_value: r.get(4),
             }
         })
         .filter(|s| s.owned_by.as_ref().is_none_or(|t| !excluded.contains(t)))
@@ -279,14 +282,26 @@ pub async fn roles(
             UNION ALL SELECT p.proowner, p.proacl FROM pg_proc p WHERE p.pronamespace IN (SELECT oid FROM nsp)
             UNION ALL SELECT t.typowner, t.typacl FROM pg_type t WHERE t.typnamespace IN (SELECT oid FROM nsp)
         ),
+        acls AS (
+            SELECT acl FROM objs WHERE acl IS NOT NULL
+            UNION ALL SELECT a.attacl FROM pg_attribute a WHERE a.attrelid = ANY ($2) AND a.attacl IS NOT NULL
+            UNION ALL SELECT d.defaclacl FROM pg_default_acl d WHERE d.defaclnamespace IN (SELECT oid FROM nsp)
+        ),
         direct AS (
             SELECT owner AS role FROM objs
-            UNION SELECT (aclexplode(acl)).grantee FROM objs WHERE acl IS NOT NULL
-            UNION SELECT (aclexplode(a.attacl)).grantee FROM pg_attribute a
-                   WHERE a.attrelid = ANY ($2) AND a.attacl IS NOT NULL
+            UNION SELECT (aclexplode(acl)).grantee FROM acls
+            UNION SELECT (aclexplode(acl)).grantor FROM acls
+            UNION SELECT d.defaclrole FROM pg_default_acl d WHERE d.defaclnamespace IN (SELECT oid FROM nsp)
+            UNION SELECT unnest(p.polroles) FROM pg_policy p WHERE p.polrelid = ANY ($2)
         ),
-        closure AS (
+        -- Roles that get their rights through a group (the application's login roles)...
+        members AS (
             SELECT role FROM direct WHERE role <> 0
+            UNION SELECT m.member FROM pg_auth_members m JOIN members g ON m.roleid = g.role
+        ),
+        -- ...and every group they belong to, so that their memberships can be granted.
+        closure AS (
+            SELECT role FROM members
             UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.role
         )
         SELECT r.rolname, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin,

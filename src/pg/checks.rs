@@ -163,7 +163,25 @@ pub async fn inspect(
     } else {
         setting_i64(&tgt_settings, "max_sync_workers_per_subscription").max(1)
     };
-    check_source_capacity(&mut c, source, &src_settings, &ours, copy_workers).await?;
+    // A re-run must not count this migration's own slots and senders against it.
+    let resuming = state.phase != Phase::Planned;
+    let own_sync_slots = state
+        .created
+        .subscription
+        .as_ref()
+        .filter(|_| resuming)
+        .map_or_else(
+            || "-".to_string(),
+            |s| crate::sync::replication::sync_slot_pattern(s.oid, s.target_system_id),
+        );
+    check_source_capacity(
+        &mut c,
+        source,
+        &src_settings,
+        [&ours, &own_sync_slots],
+        copy_workers,
+    )
+    .await?;
     check_target_capacity(&mut c, target, &tgt_settings, &ours, copy_workers).await?;
     check_encoding(&mut c, &src_settings, &tgt_settings);
 
@@ -171,11 +189,35 @@ pub async fn inspect(
     let total_bytes: i64 = selection.leaves().map(|t| t.bytes).sum();
     let source_disk = free_disk_bytes(source).await;
     let target_disk = free_disk_bytes(target).await;
-    check_disk(&mut c, &src_settings, source_disk, target_disk, total_bytes);
+    // Once copying, the target's free space already reflects what was copied.
+    check_disk(
+        &mut c,
+        &src_settings,
+        source_disk,
+        target_disk.filter(|_| !resuming),
+        total_bytes,
+    );
 
     check_selection(&mut c, &selection);
     let on_target = check_target_tables(&mut c, target, &selection, state).await?;
     check_large_objects(&mut c, source, &selection).await?;
+    check_references_to_excluded(&mut c, source, &selection).await?;
+    check_long_transactions(&mut c, source).await?;
+    let restored = state.created.schema.as_ref().is_some_and(|s| s.restored);
+    if resuming && restored {
+        for drift in crate::sync::drift::detect(plan, source, target).await? {
+            c.add(
+                Severity::Block,
+                "schema_drift",
+                drift.table,
+                drift.detail,
+                Some(drift.fix),
+            );
+        }
+    } else if !(resuming && state.created.schema.is_some()) {
+        // Only before this migration restored anything: afterwards the names are its own.
+        check_name_clashes(&mut c, source, target, &selection).await?;
+    }
     let sequences = catalog::sequences(source, &selection).await?;
 
     let missing_extensions = check_extensions(&mut c, source, target).await?;
@@ -327,7 +369,12 @@ async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError
     let row = server
         .query_one(
             "check the coordinator's role",
-            "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user",
+            // Managed services give a superuser-like role instead of superuser.
+            "SELECT current_user::text, rolsuper OR EXISTS (
+                 SELECT 1 FROM pg_roles g
+                  WHERE g.rolname IN ('rds_superuser', 'cloudsqlsuperuser', 'azure_pg_admin')
+                    AND pg_has_role(current_user, g.oid, 'MEMBER'))
+               FROM pg_roles WHERE rolname = current_user",
             &[],
         )
         .await?;
@@ -348,11 +395,25 @@ async fn count(server: &Server, context: &str, query: &str, name: &str) -> Resul
     Ok(server.query_one(context, query, &[&name]).await?.get(0))
 }
 
+/// Counts rows of `query`, which takes this migration's slot name ($1) and its table-sync slot
+/// pattern ($2) so as to leave them out.
+async fn count_others(
+    server: &Server,
+    context: &str,
+    query: &str,
+    ours: [&String; 2],
+) -> Result<i64, PgError> {
+    Ok(server
+        .query_one(context, query, &[ours[0], ours[1]])
+        .await?
+        .get(0))
+}
+
 async fn check_source_capacity(
     c: &mut Checker,
     source: &Server,
     s: &HashMap<String, String>,
-    ours: &str,
+    ours: [&String; 2],
     copy_workers: i64,
 ) -> Result<(), PgError> {
     if s.get("wal_level").map(String::as_str) != Some("logical") {
@@ -367,18 +428,18 @@ async fn check_source_capacity(
             Some("ALTER SYSTEM SET wal_level = logical;  -- then restart the source".into()),
         );
     }
-    let used_slots = count(
+    let used_slots = count_others(
         source,
         "count replication slots",
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1 AND slot_name NOT LIKE $2",
         ours,
     )
     .await?;
     let free_slots = setting_i64(s, "max_replication_slots") - used_slots;
-    let senders = count(
+    let senders = count_others(
         source,
         "count WAL senders",
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1 AND application_name NOT LIKE $2",
         ours,
     )
     .await?;
@@ -770,6 +831,130 @@ async fn unfenceable_roles(
             })
         })
         .collect())
+}
+
+/// Foreign keys and views in the copied schemas that point at tables the plan leaves out: the
+/// schema restore would fail on them.
+async fn check_references_to_excluded(
+    c: &mut Checker,
+    source: &Server,
+    selection: &Selection,
+) -> Result<(), PgError> {
+    if selection.excluded.is_empty() {
+        return Ok(());
+    }
+    let schemas: Vec<&str> = selection
+        .excluded
+        .iter()
+        .map(|t| t.schema.as_str())
+        .collect();
+    let names: Vec<&str> = selection.excluded.iter().map(|t| t.name.as_str()).collect();
+    let sql = r#"
+        WITH excluded AS (
+            SELECT c.oid FROM unnest($1::text[], $2::text[]) AS x(schema, name)
+              JOIN pg_namespace n ON n.nspname = x.schema JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = x.name)
+        SELECT DISTINCT format('%s references %s', r.conrelid::regclass, r.confrelid::regclass)
+          FROM pg_constraint r WHERE r.contype = 'f' AND r.confrelid IN (SELECT oid FROM excluded)
+           AND r.conrelid NOT IN (SELECT oid FROM excluded)
+        UNION
+        SELECT DISTINCT format('view %s reads %s', v.ev_class::regclass, d.refobjid::regclass)
+          FROM pg_rewrite v JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = v.oid
+         WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid IN (SELECT oid FROM excluded)
+           AND v.ev_class NOT IN (SELECT oid FROM excluded)
+           AND v.ev_class <> d.refobjid
+           AND (SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = v.ev_class) = ANY ($3)"#;
+    let rows = source
+        .query(
+            "look for references to excluded tables",
+            sql,
+            &[&schemas, &names, &selection.schemas],
+        )
+        .await?;
+    for row in &rows {
+        let what: String = row.get(0);
+        c.add(
+            Severity::Block,
+            "references_excluded_table",
+            what.clone(),
+            format!("{what}, which [sync] exclude leaves out: the schema copy would fail on it"),
+            Some("migrate the referenced table too, or drop the reference".into()),
+        );
+    }
+    Ok(())
+}
+
+/// Types and functions in the copied schemas that already exist on the target: the schema
+/// restore (one transaction) would fail on the first of them.
+async fn check_name_clashes(
+    c: &mut Checker,
+    source: &Server,
+    target: &Server,
+    selection: &Selection,
+) -> Result<(), PgError> {
+    let sql = r#"
+        SELECT 'TYPE ' || format('%I.%I', n.nspname, t.typname)
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+         WHERE n.nspname = ANY ($1)
+           AND t.typtype IN ('b', 'c', 'd', 'e', 'r')
+           AND t.typcategory <> 'A'
+           AND (t.typrelid = 0 OR EXISTS (SELECT 1 FROM pg_class k WHERE k.oid = t.typrelid AND k.relkind = 'c'))
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e')
+        UNION
+        SELECT 'FUNCTION ' || format('%I.%I(%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = ANY ($1)
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')"#;
+    let on_source: BTreeSet<String> = source
+        .query("list types and functions", sql, &[&selection.schemas])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let on_target: BTreeSet<String> = target
+        .query("list types and functions", sql, &[&selection.schemas])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for clash in on_source.intersection(&on_target) {
+        c.add(
+            Severity::Block,
+            "exists_on_target",
+            clash.clone(),
+            "already exists on the target: the schema copy would fail on it",
+            Some(format!(
+                "DROP {clash};  -- on the target, if it is not needed there"
+            )),
+        );
+    }
+    Ok(())
+}
+
+/// Transactions open on the source for more than a minute: creating the replication slot
+/// waits for every one of them to end.
+async fn check_long_transactions(c: &mut Checker, source: &Server) -> Result<(), PgError> {
+    let rows = source
+        .query(
+            "look for long transactions",
+            "SELECT pid, usename::text, extract(epoch FROM now() - xact_start)::int8
+               FROM pg_stat_activity
+              WHERE xact_start < now() - interval '1 minute' AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'
+              ORDER BY xact_start",
+            &[],
+        )
+        .await?;
+    for row in &rows {
+        let (pid, user, secs): (i32, Option<String>, i64) = (row.get(0), row.get(1), row.get(2));
+        c.add(
+            Severity::Warn,
+            "long_transaction",
+            format!("pid {pid}"),
+            format!("a transaction of {} has been open for {secs} s; creating the slot waits until it ends", user.unwrap_or_default()),
+            Some(format!("let it finish, or SELECT pg_terminate_backend({pid});  -- on the source")),
+        );
+    }
+    Ok(())
 }
 
 /// Orders roles so that every role comes after the roles it is a member of.

@@ -244,12 +244,11 @@ pub fn coordinator_conninfo(url: &PgUrl) -> (String, Option<String>) {
 pub fn peer_conninfo(endpoint: &Endpoint) -> String {
     let url = endpoint.replication_url.as_ref().unwrap_or(&endpoint.url);
     let password = password_for(url).or_else(|| password_for(&endpoint.url));
+    // Without a timeout, CREATE SUBSCRIPTION waits as long as the network lets it.
+    let timeout = endpoint.connect_timeout.0.as_secs().max(2);
+    let conninfo = format!("{} connect_timeout={timeout}", conninfo(url));
     match password {
-        Some(password) => format!(
-            "{} password={}",
-            conninfo(url),
-            sql::conninfo_value(&password)
-        ),
-        None => conninfo(url),
+        Some(password) => format!("{conninfo} password={}", sql::conninfo_value(&password)),
+        None => conninfo,
     }
 }

@@ -102,6 +102,9 @@ pub struct SubscriptionRecord {
     /// The target's OID of the subscription: table-sync slots on the source carry it.
     pub oid: u32,
     pub slot: String,
+    /// The target's system identifier: table-sync slot names on the source end with it.
+    #[serde(default)]
+    pub target_system_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

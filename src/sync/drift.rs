@@ -27,22 +27,38 @@ pub async fn detect(plan: &Plan, source: &Server, target: &Server) -> Result<Vec
     let on_source = catalog::columns(source, &names).await?;
     let on_target = catalog::columns(target, &names).await?;
     let publication = sql::ident(&plan.replication_name());
+    let refresh =
+        format!("ALTER SUBSCRIPTION {publication} REFRESH PUBLICATION;  -- on the target");
     let mut drift = Vec::new();
-    for table in &names {
+    for info in &selection.tables {
+        let table = &info.name;
         let source_columns = on_source.get(table).map(Vec::as_slice).unwrap_or_default();
         match on_target.get(table) {
-            None => drift.push(Drift {
-                table: table.to_string(),
-                kind: "missing_table",
-                column: None,
-                detail: "exists on the source and matches [sync] tables, but not on the target".into(),
-                fix: format!(
-                    "{}\nALTER PUBLICATION {publication} ADD TABLE {};  -- on the source\nALTER SUBSCRIPTION {publication} REFRESH PUBLICATION;  -- on the target",
-                    create_table_sql(table, source_columns),
-                    table.sql()
-                ),
-            }),
-            Some(target_columns) => drift.extend(compare_columns(table, source_columns, target_columns)),
+            None => {
+                // A new partition of a published root is published with it: the target only
+                // needs the partition and a refresh.
+                let fix = match (&info.partition_of, &info.partition_bound) {
+                    (Some(parent), Some(bound)) if on_target.contains_key(parent) => {
+                        format!("CREATE TABLE {} PARTITION OF {} {bound};  -- on the target\n{refresh}", table.sql(), parent.sql())
+                    }
+                    _ => format!(
+                        "{}\nALTER PUBLICATION {publication} ADD TABLE {};  -- on the source\n{refresh}",
+                        create_table_sql(table, source_columns),
+                        table.sql()
+                    ),
+                };
+                drift.push(Drift {
+                    table: table.to_string(),
+                    kind: "missing_table",
+                    column: None,
+                    detail: "exists on the source and matches [sync] tables, but not on the target"
+                        .into(),
+                    fix,
+                })
+            }
+            Some(target_columns) => {
+                drift.extend(compare_columns(table, source_columns, target_columns))
+            }
         }
     }
     Ok(drift)

@@ -9,10 +9,11 @@ pub mod schema;
 pub mod sequences;
 pub mod status;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::pg::checks::{self, Inspection, Preflight};
-use crate::pg::{self, catalog, sql, Server, Side};
+use crate::pg::{self, catalog, sql, Server, Side, TableName};
 use crate::plan::Plan;
 use crate::state::{self, Phase, State, StateStore, SubscriptionRecord};
 use crate::{Error, Result};
@@ -161,6 +162,22 @@ async fn set_up(
         done(state, store, "publication")?;
     }
 
+    // Tables the plan selects but the publication lacks: added to the plan since the last
+    // run, or taken out by a re-copy that did not finish.
+    let published = replication::published_tables(source, &name).await?;
+    let missing: Vec<TableName> = inspection
+        .selection
+        .published()
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|t| !published.contains(t))
+        .collect();
+    if !missing.is_empty() {
+        begin(state, store, "add tables")?;
+        replication::add_tables(source, target, &name, &missing).await?;
+        done(state, store, "add tables")?;
+    }
+
     if replication::subscription_oid(target, &name)
         .await?
         .is_none()
@@ -170,12 +187,14 @@ async fn set_up(
         if replication::slot_exists(source, &name).await? {
             replication::drop_slots(source, &name, None).await?;
         }
+        tracing::info!("creating the slot on the source waits for transactions open there to end");
         let oid = replication::create_subscription(target, &name, &pg::peer_conninfo(&plan.source))
             .await?;
         state.created.subscription = Some(SubscriptionRecord {
             name: name.clone(),
             oid,
             slot: name.clone(),
+            target_system_id: Some(replication::system_identifier(target).await?),
         });
         done(state, store, "subscription")?;
     }
@@ -233,10 +252,32 @@ async fn set_copy_workers(
         state.created.original_sync_workers = Some(current);
         store.save(state)?;
     }
+    // ALTER SYSTEM cannot share a transaction, so each statement goes on its own.
+    let statement = format!("ALTER SYSTEM SET max_sync_workers_per_subscription = {wanted}");
     target
-        .execute("set max_sync_workers_per_subscription", &format!("ALTER SYSTEM SET max_sync_workers_per_subscription = {wanted}; SELECT pg_reload_conf()"))
+        .execute("set max_sync_workers_per_subscription", &statement)
+        .await?;
+    target
+        .execute("reload the configuration", "SELECT pg_reload_conf()")
         .await?;
     Ok(())
+}
+
+/// Copies sequence values from source to target now (`switchyard sync --sequences`).
+pub async fn copy_sequences_now(
+    plan: &Plan,
+    store: &dyn StateStore,
+) -> Result<Vec<sequences::SequenceCopy>> {
+    let _lock = store.lock("sync --sequences")?;
+    let state = state::load_or_new(store, &plan.name.0)?;
+    if state.phase == Phase::Planned || !state.created.schema.as_ref().is_some_and(|s| s.restored) {
+        return Err(Error::Refused(
+            "the target has no copied schema yet: run `switchyard sync` first".into(),
+        ));
+    }
+    let servers = Servers::connect(plan).await?;
+    let selection = catalog::select(plan, catalog::tables(&servers.source).await?);
+    Ok(sequences::copy_sequences(&servers.source, &servers.target, &selection).await?)
 }
 
 /// Polls until every table streams and the lag is within `[sync] max_lag_bytes`.
@@ -248,11 +289,24 @@ pub async fn wait_until_caught_up(
     observe: &mut dyn FnMut(&Status),
 ) -> Result<Status> {
     let started = Instant::now();
+    let mut errors_at_start = None;
+    let mut disabled_polls = 0;
+    let mut lost_copies: HashMap<String, u32> = HashMap::new();
     loop {
-        let status = status::read(plan, state, &servers.source, &servers.target, false).await?;
+        let mut status = status::read(plan, state, &servers.source, &servers.target, false).await?;
         observe(&status);
+        recopy_lost_tables(plan, servers, &status, &mut lost_copies).await?;
         if status.caught_up(plan.sync.max_lag_bytes) {
-            return Ok(status);
+            // The lag says nothing about DDL: look for drift once before calling it caught up.
+            status.drift = drift::detect(plan, &servers.source, &servers.target).await?;
+            status.blocking = status.blockers();
+            if status.drift.is_empty() {
+                return Ok(status);
+            }
+            return Err(Error::Refused(format!(
+                "caught up, but the schema drifted:\n  {}\napply the fixes on the target (`switchyard status` prints them) and run `switchyard sync --wait` again",
+                status.blocking.join("\n  ")
+            )));
         }
         if status.subscription.is_none() {
             return Err(Error::Refused(format!(
@@ -260,11 +314,27 @@ pub async fn wait_until_caught_up(
                 plan.replication_name()
             )));
         }
-        if !status.enabled {
+        if status.slot_lost {
+            return Err(Error::Refused(status.blockers().join("; ")));
+        }
+        // `abort` disables the subscription just before dropping it: one poll is not enough.
+        disabled_polls = if status.enabled {
+            0
+        } else {
+            disabled_polls + 1
+        };
+        if disabled_polls >= 2 {
             return Err(Error::Refused(format!(
                 "subscription {} on the target is disabled; enable it (ALTER SUBSCRIPTION {} ENABLE) and run `switchyard sync --wait` again",
                 plan.replication_name(),
                 sql::ident(&plan.replication_name())
+            )));
+        }
+        let errors = status.apply_errors + status.sync_errors;
+        if errors >= *errors_at_start.get_or_insert(errors) + 3 {
+            return Err(Error::Refused(format!(
+                "replication keeps failing on the target: {}; it retries on its own: fix the cause and run `switchyard sync --wait` again",
+                status.last_error.as_deref().unwrap_or("see the target's server log")
             )));
         }
         if let Some(limit) = timeout.filter(|&limit| started.elapsed() >= limit) {
@@ -287,6 +357,43 @@ pub async fn wait_until_caught_up(
         }
         tokio::time::sleep(plan.sync.poll_interval.0).await;
     }
+}
+
+/// Copies again the tables whose table-sync slot is gone (see `TableStatus::sync_slot_lost`),
+/// once the same state has been seen twice: PostgreSQL drops the slot a moment before it
+/// records the copy as done, and one poll may fall in between.
+async fn recopy_lost_tables(
+    plan: &Plan,
+    servers: &Servers,
+    status: &Status,
+    seen: &mut HashMap<String, u32>,
+) -> Result<()> {
+    seen.retain(|name, _| {
+        status
+            .tables
+            .iter()
+            .any(|t| t.sync_slot_lost && &t.name == name)
+    });
+    for table in status.tables.iter().filter(|t| t.sync_slot_lost) {
+        let count = seen.entry(table.name.clone()).or_insert(0);
+        *count += 1;
+        if *count < 2 {
+            continue;
+        }
+        let Some(root) = &table.published_as else {
+            continue;
+        };
+        tracing::warn!(table = %table.name, "the copy of this table lost its table-sync slot; copying {root} again");
+        replication::recopy_table(
+            &servers.source,
+            &servers.target,
+            &plan.replication_name(),
+            root,
+        )
+        .await?;
+        seen.remove(&table.name);
+    }
+    Ok(())
 }
 
 /// After the copy: ANALYZE the target's tables, check every index is valid, mark the phase.

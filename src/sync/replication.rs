@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::pg::catalog::Selection;
-use crate::pg::{sql, PgError, Server};
+use crate::pg::{sql, PgError, Server, TableName};
 
 pub async fn publication_exists(source: &Server, name: &str) -> Result<bool, PgError> {
     let rows = source
@@ -31,6 +31,91 @@ pub async fn create_publication(
     source.execute("create the publication", &statement).await
 }
 
+/// Tables the publication lists (partition roots, not their partitions).
+pub async fn published_tables(source: &Server, name: &str) -> Result<Vec<TableName>, PgError> {
+    let rows = source
+        .query(
+            "list published tables",
+            "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr
+               JOIN pg_publication p ON p.oid = pr.prpubid
+               JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE p.pubname = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Adds tables to the publication and has the subscription (if any) pick them up and copy them.
+pub async fn add_tables(
+    source: &Server,
+    target: &Server,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), PgError> {
+    let list: Vec<String> = tables.iter().map(TableName::sql).collect();
+    source
+        .execute(
+            "add tables to the publication",
+            &format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                sql::ident(name),
+                list.join(", ")
+            ),
+        )
+        .await?;
+    if subscription_oid(target, name).await?.is_some() {
+        target
+            .execute(
+                "refresh the subscription",
+                &format!(
+                    "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)",
+                    sql::ident(name)
+                ),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Copies a table again from scratch: out of the publication and the subscription, emptied on
+/// the target, and back in with a fresh copy. Changes made meanwhile on the source are in the
+/// new copy's snapshot or streamed after it. Each step can be repeated: a run that dies in
+/// between is finished by the next `sync` (it puts missing tables back in the publication).
+pub async fn recopy_table(
+    source: &Server,
+    target: &Server,
+    name: &str,
+    table: &TableName,
+) -> Result<(), PgError> {
+    let (publication, subscription) = (sql::ident(name), sql::ident(name));
+    if published_tables(source, name).await?.contains(table) {
+        source
+            .execute(
+                "take the table out of the publication",
+                &format!("ALTER PUBLICATION {publication} DROP TABLE {}", table.sql()),
+            )
+            .await?;
+    }
+    target
+        .execute(
+            "refresh the subscription",
+            &format!(
+                "ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION WITH (copy_data = false)"
+            ),
+        )
+        .await?;
+    // Replica mode, as the apply itself runs: foreign keys pointing at the table do not stop
+    // the delete, and the rows come back with the copy.
+    target
+        .execute("empty the table on the target", &format!("SET session_replication_role = replica; DELETE FROM {}; RESET session_replication_role", table.sql()))
+        .await?;
+    add_tables(source, target, name, std::slice::from_ref(table)).await
+}
+
 /// The subscription's OID on the target, if it exists in the current database.
 pub async fn subscription_oid(target: &Server, name: &str) -> Result<Option<u32>, PgError> {
     let rows = target
@@ -43,11 +128,12 @@ pub async fn subscription_oid(target: &Server, name: &str) -> Result<Option<u32>
     Ok(rows.first().map(|r| r.get(0)))
 }
 
+/// Whether `slot` exists for this database (slot names are shared by the whole cluster).
 pub async fn slot_exists(source: &Server, slot: &str) -> Result<bool, PgError> {
     let rows = source
         .query(
             "look up the slot",
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&slot],
         )
         .await?;
@@ -55,15 +141,22 @@ pub async fn slot_exists(source: &Server, slot: &str) -> Result<bool, PgError> {
 }
 
 /// Creates the subscription; the target connects to the source, creates the slot, copies the
-/// existing rows and then streams changes.
+/// existing rows and then streams changes. From PostgreSQL 16 the apply would run as each
+/// table's owner; `run_as_owner` keeps it the coordinator's, so row-level security on a table
+/// cannot stop replication.
 pub async fn create_subscription(
     target: &Server,
     name: &str,
     source_conninfo: &str,
 ) -> Result<u32, PgError> {
+    let run_as_owner = if target.major() >= 16 {
+        ", run_as_owner = true"
+    } else {
+        ""
+    };
     let statement = format!(
         "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
-         WITH (slot_name = {slot}, create_slot = true, copy_data = true, streaming = on)",
+         WITH (slot_name = {slot}, create_slot = true, copy_data = true, streaming = on{run_as_owner})",
         sub = sql::ident(name),
         conn = sql::literal(source_conninfo),
         slot = sql::literal(name),
@@ -103,28 +196,50 @@ pub async fn drop_subscription(target: &Server, name: &str) -> Result<bool, PgEr
     Ok(true)
 }
 
-/// Drops the subscription's slot and any table-sync slots (`pg_<suboid>_sync_…`) on the
-/// source, ending the WAL senders that still use them. Returns the slots dropped.
+/// The table-sync slots a subscription's copy workers create on the source are named
+/// `pg_<subscription oid>_sync_<relid>_<target system identifier>`.
+pub fn sync_slot_pattern(subscription_oid: u32, target_system_id: Option<u64>) -> String {
+    match target_system_id {
+        Some(id) => format!("pg\\_{subscription_oid}\\_sync\\_%\\_{id}"),
+        None => format!("pg\\_{subscription_oid}\\_sync\\_%"),
+    }
+}
+
+/// The target's system identifier, which table-sync slot names carry.
+pub async fn system_identifier(server: &Server) -> Result<u64, PgError> {
+    let row = server
+        .query_one(
+            "read the system identifier",
+            "SELECT system_identifier FROM pg_control_system()",
+            &[],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Drops the subscription's slot and its table-sync slots (matching `sync_pattern`, from
+/// [`sync_slot_pattern`]) in this database on the source, ending the WAL senders that still
+/// use them. Returns the slots dropped; fails naming the slots that would not go.
 pub async fn drop_slots(
     source: &Server,
     slot: &str,
-    subscription_oid: Option<u32>,
+    sync_pattern: Option<&str>,
 ) -> Result<Vec<String>, PgError> {
-    let sync_prefix = subscription_oid
-        .map(|oid| format!("pg\\_{oid}\\_sync\\_%"))
-        .unwrap_or_else(|| "-".into());
-    let select = "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = $1 OR slot_name LIKE $2";
+    let pattern = sync_pattern.unwrap_or("-");
+    let ours = "database = current_database() AND (slot_name = $1 OR slot_name LIKE $2)";
     let mut dropped = Vec::new();
-    for attempt in 0..50 {
+    for _ in 0..100 {
+        let terminate = format!("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE {ours} AND active_pid IS NOT NULL");
         source
             .query(
                 "end WAL senders of the slots",
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE (slot_name = $1 OR slot_name LIKE $2) AND active_pid IS NOT NULL",
-                &[&slot, &sync_prefix],
+                &terminate,
+                &[&slot, &pattern],
             )
             .await?;
+        let list = format!("SELECT slot_name::text FROM pg_replication_slots WHERE {ours}");
         let slots: Vec<String> = source
-            .query("list the slots", select, &[&slot, &sync_prefix])
+            .query("list the slots", &list, &[&slot, &pattern])
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -142,15 +257,25 @@ pub async fn drop_slots(
                 .await
             {
                 Ok(_) => dropped.push(name),
-                // 55006: still active for a moment after its sender was ended; try again.
-                Err(e) if e.code() == Some("55006") && attempt < 49 => {}
-                Err(e) if e.code() == Some("42704") => {}
+                // 55006: still active for a moment after its sender was ended; 42704: gone
+                // meanwhile. Both are looked at again on the next round.
+                Err(e) if matches!(e.code(), Some("55006") | Some("42704")) => {}
                 Err(e) => return Err(e),
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(dropped)
+    let list = format!("SELECT slot_name::text FROM pg_replication_slots WHERE {ours}");
+    let left: Vec<String> = source
+        .query("list the slots", &list, &[&slot, &pattern])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Err(PgError::Tool(format!(
+        "replication slots {} are still in use after 10 s; end their WAL senders and run SELECT pg_drop_replication_slot(name) on the source",
+        left.join(", ")
+    )))
 }
 
 pub async fn drop_publication(source: &Server, name: &str) -> Result<bool, PgError> {

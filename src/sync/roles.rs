@@ -20,21 +20,21 @@ pub fn create_role_sql(role: &RoleInfo) -> String {
     statement
 }
 
-/// Creates one role and its memberships in roles that already exist on the target.
+/// Creates one role and its memberships in one transaction, so a re-run never finds the role
+/// without its memberships.
 pub async fn create(target: &Server, role: &RoleInfo) -> Result<(), PgError> {
+    let mut statements = vec![create_role_sql(role)];
+    statements.extend(
+        role.member_of
+            .iter()
+            .map(|group| format!("GRANT {} TO {}", sql::ident(group), sql::ident(&role.name))),
+    );
     target
-        .execute(
+        .execute_secret(
             &format!("create role {}", role.name),
-            &create_role_sql(role),
+            &statements.join(";\n"),
         )
-        .await?;
-    for group in &role.member_of {
-        let grant = format!("GRANT {} TO {}", sql::ident(group), sql::ident(&role.name));
-        target
-            .execute(&format!("grant {group} to {}", role.name), &grant)
-            .await?;
-    }
-    Ok(())
+        .await
 }
 
 #[cfg(test)]

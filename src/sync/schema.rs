@@ -84,12 +84,21 @@ pub async fn prepare(
     )
     .await?;
     let existing = catalog::schema_names(target).await?;
-    let entries: Vec<TocEntry> = listing.lines().filter_map(TocEntry::parse).collect();
-    let keep: Vec<&TocEntry> = entries
-        .iter()
-        .filter(|e| !(e.kind == "SCHEMA" && existing.contains(&e.tag)))
+    // Every entry is restored, whatever its kind, except the creation of schemas that exist.
+    let skip = |line: &str| {
+        TocEntry::parse(line).is_some_and(|e| e.kind == "SCHEMA" && existing.contains(&e.tag))
+    };
+    let list_text: String = listing
+        .lines()
+        .filter(|line| !skip(line))
+        .map(|line| format!("{line}\n"))
         .collect();
-    let list_text: String = keep.iter().map(|e| format!("{}\n", e.line)).collect();
+    let entries: Vec<TocEntry> = listing
+        .lines()
+        .filter(|line| !skip(line))
+        .filter_map(TocEntry::parse)
+        .collect();
+    let keep: Vec<&TocEntry> = entries.iter().collect();
     std::fs::write(&prepared.list, list_text)
         .map_err(|e| PgError::Tool(format!("cannot write {}: {e}", prepared.list.display())))?;
 
@@ -141,7 +150,6 @@ pub async fn was_restored(target: &Server, record: &SchemaCopy) -> Result<bool, 
 /// One line of `pg_restore --list`: `215; 1259 16390 TABLE public orders owner`.
 #[derive(Debug, PartialEq)]
 struct TocEntry {
-    line: String,
     kind: String,
     namespace: String,
     tag: String,
@@ -195,7 +203,6 @@ impl TocEntry {
         let (namespace, rest) = rest.split_once(' ')?;
         let tag = rest.rsplit_once(' ').map_or(rest, |(tag, _owner)| tag);
         Some(TocEntry {
-            line: line.to_string(),
             kind: kind.to_string(),
             namespace: namespace.to_string(),
             tag: tag.to_string(),

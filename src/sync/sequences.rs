@@ -9,11 +9,12 @@ use crate::pg::{sql, PgError, Server};
 #[derive(Debug, Clone, Serialize)]
 pub struct SequenceCopy {
     pub name: String,
-    /// `None`: never used on the source, so restarted on the other side.
-    pub value: Option<i64>,
+    pub last_value: i64,
+    /// False when `nextval` will return `last_value` itself (never used, or `setval(.., false)`).
+    pub is_called: bool,
 }
 
-/// Copies every selected sequence's value from `from` to `to`.
+/// Copies every selected sequence's state (`last_value` and `is_called`) from `from` to `to`.
 pub async fn copy_sequences(
     from: &Server,
     to: &Server,
@@ -23,23 +24,41 @@ pub async fn copy_sequences(
     if sequences.is_empty() {
         return Ok(Vec::new());
     }
+    // One round trip for all of them: pg_sequences hides last_value when is_called is false.
+    let read: Vec<String> = sequences
+        .iter()
+        .map(|s| {
+            format!(
+                "SELECT {}::text, last_value, is_called FROM {}",
+                sql::literal(&s.name.to_string()),
+                s.name.sql()
+            )
+        })
+        .collect();
+    let rows = from
+        .query("read sequence values", &read.join(" UNION ALL "), &[])
+        .await?;
+    let copies: Vec<SequenceCopy> = rows
+        .iter()
+        .map(|r| SequenceCopy {
+            name: r.get(0),
+            last_value: r.get(1),
+            is_called: r.get(2),
+        })
+        .collect();
     let statements: Vec<String> = sequences
         .iter()
-        .map(|s| match s.last_value {
-            Some(value) => format!(
-                "SELECT setval({}, {value}, true);",
-                sql::literal(&s.name.sql())
-            ),
-            None => format!("ALTER SEQUENCE {} RESTART;", s.name.sql()),
+        .zip(&copies)
+        .map(|(s, c)| {
+            format!(
+                "SELECT setval({}, {}, {});",
+                sql::literal(&s.name.sql()),
+                c.last_value,
+                c.is_called
+            )
         })
         .collect();
     to.execute("set sequence values", &statements.join("\n"))
         .await?;
-    Ok(sequences
-        .into_iter()
-        .map(|s| SequenceCopy {
-            name: s.name.to_string(),
-            value: s.last_value,
-        })
-        .collect())
+    Ok(copies)
 }

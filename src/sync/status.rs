@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::drift::{self, Drift};
 use super::replication;
-use crate::pg::{PgError, Server};
+use crate::pg::{PgError, Server, TableName};
 use crate::plan::Plan;
 use crate::state::{Phase, State};
 
@@ -17,6 +17,19 @@ pub struct TableStatus {
     pub rows_copied: Option<i64>,
     /// The source's estimate of the table's rows.
     pub estimated_rows: Option<i64>,
+    /// Why the table is in `error`, when known.
+    pub problem: Option<String>,
+    /// The table's OID on the target.
+    #[serde(skip)]
+    pub relid: u32,
+    /// The table the publication lists for it (its partition root, or itself).
+    #[serde(skip)]
+    pub published_as: Option<TableName>,
+    /// Its copy finished but the table-sync slot it must catch up from is gone: PostgreSQL
+    /// drops that slot just before it records the copy as done, so a target that stops in
+    /// between leaves the table stuck for good. The cure is to copy it again.
+    #[serde(skip)]
+    pub sync_slot_lost: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +46,8 @@ pub struct Status {
     pub lag_seconds: Option<f64>,
     /// WAL the slot keeps on the source.
     pub retained_wal_bytes: Option<i64>,
+    /// The source invalidated the slot (`max_slot_wal_keep_size`): replication cannot resume.
+    pub slot_lost: bool,
     pub apply_errors: i64,
     pub sync_errors: i64,
     pub last_error: Option<String>,
@@ -40,6 +55,8 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// A step an earlier command began and never finished (it was killed or failed).
     pub interrupted_step: Option<String>,
+    /// What must be fixed before the migration can go on (drift, a lost slot, a failing apply).
+    pub blocking: Vec<String>,
 }
 
 impl Status {
@@ -47,12 +64,41 @@ impl Status {
         !self.tables.is_empty() && self.tables.iter().all(|t| t.state == "streaming")
     }
 
-    /// Every table streams and the lag is within `max_lag_bytes`.
+    /// Every table streams, the apply worker runs, the slot is healthy and the lag is within
+    /// `max_lag_bytes`. (A quiet source keeps the lag small even while the apply fails, so the
+    /// lag alone proves nothing.) Drift is checked separately: it is read on demand.
     pub fn caught_up(&self, max_lag_bytes: u64) -> bool {
         self.all_streaming()
+            && self.worker_running
+            && !self.slot_lost
             && self
                 .lag_bytes
                 .is_some_and(|lag| lag >= 0 && lag as u64 <= max_lag_bytes)
+    }
+
+    /// Conditions that must be fixed before the migration can go on.
+    pub fn blockers(&self) -> Vec<String> {
+        let mut blockers: Vec<String> = self
+            .drift
+            .iter()
+            .map(|d| format!("schema drift on {}: {}", d.table, d.detail))
+            .collect();
+        if self.slot_lost {
+            blockers.push("the source invalidated the replication slot (WAL past max_slot_wal_keep_size): run `switchyard abort --drop-target-data` and sync again".into());
+        }
+        if self.subscription.is_some()
+            && self.enabled
+            && !self.worker_running
+            && self.apply_errors > 0
+        {
+            blockers.push(format!(
+                "the apply worker is failing: {}",
+                self.last_error
+                    .as_deref()
+                    .unwrap_or("see the target's server log")
+            ));
+        }
+        blockers
     }
 }
 
@@ -76,18 +122,24 @@ pub async fn read(
         lag_bytes: None,
         lag_seconds: None,
         retained_wal_bytes: None,
+        slot_lost: false,
         apply_errors: 0,
         sync_errors: 0,
         last_error: None,
         drift: Vec::new(),
         warnings: Vec::new(),
         interrupted_step: state.interrupted_step().map(str::to_string),
+        blocking: Vec::new(),
     };
-    if let Some(oid) = replication::subscription_oid(target, &name).await? {
+    let subscription_oid = replication::subscription_oid(target, &name).await?;
+    if let Some(oid) = subscription_oid {
         status.subscription = Some(name.clone());
         read_subscription(&mut status, target, oid).await?;
     }
     read_slot(&mut status, source, &name).await?;
+    if let Some(oid) = subscription_oid {
+        check_sync_slots(&mut status, source, target, oid).await?;
+    }
     if status.tables.iter().any(|t| t.state != "streaming") {
         read_estimates(&mut status, source).await?;
     }
@@ -101,12 +153,13 @@ pub async fn read(
             crate::output::human_bytes(plan.sync.retained_wal_warn_bytes as i64)
         ));
     }
-    if status.apply_errors + status.sync_errors > 0 {
-        status.last_error = last_replication_error(target).await;
+    if let Some(oid) = subscription_oid.filter(|_| status.apply_errors + status.sync_errors > 0) {
+        status.last_error = last_replication_error(target, &name, oid).await;
     }
     if with_drift && state.created.schema.is_some() {
         status.drift = drift::detect(plan, source, target).await?;
     }
+    status.blocking = status.blockers();
     Ok(status)
 }
 
@@ -131,7 +184,11 @@ async fn read_subscription(status: &mut Status, target: &Server, oid: u32) -> Re
             "read table states",
             "SELECT n.nspname || '.' || c.relname, r.srsubstate::text,
                     (SELECT p.tuples_processed FROM pg_stat_progress_copy p WHERE p.relid = r.srrelid LIMIT 1),
-                    EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = r.srsubid AND w.relid = r.srrelid AND w.pid IS NOT NULL)
+                    EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = r.srsubid AND w.relid = r.srrelid AND w.pid IS NOT NULL),
+                    r.srrelid,
+                    (SELECT rn.nspname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                      WHERE rc.oid = coalesce(pg_partition_root(r.srrelid), r.srrelid)),
+                    (SELECT rc.relname FROM pg_class rc WHERE rc.oid = coalesce(pg_partition_root(r.srrelid), r.srrelid))
                FROM pg_subscription_rel r
                JOIN pg_class c ON c.oid = r.srrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -154,14 +211,63 @@ async fn read_subscription(status: &mut Status, target: &Server, oid: u32) -> Re
                 _ if failing && !worker => "error",
                 _ => "queued",
             };
+            let root_schema: Option<String> = r.get(5);
+            let root_name: Option<String> = r.get(6);
             TableStatus {
                 name: r.get(0),
                 state,
                 rows_copied: r.get(2),
                 estimated_rows: None,
+                problem: None,
+                relid: r.get(4),
+                published_as: root_schema
+                    .zip(root_name)
+                    .map(|(s, n)| TableName::new(s, n)),
+                sync_slot_lost: code == "f",
             }
         })
         .collect();
+    Ok(())
+}
+
+/// Tables whose copy finished (`f`) must still have their table-sync slot on the source; the
+/// flag set by `read_subscription` is kept only where the slot is gone.
+async fn check_sync_slots(
+    status: &mut Status,
+    source: &Server,
+    target: &Server,
+    oid: u32,
+) -> Result<(), PgError> {
+    if !status.tables.iter().any(|t| t.sync_slot_lost) {
+        return Ok(());
+    }
+    let system_id = replication::system_identifier(target).await?;
+    let slot_of = |t: &TableStatus| format!("pg_{oid}_sync_{}_{system_id}", t.relid);
+    let wanted: Vec<String> = status
+        .tables
+        .iter()
+        .filter(|t| t.sync_slot_lost)
+        .map(slot_of)
+        .collect();
+    let rows = source
+        .query(
+            "look for table-sync slots",
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = ANY ($1)",
+            &[&wanted],
+        )
+        .await?;
+    let present: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    for table in status.tables.iter_mut().filter(|t| t.sync_slot_lost) {
+        let slot = slot_of(table);
+        if present.contains(&slot) {
+            table.sync_slot_lost = false;
+        } else {
+            table.state = "error";
+            table.problem = Some(format!(
+                "its copy finished but table-sync slot {slot} is gone from the source (the target stopped at the wrong moment); `switchyard sync --wait` copies the table again"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -193,8 +299,9 @@ async fn read_slot(status: &mut Status, source: &Server, slot: &str) -> Result<(
             "SELECT (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
                     (pg_current_wal_lsn() - s.restart_lsn)::int8,
                     (SELECT extract(epoch FROM coalesce(r.replay_lag, '0'::interval))::float8
-                       FROM pg_stat_replication r WHERE r.pid = s.active_pid)
-               FROM pg_replication_slots s WHERE s.slot_name = $1",
+                       FROM pg_stat_replication r WHERE r.pid = s.active_pid),
+                    coalesce(s.wal_status = 'lost', false)
+               FROM pg_replication_slots s WHERE s.slot_name = $1 AND s.database = current_database()",
             &[&slot],
         )
         .await?;
@@ -202,29 +309,80 @@ async fn read_slot(status: &mut Status, source: &Server, slot: &str) -> Result<(
         status.lag_bytes = row.get(0);
         status.retained_wal_bytes = row.get(1);
         status.lag_seconds = row.get(2);
+        status.slot_lost = row.get(3);
     }
     Ok(())
 }
 
-/// The last logical-replication error line in the target's server log, when the log is
-/// collected and readable (superuser). The catalogs keep only counts, not the message.
-async fn last_replication_error(target: &Server) -> Option<String> {
+/// The last error of this subscription in the target's server log, when the log is collected
+/// and readable (superuser): the catalogs keep only counts. An error belongs to the
+/// subscription when its CONTEXT names the subscription's replication origin (`pg_<oid>`) or
+/// the line names the subscription.
+async fn last_replication_error(target: &Server, subscription: &str, oid: u32) -> Option<String> {
     let rows = target
         .query(
             "read the server log",
-            "SELECT pg_read_file(f, greatest(0, (pg_stat_file(f)).size - 262144), 262144)
+            "SELECT pg_read_binary_file(f, greatest(0, (pg_stat_file(f)).size - 262144), 262144)
                FROM pg_current_logfile() AS f WHERE f IS NOT NULL",
             &[],
         )
         .await
         .ok()?;
-    let text: String = rows.first()?.get(0);
-    text.lines()
-        .rev()
-        .find(|line| {
-            line.contains("ERROR:")
-                && (line.contains("logical replication") || line.contains("subscription"))
-        })
-        .or_else(|| text.lines().rev().find(|line| line.contains("ERROR:")))
-        .map(|line| line.trim().to_string())
+    let bytes: Vec<u8> = rows.first()?.get(0);
+    find_error(&String::from_utf8_lossy(&bytes), subscription, oid)
+}
+
+fn find_error(log: &str, subscription: &str, oid: u32) -> Option<String> {
+    let origin = format!("\"pg_{oid}\"");
+    let named = format!("subscription \"{subscription}\"");
+    let lines: Vec<&str> = log.lines().collect();
+    let mut found = None;
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains("ERROR:") {
+            continue;
+        }
+        let context = lines[i + 1..]
+            .iter()
+            .take(3)
+            .take_while(|l| !l.contains("ERROR:") && !l.contains("LOG:"));
+        let ours = line.contains(&named)
+            || context
+                .clone()
+                .any(|l| l.contains(&origin) || l.contains(&named));
+        if ours {
+            let message = line.split_once("ERROR:").map_or(*line, |(_, m)| m).trim();
+            found = Some(match context.clone().find(|l| l.contains("CONTEXT:")) {
+                Some(ctx) => format!(
+                    "{message} ({})",
+                    ctx.split_once("CONTEXT:").map_or(*ctx, |(_, c)| c).trim()
+                ),
+                None => message.to_string(),
+            });
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_error;
+
+    #[test]
+    fn finds_only_this_subscriptions_error() {
+        let log = "\
+2026-11-26 12:00:00 UTC [1] ERROR:  duplicate key value violates unique constraint \"t_pkey\"
+2026-11-26 12:00:00 UTC [1] CONTEXT:  processing remote data for replication origin \"pg_99\" during message type \"INSERT\"
+2026-11-26 12:00:01 UTC [2] ERROR:  logical replication target relation \"public.events\" is missing replicated column: \"extra\"
+2026-11-26 12:00:01 UTC [2] CONTEXT:  processing remote data for replication origin \"pg_16400\" during message type \"INSERT\"
+2026-11-26 12:00:02 UTC [3] ERROR:  relation \"nope\" does not exist at character 15
+2026-11-26 12:00:02 UTC [3] STATEMENT:  SELECT * FROM nope
+";
+        let error = find_error(log, "switchyard_shop", 16400).unwrap();
+        assert!(
+            error.starts_with("logical replication target relation \"public.events\" is missing"),
+            "{error}"
+        );
+        assert!(error.contains("pg_16400"), "{error}");
+        assert_eq!(find_error(log, "switchyard_other", 1), None);
+    }
 }

@@ -20,7 +20,14 @@ async fn column_added_on_source_is_drift() {
     );
 
     let source = db.source_client().await;
-    source.batch_execute("ALTER TABLE customers ADD COLUMN loyalty integer NOT NULL DEFAULT 0; CREATE TABLE coupons (code text PRIMARY KEY)").await.unwrap();
+    source
+        .batch_execute(
+            "ALTER TABLE customers ADD COLUMN loyalty integer NOT NULL DEFAULT 0;
+             CREATE TABLE coupons (code text PRIMARY KEY);
+             CREATE TABLE measurements_2027 PARTITION OF measurements FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');",
+        )
+        .await
+        .unwrap();
     // A row with the new column stops the apply on the target: status must say why.
     source
         .batch_execute("INSERT INTO customers (name, loyalty) VALUES ('after ddl', 5)")
@@ -28,8 +35,17 @@ async fn column_added_on_source_is_drift() {
         .unwrap();
 
     let output = db.switchyard(&["status", "--json"]);
-    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "drift blocks: {}",
+        text(&output)
+    );
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    assert!(
+        !status["blocking"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
     let drift = status["drift"].as_array().expect("drift array");
     let column = drift
         .iter()
@@ -46,6 +62,21 @@ async fn column_added_on_source_is_drift() {
             .iter()
             .any(|d| d["kind"] == "missing_table" && d["table"] == "public.coupons"),
         "{status}"
+    );
+    let partition = drift
+        .iter()
+        .find(|d| d["table"] == "public.measurements_2027")
+        .unwrap_or_else(|| panic!("no drift for the new partition: {status}"));
+    let fix = partition["fix"].as_str().unwrap();
+    assert!(fix.starts_with("CREATE TABLE \"public\".\"measurements_2027\" PARTITION OF \"public\".\"measurements\" FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');"), "{fix}");
+
+    // sync refuses to carry on while the schema has drifted, and says why.
+    let output = db.switchyard(&["sync"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("schema_drift"),
+        "{}",
+        text(&output)
     );
 
     // The apply fails on the missing column; status reports the error from the target's log.

@@ -142,3 +142,64 @@ async fn restore_that_committed_before_the_crash_is_not_repeated() {
     let output = db.switchyard(&["abort", "--drop-target-data"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 }
+
+/// PostgreSQL drops a table-sync slot a moment before it records the copy as done; a target
+/// that stops in between leaves the table stuck in "finished copy" for good. `sync --wait`
+/// notices and copies the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_stuck_without_its_sync_slot_is_copied_again() {
+    let db = TestDb::new("resume_lost_sync_slot").await;
+    db.load_testdata(500).await;
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+
+    // Put order_items back into the state the race leaves: copy finished, slot gone.
+    let target = db.target_client().await;
+    target
+        .batch_execute(
+            "UPDATE pg_subscription_rel SET srsubstate = 'f'
+              WHERE srrelid = 'public.order_items'::regclass",
+        )
+        .await
+        .unwrap();
+    let source = db.source_client().await;
+    source.batch_execute("INSERT INTO order_items VALUES (900001, 1, 'while stuck', 1); DELETE FROM order_items WHERE order_id = 1").await.unwrap();
+
+    let output = db.switchyard(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stuck = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "public.order_items")
+        .unwrap()
+        .clone();
+    assert_eq!(stuck["state"], "error", "{status}");
+    assert!(
+        stuck["problem"]
+            .as_str()
+            .unwrap()
+            .contains("copies the table again"),
+        "{stuck}"
+    );
+
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "90s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    common::wait_caught_up(
+        &source,
+        &format!("switchyard_{}", db.name),
+        Duration::from_secs(30),
+    )
+    .await;
+    for table in ["order_items", "orders", "customers"] {
+        let (a, b) = except_all(&source, &target, table).await;
+        assert!(
+            a.is_empty() && b.is_empty(),
+            "{table}: {} only on source, {} only on target",
+            a.len(),
+            b.len()
+        );
+    }
+    let output = db.switchyard(&["abort", "--drop-target-data"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
