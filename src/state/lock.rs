@@ -1,7 +1,13 @@
 //! A lock file next to the state file: one coordinator acts on a migration at a time.
+//!
+//! The lock is an advisory `flock` on the file, so it is released by the kernel whatever way
+//! its holder ends: no stale locks to guess about. The file itself stays; it names the last
+//! holder, which is what a refused command prints.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +21,10 @@ struct Holder {
     since: String,
 }
 
-/// Held while a command acts on a migration; the lock file is removed when it is dropped.
+/// Held while a command acts on a migration; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct LockGuard {
-    path: PathBuf,
+    file: File,
 }
 
 impl LockGuard {
@@ -26,68 +32,49 @@ impl LockGuard {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| io_error(&path, source))?;
         }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| io_error(&path, source))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io_error(&path, err));
+            }
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = serde_json::from_str::<Holder>(&text)
+                .map(|h| format!("`{}` by pid {} on {} since {}", h.purpose, h.pid, h.host, h.since))
+                .unwrap_or_else(|_| "another process".into());
+            return Err(StateError::Locked { path: path.display().to_string(), holder });
+        }
         let me = Holder {
             pid: std::process::id(),
             host: hostname(),
             purpose: purpose.to_string(),
             since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        // Two attempts: the second after removing a lock whose process is gone.
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    let json = serde_json::to_vec(&me).unwrap_or_default();
-                    file.write_all(&json)
-                        .map_err(|source| io_error(&path, source))?;
-                    return Ok(LockGuard { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|text| serde_json::from_str::<Holder>(&text).ok());
-                    match holder {
-                        Some(h) if h.host == me.host && !process_alive(h.pid) => {
-                            tracing::warn!(pid = h.pid, "removing stale lock {}", path.display());
-                            let _ = std::fs::remove_file(&path);
-                        }
-                        Some(h) => {
-                            return Err(StateError::Locked {
-                                path: path.display().to_string(),
-                                holder: format!(
-                                    "`{}` by pid {} on {} since {}",
-                                    h.purpose, h.pid, h.host, h.since
-                                ),
-                            })
-                        }
-                        None => {
-                            return Err(StateError::Locked {
-                                path: path.display().to_string(),
-                                holder: "an unknown holder".into(),
-                            })
-                        }
-                    }
-                }
-                Err(source) => return Err(io_error(&path, source)),
-            }
-        }
-        Err(StateError::Locked {
-            path: path.display().to_string(),
-            holder: "a process that keeps taking it".into(),
-        })
+        let json = serde_json::to_vec(&me).unwrap_or_default();
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(&json))
+            .map_err(|source| io_error(&path, source))?;
+        Ok(LockGuard { file })
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // SAFETY: unlocking the descriptor this guard owns; closing it would release it too.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
-fn io_error(path: &std::path::Path, source: std::io::Error) -> StateError {
+fn io_error(path: &Path, source: std::io::Error) -> StateError {
     StateError::Io {
         action: "lock",
         path: path.display().to_string(),
@@ -101,38 +88,28 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn second_holder_is_refused_and_stale_lock_is_taken() {
+    fn second_holder_is_refused_and_named_until_the_first_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shop.lock");
         let first = LockGuard::acquire(path.clone(), "sync").unwrap();
-        let err = LockGuard::acquire(path.clone(), "abort")
-            .unwrap_err()
-            .to_string();
+        let err = LockGuard::acquire(path.clone(), "abort").unwrap_err().to_string();
         assert!(err.contains("`sync`"), "{err}");
+        assert!(err.contains(&std::process::id().to_string()), "{err}");
         drop(first);
-        assert!(!path.exists());
+        let _second = LockGuard::acquire(path.clone(), "abort").unwrap();
+    }
 
-        let stale = Holder {
-            pid: u32::MAX / 2,
-            host: hostname(),
-            purpose: "sync".into(),
-            since: "then".into(),
-        };
-        std::fs::write(&path, serde_json::to_vec(&stale).unwrap()).unwrap();
-        let _taken = LockGuard::acquire(path.clone(), "abort").unwrap();
+    #[test]
+    fn a_lock_left_by_a_dead_holder_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shop.lock");
+        // What a killed coordinator leaves: the file with its holder, but no flock.
+        std::fs::write(&path, r#"{"pid":999999,"host":"x","purpose":"sync","since":"then"}"#).unwrap();
+        let _taken = LockGuard::acquire(path, "abort").unwrap();
     }
 }
