@@ -4,10 +4,12 @@ pub mod catalog;
 pub mod checks;
 mod pgpass;
 pub mod sql;
+mod tls;
 pub mod tools;
 
 use std::fmt;
 
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
 
 use crate::plan::{Endpoint, PgUrl};
@@ -103,16 +105,20 @@ impl Server {
         }
         config.application_name("switchyard-coordinator");
         config.connect_timeout(endpoint.connect_timeout.0);
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
+        let failed = |e: tokio_postgres::Error| PgError::Connect {
             side,
             url: url.to_string(),
             message: describe(&e),
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%side, "connection closed: {}", describe(&e));
-            }
-        });
+        };
+        let client = if config.get_ssl_mode() == SslMode::Disable {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(drive(side, connection));
+            client
+        } else {
+            let (client, connection) = config.connect(tls::connector()?).await.map_err(failed)?;
+            tokio::spawn(drive(side, connection));
+            client
+        };
         let mut server = Server {
             side,
             client,
@@ -205,6 +211,16 @@ impl Server {
                 _ => None,
             })
             .collect())
+    }
+}
+
+/// Runs a connection's I/O until it closes.
+async fn drive<F>(side: Side, connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(%side, "connection closed: {}", describe(&e));
     }
 }
 

@@ -48,9 +48,17 @@ impl LockGuard {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let holder = serde_json::from_str::<Holder>(&text)
-                .map(|h| format!("`{}` by pid {} on {} since {}", h.purpose, h.pid, h.host, h.since))
+                .map(|h| {
+                    format!(
+                        "`{}` by pid {} on {} since {}",
+                        h.purpose, h.pid, h.host, h.since
+                    )
+                })
                 .unwrap_or_else(|_| "another process".into());
-            return Err(StateError::Locked { path: path.display().to_string(), holder });
+            return Err(StateError::Locked {
+                path: path.display().to_string(),
+                holder,
+            });
         }
         let me = Holder {
             pid: std::process::id(),
@@ -97,7 +105,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shop.lock");
         let first = LockGuard::acquire(path.clone(), "sync").unwrap();
-        let err = LockGuard::acquire(path.clone(), "abort").unwrap_err().to_string();
+        let err = LockGuard::acquire(path.clone(), "abort")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`sync`"), "{err}");
         assert!(err.contains(&std::process::id().to_string()), "{err}");
         drop(first);
@@ -109,7 +119,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shop.lock");
         // What a killed coordinator leaves: the file with its holder, but no flock.
-        std::fs::write(&path, r#"{"pid":999999,"host":"x","purpose":"sync","since":"then"}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"pid":999999,"host":"x","purpose":"sync","since":"then"}"#,
+        )
+        .unwrap();
         let _taken = LockGuard::acquire(path, "abort").unwrap();
     }
 }

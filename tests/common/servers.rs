@@ -50,6 +50,8 @@ pub struct Cluster {
     pub flavor: Flavor,
     pub port: u16,
     pub dir: PathBuf,
+    /// Accepts only TLS connections (a self-signed certificate).
+    pub tls_only: bool,
     pid: Mutex<u32>,
 }
 
@@ -109,9 +111,11 @@ fn postgres_ids() -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
+/// Runs `command` as `postgres` when we are root, with a HOME of its own: libpq in the
+/// server's replication workers looks for client certificates under `~/.postgresql`.
 fn as_server_user(command: &mut Command) {
     if let Some((uid, gid)) = postgres_ids() {
-        command.uid(uid).gid(gid);
+        command.uid(uid).gid(gid).env("HOME", std::env::temp_dir());
     }
 }
 
@@ -158,6 +162,15 @@ fn run(command: &mut Command, what: &str) {
 impl Cluster {
     /// Creates and starts a new cluster.
     pub fn start(flavor: Flavor) -> Cluster {
+        Cluster::create(flavor, false)
+    }
+
+    /// A cluster that refuses connections without TLS.
+    pub fn start_tls_only(flavor: Flavor) -> Cluster {
+        Cluster::create(flavor, true)
+    }
+
+    fn create(flavor: Flavor, tls_only: bool) -> Cluster {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let base = base_dir();
         clean_stale(&base);
@@ -201,10 +214,14 @@ impl Cluster {
             .current_dir(&dir);
         as_server_user(&mut initdb);
         run(&mut initdb, "initdb");
+        if tls_only {
+            make_tls_only(&dir.join("data"));
+        }
         let cluster = Cluster {
             flavor,
             port: free_port(),
             dir,
+            tls_only,
             pid: Mutex::new(0),
         };
         cluster.launch();
@@ -265,6 +282,7 @@ impl Cluster {
                 "-c",
                 "TimeZone=UTC",
             ])
+            .args(["-c", if self.tls_only { "ssl=on" } else { "ssl=off" }])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -304,7 +322,11 @@ impl Cluster {
                         tokio::spawn(connection);
                         client.simple_query("SELECT 1").await.is_ok()
                     }
-                    Err(_) => false,
+                    // A TLS-only server refuses a plain connection, which proves it is up;
+                    // "starting up" (57P03) does not.
+                    Err(e) => e
+                        .as_db_error()
+                        .is_some_and(|db| db.code().code() != "57P03"),
                 }
             })
         };
@@ -352,6 +374,39 @@ impl Cluster {
     /// Same, without the password (for tests of PGPASSWORD and ~/.pgpass).
     pub fn url_without_password(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// A self-signed certificate, and a pg_hba.conf that admits TLS connections only.
+fn make_tls_only(data: &Path) {
+    run(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(data.join("server.key"))
+            .arg("-out")
+            .arg(data.join("server.crt")),
+        "openssl req",
+    );
+    fs::write(data.join("pg_hba.conf"), "hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl replication all 127.0.0.1/32 scram-sha-256\n")
+        .expect("write pg_hba.conf");
+    fs::set_permissions(data.join("server.key"), fs::Permissions::from_mode(0o600))
+        .expect("chmod server.key");
+    if let Some((uid, gid)) = postgres_ids() {
+        for file in ["server.key", "server.crt", "pg_hba.conf"] {
+            std::os::unix::fs::chown(data.join(file), Some(uid), Some(gid))
+                .expect("chown TLS files");
+        }
     }
 }
 

@@ -10,3 +10,4 @@ mod plan_errors;
 mod resume;
 mod roles;
 mod sync_live;
+mod tls;
