@@ -27,6 +27,7 @@ missing=()
 command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v npm >/dev/null || missing+=(nodejs npm)
 command -v cc >/dev/null || missing+=(gcc)
+command -v openssl >/dev/null || missing+=(openssl)   # certificates for the TLS test
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
