@@ -16,16 +16,9 @@ SWITCHYARD="$ROOT/target/release/switchyard"
 PG_BIN=/usr/lib/postgresql/15/bin
 
 WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
-mkfifo "$WORK/hold"
-"$ROOT/target/release/examples/servers" < "$WORK/hold" > "$WORK/servers.env" &
-SERVERS_PID=$!
-exec 3> "$WORK/hold"
-cleanup() { exec 3>&- || true; wait "$SERVERS_PID" 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-for _ in $(seq 1 600); do grep -q TARGET_BIN "$WORK/servers.env" 2>/dev/null && break; sleep 0.1; done
-# shellcheck disable=SC1091
-source "$WORK/servers.env"
-export PGPASSWORD
+# shellcheck source=scripts/lib/servers.sh
+source scripts/lib/servers.sh
+start_servers release "$WORK"
 SRC="postgres://postgres@127.0.0.1:$SOURCE_PORT"
 TGT="postgres://postgres@127.0.0.1:$TARGET_PORT"
 

@@ -12,18 +12,9 @@ cargo build --quiet --bin switchyard --example servers
 SWITCHYARD="$ROOT/target/debug/switchyard"
 
 WORK=$(mktemp -d /tmp/switchyard-demo.XXXXXX)
-# The servers live as long as the example's stdin stays open.
-mkfifo "$WORK/hold"
-"$ROOT/target/debug/examples/servers" < "$WORK/hold" > "$WORK/servers.env" &
-SERVERS_PID=$!
-exec 3> "$WORK/hold"
-cleanup() { exec 3>&- || true; wait "$SERVERS_PID" 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-for _ in $(seq 1 600); do grep -q TARGET_BIN "$WORK/servers.env" 2>/dev/null && break; sleep 0.1; done
-# shellcheck disable=SC1091
-source "$WORK/servers.env"
-export PGPASSWORD
+# shellcheck source=scripts/lib/servers.sh
+source scripts/lib/servers.sh
+start_servers debug "$WORK"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 

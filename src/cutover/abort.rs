@@ -133,16 +133,8 @@ async fn restore_copy_workers(
     created: &Created,
 ) -> std::result::Result<(), PgError> {
     if let Some(original) = &created.original_sync_workers {
-        // ALTER SYSTEM cannot share a transaction, so it goes on its own.
-        let statement = format!(
-            "ALTER SYSTEM SET max_sync_workers_per_subscription = {}",
-            sql::literal(original)
-        );
         target
-            .execute("restore max_sync_workers_per_subscription", &statement)
-            .await?;
-        target
-            .execute("reload the configuration", "SELECT pg_reload_conf()")
+            .set_system_setting("max_sync_workers_per_subscription", original)
             .await?;
     }
     Ok(())

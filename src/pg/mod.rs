@@ -184,6 +184,19 @@ impl Server {
             .map_err(|e| self.error(context, e))
     }
 
+    /// `ALTER SYSTEM SET name = 'value'` and a configuration reload. ALTER SYSTEM cannot run
+    /// in a transaction block, so the two go as separate statements.
+    pub async fn set_system_setting(&self, name: &str, value: &str) -> Result<(), PgError> {
+        let statement = format!(
+            "ALTER SYSTEM SET {} = {}",
+            sql::ident(name),
+            sql::literal(value)
+        );
+        self.execute(&format!("set {name}"), &statement).await?;
+        self.execute("reload the configuration", "SELECT pg_reload_conf()")
+            .await
+    }
+
     /// Like [`Server::execute`], but never logs the statement: it carries a password.
     pub async fn execute_secret(&self, context: &str, sql: &str) -> Result<(), PgError> {
         tracing::debug!(side = %self.side, context, "execute (statement not logged: it holds a password)");

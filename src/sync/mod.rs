@@ -252,14 +252,16 @@ async fn set_copy_workers(
         state.created.original_sync_workers = Some(current);
         store.save(state)?;
     }
-    // ALTER SYSTEM cannot share a transaction, so each statement goes on its own.
-    let statement = format!("ALTER SYSTEM SET max_sync_workers_per_subscription = {wanted}");
     target
-        .execute("set max_sync_workers_per_subscription", &statement)
+        .set_system_setting("max_sync_workers_per_subscription", &wanted)
         .await?;
-    target
-        .execute("reload the configuration", "SELECT pg_reload_conf()")
-        .await?;
+    let now = catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
+    if now.get("max_sync_workers_per_subscription") != Some(&wanted) {
+        tracing::warn!(
+            "the target's max_sync_workers_per_subscription stays {:?}: it is set on the server's command line, which ALTER SYSTEM cannot override",
+            now.get("max_sync_workers_per_subscription")
+        );
+    }
     Ok(())
 }
 

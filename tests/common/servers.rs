@@ -214,6 +214,12 @@ impl Cluster {
             .current_dir(&dir);
         as_server_user(&mut initdb);
         run(&mut initdb, "initdb");
+        // In the configuration file, not on the command line, so that ALTER SYSTEM (switchyard's
+        // [sync] copy_workers) can change it.
+        let conf = dir.join("data").join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str("\nmax_sync_workers_per_subscription = 4\n");
+        fs::write(&conf, text).expect("write postgresql.conf");
         if tls_only {
             make_tls_only(&dir.join("data"));
         }
@@ -250,14 +256,7 @@ impl Cluster {
                 "-c",
                 "max_logical_replication_workers=48",
             ])
-            .args([
-                "-c",
-                "max_sync_workers_per_subscription=4",
-                "-c",
-                "max_replication_slots=96",
-                "-c",
-                "max_wal_senders=96",
-            ])
+            .args(["-c", "max_replication_slots=96", "-c", "max_wal_senders=96"])
             .args([
                 "-c",
                 "fsync=off",

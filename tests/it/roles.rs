@@ -55,10 +55,18 @@ async fn roles_grants_and_extensions_are_copied() {
         "{unfenceable:?}"
     );
 
+    // This migration also sets the target's table-copy parallelism; abort puts it back.
+    db.write_plan("copy_workers = 3\n");
     let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 
     let target = db.target_client().await;
+    let workers: String = target
+        .query_one("SHOW max_sync_workers_per_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, "3");
     let checks = target
         .query_one(
             "SELECT (SELECT tableowner::text FROM pg_tables WHERE tablename = 'accounts'),
@@ -108,6 +116,12 @@ async fn roles_grants_and_extensions_are_copied() {
 
     let output = db.switchyard(&["abort", "--drop-target-data"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let workers: String = target
+        .query_one("SHOW max_sync_workers_per_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, "4", "abort restores the target's setting");
     let roles: i64 = target
         .query_one(
             "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'roles\\_copy\\_%'",
