@@ -62,6 +62,15 @@ pub async fn run(
                     replication::system_identifier(target).await.map(Some),
                 );
                 sync_slots = Some(replication::sync_slot_pattern(oid, system_id));
+                // Saved before the drop: if the source cannot be reached now, a later abort
+                // still knows which table-sync slots to look for.
+                state.created.subscription = Some(crate::state::SubscriptionRecord {
+                    name: name.clone(),
+                    oid,
+                    slot: name.clone(),
+                    target_system_id: system_id,
+                });
+                store.save(&state)?;
             }
             report.dropped_subscription = report.record(
                 "drop the subscription on the target",
@@ -133,6 +142,11 @@ async fn restore_copy_workers(
     created: &Created,
 ) -> std::result::Result<(), PgError> {
     if let Some(original) = &created.original_sync_workers {
+        let now =
+            crate::pg::catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
+        if now.get("max_sync_workers_per_subscription") == Some(original) {
+            return Ok(());
+        }
         target
             .set_system_setting("max_sync_workers_per_subscription", original)
             .await?;

@@ -201,18 +201,24 @@ pub async fn inspect(
     check_selection(&mut c, &selection);
     let on_target = check_target_tables(&mut c, target, &selection, state).await?;
     check_large_objects(&mut c, source, &selection).await?;
-    check_references_to_excluded(&mut c, source, &selection).await?;
+    check_references_outside(&mut c, source, &selection).await?;
     check_long_transactions(&mut c, source).await?;
     let restored = state.created.schema.as_ref().is_some_and(|s| s.restored);
     if resuming && restored {
         for drift in crate::sync::drift::detect(plan, source, target).await? {
-            c.add(
-                Severity::Block,
-                "schema_drift",
-                drift.table,
-                drift.detail,
-                Some(drift.fix),
-            );
+            if drift.kind == "not_subscribed" {
+                // `sync` puts such tables back in the subscription and copies them again.
+                let message = format!("{}; sync copies it again", drift.detail);
+                c.add(Severity::Info, "not_subscribed", drift.table, message, None);
+            } else {
+                c.add(
+                    Severity::Block,
+                    "schema_drift",
+                    drift.table,
+                    drift.detail,
+                    Some(drift.fix),
+                );
+            }
         }
     } else if !(resuming && state.created.schema.is_some()) {
         // Only before this migration restored anything: afterwards the names are its own.
@@ -833,51 +839,44 @@ async fn unfenceable_roles(
         .collect())
 }
 
-/// Foreign keys and views in the copied schemas that point at tables the plan leaves out: the
-/// schema restore would fail on them.
-async fn check_references_to_excluded(
+/// Foreign keys from the copied tables, and views in the copied schemas, that point at tables
+/// the plan does not copy (left out by `exclude`, or in another schema): the schema restore
+/// would fail on them.
+async fn check_references_outside(
     c: &mut Checker,
     source: &Server,
     selection: &Selection,
 ) -> Result<(), PgError> {
-    if selection.excluded.is_empty() {
-        return Ok(());
-    }
-    let schemas: Vec<&str> = selection
-        .excluded
-        .iter()
-        .map(|t| t.schema.as_str())
-        .collect();
-    let names: Vec<&str> = selection.excluded.iter().map(|t| t.name.as_str()).collect();
+    let selected: Vec<u32> = selection.tables.iter().map(|t| t.oid).collect();
     let sql = r#"
-        WITH excluded AS (
-            SELECT c.oid FROM unnest($1::text[], $2::text[]) AS x(schema, name)
-              JOIN pg_namespace n ON n.nspname = x.schema JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = x.name)
         SELECT DISTINCT format('%s references %s', r.conrelid::regclass, r.confrelid::regclass)
-          FROM pg_constraint r WHERE r.contype = 'f' AND r.confrelid IN (SELECT oid FROM excluded)
-           AND r.conrelid NOT IN (SELECT oid FROM excluded)
+          FROM pg_constraint r
+         WHERE r.contype = 'f' AND r.conrelid = ANY ($1) AND NOT r.confrelid = ANY ($1)
         UNION
         SELECT DISTINCT format('view %s reads %s', v.ev_class::regclass, d.refobjid::regclass)
-          FROM pg_rewrite v JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = v.oid
-         WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid IN (SELECT oid FROM excluded)
-           AND v.ev_class NOT IN (SELECT oid FROM excluded)
-           AND v.ev_class <> d.refobjid
-           AND (SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = v.ev_class) = ANY ($3)"#;
+          FROM pg_rewrite v
+          JOIN pg_class vc ON vc.oid = v.ev_class
+          JOIN pg_namespace vn ON vn.oid = vc.relnamespace
+          JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = v.oid
+                          AND d.refclassid = 'pg_class'::regclass
+          JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p')
+         WHERE vn.nspname = ANY ($2) AND v.ev_class <> d.refobjid AND NOT d.refobjid = ANY ($1)
+           AND t.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)"#;
     let rows = source
         .query(
-            "look for references to excluded tables",
+            "look for references to tables that are not copied",
             sql,
-            &[&schemas, &names, &selection.schemas],
+            &[&selected, &selection.schemas],
         )
         .await?;
     for row in &rows {
         let what: String = row.get(0);
         c.add(
             Severity::Block,
-            "references_excluded_table",
+            "references_uncopied_table",
             what.clone(),
-            format!("{what}, which [sync] exclude leaves out: the schema copy would fail on it"),
-            Some("migrate the referenced table too, or drop the reference".into()),
+            format!("{what}, which the plan does not copy: the schema copy would fail on it"),
+            Some("add the referenced table to [sync] tables, or drop the reference".into()),
         );
     }
     Ok(())
@@ -899,6 +898,12 @@ async fn check_name_clashes(
            AND t.typcategory <> 'A'
            AND (t.typrelid = 0 OR EXISTS (SELECT 1 FROM pg_class k WHERE k.oid = t.typrelid AND k.relkind = 'c'))
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e')
+        UNION
+        SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' WHEN 'v' THEN 'VIEW ' WHEN 'm' THEN 'MATERIALIZED VIEW ' ELSE 'FOREIGN TABLE ' END
+               || format('%I.%I', n.nspname, c.relname)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = ANY ($1) AND c.relkind IN ('S', 'v', 'm', 'f')
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
         UNION
         SELECT 'FUNCTION ' || format('%I.%I(%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -930,9 +935,22 @@ async fn check_name_clashes(
     Ok(())
 }
 
-/// Transactions open on the source for more than a minute: creating the replication slot
-/// waits for every one of them to end.
+/// Transactions open on the source for more than a minute, and prepared transactions:
+/// creating the replication slot waits for every one of them to end.
 async fn check_long_transactions(c: &mut Checker, source: &Server) -> Result<(), PgError> {
+    let prepared = source
+        .query("look for prepared transactions", "SELECT gid, extract(epoch FROM now() - prepared)::int8 FROM pg_prepared_xacts ORDER BY prepared", &[])
+        .await?;
+    for row in &prepared {
+        let (gid, secs): (String, i64) = (row.get(0), row.get(1));
+        c.add(
+            Severity::Block,
+            "prepared_transaction",
+            format!("prepared transaction {gid}"),
+            format!("prepared {secs} s ago and still open: creating the replication slot would wait for it for ever"),
+            Some(format!("COMMIT PREPARED {};  -- or ROLLBACK PREPARED, on the source", sql::literal(&gid))),
+        );
+    }
     let rows = source
         .query(
             "look for long transactions",

@@ -30,7 +30,7 @@ pub enum StateError {
         found: String,
         expected: String,
     },
-    #[error("another switchyard is working on this migration: {holder} (lock {path}); wait for it, or delete the lock file if that process is gone")]
+    #[error("another switchyard is working on this migration: {holder} (lock {path}); wait for it to finish, or stop it")]
     Locked { path: String, holder: String },
 }
 

@@ -61,7 +61,34 @@ pub async fn detect(plan: &Plan, source: &Server, target: &Server) -> Result<Vec
             }
         }
     }
+    drift.extend(unsubscribed(plan, target, &selection, &on_target).await?);
     Ok(drift)
+}
+
+/// Tables on both sides that the subscription does not carry (a partition made on the target
+/// without the refresh): their rows would be skipped without a word.
+async fn unsubscribed(
+    plan: &Plan,
+    target: &Server,
+    selection: &catalog::Selection,
+    on_target: &std::collections::BTreeMap<TableName, Vec<Column>>,
+) -> Result<Vec<Drift>, PgError> {
+    let name = plan.replication_name();
+    let Some(oid) = super::replication::subscription_oid(target, &name).await? else {
+        return Ok(Vec::new());
+    };
+    let subscribed = super::replication::subscribed_tables(target, oid).await?;
+    Ok(selection
+        .leaves()
+        .filter(|t| on_target.contains_key(&t.name) && !subscribed.contains(&t.name))
+        .map(|t| Drift {
+            table: t.name.to_string(),
+            kind: "not_subscribed",
+            column: None,
+            detail: "exists on both sides, but the subscription does not carry it".into(),
+            fix: format!("ALTER SUBSCRIPTION {} REFRESH PUBLICATION;  -- on the target, or run `switchyard sync`", sql::ident(&name)),
+        })
+        .collect())
 }
 
 fn create_table_sql(table: &TableName, columns: &[Column]) -> String {

@@ -71,6 +71,12 @@ pub async fn run(
     let next =
         "run `switchyard sync` again to carry on, or `switchyard abort` to remove what was created";
     if state.phase == Phase::Planned {
+        // A schema kept by an earlier `abort` and dropped since by the operator is copied again.
+        if let Some(record) = &state.created.schema {
+            if !schema::was_restored(&servers.target, record).await? {
+                state.created.schema = None;
+            }
+        }
         state.set_phase(Phase::Syncing);
         store.save(&state)?;
     }
@@ -84,7 +90,8 @@ pub async fn run(
     // Waiting only reads: let `abort` or `status` act meanwhile, and take the lock back for
     // the last steps.
     drop(lock);
-    let mut status = wait_until_caught_up(plan, &state, &servers, options.timeout, observe).await?;
+    let mut status =
+        wait_until_caught_up(plan, store, &state, &servers, options.timeout, observe).await?;
     let _lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     if state.phase == Phase::Planned {
@@ -162,20 +169,29 @@ async fn set_up(
         done(state, store, "publication")?;
     }
 
-    // Tables the plan selects but the publication lacks: added to the plan since the last
-    // run, or taken out by a re-copy that did not finish.
-    let published = replication::published_tables(source, &name).await?;
-    let missing: Vec<TableName> = inspection
+    // Tables the plan selects but the publication or the subscription lacks: added to the
+    // plan since the last run, or left out by a re-copy that did not finish.
+    let roots: Vec<TableName> = inspection
         .selection
         .published()
         .iter()
         .map(|t| t.name.clone())
-        .filter(|t| !published.contains(t))
         .collect();
-    if !missing.is_empty() {
-        begin(state, store, "add tables")?;
-        replication::add_tables(source, target, &name, &missing).await?;
-        done(state, store, "add tables")?;
+    let leaves: Vec<TableName> = inspection
+        .selection
+        .leaves()
+        .map(|t| t.name.clone())
+        .collect();
+    let recopied =
+        replication::reconcile_membership(source, target, &name, &roots, &leaves).await?;
+    if !recopied.is_empty() {
+        let names: Vec<String> = recopied.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "the subscription lacked {}: copying them again",
+            names.join(", ")
+        );
+        state.note(format!("copy again {}", names.join(", ")));
+        store.save(state)?;
     }
 
     if replication::subscription_oid(target, &name)
@@ -197,6 +213,18 @@ async fn set_up(
             target_system_id: Some(replication::system_identifier(target).await?),
         });
         done(state, store, "subscription")?;
+    } else if let Some(oid) = replication::subscription_oid(target, &name).await? {
+        // Made by a run that died before it could record it (Ctrl-C while CREATE SUBSCRIPTION
+        // waited): record it now, so that abort finds its table-sync slots.
+        if state.created.subscription.as_ref().map(|s| s.oid) != Some(oid) {
+            state.created.subscription = Some(SubscriptionRecord {
+                name: name.clone(),
+                oid,
+                slot: name.clone(),
+                target_system_id: Some(replication::system_identifier(target).await?),
+            });
+            store.save(state)?;
+        }
     }
     Ok(())
 }
@@ -252,16 +280,22 @@ async fn set_copy_workers(
         state.created.original_sync_workers = Some(current);
         store.save(state)?;
     }
+    // A value from the server's command line outranks ALTER SYSTEM.
+    let source: String = target
+        .query_one(
+            "read where the setting comes from",
+            "SELECT source FROM pg_settings WHERE name = 'max_sync_workers_per_subscription'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if source == "command line" {
+        tracing::warn!("[sync] copy_workers is ignored: the target's max_sync_workers_per_subscription is set on its command line, which ALTER SYSTEM cannot override");
+        return Ok(());
+    }
     target
         .set_system_setting("max_sync_workers_per_subscription", &wanted)
         .await?;
-    let now = catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
-    if now.get("max_sync_workers_per_subscription") != Some(&wanted) {
-        tracing::warn!(
-            "the target's max_sync_workers_per_subscription stays {:?}: it is set on the server's command line, which ALTER SYSTEM cannot override",
-            now.get("max_sync_workers_per_subscription")
-        );
-    }
     Ok(())
 }
 
@@ -285,6 +319,7 @@ pub async fn copy_sequences_now(
 /// Polls until every table streams and the lag is within `[sync] max_lag_bytes`.
 pub async fn wait_until_caught_up(
     plan: &Plan,
+    store: &dyn StateStore,
     state: &State,
     servers: &Servers,
     timeout: Option<Duration>,
@@ -297,7 +332,7 @@ pub async fn wait_until_caught_up(
     loop {
         let mut status = status::read(plan, state, &servers.source, &servers.target, false).await?;
         observe(&status);
-        recopy_lost_tables(plan, servers, &status, &mut lost_copies).await?;
+        recopy_lost_tables(plan, store, servers, &status, &mut lost_copies).await?;
         if status.caught_up(plan.sync.max_lag_bytes) {
             // The lag says nothing about DDL: look for drift once before calling it caught up.
             status.drift = drift::detect(plan, &servers.source, &servers.target).await?;
@@ -366,6 +401,7 @@ pub async fn wait_until_caught_up(
 /// records the copy as done, and one poll may fall in between.
 async fn recopy_lost_tables(
     plan: &Plan,
+    store: &dyn StateStore,
     servers: &Servers,
     status: &Status,
     seen: &mut HashMap<String, u32>,
@@ -385,6 +421,14 @@ async fn recopy_lost_tables(
         let Some(root) = &table.published_as else {
             continue;
         };
+        // The wait runs without the lock; a re-copy changes things, so it takes the lock and
+        // makes sure nobody aborted meanwhile.
+        let _lock = store.lock("sync (copying a table again)")?;
+        if state::load_or_new(store, &plan.name.0)?.phase == Phase::Planned {
+            return Err(Error::Refused(
+                "the migration was aborted while sync waited".into(),
+            ));
+        }
         tracing::warn!(table = %table.name, "the copy of this table lost its table-sync slot; copying {root} again");
         replication::recopy_table(
             &servers.source,

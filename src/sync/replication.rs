@@ -49,71 +49,137 @@ pub async fn published_tables(source: &Server, name: &str) -> Result<Vec<TableNa
         .collect())
 }
 
-/// Adds tables to the publication and has the subscription (if any) pick them up and copy them.
-pub async fn add_tables(
+/// Tables the subscription copies or streams, as the target names them.
+pub async fn subscribed_tables(
+    target: &Server,
+    subscription_oid: u32,
+) -> Result<Vec<TableName>, PgError> {
+    let rows = target
+        .query(
+            "list subscribed tables",
+            "SELECT n.nspname::text, c.relname::text FROM pg_subscription_rel r
+               JOIN pg_class c ON c.oid = r.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE r.srsubid = $1",
+            &[&subscription_oid],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Makes the publication list every root in `roots` and the subscription hold every table in
+/// `leaves`. A table the subscription lacks receives no changes, so whatever the target holds
+/// of it is stale: it is emptied before the subscription copies it again. This is also how an
+/// interrupted re-copy is finished.
+pub async fn reconcile_membership(
     source: &Server,
     target: &Server,
     name: &str,
-    tables: &[TableName],
-) -> Result<(), PgError> {
-    let list: Vec<String> = tables.iter().map(TableName::sql).collect();
-    source
-        .execute(
-            "add tables to the publication",
-            &format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                sql::ident(name),
-                list.join(", ")
-            ),
-        )
-        .await?;
-    if subscription_oid(target, name).await?.is_some() {
-        target
-            .execute(
-                "refresh the subscription",
-                &format!(
-                    "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)",
-                    sql::ident(name)
-                ),
-            )
+    roots: &[TableName],
+    leaves: &[TableName],
+) -> Result<Vec<TableName>, PgError> {
+    let published = published_tables(source, name).await?;
+    let unpublished: Vec<String> = roots
+        .iter()
+        .filter(|t| !published.contains(t))
+        .map(TableName::sql)
+        .collect();
+    if !unpublished.is_empty() {
+        let statement = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            sql::ident(name),
+            unpublished.join(", ")
+        );
+        source
+            .execute("add tables to the publication", &statement)
             .await?;
     }
-    Ok(())
+    let Some(oid) = subscription_oid(target, name).await? else {
+        return Ok(Vec::new());
+    };
+    let subscribed = subscribed_tables(target, oid).await?;
+    let missing: Vec<TableName> = leaves
+        .iter()
+        .filter(|t| !subscribed.contains(t))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    empty_on_target(target, &missing).await?;
+    let refresh = format!(
+        "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)",
+        sql::ident(name)
+    );
+    target.execute("refresh the subscription", &refresh).await?;
+    Ok(missing)
 }
 
-/// Copies a table again from scratch: out of the publication and the subscription, emptied on
-/// the target, and back in with a fresh copy. Changes made meanwhile on the source are in the
-/// new copy's snapshot or streamed after it. Each step can be repeated: a run that dies in
-/// between is finished by the next `sync` (it puts missing tables back in the publication).
+/// Deletes every row of `tables` on the target in replica mode, as the apply itself runs:
+/// foreign keys pointing at them do not stop it, and the rows come back with the copy.
+async fn empty_on_target(target: &Server, tables: &[TableName]) -> Result<(), PgError> {
+    let deletes: Vec<String> = tables
+        .iter()
+        .map(|t| format!("DELETE FROM ONLY {}", t.sql()))
+        .collect();
+    let statement = format!(
+        "SET LOCAL session_replication_role = replica; {}",
+        deletes.join("; ")
+    );
+    target
+        .execute(
+            "empty tables on the target before copying them again",
+            &format!("BEGIN; {statement}; COMMIT"),
+        )
+        .await
+}
+
+/// Copies a table (a partition root: all its partitions) again from scratch: out of the
+/// publication and the subscription, emptied, and back with a fresh copy. Changes made
+/// meanwhile on the source are in the new copy's snapshot or streamed after it. A run that
+/// dies half-way is finished by [`reconcile_membership`], which every `sync` runs.
 pub async fn recopy_table(
     source: &Server,
     target: &Server,
     name: &str,
-    table: &TableName,
+    root: &TableName,
 ) -> Result<(), PgError> {
-    let (publication, subscription) = (sql::ident(name), sql::ident(name));
-    if published_tables(source, name).await?.contains(table) {
+    if published_tables(source, name).await?.contains(root) {
+        let statement = format!(
+            "ALTER PUBLICATION {} DROP TABLE {}",
+            sql::ident(name),
+            root.sql()
+        );
         source
-            .execute(
-                "take the table out of the publication",
-                &format!("ALTER PUBLICATION {publication} DROP TABLE {}", table.sql()),
-            )
+            .execute("take the table out of the publication", &statement)
             .await?;
     }
-    target
-        .execute(
-            "refresh the subscription",
-            &format!(
-                "ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION WITH (copy_data = false)"
-            ),
+    let refresh = format!(
+        "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)",
+        sql::ident(name)
+    );
+    target.execute("refresh the subscription", &refresh).await?;
+    let rows = target
+        .query(
+            "list partitions",
+            "SELECT n.nspname::text, c.relname::text FROM pg_partition_tree($1::text::regclass) t
+               JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.isleaf",
+            &[&root.sql()],
         )
         .await?;
-    // Replica mode, as the apply itself runs: foreign keys pointing at the table do not stop
-    // the delete, and the rows come back with the copy.
-    target
-        .execute("empty the table on the target", &format!("SET session_replication_role = replica; DELETE FROM {}; RESET session_replication_role", table.sql()))
-        .await?;
-    add_tables(source, target, name, std::slice::from_ref(table)).await
+    // pg_partition_tree has no rows for a table outside any partitioning: it is its own leaf.
+    let mut leaves: Vec<TableName> = rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    if leaves.is_empty() {
+        leaves.push(root.clone());
+    }
+    reconcile_membership(source, target, name, std::slice::from_ref(root), &leaves).await?;
+    Ok(())
 }
 
 /// The subscription's OID on the target, if it exists in the current database.

@@ -76,7 +76,9 @@ impl Status {
                 .is_some_and(|lag| lag >= 0 && lag as u64 <= max_lag_bytes)
     }
 
-    /// Conditions that must be fixed before the migration can go on.
+    /// Conditions that must be fixed before the migration can go on. (A failing apply is not
+    /// among them here: one reading cannot tell a failing worker from one that restarts;
+    /// `sync --wait` watches the error count grow.)
     pub fn blockers(&self) -> Vec<String> {
         let mut blockers: Vec<String> = self
             .drift
@@ -85,18 +87,6 @@ impl Status {
             .collect();
         if self.slot_lost {
             blockers.push("the source invalidated the replication slot (WAL past max_slot_wal_keep_size): run `switchyard abort --drop-target-data` and sync again".into());
-        }
-        if self.subscription.is_some()
-            && self.enabled
-            && !self.worker_running
-            && self.apply_errors > 0
-        {
-            blockers.push(format!(
-                "the apply worker is failing: {}",
-                self.last_error
-                    .as_deref()
-                    .unwrap_or("see the target's server log")
-            ));
         }
         blockers
     }
