@@ -7,4 +7,5 @@ pub mod state;
 
 pub use error::{Error, Exit, Result};
 pub mod cutover;
+pub mod proxy;
 pub mod sync;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use interpolate::interpolate;
-pub use values::{Dur, EnvString, PgUrl, PlanName, TablePattern};
+pub use values::{Dur, EnvString, ListenAddr, PgUrl, PlanName, TablePattern};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -41,6 +41,8 @@ pub struct Plan {
     pub sync: SyncSettings,
     #[serde(default)]
     pub state: StateSettings,
+    #[serde(default)]
+    pub proxy: ProxySettings,
     /// The file the plan was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -80,6 +82,136 @@ pub struct SyncSettings {
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
     pub path: Option<EnvString>,
+}
+
+/// How applications reach the database: `switchyard proxy`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    #[serde(default = "default_listen")]
+    pub listen: ListenAddr,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: ListenAddr,
+    /// The environment variable that holds the bearer token of the control endpoints.
+    #[serde(default = "default_admin_token_env")]
+    pub admin_token_env: EnvString,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: u32,
+    /// A client waiting longer than this for a server connection gets an error.
+    #[serde(default = "default_query_wait_timeout")]
+    pub query_wait_timeout: Dur,
+    /// Server connections idle for longer are closed.
+    #[serde(default = "default_server_idle_timeout")]
+    pub server_idle_timeout: Dur,
+    /// Server connections idle for longer are checked with a round trip before use.
+    #[serde(default = "default_server_check_delay")]
+    pub server_check_delay: Dur,
+    #[serde(default = "default_server_connect_timeout")]
+    pub server_connect_timeout: Dur,
+    /// A client that has not logged in after this long is disconnected.
+    #[serde(default = "default_client_login_timeout")]
+    pub client_login_timeout: Dur,
+    /// A pause ends by itself after this long.
+    #[serde(default = "default_max_pause")]
+    pub max_pause: Dur,
+    /// On SIGTERM, open transactions get this long to finish.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+    #[serde(default)]
+    pub users: Vec<ProxyUser>,
+}
+
+/// An application role: clients log in to the proxy with it, and the proxy logs in to the
+/// servers as the same role with the same password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUser {
+    pub name: EnvString,
+    pub password_env: EnvString,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per transaction.
+    #[default]
+    Transaction,
+    /// A server connection per client session.
+    Session,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            admin_token_env: default_admin_token_env(),
+            pool_mode: PoolMode::default(),
+            pool_size: default_pool_size(),
+            max_client_connections: default_max_client_connections(),
+            query_wait_timeout: default_query_wait_timeout(),
+            server_idle_timeout: default_server_idle_timeout(),
+            server_check_delay: default_server_check_delay(),
+            server_connect_timeout: default_server_connect_timeout(),
+            client_login_timeout: default_client_login_timeout(),
+            max_pause: default_max_pause(),
+            shutdown_timeout: default_shutdown_timeout(),
+            users: Vec::new(),
+        }
+    }
+}
+
+fn default_listen() -> ListenAddr {
+    ListenAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 6432)))
+}
+
+fn default_admin_listen() -> ListenAddr {
+    ListenAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 9187)))
+}
+
+fn default_admin_token_env() -> EnvString {
+    EnvString("SWITCHYARD_ADMIN_TOKEN".into())
+}
+
+fn default_pool_size() -> u32 {
+    20
+}
+
+fn default_max_client_connections() -> u32 {
+    5000
+}
+
+fn default_query_wait_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_server_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+
+fn default_server_check_delay() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_server_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+fn default_client_login_timeout() -> Dur {
+    Dur(Duration::from_secs(15))
+}
+
+fn default_max_pause() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_shutdown_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 
 fn default_connect_timeout() -> Dur {

@@ -144,6 +144,21 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// An address to listen on, `host:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub std::net::SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = env_string(deserializer)?;
+        raw.parse().map(ListenAddr).map_err(|_| {
+            de::Error::custom(format!(
+                "{raw:?} is not an address to listen on; write e.g. \"127.0.0.1:6432\""
+            ))
+        })
+    }
+}
+
 /// A `schema.table` pattern; `*` matches any run of characters and `?` any one character.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TablePattern {

@@ -1,0 +1,186 @@
+//! `switchyard proxy`: the PostgreSQL pooler applications connect to instead of the database.
+//!
+//! Clients log in with SCRAM-SHA-256 as one of the plan's `[[proxy.users]]`; the proxy logs in
+//! to the current primary as the same role, so the database's own grants apply and a cutover
+//! can fence application roles. Frames are forwarded as they come; only the messages a pooler
+//! must understand are parsed.
+
+pub mod auth;
+pub mod control;
+pub mod pool;
+pub mod protocol;
+mod session;
+mod settings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::plan::{Endpoint, Plan, PoolMode, ProxySettings};
+use auth::scram::Verifier;
+use control::Control;
+use pool::{Pool, ServerManager, ServerTarget};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "[proxy] users is empty: add at least one [[proxy.users]] with a name and password_env"
+    )]
+    NoUsers,
+    #[error("environment variable {var} (password of proxy user {user}) is not set")]
+    MissingPassword { user: String, var: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A proxy user as the proxy needs it: the verifier for clients and a pool towards the server.
+pub struct User {
+    pub verifier: Verifier,
+    pub pool: Pool,
+}
+
+/// Where a client's query runs right now, for forwarding a CancelRequest there.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelTarget {
+    pub addr: std::net::SocketAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// State shared by every session.
+pub struct Shared {
+    pub settings: ProxySettings,
+    pub database: String,
+    pub users: HashMap<String, User>,
+    pub control: Control,
+    /// Our (process id, secret key) handed to each client → where its query runs now.
+    pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    pub clients: AtomicUsize,
+    client_slots: Arc<Semaphore>,
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Builds the pools towards `primary` (the source before a cutover). Nothing connects yet:
+    /// the proxy starts even when the server is down and connects on first use.
+    pub fn new(plan: &Plan, primary: &Endpoint) -> Result<Shared, ProxyError> {
+        let settings = plan.proxy.clone();
+        if settings.users.is_empty() {
+            return Err(ProxyError::NoUsers);
+        }
+        let url = &primary.url;
+        let mut users = HashMap::new();
+        for user in &settings.users {
+            let name = user.name.0.clone();
+            let password =
+                std::env::var(&user.password_env.0).map_err(|_| ProxyError::MissingPassword {
+                    user: name.clone(),
+                    var: user.password_env.0.clone(),
+                })?;
+            let target = ServerTarget {
+                host: url.host(),
+                port: url.port(),
+                database: url.dbname().to_string(),
+                user: name.clone(),
+                password: password.clone(),
+                application_name: "switchyard-proxy".into(),
+            };
+            let manager = ServerManager {
+                target: Arc::new(target),
+                connect_timeout: settings.server_connect_timeout.0,
+                check_after: settings.server_check_delay.0,
+            };
+            let pool = bb8::Pool::builder()
+                .max_size(settings.pool_size.max(1))
+                .min_idle(None)
+                .connection_timeout(settings.query_wait_timeout.0)
+                .idle_timeout(Some(settings.server_idle_timeout.0))
+                .max_lifetime(None)
+                .test_on_check_out(true)
+                .build_unchecked(manager);
+            users.insert(
+                name,
+                User {
+                    verifier: Verifier::from_password(&password),
+                    pool,
+                },
+            );
+        }
+        Ok(Shared {
+            database: url.dbname().to_string(),
+            client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
+            settings,
+            users,
+            control: Control::default(),
+            cancels: Mutex::new(HashMap::new()),
+            clients: AtomicUsize::new(0),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn pool_mode(&self) -> PoolMode {
+        self.settings.pool_mode
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Accepts clients until `shutdown` resolves, then lets sessions finish their transactions up
+/// to `[proxy] shutdown_timeout`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    match shared.client_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(async move {
+                                shared.clients.fetch_add(1, Ordering::Relaxed);
+                                session::run(shared.clone(), stream).await;
+                                shared.clients.fetch_sub(1, Ordering::Relaxed);
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "max_client_connections reached; refusing a client");
+                            tokio::spawn(session::refuse(stream, "53300", "sorry, too many clients already"));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    tracing::info!("stopped accepting clients; waiting for open transactions to finish");
+    if !shared
+        .control
+        .wait_idle(shared.settings.shutdown_timeout.0)
+        .await
+    {
+        tracing::warn!(
+            active = shared.control.active(),
+            "shutdown_timeout reached with transactions still open"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! One raw server connection: connected, logged in as the application's own role, and kept
+//! as frames so that sessions can forward bytes without parsing them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::proxy::protocol::backend::error_fields;
+use crate::proxy::protocol::codec::CodecError;
+use crate::proxy::protocol::{body, tag, Frame, PgCodec};
+
+/// Where and as whom a pool's connections log in.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub application_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot reach {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    #[error("the server refused the login: {0}")]
+    Refused(String),
+    #[error("the server sent an unexpected message during login: {0}")]
+    Protocol(String),
+    #[error("the server connection closed")]
+    Closed,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+pub struct ServerConn {
+    pub reader: FramedRead<OwnedReadHalf, PgCodec>,
+    pub writer: FramedWrite<OwnedWriteHalf, PgCodec>,
+    /// The server's session parameters as it reported them, plus what the proxy SET.
+    pub params: HashMap<String, String>,
+    pub process_id: i32,
+    pub secret_key: i32,
+    pub addr: SocketAddr,
+    /// Prepared statements (proxy names) that exist on this connection.
+    pub prepared: HashSet<String>,
+    /// Session settings clients made on this connection, name → value as SQL.
+    pub applied: std::collections::BTreeMap<String, String>,
+    /// Set when the connection must not be reused (it broke, or a client left it mid-way).
+    pub broken: bool,
+    pub idle_since: Instant,
+}
+
+impl ServerConn {
+    pub async fn connect(
+        target: &ServerTarget,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
+        let address = format!("{}:{}", target.host, target.port);
+        let login = async {
+            let stream = TcpStream::connect(&address)
+                .await
+                .map_err(|e| ServerError::Connect(address.clone(), e))?;
+            let _ = stream.set_nodelay(true);
+            let addr = stream
+                .peer_addr()
+                .map_err(|e| ServerError::Connect(address.clone(), e))?;
+            let (read, write) = stream.into_split();
+            let mut conn = ServerConn {
+                reader: FramedRead::new(read, PgCodec::typed()),
+                writer: FramedWrite::new(write, PgCodec::typed()),
+                params: HashMap::new(),
+                process_id: 0,
+                secret_key: 0,
+                addr,
+                prepared: HashSet::new(),
+                applied: Default::default(),
+                broken: false,
+                idle_since: Instant::now(),
+            };
+            conn.login(target).await?;
+            Ok(conn)
+        };
+        tokio::time::timeout(timeout, login)
+            .await
+            .map_err(|_| ServerError::Timeout(address.clone()))?
+    }
+
+    pub async fn send(&mut self, frame: Bytes) -> Result<(), ServerError> {
+        self.writer.send(frame).await.map_err(ServerError::from)
+    }
+
+    pub async fn recv(&mut self) -> Result<Bytes, ServerError> {
+        match self.reader.next().await {
+            Some(Ok(Frame::Message(frame))) => Ok(frame),
+            Some(Ok(Frame::Startup(_))) => {
+                Err(ServerError::Protocol("startup packet from a server".into()))
+            }
+            Some(Err(e)) => Err(e.into()),
+            None => Err(ServerError::Closed),
+        }
+    }
+
+    async fn login(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
+        let mut buf = BytesMut::new();
+        let params = [
+            ("user", target.user.as_str()),
+            ("database", target.database.as_str()),
+            ("application_name", target.application_name.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut buf)
+            .map_err(|e| ServerError::Protocol(e.to_string()))?;
+        self.send(buf.split().freeze()).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.recv().await?;
+            match tag(&frame) {
+                b'R' => self.authenticate(target, &frame, &mut scram).await?,
+                b'S' => {
+                    let mut b = body(&frame);
+                    if let (Some(k), Some(v)) = (
+                        crate::proxy::protocol::startup::cstr(&mut b),
+                        crate::proxy::protocol::startup::cstr(&mut b),
+                    ) {
+                        self.params.insert(k, v);
+                    }
+                }
+                b'K' => {
+                    let mut b = body(&frame);
+                    if b.len() >= 8 {
+                        self.process_id = b.get_i32();
+                        self.secret_key = b.get_i32();
+                    }
+                }
+                b'Z' => return Ok(()),
+                b'E' => return Err(ServerError::Refused(error_fields(body(&frame)).1)),
+                b'N' => {}
+                other => {
+                    return Err(ServerError::Protocol(format!(
+                        "message type {:?}",
+                        other as char
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        target: &ServerTarget,
+        frame: &Bytes,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), ServerError> {
+        let mut b = body(frame);
+        if b.len() < 4 {
+            return Err(ServerError::Protocol("short authentication request".into()));
+        }
+        let code = b.get_u32();
+        let mut out = BytesMut::new();
+        let encode_error = |e: std::io::Error| ServerError::Protocol(e.to_string());
+        match code {
+            0 => return Ok(()),
+            3 => frontend::password_message(target.password.as_bytes(), &mut out)
+                .map_err(encode_error)?,
+            5 if b.len() >= 4 => {
+                let salt = [b[0], b[1], b[2], b[3]];
+                let hashed = postgres_protocol::authentication::md5_hash(
+                    target.user.as_bytes(),
+                    target.password.as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hashed.as_bytes(), &mut out).map_err(encode_error)?;
+            }
+            10 => {
+                let mechanisms = String::from_utf8_lossy(b);
+                if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
+                    return Err(ServerError::Refused(format!(
+                        "no supported SASL mechanism in {mechanisms:?}"
+                    )));
+                }
+                let client =
+                    ScramSha256::new(target.password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out)
+                    .map_err(encode_error)?;
+                *scram = Some(client);
+            }
+            11 => {
+                let client = scram.as_mut().ok_or_else(|| {
+                    ServerError::Protocol("SASL continue before SASL start".into())
+                })?;
+                client
+                    .update(b)
+                    .map_err(|e| ServerError::Refused(e.to_string()))?;
+                frontend::sasl_response(client.message(), &mut out).map_err(encode_error)?;
+            }
+            12 => {
+                let client = scram
+                    .as_mut()
+                    .ok_or_else(|| ServerError::Protocol("SASL final before SASL start".into()))?;
+                client.finish(b).map_err(|e| {
+                    ServerError::Refused(format!("the server's SCRAM signature is wrong: {e}"))
+                })?;
+                return Ok(());
+            }
+            other => {
+                return Err(ServerError::Refused(format!(
+                    "authentication method {other} is not supported"
+                )))
+            }
+        }
+        self.send(out.freeze()).await
+    }
+
+    /// A quick round trip (an empty query) to prove the connection still works.
+    pub async fn ping(&mut self) -> Result<(), ServerError> {
+        self.send(crate::proxy::protocol::frontend::query(""))
+            .await?;
+        loop {
+            let frame = self.recv().await?;
+            if tag(&frame) == b'Z' {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Messages the proxy itself sends to clients (everything else is forwarded from a server).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(tag);
+    buf.put_u32(0);
+    body(&mut buf);
+    let len = (buf.len() - 1) as u32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+pub fn authentication_ok() -> Bytes {
+    message(b'R', |b| b.put_u32(0))
+}
+
+pub fn authentication_sasl(mechanisms: &[&str]) -> Bytes {
+    message(b'R', |b| {
+        b.put_u32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    })
+}
+
+pub fn authentication_sasl_continue(data: &[u8]) -> Bytes {
+    message(b'R', |b| {
+        b.put_u32(11);
+        b.put_slice(data);
+    })
+}
+
+pub fn authentication_sasl_final(data: &[u8]) -> Bytes {
+    message(b'R', |b| {
+        b.put_u32(12);
+        b.put_slice(data);
+    })
+}
+
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    message(b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    })
+}
+
+pub fn backend_key_data(process_id: i32, secret_key: i32) -> Bytes {
+    message(b'K', |b| {
+        b.put_i32(process_id);
+        b.put_i32(secret_key);
+    })
+}
+
+pub fn ready_for_query(status: u8) -> Bytes {
+    message(b'Z', |b| b.put_u8(status))
+}
+
+pub fn close_complete() -> Bytes {
+    message(b'3', |_| {})
+}
+
+/// `ERROR` or `FATAL` with a SQLSTATE, as PostgreSQL itself would send it.
+pub fn error_response(severity: &str, code: &str, text: &str) -> Bytes {
+    message(b'E', |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', text),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    })
+}
+
+/// The single byte that answers SSLRequest and GSSENCRequest with "no".
+pub fn refuse_encryption() -> Bytes {
+    Bytes::from_static(b"N")
+}
+
+/// Reads SQLSTATE and message out of an ErrorResponse body, for logs and metrics.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut text) = (String::new(), String::new());
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match field {
+            b'C' => code = value,
+            b'M' => text = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    (code, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_cover_the_body() {
+        let rfq = ready_for_query(b'I');
+        assert_eq!(&rfq[..], b"Z\0\0\0\x05I");
+        let err = error_response(
+            "FATAL",
+            "28P01",
+            "password authentication failed for user \"app\"",
+        );
+        assert_eq!(
+            u32::from_be_bytes([err[1], err[2], err[3], err[4]]) as usize,
+            err.len() - 1
+        );
+        assert_eq!(
+            error_fields(&err[5..]),
+            (
+                "28P01".to_string(),
+                "password authentication failed for user \"app\"".to_string()
+            )
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The client messages the proxy must look into: Parse, Bind, Describe and Close (to map
+//! prepared-statement names) and Query (for SET and LISTEN). Rewritten messages are rebuilt;
+//! everything else is forwarded untouched.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::codec::body;
+use super::startup::cstr;
+
+/// Parse: statement name, query, and the rest (parameter types) as it came.
+pub struct Parse<'a> {
+    pub name: String,
+    pub query: String,
+    pub rest: &'a [u8],
+}
+
+pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
+    let mut buf = body(frame);
+    let name = cstr(&mut buf)?;
+    let query = cstr(&mut buf)?;
+    Some(Parse {
+        name,
+        query,
+        rest: buf,
+    })
+}
+
+/// Rebuilds a Parse under another statement name.
+pub fn rename_parse(parse: &Parse<'_>, name: &str) -> Bytes {
+    rebuild(b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, &parse.query);
+        b.put_slice(parse.rest);
+    })
+}
+
+/// Bind: (portal, statement), with the offset where the rest starts.
+pub fn bind_statement(frame: &Bytes) -> Option<(String, String, usize)> {
+    let mut buf = body(frame);
+    let before = buf.len();
+    let portal = cstr(&mut buf)?;
+    let statement = cstr(&mut buf)?;
+    Some((portal, statement, 5 + before - buf.len()))
+}
+
+pub fn rename_bind(frame: &Bytes, portal: &str, statement: &str, rest_at: usize) -> Bytes {
+    rebuild(b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_slice(&frame[rest_at..]);
+    })
+}
+
+/// Describe or Close: ('S' or 'P', name).
+pub fn target(frame: &Bytes) -> Option<(u8, String)> {
+    let (&kind, mut rest) = body(frame).split_first()?;
+    let name = cstr(&mut rest)?;
+    Some((kind, name))
+}
+
+pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
+    rebuild(tag, |b| {
+        b.put_u8(kind);
+        put_cstr(b, name);
+    })
+}
+
+/// The text of a simple Query.
+pub fn query_text(frame: &Bytes) -> Option<&str> {
+    let body = body(frame);
+    let end = body.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&body[..end]).ok()
+}
+
+pub fn query(text: &str) -> Bytes {
+    rebuild(b'Q', |b| put_cstr(b, text))
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+fn rebuild(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(tag);
+    buf.put_u32(0);
+    body(&mut buf);
+    let len = (buf.len() - 1) as u32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_bind_round_trip_under_new_names() {
+        let parse = rebuild(b'P', |b| {
+            put_cstr(b, "s1");
+            put_cstr(b, "SELECT $1");
+            b.put_slice(&[0, 1, 0, 0, 0, 23]);
+        });
+        let p = parse_message(&parse).unwrap();
+        assert_eq!((p.name.as_str(), p.query.as_str()), ("s1", "SELECT $1"));
+        let renamed = rename_parse(&p, "sy_1");
+        let q = parse_message(&renamed).unwrap();
+        assert_eq!(
+            (q.name.as_str(), q.query.as_str(), q.rest),
+            ("sy_1", "SELECT $1", &[0u8, 1, 0, 0, 0, 23][..])
+        );
+
+        let bind = rebuild(b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "s1");
+            b.put_slice(&[0, 0, 0, 0, 0, 0]);
+        });
+        let (portal, statement, rest_at) = bind_statement(&bind).unwrap();
+        assert_eq!((portal.as_str(), statement.as_str()), ("", "s1"));
+        let renamed = rename_bind(&bind, &portal, "sy_1", rest_at);
+        assert_eq!(bind_statement(&renamed).unwrap().1, "sy_1");
+        assert_eq!(&renamed[renamed.len() - 6..], &[0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn describe_and_close_targets() {
+        let close = rebuild_target(b'C', b'S', "s1");
+        assert_eq!(target(&close), Some((b'S', "s1".to_string())));
+        assert_eq!(query_text(&query("SET x = 1")), Some("SET x = 1"));
+    }
+}

@@ -1,0 +1,848 @@
+//! One client's life: startup and authentication, then forwarding between the client and a
+//! server connection — held for the whole session in session mode, and only while a
+//! transaction runs in transaction mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::auth::scram::{ScramError, ScramServer};
+use super::pool::{Pooled, ServerConn};
+use super::protocol::codec::CodecError;
+use super::protocol::startup::{self, cstr, Startup};
+use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
+use super::settings::{self, SettingChange};
+use super::{CancelTarget, Shared};
+use crate::pg::sql;
+use crate::plan::PoolMode;
+
+type ClientReader = FramedRead<OwnedReadHalf, PgCodec>;
+type ClientWriter = FramedWrite<OwnedWriteHalf, PgCodec>;
+
+/// An error that ends the session, sent to the client as FATAL.
+struct Fatal {
+    code: &'static str,
+    message: String,
+}
+
+impl Fatal {
+    fn new(code: &'static str, message: impl Into<String>) -> Fatal {
+        Fatal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Says no to a client before its session starts (too many clients).
+pub async fn refuse(stream: TcpStream, code: &'static str, message: &'static str) {
+    let (_read, write) = stream.into_split();
+    let mut writer = FramedWrite::new(write, PgCodec::typed());
+    let _ = writer
+        .send(backend::error_response("FATAL", code, message))
+        .await;
+}
+
+pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, PgCodec::startup());
+    let mut writer = FramedWrite::new(write, PgCodec::typed());
+    let login = tokio::time::timeout(
+        shared.settings.client_login_timeout.0,
+        login(&shared, &mut reader, &mut writer),
+    )
+    .await;
+    let logged_in = match login {
+        Ok(Ok(Some(logged_in))) => logged_in,
+        Ok(Ok(None)) => return,
+        Ok(Err(fatal)) => {
+            tracing::debug!(code = fatal.code, "login refused: {}", fatal.message);
+            let _ = writer
+                .send(backend::error_response("FATAL", fatal.code, &fatal.message))
+                .await;
+            return;
+        }
+        Err(_) => {
+            let _ = writer
+                .send(backend::error_response(
+                    "FATAL",
+                    "08P01",
+                    "canceling authentication due to timeout",
+                ))
+                .await;
+            return;
+        }
+    };
+    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    lock(&shared.cancels).insert(key, None);
+    let mut session = Session::new(shared.clone(), reader, writer, logged_in, key);
+    if let Err(fatal) = session.welcome().await {
+        let _ = session
+            .client_w
+            .send(backend::error_response("FATAL", fatal.code, &fatal.message))
+            .await;
+    } else {
+        session.serve().await;
+    }
+    session.release(true).await;
+    lock(&shared.cancels).remove(&key);
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct LoggedIn {
+    user: String,
+    /// Startup parameters to report back and to apply on the server (value as SQL).
+    params: Vec<(String, String)>,
+}
+
+async fn next_startup(reader: &mut ClientReader) -> Result<Option<Bytes>, Fatal> {
+    match reader.next().await {
+        Some(Ok(Frame::Startup(packet))) => Ok(Some(packet)),
+        Some(Ok(Frame::Message(_))) => Err(Fatal::new("08P01", "expected a startup packet")),
+        Some(Err(CodecError::BadLength(_))) => {
+            Err(Fatal::new("08P01", "invalid length of startup packet"))
+        }
+        Some(Err(CodecError::Io(_))) | None => Ok(None),
+    }
+}
+
+async fn next_message(reader: &mut ClientReader, expected: u8) -> Result<Option<Bytes>, Fatal> {
+    match reader.next().await {
+        Some(Ok(Frame::Message(frame))) if tag(&frame) == expected => Ok(Some(frame)),
+        Some(Ok(_)) => Err(Fatal::new(
+            "08P01",
+            format!("expected message type {:?}", expected as char),
+        )),
+        Some(Err(CodecError::BadLength(len))) => {
+            Err(Fatal::new("08P01", format!("invalid message length {len}")))
+        }
+        Some(Err(CodecError::Io(_))) | None => Ok(None),
+    }
+}
+
+async fn login(
+    shared: &Shared,
+    reader: &mut ClientReader,
+    writer: &mut ClientWriter,
+) -> Result<Option<LoggedIn>, Fatal> {
+    let params = loop {
+        let Some(packet) = next_startup(reader).await? else {
+            return Ok(None);
+        };
+        match startup::parse(&packet) {
+            Startup::Ssl | Startup::GssEnc => {
+                if writer.send(backend::refuse_encryption()).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                forward_cancel(shared, process_id, secret_key).await;
+                return Ok(None);
+            }
+            Startup::Unsupported(message) => return Err(Fatal::new("0A000", message)),
+            Startup::Start { params } => break params,
+        }
+    };
+    reader.decoder_mut().set_typed();
+    let user = Startup::param(&params, "user")
+        .ok_or_else(|| {
+            Fatal::new(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?
+        .to_string();
+    if Startup::param(&params, "replication")
+        .is_some_and(|r| r != "false" && r != "0" && r != "off")
+    {
+        return Err(Fatal::new(
+            "08P01",
+            "replication connections are not supported through the switchyard proxy",
+        ));
+    }
+    let database = Startup::param(&params, "database").unwrap_or(&user);
+    if database != shared.database {
+        return Err(Fatal::new(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+        ));
+    }
+    let Some(account) = shared.users.get(&user) else {
+        return Err(Fatal::new(
+            "28000",
+            format!("role \"{user}\" does not exist"),
+        ));
+    };
+
+    if writer
+        .send(backend::authentication_sasl(&["SCRAM-SHA-256"]))
+        .await
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let Some(initial) = next_message(reader, b'p').await? else {
+        return Ok(None);
+    };
+    let mut b = body(&initial);
+    let mechanism =
+        cstr(&mut b).ok_or_else(|| Fatal::new("08P01", "malformed SASLInitialResponse"))?;
+    if mechanism != "SCRAM-SHA-256" || b.len() < 4 {
+        return Err(Fatal::new(
+            "08P01",
+            "client selected an invalid SASL authentication mechanism",
+        ));
+    }
+    b.advance(4);
+    let wrong_password = || {
+        Fatal::new(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    let scram_error = |e: ScramError| match e {
+        ScramError::WrongPassword => wrong_password(),
+        other => Fatal::new("08P01", other.to_string()),
+    };
+    let (exchange, server_first) = ScramServer::start(&account.verifier, b).map_err(scram_error)?;
+    if writer
+        .send(backend::authentication_sasl_continue(
+            server_first.as_bytes(),
+        ))
+        .await
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let Some(response) = next_message(reader, b'p').await? else {
+        return Ok(None);
+    };
+    let server_final = exchange.finish(body(&response)).map_err(scram_error)?;
+    if writer
+        .feed(backend::authentication_sasl_final(server_final.as_bytes()))
+        .await
+        .is_err()
+        || writer.send(backend::authentication_ok()).await.is_err()
+    {
+        return Ok(None);
+    }
+    Ok(Some(LoggedIn { user, params }))
+}
+
+/// Passes a CancelRequest to the server connection running that client's query, if any.
+async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+    let target: Option<CancelTarget> = lock(&shared.cancels)
+        .get(&(process_id, secret_key))
+        .copied()
+        .flatten();
+    let Some(target) = target else { return };
+    let mut buf = BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(
+        target.process_id,
+        target.secret_key,
+        &mut buf,
+    );
+    match TcpStream::connect(target.addr).await {
+        Ok(mut stream) => {
+            use tokio::io::AsyncWriteExt;
+            let _ = stream.write_all(&buf).await;
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => tracing::warn!("cannot forward a cancel request: {e}"),
+    }
+}
+
+/// A named prepared statement as the client knows it.
+struct Prepared {
+    /// The name it has on server connections: derived from its text, so that clients that
+    /// prepare the same statement share it.
+    server_name: String,
+    /// Its Parse message under that name, to prepare it on a server connection that lacks it.
+    parse: Bytes,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    user: String,
+    key: (i32, i32),
+    client_r: ClientReader,
+    client_w: ClientWriter,
+    server: Option<Pooled>,
+    statements: HashMap<String, Prepared>,
+    /// The client's settings, name → value as SQL.
+    wanted: BTreeMap<String, String>,
+    /// ReadyForQuery messages the client still expects (one per Query and per Sync).
+    outstanding: u32,
+    /// Responses to messages the proxy added, which the client must not see.
+    skip_parse_complete: u32,
+    skip_close_complete: u32,
+    swallow_until_ready: u32,
+    /// The last transaction status the server reported.
+    status: u8,
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        reader: ClientReader,
+        writer: ClientWriter,
+        logged_in: LoggedIn,
+        key: (i32, i32),
+    ) -> Session {
+        let wanted = logged_in
+            .params
+            .iter()
+            .filter(|(name, _)| settings::passed_to_server(name))
+            .map(|(name, value)| (name.to_ascii_lowercase(), sql::literal(value)))
+            .collect();
+        Session {
+            shared,
+            user: logged_in.user,
+            key,
+            client_r: reader,
+            client_w: writer,
+            server: None,
+            statements: HashMap::new(),
+            wanted,
+            outstanding: 0,
+            skip_parse_complete: 0,
+            skip_close_complete: 0,
+            swallow_until_ready: 0,
+            status: b'I',
+        }
+    }
+
+    fn mode(&self) -> PoolMode {
+        self.shared.pool_mode()
+    }
+
+    /// ParameterStatus, BackendKeyData and the first ReadyForQuery. Takes a server connection
+    /// to learn the server's parameters (and keeps it in session mode).
+    async fn welcome(&mut self) -> Result<(), Fatal> {
+        self.attach().await.map_err(|e| Fatal::new("08006", e))?;
+        let mut reported: Vec<(String, String)> = self
+            .server
+            .as_ref()
+            .map(|s| s.params.clone().into_iter().collect())
+            .unwrap_or_default();
+        reported.sort();
+        let mut frames = Vec::with_capacity(reported.len() + 3);
+        for (name, value) in &reported {
+            let value = if name == "application_name" {
+                self.client_application_name().unwrap_or_default()
+            } else {
+                value.clone()
+            };
+            frames.push(backend::parameter_status(name, &value));
+        }
+        frames.push(backend::backend_key_data(self.key.0, self.key.1));
+        frames.push(backend::ready_for_query(b'I'));
+        for frame in frames {
+            self.client_w
+                .feed(frame)
+                .await
+                .map_err(|e| Fatal::new("08006", e.to_string()))?;
+        }
+        self.client_w
+            .flush()
+            .await
+            .map_err(|e| Fatal::new("08006", e.to_string()))?;
+        if self.mode() == PoolMode::Transaction {
+            self.release(false).await;
+        }
+        Ok(())
+    }
+
+    fn client_application_name(&self) -> Option<String> {
+        self.wanted
+            .get("application_name")
+            .map(|v| v.trim_matches('\'').replace("''", "'"))
+    }
+
+    /// Forwards until the client leaves or a connection breaks.
+    async fn serve(&mut self) {
+        loop {
+            let event = {
+                let server = &mut self.server;
+                let client = &mut self.client_r;
+                tokio::select! {
+                    biased;
+                    frame = next_server_frame(server), if server.is_some() => Event::Server(frame),
+                    frame = client.next() => Event::Client(frame),
+                }
+            };
+            let carry_on = match event {
+                Event::Server(Some(Ok(frame))) => self.on_server_frame(frame).await,
+                Event::Server(_) => self.server_lost().await,
+                Event::Client(Some(Ok(Frame::Message(frame)))) => self.on_client_frame(frame).await,
+                Event::Client(Some(Err(CodecError::BadLength(len)))) => {
+                    let _ = self
+                        .client_w
+                        .send(backend::error_response(
+                            "FATAL",
+                            "08P01",
+                            &format!("invalid message length {len}"),
+                        ))
+                        .await;
+                    false
+                }
+                Event::Client(_) => false,
+            };
+            if !carry_on {
+                return;
+            }
+        }
+    }
+
+    async fn on_client_frame(&mut self, frame: Bytes) -> bool {
+        match tag(&frame) {
+            b'X' => return false,
+            // Nothing pending and no server: answer a lone Sync or Flush ourselves.
+            b'S' if self.server.is_none() => {
+                return self
+                    .client_w
+                    .send(backend::ready_for_query(b'I'))
+                    .await
+                    .is_ok()
+            }
+            b'H' if self.server.is_none() => return true,
+            _ => {}
+        }
+        if self.server.is_none() {
+            if let Err(message) = self.attach().await {
+                return self.fail_until_sync(&frame, &message).await;
+            }
+        }
+        let frames = match tag(&frame) {
+            b'Q' => {
+                self.outstanding += 1;
+                self.query(frame)
+            }
+            b'S' | b'F' => {
+                self.outstanding += 1;
+                vec![frame]
+            }
+            b'P' => self.parse(frame),
+            b'B' => self.bind(frame),
+            b'D' | b'C' => self.describe_or_close(frame),
+            _ => vec![frame],
+        };
+        let more_coming = !self.client_r.read_buffer().is_empty();
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        for frame in frames {
+            if server.writer.feed(frame).await.is_err() {
+                return self.server_lost().await;
+            }
+        }
+        if !more_coming && server.writer.flush().await.is_err() {
+            return self.server_lost().await;
+        }
+        true
+    }
+
+    async fn on_server_frame(&mut self, frame: Bytes) -> bool {
+        let kind = tag(&frame);
+        if self.swallow_until_ready > 0 {
+            match kind {
+                b'S' => self.note_parameter(&frame, false),
+                b'Z' => self.swallow_until_ready -= 1,
+                b'E' => {
+                    tracing::warn!(user = %self.user, "re-applying session settings failed: {}", backend::error_fields(body(&frame)).1)
+                }
+                _ => {}
+            }
+            return true;
+        }
+        match kind {
+            b'1' if self.skip_parse_complete > 0 => {
+                self.skip_parse_complete -= 1;
+                return true;
+            }
+            b'3' if self.skip_close_complete > 0 => {
+                self.skip_close_complete -= 1;
+                return true;
+            }
+            b'S' => self.note_parameter(&frame, true),
+            b'Z' => {
+                self.status = body(&frame).first().copied().unwrap_or(b'I');
+                self.outstanding = self.outstanding.saturating_sub(1);
+            }
+            _ => {}
+        }
+        let ready = kind == b'Z';
+        let more_coming = self
+            .server
+            .as_ref()
+            .is_some_and(|s| !s.reader.read_buffer().is_empty());
+        if self.client_w.feed(frame).await.is_err() {
+            return false;
+        }
+        if (ready || !more_coming) && self.client_w.flush().await.is_err() {
+            return false;
+        }
+        if ready
+            && self.outstanding == 0
+            && self.status == b'I'
+            && self.mode() == PoolMode::Transaction
+        {
+            self.release(false).await;
+        }
+        true
+    }
+
+    /// A ParameterStatus from the server: the server connection's value changed, and, when the
+    /// client caused it, it is now one of the client's settings.
+    fn note_parameter(&mut self, frame: &Bytes, by_client: bool) {
+        let mut b = body(frame);
+        let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) else {
+            return;
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(server) = self.server.as_mut() {
+            server.params.insert(name.clone(), value.clone());
+            if by_client && settings::passed_to_server(&name) {
+                server.applied.insert(name.clone(), sql::literal(&value));
+            }
+        }
+        if by_client && settings::passed_to_server(&name) {
+            self.wanted.insert(name, sql::literal(&value));
+        }
+    }
+
+    /// A simple query: SET and RESET are remembered; LISTEN is refused in transaction mode
+    /// (a notification could arrive on a connection another client holds by then).
+    fn query(&mut self, frame: Bytes) -> Vec<Bytes> {
+        let Some(text) = frontend::query_text(&frame) else {
+            return vec![frame];
+        };
+        if self.mode() == PoolMode::Transaction && starts_with_keyword(text, "listen") {
+            // Raised by the server, so that a transaction around it fails as it should.
+            return vec![frontend::query(
+                "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+                 MESSAGE = 'LISTEN is not supported in transaction pooling mode', \
+                 HINT = 'use a connection through a session-mode proxy for LISTEN'; END $switchyard$",
+            )];
+        }
+        match settings::recognise(text) {
+            Some(SettingChange::Set { name, value_sql }) if settings::passed_to_server(&name) => {
+                if let Some(server) = self.server.as_mut() {
+                    server.applied.insert(name.clone(), value_sql.clone());
+                }
+                self.wanted.insert(name, value_sql);
+            }
+            Some(SettingChange::Reset(name)) => {
+                if let Some(server) = self.server.as_mut() {
+                    server.applied.remove(&name);
+                }
+                self.wanted.remove(&name);
+            }
+            Some(SettingChange::ResetAll) => {
+                if let Some(server) = self.server.as_mut() {
+                    server.applied.clear();
+                    if starts_with_keyword(text, "discard") {
+                        server.prepared.clear();
+                    }
+                }
+                self.wanted.retain(|name, _| name == "client_encoding");
+            }
+            _ => {}
+        }
+        vec![frame]
+    }
+
+    /// Parse of a named statement: renamed to its shared server name. If this connection has
+    /// that statement already, it is closed first (the CloseComplete is swallowed), so the
+    /// client's Parse behaves as it would on a connection of its own.
+    fn parse(&mut self, frame: Bytes) -> Vec<Bytes> {
+        let Some(message) = frontend::parse_message(&frame) else {
+            return vec![frame];
+        };
+        if message.name.is_empty() {
+            return vec![frame];
+        }
+        let server_name = statement_name(&message.query, message.rest);
+        let parse = frontend::rename_parse(&message, &server_name);
+        let client_name = message.name.clone();
+        self.statements.insert(
+            client_name,
+            Prepared {
+                server_name: server_name.clone(),
+                parse: parse.clone(),
+            },
+        );
+        let Some(server) = self.server.as_mut() else {
+            return vec![parse];
+        };
+        if server.prepared.insert(server_name.clone()) {
+            vec![parse]
+        } else {
+            self.skip_close_complete += 1;
+            vec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
+        }
+    }
+
+    /// Makes sure the statement exists on this server connection (its ParseComplete is
+    /// swallowed) and gives its server name.
+    fn ensure_prepared(&mut self, client_name: &str, out: &mut Vec<Bytes>) -> Option<String> {
+        let prepared = self.statements.get(client_name)?;
+        let server = self.server.as_mut()?;
+        if server.prepared.insert(prepared.server_name.clone()) {
+            out.push(prepared.parse.clone());
+            self.skip_parse_complete += 1;
+        }
+        Some(prepared.server_name.clone())
+    }
+
+    fn bind(&mut self, frame: Bytes) -> Vec<Bytes> {
+        let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
+            return vec![frame];
+        };
+        if statement.is_empty() {
+            return vec![frame];
+        }
+        let mut out = Vec::with_capacity(2);
+        match self.ensure_prepared(&statement, &mut out) {
+            Some(server_name) => out.push(frontend::rename_bind(
+                &frame,
+                &portal,
+                &server_name,
+                rest_at,
+            )),
+            None => out.push(frame),
+        }
+        out
+    }
+
+    /// Describe of a statement is renamed (and prepared if need be). Close of a statement only
+    /// forgets the client's name: other clients may share the server statement, so the server
+    /// gets a Close of a name that does not exist, which PostgreSQL answers with CloseComplete
+    /// in its proper place.
+    fn describe_or_close(&mut self, frame: Bytes) -> Vec<Bytes> {
+        let kind = tag(&frame);
+        let Some((b'S', name)) = frontend::target(&frame) else {
+            return vec![frame];
+        };
+        if name.is_empty() {
+            return vec![frame];
+        }
+        if kind == b'C' {
+            return match self.statements.remove(&name) {
+                Some(_) => vec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")],
+                None => vec![frame],
+            };
+        }
+        let mut out = Vec::with_capacity(2);
+        match self.ensure_prepared(&name, &mut out) {
+            Some(server_name) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
+            None => out.push(frame),
+        }
+        out
+    }
+
+    /// Takes a server connection (waiting while the proxy is paused) and brings its session
+    /// settings in line with the client's.
+    async fn attach(&mut self) -> Result<(), String> {
+        self.shared.control.admit().await;
+        if self.shared.is_shutting_down() {
+            return Err("the proxy is shutting down".into());
+        }
+        let pool = &self.shared.users[&self.user].pool;
+        let mut server = pool.get_owned().await.map_err(|e| match e {
+            bb8::RunError::TimedOut => format!(
+                "no server connection within query_wait_timeout ({}): the pool is busy or the server is down",
+                humantime::format_duration(self.shared.settings.query_wait_timeout.0)
+            ),
+            bb8::RunError::User(e) => format!("cannot connect to the database: {e}"),
+        })?;
+        self.shared.control.attached();
+        let wanted: BTreeMap<String, String> = self
+            .wanted
+            .iter()
+            .filter(|(k, _)| k.as_str() != "application_name")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(statements) = settings::reconcile(&wanted, &mut server.applied) {
+            if server.send(frontend::query(&statements)).await.is_err() {
+                server.broken = true;
+                self.shared.control.detached();
+                return Err("the server connection broke".into());
+            }
+            self.swallow_until_ready += 1;
+        }
+        let target = CancelTarget {
+            addr: server.addr,
+            process_id: server.process_id,
+            secret_key: server.secret_key,
+        };
+        if let Some(slot) = lock(&self.shared.cancels).get_mut(&self.key) {
+            *slot = Some(target);
+        }
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Gives the server connection back: as it is between transactions, reset after a session
+    /// (`DISCARD ALL`), or closed when it is mid-way through something (`ending` with a
+    /// transaction open: closing the connection rolls it back).
+    async fn release(&mut self, ending: bool) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        if let Some(slot) = lock(&self.shared.cancels).get_mut(&self.key) {
+            *slot = None;
+        }
+        let clean = self.status == b'I' && self.outstanding == 0 && self.swallow_until_ready == 0;
+        let needs_reset = ending && self.mode() == PoolMode::Session;
+        if !clean || (needs_reset && reset(&mut server).await.is_err()) {
+            server.broken = true;
+        }
+        self.skip_parse_complete = 0;
+        self.skip_close_complete = 0;
+        self.outstanding = 0;
+        self.status = b'I';
+        server.idle_since = std::time::Instant::now();
+        drop(server);
+        self.shared.control.detached();
+    }
+
+    /// The server connection broke: the client's transaction is lost, the session goes on.
+    async fn server_lost(&mut self) -> bool {
+        if let Some(server) = self.server.as_mut() {
+            server.broken = true;
+        }
+        let in_flight = self.outstanding > 0 || self.status != b'I';
+        self.release(false).await;
+        if in_flight {
+            let error = backend::error_response(
+                "ERROR",
+                "08006",
+                "the server connection was lost; the transaction was rolled back",
+            );
+            let sent = self.client_w.feed(error).await.is_ok()
+                && self
+                    .client_w
+                    .send(backend::ready_for_query(b'I'))
+                    .await
+                    .is_ok();
+            return sent;
+        }
+        true
+    }
+
+    /// Answers a message that found no server connection: its whole sync group fails with one
+    /// error, as PostgreSQL fails a pipeline.
+    async fn fail_until_sync(&mut self, first: &Bytes, message: &str) -> bool {
+        let mut frame = first.clone();
+        while !matches!(tag(&frame), b'S' | b'Q' | b'F') {
+            match self.client_r.next().await {
+                Some(Ok(Frame::Message(next))) if tag(&next) == b'X' => return false,
+                Some(Ok(Frame::Message(next))) => frame = next,
+                _ => return false,
+            }
+        }
+        let error = backend::error_response("ERROR", "08006", message);
+        self.client_w.feed(error).await.is_ok()
+            && self
+                .client_w
+                .send(backend::ready_for_query(b'I'))
+                .await
+                .is_ok()
+    }
+}
+
+enum Event {
+    Server(Option<Result<Bytes, super::pool::ServerError>>),
+    Client(Option<Result<Frame, CodecError>>),
+}
+
+async fn next_server_frame(
+    server: &mut Option<Pooled>,
+) -> Option<Result<Bytes, super::pool::ServerError>> {
+    match server {
+        Some(server) => Some(server.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Session mode: a connection goes back to the pool as a fresh session would find it.
+async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> {
+    server.send(frontend::query("DISCARD ALL")).await?;
+    loop {
+        let frame = server.recv().await?;
+        match tag(&frame) {
+            b'E' => {
+                return Err(super::pool::ServerError::Refused(
+                    backend::error_fields(body(&frame)).1,
+                ))
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    server.prepared.clear();
+    server.applied.clear();
+    Ok(())
+}
+
+/// The name a statement gets on server connections: from its text and parameter types, so
+/// the same statement is prepared once per server connection whichever client asks.
+fn statement_name(query: &str, param_types: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut hasher);
+    param_types.hash(&mut hasher);
+    format!("switchyard_{:016x}", hasher.finish())
+}
+
+fn starts_with_keyword(text: &str, keyword: &str) -> bool {
+    let text = text.trim_start();
+    text.len() >= keyword.len()
+        && text[..keyword.len()].eq_ignore_ascii_case(keyword)
+        && text[keyword.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_are_whole_words() {
+        assert!(starts_with_keyword("  LISTEN chan", "listen"));
+        assert!(!starts_with_keyword("listener_count()", "listen"));
+        assert!(starts_with_keyword("listen", "listen"));
+    }
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        assert_eq!(
+            statement_name("SELECT 1", &[0, 0]),
+            statement_name("SELECT 1", &[0, 0])
+        );
+        assert_ne!(
+            statement_name("SELECT 1", &[0, 0]),
+            statement_name("SELECT 2", &[0, 0])
+        );
+        assert_ne!(
+            statement_name("SELECT $1", &[0, 1, 0, 0, 0, 23]),
+            statement_name("SELECT $1", &[0, 1, 0, 0, 0, 25])
+        );
+    }
+}
