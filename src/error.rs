@@ -22,6 +22,8 @@ pub enum Error {
     State(#[from] StateError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
     /// Blocking findings, a gate not met, a step that failed and was undone.
     #[error("{0}")]
     Refused(String),
@@ -37,6 +39,7 @@ impl Error {
             Error::State(StateError::Locked { .. }) => Exit::Refused,
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
+            Error::Proxy(_) => Exit::Usage,
             Error::Refused(_) => Exit::Refused,
             Error::NeedsOperator(_) => Exit::NeedsOperator,
         }

@@ -3,6 +3,7 @@
 
 mod abort;
 mod plan;
+mod proxy;
 mod status;
 mod sync;
 
@@ -52,6 +53,7 @@ enum Command {
     Sync(sync::SyncArgs),
     Status(status::StatusArgs),
     Abort(abort::AbortArgs),
+    Proxy(proxy::ProxyArgs),
 }
 
 pub fn init_logging(args: &Args) {
@@ -79,6 +81,7 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Sync(a) => sync::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Abort(a) => abort::run(a).await,
+        Command::Proxy(a) => proxy::run(a).await,
     };
     match result {
         Ok(exit) => exit,

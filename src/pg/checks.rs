@@ -156,6 +156,7 @@ pub async fn inspect(
 
     check_versions(&mut c, source, target);
     let (pg_dump, pg_restore) = check_tools(&mut c, source);
+    check_proxy_users(&mut c, plan);
     check_superuser(&mut c, source).await?;
     check_superuser(&mut c, target).await?;
     let copy_workers = if plan.sync.copy_workers > 0 {
@@ -369,6 +370,22 @@ fn check_tools(c: &mut Checker, source: &Server) -> (std::path::PathBuf, std::pa
         }
     };
     (pg_dump, pg_restore)
+}
+
+/// Applications must not log in as the coordinator's role: the cutover fences every role but
+/// that one.
+fn check_proxy_users(c: &mut Checker, plan: &Plan) {
+    for user in &plan.proxy.users {
+        if user.name.0 == plan.source.url.user() || user.name.0 == plan.target.url.user() {
+            c.add(
+                Severity::Block,
+                "proxy_user_is_coordinator",
+                user.name.0.clone(),
+                "a [[proxy.users]] entry is the coordinator's own role: the cutover could not fence the applications",
+                Some("give the applications a role of their own".into()),
+            );
+        }
+    }
 }
 
 async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError> {

@@ -5,8 +5,10 @@
 //! can fence application roles. Frames are forwarded as they come; only the messages a pooler
 //! must understand are parsed.
 
+pub mod admin;
 pub mod auth;
 pub mod control;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 mod session;
@@ -62,6 +64,7 @@ pub struct Shared {
     /// Our (process id, secret key) handed to each client → where its query runs now.
     pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
     pub clients: AtomicUsize,
+    pub metrics: metrics::Metrics,
     client_slots: Arc<Semaphore>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -120,6 +123,7 @@ impl Shared {
             control: Control::default(),
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
+            metrics: metrics::Metrics::default(),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -182,5 +186,49 @@ pub async fn serve(
             active = shared.control.active(),
             "shutdown_timeout reached with transactions still open"
         );
+    }
+}
+
+/// Runs the proxy for `plan` in front of `primary` until SIGTERM or Ctrl-C: the client
+/// listener, the admin listener, and the graceful shutdown.
+pub async fn run(plan: &Plan, primary: &Endpoint) -> Result<(), ProxyError> {
+    let shared = Arc::new(Shared::new(plan, primary)?);
+    let listen = |addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Listen {
+                addr: addr.to_string(),
+                source,
+            })
+    };
+    let clients = listen(shared.settings.listen.0).await?;
+    let admin = listen(shared.settings.admin_listen.0).await?;
+    let token = std::env::var(&shared.settings.admin_token_env.0)
+        .ok()
+        .filter(|t| !t.is_empty());
+    if token.is_none() {
+        tracing::warn!(
+            "{} is not set: /pause and /resume are off",
+            shared.settings.admin_token_env.0
+        );
+    }
+    tracing::info!(listen = %shared.settings.listen.0, admin = %shared.settings.admin_listen.0, primary = %primary.url, mode = ?shared.pool_mode(), "proxy ready");
+    tokio::spawn(admin::serve(shared.clone(), admin, token));
+    serve(shared, clients, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::auth::scram::{ScramError, ScramServer};
+use super::metrics;
 use super::pool::{Pooled, ServerConn};
 use super::protocol::codec::CodecError;
 use super::protocol::startup::{self, cstr, Startup};
@@ -62,6 +63,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
         Ok(Ok(None)) => return,
         Ok(Err(fatal)) => {
             tracing::debug!(code = fatal.code, "login refused: {}", fatal.message);
+            metrics::add(&shared.metrics.logins_refused, 1);
             let _ = writer
                 .send(backend::error_response("FATAL", fatal.code, &fatal.message))
                 .await;
@@ -286,12 +288,18 @@ struct Session {
     wanted: BTreeMap<String, String>,
     /// ReadyForQuery messages the client still expects (one per Query and per Sync).
     outstanding: u32,
+    /// ParseCompletes owed to the client for Parses remembered without a server.
+    owed_parse_complete: u32,
     /// Responses to messages the proxy added, which the client must not see.
     skip_parse_complete: u32,
     skip_close_complete: u32,
     swallow_until_ready: u32,
     /// The last transaction status the server reported.
     status: u8,
+    /// When the server connection was taken, for the latency histogram.
+    attached_at: std::time::Instant,
+    /// The client's application_name: reported back to it, never set on the server.
+    application_name: Option<String>,
 }
 
 impl Session {
@@ -302,6 +310,8 @@ impl Session {
         logged_in: LoggedIn,
         key: (i32, i32),
     ) -> Session {
+        let application_name =
+            Startup::param(&logged_in.params, "application_name").map(str::to_string);
         let wanted = logged_in
             .params
             .iter()
@@ -318,10 +328,13 @@ impl Session {
             statements: HashMap::new(),
             wanted,
             outstanding: 0,
+            owed_parse_complete: 0,
             skip_parse_complete: 0,
             skip_close_complete: 0,
             swallow_until_ready: 0,
             status: b'I',
+            attached_at: std::time::Instant::now(),
+            application_name,
         }
     }
 
@@ -332,7 +345,9 @@ impl Session {
     /// ParameterStatus, BackendKeyData and the first ReadyForQuery. Takes a server connection
     /// to learn the server's parameters (and keeps it in session mode).
     async fn welcome(&mut self) -> Result<(), Fatal> {
-        self.attach().await.map_err(|e| Fatal::new("08006", e))?;
+        self.attach(false)
+            .await
+            .map_err(|e| Fatal::new("08006", e))?;
         let mut reported: Vec<(String, String)> = self
             .server
             .as_ref()
@@ -367,9 +382,7 @@ impl Session {
     }
 
     fn client_application_name(&self) -> Option<String> {
-        self.wanted
-            .get("application_name")
-            .map(|v| v.trim_matches('\'').replace("''", "'"))
+        self.application_name.clone()
     }
 
     /// Forwards until the client leaves or a connection breaks.
@@ -389,6 +402,7 @@ impl Session {
                 Event::Server(_) => self.server_lost().await,
                 Event::Client(Some(Ok(Frame::Message(frame)))) => self.on_client_frame(frame).await,
                 Event::Client(Some(Err(CodecError::BadLength(len)))) => {
+                    metrics::add(&self.shared.metrics.protocol_errors, 1);
                     let _ = self
                         .client_w
                         .send(backend::error_response(
@@ -408,31 +422,40 @@ impl Session {
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> bool {
-        match tag(&frame) {
-            b'X' => return false,
-            // Nothing pending and no server: answer a lone Sync or Flush ourselves.
-            b'S' if self.server.is_none() => {
-                return self
-                    .client_w
-                    .send(backend::ready_for_query(b'I'))
-                    .await
-                    .is_ok()
-            }
-            b'H' if self.server.is_none() => return true,
-            _ => {}
-        }
+        metrics::add(&self.shared.metrics.bytes_from_clients, frame.len() as u64);
         if self.server.is_none() {
-            if let Err(message) = self.attach().await {
+            match tag(&frame) {
+                b'X' => return false,
+                // Between transactions a named Parse needs no server: it is remembered and
+                // prepared on whichever server connection first runs it. (A client that
+                // prepares synchronously while its other sessions hold every server
+                // connection, as pgbench does, would otherwise wait for ever.)
+                b'P' if self.remember_parse(&frame) => return true,
+                // Nothing else pending: answer a Sync or Flush ourselves.
+                b'S' => {
+                    return self
+                        .answer_locally(Some(backend::ready_for_query(b'I')))
+                        .await
+                }
+                b'H' => return self.answer_locally(None).await,
+                _ => {}
+            }
+            if let Err(message) = self.attach(true).await {
                 return self.fail_until_sync(&frame, &message).await;
+            }
+            if !self.answer_locally(None).await {
+                return false;
             }
         }
         let frames = match tag(&frame) {
             b'Q' => {
                 self.outstanding += 1;
+                metrics::add(&self.shared.metrics.queries, 1);
                 self.query(frame)
             }
             b'S' | b'F' => {
                 self.outstanding += 1;
+                metrics::add(&self.shared.metrics.queries, 1);
                 vec![frame]
             }
             b'P' => self.parse(frame),
@@ -485,6 +508,7 @@ impl Session {
             _ => {}
         }
         let ready = kind == b'Z';
+        metrics::add(&self.shared.metrics.bytes_to_clients, frame.len() as u64);
         let more_coming = self
             .server
             .as_ref()
@@ -596,6 +620,42 @@ impl Session {
         }
     }
 
+    /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
+    /// owed to the client. False for an unnamed Parse, which needs the server.
+    fn remember_parse(&mut self, frame: &Bytes) -> bool {
+        let Some(message) = frontend::parse_message(frame) else {
+            return false;
+        };
+        if message.name.is_empty() {
+            return false;
+        }
+        let server_name = statement_name(&message.query, message.rest);
+        let parse = frontend::rename_parse(&message, &server_name);
+        self.statements
+            .insert(message.name.clone(), Prepared { server_name, parse });
+        self.owed_parse_complete += 1;
+        true
+    }
+
+    /// Sends the ParseCompletes owed for remembered Parses, then `last` (a ReadyForQuery for a
+    /// Sync), and flushes.
+    async fn answer_locally(&mut self, last: Option<Bytes>) -> bool {
+        if self.owed_parse_complete == 0 && last.is_none() {
+            return true;
+        }
+        for _ in 0..std::mem::take(&mut self.owed_parse_complete) {
+            if self.client_w.feed(backend::parse_complete()).await.is_err() {
+                return false;
+            }
+        }
+        if let Some(frame) = last {
+            if self.client_w.feed(frame).await.is_err() {
+                return false;
+            }
+        }
+        self.client_w.flush().await.is_ok()
+    }
+
     /// Makes sure the statement exists on this server connection (its ParseComplete is
     /// swallowed) and gives its server name.
     fn ensure_prepared(&mut self, client_name: &str, out: &mut Vec<Bytes>) -> Option<String> {
@@ -656,27 +716,33 @@ impl Session {
 
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
-    async fn attach(&mut self) -> Result<(), String> {
+    async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
         self.shared.control.admit().await;
         if self.shared.is_shutting_down() {
             return Err("the proxy is shutting down".into());
         }
         let pool = &self.shared.users[&self.user].pool;
-        let mut server = pool.get_owned().await.map_err(|e| match e {
-            bb8::RunError::TimedOut => format!(
+        let waiting = &self.shared.metrics.clients_waiting;
+        metrics::add(waiting, 1);
+        let checkout = pool.get_owned().await;
+        waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut server = checkout.map_err(|e| match e {
+            bb8::RunError::TimedOut => {
+                metrics::add(&self.shared.metrics.wait_timeouts, 1);
+                format!(
                 "no server connection within query_wait_timeout ({}): the pool is busy or the server is down",
                 humantime::format_duration(self.shared.settings.query_wait_timeout.0)
-            ),
+                )
+            }
             bb8::RunError::User(e) => format!("cannot connect to the database: {e}"),
         })?;
         self.shared.control.attached();
-        let wanted: BTreeMap<String, String> = self
-            .wanted
-            .iter()
-            .filter(|(k, _)| k.as_str() != "application_name")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some(statements) = settings::reconcile(&wanted, &mut server.applied) {
+        let statements = if apply_settings {
+            settings::reconcile(&self.wanted, &mut server.applied)
+        } else {
+            None
+        };
+        if let Some(statements) = statements {
             if server.send(frontend::query(&statements)).await.is_err() {
                 server.broken = true;
                 self.shared.control.detached();
@@ -693,6 +759,7 @@ impl Session {
             *slot = Some(target);
         }
         self.server = Some(server);
+        self.attached_at = std::time::Instant::now();
         Ok(())
     }
 
@@ -707,12 +774,16 @@ impl Session {
             *slot = None;
         }
         let clean = self.status == b'I' && self.outstanding == 0 && self.swallow_until_ready == 0;
+        if clean {
+            self.shared.metrics.transaction(self.attached_at.elapsed());
+        }
         let needs_reset = ending && self.mode() == PoolMode::Session;
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
             server.broken = true;
         }
         self.skip_parse_complete = 0;
         self.skip_close_complete = 0;
+        self.swallow_until_ready = 0;
         self.outstanding = 0;
         self.status = b'I';
         server.idle_since = std::time::Instant::now();
@@ -722,6 +793,7 @@ impl Session {
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
     async fn server_lost(&mut self) -> bool {
+        metrics::add(&self.shared.metrics.server_connections_lost, 1);
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }

@@ -63,8 +63,8 @@ pub fn ready_for_query(status: u8) -> Bytes {
     message(b'Z', |b| b.put_u8(status))
 }
 
-pub fn close_complete() -> Bytes {
-    message(b'3', |_| {})
+pub fn parse_complete() -> Bytes {
+    message(b'1', |_| {})
 }
 
 /// `ERROR` or `FATAL` with a SQLSTATE, as PostgreSQL itself would send it.

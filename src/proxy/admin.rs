@@ -1,0 +1,264 @@
+//! The admin listener: `GET /metrics` (Prometheus text), `GET /status` (JSON), and, with the
+//! bearer token, `POST /pause` and `POST /resume`. A small HTTP/1.1 server of its own: one
+//! request per connection, bodies bounded.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shared;
+
+const MAX_REQUEST: usize = 16 * 1024;
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Option<String>) {
+    let token = Arc::new(token);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (shared, token) = (shared.clone(), token.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(shared, stream, token.as_deref()).await {
+                tracing::debug!("admin request failed: {e}");
+            }
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if buf.len() > MAX_REQUEST {
+            return Ok(None);
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split_whitespace();
+    let (method, path) = (
+        request_line.next().unwrap_or_default().to_string(),
+        request_line.next().unwrap_or_default().to_string(),
+    );
+    let mut length = 0usize;
+    let mut authorization = None;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                "authorization" => authorization = Some(value.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    if length > MAX_REQUEST {
+        return Ok(None);
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Some(Request {
+        method,
+        path,
+        authorization,
+        body,
+    }))
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    token: Option<&str>,
+) -> std::io::Result<()> {
+    let Some(request) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let path = request.path.split('?').next().unwrap_or_default();
+    let (status, content_type, body) = match (request.method.as_str(), path) {
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
+        ("GET", "/status") => (200, "application/json", json(&status(&shared))),
+        ("POST", "/pause") | ("POST", "/resume") => {
+            match authorize(token, request.authorization.as_deref()) {
+                Err(message) => (
+                    if token.is_none() { 403 } else { 401 },
+                    "application/json",
+                    json(&serde_json::json!({ "error": message })),
+                ),
+                Ok(()) if path == "/pause" => (
+                    200,
+                    "application/json",
+                    json(&pause(&shared, &request.body).await),
+                ),
+                Ok(()) => {
+                    shared.control.resume();
+                    (200, "application/json", json(&status(&shared)))
+                }
+            }
+        }
+        _ => (
+            404,
+            "application/json",
+            json(&serde_json::json!({ "error": "not found" })),
+        ),
+    };
+    let reason = match status {
+        200 => "OK",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        _ => "Not Found",
+    };
+    let head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn authorize(token: Option<&str>, header: Option<&str>) -> Result<(), &'static str> {
+    let Some(token) = token else {
+        return Err("control endpoints are off: set the environment variable named by [proxy] admin_token_env");
+    };
+    let given = header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant time, so the comparison does not tell how much of a guess was right.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err("missing or wrong bearer token")
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into())
+}
+
+#[derive(Serialize)]
+struct PoolStatus {
+    user: String,
+    server_connections: u32,
+    idle: u32,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    paused: bool,
+    pool_mode: crate::plan::PoolMode,
+    clients: usize,
+    clients_in_transaction: usize,
+    clients_waiting: u64,
+    /// Server connections log in with this application_name.
+    application_name: &'static str,
+    pools: Vec<PoolStatus>,
+}
+
+fn status(shared: &Shared) -> Status {
+    let mut pools: Vec<PoolStatus> = shared
+        .users
+        .iter()
+        .map(|(user, u)| {
+            let state = u.pool.state();
+            PoolStatus {
+                user: user.clone(),
+                server_connections: state.connections,
+                idle: state.idle_connections,
+            }
+        })
+        .collect();
+    pools.sort_by(|a, b| a.user.cmp(&b.user));
+    Status {
+        paused: shared.control.is_paused(),
+        pool_mode: shared.pool_mode(),
+        clients: shared.clients.load(Ordering::Relaxed),
+        clients_in_transaction: shared.control.active(),
+        clients_waiting: shared.metrics.clients_waiting.load(Ordering::Relaxed),
+        application_name: "switchyard-proxy",
+        pools,
+    }
+}
+
+/// Pauses, then waits until no transaction runs or `timeout_ms` (default 5000) passes.
+async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
+    let timeout_ms = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["timeout_ms"].as_u64())
+        .unwrap_or(5000);
+    shared.control.pause(shared.settings.max_pause.0);
+    let idle = shared
+        .control
+        .wait_idle(Duration::from_millis(timeout_ms))
+        .await;
+    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active() })
+}
+
+fn metrics_text(shared: &Shared) -> String {
+    let mut gauges = vec![
+        (
+            "switchyard_clients",
+            "Client connections by state.",
+            "{state=\"connected\"}".to_string(),
+            shared.clients.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "switchyard_clients",
+            "Client connections by state.",
+            "{state=\"in_transaction\"}".to_string(),
+            shared.control.active() as u64,
+        ),
+        (
+            "switchyard_paused",
+            "1 while the proxy holds new transactions.",
+            String::new(),
+            u64::from(shared.control.is_paused()),
+        ),
+    ];
+    for (user, u) in &shared.users {
+        let state = u.pool.state();
+        let busy = state.connections.saturating_sub(state.idle_connections);
+        gauges.push((
+            "switchyard_server_connections",
+            "Server connections by state.",
+            format!("{{user=\"{user}\",state=\"idle\"}}"),
+            u64::from(state.idle_connections),
+        ));
+        gauges.push((
+            "switchyard_server_connections",
+            "Server connections by state.",
+            format!("{{user=\"{user}\",state=\"active\"}}"),
+            u64::from(busy),
+        ));
+    }
+    shared.metrics.render(&gauges)
+}

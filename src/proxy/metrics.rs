@@ -1,0 +1,147 @@
+//! Counters for `/metrics`, kept as atomics: the hot path pays one relaxed add per event.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the transaction latency histogram.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
+    pub clients_waiting: AtomicU64,
+    pub logins_refused: AtomicU64,
+    pub wait_timeouts: AtomicU64,
+    pub server_connections_lost: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_micros: AtomicU64,
+}
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// A transaction (server connection held from first message to ReadyForQuery 'I') ended.
+    pub fn transaction(&self, took: Duration) {
+        add(&self.transactions, 1);
+        let seconds = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&bound| seconds <= bound) {
+            add(&self.latency_buckets[i], 1);
+        }
+        add(&self.latency_count, 1);
+        add(&self.latency_micros, took.as_micros() as u64);
+    }
+
+    /// Prometheus text format. `gauges` are (name, help, labels, value) read at render time.
+    pub fn render(&self, gauges: &[(&str, &str, String, u64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut last = "";
+        for (name, help, labels, value) in gauges {
+            if *name != last {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+        let counters: [(&str, &str, &AtomicU64); 4] = [
+            (
+                "switchyard_transactions_total",
+                "Transactions run through the proxy.",
+                &self.transactions,
+            ),
+            (
+                "switchyard_queries_total",
+                "Queries and Syncs forwarded.",
+                &self.queries,
+            ),
+            (
+                "switchyard_client_bytes_received_total",
+                "Bytes received from clients.",
+                &self.bytes_from_clients,
+            ),
+            (
+                "switchyard_client_bytes_sent_total",
+                "Bytes sent to clients.",
+                &self.bytes_to_clients,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                load(counter)
+            );
+        }
+        let _ = writeln!(out, "# HELP switchyard_clients_waiting Clients waiting for a server connection.\n# TYPE switchyard_clients_waiting gauge\nswitchyard_clients_waiting {}", load(&self.clients_waiting));
+        let _ = writeln!(out, "# HELP switchyard_errors_total Errors by kind.\n# TYPE switchyard_errors_total counter");
+        for (kind, counter) in [
+            ("login_refused", &self.logins_refused),
+            ("query_wait_timeout", &self.wait_timeouts),
+            ("server_connection_lost", &self.server_connections_lost),
+            ("protocol", &self.protocol_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "switchyard_errors_total{{kind=\"{kind}\"}} {}",
+                load(counter)
+            );
+        }
+        let _ = writeln!(out, "# HELP switchyard_transaction_duration_seconds Time a transaction held a server connection.\n# TYPE switchyard_transaction_duration_seconds histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
+            cumulative += load(bucket);
+            let _ = writeln!(
+                out,
+                "switchyard_transaction_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = load(&self.latency_count);
+        let _ = writeln!(
+            out,
+            "switchyard_transaction_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "switchyard_transaction_duration_seconds_sum {}",
+            load(&self.latency_micros) as f64 / 1e6
+        );
+        let _ = writeln!(out, "switchyard_transaction_duration_seconds_count {count}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.transaction(Duration::from_micros(300));
+        m.transaction(Duration::from_millis(20));
+        let text = m.render(&[]);
+        assert!(
+            text.contains("switchyard_transaction_duration_seconds_bucket{le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_transaction_duration_seconds_bucket{le=\"0.025\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_transaction_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(text.contains("switchyard_transactions_total 2"), "{text}");
+    }
+}
