@@ -1,0 +1,551 @@
+//! `switchyard proxy` against a real PostgreSQL 15, with real clients: pgbench, tokio-postgres,
+//! and raw sockets that misbehave.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+
+use crate::common::servers::free_port;
+use crate::common::TestDb;
+
+const TOKEN: &str = "test-admin-token";
+
+/// A running `switchyard proxy`, killed when dropped.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    /// Creates the application role on the source (grants on everything in public) and starts
+    /// a proxy for it. `extra` goes into the plan's [proxy] table.
+    pub async fn start(db: &TestDb, mode: &str, pool_size: u32, extra: &str) -> Proxy {
+        let user = format!("{}_app", db.name);
+        let password = "app-secret".to_string();
+        let source = db.source_client().await;
+        source
+            .batch_execute(&format!(
+                "DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{password}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+                 GRANT ALL ON SCHEMA public TO {user};
+                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {user};
+                 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user};"
+            ))
+            .await
+            .expect("create the application role");
+        let (port, admin_port) = (free_port(), free_port());
+        let plan = db.plan_text("").replace(
+            "[sync]\n",
+            &format!(
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\npool_mode = \"{mode}\"\npool_size = {pool_size}\n{extra}\n[[proxy.users]]\nname = \"{user}\"\npassword_env = \"TEST_APP_PASSWORD\"\n[sync]\n"
+            ),
+        );
+        let path = db.dir.path().join(format!("proxy-{mode}-{port}.toml"));
+        std::fs::write(&path, plan).expect("write the proxy plan");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("proxy")
+            .arg(&path)
+            .current_dir(db.dir.path())
+            .env("TEST_APP_PASSWORD", &password)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start switchyard proxy");
+        let proxy = Proxy {
+            child,
+            port,
+            admin_port,
+            user,
+            password,
+            database: db.name.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            self.user, self.password, self.port, self.database
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the proxy: {e}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// An HTTP request to the admin listener; returns (status, body).
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .expect("connect to the admin listener");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+fn pgbench(args: &[&str], url: &str) -> std::process::Output {
+    Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run pgbench")
+}
+
+async fn sums(client: &tokio_postgres::Client) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts)::int8, (SELECT coalesce(sum(delta), 0) FROM pgbench_history)::int8, (SELECT count(*) FROM pgbench_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_in_both_modes_and_all_query_protocols() {
+    let db = TestDb::new("proxy_pgbench").await;
+    let init = pgbench(&["-q", "-i", "-s", "1"], &db.source.url(&db.name));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let source = db.source_client().await;
+    // Session mode gives each client a server connection of its own, so its pool must hold
+    // all eight; transaction mode shares three.
+    for (mode, pool) in [("transaction", 3), ("session", 8)] {
+        let proxy = Proxy::start(&db, mode, pool, "").await;
+        for protocol in ["simple", "extended", "prepared"] {
+            let (_, _, before) = sums(&source).await;
+            let out = pgbench(
+                &["-n", "-c", "8", "-j", "2", "-t", "40", "-M", protocol],
+                &proxy.url(),
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{mode}/{protocol}: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                text.contains("number of transactions actually processed: 320/320"),
+                "{mode}/{protocol}: {text}"
+            );
+            let (balance, deltas, after) = sums(&source).await;
+            assert_eq!(
+                after - before,
+                320,
+                "{mode}/{protocol}: every transaction wrote its history row"
+            );
+            assert_eq!(
+                balance, deltas,
+                "{mode}/{protocol}: balances match the history"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_and_settings_across_pooled_transactions() {
+    let db = TestDb::new("proxy_prepared").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE hits (client int, n int, PRIMARY KEY (client, n))")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let mut tasks = Vec::new();
+    for c in 0..20 {
+        let client = proxy.client().await;
+        tasks.push(tokio::spawn(async move {
+            let add = client.prepare("SELECT $1::int4 + 1").await.unwrap();
+            let insert = client
+                .prepare("INSERT INTO hits VALUES ($1, $2)")
+                .await
+                .unwrap();
+            // Every client its own time zone: settings follow the client, not the connection.
+            let zone = if c % 2 == 0 {
+                "Asia/Tokyo"
+            } else {
+                "America/Lima"
+            };
+            client
+                .batch_execute(&format!("SET TimeZone = '{zone}'"))
+                .await
+                .unwrap();
+            for n in 0..30 {
+                client.batch_execute("BEGIN").await.unwrap();
+                let row = client.query_one(&add, &[&n]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), n + 1);
+                client.execute(&insert, &[&c, &n]).await.unwrap();
+                client.batch_execute("COMMIT").await.unwrap();
+                let shown: String = client.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+                assert_eq!(shown, zone, "client {c} lost its setting");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    let count: i64 = db
+        .source_client()
+        .await
+        .query_one("SELECT count(*) FROM hits", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 20 * 30);
+    let (status, body) = proxy.admin("GET", "/status", None, "").await;
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        status["pools"][0]["server_connections"].as_u64().unwrap() <= 2,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_both_ways_and_listen_refused_in_transaction_mode() {
+    use futures_util::{SinkExt, StreamExt};
+    let db = TestDb::new("proxy_copy").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let client = proxy.client().await;
+    let sink = client.copy_in("COPY items FROM STDIN").await.unwrap();
+    let mut sink = Box::pin(sink);
+    let data: String = (1..=1000).map(|i| format!("{i}\titem {i}\n")).collect();
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 1000);
+    let stream = client
+        .copy_out("COPY (SELECT * FROM items ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    assert_eq!(chunks.concat(), data.as_bytes());
+
+    let err = client.batch_execute("LISTEN news").await.unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "0A000");
+    assert!(db_err.message().contains("LISTEN"), "{}", db_err.message());
+    client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("the session goes on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_right_query_only() {
+    let db = TestDb::new("proxy_cancel").await;
+    let proxy = Proxy::start(&db, "transaction", 4, "").await;
+    let (a, b) = (proxy.client().await, proxy.client().await);
+    let token = a.cancel_token();
+    let slow = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(20)").await });
+    let other = tokio::spawn(async move {
+        b.query_one("SELECT pg_sleep(1.5), 42", &[])
+            .await
+            .map(|r| r.get::<_, i32>(1))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    token.cancel_query(NoTls).await.expect("send the cancel");
+    let result = slow.await.unwrap();
+    let err = result.expect_err("the slow query was cancelled");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57014"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        other
+            .await
+            .unwrap()
+            .expect("the other client's query was not cancelled"),
+        42
+    );
+}
+
+/// Reads whatever the proxy answers until it closes the connection (or 5 s).
+async fn answer(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    out
+}
+
+fn sqlstate(reply: &[u8]) -> Option<String> {
+    let at = reply.iter().position(|&b| b == b'E')?;
+    let body = &reply[at + 5..];
+    let c = body.windows(1).position(|w| w[0] == b'C')?;
+    let end = body[c + 1..].iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&body[c + 1..c + 1 + end]).into_owned())
+}
+
+fn startup_packet(user: &str, database: &str, version: u32) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", database)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_get_errors_and_others_see_nothing() {
+    let db = TestDb::new("proxy_bad_clients").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "client_login_timeout = \"1s\"").await;
+    let good = proxy.client().await;
+    let addr = ("127.0.0.1", proxy.port);
+
+    // Random bytes: a startup length no packet has.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0x7f, 0x13, 0x99, 0x01, 0xde, 0xad, 0xbe, 0xef])
+        .await
+        .unwrap();
+    assert_eq!(sqlstate(&answer(&mut s).await).as_deref(), Some("08P01"));
+
+    // A length claiming 2 GB.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&0x8000_0000u32.to_be_bytes()).await.unwrap();
+    assert_eq!(sqlstate(&answer(&mut s).await).as_deref(), Some("08P01"));
+
+    // Protocol 2.0.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup_packet(&proxy.user, &db.name, 2 << 16))
+        .await
+        .unwrap();
+    assert_eq!(sqlstate(&answer(&mut s).await).as_deref(), Some("0A000"));
+
+    // A truncated startup packet, then silence: the login timeout ends it.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup_packet(&proxy.user, &db.name, 3 << 16)[..10])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(sqlstate(&answer(&mut s).await).as_deref(), Some("08P01"));
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // A client that connects and never speaks.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(sqlstate(&answer(&mut s).await).as_deref(), Some("08P01"));
+
+    // Wrong password, unknown database, unknown user.
+    let wrong = format!(
+        "postgres://{}:nope@127.0.0.1:{}/{}",
+        proxy.user, proxy.port, db.name
+    );
+    let err = tokio_postgres::connect(&wrong, NoTls)
+        .await
+        .err()
+        .expect("wrong password refused");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("28P01"),
+        "{err}"
+    );
+    let other_db = format!(
+        "postgres://{}:{}@127.0.0.1:{}/nope",
+        proxy.user, proxy.password, proxy.port
+    );
+    let err = tokio_postgres::connect(&other_db, NoTls)
+        .await
+        .err()
+        .expect("unknown database refused");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("3D000"),
+        "{err}"
+    );
+    let stranger = format!("postgres://stranger:x@127.0.0.1:{}/{}", proxy.port, db.name);
+    let err = tokio_postgres::connect(&stranger, NoTls)
+        .await
+        .err()
+        .expect("unknown user refused");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("28000"),
+        "{err}"
+    );
+
+    // A client that vanishes mid-transaction: with a pool of one, the next client can only
+    // run if that server connection was cleaned up, and the vanished write is rolled back.
+    let quitter = proxy.client().await;
+    quitter
+        .batch_execute("CREATE TABLE t (x int)")
+        .await
+        .unwrap();
+    quitter
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    drop(quitter);
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        good.query_one("SELECT count(*) FROM t", &[]),
+    )
+    .await
+    .expect("the pool's only connection came back")
+    .unwrap();
+    assert_eq!(next.get::<_, i64>(0), 0);
+
+    let (status, body) = proxy.admin("GET", "/metrics", None, "").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("switchyard_errors_total{kind=\"login_refused\"}"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_and_resume_runs_them_all() {
+    let db = TestDb::new("proxy_pause").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE ticks (n int)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 4, "max_pause = \"20s\"").await;
+    let (status, _) = proxy.admin("POST", "/pause", None, "").await;
+    assert_eq!(status, 401, "control endpoints need the token");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let client = proxy.client().await;
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .batch_execute("BEGIN; INSERT INTO ticks VALUES (1); COMMIT")
+                    .await
+                    .expect("no client sees an error");
+                done += 1;
+            }
+            done
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = proxy
+        .admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 3000}")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let paused: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(paused["idle"], true, "{paused}");
+    let count = |client: tokio_postgres::Client| async move {
+        client
+            .query_one("SELECT count(*) FROM ticks", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let during = count(db.source_client().await).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(db.source_client().await).await,
+        during,
+        "nothing ran while paused"
+    );
+    let (status, _) = proxy.admin("POST", "/resume", Some(TOKEN), "").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("worker");
+    }
+    assert_eq!(count(db.source_client().await).await, i64::from(total));
+    assert!(count(db.source_client().await).await > during);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_on_a_pool_of_ten() {
+    let db = TestDb::new("proxy_thousand").await;
+    let proxy = Proxy::start(&db, "transaction", 10, "").await;
+    let url = proxy.url();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+            tokio::spawn(connection);
+            let row = client
+                .query_one("SELECT $1::int4 * 2", &[&i])
+                .await
+                .expect("query");
+            assert_eq!(row.get::<_, i32>(0), i * 2);
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.expect("client"));
+    }
+    assert_eq!(clients.len(), 1000);
+    let (_, body) = proxy.admin("GET", "/status", None, "").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["clients"], 1000, "{status}");
+    assert!(
+        status["pools"][0]["server_connections"].as_u64().unwrap() <= 10,
+        "{status}"
+    );
+}
