@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Proxy benchmark: pgbench -S (select-only) with -M simple, extended and prepared at 1, 16 and
+# 64 clients, directly against PostgreSQL 15, through switchyard and through PgBouncer
+# (Debian's package, transaction pooling, the same pool size), in one run. Prints TPS, average
+# latency, each proxy's ratio, and each proxy's CPU time per transaction (from its process's
+# CPU counters over the run: what matters when the proxy shares cores with the database).
+#
+#   bench/proxy.sh                      # 8 s per cell
+#   BENCH_SECONDS=20 POOL_SIZE=10 bench/proxy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SECONDS_PER_RUN=${BENCH_SECONDS:-8}
+POOL=${POOL_SIZE:-10}
+SCALE=${BENCH_SCALE:-10}
+
+scripts/install-deps.sh
+command -v pgbouncer >/dev/null || { echo "installing pgbouncer" >&2; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; }
+cargo build --quiet --release --bin switchyard --example servers
+PG_BIN=/usr/lib/postgresql/15/bin
+
+WORK=$(mktemp -d /tmp/switchyard-bench-proxy.XXXXXX)
+chmod 755 "$WORK"
+# shellcheck source=scripts/lib/servers.sh
+source scripts/lib/servers.sh
+start_servers release "$WORK"
+trap 'kill $SY_PID $PGB_PID 2>/dev/null || true; stop_servers' EXIT
+SRC="postgres://postgres@127.0.0.1:$SOURCE_PORT"
+
+echo "pgbench -i -s $SCALE ..." >&2
+psql -q -v ON_ERROR_STOP=1 "$SRC/postgres" -c "CREATE DATABASE bench"
+"$PG_BIN/pgbench" -q -i -s "$SCALE" "$SRC/bench" >/dev/null 2>&1
+APP_PASSWORD=bench-app-pw
+psql -q -v ON_ERROR_STOP=1 "$SRC/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
+VERIFIER=$(psql -At "$SRC/bench" -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SY_PORT=$(free_port); SY_ADMIN=$(free_port); PGB_PORT=$(free_port)
+
+cat > "$WORK/bench.toml" <<PLAN
+name = "bench"
+[source]
+url = "$SRC/bench"
+[target]
+url = "$SRC/bench"
+[proxy]
+listen = "127.0.0.1:$SY_PORT"
+admin_listen = "127.0.0.1:$SY_ADMIN"
+pool_mode = "transaction"
+pool_size = $POOL
+[[proxy.users]]
+name = "app"
+password_env = "APP_PASSWORD"
+[state]
+path = "$WORK/state.json"
+PLAN
+APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn SWITCHYARD_PROXY_THREADS=${PROXY_THREADS:-1} "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
+SY_PID=$!
+
+cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$SOURCE_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 1000
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+echo "\"app\" \"$VERIFIER\"" > "$WORK/userlist.txt"
+chown -R postgres "$WORK" 2>/dev/null || true
+if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- pgbouncer -q "$WORK/pgbouncer.ini" & else pgbouncer -q "$WORK/pgbouncer.ini" & fi
+PGB_PID=$!
+sleep 1
+PGB_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null || echo "$PGB_PID")
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# run <url> <mode> <clients> <pid or ->: prints "tps latency_ms cpu_us_per_txn" or "n/a"
+run() {
+  local url=$1 mode=$2 clients=$3 pid=$4 before=0 after=0 out
+  [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+  if ! out=$(PGPASSWORD=$APP_PASSWORD "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$SECONDS_PER_RUN" "$url" 2>&1) \
+     || ! grep -q "number of failed transactions: 0" <<<"$out"; then
+    echo "n/a"; return
+  fi
+  [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
+  local tps latency txns
+  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out")
+  latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+  txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+  python3 -c "
+tps, lat, txns, ticks = $tps, $latency, $txns, $after - $before
+cpu = '-' if '$pid' == '-' else f'{ticks / $TICK / max(txns, 1) * 1e6:.1f}'
+print(f'{tps:.0f} {lat:.3f} {cpu}')"
+}
+
+DIRECT="postgres://app@127.0.0.1:$SOURCE_PORT/bench"
+SY="postgres://app@127.0.0.1:$SY_PORT/bench"
+PGB="postgres://app@127.0.0.1:$PGB_PORT/bench"
+
+printf '\npgbench -S, %s s per cell, pool size %s, scale %s, %s cores; TPS (avg latency ms) [proxy CPU µs per transaction]\n\n' "$SECONDS_PER_RUN" "$POOL" "$SCALE" "$(nproc)"
+printf '| clients | protocol | direct | switchyard | PgBouncer 1.18 | switchyard/direct | PgBouncer/direct | switchyard/PgBouncer |\n'
+printf '|---|---|---|---|---|---|---|---|\n'
+for clients in 1 16 64; do
+  for mode in simple extended prepared; do
+    read -r d_tps d_lat _ <<<"$(run "$DIRECT" "$mode" "$clients" -)"
+    read -r s_tps s_lat s_cpu <<<"$(run "$SY" "$mode" "$clients" "$SY_PID")"
+    if [ "$mode" = prepared ]; then
+      p_cell="n/a: no prepared statements in transaction mode before 1.21"; p_tps=""
+    else
+      read -r p_tps p_lat p_cpu <<<"$(run "$PGB" "$mode" "$clients" "$PGB_PID")"
+      p_cell="$p_tps ($p_lat) [$p_cpu]"
+    fi
+    ratio() { python3 -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo "-"; }
+    printf '| %s | %s | %s (%s) | %s (%s) [%s] | %s | %s | %s | %s |\n' "$clients" "$mode" "$d_tps" "$d_lat" "$s_tps" "$s_lat" "$s_cpu" "$p_cell" \
+      "$(ratio "$s_tps" "$d_tps")" "$( [ -n "$p_tps" ] && ratio "$p_tps" "$d_tps" || echo -)" "$( [ -n "$p_tps" ] && ratio "$s_tps" "$p_tps" || echo -)"
+  done
+done
