@@ -40,6 +40,9 @@ impl Fatal {
     }
 }
 
+/// What a client hears when its server connection broke under its transaction.
+const LOST: &str = "the server connection was lost; the transaction was rolled back";
+
 /// Says no to a client before its session starts (too many clients).
 pub async fn refuse(stream: TcpStream, code: &'static str, message: &'static str) {
     let (_read, write) = stream.into_split();
@@ -288,6 +291,9 @@ struct Session {
     wanted: BTreeMap<String, String>,
     /// ReadyForQuery messages the client still expects (one per Query and per Sync).
     outstanding: u32,
+    /// The server connection died while the client sat in a transaction: its next message
+    /// gets the error.
+    lost_transaction: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
     /// Responses to messages the proxy added, which the client must not see.
@@ -329,6 +335,7 @@ impl Session {
             wanted,
             outstanding: 0,
             owed_parse_complete: 0,
+            lost_transaction: false,
             skip_parse_complete: 0,
             skip_close_complete: 0,
             swallow_until_ready: 0,
@@ -423,6 +430,10 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Bytes) -> bool {
         metrics::add(&self.shared.metrics.bytes_from_clients, frame.len() as u64);
+        if self.lost_transaction && tag(&frame) != b'X' {
+            self.lost_transaction = false;
+            return self.fail_until_sync(&frame, LOST).await;
+        }
         if self.server.is_none() {
             match tag(&frame) {
                 b'X' => return false,
@@ -439,6 +450,15 @@ impl Session {
                 }
                 b'H' => return self.answer_locally(None).await,
                 _ => {}
+            }
+            if self.shared.is_shutting_down() {
+                let bye = backend::error_response(
+                    "FATAL",
+                    "57P01",
+                    "terminating connection: the proxy is shutting down",
+                );
+                let _ = self.client_w.send(bye).await;
+                return false;
             }
             if let Err(message) = self.attach(true).await {
                 return self.fail_until_sync(&frame, &message).await;
@@ -501,6 +521,12 @@ impl Session {
                 return true;
             }
             b'S' => self.note_parameter(&frame, true),
+            // The server is ending the connection (shutdown, pg_terminate_backend): that ends
+            // this client's transaction, not its session.
+            b'E' if backend::is_fatal(body(&frame)) => {
+                tracing::warn!(user = %self.user, "server connection ended: {}", backend::error_fields(body(&frame)).1);
+                return self.server_lost().await;
+            }
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
                 self.outstanding = self.outstanding.saturating_sub(1);
@@ -718,9 +744,6 @@ impl Session {
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
         self.shared.control.admit().await;
-        if self.shared.is_shutting_down() {
-            return Err("the proxy is shutting down".into());
-        }
         let pool = &self.shared.users[&self.user].pool;
         let waiting = &self.shared.metrics.clients_waiting;
         metrics::add(waiting, 1);
@@ -797,22 +820,21 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
-        let in_flight = self.outstanding > 0 || self.status != b'I';
+        let waiting = self.outstanding > 0;
+        let in_transaction = self.status != b'I';
         self.release(false).await;
-        if in_flight {
-            let error = backend::error_response(
-                "ERROR",
-                "08006",
-                "the server connection was lost; the transaction was rolled back",
-            );
-            let sent = self.client_w.feed(error).await.is_ok()
+        if waiting {
+            // The client waits for an answer: its transaction failed.
+            let error = backend::error_response("ERROR", "08006", LOST);
+            return self.client_w.feed(error).await.is_ok()
                 && self
                     .client_w
                     .send(backend::ready_for_query(b'I'))
                     .await
                     .is_ok();
-            return sent;
         }
+        // Idle in a transaction: it learns with its next message.
+        self.lost_transaction = in_transaction;
         true
     }
 

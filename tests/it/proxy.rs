@@ -15,7 +15,7 @@ const TOKEN: &str = "test-admin-token";
 
 /// A running `switchyard proxy`, killed when dropped.
 pub struct Proxy {
-    child: Child,
+    pub child: Child,
     pub port: u16,
     pub admin_port: u16,
     pub user: String,
@@ -548,4 +548,162 @@ async fn a_thousand_clients_on_a_pool_of_ten() {
         status["pools"][0]["server_connections"].as_u64().unwrap() <= 10,
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_server_connection_fails_only_that_transaction() {
+    let db = TestDb::new("proxy_server_lost").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE notes (n int)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let (victim, bystander) = (proxy.client().await, proxy.client().await);
+    victim
+        .batch_execute("BEGIN; INSERT INTO notes VALUES (1)")
+        .await
+        .unwrap();
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    bystander
+        .batch_execute("BEGIN; INSERT INTO notes VALUES (2)")
+        .await
+        .unwrap();
+    db.source_client()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The victim's transaction is gone, and it is told so once; its session goes on.
+    let err = victim
+        .batch_execute("INSERT INTO notes VALUES (3); COMMIT")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("08006"),
+        "{err}"
+    );
+    victim
+        .batch_execute("INSERT INTO notes VALUES (4)")
+        .await
+        .expect("the session goes on");
+    // The other client never noticed.
+    bystander.batch_execute("COMMIT").await.unwrap();
+    let rows: Vec<i32> = db
+        .source_client()
+        .await
+        .query("SELECT n FROM notes ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![2, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waits_too_long_gets_an_error_not_a_hang() {
+    let db = TestDb::new("proxy_wait_timeout").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"1s\"").await;
+    let (holder, waiter) = (proxy.client().await, proxy.client().await);
+    holder.batch_execute("BEGIN").await.unwrap();
+    let started = Instant::now();
+    let err = waiter.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("query_wait_timeout")),
+        "{err}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiter
+        .batch_execute("SELECT 1")
+        .await
+        .expect("once the pool frees up, the same session works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_transactions_finish_then_exits() {
+    let db = TestDb::new("proxy_sigterm").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE done (n int)")
+        .await
+        .unwrap();
+    let mut proxy = Proxy::start(&db, "transaction", 2, "shutdown_timeout = \"10s\"").await;
+    let (busy, idle) = (proxy.client().await, proxy.client().await);
+    busy.batch_execute("BEGIN; INSERT INTO done VALUES (1)")
+        .await
+        .unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(proxy.child.id() as libc::pid_t, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(("127.0.0.1", proxy.port)).await.is_err(),
+        "no new clients after SIGTERM"
+    );
+    let err = idle.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.code().code() == "57P01")
+            || err.is_closed(),
+        "{err:?}"
+    );
+    busy.batch_execute("INSERT INTO done VALUES (2); COMMIT")
+        .await
+        .expect("the open transaction finishes");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit once idle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let count: i64 = db
+        .source_client()
+        .await
+        .query_one("SELECT count(*) FROM done", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_notify_work_in_session_mode() {
+    use futures_util::StreamExt;
+    let db = TestDb::new("proxy_listen").await;
+    let proxy = Proxy::start(&db, "session", 4, "").await;
+    let (client, mut connection) = tokio_postgres::connect(&proxy.url(), NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(stream.for_each(move |message| {
+        if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+            let _ = tx.send(n.payload().to_string());
+        }
+        futures_util::future::ready(())
+    }));
+    client.batch_execute("LISTEN news").await.unwrap();
+    db.source_client()
+        .await
+        .batch_execute("NOTIFY news, 'hello'")
+        .await
+        .unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(payload, "hello");
 }

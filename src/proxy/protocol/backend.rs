@@ -88,6 +88,23 @@ pub fn refuse_encryption() -> Bytes {
     Bytes::from_static(b"N")
 }
 
+/// Whether an ErrorResponse is FATAL or PANIC: the server closes the connection after it.
+pub fn is_fatal(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        if field == b'V' || field == b'S' {
+            let severity = &tail[..end];
+            return severity == b"FATAL" || severity == b"PANIC";
+        }
+        if field == 0 {
+            break;
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    false
+}
+
 /// Reads SQLSTATE and message out of an ErrorResponse body, for logs and metrics.
 pub fn error_fields(body: &[u8]) -> (String, String) {
     let (mut code, mut text) = (String::new(), String::new());
@@ -132,5 +149,9 @@ mod tests {
                 "password authentication failed for user \"app\"".to_string()
             )
         );
+        assert!(is_fatal(&err[5..]));
+        assert!(!is_fatal(
+            &error_response("ERROR", "57014", "canceled")[5..]
+        ));
     }
 }
