@@ -4,7 +4,7 @@ pub mod catalog;
 pub mod checks;
 mod pgpass;
 pub mod sql;
-mod tls;
+pub mod tls;
 pub mod tools;
 
 use std::fmt;

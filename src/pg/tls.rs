@@ -64,14 +64,19 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// The TLS connector for `prefer` and `require`.
-pub fn connector() -> Result<MakeRustlsConnect, PgError> {
+/// The client side of TLS for `prefer` and `require`, shared by the coordinator and the
+/// proxy's server connections.
+pub fn client_config() -> Result<ClientConfig, PgError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider.clone())
+    Ok(ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| PgError::Tool(format!("cannot set up TLS: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
+        .with_no_client_auth())
+}
+
+/// The TLS connector for tokio-postgres.
+pub fn connector() -> Result<MakeRustlsConnect, PgError> {
+    Ok(MakeRustlsConnect::new(client_config()?))
 }

@@ -122,6 +122,10 @@ pub struct ProxySettings {
     /// On SIGTERM, open transactions get this long to finish.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
+    /// PEM certificate chain and key for TLS towards clients; without them, SSLRequest is
+    /// answered "N".
+    pub tls_cert: Option<EnvString>,
+    pub tls_key: Option<EnvString>,
     #[serde(default)]
     pub users: Vec<ProxyUser>,
 }
@@ -161,6 +165,8 @@ impl Default for ProxySettings {
             client_login_timeout: default_client_login_timeout(),
             max_pause: default_max_pause(),
             shutdown_timeout: default_shutdown_timeout(),
+            tls_cert: None,
+            tls_key: None,
             users: Vec::new(),
         }
     }

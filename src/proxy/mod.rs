@@ -13,6 +13,7 @@ pub mod pool;
 pub mod protocol;
 mod session;
 mod settings;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,8 @@ pub enum ProxyError {
     NoUsers,
     #[error("environment variable {var} (password of proxy user {user}) is not set")]
     MissingPassword { user: String, var: String },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -65,6 +68,8 @@ pub struct Shared {
     pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
     pub clients: AtomicUsize,
     pub metrics: metrics::Metrics,
+    /// TLS towards clients, when `[proxy] tls_cert` and `tls_key` are set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     client_slots: Arc<Semaphore>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -78,6 +83,23 @@ impl Shared {
             return Err(ProxyError::NoUsers);
         }
         let url = &primary.url;
+        let tls = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(&cert.0, &key.0)?),
+            (None, None) => None,
+            _ => {
+                return Err(ProxyError::Tls(
+                    "set both [proxy] tls_cert and tls_key, or neither".into(),
+                ))
+            }
+        };
+        let server_tls = match url.config().get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => None,
+            mode => Some(pool::server::ServerTls {
+                connector: tls::connector()?,
+                name: tls::server_name(&url.host())?,
+                required: mode == tokio_postgres::config::SslMode::Require,
+            }),
+        };
         let mut users = HashMap::new();
         for user in &settings.users {
             let name = user.name.0.clone();
@@ -93,6 +115,7 @@ impl Shared {
                 user: name.clone(),
                 password: password.clone(),
                 application_name: "switchyard-proxy".into(),
+                tls: server_tls.clone(),
             };
             let manager = ServerManager {
                 target: Arc::new(target),
@@ -124,6 +147,7 @@ impl Shared {
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::default(),
+            tls,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }

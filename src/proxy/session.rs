@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -18,12 +18,13 @@ use super::protocol::codec::CodecError;
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::settings::{self, SettingChange};
+use super::tls::{self, ReadHalf, WriteHalf};
 use super::{CancelTarget, Shared};
 use crate::pg::sql;
 use crate::plan::PoolMode;
 
-type ClientReader = FramedRead<OwnedReadHalf, PgCodec>;
-type ClientWriter = FramedWrite<OwnedWriteHalf, PgCodec>;
+type ClientReader = FramedRead<ReadHalf, PgCodec>;
+type ClientWriter = FramedWrite<WriteHalf, PgCodec>;
 
 /// An error that ends the session, sent to the client as FATAL.
 struct Fatal {
@@ -45,22 +46,78 @@ const LOST: &str = "the server connection was lost; the transaction was rolled b
 
 /// Says no to a client before its session starts (too many clients).
 pub async fn refuse(stream: TcpStream, code: &'static str, message: &'static str) {
-    let (_read, write) = stream.into_split();
+    let (_read, write) = tls::split_plain(stream);
     let mut writer = FramedWrite::new(write, PgCodec::typed());
     let _ = writer
         .send(backend::error_response("FATAL", code, message))
         .await;
 }
 
-pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
-    let (read, write) = stream.into_split();
+/// How the connection goes on after its first packet.
+enum Negotiated {
+    /// In plain text; the bytes read so far belong to the startup packet.
+    Plain(Vec<u8>),
+    /// The client asked for TLS and the proxy said yes.
+    Tls,
+}
+
+/// Answers SSLRequest and GSSENCRequest before anything is framed: TLS, when configured,
+/// wraps the raw socket.
+async fn negotiate(shared: &Shared, stream: &mut TcpStream) -> std::io::Result<Negotiated> {
+    loop {
+        let length = stream.read_u32().await?;
+        if length != 8 {
+            // Not an encryption request; the codec judges the length.
+            return Ok(Negotiated::Plain(length.to_be_bytes().to_vec()));
+        }
+        let code = stream.read_u32().await?;
+        match code {
+            startup::SSL_REQUEST if shared.tls.is_some() => {
+                stream.write_all(b"S").await?;
+                return Ok(Negotiated::Tls);
+            }
+            startup::SSL_REQUEST | startup::GSSENC_REQUEST => stream.write_all(b"N").await?,
+            _ => {
+                let mut prefix = length.to_be_bytes().to_vec();
+                prefix.extend_from_slice(&code.to_be_bytes());
+                return Ok(Negotiated::Plain(prefix));
+            }
+        }
+    }
+}
+
+pub async fn run(shared: Arc<Shared>, mut stream: TcpStream) {
+    let deadline = tokio::time::Instant::now() + shared.settings.client_login_timeout.0;
+    let timed_out =
+        || backend::error_response("FATAL", "08P01", "canceling authentication due to timeout");
+    let (read, write, prefix) =
+        match tokio::time::timeout_at(deadline, negotiate(&shared, &mut stream)).await {
+            Ok(Ok(Negotiated::Plain(prefix))) => {
+                let (read, write) = tls::split_plain(stream);
+                (read, write, prefix)
+            }
+            Ok(Ok(Negotiated::Tls)) => {
+                let Some(acceptor) = shared.tls.clone() else {
+                    return;
+                };
+                match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(encrypted)) => {
+                        let (read, write) = tls::split(encrypted);
+                        (read, write, Vec::new())
+                    }
+                    _ => return,
+                }
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = stream.write_all(&timed_out()).await;
+                return;
+            }
+        };
     let mut reader = FramedRead::new(read, PgCodec::startup());
+    reader.read_buffer_mut().extend_from_slice(&prefix);
     let mut writer = FramedWrite::new(write, PgCodec::typed());
-    let login = tokio::time::timeout(
-        shared.settings.client_login_timeout.0,
-        login(&shared, &mut reader, &mut writer),
-    )
-    .await;
+    let login = tokio::time::timeout_at(deadline, login(&shared, &mut reader, &mut writer)).await;
     let logged_in = match login {
         Ok(Ok(Some(logged_in))) => logged_in,
         Ok(Ok(None)) => return,
@@ -73,13 +130,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
             return;
         }
         Err(_) => {
-            let _ = writer
-                .send(backend::error_response(
-                    "FATAL",
-                    "08P01",
-                    "canceling authentication due to timeout",
-                ))
-                .await;
+            let _ = writer.send(timed_out()).await;
             return;
         }
     };

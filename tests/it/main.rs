@@ -7,7 +7,7 @@ mod common;
 mod abort;
 mod drift;
 mod plan_errors;
-mod proxy;
+pub mod proxy;
 mod resume;
 mod roles;
 mod sync_live;

@@ -34,9 +34,21 @@ impl Proxy {
     /// Creates the application role on the source (grants on everything in public) and starts
     /// a proxy for it. `extra` goes into the plan's [proxy] table.
     pub async fn start(db: &TestDb, mode: &str, pool_size: u32, extra: &str) -> Proxy {
+        let source = db.source_client().await;
+        Proxy::start_with(db, &source, &db.plan_text(""), mode, pool_size, extra).await
+    }
+
+    /// Same, with the coordinator's `source` client and the plan text given.
+    pub async fn start_with(
+        db: &TestDb,
+        source: &tokio_postgres::Client,
+        plan_text: &str,
+        mode: &str,
+        pool_size: u32,
+        extra: &str,
+    ) -> Proxy {
         let user = format!("{}_app", db.name);
         let password = "app-secret".to_string();
-        let source = db.source_client().await;
         source
             .batch_execute(&format!(
                 "DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{password}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
@@ -47,7 +59,7 @@ impl Proxy {
             .await
             .expect("create the application role");
         let (port, admin_port) = (free_port(), free_port());
-        let plan = db.plan_text("").replace(
+        let plan = plan_text.replace(
             "[sync]\n",
             &format!(
                 "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\npool_mode = \"{mode}\"\npool_size = {pool_size}\n{extra}\n[[proxy.users]]\nname = \"{user}\"\npassword_env = \"TEST_APP_PASSWORD\"\n[sync]\n"

@@ -76,6 +76,65 @@ async fn sync_from_a_tls_only_source() {
         let (a, b) = except_all(&src, &target, table).await;
         assert!(a.is_empty() && b.is_empty(), "{table}");
     }
+    // The proxy in front of the TLS-only source: TLS to the server (the URL's sslmode) and,
+    // with a certificate of its own, TLS to its clients.
+    let cert_dir = db.dir.path();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(cert_dir.join("proxy.key"))
+        .arg("-out")
+        .arg(cert_dir.join("proxy.crt"))
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let extra = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_dir.join("proxy.crt").display(),
+        cert_dir.join("proxy.key").display()
+    );
+    let plan = db.plan_text("").replace(
+        &source.url(name),
+        &format!("{}?sslmode=require", source.url(name)),
+    );
+    let proxy = crate::proxy::Proxy::start_with(&db, &src, &plan, "transaction", 2, &extra).await;
+    let (client, connection) = tokio_postgres::connect(
+        &format!("{}?sslmode=require", proxy.url()),
+        switchyard::pg::tls::connector().unwrap(),
+    )
+    .await
+    .expect("TLS through the proxy");
+    tokio::spawn(connection);
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 300);
+    let server_side: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        server_side,
+        "the proxy's server connection is not encrypted"
+    );
+    drop(proxy);
+
     let output = db.switchyard(&["abort", "--drop-target-data"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 }

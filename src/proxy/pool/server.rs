@@ -9,13 +9,31 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::proxy::protocol::backend::error_fields;
 use crate::proxy::protocol::codec::CodecError;
 use crate::proxy::protocol::{body, tag, Frame, PgCodec};
+use crate::proxy::tls::{self, ReadHalf, WriteHalf};
+
+/// TLS towards the server, from the plan URL's sslmode (`prefer` or `require`).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: rustls::pki_types::ServerName<'static>,
+    /// `require`: a server that says no to TLS is an error; `prefer` goes on in plain.
+    pub required: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("required", &self.required)
+            .finish()
+    }
+}
 
 /// Where and as whom a pool's connections log in.
 #[derive(Debug, Clone)]
@@ -26,6 +44,7 @@ pub struct ServerTarget {
     pub user: String,
     pub password: String,
     pub application_name: String,
+    pub tls: Option<ServerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +57,8 @@ pub enum ServerError {
     Refused(String),
     #[error("the server sent an unexpected message during login: {0}")]
     Protocol(String),
+    #[error("TLS with {0}: {1}")]
+    Tls(String, String),
     #[error("the server connection closed")]
     Closed,
     #[error(transparent)]
@@ -45,8 +66,8 @@ pub enum ServerError {
 }
 
 pub struct ServerConn {
-    pub reader: FramedRead<OwnedReadHalf, PgCodec>,
-    pub writer: FramedWrite<OwnedWriteHalf, PgCodec>,
+    pub reader: FramedRead<ReadHalf, PgCodec>,
+    pub writer: FramedWrite<WriteHalf, PgCodec>,
     /// The server's session parameters as it reported them, plus what the proxy SET.
     pub params: HashMap<String, String>,
     pub process_id: i32,
@@ -75,7 +96,7 @@ impl ServerConn {
             let addr = stream
                 .peer_addr()
                 .map_err(|e| ServerError::Connect(address.clone(), e))?;
-            let (read, write) = stream.into_split();
+            let (read, write) = negotiate_tls(stream, target.tls.as_ref(), &address).await?;
             let mut conn = ServerConn {
                 reader: FramedRead::new(read, PgCodec::typed()),
                 writer: FramedWrite::new(write, PgCodec::typed()),
@@ -231,5 +252,44 @@ impl ServerConn {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Asks the server for TLS when the sslmode wants it, and splits the stream.
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    tls: Option<&ServerTls>,
+    address: &str,
+) -> Result<(ReadHalf, WriteHalf), ServerError> {
+    let Some(tls) = tls else {
+        return Ok(tls::split_plain(stream));
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| ServerError::Connect(address.to_string(), e))?;
+    let answer = stream
+        .read_u8()
+        .await
+        .map_err(|e| ServerError::Connect(address.to_string(), e))?;
+    match answer {
+        b'S' => {
+            let encrypted = tls
+                .connector
+                .connect(tls.name.clone(), stream)
+                .await
+                .map_err(|e| ServerError::Tls(address.to_string(), e.to_string()))?;
+            Ok(tls::split(encrypted))
+        }
+        b'N' if !tls.required => Ok(tls::split_plain(stream)),
+        b'N' => Err(ServerError::Tls(
+            address.to_string(),
+            "the server does not offer TLS, and sslmode=require".into(),
+        )),
+        other => Err(ServerError::Protocol(format!(
+            "answer {other:?} to SSLRequest"
+        ))),
     }
 }

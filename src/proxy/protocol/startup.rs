@@ -4,8 +4,8 @@ use bytes::{Buf, Bytes};
 
 pub const PROTOCOL_3_0: u32 = 196_608;
 const CANCEL_REQUEST: u32 = 80_877_102;
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Startup {
