@@ -220,7 +220,18 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
         .control
         .wait_idle(Duration::from_millis(timeout_ms))
         .await;
-    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active() })
+    // What still runs: which role, on which server backend, for how long.
+    let running: Vec<serde_json::Value> = shared
+        .cancels
+        .lock()
+        .map(|map| {
+            map.values()
+                .flatten()
+                .map(|t| serde_json::json!({ "user": &*t.user, "server_pid": t.process_id, "running_ms": t.since.elapsed().as_millis() as u64 }))
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running })
 }
 
 fn metrics_text(shared: &Shared) -> String {

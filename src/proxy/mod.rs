@@ -51,11 +51,14 @@ pub struct User {
 }
 
 /// Where a client's query runs right now, for forwarding a CancelRequest there.
-#[derive(Debug, Clone, Copy)]
+/// Also what `/pause` lists while a transaction still runs.
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub addr: std::net::SocketAddr,
     pub process_id: i32,
     pub secret_key: i32,
+    pub user: Arc<str>,
+    pub since: std::time::Instant,
 }
 
 /// State shared by every session.

@@ -302,7 +302,7 @@ async fn login(
 async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let target: Option<CancelTarget> = lock(&shared.cancels)
         .get(&(process_id, secret_key))
-        .copied()
+        .cloned()
         .flatten();
     let Some(target) = target else { return };
     let mut buf = BytesMut::new();
@@ -332,7 +332,7 @@ struct Prepared {
 
 struct Session {
     shared: Arc<Shared>,
-    user: String,
+    user: Arc<str>,
     key: (i32, i32),
     client_r: ClientReader,
     client_w: ClientWriter,
@@ -377,7 +377,7 @@ impl Session {
             .collect();
         Session {
             shared,
-            user: logged_in.user,
+            user: Arc::from(logged_in.user.as_str()),
             key,
             client_r: reader,
             client_w: writer,
@@ -795,7 +795,7 @@ impl Session {
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
         self.shared.control.admit().await;
-        let pool = &self.shared.users[&self.user].pool;
+        let pool = &self.shared.users[&*self.user].pool;
         let waiting = &self.shared.metrics.clients_waiting;
         metrics::add(waiting, 1);
         let checkout = pool.get_owned().await;
@@ -828,6 +828,8 @@ impl Session {
             addr: server.addr,
             process_id: server.process_id,
             secret_key: server.secret_key,
+            user: self.user.clone(),
+            since: std::time::Instant::now(),
         };
         if let Some(slot) = lock(&self.shared.cancels).get_mut(&self.key) {
             *slot = Some(target);
