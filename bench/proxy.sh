@@ -54,7 +54,7 @@ password_env = "APP_PASSWORD"
 [state]
 path = "$WORK/state.json"
 PLAN
-APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn SWITCHYARD_PROXY_THREADS=${PROXY_THREADS:-1} "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
+APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn SWITCHYARD_PROXY_THREADS=${PROXY_THREADS:-2} "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
 SY_PID=$!
 
 cat > "$WORK/pgbouncer.ini" <<INI

@@ -530,12 +530,24 @@ async fn pause_holds_new_transactions_and_resume_runs_them_all() {
 
     // A transaction that does not finish in time is named in the answer.
     let holder = proxy.client().await;
-    holder.batch_execute("BEGIN; INSERT INTO ticks VALUES (1)").await.unwrap();
-    let (_, body) = proxy.admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 200}").await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO ticks VALUES (1)")
+        .await
+        .unwrap();
+    let (_, body) = proxy
+        .admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 200}")
+        .await;
     let paused: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(paused["idle"], false, "{paused}");
-    assert_eq!(paused["running"][0]["user"], proxy.user.as_str(), "{paused}");
-    holder.batch_execute("COMMIT").await.expect("an open transaction finishes while paused");
+    assert_eq!(
+        paused["running"][0]["user"],
+        proxy.user.as_str(),
+        "{paused}"
+    );
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("an open transaction finishes while paused");
     proxy.admin("POST", "/resume", Some(TOKEN), "").await;
 }
 
