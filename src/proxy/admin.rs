@@ -226,8 +226,8 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
         .lock()
         .map(|map| {
             map.values()
-                .flatten()
-                .map(|t| serde_json::json!({ "user": &*t.user, "server_pid": t.process_id, "running_ms": t.since.elapsed().as_millis() as u64 }))
+                .filter_map(|slot| slot.lock().ok().and_then(|t| t.clone()))
+                .map(|t| serde_json::json!({ "user": t.user.to_string(), "server_pid": t.process_id, "running_ms": t.since.elapsed().as_millis() as u64 }))
                 .collect()
         })
         .unwrap_or_default();

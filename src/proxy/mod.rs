@@ -61,6 +61,10 @@ pub struct CancelTarget {
     pub since: std::time::Instant,
 }
 
+/// A session's current [`CancelTarget`]: the session updates its own slot at every attach and
+/// release without touching the shared map.
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
 /// State shared by every session.
 pub struct Shared {
     pub settings: ProxySettings,
@@ -68,7 +72,7 @@ pub struct Shared {
     pub users: HashMap<String, User>,
     pub control: Control,
     /// Our (process id, secret key) handed to each client → where its query runs now.
-    pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     pub clients: AtomicUsize,
     pub metrics: metrics::Metrics,
     /// TLS towards clients, when `[proxy] tls_cert` and `tls_key` are set.

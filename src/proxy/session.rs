@@ -135,8 +135,9 @@ pub async fn run(shared: Arc<Shared>, mut stream: TcpStream) {
         }
     };
     let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
-    lock(&shared.cancels).insert(key, None);
-    let mut session = Session::new(shared.clone(), reader, writer, logged_in, key);
+    let cancel_slot = super::CancelSlot::default();
+    lock(&shared.cancels).insert(key, cancel_slot.clone());
+    let mut session = Session::new(shared.clone(), reader, writer, logged_in, key, cancel_slot);
     if let Err(fatal) = session.welcome().await {
         let _ = session
             .client_w
@@ -300,10 +301,10 @@ async fn login(
 
 /// Passes a CancelRequest to the server connection running that client's query, if any.
 async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
-    let target: Option<CancelTarget> = lock(&shared.cancels)
+    let slot = lock(&shared.cancels)
         .get(&(process_id, secret_key))
-        .cloned()
-        .flatten();
+        .cloned();
+    let target: Option<CancelTarget> = slot.and_then(|slot| lock(&slot).clone());
     let Some(target) = target else { return };
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(
@@ -334,6 +335,8 @@ struct Session {
     shared: Arc<Shared>,
     user: Arc<str>,
     key: (i32, i32),
+    /// Where this session's CancelRequests go: updated at every attach and release.
+    cancel_slot: super::CancelSlot,
     client_r: ClientReader,
     client_w: ClientWriter,
     server: Option<Pooled>,
@@ -366,6 +369,7 @@ impl Session {
         writer: ClientWriter,
         logged_in: LoggedIn,
         key: (i32, i32),
+        cancel_slot: super::CancelSlot,
     ) -> Session {
         let application_name =
             Startup::param(&logged_in.params, "application_name").map(str::to_string);
@@ -379,6 +383,7 @@ impl Session {
             shared,
             user: Arc::from(logged_in.user.as_str()),
             key,
+            cancel_slot,
             client_r: reader,
             client_w: writer,
             server: None,
@@ -831,9 +836,7 @@ impl Session {
             user: self.user.clone(),
             since: std::time::Instant::now(),
         };
-        if let Some(slot) = lock(&self.shared.cancels).get_mut(&self.key) {
-            *slot = Some(target);
-        }
+        *lock(&self.cancel_slot) = Some(target);
         self.server = Some(server);
         self.attached_at = std::time::Instant::now();
         Ok(())
@@ -846,9 +849,7 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return;
         };
-        if let Some(slot) = lock(&self.shared.cancels).get_mut(&self.key) {
-            *slot = None;
-        }
+        *lock(&self.cancel_slot) = None;
         let clean = self.status == b'I' && self.outstanding == 0 && self.swallow_until_ready == 0;
         if clean {
             self.shared.metrics.transaction(self.attached_at.elapsed());
