@@ -139,3 +139,28 @@ async fn unreachable_server_is_a_connection_error() {
         text(&output)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_user_that_is_the_coordinator_is_refused() {
+    let db = TestDb::new("err_proxy_user").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let plan = db.plan_text("").replace(
+        "[sync]\n",
+        "[[proxy.users]]\nname = \"postgres\"\npassword_env = \"X\"\n[sync]\n",
+    );
+    std::fs::write(db.plan_path(), plan).unwrap();
+    let output = db.switchyard(&["plan", "--json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let checks: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["check"].as_str().unwrap())
+        .collect();
+    assert!(checks.contains(&"proxy_user_is_coordinator"), "{checks:?}");
+}
