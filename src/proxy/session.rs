@@ -348,6 +348,18 @@ struct Session {
     /// The server connection died while the client sat in a transaction: its next message
     /// gets the error.
     lost_transaction: bool,
+    /// The server connection holds session state the proxy cannot track (an unrecognised SET,
+    /// SET ROLE): it is closed instead of going back to the pool.
+    dirty: bool,
+    /// Statements this sync group made the connection prepare: if the group fails, they may
+    /// not exist.
+    group_prepared: Vec<String>,
+    /// Client messages forwarded since the last Sync or Query.
+    unsynced: u32,
+    /// Syncs forwarded since the last Execute or Query (see the CopyInResponse case).
+    syncs_since_execute: u32,
+    /// The server is in copy-in mode.
+    copy_in: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
     /// Responses to messages the proxy added, which the client must not see.
@@ -392,6 +404,11 @@ impl Session {
             outstanding: 0,
             owed_parse_complete: 0,
             lost_transaction: false,
+            group_prepared: Vec::new(),
+            unsynced: 0,
+            syncs_since_execute: 0,
+            copy_in: false,
+            dirty: false,
             skip_parse_complete: 0,
             skip_close_complete: 0,
             swallow_until_ready: 0,
@@ -486,13 +503,16 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Bytes) -> bool {
         metrics::add(&self.shared.metrics.bytes_from_clients, frame.len() as u64);
-        if self.lost_transaction && tag(&frame) != b'X' {
+        // Terminate ends the session; the server connection is the pool's, never told.
+        if tag(&frame) == b'X' {
+            return false;
+        }
+        if self.lost_transaction {
             self.lost_transaction = false;
             return self.fail_until_sync(&frame, LOST).await;
         }
         if self.server.is_none() {
             match tag(&frame) {
-                b'X' => return false,
                 // Between transactions a named Parse needs no server: it is remembered and
                 // prepared on whichever server connection first runs it. (A client that
                 // prepares synchronously while its other sessions hold every server
@@ -523,14 +543,29 @@ impl Session {
                 return false;
             }
         }
-        let frames = match tag(&frame) {
+        let kind = tag(&frame);
+        // Messages of a sync group not yet closed by its Sync: the connection must stay.
+        self.unsynced = match kind {
+            b'S' | b'Q' | b'F' => 0,
+            b'H' | b'd' | b'c' | b'f' => self.unsynced,
+            _ => self.unsynced + 1,
+        };
+        match kind {
+            b'E' | b'Q' => self.syncs_since_execute = 0,
+            b'c' | b'f' => self.copy_in = false,
+            _ => {}
+        }
+        let frames = match kind {
             b'Q' => {
                 self.outstanding += 1;
                 metrics::add(&self.shared.metrics.queries, 1);
                 self.query(frame)
             }
+            // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
+            b'S' if self.copy_in => vec![frame],
             b'S' | b'F' => {
                 self.outstanding += 1;
+                self.syncs_since_execute += 1;
                 metrics::add(&self.shared.metrics.queries, 1);
                 vec![frame]
             }
@@ -577,6 +612,13 @@ impl Session {
                 return true;
             }
             b'S' => self.note_parameter(&frame, true),
+            // Copy-in began: the Syncs sent after the Execute that started it were (or will
+            // be) ignored by the server.
+            b'G' => {
+                self.copy_in = true;
+                self.outstanding = self.outstanding.saturating_sub(self.syncs_since_execute);
+                self.syncs_since_execute = 0;
+            }
             // The server is ending the connection (shutdown, pg_terminate_backend): that ends
             // this client's transaction, not its session.
             b'E' if backend::is_fatal(body(&frame)) => {
@@ -586,6 +628,19 @@ impl Session {
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
                 self.outstanding = self.outstanding.saturating_sub(1);
+                // Everything of the sync group has been answered by now, whatever an error
+                // made the server skip.
+                self.skip_parse_complete = 0;
+                self.skip_close_complete = 0;
+                self.copy_in = false;
+                self.group_prepared.clear();
+            }
+            b'E' => {
+                if let Some(server) = self.server.as_mut() {
+                    for name in self.group_prepared.drain(..) {
+                        server.prepared.remove(&name);
+                    }
+                }
             }
             _ => {}
         }
@@ -603,6 +658,7 @@ impl Session {
         }
         if ready
             && self.outstanding == 0
+            && self.unsynced == 0
             && self.status == b'I'
             && self.mode() == PoolMode::Transaction
         {
@@ -694,12 +750,12 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return vec![parse];
         };
-        if server.prepared.insert(server_name.clone()) {
-            vec![parse]
-        } else {
-            self.skip_close_complete += 1;
-            vec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
-        }
+        // Closed first in case the connection has it already (from another client, or from
+        // a group that failed after its Parse went through); the CloseComplete is swallowed.
+        server.prepared.insert(server_name.clone());
+        self.group_prepared.push(server_name.clone());
+        self.skip_close_complete += 1;
+        vec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
     }
 
     /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
@@ -744,8 +800,13 @@ impl Session {
         let prepared = self.statements.get(client_name)?;
         let server = self.server.as_mut()?;
         if server.prepared.insert(prepared.server_name.clone()) {
+            // Closed first: after an error the proxy cannot know whether an earlier Parse of
+            // it went through, and Close of a statement that does not exist is no error.
+            out.push(frontend::rebuild_target(b'C', b'S', &prepared.server_name));
             out.push(prepared.parse.clone());
+            self.skip_close_complete += 1;
             self.skip_parse_complete += 1;
+            self.group_prepared.push(prepared.server_name.clone());
         }
         Some(prepared.server_name.clone())
     }
@@ -799,12 +860,24 @@ impl Session {
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
-        self.shared.control.admit().await;
+        // Counted as active before the checkout, then the pause is checked again: either
+        // `/pause` sees this session and waits for it, or this session sees the pause.
+        loop {
+            self.shared.control.admit().await;
+            self.shared.control.attached();
+            if !self.shared.control.is_paused() {
+                break;
+            }
+            self.shared.control.detached();
+        }
         let pool = &self.shared.users[&*self.user].pool;
         let waiting = &self.shared.metrics.clients_waiting;
         metrics::add(waiting, 1);
         let checkout = pool.get_owned().await;
         waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if checkout.is_err() {
+            self.shared.control.detached();
+        }
         let mut server = checkout.map_err(|e| match e {
             bb8::RunError::TimedOut => {
                 metrics::add(&self.shared.metrics.wait_timeouts, 1);
@@ -815,7 +888,6 @@ impl Session {
             }
             bb8::RunError::User(e) => format!("cannot connect to the database: {e}"),
         })?;
-        self.shared.control.attached();
         let statements = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
         } else {
@@ -850,7 +922,12 @@ impl Session {
             return;
         };
         *lock(&self.cancel_slot) = None;
-        let clean = self.status == b'I' && self.outstanding == 0 && self.swallow_until_ready == 0;
+        let clean = self.status == b'I'
+            && self.outstanding == 0
+            && self.unsynced == 0
+            && !self.copy_in
+            && self.swallow_until_ready == 0
+            && !self.dirty;
         if clean {
             self.shared.metrics.transaction(self.attached_at.elapsed());
         }
@@ -862,6 +939,10 @@ impl Session {
         self.skip_close_complete = 0;
         self.swallow_until_ready = 0;
         self.outstanding = 0;
+        self.unsynced = 0;
+        self.syncs_since_execute = 0;
+        self.copy_in = false;
+        self.dirty = false;
         self.status = b'I';
         server.idle_since = std::time::Instant::now();
         drop(server);
@@ -874,18 +955,31 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
-        let waiting = self.outstanding > 0;
+        let waiting = self.outstanding;
         let in_transaction = self.status != b'I';
         self.release(false).await;
-        if waiting {
-            // The client waits for an answer: its transaction failed.
-            let error = backend::error_response("ERROR", "08006", LOST);
-            return self.client_w.feed(error).await.is_ok()
-                && self
+        if waiting > 0 {
+            // The client waits for answers: its transaction failed; every Sync and Query it
+            // sent gets its ReadyForQuery.
+            if self
+                .client_w
+                .feed(backend::error_response("ERROR", "08006", LOST))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            for _ in 0..waiting {
+                if self
                     .client_w
-                    .send(backend::ready_for_query(b'I'))
+                    .feed(backend::ready_for_query(b'I'))
                     .await
-                    .is_ok();
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            return self.client_w.flush().await.is_ok();
         }
         // Idle in a transaction: it learns with its next message.
         self.lost_transaction = in_transaction;
@@ -902,6 +996,11 @@ impl Session {
                 Some(Ok(Frame::Message(next))) => frame = next,
                 _ => return false,
             }
+        }
+        // Parses remembered before the failure were answered as accepted; their
+        // ParseCompletes come first, as they would have.
+        if !self.answer_locally(None).await {
+            return false;
         }
         let error = backend::error_response("ERROR", "08006", message);
         self.client_w.feed(error).await.is_ok()
@@ -950,11 +1049,16 @@ async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> 
 /// The name a statement gets on server connections: from its text and parameter types, so
 /// the same statement is prepared once per server connection whichever client asks.
 fn statement_name(query: &str, param_types: &[u8]) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    query.hash(&mut hasher);
-    param_types.hash(&mut hasher);
-    format!("switchyard_{:016x}", hasher.finish())
+    use sha2::{Digest, Sha256};
+    // A cryptographic hash: a client must not be able to make its statement's name collide
+    // with another client's.
+    let mut hasher = Sha256::new();
+    hasher.update((query.len() as u64).to_be_bytes());
+    hasher.update(query.as_bytes());
+    hasher.update(param_types);
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("switchyard_{hex}")
 }
 
 fn starts_with_keyword(text: &str, keyword: &str) -> bool {
