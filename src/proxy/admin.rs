@@ -18,6 +18,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Option<Str
     let token = Arc::new(token);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let (shared, token) = (shared.clone(), token.clone());
@@ -78,7 +80,9 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
     let mut body = buf[head_end + 4..].to_vec();
     while body.len() < length {
         let mut chunk = vec![0u8; length - body.len()];
-        let n = stream.read(&mut chunk).await?;
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
         if n == 0 {
             break;
         }

@@ -75,6 +75,8 @@ pub struct Shared {
     pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     pub clients: AtomicUsize,
     pub metrics: metrics::Metrics,
+    /// For logins as a role the proxy does not know: a verifier nobody has the password of.
+    pub mock_verifier: Verifier,
     /// TLS towards clients, when `[proxy] tls_cert` and `tls_key` are set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     client_slots: Arc<Semaphore>,
@@ -154,6 +156,7 @@ impl Shared {
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::default(),
+            mock_verifier: Verifier::from_password(&format!("{:032x}", rand::random::<u128>())),
             tls,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         })

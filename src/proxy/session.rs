@@ -41,6 +41,27 @@ impl Fatal {
     }
 }
 
+/// LISTEN in transaction mode: raised by the server, so that a transaction around it fails
+/// as it should.
+const REFUSE_LISTEN: &str = "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+     MESSAGE = 'LISTEN is not supported in transaction pooling mode', \
+     HINT = 'use a connection through a session-mode proxy for LISTEN'; END $switchyard$";
+
+/// Whether any statement of `text` is a LISTEN (statements split at semicolons; a LISTEN
+/// inside a string literal is refused too, which errs on the safe side).
+fn mentions_listen(text: &str) -> bool {
+    text.split(';')
+        .any(|statement| starts_with_keyword(statement, "listen"))
+}
+
+/// SET LOCAL and SET TRANSACTION last only until the transaction ends.
+fn is_transaction_scoped(text: &str) -> bool {
+    let lower = text.trim_start().to_ascii_lowercase();
+    lower.starts_with("set local")
+        || lower.starts_with("set transaction")
+        || lower.starts_with("set constraints")
+}
+
 /// What a client hears when its server connection broke under its transaction.
 const LOST: &str = "the server connection was lost; the transaction was rolled back";
 
@@ -230,19 +251,11 @@ async fn login(
             "replication connections are not supported through the switchyard proxy",
         ));
     }
-    let database = Startup::param(&params, "database").unwrap_or(&user);
-    if database != shared.database {
-        return Err(Fatal::new(
-            "3D000",
-            format!("database \"{database}\" does not exist"),
-        ));
-    }
-    let Some(account) = shared.users.get(&user) else {
-        return Err(Fatal::new(
-            "28000",
-            format!("role \"{user}\" does not exist"),
-        ));
-    };
+    // As PostgreSQL does: an unknown role goes through a mock exchange and fails like a
+    // wrong password, and the database is checked after the login, so that nobody learns
+    // which roles or databases exist without a password.
+    let account = shared.users.get(&user);
+    let verifier = account.map_or_else(|| shared.mock_verifier.clone(), |a| a.verifier.clone());
 
     if writer
         .send(backend::authentication_sasl(&["SCRAM-SHA-256"]))
@@ -274,7 +287,7 @@ async fn login(
         ScramError::WrongPassword => wrong_password(),
         other => Fatal::new("08P01", other.to_string()),
     };
-    let (exchange, server_first) = ScramServer::start(&account.verifier, b).map_err(scram_error)?;
+    let (exchange, server_first) = ScramServer::start(&verifier, b).map_err(scram_error)?;
     if writer
         .send(backend::authentication_sasl_continue(
             server_first.as_bytes(),
@@ -288,6 +301,16 @@ async fn login(
         return Ok(None);
     };
     let server_final = exchange.finish(body(&response)).map_err(scram_error)?;
+    if account.is_none() {
+        return Err(wrong_password());
+    }
+    let database = Startup::param(&params, "database").unwrap_or(&user);
+    if database != shared.database {
+        return Err(Fatal::new(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+        ));
+    }
     if writer
         .feed(backend::authentication_sasl_final(server_final.as_bytes()))
         .await
@@ -320,6 +343,14 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         }
         Err(e) => tracing::warn!("cannot forward a cancel request: {e}"),
     }
+}
+
+/// Responses to messages the proxy added to a sync group (a Close and a Parse before a
+/// statement's first use on a connection), which the client must not see.
+#[derive(Debug, Default, Clone, Copy)]
+struct Skips {
+    parse: u32,
+    close: u32,
 }
 
 /// A named prepared statement as the client knows it.
@@ -362,9 +393,11 @@ struct Session {
     copy_in: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
-    /// Responses to messages the proxy added, which the client must not see.
-    skip_parse_complete: u32,
-    skip_close_complete: u32,
+    /// Responses the client must not see, per sync group sent and not yet answered (one per
+    /// Sync or Query, oldest first) ...
+    groups: std::collections::VecDeque<Skips>,
+    /// ... and for the messages sent since the last Sync.
+    pending: Skips,
     swallow_until_ready: u32,
     /// The last transaction status the server reported.
     status: u8,
@@ -372,6 +405,8 @@ struct Session {
     attached_at: std::time::Instant,
     /// The client's application_name: reported back to it, never set on the server.
     application_name: Option<String>,
+    /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
+    startup_values: HashMap<String, String>,
 }
 
 impl Session {
@@ -383,6 +418,11 @@ impl Session {
         key: (i32, i32),
         cancel_slot: super::CancelSlot,
     ) -> Session {
+        let startup_values = logged_in
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
         let application_name =
             Startup::param(&logged_in.params, "application_name").map(str::to_string);
         let wanted = logged_in
@@ -409,12 +449,13 @@ impl Session {
             syncs_since_execute: 0,
             copy_in: false,
             dirty: false,
-            skip_parse_complete: 0,
-            skip_close_complete: 0,
+            groups: std::collections::VecDeque::new(),
+            pending: Skips::default(),
             swallow_until_ready: 0,
             status: b'I',
             attached_at: std::time::Instant::now(),
             application_name,
+            startup_values,
         }
     }
 
@@ -425,7 +466,10 @@ impl Session {
     /// ParameterStatus, BackendKeyData and the first ReadyForQuery. Takes a server connection
     /// to learn the server's parameters (and keeps it in session mode).
     async fn welcome(&mut self) -> Result<(), Fatal> {
-        self.attach(false)
+        // Session mode applies the client's startup settings now; transaction mode does it
+        // at each transaction.
+        let apply = self.mode() == PoolMode::Session;
+        self.attach(apply)
             .await
             .map_err(|e| Fatal::new("08006", e))?;
         let mut reported: Vec<(String, String)> = self
@@ -439,7 +483,11 @@ impl Session {
             let value = if name == "application_name" {
                 self.client_application_name().unwrap_or_default()
             } else {
-                value.clone()
+                // What the client asked for in its startup packet is what it will get.
+                self.startup_values
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| value.clone())
             };
             frames.push(backend::parameter_status(name, &value));
         }
@@ -459,6 +507,26 @@ impl Session {
             self.release(false).await;
         }
         Ok(())
+    }
+
+    /// The skips of the sync group the server is answering now.
+    fn answering(&mut self) -> &mut Skips {
+        match self.groups.front_mut() {
+            Some(group) => group,
+            None => &mut self.pending,
+        }
+    }
+
+    /// The server's application_name is the proxy's; the client sees its own.
+    fn client_view_of_parameter(&self, frame: &Bytes) -> Option<Bytes> {
+        let mut b = body(frame);
+        let name = cstr(&mut b)?;
+        (name == "application_name").then(|| {
+            backend::parameter_status(
+                "application_name",
+                &self.client_application_name().unwrap_or_default(),
+            )
+        })
     }
 
     fn client_application_name(&self) -> Option<String> {
@@ -559,13 +627,16 @@ impl Session {
             b'Q' => {
                 self.outstanding += 1;
                 metrics::add(&self.shared.metrics.queries, 1);
-                self.query(frame)
+                let frames = self.query(frame);
+                self.groups.push_back(std::mem::take(&mut self.pending));
+                frames
             }
             // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
             b'S' if self.copy_in => vec![frame],
             b'S' | b'F' => {
                 self.outstanding += 1;
                 self.syncs_since_execute += 1;
+                self.groups.push_back(std::mem::take(&mut self.pending));
                 metrics::add(&self.shared.metrics.queries, 1);
                 vec![frame]
             }
@@ -596,6 +667,12 @@ impl Session {
                 b'S' => self.note_parameter(&frame, false),
                 b'Z' => self.swallow_until_ready -= 1,
                 b'E' => {
+                    // The connection's settings are not what the proxy believes: it is closed
+                    // after this transaction.
+                    self.dirty = true;
+                    if let Some(server) = self.server.as_mut() {
+                        server.applied.clear();
+                    }
                     tracing::warn!(user = %self.user, "re-applying session settings failed: {}", backend::error_fields(body(&frame)).1)
                 }
                 _ => {}
@@ -603,20 +680,28 @@ impl Session {
             return true;
         }
         match kind {
-            b'1' if self.skip_parse_complete > 0 => {
-                self.skip_parse_complete -= 1;
+            b'1' if self.answering().parse > 0 => {
+                self.answering().parse -= 1;
                 return true;
             }
-            b'3' if self.skip_close_complete > 0 => {
-                self.skip_close_complete -= 1;
+            b'3' if self.answering().close > 0 => {
+                self.answering().close -= 1;
                 return true;
             }
-            b'S' => self.note_parameter(&frame, true),
+            b'S' => {
+                self.note_parameter(&frame, true);
+                if let Some(rewritten) = self.client_view_of_parameter(&frame) {
+                    return self.client_w.send(rewritten).await.is_ok();
+                }
+            }
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
             // be) ignored by the server.
             b'G' => {
                 self.copy_in = true;
                 self.outstanding = self.outstanding.saturating_sub(self.syncs_since_execute);
+                for _ in 0..self.syncs_since_execute {
+                    self.groups.pop_back();
+                }
                 self.syncs_since_execute = 0;
             }
             // The server is ending the connection (shutdown, pg_terminate_backend): that ends
@@ -628,12 +713,12 @@ impl Session {
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
                 self.outstanding = self.outstanding.saturating_sub(1);
-                // Everything of the sync group has been answered by now, whatever an error
-                // made the server skip.
-                self.skip_parse_complete = 0;
-                self.skip_close_complete = 0;
+                // That sync group is answered, whatever an error made the server skip.
+                self.groups.pop_front();
                 self.copy_in = false;
-                self.group_prepared.clear();
+                if self.groups.is_empty() {
+                    self.group_prepared.clear();
+                }
             }
             b'E' => {
                 if let Some(server) = self.server.as_mut() {
@@ -692,15 +777,43 @@ impl Session {
         let Some(text) = frontend::query_text(&frame) else {
             return vec![frame];
         };
-        if self.mode() == PoolMode::Transaction && starts_with_keyword(text, "listen") {
-            // Raised by the server, so that a transaction around it fails as it should.
-            return vec![frontend::query(
-                "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
-                 MESSAGE = 'LISTEN is not supported in transaction pooling mode', \
-                 HINT = 'use a connection through a session-mode proxy for LISTEN'; END $switchyard$",
-            )];
+        if self.mode() == PoolMode::Transaction && mentions_listen(text) {
+            return vec![frontend::query(REFUSE_LISTEN)];
         }
+        if starts_with_keyword(text, "deallocate") {
+            // Client names never exist on the server. Dropping every statement of this
+            // connection is always correct: they are prepared again where missing.
+            self.statements.clear();
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+            }
+            return vec![frontend::query("DEALLOCATE ALL")];
+        }
+        self.track_setting(text);
         match settings::recognise(text) {
+            // The server keeps its application_name (the coordinator tells the proxy's
+            // sessions by it); the client's is remembered and reported back.
+            Some(SettingChange::Set { name, value_sql }) if name == "application_name" => {
+                self.application_name = Some(value_sql.trim_matches('\'').replace("''", "'"));
+                vec![frontend::query("SET application_name = 'switchyard-proxy'")]
+            }
+            _ => vec![frame],
+        }
+    }
+
+    /// Remembers what a statement does to the session's settings. A SET or RESET the proxy
+    /// cannot follow (SET ROLE, several statements, a setting it cannot re-apply) leaves the
+    /// server connection with state no other client may inherit: it is closed afterwards.
+    fn track_setting(&mut self, text: &str) {
+        let change = settings::recognise(text);
+        if change.is_none()
+            && (starts_with_keyword(text, "set") || starts_with_keyword(text, "reset"))
+            && !is_transaction_scoped(text)
+        {
+            self.dirty = true;
+            return;
+        }
+        match change {
             Some(SettingChange::Set { name, value_sql }) if settings::passed_to_server(&name) => {
                 if let Some(server) = self.server.as_mut() {
                     server.applied.insert(name.clone(), value_sql.clone());
@@ -724,7 +837,6 @@ impl Session {
             }
             _ => {}
         }
-        vec![frame]
     }
 
     /// Parse of a named statement: renamed to its shared server name. If this connection has
@@ -734,6 +846,17 @@ impl Session {
         let Some(message) = frontend::parse_message(&frame) else {
             return vec![frame];
         };
+        if self.mode() == PoolMode::Transaction && mentions_listen(&message.query) {
+            let refused = frontend::Parse {
+                name: message.name.clone(),
+                query: REFUSE_LISTEN.into(),
+                rest: &[0, 0],
+            };
+            let name = message.name.clone();
+            return self.parse(frontend::rename_parse(&refused, &name));
+        }
+        // A SET sent through the extended protocol (JDBC does) is taken as run.
+        self.track_setting(&message.query.clone());
         if message.name.is_empty() {
             return vec![frame];
         }
@@ -754,7 +877,7 @@ impl Session {
         // a group that failed after its Parse went through); the CloseComplete is swallowed.
         server.prepared.insert(server_name.clone());
         self.group_prepared.push(server_name.clone());
-        self.skip_close_complete += 1;
+        self.pending.close += 1;
         vec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
     }
 
@@ -804,8 +927,8 @@ impl Session {
             // it went through, and Close of a statement that does not exist is no error.
             out.push(frontend::rebuild_target(b'C', b'S', &prepared.server_name));
             out.push(prepared.parse.clone());
-            self.skip_close_complete += 1;
-            self.skip_parse_complete += 1;
+            self.pending.close += 1;
+            self.pending.parse += 1;
             self.group_prepared.push(prepared.server_name.clone());
         }
         Some(prepared.server_name.clone())
@@ -935,8 +1058,8 @@ impl Session {
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
             server.broken = true;
         }
-        self.skip_parse_complete = 0;
-        self.skip_close_complete = 0;
+        self.groups.clear();
+        self.pending = Skips::default();
         self.swallow_until_ready = 0;
         self.outstanding = 0;
         self.unsynced = 0;

@@ -104,7 +104,8 @@ pub fn reconcile(
             applied.insert(name.clone(), value.clone());
         }
     }
-    (!statements.is_empty()).then(|| statements.join("; "))
+    // One statement per line: a comment at the end of a value cannot swallow the next one.
+    (!statements.is_empty()).then(|| statements.join(";\n"))
 }
 
 #[cfg(test)]
@@ -148,7 +149,7 @@ mod tests {
         let mut applied = BTreeMap::from([("work_mem".to_string(), "'64MB'".to_string())]);
         assert_eq!(
             reconcile(&wanted, &mut applied).as_deref(),
-            Some("RESET \"work_mem\"; SET \"timezone\" = 'UTC'")
+            Some("RESET \"work_mem\";\nSET \"timezone\" = 'UTC'")
         );
         assert_eq!(reconcile(&wanted, &mut applied), None);
     }

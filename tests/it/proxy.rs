@@ -74,7 +74,11 @@ impl Proxy {
             .env("TEST_APP_PASSWORD", &password)
             .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("SWITCHYARD_TEST_PROXY_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start switchyard proxy");
         let proxy = Proxy {
@@ -434,7 +438,7 @@ async fn bad_clients_get_errors_and_others_see_nothing() {
         .expect("unknown user refused");
     assert_eq!(
         err.as_db_error().map(|e| e.code().code()),
-        Some("28000"),
+        Some("28P01"),
         "{err}"
     );
 

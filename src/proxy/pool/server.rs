@@ -190,6 +190,12 @@ impl ServerConn {
         let mut out = BytesMut::new();
         let encode_error = |e: std::io::Error| ServerError::Protocol(e.to_string());
         match code {
+            // After SASL the server must have proved it knows the password too.
+            0 if scram.is_some() => {
+                return Err(ServerError::Refused(
+                    "the server skipped the SCRAM final message".into(),
+                ))
+            }
             0 => return Ok(()),
             3 => frontend::password_message(target.password.as_bytes(), &mut out)
                 .map_err(encode_error)?,
@@ -231,6 +237,7 @@ impl ServerConn {
                 client.finish(b).map_err(|e| {
                     ServerError::Refused(format!("the server's SCRAM signature is wrong: {e}"))
                 })?;
+                *scram = None;
                 return Ok(());
             }
             other => {
