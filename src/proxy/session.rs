@@ -391,6 +391,9 @@ struct Session {
     syncs_since_execute: u32,
     /// The server is in copy-in mode.
     copy_in: bool,
+    /// The client's last unnamed Parse, and whether the current server connection has it.
+    unnamed: Option<Bytes>,
+    unnamed_here: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
     /// Responses the client must not see, per sync group sent and not yet answered (one per
@@ -443,6 +446,8 @@ impl Session {
             wanted,
             outstanding: 0,
             owed_parse_complete: 0,
+            unnamed: None,
+            unnamed_here: false,
             lost_transaction: false,
             group_prepared: Vec::new(),
             unsynced: 0,
@@ -858,6 +863,8 @@ impl Session {
         // A SET sent through the extended protocol (JDBC does) is taken as run.
         self.track_setting(&message.query.clone());
         if message.name.is_empty() {
+            self.unnamed = Some(frame.clone());
+            self.unnamed_here = true;
             return vec![frame];
         }
         let server_name = statement_name(&message.query, message.rest);
@@ -934,12 +941,26 @@ impl Session {
         Some(prepared.server_name.clone())
     }
 
+    /// A Bind or Describe of the unnamed statement, on a server connection that does not have
+    /// the client's (it was parsed in an earlier sync group, on another connection): the
+    /// client's last unnamed Parse goes first.
+    fn with_unnamed(&mut self, frame: Bytes) -> Vec<Bytes> {
+        match &self.unnamed {
+            Some(parse) if !self.unnamed_here => {
+                self.unnamed_here = true;
+                self.pending.parse += 1;
+                vec![parse.clone(), frame]
+            }
+            _ => vec![frame],
+        }
+    }
+
     fn bind(&mut self, frame: Bytes) -> Vec<Bytes> {
         let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
             return vec![frame];
         };
         if statement.is_empty() {
-            return vec![frame];
+            return self.with_unnamed(frame);
         }
         let mut out = Vec::with_capacity(2);
         match self.ensure_prepared(&statement, &mut out) {
@@ -964,7 +985,11 @@ impl Session {
             return vec![frame];
         };
         if name.is_empty() {
-            return vec![frame];
+            return if kind == b'D' {
+                self.with_unnamed(frame)
+            } else {
+                vec![frame]
+            };
         }
         if kind == b'C' {
             return match self.statements.remove(&name) {
@@ -1033,6 +1058,7 @@ impl Session {
         };
         *lock(&self.cancel_slot) = Some(target);
         self.server = Some(server);
+        self.unnamed_here = false;
         self.attached_at = std::time::Instant::now();
         Ok(())
     }
