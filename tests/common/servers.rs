@@ -376,8 +376,8 @@ impl Cluster {
     }
 }
 
-/// A self-signed certificate, and a pg_hba.conf that admits TLS connections only.
-fn make_tls_only(data: &Path) {
+/// A self-signed certificate for 127.0.0.1, valid two days.
+pub fn self_signed_cert(key: &Path, cert: &Path) {
     run(
         Command::new("openssl")
             .args([
@@ -392,11 +392,16 @@ fn make_tls_only(data: &Path) {
                 "/CN=127.0.0.1",
             ])
             .arg("-keyout")
-            .arg(data.join("server.key"))
+            .arg(key)
             .arg("-out")
-            .arg(data.join("server.crt")),
+            .arg(cert),
         "openssl req",
     );
+}
+
+/// A self-signed certificate, and a pg_hba.conf that admits TLS connections only.
+fn make_tls_only(data: &Path) {
+    self_signed_cert(&data.join("server.key"), &data.join("server.crt"));
     fs::write(data.join("pg_hba.conf"), "hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl replication all 127.0.0.1/32 scram-sha-256\n")
         .expect("write pg_hba.conf");
     fs::set_permissions(data.join("server.key"), fs::Permissions::from_mode(0o600))

@@ -79,25 +79,10 @@ async fn sync_from_a_tls_only_source() {
     // The proxy in front of the TLS-only source: TLS to the server (the URL's sslmode) and,
     // with a certificate of its own, TLS to its clients.
     let cert_dir = db.dir.path();
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(cert_dir.join("proxy.key"))
-        .arg("-out")
-        .arg(cert_dir.join("proxy.crt"))
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    crate::common::servers::self_signed_cert(
+        &cert_dir.join("proxy.key"),
+        &cert_dir.join("proxy.crt"),
+    );
     let extra = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert_dir.join("proxy.crt").display(),

@@ -1,21 +1,8 @@
 //! Messages the proxy itself sends to clients (everything else is forwarded from a server).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
-fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64);
-    buf.put_u8(tag);
-    buf.put_u32(0);
-    body(&mut buf);
-    let len = (buf.len() - 1) as u32;
-    buf[1..5].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
-}
-
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.put_slice(s.as_bytes());
-    buf.put_u8(0);
-}
+use super::{message, put_cstr};
 
 pub fn authentication_ok() -> Bytes {
     message(b'R', |b| b.put_u32(0))

@@ -2,10 +2,11 @@
 //! prepared-statement names) and Query (for SET and LISTEN). Rewritten messages are rebuilt;
 //! everything else is forwarded untouched.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use super::codec::body;
 use super::startup::cstr;
+use super::{message, put_cstr};
 
 /// Parse: statement name, query, and the rest (parameter types) as it came.
 pub struct Parse<'a> {
@@ -27,7 +28,7 @@ pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
 
 /// Rebuilds a Parse under another statement name.
 pub fn rename_parse(parse: &Parse<'_>, name: &str) -> Bytes {
-    rebuild(b'P', |b| {
+    message(b'P', |b| {
         put_cstr(b, name);
         put_cstr(b, &parse.query);
         b.put_slice(parse.rest);
@@ -44,7 +45,7 @@ pub fn bind_statement(frame: &Bytes) -> Option<(String, String, usize)> {
 }
 
 pub fn rename_bind(frame: &Bytes, portal: &str, statement: &str, rest_at: usize) -> Bytes {
-    rebuild(b'B', |b| {
+    message(b'B', |b| {
         put_cstr(b, portal);
         put_cstr(b, statement);
         b.put_slice(&frame[rest_at..]);
@@ -59,7 +60,7 @@ pub fn target(frame: &Bytes) -> Option<(u8, String)> {
 }
 
 pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
-    rebuild(tag, |b| {
+    message(tag, |b| {
         b.put_u8(kind);
         put_cstr(b, name);
     })
@@ -73,22 +74,7 @@ pub fn query_text(frame: &Bytes) -> Option<&str> {
 }
 
 pub fn query(text: &str) -> Bytes {
-    rebuild(b'Q', |b| put_cstr(b, text))
-}
-
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.put_slice(s.as_bytes());
-    buf.put_u8(0);
-}
-
-fn rebuild(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64);
-    buf.put_u8(tag);
-    buf.put_u32(0);
-    body(&mut buf);
-    let len = (buf.len() - 1) as u32;
-    buf[1..5].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+    message(b'Q', |b| put_cstr(b, text))
 }
 
 #[cfg(test)]
@@ -97,7 +83,7 @@ mod tests {
 
     #[test]
     fn parse_and_bind_round_trip_under_new_names() {
-        let parse = rebuild(b'P', |b| {
+        let parse = message(b'P', |b| {
             put_cstr(b, "s1");
             put_cstr(b, "SELECT $1");
             b.put_slice(&[0, 1, 0, 0, 0, 23]);
@@ -111,7 +97,7 @@ mod tests {
             ("sy_1", "SELECT $1", &[0u8, 1, 0, 0, 0, 23][..])
         );
 
-        let bind = rebuild(b'B', |b| {
+        let bind = message(b'B', |b| {
             put_cstr(b, "");
             put_cstr(b, "s1");
             b.put_slice(&[0, 0, 0, 0, 0, 0]);

@@ -6,3 +6,22 @@ pub mod frontend;
 pub mod startup;
 
 pub use codec::{body, tag, Frame, PgCodec};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Builds a typed message: type byte, length (filled in last), body.
+pub(crate) fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(tag);
+    buf.put_u32(0);
+    body(&mut buf);
+    let len = (buf.len() - 1) as u32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Writes a NUL-terminated string.
+pub(crate) fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
