@@ -129,7 +129,6 @@ impl Shared {
             let manager = ServerManager {
                 target: Arc::new(target),
                 connect_timeout: settings.server_connect_timeout.0,
-                check_after: settings.server_check_delay.0,
             };
             let pool = bb8::Pool::builder()
                 .max_size(settings.pool_size.max(1))
@@ -137,7 +136,7 @@ impl Shared {
                 .connection_timeout(settings.query_wait_timeout.0)
                 .idle_timeout(Some(settings.server_idle_timeout.0))
                 .max_lifetime(None)
-                .test_on_check_out(true)
+                .test_on_check_out(false)
                 .build_unchecked(manager);
             users.insert(
                 name,

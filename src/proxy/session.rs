@@ -1018,11 +1018,7 @@ impl Session {
             }
             self.shared.control.detached();
         }
-        let pool = &self.shared.users[&*self.user].pool;
-        let waiting = &self.shared.metrics.clients_waiting;
-        metrics::add(waiting, 1);
-        let checkout = pool.get_owned().await;
-        waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let checkout = checkout(&self.shared, &self.user).await;
         if checkout.is_err() {
             self.shared.control.detached();
         }
@@ -1159,6 +1155,40 @@ impl Session {
                 .await
                 .is_ok()
     }
+}
+
+/// A server connection from the pool. One that sat idle longer than `server_check_delay`
+/// proves it still works with a round trip first (checked here rather than by bb8 on
+/// every checkout, which costs the hot path a future per transaction).
+async fn checkout(
+    shared: &Shared,
+    user: &str,
+) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
+    let pool = &shared.users[user].pool;
+    let waiting = &shared.metrics.clients_waiting;
+    metrics::add(waiting, 1);
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        let mut server = match pool.get_owned().await {
+            Ok(server) => server,
+            Err(e) => break Err(e),
+        };
+        if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
+            break Ok(server);
+        }
+        let timeout = shared.settings.server_connect_timeout.0;
+        match tokio::time::timeout(timeout, server.ping()).await {
+            Ok(Ok(())) => break Ok(server),
+            _ if attempt < 3 => server.broken = true,
+            _ => {
+                server.broken = true;
+                break Err(bb8::RunError::User(super::pool::ServerError::Closed));
+            }
+        }
+    };
+    waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    result
 }
 
 enum Event {

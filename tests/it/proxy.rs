@@ -745,3 +745,28 @@ async fn listen_and_notify_work_in_session_mode() {
         .unwrap();
     assert_eq!(payload, "hello");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_idle_server_connection_is_replaced_before_use() {
+    let db = TestDb::new("proxy_health_check").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "server_check_delay = \"100ms\"").await;
+    let client = proxy.client().await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The pool's only connection dies while idle.
+    db.source_client()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the check replaced the dead connection")
+        .get(0);
+    assert_ne!(other, pid);
+}

@@ -12,8 +12,6 @@ pub use server::{ServerConn, ServerError, ServerTarget};
 pub struct ServerManager {
     pub target: Arc<ServerTarget>,
     pub connect_timeout: Duration,
-    /// A connection idle for longer than this is pinged before it is handed out.
-    pub check_after: Duration,
 }
 
 impl bb8::ManageConnection for ServerManager {
@@ -28,10 +26,9 @@ impl bb8::ManageConnection for ServerManager {
         conn
     }
 
+    /// Not called on checkout (`test_on_check_out` is off): sessions check connections idle
+    /// past `server_check_delay` themselves, so the hot path pays nothing for fresh ones.
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), ServerError> {
-        if conn.idle_since.elapsed() < self.check_after {
-            return Ok(());
-        }
         tokio::time::timeout(self.connect_timeout, conn.ping())
             .await
             .map_err(|_| ServerError::Timeout("health check".into()))?
