@@ -794,31 +794,39 @@ impl Session {
             }
             return vec![frontend::query("DEALLOCATE ALL")];
         }
-        self.track_setting(text);
-        match settings::recognise(text) {
+        match self.track_setting(text) {
             // The server keeps its application_name (the coordinator tells the proxy's
             // sessions by it); the client's is remembered and reported back.
-            Some(SettingChange::Set { name, value_sql }) if name == "application_name" => {
-                self.application_name = Some(value_sql.trim_matches('\'').replace("''", "'"));
+            Some(application_name) => {
+                self.application_name = Some(application_name);
                 vec![frontend::query("SET application_name = 'switchyard-proxy'")]
             }
-            _ => vec![frame],
+            None => vec![frame],
         }
     }
 
     /// Remembers what a statement does to the session's settings. A SET or RESET the proxy
     /// cannot follow (SET ROLE, several statements, a setting it cannot re-apply) leaves the
     /// server connection with state no other client may inherit: it is closed afterwards.
-    fn track_setting(&mut self, text: &str) {
+    /// Returns the value of a `SET application_name`, which the caller keeps from the server.
+    fn track_setting(&mut self, text: &str) -> Option<String> {
+        // Most statements are none of these: no parsing, no allocation for them.
+        let keywords = ["set", "reset", "discard"];
+        if !keywords.iter().any(|k| starts_with_keyword(text, k)) {
+            return None;
+        }
         let change = settings::recognise(text);
         if change.is_none()
             && (starts_with_keyword(text, "set") || starts_with_keyword(text, "reset"))
             && !is_transaction_scoped(text)
         {
             self.dirty = true;
-            return;
+            return None;
         }
         match change {
+            Some(SettingChange::Set { name, value_sql }) if name == "application_name" => {
+                return Some(value_sql.trim_matches('\'').replace("''", "'"));
+            }
             Some(SettingChange::Set { name, value_sql }) if settings::passed_to_server(&name) => {
                 if let Some(server) = self.server.as_mut() {
                     server.applied.insert(name.clone(), value_sql.clone());
@@ -842,6 +850,7 @@ impl Session {
             }
             _ => {}
         }
+        None
     }
 
     /// Parse of a named statement: renamed to its shared server name. If this connection has
@@ -861,7 +870,7 @@ impl Session {
             return self.parse(frontend::rename_parse(&refused, &name));
         }
         // A SET sent through the extended protocol (JDBC does) is taken as run.
-        self.track_setting(&message.query.clone());
+        self.track_setting(&message.query);
         if message.name.is_empty() {
             self.unnamed = Some(frame.clone());
             self.unnamed_here = true;

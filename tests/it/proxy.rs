@@ -100,6 +100,13 @@ impl Proxy {
         proxy
     }
 
+    /// `GET /status`, parsed.
+    pub async fn status(&self) -> serde_json::Value {
+        let (code, body) = self.admin("GET", "/status", None, "").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
     pub fn url(&self) -> String {
         format!(
             "postgres://{}:{}@127.0.0.1:{}/{}",
@@ -262,9 +269,7 @@ async fn prepared_statements_and_settings_across_pooled_transactions() {
         .unwrap()
         .get(0);
     assert_eq!(count, 20 * 30);
-    let (status, body) = proxy.admin("GET", "/status", None, "").await;
-    assert_eq!(status, 200);
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let status = proxy.status().await;
     assert!(
         status["pools"][0]["server_connections"].as_u64().unwrap() <= 2,
         "{status}"
@@ -579,8 +584,7 @@ async fn a_thousand_clients_on_a_pool_of_ten() {
         clients.push(task.await.expect("client"));
     }
     assert_eq!(clients.len(), 1000);
-    let (_, body) = proxy.admin("GET", "/status", None, "").await;
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let status = proxy.status().await;
     assert_eq!(status["clients"], 1000, "{status}");
     assert!(
         status["pools"][0]["server_connections"].as_u64().unwrap() <= 10,
