@@ -5,12 +5,15 @@
 # latency, each proxy's ratio, and each proxy's CPU time per transaction (from its process's
 # CPU counters over the run: what matters when the proxy shares cores with the database).
 #
-#   bench/proxy.sh                      # 8 s per cell
+#   bench/proxy.sh                      # 3 alternating runs of 5 s per cell
 #   BENCH_SECONDS=20 POOL_SIZE=10 bench/proxy.sh
+#   BENCH_CLIENTS="1 16" BENCH_MODES=extended bench/proxy.sh   # some cells only
+#   BENCH_HOLD=/tmp/bench.env bench/proxy.sh   # start everything, write the URLs, wait until the file is removed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECONDS_PER_RUN=${BENCH_SECONDS:-8}
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
 POOL=${POOL_SIZE:-10}
 SCALE=${BENCH_SCALE:-10}
 
@@ -105,21 +108,49 @@ DIRECT="postgres://app@127.0.0.1:$SOURCE_PORT/bench"
 SY="postgres://app@127.0.0.1:$SY_PORT/bench"
 PGB="postgres://app@127.0.0.1:$PGB_PORT/bench"
 
-printf '\npgbench -S, %s s per cell, pool size %s, scale %s, %s cores; TPS (avg latency ms) [proxy CPU µs per transaction]\n\n' "$SECONDS_PER_RUN" "$POOL" "$SCALE" "$(nproc)"
+# ratio <a> <b>: a/b as "1.23x", or "-" when either is missing
+ratio() { if [ -n "$1" ] && [ -n "$2" ]; then python3 -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo -; else echo -; fi; }
+
+if [ -n "${BENCH_HOLD:-}" ]; then
+  # Keep everything running for manual runs (perf, strace): the URLs go to $BENCH_HOLD.
+  printf 'DIRECT=%s\nSY=%s\nPGB=%s\nSY_PID=%s\nPGB_PID=%s\nPGPASSWORD=%s\n' "$DIRECT" "$SY" "$PGB" "$SY_PID" "$PGB_PID" "$APP_PASSWORD" > "$BENCH_HOLD"
+  while [ -e "$BENCH_HOLD" ]; do sleep 1; done
+  exit 0
+fi
+
+# mean "<tps lat cpu>;<tps lat cpu>;...": the mean of each column; "n/a" if any run failed
+mean() {
+  case "$1" in *n/a*|"") echo n/a; return ;; esac
+  python3 -c "
+rows = [r.split() for r in '$1'.split(';') if r]
+avg = lambda i: sum(float(r[i]) for r in rows) / len(rows)
+cpu = '-' if rows[0][2] == '-' else f'{avg(2):.1f}'
+print(f'{avg(0):.0f} {avg(1):.3f} {cpu}')"
+}
+
+printf '\npgbench -S, %s s per run, mean of %s alternating runs per cell, pool size %s, scale %s, %s cores; TPS (avg latency ms) [proxy CPU µs per transaction]\n\n' "$SECONDS_PER_RUN" "$ROUNDS" "$POOL" "$SCALE" "$(nproc)"
 printf '| clients | protocol | direct | switchyard | PgBouncer 1.18 | switchyard/direct | PgBouncer/direct | switchyard/PgBouncer |\n'
 printf '|---|---|---|---|---|---|---|---|\n'
-for clients in 1 16 64; do
-  for mode in simple extended prepared; do
-    read -r d_tps d_lat _ <<<"$(run "$DIRECT" "$mode" "$clients" -)"
-    read -r s_tps s_lat s_cpu <<<"$(run "$SY" "$mode" "$clients" "$SY_PID")"
+for clients in ${BENCH_CLIENTS:-1 16 64}; do
+  for mode in ${BENCH_MODES:-simple extended prepared}; do
+    # The three targets take turns, round by round, so that a slow moment of a shared
+    # machine falls on all of them alike.
+    d_runs=""; s_runs=""; p_runs=""
+    for _ in $(seq 1 "$ROUNDS"); do
+      d_runs+="$(run "$DIRECT" "$mode" "$clients" -);"
+      s_runs+="$(run "$SY" "$mode" "$clients" "$SY_PID");"
+      [ "$mode" = prepared ] || p_runs+="$(run "$PGB" "$mode" "$clients" "$PGB_PID");"
+    done
+    read -r d_tps d_lat _ <<<"$(mean "$d_runs")"
+    read -r s_tps s_lat s_cpu <<<"$(mean "$s_runs")"
     if [ "$mode" = prepared ]; then
       p_cell="n/a: no prepared statements in transaction mode before 1.21"; p_tps=""
     else
-      read -r p_tps p_lat p_cpu <<<"$(run "$PGB" "$mode" "$clients" "$PGB_PID")"
+      read -r p_tps p_lat p_cpu <<<"$(mean "$p_runs")"
       p_cell="$p_tps ($p_lat) [$p_cpu]"
     fi
-    ratio() { python3 -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo "-"; }
+    sy_direct=$(ratio "$s_tps" "$d_tps"); pgb_direct=$(ratio "$p_tps" "$d_tps"); sy_pgb=$(ratio "$s_tps" "$p_tps")
     printf '| %s | %s | %s (%s) | %s (%s) [%s] | %s | %s | %s | %s |\n' "$clients" "$mode" "$d_tps" "$d_lat" "$s_tps" "$s_lat" "$s_cpu" "$p_cell" \
-      "$(ratio "$s_tps" "$d_tps")" "$( [ -n "$p_tps" ] && ratio "$p_tps" "$d_tps" || echo -)" "$( [ -n "$p_tps" ] && ratio "$s_tps" "$p_tps" || echo -)"
+      "$sy_direct" "$pgb_direct" "$sy_pgb"
   done
 done

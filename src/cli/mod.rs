@@ -58,8 +58,9 @@ enum Command {
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
 /// `SWITCHYARD_PROXY_THREADS` sets the proxy's workers (1: a single-threaded scheduler).
-/// Measured on 2 cores shared with PostgreSQL (pgbench -S, 16 clients), two workers gave
-/// 29.8k TPS at 19.5 µs of proxy CPU per transaction, one gave 22-27k at 20.5 µs.
+/// Measured on 2 cores shared with PostgreSQL (pgbench -S, pool of 10, three alternating
+/// runs), two workers against one: 16 clients 21.1k against 19.1k TPS (simple) and 19.0k
+/// against 17.6k (extended), at 23-25 µs of proxy CPU per transaction either way.
 pub fn runtime(args: &Args) -> std::io::Result<tokio::runtime::Runtime> {
     let proxy_threads = std::env::var("SWITCHYARD_PROXY_THREADS")
         .ok()

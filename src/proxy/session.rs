@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
+use smallvec::smallvec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -14,7 +15,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::auth::scram::{ScramError, ScramServer};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
-use super::protocol::codec::CodecError;
+use super::protocol::codec::{split_buffered, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::settings::{self, SettingChange};
@@ -40,6 +41,10 @@ impl Fatal {
         }
     }
 }
+
+/// What one client message becomes on the server: itself, rewritten, or with a Close and a
+/// Parse before it; inline, so the hot path allocates nothing for it.
+type Frames = smallvec::SmallVec<[Bytes; 3]>;
 
 /// LISTEN in transaction mode: raised by the server, so that a transaction around it fails
 /// as it should.
@@ -365,6 +370,8 @@ struct Prepared {
 struct Session {
     shared: Arc<Shared>,
     user: Arc<str>,
+    /// The user's pool, looked up once.
+    pool: super::pool::Pool,
     key: (i32, i32),
     /// Where this session's CancelRequests go: updated at every attach and release.
     cancel_slot: super::CancelSlot,
@@ -435,6 +442,7 @@ impl Session {
             .map(|(name, value)| (name.to_ascii_lowercase(), sql::literal(value)))
             .collect();
         Session {
+            pool: shared.users[&logged_in.user].pool.clone(),
             shared,
             user: Arc::from(logged_in.user.as_str()),
             key,
@@ -551,9 +559,11 @@ impl Session {
                 }
             };
             let carry_on = match event {
-                Event::Server(Some(Ok(frame))) => self.on_server_frame(frame).await,
+                Event::Server(Some(Ok(frame))) => self.on_server_frames(frame).await,
                 Event::Server(_) => self.server_lost().await,
-                Event::Client(Some(Ok(Frame::Message(frame)))) => self.on_client_frame(frame).await,
+                Event::Client(Some(Ok(Frame::Message(frame)))) => {
+                    self.on_client_frames(frame).await
+                }
                 Event::Client(Some(Err(CodecError::BadLength(len)))) => {
                     metrics::add(&self.shared.metrics.protocol_errors, 1);
                     let _ = self
@@ -570,6 +580,37 @@ impl Session {
             };
             if !carry_on {
                 return;
+            }
+        }
+    }
+
+    /// A client message, then the others the same read brought (a pipeline, or Parse, Bind,
+    /// Execute and Sync in one packet), handled without a trip through the select loop.
+    async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
+        loop {
+            if !self.on_client_frame(frame).await {
+                return false;
+            }
+            match split_buffered(self.client_r.read_buffer_mut(), false) {
+                Some(next) => frame = next,
+                None => return true,
+            }
+        }
+    }
+
+    /// The same for server messages, as long as the same server connection is attached.
+    async fn on_server_frames(&mut self, mut frame: Bytes) -> bool {
+        loop {
+            if !self.on_server_frame(frame).await {
+                return false;
+            }
+            let Some(server) = self.server.as_mut() else {
+                return true;
+            };
+            let batch = server.reader.decoder().batching();
+            match split_buffered(server.reader.read_buffer_mut(), batch) {
+                Some(next) => frame = next,
+                None => return true,
             }
         }
     }
@@ -637,18 +678,18 @@ impl Session {
                 frames
             }
             // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
-            b'S' if self.copy_in => vec![frame],
+            b'S' if self.copy_in => smallvec![frame],
             b'S' | b'F' => {
                 self.outstanding += 1;
                 self.syncs_since_execute += 1;
                 self.groups.push_back(std::mem::take(&mut self.pending));
                 metrics::add(&self.shared.metrics.queries, 1);
-                vec![frame]
+                smallvec![frame]
             }
             b'P' => self.parse(frame),
             b'B' => self.bind(frame),
             b'D' | b'C' => self.describe_or_close(frame),
-            _ => vec![frame],
+            _ => smallvec![frame],
         };
         let more_coming = !self.client_r.read_buffer().is_empty();
         let Some(server) = self.server.as_mut() else {
@@ -778,12 +819,12 @@ impl Session {
 
     /// A simple query: SET and RESET are remembered; LISTEN is refused in transaction mode
     /// (a notification could arrive on a connection another client holds by then).
-    fn query(&mut self, frame: Bytes) -> Vec<Bytes> {
+    fn query(&mut self, frame: Bytes) -> Frames {
         let Some(text) = frontend::query_text(&frame) else {
-            return vec![frame];
+            return smallvec![frame];
         };
         if self.mode() == PoolMode::Transaction && mentions_listen(text) {
-            return vec![frontend::query(REFUSE_LISTEN)];
+            return smallvec![frontend::query(REFUSE_LISTEN)];
         }
         if starts_with_keyword(text, "deallocate") {
             // Client names never exist on the server. Dropping every statement of this
@@ -792,16 +833,16 @@ impl Session {
             if let Some(server) = self.server.as_mut() {
                 server.prepared.clear();
             }
-            return vec![frontend::query("DEALLOCATE ALL")];
+            return smallvec![frontend::query("DEALLOCATE ALL")];
         }
         match self.track_setting(text) {
             // The server keeps its application_name (the coordinator tells the proxy's
             // sessions by it); the client's is remembered and reported back.
             Some(application_name) => {
                 self.application_name = Some(application_name);
-                vec![frontend::query("SET application_name = 'switchyard-proxy'")]
+                smallvec![frontend::query("SET application_name = 'switchyard-proxy'")]
             }
-            None => vec![frame],
+            None => smallvec![frame],
         }
     }
 
@@ -856,29 +897,29 @@ impl Session {
     /// Parse of a named statement: renamed to its shared server name. If this connection has
     /// that statement already, it is closed first (the CloseComplete is swallowed), so the
     /// client's Parse behaves as it would on a connection of its own.
-    fn parse(&mut self, frame: Bytes) -> Vec<Bytes> {
+    fn parse(&mut self, frame: Bytes) -> Frames {
         let Some(message) = frontend::parse_message(&frame) else {
-            return vec![frame];
+            return smallvec![frame];
         };
-        if self.mode() == PoolMode::Transaction && mentions_listen(&message.query) {
+        if self.mode() == PoolMode::Transaction && mentions_listen(message.query) {
             let refused = frontend::Parse {
-                name: message.name.clone(),
-                query: REFUSE_LISTEN.into(),
+                name: message.name,
+                query: REFUSE_LISTEN,
                 rest: &[0, 0],
             };
-            let name = message.name.clone();
-            return self.parse(frontend::rename_parse(&refused, &name));
+            let refused = frontend::rename_parse(&refused, message.name);
+            return self.parse(refused);
         }
         // A SET sent through the extended protocol (JDBC does) is taken as run.
-        self.track_setting(&message.query);
+        self.track_setting(message.query);
         if message.name.is_empty() {
             self.unnamed = Some(frame.clone());
             self.unnamed_here = true;
-            return vec![frame];
+            return smallvec![frame];
         }
-        let server_name = statement_name(&message.query, message.rest);
+        let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
-        let client_name = message.name.clone();
+        let client_name = message.name.to_string();
         self.statements.insert(
             client_name,
             Prepared {
@@ -887,14 +928,14 @@ impl Session {
             },
         );
         let Some(server) = self.server.as_mut() else {
-            return vec![parse];
+            return smallvec![parse];
         };
         // Closed first in case the connection has it already (from another client, or from
         // a group that failed after its Parse went through); the CloseComplete is swallowed.
         server.prepared.insert(server_name.clone());
         self.group_prepared.push(server_name.clone());
         self.pending.close += 1;
-        vec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
+        smallvec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
     }
 
     /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
@@ -906,10 +947,10 @@ impl Session {
         if message.name.is_empty() {
             return false;
         }
-        let server_name = statement_name(&message.query, message.rest);
+        let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
         self.statements
-            .insert(message.name.clone(), Prepared { server_name, parse });
+            .insert(message.name.to_string(), Prepared { server_name, parse });
         self.owed_parse_complete += 1;
         true
     }
@@ -935,7 +976,7 @@ impl Session {
 
     /// Makes sure the statement exists on this server connection (its ParseComplete is
     /// swallowed) and gives its server name.
-    fn ensure_prepared(&mut self, client_name: &str, out: &mut Vec<Bytes>) -> Option<String> {
+    fn ensure_prepared(&mut self, client_name: &str, out: &mut Frames) -> Option<String> {
         let prepared = self.statements.get(client_name)?;
         let server = self.server.as_mut()?;
         if server.prepared.insert(prepared.server_name.clone()) {
@@ -953,33 +994,30 @@ impl Session {
     /// A Bind or Describe of the unnamed statement, on a server connection that does not have
     /// the client's (it was parsed in an earlier sync group, on another connection): the
     /// client's last unnamed Parse goes first.
-    fn with_unnamed(&mut self, frame: Bytes) -> Vec<Bytes> {
+    fn with_unnamed(&mut self, frame: Bytes) -> Frames {
         match &self.unnamed {
             Some(parse) if !self.unnamed_here => {
                 self.unnamed_here = true;
                 self.pending.parse += 1;
-                vec![parse.clone(), frame]
+                smallvec![parse.clone(), frame]
             }
-            _ => vec![frame],
+            _ => smallvec![frame],
         }
     }
 
-    fn bind(&mut self, frame: Bytes) -> Vec<Bytes> {
+    fn bind(&mut self, frame: Bytes) -> Frames {
         let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
-            return vec![frame];
+            return smallvec![frame];
         };
         if statement.is_empty() {
             return self.with_unnamed(frame);
         }
-        let mut out = Vec::with_capacity(2);
-        match self.ensure_prepared(&statement, &mut out) {
-            Some(server_name) => out.push(frontend::rename_bind(
-                &frame,
-                &portal,
-                &server_name,
-                rest_at,
-            )),
-            None => out.push(frame),
+        let mut out = Frames::new();
+        match self.ensure_prepared(statement, &mut out) {
+            Some(server_name) => {
+                out.push(frontend::rename_bind(&frame, portal, &server_name, rest_at))
+            }
+            None => out.push(frame.clone()),
         }
         out
     }
@@ -988,28 +1026,28 @@ impl Session {
     /// forgets the client's name: other clients may share the server statement, so the server
     /// gets a Close of a name that does not exist, which PostgreSQL answers with CloseComplete
     /// in its proper place.
-    fn describe_or_close(&mut self, frame: Bytes) -> Vec<Bytes> {
+    fn describe_or_close(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
         let Some((b'S', name)) = frontend::target(&frame) else {
-            return vec![frame];
+            return smallvec![frame];
         };
         if name.is_empty() {
             return if kind == b'D' {
                 self.with_unnamed(frame)
             } else {
-                vec![frame]
+                smallvec![frame]
             };
         }
         if kind == b'C' {
-            return match self.statements.remove(&name) {
-                Some(_) => vec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")],
-                None => vec![frame],
+            return match self.statements.remove(name) {
+                Some(_) => smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")],
+                None => smallvec![frame],
             };
         }
-        let mut out = Vec::with_capacity(2);
-        match self.ensure_prepared(&name, &mut out) {
+        let mut out = Frames::new();
+        match self.ensure_prepared(name, &mut out) {
             Some(server_name) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
-            None => out.push(frame),
+            None => out.push(frame.clone()),
         }
         out
     }
@@ -1027,7 +1065,9 @@ impl Session {
             }
             self.shared.control.detached();
         }
-        let checkout = checkout(&self.shared, &self.user).await;
+        // Boxed: the checkout future is large, and moving it through the nested futures
+        // cost more than the allocation.
+        let checkout = Box::pin(checkout(&self.shared, &self.pool)).await;
         if checkout.is_err() {
             self.shared.control.detached();
         }
@@ -1171,9 +1211,8 @@ impl Session {
 /// every checkout, which costs the hot path a future per transaction).
 async fn checkout(
     shared: &Shared,
-    user: &str,
+    pool: &super::pool::Pool,
 ) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
-    let pool = &shared.users[user].pool;
     let waiting = &shared.metrics.clients_waiting;
     metrics::add(waiting, 1);
     let mut attempt = 0;

@@ -15,26 +15,30 @@ pub struct ServerManager {
 }
 
 impl bb8::ManageConnection for ServerManager {
-    type Connection = ServerConn;
+    /// Boxed: a connection (its buffers, maybe a TLS session) is large, and bb8 moves it in
+    /// and out of its idle queue on every checkout; a box moves as one pointer.
+    type Connection = Box<ServerConn>;
     type Error = ServerError;
 
-    async fn connect(&self) -> Result<ServerConn, ServerError> {
-        let conn = ServerConn::connect(&self.target, self.connect_timeout).await;
-        if let Err(e) = &conn {
-            tracing::warn!(user = %self.target.user, "server connection failed: {e}");
+    async fn connect(&self) -> Result<Box<ServerConn>, ServerError> {
+        match ServerConn::connect(&self.target, self.connect_timeout).await {
+            Ok(conn) => Ok(Box::new(conn)),
+            Err(e) => {
+                tracing::warn!(user = %self.target.user, "server connection failed: {e}");
+                Err(e)
+            }
         }
-        conn
     }
 
     /// Not called on checkout (`test_on_check_out` is off): sessions check connections idle
     /// past `server_check_delay` themselves, so the hot path pays nothing for fresh ones.
-    async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), ServerError> {
+    async fn is_valid(&self, conn: &mut Box<ServerConn>) -> Result<(), ServerError> {
         tokio::time::timeout(self.connect_timeout, conn.ping())
             .await
             .map_err(|_| ServerError::Timeout("health check".into()))?
     }
 
-    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+    fn has_broken(&self, conn: &mut Box<ServerConn>) -> bool {
         conn.broken
     }
 }

@@ -110,6 +110,7 @@ impl ServerConn {
                 idle_since: Instant::now(),
             };
             conn.login(target).await?;
+            conn.reader.decoder_mut().batch_pass_through();
             Ok(conn)
         };
         tokio::time::timeout(timeout, login)

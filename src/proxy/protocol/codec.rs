@@ -43,20 +43,75 @@ pub enum CodecError {
 #[derive(Debug)]
 pub struct PgCodec {
     startup: bool,
+    /// Server side, once logged in: a run of consecutive messages the proxy only forwards
+    /// (see [`passes_through`]) comes out as one frame, so a result of many rows costs one
+    /// frame, one copy and one write instead of one per row.
+    batch: bool,
+}
+
+/// Server messages the proxy forwards without looking at them: row descriptions and rows,
+/// completions, notices, notifications, copy-out data. Everything else (ParseComplete and
+/// CloseComplete it may swallow, ParameterStatus, CopyInResponse, ErrorResponse,
+/// ReadyForQuery, authentication) comes alone.
+pub fn passes_through(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'D' | b'T' | b'C' | b'2' | b'n' | b't' | b's' | b'I' | b'N' | b'A' | b'd' | b'c' | b'H'
+    )
 }
 
 impl PgCodec {
     pub fn startup() -> PgCodec {
-        PgCodec { startup: true }
+        PgCodec {
+            startup: true,
+            batch: false,
+        }
     }
 
     pub fn typed() -> PgCodec {
-        PgCodec { startup: false }
+        PgCodec {
+            startup: false,
+            batch: false,
+        }
     }
 
     pub fn set_typed(&mut self) {
         self.startup = false;
     }
+
+    /// From now on, runs of [`passes_through`] messages come out as one frame.
+    pub fn batch_pass_through(&mut self) {
+        self.batch = true;
+    }
+
+    pub fn batching(&self) -> bool {
+        self.batch
+    }
+
+    /// The length of the complete, well-formed message at the front of `src`, if any.
+    fn complete_message(src: &[u8]) -> Option<usize> {
+        let len = u32::from_be_bytes(src.get(1..5)?.try_into().ok()?) as usize;
+        (4..=MAX_MESSAGE_LEN).contains(&len).then_some(())?;
+        (src.len() > len).then_some(1 + len)
+    }
+}
+
+/// Splits off the typed frame that is complete at the front of a read buffer, if there is
+/// one, as the decoder would (`batch`: see [`PgCodec::batch_pass_through`]). For a session
+/// that handles what one read brought without going back to its select loop; anything else
+/// (a partial or malformed message) is left for the decoder.
+pub fn split_buffered(src: &mut BytesMut, batch: bool) -> Option<Bytes> {
+    let mut end = PgCodec::complete_message(src)?;
+    if batch && passes_through(src[0]) {
+        while let Some(next) = src
+            .get(end..)
+            .filter(|rest| rest.first().is_some_and(|&t| passes_through(t)))
+            .and_then(PgCodec::complete_message)
+        {
+            end += next;
+        }
+    }
+    Some(src.split_to(end).freeze())
 }
 
 impl Decoder for PgCodec {
@@ -81,12 +136,10 @@ impl Decoder for PgCodec {
             // Grow by what has arrived, never by what the length claims.
             return Ok(None);
         }
-        let frame = src.split_to(header + len).freeze();
-        Ok(Some(if self.startup {
-            Frame::Startup(frame)
-        } else {
-            Frame::Message(frame)
-        }))
+        if self.startup {
+            return Ok(Some(Frame::Startup(src.split_to(len).freeze())));
+        }
+        Ok(split_buffered(src, self.batch).map(Frame::Message))
     }
 }
 
@@ -125,6 +178,32 @@ mod tests {
     }
 
     #[test]
+    fn batches_runs_of_forwarded_messages_only() {
+        let mut codec = PgCodec::typed();
+        codec.batch_pass_through();
+        let rows = b"T\0\0\0\x06\0\0D\0\0\0\x06\0\0C\0\0\0\x05\0";
+        let mut input = b"1\0\0\0\x04".to_vec();
+        input.extend_from_slice(rows);
+        input.extend_from_slice(b"Z\0\0\0\x05ID\0\0\0\x06\0");
+        let mut buf = BytesMut::from(&input[..]);
+        let mut next = || match codec.decode(&mut buf).unwrap() {
+            Some(Frame::Message(frame)) => frame.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(next(), b"1\0\0\0\x04");
+        assert_eq!(next(), rows);
+        assert_eq!(next(), b"Z\0\0\0\x05I");
+        // A message not complete yet is neither returned nor waited for by a batch.
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(b"\0D\x7f\xff\xff\xff");
+        assert_eq!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Frame::Message(Bytes::from_static(b"D\0\0\0\x06\0\0")))
+        );
+        assert!(codec.decode(&mut buf).is_err());
+    }
+
+    #[test]
     fn refuses_absurd_lengths_before_allocating() {
         assert!(matches!(
             typed(b"Q\x7f\xff\xff\xff"),
@@ -156,10 +235,14 @@ mod tests {
             let bytes: Vec<u8> = (0..len)
                 .map(|i| (seed.rotate_left(i as u32 * 7) & 0xff) as u8)
                 .collect();
-            let mut codec = if round % 2 == 0 {
-                PgCodec::typed()
-            } else {
-                PgCodec::startup()
+            let mut codec = match round % 3 {
+                0 => PgCodec::typed(),
+                1 => PgCodec::startup(),
+                _ => {
+                    let mut codec = PgCodec::typed();
+                    codec.batch_pass_through();
+                    codec
+                }
             };
             let mut buf = BytesMut::from(&bytes[..]);
             let mut consumed = 0;

@@ -5,20 +5,28 @@
 use bytes::{BufMut, Bytes};
 
 use super::codec::body;
-use super::startup::cstr;
 use super::{message, put_cstr};
 
-/// Parse: statement name, query, and the rest (parameter types) as it came.
+/// Parse: statement name, query, and the rest (parameter types) as it came, borrowed from the
+/// frame (the hot path allocates nothing to look at a message).
 pub struct Parse<'a> {
-    pub name: String,
-    pub query: String,
+    pub name: &'a str,
+    pub query: &'a str,
     pub rest: &'a [u8],
+}
+
+/// A NUL-terminated UTF-8 string at the front of `buf`, which moves past it.
+fn borrowed_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
+    let end = memchr::memchr(0, buf)?;
+    let text = std::str::from_utf8(&buf[..end]).ok()?;
+    *buf = &buf[end + 1..];
+    Some(text)
 }
 
 pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
     let mut buf = body(frame);
-    let name = cstr(&mut buf)?;
-    let query = cstr(&mut buf)?;
+    let name = borrowed_cstr(&mut buf)?;
+    let query = borrowed_cstr(&mut buf)?;
     Some(Parse {
         name,
         query,
@@ -30,17 +38,17 @@ pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
 pub fn rename_parse(parse: &Parse<'_>, name: &str) -> Bytes {
     message(b'P', |b| {
         put_cstr(b, name);
-        put_cstr(b, &parse.query);
+        put_cstr(b, parse.query);
         b.put_slice(parse.rest);
     })
 }
 
 /// Bind: (portal, statement), with the offset where the rest starts.
-pub fn bind_statement(frame: &Bytes) -> Option<(String, String, usize)> {
+pub fn bind_statement(frame: &Bytes) -> Option<(&str, &str, usize)> {
     let mut buf = body(frame);
     let before = buf.len();
-    let portal = cstr(&mut buf)?;
-    let statement = cstr(&mut buf)?;
+    let portal = borrowed_cstr(&mut buf)?;
+    let statement = borrowed_cstr(&mut buf)?;
     Some((portal, statement, 5 + before - buf.len()))
 }
 
@@ -53,9 +61,9 @@ pub fn rename_bind(frame: &Bytes, portal: &str, statement: &str, rest_at: usize)
 }
 
 /// Describe or Close: ('S' or 'P', name).
-pub fn target(frame: &Bytes) -> Option<(u8, String)> {
+pub fn target(frame: &Bytes) -> Option<(u8, &str)> {
     let (&kind, mut rest) = body(frame).split_first()?;
-    let name = cstr(&mut rest)?;
+    let name = borrowed_cstr(&mut rest)?;
     Some((kind, name))
 }
 
@@ -69,7 +77,7 @@ pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
 /// The text of a simple Query.
 pub fn query_text(frame: &Bytes) -> Option<&str> {
     let body = body(frame);
-    let end = body.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, body)?;
     std::str::from_utf8(&body[..end]).ok()
 }
 
@@ -89,11 +97,11 @@ mod tests {
             b.put_slice(&[0, 1, 0, 0, 0, 23]);
         });
         let p = parse_message(&parse).unwrap();
-        assert_eq!((p.name.as_str(), p.query.as_str()), ("s1", "SELECT $1"));
+        assert_eq!((p.name, p.query), ("s1", "SELECT $1"));
         let renamed = rename_parse(&p, "sy_1");
         let q = parse_message(&renamed).unwrap();
         assert_eq!(
-            (q.name.as_str(), q.query.as_str(), q.rest),
+            (q.name, q.query, q.rest),
             ("sy_1", "SELECT $1", &[0u8, 1, 0, 0, 0, 23][..])
         );
 
@@ -103,8 +111,8 @@ mod tests {
             b.put_slice(&[0, 0, 0, 0, 0, 0]);
         });
         let (portal, statement, rest_at) = bind_statement(&bind).unwrap();
-        assert_eq!((portal.as_str(), statement.as_str()), ("", "s1"));
-        let renamed = rename_bind(&bind, &portal, "sy_1", rest_at);
+        assert_eq!((portal, statement), ("", "s1"));
+        let renamed = rename_bind(&bind, portal, "sy_1", rest_at);
         assert_eq!(bind_statement(&renamed).unwrap().1, "sy_1");
         assert_eq!(&renamed[renamed.len() - 6..], &[0, 0, 0, 0, 0, 0]);
     }
@@ -112,7 +120,7 @@ mod tests {
     #[test]
     fn describe_and_close_targets() {
         let close = rebuild_target(b'C', b'S', "s1");
-        assert_eq!(target(&close), Some((b'S', "s1".to_string())));
+        assert_eq!(target(&close), Some((b'S', "s1")));
         assert_eq!(query_text(&query("SET x = 1")), Some("SET x = 1"));
     }
 }
