@@ -9,3 +9,4 @@ pub use error::{Error, Exit, Result};
 pub mod cutover;
 pub mod proxy;
 pub mod sync;
+pub mod validate;

@@ -6,6 +6,7 @@ mod plan;
 mod proxy;
 mod status;
 mod sync;
+mod validate;
 
 use std::io::IsTerminal;
 
@@ -54,6 +55,7 @@ enum Command {
     Status(status::StatusArgs),
     Abort(abort::AbortArgs),
     Proxy(proxy::ProxyArgs),
+    Validate(validate::ValidateArgs),
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
@@ -105,6 +107,7 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Status(a) => status::run(a).await,
         Command::Abort(a) => abort::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
+        Command::Validate(a) => validate::run(a).await,
     };
     match result {
         Ok(exit) => exit,

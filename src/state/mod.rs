@@ -113,6 +113,29 @@ pub struct LogEntry {
     pub event: String,
 }
 
+/// The last validation run (`switchyard validate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationRecord {
+    /// When it started (RFC 3339).
+    pub at: String,
+    /// `identical`, `different` or `incomplete`.
+    pub verdict: String,
+    pub source_lsn_start: String,
+    pub source_lsn_end: String,
+    pub tables: Vec<TableSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableSummary {
+    pub name: String,
+    pub rows_source: u64,
+    pub rows_target: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub changed: u64,
+    pub in_flight: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub format: u32,
@@ -120,6 +143,8 @@ pub struct State {
     pub phase: Phase,
     #[serde(default)]
     pub created: Created,
+    #[serde(default)]
+    pub last_validation: Option<ValidationRecord>,
     #[serde(default)]
     pub log: Vec<LogEntry>,
 }
@@ -131,6 +156,7 @@ impl State {
             name: name.to_string(),
             phase: Phase::Planned,
             created: Created::default(),
+            last_validation: None,
             log: Vec::new(),
         }
     }

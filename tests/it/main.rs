@@ -12,3 +12,4 @@ mod resume;
 mod roles;
 mod sync_live;
 mod tls;
+mod validate;

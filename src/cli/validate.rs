@@ -1,0 +1,130 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use switchyard::plan::TablePattern;
+use switchyard::state::{self, StateError, StateStore};
+use switchyard::validate::report::{Report, Verdict};
+use switchyard::validate::{self, Options};
+use switchyard::{Error, Exit};
+
+/// Compare the rows of source and target, live, and say exactly which rows differ.
+///
+/// Checksums run inside both databases, chunk by chunk and bucket by bucket; only rows in
+/// buckets that differ are fetched. While replication runs, a chunk that differs is compared
+/// again once the target has applied what the source's snapshot saw, and rows that changed
+/// meanwhile are reported as in flight, not as differences. The result is kept in the state
+/// store for the cutover.
+///
+/// Exits 0 when the data is identical, 1 when differences were found, 2 when it could not
+/// validate (the report says why).
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard validate plans/shop.toml\n  switchyard validate plans/shop.toml --tables 'public.orders*' --jobs 4\n  switchyard validate plans/shop.toml --max-rate 200000 --report reports/\n  switchyard validate plans/shop.toml --json | jq '.differences[]'"
+)]
+pub struct ValidateArgs {
+    /// The plan file (TOML).
+    plan: PathBuf,
+    /// Only these tables (`schema.table`, `*` and `?` wildcards; repeat or separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    tables: Vec<TablePattern>,
+    /// Chunks compared at once (each uses one connection per server).
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// At most this many rows per second, both servers together, so a validation never
+    /// starves a production source.
+    #[arg(long)]
+    max_rate: Option<u64>,
+    /// How often a row that differs is checked again before it counts as a difference.
+    #[arg(long, default_value_t = 3)]
+    rechecks: u32,
+    /// Compare every column's text form: `1.0` and `1.00`, `'1 day'` and `'24 hours'` differ.
+    #[arg(long)]
+    strict: bool,
+    /// statement_timeout of every checksum query.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    statement_timeout: Duration,
+    /// How long a chunk waits for the target to apply what the source's snapshot saw.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    catchup_timeout: Duration,
+    /// About how long each chunk's checksum query runs; chunk sizes follow from a timed
+    /// probe. Shorter chunks hold a snapshot for less time and re-check less on a difference.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    chunk_time: Duration,
+    /// Differences printed in the terminal report.
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+    /// Write a self-contained HTML report into this directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
+    let (plan, store) = super::load_plan(&args.plan)?;
+    let state = state::load_or_new(&store, &plan.name.0)?;
+    let options = Options {
+        tables: args.tables.clone(),
+        jobs: args.jobs.max(1),
+        max_rate: args.max_rate,
+        rechecks: args.rechecks,
+        strict: args.strict,
+        statement_timeout: args.statement_timeout,
+        catchup_timeout: args.catchup_timeout,
+        chunk_seconds: args.chunk_time.as_secs_f64(),
+        progress: !args.json && std::io::stderr().is_terminal(),
+        ..Options::default()
+    };
+    let report = validate::run(&plan, &state, &options).await?;
+    remember(&store, &plan.name.0, &report);
+    if let Some(dir) = &args.report {
+        let path = write_html(dir, &report)?;
+        eprintln!("HTML report: {}", path.display());
+    }
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        print!("{}", report.render_text(args.samples));
+    }
+    Ok(match report.verdict {
+        Verdict::Identical => Exit::Done,
+        Verdict::Different => Exit::Refused,
+        Verdict::Incomplete => Exit::Usage,
+    })
+}
+
+/// Records the result for the cutover. A migration locked by another command (a `sync
+/// --wait` still watching) keeps its state; the report is still printed.
+fn remember(store: &dyn StateStore, name: &str, report: &Report) {
+    let saved = (|| -> Result<(), StateError> {
+        let _lock = store.lock("record a validation")?;
+        let mut state = state::load_or_new(store, name)?;
+        state.last_validation = Some(validate::record(report));
+        state.note(format!("validation: {}", report.verdict));
+        store.save(&state)
+    })();
+    if let Err(e) = saved {
+        tracing::warn!("the validation result is not recorded in the state: {e}");
+    }
+}
+
+fn write_html(dir: &std::path::Path, report: &Report) -> Result<PathBuf, Error> {
+    let failed = |e: std::io::Error| {
+        Error::Refused(format!(
+            "cannot write the report into {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    let stamp: String = report
+        .started_at
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let path = dir.join(format!("validation-{}-{stamp}.html", report.migration));
+    std::fs::write(&path, report.render_html()).map_err(failed)?;
+    Ok(path)
+}

@@ -1,0 +1,446 @@
+//! How a row becomes a 64-bit hash inside the database.
+//!
+//! Each column is hashed by PostgreSQL's typed `hash*extended` function for its type, seeded by
+//! the column's position, with a per-column marker for NULL (the functions return NULL for
+//! NULL). A column's hash never goes through the value's text form when a typed function
+//! exists: text output is what makes checksums slow. A type whose typed hash differs between
+//! the two servers' versions (the self-test finds out), that has none, or that could hash by
+//! OID (enums, also inside arrays, domains and composites) is hashed from a canonical text
+//! form instead. The session settings that fix those text forms are [`SESSION_SETTINGS`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use crate::pg::{sql, PgError, Server};
+
+/// Set on every validation connection, so that text forms (timestamps in UTC, shortest exact
+/// floats, ISO dates, hex bytea) are the same on both servers.
+pub const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+
+/// How a column is hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The type's own hash function: equal values hash equal (`1.0` = `1.00`, `-0` = `0`,
+    /// `'1 day'` = `'24 hours'`, jsonb key order ignored, timestamps as instants).
+    Typed,
+    /// A hash of the canonical text form.
+    Text,
+}
+
+/// A column with the SQL expression that hashes it (never NULL).
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnHash {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_sql: String,
+    pub mode: Mode,
+    /// Why the column is not typed, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip)]
+    pub expr: String,
+}
+
+/// What the catalogs say about a type, enough to choose its hash.
+#[derive(Debug, Clone)]
+pub struct TypeInfo {
+    pub name: String,
+    pub schema: String,
+    /// `b` base, `e` enum, `c` composite, `d` domain, `r`/`m` range.
+    pub kind: char,
+    pub base: u32,
+    pub element: u32,
+    pub is_array: bool,
+}
+
+/// Every type the given type oids lead to (domain bases, array elements), by oid.
+pub async fn resolve_types(
+    server: &Server,
+    oids: impl IntoIterator<Item = u32>,
+) -> Result<HashMap<u32, TypeInfo>, PgError> {
+    let mut known: HashMap<u32, TypeInfo> = HashMap::new();
+    let mut wanted: BTreeSet<u32> = oids.into_iter().collect();
+    while !wanted.is_empty() {
+        let list: Vec<u32> = wanted.iter().copied().collect();
+        let rows = server
+            .query(
+                "read column types",
+                "SELECT t.oid, t.typname::text, n.nspname::text, t.typtype::text, t.typbasetype, t.typelem,
+                        t.typcategory = 'A' AND t.typlen = -1 AND t.typelem <> 0
+                   FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                  WHERE t.oid = ANY ($1)",
+                &[&list],
+            )
+            .await?;
+        wanted.clear();
+        for r in rows {
+            let info = TypeInfo {
+                name: r.get(1),
+                schema: r.get(2),
+                kind: r.get::<_, String>(3).chars().next().unwrap_or('b'),
+                base: r.get(4),
+                element: r.get(5),
+                is_array: r.get(6),
+            };
+            for next in [info.base, info.element] {
+                if next != 0 && !known.contains_key(&next) {
+                    wanted.insert(next);
+                }
+            }
+            known.insert(r.get(0), info);
+        }
+        wanted.retain(|oid| !known.contains_key(oid));
+    }
+    Ok(known)
+}
+
+/// The typed hash of a built-in scalar type, `{c}` standing for the value and `{s}` for the
+/// seed, with values for the self-test.
+fn builtin(name: &str) -> Option<(&'static str, &'static [&'static str])> {
+    Some(match name {
+        "int2" => ("hashint2extended({c}, {s})", &["0", "-32768", "7"]),
+        "int4" => ("hashint4extended({c}, {s})", &["0", "-2147483648", "42"]),
+        "int8" => (
+            "hashint8extended({c}, {s})",
+            &["0", "-9223372036854775808", "1234567890123"],
+        ),
+        "bool" => ("hashint4extended(({c})::int4, {s})", &["true", "false"]),
+        "text" | "varchar" => (
+            "hashtextextended(({c})::text COLLATE \"C\", {s})",
+            &["", "abc", "zufrieden ünïcödé", "x y "],
+        ),
+        "bpchar" => (
+            "hashbpcharextended(({c}) COLLATE \"C\", {s})",
+            &["", "ab  ", "ünï"],
+        ),
+        "name" => ("hashnameextended({c}, {s})", &["pg_class", ""]),
+        "char" => ("hashcharextended({c}, {s})", &["a", "Z"]),
+        "oid" => ("hashoidextended({c}, {s})", &["0", "4294967295"]),
+        "numeric" => (
+            "hash_numeric_extended({c}, {s})",
+            &["0", "1.0", "1.00", "-12345.678900", "NaN", "1e-20", "9e99"],
+        ),
+        "float4" => (
+            "hashfloat4extended({c}, {s})",
+            &["0", "-0", "1.5", "NaN", "Infinity", "3.4e38"],
+        ),
+        "float8" => (
+            "hashfloat8extended({c}, {s})",
+            &["0", "-0", "0.1", "NaN", "-Infinity", "1e308", "5e-324"],
+        ),
+        "date" => (
+            "timestamp_hash_extended(({c})::timestamp, {s})",
+            &["2024-02-29", "1900-01-01", "infinity"],
+        ),
+        "timestamp" => (
+            "timestamp_hash_extended({c}, {s})",
+            &["2024-02-29 12:34:56.789012", "-infinity"],
+        ),
+        "timestamptz" => (
+            "timestamp_hash_extended(({c}) AT TIME ZONE 'UTC', {s})",
+            &[
+                "2024-02-29 12:34:56.789012+02",
+                "1999-12-31 23:59:59+00",
+                "infinity",
+            ],
+        ),
+        "time" => (
+            "time_hash_extended({c}, {s})",
+            &["00:00", "23:59:59.999999"],
+        ),
+        "timetz" => ("timetz_hash_extended({c}, {s})", &["12:00+02", "00:00-11"]),
+        "interval" => (
+            "interval_hash_extended({c}, {s})",
+            &["1 day", "24 hours", "1 mon -2 days 03:04:05.6", "0"],
+        ),
+        "uuid" => (
+            "uuid_hash_extended({c}, {s})",
+            &[
+                "00000000-0000-0000-0000-000000000000",
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            ],
+        ),
+        "jsonb" => (
+            "jsonb_hash_extended({c}, {s})",
+            &[
+                r#"{"b": [1, 2, {"c": null}], "a": "x"}"#,
+                "[]",
+                "1.0",
+                r#""ü""#,
+            ],
+        ),
+        "inet" | "cidr" => ("hashinetextended(({c})::inet, {s})", &["10.0.0.1/8", "::1"]),
+        "macaddr" => ("hashmacaddrextended({c}, {s})", &["08:00:2b:01:02:03"]),
+        "pg_lsn" => ("pg_lsn_hash_extended({c}, {s})", &["0/0", "16/B374D848"]),
+        _ => return None,
+    })
+}
+
+/// The text fallback; the session settings make the text canonical.
+const TEXT_HASH: &str = "hashtextextended(({c})::text COLLATE \"C\", {s})";
+
+/// What a column's type calls for, before the self-test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Choice {
+    /// A built-in scalar (named), possibly through a domain (`cast` to the base type).
+    Scalar {
+        name: String,
+        cast: Option<String>,
+    },
+    /// An array of a built-in scalar.
+    Array {
+        element: String,
+    },
+    Text(&'static str),
+}
+
+fn choose(types: &HashMap<u32, TypeInfo>, oid: u32) -> Choice {
+    let Some(t) = types.get(&oid) else {
+        return Choice::Text("unknown type");
+    };
+    match t.kind {
+        'e' => Choice::Text("enum: hashed by label, not by OID"),
+        'c' => Choice::Text("composite type"),
+        'd' => match choose(types, t.base) {
+            Choice::Scalar { name, .. } => Choice::Scalar {
+                cast: Some(name.clone()),
+                name,
+            },
+            other => other,
+        },
+        _ if t.is_array => match types.get(&t.element) {
+            Some(e) if e.kind == 'b' && e.schema == "pg_catalog" && builtin(&e.name).is_some() => {
+                Choice::Array {
+                    element: e.name.clone(),
+                }
+            }
+            _ => Choice::Text("array of a type that could hash by OID or has no hash"),
+        },
+        _ if t.schema == "pg_catalog" && builtin(&t.name).is_some() => Choice::Scalar {
+            name: t.name.clone(),
+            cast: None,
+        },
+        _ => Choice::Text("no typed hash for this type"),
+    }
+}
+
+/// Hashes a fixed vector of values of each type on both servers: a type whose hashes differ
+/// between the two versions, or whose hash function is missing on one, is hashed as text.
+/// Returns the built-in type names that passed.
+pub async fn self_test(
+    source: &Server,
+    target: &Server,
+    names: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, PgError> {
+    let mut passed = BTreeSet::new();
+    for name in names {
+        let Some((template, values)) = builtin(name) else {
+            continue;
+        };
+        let mut exprs: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let value = format!("{}::{}", sql::literal(v), sql::ident(name));
+                fill(template, &value, 1000 + i as i64)
+            })
+            .collect();
+        let array = format!(
+            "ARRAY[{}]::{}[]",
+            values
+                .iter()
+                .map(|v| sql::literal(v))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sql::ident(name)
+        );
+        exprs.push(format!("hash_array_extended({array}, 77)"));
+        let query = format!("SELECT ARRAY[{}]::int8[]", exprs.join(", "));
+        let (a, b) = tokio::join!(
+            source.query_one("hash self-test", &query, &[]),
+            target.query_one("hash self-test", &query, &[])
+        );
+        match (a, b) {
+            (Ok(a), Ok(b)) if a.get::<_, Vec<i64>>(0) == b.get::<_, Vec<i64>>(0) => {
+                passed.insert(name.clone());
+            }
+            (Ok(_), Ok(_)) => {
+                tracing::warn!(
+                    "the typed hash of {name} differs between the servers: hashed as text"
+                )
+            }
+            (a, b) => {
+                let error = a
+                    .err()
+                    .or(b.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                tracing::warn!("no usable typed hash for {name} ({error}): hashed as text")
+            }
+        }
+    }
+    Ok(passed)
+}
+
+/// The built-in types the columns would hash with, for the self-test.
+pub fn types_to_test(types: &HashMap<u32, TypeInfo>, oids: &[u32]) -> BTreeSet<String> {
+    oids.iter()
+        .filter_map(|&oid| match choose(types, oid) {
+            Choice::Scalar { name, .. } => Some(name),
+            Choice::Array { element } => Some(element),
+            Choice::Text(_) => None,
+        })
+        .collect()
+}
+
+/// The hash expression of a column at `position` (1-based). `strict` hashes every column's
+/// text form, so that `1.0` and `1.00` differ.
+pub fn column_hash(
+    name: &str,
+    type_sql: &str,
+    oid: u32,
+    position: i64,
+    types: &HashMap<u32, TypeInfo>,
+    passed: &BTreeSet<String>,
+    strict: bool,
+) -> ColumnHash {
+    let column = sql::ident(name);
+    let choice = choose(types, oid);
+    let (template, value, mode, note) = match choice {
+        _ if strict => (
+            TEXT_HASH,
+            column,
+            Mode::Text,
+            Some("strict mode".to_string()),
+        ),
+        Choice::Scalar {
+            name: ref n,
+            ref cast,
+        } if passed.contains(n) => {
+            let value = match cast {
+                Some(base) => format!("({column})::{}", sql::ident(base)),
+                None => column,
+            };
+            (
+                builtin(n).map_or(TEXT_HASH, |b| b.0),
+                value,
+                Mode::Typed,
+                None,
+            )
+        }
+        Choice::Array { ref element } if passed.contains(element) => {
+            ("hash_array_extended({c}, {s})", column, Mode::Typed, None)
+        }
+        Choice::Text(why) => (TEXT_HASH, column, Mode::Text, Some(why.to_string())),
+        _ => (
+            TEXT_HASH,
+            column,
+            Mode::Text,
+            Some("typed hash failed the self-test".to_string()),
+        ),
+    };
+    ColumnHash {
+        name: name.to_string(),
+        type_sql: type_sql.to_string(),
+        mode,
+        note,
+        expr: format!(
+            "coalesce({}, {})",
+            fill(template, &value, position),
+            null_marker(position)
+        ),
+    }
+}
+
+/// Stands for NULL in column `position`: a constant no hash function is likely to return,
+/// different per column so that NULLs in different columns do not cancel out.
+fn null_marker(position: i64) -> i64 {
+    (position.wrapping_add(1)).wrapping_mul(0x2545_f491_4f6c_dd1d_u64 as i64) ^ 0x6a09_e667
+}
+
+fn fill(template: &str, value: &str, seed: i64) -> String {
+    template
+        .replace("{c}", value)
+        .replace("{s}", &seed.to_string())
+}
+
+/// XOR of column hashes; `0` for none.
+pub fn combine<'a>(exprs: impl IntoIterator<Item = &'a str>) -> String {
+    let parts: Vec<&str> = exprs.into_iter().collect();
+    if parts.is_empty() {
+        "0::int8".to_string()
+    } else {
+        format!("({})", parts.join(" # "))
+    }
+}
+
+/// Column modes per table, for the report.
+pub type Modes = BTreeMap<String, Vec<ColumnHash>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn types() -> HashMap<u32, TypeInfo> {
+        let t = |name: &str, kind: char, base: u32, element: u32, is_array: bool| TypeInfo {
+            name: name.into(),
+            schema: if name == "mood" {
+                "public"
+            } else {
+                "pg_catalog"
+            }
+            .into(),
+            kind,
+            base,
+            element,
+            is_array,
+        };
+        HashMap::from([
+            (20, t("int8", 'b', 0, 0, false)),
+            (1016, t("_int8", 'b', 0, 20, true)),
+            (100, t("mood", 'e', 0, 0, false)),
+            (101, t("_mood", 'b', 0, 100, true)),
+            (102, t("positive_int", 'd', 23, 0, false)),
+            (23, t("int4", 'b', 0, 0, false)),
+        ])
+    }
+
+    #[test]
+    fn enums_never_hash_by_oid() {
+        let types = types();
+        assert!(matches!(choose(&types, 100), Choice::Text(_)));
+        assert!(matches!(choose(&types, 101), Choice::Text(_)));
+        assert_eq!(
+            choose(&types, 1016),
+            Choice::Array {
+                element: "int8".into()
+            }
+        );
+        assert_eq!(
+            choose(&types, 102),
+            Choice::Scalar {
+                name: "int4".into(),
+                cast: Some("int4".into())
+            }
+        );
+    }
+
+    #[test]
+    fn expressions_are_seeded_and_null_safe() {
+        let types = types();
+        let passed = BTreeSet::from(["int8".to_string()]);
+        let a = column_hash("id", "bigint", 20, 1, &types, &passed, false);
+        let b = column_hash("id", "bigint", 20, 2, &types, &passed, false);
+        assert_eq!(a.mode, Mode::Typed);
+        assert!(a.expr.starts_with("coalesce(hashint8extended(\"id\", 1), "));
+        assert_ne!(a.expr, b.expr);
+        let failed = column_hash("n", "integer", 23, 1, &types, &passed, false);
+        assert_eq!(failed.mode, Mode::Text);
+        let strict = column_hash("id", "bigint", 20, 1, &types, &passed, true);
+        assert_eq!(strict.mode, Mode::Text);
+        assert_ne!(null_marker(1), null_marker(2));
+    }
+}

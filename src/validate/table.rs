@@ -1,0 +1,326 @@
+//! One table's validation plan: its key, its column hashes, its chunks, and the SQL that
+//! computes each chunk's aggregates, a bucket's row hashes and the rows themselves.
+
+use super::hashing::{combine, ColumnHash};
+use crate::pg::{sql, TableName};
+
+/// A primary-key column, as the chunk bounds compare it.
+#[derive(Debug, Clone)]
+pub struct KeyColumn {
+    pub name: String,
+    pub type_sql: String,
+}
+
+/// A chunk: keys in `(lo, hi]`, unbounded where `None`. Bounds are key values as text.
+#[derive(Debug, Clone, Default)]
+pub struct Chunk {
+    pub lo: Option<Vec<String>>,
+    pub hi: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TablePlan {
+    pub name: TableName,
+    pub columns: Vec<ColumnHash>,
+    /// Empty for a table without a primary key: compared as a multiset of row hashes.
+    pub key: Vec<KeyColumn>,
+    pub estimated_rows: i64,
+    pub chunks: Vec<Chunk>,
+    /// Sub-buckets per chunk: a bucket is `key hash mod buckets` (row hash without a key), so
+    /// a row missing on one side moves no other row to another bucket.
+    pub buckets: i64,
+}
+
+/// Per-bucket aggregates of a chunk: (count, sum of row hashes mod 2^64, XOR of row hashes).
+pub type Aggregates = std::collections::BTreeMap<i32, (i64, i64, i64)>;
+
+impl TablePlan {
+    fn key_hash(&self) -> String {
+        let positions: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| self.key.iter().any(|k| k.name == c.name))
+            .map(|c| c.expr.as_str())
+            .collect();
+        combine(positions)
+    }
+
+    fn rest_hash(&self) -> String {
+        combine(
+            self.columns
+                .iter()
+                .filter(|c| !self.key.iter().any(|k| k.name == c.name))
+                .map(|c| c.expr.as_str()),
+        )
+    }
+
+    /// The key as a row value, for comparisons: `("a", "b")` or `"a"`.
+    fn key_tuple(&self) -> String {
+        let names: Vec<String> = self.key.iter().map(|k| sql::ident(&k.name)).collect();
+        if names.len() == 1 {
+            names[0].clone()
+        } else {
+            format!("({})", names.join(", "))
+        }
+    }
+
+    /// Key values (text) as a literal row value of the key's types.
+    fn key_literal(&self, values: &[String]) -> String {
+        let parts: Vec<String> = self
+            .key
+            .iter()
+            .zip(values)
+            .map(|(k, v)| format!("{}::{}", sql::literal(v), k.type_sql))
+            .collect();
+        if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            format!("ROW({})", parts.join(", "))
+        }
+    }
+
+    pub fn range_predicate(&self, chunk: &Chunk) -> String {
+        let mut parts = Vec::new();
+        if let Some(lo) = &chunk.lo {
+            parts.push(format!("{} > {}", self.key_tuple(), self.key_literal(lo)));
+        }
+        if let Some(hi) = &chunk.hi {
+            parts.push(format!("{} <= {}", self.key_tuple(), self.key_literal(hi)));
+        }
+        if parts.is_empty() {
+            "true".into()
+        } else {
+            parts.join(" AND ")
+        }
+    }
+
+    /// Key columns as text, for the result sets that name rows.
+    fn key_texts(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("{}::text", sql::ident(&k.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Rows of a chunk with their bucket (`b`), row hash (`h`) and, `with_keys`, the key
+    /// columns as text. `OFFSET 0` keeps the planner from inlining the subquery, which would
+    /// compute each hash several times; it skips nothing.
+    fn hashed_rows(&self, chunk: &Chunk, with_keys: bool) -> String {
+        let (outer_keys, inner_keys) = if with_keys && !self.key.is_empty() {
+            (
+                format!("{}, ", self.key_texts()),
+                format!("{}, ", self.key_names()),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let bucket_of = if self.key.is_empty() { "h" } else { "kh" };
+        format!(
+            "SELECT {outer_keys}h, (({bucket_of} & 9223372036854775807) % {buckets})::int4 AS b
+               FROM (SELECT {inner_keys}kh, kh # rh AS h
+                       FROM (SELECT {inner_keys}{kh} AS kh, {rh} AS rh FROM {table} WHERE {range} OFFSET 0) hashes) keyed",
+            buckets = self.buckets.max(1),
+            kh = self.key_hash(),
+            rh = self.rest_hash(),
+            table = self.name.sql(),
+            range = self.range_predicate(chunk),
+        )
+    }
+
+    fn key_names(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| sql::ident(&k.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Per bucket: count, the two 32-bit halves of the hash sum (`sum(int4)` stays int8,
+    /// where `sum(int8)` would be numeric), and the XOR.
+    pub fn aggregates_sql(&self, chunk: &Chunk) -> String {
+        format!(
+            "SELECT b, count(*)::int8, sum((h >> 32)::int4)::int8, sum(((h & 4294967295) - 2147483648)::int4)::int8, bit_xor(h)
+               FROM ({rows}) r GROUP BY b",
+            rows = self.hashed_rows(chunk, false)
+        )
+    }
+
+    /// Key texts and row hash of the rows in the given buckets of a chunk.
+    pub fn bucket_rows_sql(&self, chunk: &Chunk, buckets: &[i32]) -> String {
+        let list = buckets
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.key.is_empty() {
+            format!(
+                "SELECT h, count(*)::int8 FROM ({rows}) r WHERE b IN ({list}) GROUP BY h",
+                rows = self.hashed_rows(chunk, false)
+            )
+        } else {
+            format!(
+                "SELECT ARRAY[{keys}], h FROM ({rows}) r WHERE b IN ({list})",
+                keys = (1..=self.key.len())
+                    .map(|i| format!("r.{}", sql::ident(&self.key[i - 1].name)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                rows = self.hashed_rows(chunk, true)
+            )
+        }
+    }
+
+    /// Key texts and row hash of the rows with the given keys (any chunk).
+    pub fn keyed_rows_sql(&self, keys: &[Vec<String>]) -> String {
+        format!(
+            "SELECT ARRAY[{texts}], {kh} # {rh} FROM {table} WHERE {tuple} IN ({list})",
+            texts = self.key_texts(),
+            kh = self.key_hash(),
+            rh = self.rest_hash(),
+            table = self.name.sql(),
+            tuple = self.key_tuple(),
+            list = self.key_list(keys),
+        )
+    }
+
+    fn key_list(&self, keys: &[Vec<String>]) -> String {
+        keys.iter()
+            .map(|k| self.key_literal(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whole rows for the report: key texts, then each column's hash, then each column's
+    /// text (NULL stays NULL).
+    pub fn full_rows_sql(&self, keys: &[Vec<String>]) -> String {
+        format!(
+            "SELECT ARRAY[{texts}], ARRAY[{hashes}]::int8[], ARRAY[{values}]::text[] FROM {table} WHERE {tuple} IN ({list})",
+            texts = self.key_texts(),
+            hashes = self.column_hashes(),
+            values = self.column_texts(),
+            table = self.name.sql(),
+            tuple = self.key_tuple(),
+            list = self.key_list(keys),
+        )
+    }
+
+    /// Whole rows of a table without a key, by row hash: the hash, each column's text.
+    pub fn rows_by_hash_sql(&self, chunk: &Chunk, hashes: &[i64]) -> String {
+        let list = hashes
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT h, v FROM (SELECT {rh} AS h, ARRAY[{values}]::text[] AS v FROM {table} WHERE {range} OFFSET 0) r WHERE h IN ({list})",
+            rh = self.rest_hash(),
+            values = self.column_texts(),
+            table = self.name.sql(),
+            range = self.range_predicate(chunk),
+        )
+    }
+
+    fn column_hashes(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.expr.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn column_texts(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| format!("{}::text", sql::ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The first keys of the table in key order, for calibration: the upper bound of a
+    /// probe chunk of `rows` rows (keyset, no OFFSET).
+    pub fn probe_bound_sql(&self, rows: i64) -> String {
+        format!(
+            "SELECT ARRAY[{texts}] FROM (SELECT {names} FROM {table} ORDER BY {names} LIMIT {rows}) k ORDER BY {names} DESC LIMIT 1",
+            texts = self.key_texts(),
+            names = self.key_names(),
+            table = self.name.sql(),
+        )
+    }
+
+    /// A block sample of keys in key order, from which chunk bounds are picked.
+    pub fn sample_keys_sql(&self, percent: f64) -> String {
+        format!(
+            "SELECT ARRAY[{texts}] FROM {table} TABLESAMPLE SYSTEM ({percent}) ORDER BY {names}",
+            texts = self.key_texts(),
+            table = self.name.sql(),
+            names = self.key_names(),
+        )
+    }
+}
+
+/// Turns key values (text) into a JSON object column → value.
+pub fn key_object(
+    key: &[KeyColumn],
+    values: &[String],
+) -> serde_json::Map<String, serde_json::Value> {
+    key.iter()
+        .zip(values)
+        .map(|(k, v)| (k.name.clone(), serde_json::Value::String(v.clone())))
+        .collect()
+}
+
+/// Adds a bucket row (count, hi sum, lo sum, xor) to the aggregates.
+pub fn fold_bucket(count: i64, sum_hi: i64, sum_lo: i64, xor: i64) -> (i64, i64, i64) {
+    // sum of h = sum(hi) * 2^32 + sum(lo + 2^31) = sum(hi) << 32 + sum(lo) + count * 2^31.
+    let sum = (sum_hi as u64)
+        .wrapping_shl(32)
+        .wrapping_add(sum_lo as u64)
+        .wrapping_add((count as u64).wrapping_mul(1 << 31));
+    (count, sum as i64, xor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_sum_halves_add_up_mod_2_64() {
+        let hashes: [i64; 4] = [i64::MIN, -1, 0x1234_5678_9abc_def0, i64::MAX];
+        let hi: i64 = hashes.iter().map(|h| (h >> 32) as i32 as i64).sum();
+        let lo: i64 = hashes
+            .iter()
+            .map(|h| ((h & 0xffff_ffff) - 2_147_483_648) as i32 as i64)
+            .sum();
+        let expected = hashes.iter().fold(0i64, |a, h| a.wrapping_add(*h));
+        assert_eq!(fold_bucket(4, hi, lo, 0).1, expected);
+    }
+
+    #[test]
+    fn composite_keys_compare_as_rows() {
+        let plan = TablePlan {
+            name: TableName::new("public", "order_items"),
+            columns: Vec::new(),
+            key: vec![
+                KeyColumn {
+                    name: "order_id".into(),
+                    type_sql: "integer".into(),
+                },
+                KeyColumn {
+                    name: "sku".into(),
+                    type_sql: "text".into(),
+                },
+            ],
+            estimated_rows: 0,
+            chunks: Vec::new(),
+            buckets: 1,
+        };
+        let chunk = Chunk {
+            lo: Some(vec!["1".into(), "a'b".into()]),
+            hi: None,
+        };
+        assert_eq!(
+            plan.range_predicate(&chunk),
+            "(\"order_id\", \"sku\") > ROW('1'::integer, 'a''b'::text)"
+        );
+    }
+}
