@@ -29,7 +29,10 @@ echo "loading $ROWS rows on both servers ..." >&2
 psql -q "postgres://postgres@127.0.0.1:$SOURCE_PORT/postgres" -c "CREATE DATABASE bench"
 psql -q "postgres://postgres@127.0.0.1:$TARGET_PORT/postgres" -c "CREATE DATABASE bench"
 SQL=$(sed "s/{{rows}}/$ROWS/" testdata/bench.sql)
-psql -q -v ON_ERROR_STOP=1 "$SRC" -c "$SQL" & psql -q -v ON_ERROR_STOP=1 "$TGT" -c "$SQL" & wait
+# (Waits name their jobs: a bare `wait` would also wait for the servers.)
+psql -q -v ON_ERROR_STOP=1 "$SRC" -c "$SQL" & load_source=$!
+psql -q -v ON_ERROR_STOP=1 "$TGT" -c "$SQL" & load_target=$!
+wait "$load_source" "$load_target"
 
 cat > "$WORK/bench.toml" <<PLAN
 name = "bench"
@@ -48,13 +51,14 @@ seconds() { local a b; a=$(now); "$@" > /dev/null; b=$(now); python3 -c "print(f
 # Both servers at once, SEGMENTS ranges per server, all in parallel (as data-diff's threads do).
 SEGMENTS=$JOBS
 both_segmented() {
-  local template=$1 step=$(( (ROWS + SEGMENTS - 1) / SEGMENTS ))
+  local template=$1 step=$(( (ROWS + SEGMENTS - 1) / SEGMENTS )) pids=()
   for url in "$SRC" "$TGT"; do
     for s in $(seq 0 $((SEGMENTS - 1))); do
       psql -qAt "$url" -c "${template//\{range\}/id > $((s * step)) AND id <= $(((s + 1) * step))}" > /dev/null &
+      pids+=($!)
     done
   done
-  wait
+  wait "${pids[@]}"
 }
 DATADIFF="SELECT count(*), sum(('x' || substring(md5(concat(id::text, customer_id::text, status, amount::text, to_char(created_at, 'YYYY-mm-dd HH24:MI:SS.US'), note)), 18))::bit(60)::bigint) FROM bench_rows WHERE {range}"
 PGCOPYDB="SELECT count(1), sum(hashtext(t::text)::bigint) FROM bench_rows t WHERE {range}"

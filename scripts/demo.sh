@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: starts a throwaway PostgreSQL 15 source and PostgreSQL 17 target on free loopback
-# ports, loads testdata into the source, and runs `switchyard plan`, `sync --wait` and `status`.
+# ports, loads testdata into the source, and runs `switchyard plan`, `sync --wait`, `status`,
+# `validate` and `abort`.
 # Everything it starts stops when it ends. DEMO_ROWS sets the data size (default 50000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,11 @@ psql -q "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -c "INSERT INTO custom
 sleep 1
 "$SWITCHYARD" status shop.toml
 psql -At "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "SELECT 'on the target: ' || name FROM customers WHERE name = 'written after the sync'"
+step "switchyard validate shop.toml (checksums on both servers; HTML report in $WORK/reports)"
+"$SWITCHYARD" validate shop.toml --report "$WORK/reports"
+step "A row changed behind replication's back on the target, and validate again"
+psql -q "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "UPDATE orders SET amount = amount + 1 WHERE id = 42"
+"$SWITCHYARD" validate shop.toml --tables public.orders || echo "(exit $?: differences found, as expected)"
 step "switchyard abort shop.toml (removes slot, publication and subscription)"
 "$SWITCHYARD" abort shop.toml
 step "Done. The demo servers stop now."

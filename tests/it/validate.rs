@@ -298,3 +298,53 @@ async fn a_hundred_scattered_differences_in_a_million_rows_are_all_found() {
         "a million rows should be cut into chunks: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_policy_equal_values_are_equal_and_strict_mode_compares_text() {
+    let db = TestDb::new("validate_policy").await;
+    let create = "CREATE TABLE policy (id int PRIMARY KEY, f float8, n numeric, i interval, j json, jb jsonb, t timestamptz, s text)";
+    let (source, target) = (db.source_client().await, db.target_client().await);
+    source.batch_execute(create).await.unwrap();
+    target.batch_execute(create).await.unwrap();
+    source
+        .batch_execute(
+            r#"INSERT INTO policy VALUES
+                 (1, '-0', 1.0, '1 day', '{"a": 1}', '{"a": 1, "b": 2}', '2024-01-01 12:00:00+02', 'x'),
+                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x'),
+                 (3, 1, 1, '1 hour', '{"a": 1, "b": 2}', '{}', '2024-01-01 00:00:00+00', 'x'),
+                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', NULL)"#,
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute(
+            r#"INSERT INTO policy VALUES
+                 (1, '0', 1.00, '24 hours', '{"a": 1}', '{"b": 2, "a": 1}', '2024-01-01 10:00:00+00', 'x'),
+                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x'),
+                 (3, 1, 1, '1 hour', '{"b": 2, "a": 1}', '{}', '2024-01-01 00:00:00+00', 'x'),
+                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', '')"#,
+        )
+        .await
+        .unwrap();
+    db.write_plan("");
+    let (code, report, out) = validate(&db, &["--tables", "public.policy"]);
+    assert_eq!(code, Some(1), "{out}");
+    let expected: BTreeSet<_> = [
+        diff("public.policy", r#"{"id":"3"}"#, "changed", "j"),
+        diff("public.policy", r#"{"id":"4"}"#, "changed", "s"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(differences(&report), expected, "{out}");
+
+    let (code, report, out) = validate(&db, &["--tables", "public.policy", "--strict"]);
+    assert_eq!(code, Some(1), "{out}");
+    let expected: BTreeSet<_> = [
+        diff("public.policy", r#"{"id":"1"}"#, "changed", "f,n,i"),
+        diff("public.policy", r#"{"id":"3"}"#, "changed", "j"),
+        diff("public.policy", r#"{"id":"4"}"#, "changed", "s"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(differences(&report), expected, "{out}");
+}
