@@ -11,11 +11,16 @@ pub struct KeyColumn {
     pub type_sql: String,
 }
 
-/// A chunk: keys in `(lo, hi]`, unbounded where `None`. Bounds are key values as text.
+/// A chunk: keys in `[lo, hi)`, unbounded where `None`. Bounds are key values as text.
 #[derive(Debug, Clone, Default)]
 pub struct Chunk {
     pub lo: Option<Vec<String>>,
     pub hi: Option<Vec<String>>,
+    /// With a one-column key: the bounds of the chunk's buckets inside it, in key order.
+    /// Bucket `i` holds keys in `[inner[i-1], inner[i])`, so opening one is an index range
+    /// scan of a few thousand rows. Empty: buckets are `key hash mod buckets`, and opening
+    /// one reads the chunk again.
+    pub inner: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,10 +87,10 @@ impl TablePlan {
     pub fn range_predicate(&self, chunk: &Chunk) -> String {
         let mut parts = Vec::new();
         if let Some(lo) = &chunk.lo {
-            parts.push(format!("{} > {}", self.key_tuple(), self.key_literal(lo)));
+            parts.push(format!("{} >= {}", self.key_tuple(), self.key_literal(lo)));
         }
         if let Some(hi) = &chunk.hi {
-            parts.push(format!("{} <= {}", self.key_tuple(), self.key_literal(hi)));
+            parts.push(format!("{} < {}", self.key_tuple(), self.key_literal(hi)));
         }
         if parts.is_empty() {
             "true".into()
@@ -103,28 +108,73 @@ impl TablePlan {
             .join(", ")
     }
 
-    /// Rows of a chunk with their bucket (`b`), row hash (`h`) and, `with_keys`, the key
-    /// columns as text. `OFFSET 0` keeps the planner from inlining the subquery, which would
-    /// compute each hash several times; it skips nothing.
-    fn hashed_rows(&self, chunk: &Chunk, with_keys: bool) -> String {
-        let (outer_keys, inner_keys) = if with_keys && !self.key.is_empty() {
-            (
-                format!("{}, ", self.key_texts()),
-                format!("{}, ", self.key_names()),
+    /// Whether the chunk's buckets are key ranges (see [`Chunk::inner`]).
+    fn ranged(&self, chunk: &Chunk) -> bool {
+        self.key.len() == 1 && !chunk.inner.is_empty()
+    }
+
+    /// The bucket of a row: its key range, or its key hash (row hash without a key) mod the
+    /// bucket count. Over the columns of [`TablePlan::hashed_rows`]' inner query.
+    fn bucket_expr(&self, chunk: &Chunk) -> String {
+        if self.ranged(chunk) {
+            let key = &self.key[0];
+            let bounds: Vec<String> = chunk.inner.iter().map(|v| sql::literal(v)).collect();
+            format!(
+                "width_bucket({}, ARRAY[{}]::{}[])",
+                sql::ident(&key.name),
+                bounds.join(", "),
+                key.type_sql
             )
         } else {
-            (String::new(), String::new())
+            let of = if self.key.is_empty() { "rh" } else { "kh" };
+            format!("(({of} & 9223372036854775807) % {})", self.buckets.max(1))
+        }
+    }
+
+    /// The key range of bucket `b` of a ranged chunk.
+    fn bucket_range(&self, chunk: &Chunk, b: i32) -> String {
+        let key = sql::ident(&self.key[0].name);
+        let at = |i: usize| self.key_literal(std::slice::from_ref(&chunk.inner[i]));
+        let b = b.max(0) as usize;
+        let mut parts = Vec::new();
+        if b > 0 {
+            parts.push(format!("{key} >= {}", at(b - 1)));
+        }
+        if b < chunk.inner.len() {
+            parts.push(format!("{key} < {}", at(b)));
+        }
+        if parts.is_empty() {
+            "true".into()
+        } else {
+            format!("({})", parts.join(" AND "))
+        }
+    }
+
+    /// Rows of a chunk (narrowed by `narrow`) with their bucket (`b`), row hash (`h`) and,
+    /// `with_keys`, the key columns as text. `OFFSET 0` keeps the planner from inlining the
+    /// inner query, which would compute each hash several times; it skips nothing.
+    fn hashed_rows(&self, chunk: &Chunk, with_keys: bool, narrow: Option<&str>) -> String {
+        let with_keys = with_keys && !self.key.is_empty();
+        let outer_keys = if with_keys {
+            format!("{}, ", self.key_texts())
+        } else {
+            String::new()
         };
-        let bucket_of = if self.key.is_empty() { "h" } else { "kh" };
+        let inner_keys = if with_keys || self.ranged(chunk) {
+            format!("{}, ", self.key_names())
+        } else {
+            String::new()
+        };
         format!(
-            "SELECT {outer_keys}h, (({bucket_of} & 9223372036854775807) % {buckets})::int4 AS b
-               FROM (SELECT {inner_keys}kh, kh # rh AS h
-                       FROM (SELECT {inner_keys}{kh} AS kh, {rh} AS rh FROM {table} WHERE {range} OFFSET 0) hashes) keyed",
-            buckets = self.buckets.max(1),
+            "SELECT {outer_keys}kh # rh AS h, {bucket}::int4 AS b
+               FROM (SELECT {inner_keys}{kh} AS kh, {rh} AS rh FROM {table}
+                      WHERE {range} AND {narrow} OFFSET 0) hashes",
+            bucket = self.bucket_expr(chunk),
             kh = self.key_hash(),
             rh = self.rest_hash(),
             table = self.name.sql(),
             range = self.range_predicate(chunk),
+            narrow = narrow.unwrap_or("true"),
         )
     }
 
@@ -142,11 +192,12 @@ impl TablePlan {
         format!(
             "SELECT b, count(*)::int8, sum((h >> 32)::int4)::int8, sum(((h & 4294967295) - 2147483648)::int4)::int8, bit_xor(h)
                FROM ({rows}) r GROUP BY b",
-            rows = self.hashed_rows(chunk, false)
+            rows = self.hashed_rows(chunk, false, None)
         )
     }
 
-    /// Key texts and row hash of the rows in the given buckets of a chunk.
+    /// Key texts and row hash of the rows in the given buckets of a chunk (without a key:
+    /// row hashes and how often each occurs).
     pub fn bucket_rows_sql(&self, chunk: &Chunk, buckets: &[i32]) -> String {
         let list = buckets
             .iter()
@@ -154,20 +205,29 @@ impl TablePlan {
             .collect::<Vec<_>>()
             .join(", ");
         if self.key.is_empty() {
-            format!(
+            return format!(
                 "SELECT h, count(*)::int8 FROM ({rows}) r WHERE b IN ({list}) GROUP BY h",
-                rows = self.hashed_rows(chunk, false)
-            )
-        } else {
-            format!(
-                "SELECT ARRAY[{keys}], h FROM ({rows}) r WHERE b IN ({list})",
-                keys = (1..=self.key.len())
-                    .map(|i| format!("r.{}", sql::ident(&self.key[i - 1].name)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                rows = self.hashed_rows(chunk, true)
-            )
+                rows = self.hashed_rows(chunk, false, None)
+            );
         }
+        // Ranged buckets are read by their key ranges alone.
+        let narrow = self.ranged(chunk).then(|| {
+            let ranges: Vec<String> = buckets
+                .iter()
+                .map(|b| self.bucket_range(chunk, *b))
+                .collect();
+            format!("({})", ranges.join(" OR "))
+        });
+        format!(
+            "SELECT ARRAY[{keys}], h FROM ({rows}) r WHERE b IN ({list})",
+            keys = self
+                .key
+                .iter()
+                .map(|k| format!("r.{}", sql::ident(&k.name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rows = self.hashed_rows(chunk, true, narrow.as_deref())
+        )
     }
 
     /// Key texts and row hash of the rows with the given keys (any chunk).
@@ -317,10 +377,11 @@ mod tests {
         let chunk = Chunk {
             lo: Some(vec!["1".into(), "a'b".into()]),
             hi: None,
+            inner: Vec::new(),
         };
         assert_eq!(
             plan.range_predicate(&chunk),
-            "(\"order_id\", \"sku\") > ROW('1'::integer, 'a''b'::text)"
+            "(\"order_id\", \"sku\") >= ROW('1'::integer, 'a''b'::text)"
         );
     }
 }
