@@ -65,16 +65,19 @@ PGCOPYDB="SELECT count(1), sum(hashtext(t::text)::bigint) FROM bench_rows t WHER
 
 validate() { "$ROOT/target/release/switchyard" validate "$WORK/bench.toml" --jobs "$JOBS" --json > "$WORK/$1.json" || true; }
 
-echo "switchyard validate (clean) ..." >&2
-t_clean=$(seconds validate clean)
+# median_of_3 <function> <name>: the median wall time of three runs
+median_of_3() { printf '%s\n' "$(seconds "$@")" "$(seconds "$@")" "$(seconds "$@")" | sort -n | sed -n 2p; }
+
+echo "switchyard validate (clean, three runs) ..." >&2
+t_clean=$(median_of_3 validate clean)
 echo "data-diff checksum SQL ..." >&2
 t_datadiff=$(seconds both_segmented "$DATADIFF")
 echo "pgcopydb compare SQL ..." >&2
 t_pgcopydb=$(seconds both_segmented "$PGCOPYDB")
 
 psql -q "$TGT" -c "UPDATE bench_rows SET amount = amount + 1 WHERE id IN (SELECT 1 + (k * 48611) % $ROWS FROM generate_series(1, 100) k)"
-echo "switchyard validate (100 differences) ..." >&2
-t_diff=$(seconds validate diff)
+echo "switchyard validate (100 differences, three runs) ..." >&2
+t_diff=$(median_of_3 validate diff)
 
 python3 - "$WORK" "$ROWS" "$t_clean" "$t_datadiff" "$t_pgcopydb" "$t_diff" "$JOBS" <<'PY'
 import json, sys
@@ -85,8 +88,8 @@ rate = lambda s: rows / s
 print(f"\n{rows:,} rows per side, source PostgreSQL 15 and target 17 on one machine, jobs {jobs}\n")
 print("| tool | time | rows/s | switchyard's advantage | result |")
 print("|---|---|---|---|---|")
-print(f"| switchyard validate | {clean:.2f} s | {rate(clean):,.0f} | - | {c['verdict']} |")
+print(f"| switchyard validate (median of 3) | {clean:.2f} s | {rate(clean):,.0f} | - | {c['verdict']} |")
 print(f"| data-diff checksum SQL | {datadiff:.2f} s | {rate(datadiff):,.0f} | {datadiff / clean:.1f}x | - |")
 print(f"| pgcopydb compare SQL | {pgcopydb:.2f} s | {rate(pgcopydb):,.0f} | {pgcopydb / clean:.1f}x | - |")
-print(f"| switchyard validate, 100 differences | {diff:.2f} s | {rate(diff):,.0f} | {diff / clean:.2f}x the clean run | {d['verdict']}, {found} found |")
+print(f"| switchyard validate, 100 differences (median of 3) | {diff:.2f} s | {rate(diff):,.0f} | {diff / clean:.2f}x the clean run | {d['verdict']}, {found} found |")
 PY

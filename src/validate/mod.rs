@@ -388,6 +388,13 @@ async fn wait_applied(shared: &Shared, source: &Server, lsn: &str) -> Result<()>
     }
 }
 
+/// A moment between re-checks while replication runs, for a transaction in flight to land.
+async fn settle(shared: &Shared) {
+    if shared.slot.is_some() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `sql` on the source in a fresh snapshot; returns the WAL position the snapshot is
 /// complete up to, and the rows.
 async fn in_snapshot(source: &Server, sql: &str) -> Result<(String, Vec<tokio_postgres::Row>)> {
@@ -407,6 +414,29 @@ async fn in_snapshot(source: &Server, sql: &str) -> Result<(String, Vec<tokio_po
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     source.execute("end the snapshot", end).await?;
     result
+}
+
+/// Runs `sql` on both servers at once, the source in a snapshot. When the two disagree
+/// and replication runs, the target is read again once it has confirmed what the snapshot
+/// saw: a disagreement that remains is not lag.
+async fn on_both<T: PartialEq>(
+    pair: &Pair,
+    shared: &Shared,
+    sql: &str,
+    parse: impl Fn(&[tokio_postgres::Row]) -> T,
+) -> Result<(T, T)> {
+    let (source, target) = tokio::join!(
+        in_snapshot(&pair.source, sql),
+        pair.target.query("read the target", sql, &[])
+    );
+    let (lsn, source) = source?;
+    let source = parse(&source);
+    let mut target = parse(&target?);
+    if source != target && shared.slot.is_some() {
+        wait_applied(shared, &pair.source, &lsn).await?;
+        target = parse(&pair.target.query("read the target again", sql, &[]).await?);
+    }
+    Ok((source, target))
 }
 
 /// What one chunk found.
@@ -503,11 +533,15 @@ async fn compare_keyed(
     buckets: &[i32],
     found: &mut ChunkFound,
 ) -> Result<()> {
-    let sql = table.bucket_rows_sql(chunk, buckets);
-    let (lsn, source) = in_snapshot(&pair.source, &sql).await?;
-    wait_applied(shared, &pair.source, &lsn).await?;
-    let target = key_hashes(&pair.target.query("read target rows", &sql, &[]).await?);
-    let source = key_hashes(&source);
+    // The differing buckets' cells, then the rows of the differing cells.
+    let sql = table.cell_aggregates_sql(chunk, buckets);
+    let (source, target) = on_both(pair, shared, &sql, aggregates).await?;
+    let cells = differing_buckets(&source, &target);
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let sql = table.cell_rows_sql(chunk, &cells);
+    let (source, target) = on_both(pair, shared, &sql, key_hashes).await?;
     // key → (source hash, target hash, the source changed while re-checking)
     let mut candidates: BTreeMap<Vec<String>, (Option<i64>, Option<i64>, bool)> = source
         .iter()
@@ -520,17 +554,14 @@ async fn compare_keyed(
                 .map(|(k, h)| (k.clone(), (None, Some(*h), false))),
         )
         .collect();
-    for round in 0..shared.opts.rechecks {
+    for _ in 0..shared.opts.rechecks {
         if candidates.is_empty() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50 * (round as u64 + 1))).await;
+        settle(shared).await;
         let keys: Vec<Vec<String>> = candidates.keys().cloned().collect();
         let sql = table.keyed_rows_sql(&keys);
-        let (lsn, source) = in_snapshot(&pair.source, &sql).await?;
-        wait_applied(shared, &pair.source, &lsn).await?;
-        let target = key_hashes(&pair.target.query("re-check target rows", &sql, &[]).await?);
-        let source = key_hashes(&source);
+        let (source, target) = on_both(pair, shared, &sql, key_hashes).await?;
         candidates.retain(|key, (was_source, was_target, moved)| {
             let (now_source, now_target) = (source.get(key).copied(), target.get(key).copied());
             if now_source == now_target {
@@ -632,8 +663,8 @@ async fn compare_multiset(
     buckets: &[i32],
     found: &mut ChunkFound,
 ) -> Result<()> {
-    let sql = table.bucket_rows_sql(chunk, buckets);
-    let counts = |rows: Vec<tokio_postgres::Row>| -> HashCounts {
+    let sql = table.bucket_hashes_sql(chunk, buckets);
+    let counts = |rows: &[tokio_postgres::Row]| -> HashCounts {
         rows.iter()
             .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
             .collect()
@@ -647,19 +678,15 @@ async fn compare_multiset(
         d.retain(|_, n| *n != 0);
         d
     };
-    let (lsn, source) = in_snapshot(&pair.source, &sql).await?;
-    wait_applied(shared, &pair.source, &lsn).await?;
-    let target = counts(pair.target.query("read target rows", &sql, &[]).await?);
-    let mut diff = delta(&counts(source), &target);
-    for round in 0..shared.opts.rechecks {
+    let (source, target) = on_both(pair, shared, &sql, counts).await?;
+    let mut diff = delta(&source, &target);
+    for _ in 0..shared.opts.rechecks {
         if diff.is_empty() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50 * (round as u64 + 1))).await;
-        let (lsn, source) = in_snapshot(&pair.source, &sql).await?;
-        wait_applied(shared, &pair.source, &lsn).await?;
-        let target = counts(pair.target.query("re-check target rows", &sql, &[]).await?);
-        let now = delta(&counts(source), &target);
+        settle(shared).await;
+        let (source, target) = on_both(pair, shared, &sql, counts).await?;
+        let now = delta(&source, &target);
         // Only a difference that stays exactly the same is one; the rest moved meanwhile.
         let (same, moved): (HashCounts, HashCounts) =
             diff.into_iter().partition(|(h, n)| now.get(h) == Some(n));
@@ -842,8 +869,16 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     if wanted_bounds <= 1 {
         return Ok(());
     }
-    // About four sampled keys per bound.
-    let percent = (100.0 * (wanted_bounds * 4) as f64 / rows as f64).clamp(0.001, 100.0);
+    // About four sampled pages per bound.
+    let pages: i32 = source
+        .query_one(
+            "count pages",
+            "SELECT greatest(relpages, 1) FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.name.sql()],
+        )
+        .await?
+        .get(0);
+    let percent = (100.0 * (wanted_bounds * 4) as f64 / pages as f64).clamp(0.001, 100.0);
     let sample: Vec<Vec<String>> = source
         .query(
             "sample keys",

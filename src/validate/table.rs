@@ -36,6 +36,16 @@ pub struct TablePlan {
     pub buckets: i64,
 }
 
+/// Cells per bucket (a power of two): see [`TablePlan::cell_aggregates_sql`].
+pub const CELLS: i32 = 64;
+
+fn numbers(list: &[i32]) -> String {
+    list.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Per-bucket aggregates of a chunk: (count, sum of row hashes mod 2^64, XOR of row hashes).
 pub type Aggregates = std::collections::BTreeMap<i32, (i64, i64, i64)>;
 
@@ -166,10 +176,11 @@ impl TablePlan {
             String::new()
         };
         format!(
-            "SELECT {outer_keys}kh # rh AS h, {bucket}::int4 AS b
+            "SELECT {outer_keys}kh # rh AS h, {bucket}::int4 AS b, ((kh >> 40) & {cells})::int4 AS c
                FROM (SELECT {inner_keys}{kh} AS kh, {rh} AS rh FROM {table}
                       WHERE {range} AND {narrow} OFFSET 0) hashes",
             bucket = self.bucket_expr(chunk),
+            cells = CELLS - 1,
             kh = self.key_hash(),
             rh = self.rest_hash(),
             table = self.name.sql(),
@@ -196,21 +207,9 @@ impl TablePlan {
         )
     }
 
-    /// Key texts and row hash of the rows in the given buckets of a chunk (without a key:
-    /// row hashes and how often each occurs).
-    pub fn bucket_rows_sql(&self, chunk: &Chunk, buckets: &[i32]) -> String {
-        let list = buckets
-            .iter()
-            .map(|b| b.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if self.key.is_empty() {
-            return format!(
-                "SELECT h, count(*)::int8 FROM ({rows}) r WHERE b IN ({list}) GROUP BY h",
-                rows = self.hashed_rows(chunk, false, None)
-            );
-        }
-        // Ranged buckets are read by their key ranges alone.
+    /// With a key: the rows of the given buckets, read by their key ranges when buckets are
+    /// ranges, narrowed to the rows whose (bucket, cell) passes `cells`.
+    fn rows_of_buckets(&self, chunk: &Chunk, buckets: &[i32], with_keys: bool) -> String {
         let narrow = self.ranged(chunk).then(|| {
             let ranges: Vec<String> = buckets
                 .iter()
@@ -219,14 +218,46 @@ impl TablePlan {
             format!("({})", ranges.join(" OR "))
         });
         format!(
-            "SELECT ARRAY[{keys}], h FROM ({rows}) r WHERE b IN ({list})",
+            "SELECT * FROM ({rows}) r WHERE b IN ({list})",
+            rows = self.hashed_rows(chunk, with_keys, narrow.as_deref()),
+            list = numbers(buckets),
+        )
+    }
+
+    /// Per (bucket, cell) of the given buckets: the aggregates of [`TablePlan::aggregates_sql`].
+    /// A bucket that differs is split into [`CELLS`] cells by key hash, so that only a few
+    /// dozen rows per difference travel to the coordinator.
+    pub fn cell_aggregates_sql(&self, chunk: &Chunk, buckets: &[i32]) -> String {
+        format!(
+            "SELECT b * {CELLS} + c, count(*)::int8, sum((h >> 32)::int4)::int8, sum(((h & 4294967295) - 2147483648)::int4)::int8, bit_xor(h)
+               FROM ({rows}) r GROUP BY b, c",
+            rows = self.rows_of_buckets(chunk, buckets, false)
+        )
+    }
+
+    /// Key texts and row hash of the rows in the given cells (`bucket * CELLS + cell`).
+    pub fn cell_rows_sql(&self, chunk: &Chunk, cells: &[i32]) -> String {
+        let mut buckets: Vec<i32> = cells.iter().map(|c| c / CELLS).collect();
+        buckets.dedup();
+        format!(
+            "SELECT ARRAY[{keys}], h FROM ({rows}) q WHERE b * {CELLS} + c IN ({list})",
             keys = self
                 .key
                 .iter()
-                .map(|k| format!("r.{}", sql::ident(&k.name)))
+                .map(|k| format!("q.{}", sql::ident(&k.name)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            rows = self.hashed_rows(chunk, true, narrow.as_deref())
+            rows = self.rows_of_buckets(chunk, &buckets, true),
+            list = numbers(cells),
+        )
+    }
+
+    /// Without a key: the row hashes of the given buckets and how often each occurs.
+    pub fn bucket_hashes_sql(&self, chunk: &Chunk, buckets: &[i32]) -> String {
+        format!(
+            "SELECT h, count(*)::int8 FROM ({rows}) r WHERE b IN ({list}) GROUP BY h",
+            rows = self.hashed_rows(chunk, false, None),
+            list = numbers(buckets),
         )
     }
 
@@ -307,10 +338,16 @@ impl TablePlan {
         )
     }
 
-    /// A block sample of keys in key order, from which chunk bounds are picked.
+    /// One key per page of a block sample, in key order, from which bounds are picked. One
+    /// per page, because the rows of a page often hold neighbouring keys: a quantile needs
+    /// many pages, not many rows.
     pub fn sample_keys_sql(&self, percent: f64) -> String {
         format!(
-            "SELECT ARRAY[{texts}] FROM {table} TABLESAMPLE SYSTEM ({percent}) ORDER BY {names}",
+            "SELECT ARRAY[{texts}] FROM (
+                 SELECT DISTINCT ON (page) {names}
+                   FROM (SELECT (ctid::text::point)[0] AS page, {names} FROM {table} TABLESAMPLE SYSTEM ({percent})) s
+                  ORDER BY page, {names}) f
+              ORDER BY {names}",
             texts = self.key_texts(),
             table = self.name.sql(),
             names = self.key_names(),
