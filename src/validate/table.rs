@@ -142,16 +142,26 @@ impl TablePlan {
     }
 
     /// The key range of bucket `b` of a ranged chunk.
+    /// Bounded on both sides by the chunk where the bucket is its first or last, so that
+    /// the ranges alone select the rows (an index range scan each, OR-ed by a bitmap).
     fn bucket_range(&self, chunk: &Chunk, b: i32) -> String {
         let key = sql::ident(&self.key[0].name);
-        let at = |i: usize| self.key_literal(std::slice::from_ref(&chunk.inner[i]));
+        let literal = |v: &String| self.key_literal(std::slice::from_ref(v));
         let b = b.max(0) as usize;
+        let lower = match b {
+            0 => chunk.lo.as_ref().map(|lo| &lo[0]),
+            _ => chunk.inner.get(b - 1),
+        };
+        let upper = match chunk.inner.get(b) {
+            Some(bound) => Some(bound),
+            None => chunk.hi.as_ref().map(|hi| &hi[0]),
+        };
         let mut parts = Vec::new();
-        if b > 0 {
-            parts.push(format!("{key} >= {}", at(b - 1)));
+        if let Some(lower) = lower {
+            parts.push(format!("{key} >= {}", literal(lower)));
         }
-        if b < chunk.inner.len() {
-            parts.push(format!("{key} < {}", at(b)));
+        if let Some(upper) = upper {
+            parts.push(format!("{key} < {}", literal(upper)));
         }
         if parts.is_empty() {
             "true".into()
@@ -160,7 +170,7 @@ impl TablePlan {
         }
     }
 
-    /// Rows of a chunk (narrowed by `narrow`) with their bucket (`b`), row hash (`h`) and,
+    /// Rows of a chunk (or only those `narrow` selects in it) with their bucket (`b`), row hash (`h`) and,
     /// `with_keys`, the key columns as text. `OFFSET 0` keeps the planner from inlining the
     /// inner query, which would compute each hash several times; it skips nothing.
     fn hashed_rows(&self, chunk: &Chunk, with_keys: bool, narrow: Option<&str>) -> String {
@@ -178,14 +188,13 @@ impl TablePlan {
         format!(
             "SELECT {outer_keys}kh # rh AS h, {bucket}::int4 AS b, ((kh >> 40) & {cells})::int4 AS c
                FROM (SELECT {inner_keys}{kh} AS kh, {rh} AS rh FROM {table}
-                      WHERE {range} AND {narrow} OFFSET 0) hashes",
+                      WHERE {range} OFFSET 0) hashes",
             bucket = self.bucket_expr(chunk),
             cells = CELLS - 1,
             kh = self.key_hash(),
             rh = self.rest_hash(),
             table = self.name.sql(),
-            range = self.range_predicate(chunk),
-            narrow = narrow.unwrap_or("true"),
+            range = narrow.map_or_else(|| self.range_predicate(chunk), str::to_string),
         )
     }
 

@@ -348,3 +348,24 @@ async fn type_policy_equal_values_are_equal_and_strict_mode_compares_text() {
     .collect();
     assert_eq!(differences(&report), expected, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_missing_on_the_target_makes_the_run_incomplete() {
+    let db = TestDb::new("validate_incomplete").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE only_here (id int PRIMARY KEY); INSERT INTO only_here VALUES (1)",
+        )
+        .await
+        .unwrap();
+    db.write_plan("");
+    let (code, report, out) = validate(&db, &["--tables", "public.only_here"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(report["verdict"], "incomplete", "{out}");
+    let error = report["tables"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("only_here"),
+        "the error names the table: {out}"
+    );
+}
