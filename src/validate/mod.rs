@@ -766,15 +766,14 @@ async fn plan_tables(plan: &Plan, pair: &Pair, opts: &Options) -> Result<Vec<Tab
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                hashing::column_hash(
-                    &c.name,
-                    &c.type_sql,
-                    c.oid,
-                    i as i64 + 1,
-                    &types,
-                    &passed,
-                    opts.strict,
-                )
+                let column = hashing::Column {
+                    name: &c.name,
+                    type_sql: &c.type_sql,
+                    oid: c.oid,
+                    not_null: c.not_null,
+                    position: i as i64 + 1,
+                };
+                hashing::column_hash(&column, &types, &passed, opts.strict)
             })
             .collect();
         let mut keyed: Vec<&DescribedColumn> = cols.iter().filter(|c| c.key_position > 0).collect();
@@ -814,6 +813,7 @@ struct DescribedColumn {
     key_position: i32,
     /// Sorted by bytes: not collatable, or collated "C"/"POSIX".
     byte_ordered: bool,
+    not_null: bool,
 }
 
 async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<DescribedColumn>> {
@@ -822,7 +822,7 @@ async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<Desc
             "describe columns",
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid,
                     coalesce((SELECT k.n FROM unnest(pk.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)::int4,
-                    a.attcollation = 0 OR co.collname IN ('C', 'POSIX')
+                    a.attcollation = 0 OR co.collname IN ('C', 'POSIX'), a.attnotnull
                FROM pg_attribute a
                LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                LEFT JOIN pg_collation co ON co.oid = a.attcollation
@@ -839,6 +839,7 @@ async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<Desc
             oid: r.get(2),
             key_position: r.get(3),
             byte_ordered: r.get::<_, Option<bool>>(4).unwrap_or(false),
+            not_null: r.get(5),
         })
         .collect())
 }
@@ -858,7 +859,14 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     } else {
         let rate = probe_rate(source, table, PROBE_ROWS).await?;
         let chunk_rows = (rate * opts.chunk_seconds).clamp(5_000.0, 20_000_000.0) as i64;
-        ((rows + chunk_rows - 1) / chunk_rows).max(1)
+        // A multiple of the jobs, so that no job idles through the last round.
+        let jobs = opts.jobs.max(1) as i64;
+        let chunks = ((rows + chunk_rows - 1) / chunk_rows).max(1);
+        if chunks == 1 {
+            1
+        } else {
+            (chunks as u64).div_ceil(jobs as u64) as i64 * jobs
+        }
     };
     let ranged = table.key.len() == 1;
     let wanted_bounds = if ranged {
@@ -869,7 +877,8 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     if wanted_bounds <= 1 {
         return Ok(());
     }
-    // About four sampled pages per bound.
+    // About two sampled pages per bound: enough for buckets of roughly even size, and the
+    // sample stays a small part of the run.
     let pages: i32 = source
         .query_one(
             "count pages",
@@ -878,7 +887,7 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
         )
         .await?
         .get(0);
-    let percent = (100.0 * (wanted_bounds * 4) as f64 / pages as f64).clamp(0.001, 100.0);
+    let percent = (100.0 * (wanted_bounds * 2) as f64 / pages as f64).clamp(0.001, 100.0);
     let sample: Vec<Vec<String>> = source
         .query(
             "sample keys",
