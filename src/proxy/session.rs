@@ -913,7 +913,9 @@ impl Session {
         // A SET sent through the extended protocol (JDBC does) is taken as run.
         self.track_setting(message.query);
         if message.name.is_empty() {
-            self.unnamed = Some(frame.clone());
+            // A copy: a frame shares the read buffer's allocation, and holding it would make
+            // every later read allocate a new buffer.
+            self.unnamed = Some(Bytes::copy_from_slice(&frame));
             self.unnamed_here = true;
             return smallvec![frame];
         }
