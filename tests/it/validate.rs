@@ -369,3 +369,19 @@ async fn a_table_missing_on_the_target_makes_the_run_incomplete() {
         "the error names the table: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_slows_the_run_down() {
+    let db = TestDb::new("validate_rate").await;
+    let create = "CREATE TABLE paced (id int PRIMARY KEY, v text);
+                  INSERT INTO paced SELECT i, 'v' || i FROM generate_series(1, 10000) i; ANALYZE paced;";
+    let (source, target) = (db.source_client().await, db.target_client().await);
+    source.batch_execute(create).await.unwrap();
+    target.batch_execute(create).await.unwrap();
+    db.write_plan("");
+    // 20,000 rows over both servers at 10,000 rows/s: at least two seconds.
+    let (code, report, out) = validate(&db, &["--tables", "public.paced", "--max-rate", "10000"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(report["duration_ms"].as_u64().unwrap() >= 1900, "{out}");
+    assert_eq!(report["settings"]["max_rate"], 10000);
+}
