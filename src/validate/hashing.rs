@@ -8,7 +8,7 @@
 //! OID (enums, also inside arrays, domains and composites) is hashed from a canonical text
 //! form instead. The session settings that fix those text forms are [`SESSION_SETTINGS`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -402,9 +402,6 @@ pub fn combine<'a>(exprs: impl IntoIterator<Item = &'a str>) -> String {
         format!("({})", parts.join(" # "))
     }
 }
-
-/// Column modes per table, for the report.
-pub type Modes = BTreeMap<String, Vec<ColumnHash>>;
 
 #[cfg(test)]
 mod tests {

@@ -39,7 +39,7 @@ pub struct TablePlan {
 /// Cells per bucket (a power of two): see [`TablePlan::cell_aggregates_sql`].
 pub const CELLS: i32 = 64;
 
-fn numbers(list: &[i32]) -> String {
+fn numbers<T: ToString>(list: &[T]) -> String {
     list.iter()
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
@@ -306,11 +306,7 @@ impl TablePlan {
 
     /// Whole rows of a table without a key, by row hash: the hash, each column's text.
     pub fn rows_by_hash_sql(&self, chunk: &Chunk, hashes: &[i64]) -> String {
-        let list = hashes
-            .iter()
-            .map(|h| h.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = numbers(hashes);
         format!(
             "SELECT h, v FROM (SELECT {rh} AS h, ARRAY[{values}]::text[] AS v FROM {table} WHERE {range} OFFSET 0) r WHERE h IN ({list})",
             rh = self.rest_hash(),
