@@ -28,6 +28,14 @@ async fn synced(name: &str, rows: u32) -> TestDb {
     db
 }
 
+/// Runs the same SQL on source and target (a table both hold without replication).
+async fn on_both_servers(db: &TestDb, sql: &str) {
+    let (source, target) = (db.source_client().await, db.target_client().await);
+    let (a, b) = tokio::join!(source.batch_execute(sql), target.batch_execute(sql));
+    a.expect("on the source");
+    b.expect("on the target");
+}
+
 fn validate(db: &TestDb, args: &[&str]) -> (Option<i32>, Value, String) {
     let mut all = vec!["validate", "--json"];
     all.extend_from_slice(args);
@@ -255,10 +263,8 @@ async fn a_hundred_scattered_differences_in_a_million_rows_are_all_found() {
                                          timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second'
                     FROM generate_series(1, 1000000) AS i;
                   ANALYZE big;";
-    let (source, target) = (db.source_client().await, db.target_client().await);
-    let (a, b) = tokio::join!(source.batch_execute(create), target.batch_execute(create));
-    a.expect("source table");
-    b.expect("target table");
+    on_both_servers(&db, create).await;
+    let target = db.target_client().await;
     let changed: BTreeSet<i64> = (1..=100).map(|k| 1 + (k * 9_973) % 1_000_000).collect();
     assert_eq!(changed.len(), 100);
     let list = changed
@@ -303,9 +309,8 @@ async fn a_hundred_scattered_differences_in_a_million_rows_are_all_found() {
 async fn type_policy_equal_values_are_equal_and_strict_mode_compares_text() {
     let db = TestDb::new("validate_policy").await;
     let create = "CREATE TABLE policy (id int PRIMARY KEY, f float8, n numeric, i interval, j json, jb jsonb, t timestamptz, s text)";
+    on_both_servers(&db, create).await;
     let (source, target) = (db.source_client().await, db.target_client().await);
-    source.batch_execute(create).await.unwrap();
-    target.batch_execute(create).await.unwrap();
     source
         .batch_execute(
             r#"INSERT INTO policy VALUES
@@ -375,9 +380,7 @@ async fn max_rate_slows_the_run_down() {
     let db = TestDb::new("validate_rate").await;
     let create = "CREATE TABLE paced (id int PRIMARY KEY, v text);
                   INSERT INTO paced SELECT i, 'v' || i FROM generate_series(1, 10000) i; ANALYZE paced;";
-    let (source, target) = (db.source_client().await, db.target_client().await);
-    source.batch_execute(create).await.unwrap();
-    target.batch_execute(create).await.unwrap();
+    on_both_servers(&db, create).await;
     db.write_plan("");
     // 20,000 rows over both servers at 10,000 rows/s: at least two seconds.
     let (code, report, out) = validate(&db, &["--tables", "public.paced", "--max-rate", "10000"]);

@@ -5,7 +5,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::codec::body;
-use super::{message, put_cstr};
+use super::{message, put_cstr, read_cstr};
 
 /// Parse: statement name, query, and the rest (parameter types) as it came, borrowed from the
 /// frame (the hot path allocates nothing to look at a message).
@@ -15,18 +15,10 @@ pub struct Parse<'a> {
     pub rest: &'a [u8],
 }
 
-/// A NUL-terminated UTF-8 string at the front of `buf`, which moves past it.
-fn borrowed_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
-    let end = memchr::memchr(0, buf)?;
-    let text = std::str::from_utf8(&buf[..end]).ok()?;
-    *buf = &buf[end + 1..];
-    Some(text)
-}
-
 pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
     let mut buf = body(frame);
-    let name = borrowed_cstr(&mut buf)?;
-    let query = borrowed_cstr(&mut buf)?;
+    let name = read_cstr(&mut buf)?;
+    let query = read_cstr(&mut buf)?;
     Some(Parse {
         name,
         query,
@@ -47,8 +39,8 @@ pub fn rename_parse(parse: &Parse<'_>, name: &str) -> Bytes {
 pub fn bind_statement(frame: &Bytes) -> Option<(&str, &str, usize)> {
     let mut buf = body(frame);
     let before = buf.len();
-    let portal = borrowed_cstr(&mut buf)?;
-    let statement = borrowed_cstr(&mut buf)?;
+    let portal = read_cstr(&mut buf)?;
+    let statement = read_cstr(&mut buf)?;
     Some((portal, statement, 5 + before - buf.len()))
 }
 
@@ -63,7 +55,7 @@ pub fn rename_bind(frame: &Bytes, portal: &str, statement: &str, rest_at: usize)
 /// Describe or Close: ('S' or 'P', name).
 pub fn target(frame: &Bytes) -> Option<(u8, &str)> {
     let (&kind, mut rest) = body(frame).split_first()?;
-    let name = borrowed_cstr(&mut rest)?;
+    let name = read_cstr(&mut rest)?;
     Some((kind, name))
 }
 

@@ -25,3 +25,11 @@ pub(crate) fn put_cstr(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
     buf.put_u8(0);
 }
+
+/// A NUL-terminated UTF-8 string at the front of `buf`, borrowed; `buf` moves past it.
+pub(crate) fn read_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
+    let end = memchr::memchr(0, buf)?;
+    let text = std::str::from_utf8(&buf[..end]).ok()?;
+    *buf = &buf[end + 1..];
+    Some(text)
+}

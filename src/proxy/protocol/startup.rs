@@ -66,12 +66,9 @@ fn parse_params(mut body: &[u8]) -> Option<Vec<(String, String)>> {
     }
 }
 
-/// Reads a NUL-terminated string and advances past it.
+/// Reads a NUL-terminated string, owned, and advances past it.
 pub fn cstr(buf: &mut &[u8]) -> Option<String> {
-    let end = buf.iter().position(|&b| b == 0)?;
-    let text = String::from_utf8(buf[..end].to_vec()).ok()?;
-    *buf = &buf[end + 1..];
-    Some(text)
+    super::read_cstr(buf).map(str::to_string)
 }
 
 #[cfg(test)]
