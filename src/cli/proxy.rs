@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use switchyard::state::StateStore;
 use switchyard::{Error, Exit};
 
 /// Run the pooling proxy that applications connect to instead of the database.
@@ -18,8 +19,20 @@ pub struct ProxyArgs {
 }
 
 pub async fn run(args: ProxyArgs) -> Result<Exit, Error> {
-    let (plan, _store) = super::load_plan(&args.plan)?;
-    // Before a cutover the source is the primary; the switch (a later step) changes this.
-    switchyard::proxy::run(&plan, &plan.source).await?;
+    let (plan, store) = super::load_plan(&args.plan)?;
+    // The state store says where the applications belong; the proxy's own switch file wins
+    // when it is newer (a cutover whose coordinator died before saving).
+    let from_state = match store.load() {
+        Ok(state) => state.map(|s| s.backend).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the migration state ({e}); using the proxy's own switch file"
+            );
+            Default::default()
+        }
+    };
+    let backend =
+        switchyard::proxy::backend::Backend::restore(from_state, plan.proxy_switch_path());
+    switchyard::proxy::run(&plan, backend).await?;
     Ok(Exit::Done)
 }

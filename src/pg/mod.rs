@@ -16,7 +16,7 @@ use crate::plan::{Endpoint, PgUrl};
 pub use sql::TableName;
 
 /// Which of the two servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     Source,

@@ -300,6 +300,21 @@ impl Plan {
         }
     }
 
+    /// Where a proxy keeps the backend it was last switched to: next to the state file, one
+    /// per admin listener, so that two proxies on one machine keep their own.
+    pub fn proxy_switch_path(&self) -> PathBuf {
+        let state = self.state_path();
+        let file = format!(
+            "{}.proxy-{}.json",
+            state
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("switchyard"),
+            self.proxy.admin_listen.0.port()
+        );
+        state.with_file_name(file)
+    }
+
     /// The publication on the source, the slot it feeds and the subscription on the target all
     /// share one name, so that a crashed run can find what it created.
     pub fn replication_name(&self) -> String {

@@ -1,5 +1,5 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /status` (JSON), and, with the
-//! bearer token, `POST /pause` and `POST /resume`. A small HTTP/1.1 server of its own: one
+//! bearer token, `POST /pause`, `POST /switch` and `POST /resume`. A small HTTP/1.1 server of its own: one
 //! request per connection, bodies bounded.
 
 use std::sync::atomic::Ordering;
@@ -108,7 +108,7 @@ async fn handle(
     let (status, content_type, body) = match (request.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/status") => (200, "application/json", json(&status(&shared))),
-        ("POST", "/pause") | ("POST", "/resume") => {
+        ("POST", "/pause") | ("POST", "/resume") | ("POST", "/switch") => {
             match authorize(token, request.authorization.as_deref()) {
                 Err(message) => (
                     if token.is_none() { 403 } else { 401 },
@@ -120,6 +120,7 @@ async fn handle(
                     "application/json",
                     json(&pause(&shared, &request.body).await),
                 ),
+                Ok(()) if path == "/switch" => switch(&shared, &request.body),
                 Ok(()) => {
                     shared.control.resume();
                     (200, "application/json", json(&status(&shared)))
@@ -134,8 +135,11 @@ async fn handle(
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
+        409 => "Conflict",
+        500 => "Internal Server Error",
         _ => "Not Found",
     };
     let head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
@@ -179,6 +183,13 @@ struct PoolStatus {
 #[derive(Serialize)]
 pub struct Status {
     paused: bool,
+    /// The server transactions go to (`source` or `target`) and the switch that said so.
+    backend: crate::pg::Side,
+    epoch: u64,
+    /// How long the last finished pause held new transactions, in milliseconds.
+    last_pause_ms: f64,
+    max_pause_ms: u64,
+    query_wait_timeout_ms: u64,
     pool_mode: crate::plan::PoolMode,
     clients: usize,
     clients_in_transaction: usize,
@@ -193,7 +204,7 @@ fn status(shared: &Shared) -> Status {
         .users
         .iter()
         .map(|(user, u)| {
-            let state = u.pool.state();
+            let state = u.pool(shared.backend.side()).state();
             PoolStatus {
                 user: user.clone(),
                 server_connections: state.connections,
@@ -202,8 +213,14 @@ fn status(shared: &Shared) -> Status {
         })
         .collect();
     pools.sort_by(|a, b| a.user.cmp(&b.user));
+    let backend = shared.backend.current();
     Status {
         paused: shared.control.is_paused(),
+        backend: backend.backend,
+        epoch: backend.epoch,
+        last_pause_ms: shared.control.last_pause_us() as f64 / 1000.0,
+        max_pause_ms: shared.settings.max_pause.0.as_millis() as u64,
+        query_wait_timeout_ms: shared.settings.query_wait_timeout.0.as_millis() as u64,
         pool_mode: shared.pool_mode(),
         clients: shared.clients.load(Ordering::Relaxed),
         clients_in_transaction: shared.control.active(),
@@ -238,6 +255,36 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
     serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running })
 }
 
+/// `{"backend": "target", "epoch": 3}`: where transactions go from now on. Refused (409) when
+/// the proxy already has a newer epoch.
+fn switch(shared: &Shared, body: &[u8]) -> (u16, &'static str, String) {
+    let to = match serde_json::from_slice::<super::backend::Switch>(body) {
+        Ok(to) => to,
+        Err(e) => {
+            let message =
+                format!("expected {{\"backend\": \"source\" | \"target\", \"epoch\": N}}: {e}");
+            return (
+                400,
+                "application/json",
+                json(&serde_json::json!({ "error": message })),
+            );
+        }
+    };
+    match shared.backend.switch(to) {
+        Ok(()) => (200, "application/json", json(&status(shared))),
+        Err(e @ super::backend::SwitchError::Stale { .. }) => (
+            409,
+            "application/json",
+            json(&serde_json::json!({ "error": e.to_string() })),
+        ),
+        Err(e) => (
+            500,
+            "application/json",
+            json(&serde_json::json!({ "error": e.to_string() })),
+        ),
+    }
+}
+
 fn metrics_text(shared: &Shared) -> String {
     let mut gauges = vec![
         (
@@ -260,7 +307,7 @@ fn metrics_text(shared: &Shared) -> String {
         ),
     ];
     for (user, u) in &shared.users {
-        let state = u.pool.state();
+        let state = u.pool(shared.backend.side()).state();
         let busy = state.connections.saturating_sub(state.idle_connections);
         gauges.push((
             "switchyard_server_connections",

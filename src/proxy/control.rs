@@ -2,7 +2,8 @@
 //! checkout; transactions already running finish. A pause ends by itself at its deadline, so a
 //! coordinator that dies cannot freeze the applications.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -14,6 +15,10 @@ pub struct Control {
     /// Sessions holding a server connection right now.
     active: AtomicUsize,
     idle: Notify,
+    /// When the current pause began, and how long the last one lasted (µs): the pause the
+    /// applications saw, measured where they saw it.
+    paused_since: Mutex<Option<Instant>>,
+    last_pause_us: AtomicU64,
 }
 
 impl Default for Control {
@@ -22,6 +27,8 @@ impl Default for Control {
             paused: watch::channel(None).0,
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            paused_since: Mutex::new(None),
+            last_pause_us: AtomicU64::new(0),
         }
     }
 }
@@ -49,7 +56,9 @@ impl Control {
     }
 
     pub fn pause(&self, max: Duration) {
-        let deadline = Instant::now() + max;
+        let now = Instant::now();
+        let deadline = now + max;
+        self.paused_since().get_or_insert(now);
         self.paused.send_replace(Some(deadline));
         tracing::info!(
             max_ms = max.as_millis() as u64,
@@ -59,8 +68,26 @@ impl Control {
 
     pub fn resume(&self) {
         if self.paused.send_replace(None).is_some() {
-            tracing::info!("resumed");
+            let paused_ms = self.end_pause_measure() as f64 / 1000.0;
+            tracing::info!(paused_ms, "resumed");
         }
+    }
+
+    fn paused_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.paused_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records how long the pause that ends now lasted; returns it in µs.
+    fn end_pause_measure(&self) -> u64 {
+        let since = self.paused_since().take();
+        let us = since.map_or(0, |t| t.elapsed().as_micros() as u64);
+        self.last_pause_us.store(us, Ordering::Relaxed);
+        us
+    }
+
+    /// How long the last finished pause lasted, in µs (0 before the first).
+    pub fn last_pause_us(&self) -> u64 {
+        self.last_pause_us.load(Ordering::Relaxed)
     }
 
     fn resume_if(&self, deadline: Instant) {
@@ -73,6 +100,7 @@ impl Control {
             }
         });
         if expired {
+            self.end_pause_measure();
             tracing::warn!("pause reached max_pause and ended by itself");
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backend;
 pub mod control;
 pub mod metrics;
 pub mod pool;
@@ -22,8 +23,10 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::pg::Side;
 use crate::plan::{Endpoint, Plan, PoolMode, ProxySettings};
 use auth::scram::Verifier;
+use backend::Backend;
 use control::Control;
 use pool::{Pool, ServerManager, ServerTarget};
 
@@ -44,10 +47,25 @@ pub enum ProxyError {
     },
 }
 
-/// A proxy user as the proxy needs it: the verifier for clients and a pool towards the server.
+/// A proxy user as the proxy needs it: the verifier for clients and a pool towards each
+/// server (indexed by [`Side`]); only the current backend's pool is used. Pools connect
+/// lazily, so the server that is not the backend may be down.
 pub struct User {
     pub verifier: Verifier,
-    pub pool: Pool,
+    pub pools: [Pool; 2],
+}
+
+impl User {
+    pub fn pool(&self, side: Side) -> &Pool {
+        &self.pools[side_index(side)]
+    }
+}
+
+pub(crate) fn side_index(side: Side) -> usize {
+    match side {
+        Side::Source => 0,
+        Side::Target => 1,
+    }
 }
 
 /// Where a client's query runs right now, for forwarding a CancelRequest there.
@@ -71,6 +89,8 @@ pub struct Shared {
     pub database: String,
     pub users: HashMap<String, User>,
     pub control: Control,
+    /// Which server transactions go to, and the switch epoch that said so.
+    pub backend: Backend,
     /// Our (process id, secret key) handed to each client → where its query runs now.
     pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     pub clients: AtomicUsize,
@@ -84,14 +104,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the pools towards `primary` (the source before a cutover). Nothing connects yet:
-    /// the proxy starts even when the server is down and connects on first use.
-    pub fn new(plan: &Plan, primary: &Endpoint) -> Result<Shared, ProxyError> {
+    /// Builds the pools towards both servers; transactions go to `backend`'s. Nothing
+    /// connects yet: the proxy starts even when a server is down and connects on first use.
+    pub fn new(plan: &Plan, backend: Backend) -> Result<Shared, ProxyError> {
         let settings = plan.proxy.clone();
         if settings.users.is_empty() {
             return Err(ProxyError::NoUsers);
         }
-        let url = &primary.url;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(cert), Some(key)) => Some(tls::acceptor(&cert.0, &key.0)?),
             (None, None) => None,
@@ -101,14 +120,6 @@ impl Shared {
                 ))
             }
         };
-        let server_tls = match url.config().get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => None,
-            mode => Some(pool::server::ServerTls {
-                connector: tls::connector()?,
-                name: tls::server_name(&url.host())?,
-                required: mode == tokio_postgres::config::SslMode::Require,
-            }),
-        };
         let mut users = HashMap::new();
         for user in &settings.users {
             let name = user.name.0.clone();
@@ -117,41 +128,25 @@ impl Shared {
                     user: name.clone(),
                     var: user.password_env.0.clone(),
                 })?;
-            let target = ServerTarget {
-                host: url.host(),
-                port: url.port(),
-                database: url.dbname().to_string(),
-                user: name.clone(),
-                password: password.clone(),
-                application_name: "switchyard-proxy".into(),
-                tls: server_tls.clone(),
-            };
-            let manager = ServerManager {
-                target: Arc::new(target),
-                connect_timeout: settings.server_connect_timeout.0,
-            };
-            let pool = bb8::Pool::builder()
-                .max_size(settings.pool_size.max(1))
-                .min_idle(None)
-                .connection_timeout(settings.query_wait_timeout.0)
-                .idle_timeout(Some(settings.server_idle_timeout.0))
-                .max_lifetime(None)
-                .test_on_check_out(false)
-                .build_unchecked(manager);
+            let pools = [
+                build_pool(&settings, &plan.source, &name, &password)?,
+                build_pool(&settings, &plan.target, &name, &password)?,
+            ];
             users.insert(
                 name,
                 User {
                     verifier: Verifier::from_password(&password),
-                    pool,
+                    pools,
                 },
             );
         }
         Ok(Shared {
-            database: url.dbname().to_string(),
+            database: plan.source.url.dbname().to_string(),
             client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
             settings,
             users,
             control: Control::default(),
+            backend,
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::default(),
@@ -168,6 +163,45 @@ impl Shared {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// A pool of connections to `endpoint`'s server as the proxy user `user`.
+fn build_pool(
+    settings: &ProxySettings,
+    endpoint: &Endpoint,
+    user: &str,
+    password: &str,
+) -> Result<Pool, ProxyError> {
+    let url = &endpoint.url;
+    let server_tls = match url.config().get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => None,
+        mode => Some(pool::server::ServerTls {
+            connector: tls::connector()?,
+            name: tls::server_name(&url.host())?,
+            required: mode == tokio_postgres::config::SslMode::Require,
+        }),
+    };
+    let target = ServerTarget {
+        host: url.host(),
+        port: url.port(),
+        database: url.dbname().to_string(),
+        user: user.to_string(),
+        password: password.to_string(),
+        application_name: "switchyard-proxy".into(),
+        tls: server_tls,
+    };
+    let manager = ServerManager {
+        target: Arc::new(target),
+        connect_timeout: settings.server_connect_timeout.0,
+    };
+    Ok(bb8::Pool::builder()
+        .max_size(settings.pool_size.max(1))
+        .min_idle(None)
+        .connection_timeout(settings.query_wait_timeout.0)
+        .idle_timeout(Some(settings.server_idle_timeout.0))
+        .max_lifetime(None)
+        .test_on_check_out(false)
+        .build_unchecked(manager))
 }
 
 /// Accepts clients until `shutdown` resolves, then lets sessions finish their transactions up
@@ -224,8 +258,8 @@ pub async fn serve(
 
 /// Runs the proxy for `plan` in front of `primary` until SIGTERM or Ctrl-C: the client
 /// listener, the admin listener, and the graceful shutdown.
-pub async fn run(plan: &Plan, primary: &Endpoint) -> Result<(), ProxyError> {
-    let shared = Arc::new(Shared::new(plan, primary)?);
+pub async fn run(plan: &Plan, backend: Backend) -> Result<(), ProxyError> {
+    let shared = Arc::new(Shared::new(plan, backend)?);
     let listen = |addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -245,7 +279,7 @@ pub async fn run(plan: &Plan, primary: &Endpoint) -> Result<(), ProxyError> {
             shared.settings.admin_token_env.0
         );
     }
-    tracing::info!(listen = %shared.settings.listen.0, admin = %shared.settings.admin_listen.0, primary = %primary.url, mode = ?shared.pool_mode(), "proxy ready");
+    tracing::info!(listen = %shared.settings.listen.0, admin = %shared.settings.admin_listen.0, backend = %shared.backend.side(), epoch = shared.backend.epoch(), mode = ?shared.pool_mode(), "proxy ready");
     tokio::spawn(admin::serve(shared.clone(), admin, token));
     serve(shared, clients, shutdown_signal()).await;
     Ok(())

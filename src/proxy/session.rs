@@ -370,8 +370,8 @@ struct Prepared {
 struct Session {
     shared: Arc<Shared>,
     user: Arc<str>,
-    /// The user's pool, looked up once.
-    pool: super::pool::Pool,
+    /// The user's pools (source, target), looked up once; the backend picks one per checkout.
+    pools: [super::pool::Pool; 2],
     key: (i32, i32),
     /// Where this session's CancelRequests go: updated at every attach and release.
     cancel_slot: super::CancelSlot,
@@ -442,7 +442,7 @@ impl Session {
             .map(|(name, value)| (name.to_ascii_lowercase(), sql::literal(value)))
             .collect();
         Session {
-            pool: shared.users[&logged_in.user].pool.clone(),
+            pools: shared.users[&logged_in.user].pools.clone(),
             shared,
             user: Arc::from(logged_in.user.as_str()),
             key,
@@ -1069,7 +1069,9 @@ impl Session {
         }
         // Boxed: the checkout future is large, and moving it through the nested futures
         // cost more than the allocation.
-        let checkout = Box::pin(checkout(&self.shared, &self.pool)).await;
+        // Read after the pause: a switch happens only while paused.
+        let pool = &self.pools[super::side_index(self.shared.backend.side())];
+        let checkout = Box::pin(checkout(&self.shared, pool)).await;
         if checkout.is_err() {
             self.shared.control.detached();
         }

@@ -145,6 +145,9 @@ pub struct State {
     pub created: Created,
     #[serde(default)]
     pub last_validation: Option<ValidationRecord>,
+    /// Where the proxies send transactions, and the epoch of the last switch.
+    #[serde(default)]
+    pub backend: crate::proxy::backend::Switch,
     #[serde(default)]
     pub log: Vec<LogEntry>,
 }
@@ -157,6 +160,7 @@ impl State {
             phase: Phase::Planned,
             created: Created::default(),
             last_validation: None,
+            backend: Default::default(),
             log: Vec::new(),
         }
     }
