@@ -2,6 +2,8 @@
 //! and its result into output and an exit code.
 
 mod abort;
+mod cutover;
+mod finalize;
 mod plan;
 mod proxy;
 mod status;
@@ -26,6 +28,11 @@ A migration, start to finish:
   switchyard plan plans/shop.toml          # preflight: what blocks, what will happen
   switchyard sync plans/shop.toml --wait   # copy schema and rows, then stream changes
   switchyard status plans/shop.toml        # per-table state, lag, drift
+  switchyard validate plans/shop.toml      # which rows differ, if any
+  switchyard proxy plans/shop.toml         # what the applications connect to
+  switchyard cutover plans/shop.toml       # pause, fence, catch up, switch, resume
+  switchyard rollback plans/shop.toml      # the way back, with the target's writes
+  switchyard finalize plans/shop.toml      # drop the way back when sure
   switchyard abort plans/shop.toml         # remove slot, publication, subscription";
 
 /// Move a live PostgreSQL database to a new server with near-zero downtime and a way back.
@@ -56,6 +63,9 @@ enum Command {
     Abort(abort::AbortArgs),
     Proxy(proxy::ProxyArgs),
     Validate(validate::ValidateArgs),
+    Cutover(cutover::CutoverArgs),
+    Rollback(cutover::RollbackArgs),
+    Finalize(finalize::FinalizeArgs),
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
@@ -108,6 +118,9 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Abort(a) => abort::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
         Command::Validate(a) => validate::run(a).await,
+        Command::Cutover(a) => cutover::run(a).await,
+        Command::Rollback(a) => cutover::rollback(a).await,
+        Command::Finalize(a) => finalize::run(a).await,
     };
     match result {
         Ok(exit) => exit,

@@ -18,6 +18,8 @@ pub struct AbortReport {
     pub dropped_publication: bool,
     pub dropped_target_objects: Vec<String>,
     pub dropped_roles: Vec<String>,
+    /// Servers whose write grants were given back (after an interrupted cutover or a rollback).
+    pub unfenced: Vec<String>,
     /// What could not be done, and why.
     pub left_behind: Vec<String>,
 }
@@ -38,6 +40,16 @@ pub async fn run(
 ) -> Result<AbortReport> {
     let _lock = store.lock("abort")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
+    if state.phase == Phase::Switched {
+        return Err(Error::Refused(
+            "the applications run on the target (after a cutover): `switchyard rollback` moves them back, `switchyard finalize` ends the migration there".into(),
+        ));
+    }
+    if state.phase == Phase::Finished {
+        return Err(Error::Refused(
+            "the migration is finished: there is nothing to abort".into(),
+        ));
+    }
     state.note("begin abort");
     store.save(&state)?;
     let name = plan.replication_name();
@@ -47,6 +59,8 @@ pub async fn run(
         Server::connect(Side::Target, &plan.target),
         Server::connect(Side::Source, &plan.source)
     );
+    undo_switch(plan, &mut state, &source, &target, &mut report).await;
+    store.save(&state)?;
     let recorded = state.created.subscription.clone();
     let mut sync_slots = recorded
         .as_ref()
@@ -135,6 +149,64 @@ pub async fn run(
     state.note("done abort");
     store.save(&state)?;
     Ok(report)
+}
+
+/// What a cutover or rollback left: fences (grants revoked on either server), the reverse
+/// replication, paused proxies. Done first, so the applications can write again.
+async fn undo_switch(
+    plan: &Plan,
+    state: &mut crate::state::State,
+    source: &std::result::Result<Server, PgError>,
+    target: &std::result::Result<Server, PgError>,
+    report: &mut AbortReport,
+) {
+    for fence in std::mem::take(&mut state.fences) {
+        let server = match fence.side {
+            Side::Source => source,
+            Side::Target => target,
+        };
+        let restored = match server {
+            Ok(server) => super::fence::restore(server, &fence.grants).await,
+            Err(e) => Err(PgError::Tool(e.to_string())),
+        };
+        match restored {
+            Ok(()) => {
+                report
+                    .unfenced
+                    .push(format!("{}: {} grants", fence.side, fence.grants.len()))
+            }
+            Err(e) => {
+                report
+                    .left_behind
+                    .push(format!("the write grants on the {}: {e}", fence.side));
+                state.fences.push(fence);
+            }
+        }
+    }
+    if let Some(name) = state.created.reverse.clone() {
+        let dropped = match (source, target) {
+            (Ok(source), Ok(target)) => async {
+                replication::drop_subscription(source, &name).await?;
+                replication::drop_slots(target, &name, None).await?;
+                replication::drop_publication(target, &name).await
+            }
+            .await
+            .map(|_| ()),
+            _ => Err(PgError::Tool("both servers must be reachable".into())),
+        };
+        match dropped {
+            Ok(()) => state.created.reverse = None,
+            Err(e) => report
+                .left_behind
+                .push(format!("the reverse replication {name}: {e}")),
+        }
+    }
+    if let Ok(proxies) = super::proxies::from_plan(plan) {
+        for proxy in proxies {
+            // A proxy that does not answer resumes by itself at max_pause.
+            let _ = proxy.resume().await;
+        }
+    }
 }
 
 async fn restore_copy_workers(

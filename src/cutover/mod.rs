@@ -1,3 +1,146 @@
-//! The step runners that end a migration's replication: `abort` for now.
+//! The step runners that move the applications between the servers and end a migration:
+//! `cutover` (source → target, with replication turned around for the way back), `rollback`
+//! (back again), `finalize` and `abort`.
+//!
+//! A switch has the same shape in both directions: checks and preparation outside the pause;
+//! then pause the proxies, fence the old primary, wait until the new one has applied its last
+//! change, copy the sequences, (cutover only) turn replication around, switch the proxies and
+//! resume. The state is saved with the new epoch before the first proxy is switched: that is
+//! the commit point. A failure before it is undone; after it, the switch is finished.
 
 pub mod abort;
+pub mod fence;
+pub mod gates;
+pub mod proxies;
+mod switch;
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::pg::{sql, PgError, Server, Side};
+use crate::plan::Plan;
+
+pub use switch::{check, finalize, Checked, Report};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Cutover,
+    Rollback,
+}
+
+impl Direction {
+    /// The primary before the switch.
+    pub fn from(self) -> Side {
+        match self {
+            Direction::Cutover => Side::Source,
+            Direction::Rollback => Side::Target,
+        }
+    }
+
+    pub fn to(self) -> Side {
+        match self {
+            Direction::Cutover => Side::Target,
+            Direction::Rollback => Side::Source,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Cutover => "cutover",
+            Direction::Rollback => "rollback",
+        }
+    }
+}
+
+/// The publication and slot on the target and the subscription on the source that carry the
+/// writes made on the target back to the source.
+pub fn reverse_name(plan: &Plan) -> String {
+    format!("{}_back", plan.replication_name())
+}
+
+/// One step as it ran: printed as it finishes, and kept for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub ms: f64,
+    pub outcome: String,
+    pub in_pause: bool,
+}
+
+/// Times steps and hands each to the caller's printer as it finishes.
+pub struct Steps<'a> {
+    pub done: Vec<Step>,
+    in_pause: bool,
+    observe: &'a mut (dyn FnMut(&Step) + Send),
+}
+
+impl<'a> Steps<'a> {
+    pub fn new(observe: &'a mut (dyn FnMut(&Step) + Send)) -> Steps<'a> {
+        Steps {
+            done: Vec::new(),
+            in_pause: false,
+            observe,
+        }
+    }
+
+    /// Runs `work` as the step `name`; its `Ok` text or its error becomes the outcome.
+    pub async fn run<T, E: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        work: impl std::future::Future<Output = Result<(T, String), E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = work.await;
+        let outcome = match &result {
+            Ok((_, text)) => text.clone(),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        let step = Step {
+            name: name.to_string(),
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            outcome,
+            in_pause: self.in_pause,
+        };
+        (self.observe)(&step);
+        self.done.push(step);
+        result.map(|(value, _)| value)
+    }
+}
+
+/// `statement_timeout` and `lock_timeout` for the statements inside the pause: a lock held by
+/// someone else must fail the step quickly, not stretch the pause.
+async fn set_pause_timeouts(server: &Server, plan: &Plan) -> Result<(), PgError> {
+    let statement = plan.cutover.statement_timeout.0.as_millis().max(1);
+    let lock = (statement / 5).max(1);
+    server
+        .execute(
+            "set the pause's timeouts",
+            &format!("SET statement_timeout = {statement}; SET lock_timeout = {lock}"),
+        )
+        .await
+}
+
+async fn reset_timeouts(server: &Server) {
+    let _ = server
+        .execute(
+            "reset timeouts",
+            "RESET statement_timeout; RESET lock_timeout",
+        )
+        .await;
+}
+
+/// `ALTER SUBSCRIPTION name SET (synchronous_commit = value)` when it exists on `server`.
+async fn set_subscription_commit(server: &Server, name: &str, value: &str) -> Result<(), PgError> {
+    server
+        .execute(
+            "set the subscription's synchronous_commit",
+            &format!(
+                "ALTER SUBSCRIPTION {} SET (synchronous_commit = {})",
+                sql::ident(name),
+                sql::literal(value)
+            ),
+        )
+        .await
+}

@@ -43,6 +43,8 @@ pub struct Plan {
     pub state: StateSettings,
     #[serde(default)]
     pub proxy: ProxySettings,
+    #[serde(default)]
+    pub cutover: CutoverSettings,
     /// The file the plan was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -128,6 +130,78 @@ pub struct ProxySettings {
     pub tls_key: Option<EnvString>,
     #[serde(default)]
     pub users: Vec<ProxyUser>,
+}
+
+/// `switchyard cutover` and `rollback`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverSettings {
+    /// The newest passing `switchyard validate` must be younger than this.
+    #[serde(default = "default_validation_max_age")]
+    pub validation_max_age: Dur,
+    /// How long the paused proxies give running transactions to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+    /// How long the new primary may take to apply the old one's last changes.
+    #[serde(default = "default_catchup_timeout")]
+    pub catchup_timeout: Dur,
+    #[serde(default)]
+    pub on_drain_timeout: OnDrainTimeout,
+    /// Every statement inside the pause runs with this `statement_timeout` (its
+    /// `lock_timeout` is a fifth of it).
+    #[serde(default = "default_pause_statement_timeout")]
+    pub statement_timeout: Dur,
+    /// The proxies to pause and switch; without any, the plan's own `[proxy] admin_listen`.
+    #[serde(default)]
+    pub proxies: Vec<CutoverProxy>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDrainTimeout {
+    /// Give up the cutover: undo, resume on the old primary.
+    #[default]
+    Abort,
+    /// Cancel running queries and roll back transactions left open; their clients get an error.
+    Cancel,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverProxy {
+    /// `http://host:port` of the proxy's admin listener.
+    pub admin_url: EnvString,
+    /// The environment variable holding its bearer token; defaults to `[proxy] admin_token_env`.
+    pub token_env: Option<EnvString>,
+}
+
+impl Default for CutoverSettings {
+    fn default() -> Self {
+        CutoverSettings {
+            validation_max_age: default_validation_max_age(),
+            drain_timeout: default_drain_timeout(),
+            catchup_timeout: default_catchup_timeout(),
+            on_drain_timeout: OnDrainTimeout::default(),
+            statement_timeout: default_pause_statement_timeout(),
+            proxies: Vec::new(),
+        }
+    }
+}
+
+fn default_validation_max_age() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+
+fn default_catchup_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+fn default_pause_statement_timeout() -> Dur {
+    Dur(Duration::from_secs(2))
 }
 
 /// An application role: clients log in to the proxy with it, and the proxy logs in to the

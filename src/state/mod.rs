@@ -44,6 +44,14 @@ pub enum Phase {
     Syncing,
     /// Every table streams, lag was below the limit, the target is analysed and its indexes valid.
     Synced,
+    /// The cutover switched the applications: the target is primary, reverse replication
+    /// keeps the source current for a rollback.
+    Switched,
+    /// A rollback switched the applications back: the source is primary again, the target is
+    /// fenced and no longer replicated to.
+    RolledBack,
+    /// `finalize` removed everything switchyard made; the target is the primary for good.
+    Finished,
 }
 
 impl std::fmt::Display for Phase {
@@ -52,6 +60,9 @@ impl std::fmt::Display for Phase {
             Phase::Planned => "planned",
             Phase::Syncing => "syncing",
             Phase::Synced => "synced",
+            Phase::Switched => "switched",
+            Phase::RolledBack => "rolled_back",
+            Phase::Finished => "finished",
         };
         f.write_str(name)
     }
@@ -78,6 +89,29 @@ pub struct Created {
     /// The target's `max_sync_workers_per_subscription` before switchyard changed it.
     #[serde(default)]
     pub original_sync_workers: Option<String>,
+    /// The way back, made by the cutover: publication and slot on the target, subscription on
+    /// the source, all under this name.
+    #[serde(default)]
+    pub reverse: Option<String>,
+}
+
+/// Write grants a cutover or rollback revoked on one server, to be given back exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fence {
+    pub side: crate::pg::Side,
+    pub grants: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Schema-qualified and quoted.
+    pub table: String,
+    /// Quoted, for a column grant.
+    pub column: Option<String>,
+    /// Quoted role name, or `PUBLIC`.
+    pub grantee: String,
+    pub privilege: String,
+    pub grantable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +182,9 @@ pub struct State {
     /// Where the proxies send transactions, and the epoch of the last switch.
     #[serde(default)]
     pub backend: crate::proxy::backend::Switch,
+    /// Servers fenced now, with the grants that were revoked.
+    #[serde(default)]
+    pub fences: Vec<Fence>,
     #[serde(default)]
     pub log: Vec<LogEntry>,
 }
@@ -161,6 +198,7 @@ impl State {
             created: Created::default(),
             last_validation: None,
             backend: Default::default(),
+            fences: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -177,6 +215,10 @@ impl State {
             self.note(format!("phase {} -> {}", self.phase, phase));
             self.phase = phase;
         }
+    }
+
+    pub fn fence(&self, side: crate::pg::Side) -> Option<&Fence> {
+        self.fences.iter().find(|f| f.side == side)
     }
 
     /// The step that was begun and never recorded as done: a crash or Ctrl-C happened in it.

@@ -63,6 +63,15 @@ pub async fn run(
 ) -> Result<SyncOutcome> {
     let lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
+    if matches!(
+        state.phase,
+        Phase::Switched | Phase::RolledBack | Phase::Finished
+    ) {
+        return Err(Error::Refused(format!(
+            "the migration is {}: sync starts from a planned or syncing migration (after a rollback: `switchyard abort --drop-target-data` first)",
+            state.phase
+        )));
+    }
     let servers = Servers::connect(plan).await?;
     let inspection = checks::inspect(plan, &servers.source, &servers.target, &state).await?;
     if inspection.report.blocked {

@@ -1,0 +1,33 @@
+use std::path::PathBuf;
+
+use clap::Args;
+use switchyard::cutover;
+use switchyard::{Error, Exit};
+
+/// End a migration after a successful cutover: drop the reverse replication, the forward
+/// publication and every other object switchyard made on either server.
+///
+/// The source stays fenced (no role but the coordinator's can write the migrated tables)
+/// unless --unfence gives the grants back.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  switchyard finalize plans/shop.toml\n  switchyard finalize plans/shop.toml --unfence"
+)]
+pub struct FinalizeArgs {
+    /// The plan file (TOML).
+    plan: PathBuf,
+    /// Give the source its write grants back.
+    #[arg(long)]
+    unfence: bool,
+}
+
+pub async fn run(args: FinalizeArgs) -> Result<Exit, Error> {
+    let (plan, store) = super::load_plan(&args.plan)?;
+    for line in cutover::finalize(&plan, &store, args.unfence).await? {
+        println!("{line}");
+    }
+    println!(
+        "Finished: the target is the primary; nothing of switchyard's is left on either server."
+    );
+    Ok(Exit::Done)
+}

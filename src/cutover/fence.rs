@@ -1,0 +1,171 @@
+//! The fence: on the old primary, no role but the coordinator's may write the migrated tables,
+//! and sessions outside the proxies are ended. The revoked grants are recorded first, so they
+//! can be given back exactly (table and column grants, with their grant option).
+
+use std::time::{Duration, Instant};
+
+use crate::pg::{PgError, Server, TableName};
+use crate::state::Grant;
+
+const WRITE_PRIVILEGES: &str = "'INSERT','UPDATE','DELETE','TRUNCATE'";
+
+/// Every write grant on `tables` held by a role other than the coordinator's, including the
+/// owner's implicit ones (a NULL ACL means the owner's defaults) and column grants.
+pub async fn read_grants(server: &Server, tables: &[TableName]) -> Result<Vec<Grant>, PgError> {
+    let names: Vec<String> = tables.iter().map(TableName::sql).collect();
+    let query = format!(
+        "WITH t AS (SELECT c.oid, c.relowner, c.relacl FROM pg_class c WHERE c.oid = ANY($1::text[]::regclass[])),
+              acl AS (
+                SELECT t.oid, NULL::int2 AS attnum, a.* FROM t, aclexplode(coalesce(t.relacl, acldefault('r', t.relowner))) a
+                UNION ALL
+                SELECT t.oid, at.attnum, a.* FROM t JOIN pg_attribute at ON at.attrelid = t.oid AND at.attacl IS NOT NULL AND NOT at.attisdropped,
+                       aclexplode(at.attacl) a)
+         SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = acl.oid),
+                (SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = acl.oid AND attnum = acl.attnum),
+                CASE WHEN acl.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(acl.grantee)) END,
+                acl.privilege_type, acl.is_grantable
+           FROM acl
+          WHERE acl.privilege_type IN ({WRITE_PRIVILEGES})
+            AND acl.grantee <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+          ORDER BY 1, 2 NULLS FIRST, 3, 4"
+    );
+    let rows = server
+        .query("read the write grants", &query, &[&names])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Grant {
+            table: r.get(0),
+            column: r.get(1),
+            grantee: r.get(2),
+            privilege: r.get(3),
+            grantable: r.get(4),
+        })
+        .collect())
+}
+
+/// One `REVOKE` of every write privilege on `tables` from every grantee in `grants` (a table
+/// REVOKE takes the column grants with it).
+pub fn revoke_sql(tables: &[TableName], grants: &[Grant]) -> Option<String> {
+    let mut grantees: Vec<&str> = grants.iter().map(|g| g.grantee.as_str()).collect();
+    grantees.sort_unstable();
+    grantees.dedup();
+    if grantees.is_empty() || tables.is_empty() {
+        return None;
+    }
+    let tables: Vec<String> = tables.iter().map(TableName::sql).collect();
+    Some(format!(
+        "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {} FROM {} CASCADE",
+        tables.join(", "),
+        grantees.join(", ")
+    ))
+}
+
+/// The statements that give `grants` back.
+pub fn restore_sql(grants: &[Grant]) -> String {
+    grants
+        .iter()
+        .map(|g| {
+            let privilege = match &g.column {
+                Some(column) => format!("{} ({column})", g.privilege),
+                None => g.privilege.clone(),
+            };
+            let option = if g.grantable {
+                " WITH GRANT OPTION"
+            } else {
+                ""
+            };
+            format!(
+                "GRANT {privilege} ON TABLE {} TO {}{option};",
+                g.table, g.grantee
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    server
+        .execute("give the write grants back", &restore_sql(grants))
+        .await
+}
+
+/// Ends every client session in this database that is not the coordinator's and not an idle
+/// server connection of a proxy, all at once, then waits until they are gone. Replication
+/// connections (WAL senders, apply workers) are never touched. Returns how many were ended.
+pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, PgError> {
+    let rows = server
+        .query(
+            "end the sessions outside the proxies",
+            "SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND backend_type = 'client backend'
+                AND pid <> pg_backend_pid() AND usename <> current_user
+                AND NOT (application_name = 'switchyard-proxy' AND state = 'idle')
+                AND pg_terminate_backend(pid)",
+            &[],
+        )
+        .await?;
+    let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    if pids.is_empty() {
+        return Ok(0);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left: i64 = server
+            .query_one(
+                "wait for the ended sessions to go",
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok(pids.len());
+        }
+        if Instant::now() >= deadline {
+            return Err(PgError::Tool(format!(
+                "{}: {left} ended sessions were still there after {timeout:?}",
+                server.side
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_and_restore_statements() {
+        let grants = vec![
+            Grant {
+                table: "public.orders".into(),
+                column: None,
+                grantee: "app".into(),
+                privilege: "INSERT".into(),
+                grantable: false,
+            },
+            Grant {
+                table: "public.orders".into(),
+                column: Some("note".into()),
+                grantee: "PUBLIC".into(),
+                privilege: "UPDATE".into(),
+                grantable: true,
+            },
+        ];
+        let tables = [TableName::new("public", "orders")];
+        assert_eq!(
+            revoke_sql(&tables, &grants).unwrap(),
+            "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE \"public\".\"orders\" FROM PUBLIC, app CASCADE"
+        );
+        assert_eq!(
+            restore_sql(&grants),
+            "GRANT INSERT ON TABLE public.orders TO app;\nGRANT UPDATE (note) ON TABLE public.orders TO PUBLIC WITH GRANT OPTION;"
+        );
+        assert!(revoke_sql(&tables, &[]).is_none());
+    }
+}

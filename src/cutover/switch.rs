@@ -1,0 +1,943 @@
+//! The cutover and the rollback: one runner, two directions (see the module comment of
+//! `cutover`).
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use super::gates::{self, Gates};
+use super::proxies::{self, ProxyAdmin};
+use super::{fence, reset_timeouts, reverse_name, set_pause_timeouts, set_subscription_commit};
+use super::{Direction, Step, Steps};
+use crate::pg::catalog::{self, Selection};
+use crate::pg::{sql, PgError, Server, Side, TableName};
+use crate::plan::{OnDrainTimeout, Plan};
+use crate::proxy::backend::Switch;
+use crate::state::{self, Fence, LockGuard, Phase, State, StateStore};
+use crate::sync::{replication, sequences};
+use crate::{Error, Result};
+
+/// What `check` found: the gates, and everything the switch needs already open.
+pub struct Checked<'a> {
+    _lock: LockGuard,
+    plan: &'a Plan,
+    store: &'a dyn StateStore,
+    state: State,
+    source: Server,
+    target: Server,
+    proxies: Vec<ProxyAdmin>,
+    direction: Direction,
+    pub gates: Gates,
+    /// What was done about an earlier run of this command that was interrupted.
+    pub recovered: Option<String>,
+    /// That earlier run had passed its commit point and is now finished: nothing more to do.
+    pub finished_earlier: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub direction: Direction,
+    pub steps: Vec<Step>,
+    /// The pause as the proxies measured it (the longest of them), in milliseconds.
+    pub pause_ms: Option<f64>,
+    /// The pause as the coordinator measured it, from the first pause request to the last
+    /// resume answer.
+    pub pause_coordinator_ms: Option<f64>,
+    pub epoch: u64,
+    pub dry_run: bool,
+}
+
+/// Takes the lock, connects, finishes or undoes an interrupted earlier run, and runs the
+/// gates. Nothing is changed on the servers unless an earlier run left something to finish.
+pub async fn check<'a>(
+    plan: &'a Plan,
+    store: &'a dyn StateStore,
+    direction: Direction,
+    skip_validation: bool,
+) -> Result<Checked<'a>> {
+    let lock = store.lock(direction.name())?;
+    let state = state::load_or_new(store, &plan.name.0)?;
+    let (source, target) = tokio::join!(
+        Server::connect(Side::Source, &plan.source),
+        Server::connect(Side::Target, &plan.target)
+    );
+    let proxies = proxies::from_plan(plan).map_err(Error::Refused)?;
+    let mut checked = Checked {
+        _lock: lock,
+        plan,
+        store,
+        state,
+        source: source?,
+        target: target?,
+        proxies,
+        direction,
+        gates: Gates::default(),
+        recovered: None,
+        finished_earlier: false,
+    };
+    checked.recover().await?;
+    if checked.finished_earlier {
+        return Ok(checked);
+    }
+    checked.check_phase()?;
+    let ctx = gates::Context {
+        plan,
+        state: &checked.state,
+        source: &checked.source,
+        target: &checked.target,
+        proxies: &checked.proxies,
+        skip_validation,
+    };
+    checked.gates = gates::run(&ctx, direction).await?;
+    Ok(checked)
+}
+
+impl<'a> Checked<'a> {
+    fn check_phase(&self) -> Result<()> {
+        let phase = self.state.phase;
+        let ok = match self.direction {
+            Direction::Cutover => matches!(phase, Phase::Syncing | Phase::Synced),
+            Direction::Rollback => phase == Phase::Switched,
+        };
+        if ok {
+            return Ok(());
+        }
+        let what = match self.direction {
+            Direction::Cutover => {
+                "a cutover needs a synced migration: run `switchyard sync --wait`"
+            }
+            Direction::Rollback => {
+                "a rollback needs a switched migration (after `switchyard cutover`)"
+            }
+        };
+        Err(Error::Refused(format!("the migration is {phase}: {what}")))
+    }
+
+    fn save(&mut self, event: &str) -> Result<()> {
+        self.state.note(event);
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    fn server(&self, side: Side) -> &Server {
+        match side {
+            Side::Source => &self.source,
+            Side::Target => &self.target,
+        }
+    }
+
+    /// An earlier run of a cutover or rollback that did not finish: past its commit point it
+    /// is finished (proxies switched and resumed), before it undone.
+    async fn recover(&mut self) -> Result<()> {
+        let Some(step) = self.state.interrupted_step().map(str::to_string) else {
+            return Ok(());
+        };
+        let earlier = match step.as_str() {
+            "cutover" => Direction::Cutover,
+            "rollback" => Direction::Rollback,
+            _ => return Ok(()),
+        };
+        let committed = match earlier {
+            Direction::Cutover => self.state.phase == Phase::Switched,
+            Direction::Rollback => self.state.phase == Phase::RolledBack,
+        };
+        let mut quiet = |_: &Step| {};
+        let mut steps = Steps::new(&mut quiet);
+        if committed {
+            self.finish(earlier, &mut steps).await?;
+            self.save(&format!("done {step}"))?;
+            self.finished_earlier = earlier == self.direction;
+            self.recovered = Some(format!(
+                "an earlier {step} had switched the proxies' epoch to {} and was interrupted: it is finished now",
+                self.state.backend.epoch
+            ));
+        } else {
+            let problems = self.undo(earlier, &mut steps).await;
+            if !problems.is_empty() {
+                return Err(Error::NeedsOperator(format!(
+                    "an earlier {step} was interrupted and could not be undone:\n  {}\nfix the cause and run `switchyard {step}` again",
+                    problems.join("\n  ")
+                )));
+            }
+            self.save(&format!("done {step} (undone after an interruption)"))?;
+            self.recovered = Some(format!(
+                "an earlier {step} was interrupted before its switch: it was undone (grants back, proxies resumed on the {})",
+                earlier.from()
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn run(
+        mut self,
+        dry_run: bool,
+        observe: &mut (dyn FnMut(&Step) + Send),
+    ) -> Result<Report> {
+        let direction = self.direction;
+        let mut report = Report {
+            direction,
+            steps: Vec::new(),
+            pause_ms: None,
+            pause_coordinator_ms: None,
+            epoch: self.state.backend.epoch,
+            dry_run,
+        };
+        if self.finished_earlier {
+            return Ok(report);
+        }
+        let failures = self.gates.failures();
+        if !failures.is_empty() {
+            return Err(Error::Refused(format!(
+                "{} refused, nothing changed:\n  {}",
+                direction.name(),
+                failures.join("\n  ")
+            )));
+        }
+        if dry_run {
+            report.steps = planned_steps(direction)
+                .iter()
+                .map(|name| Step {
+                    name: name.to_string(),
+                    ms: 0.0,
+                    outcome: "would run".into(),
+                    in_pause: false,
+                })
+                .collect();
+            return Ok(report);
+        }
+        let mut steps = Steps::new(observe);
+        self.save(&format!("begin {}", direction.name()))?;
+        let result = self.switch(&mut steps, &mut report).await;
+        report.steps = std::mem::take(&mut steps.done);
+        match result {
+            Ok(()) => Ok(report),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Everything from preparation to resume. Errors before the commit point are undone here.
+    async fn switch(&mut self, steps: &mut Steps<'_>, report: &mut Report) -> Result<()> {
+        let direction = self.direction;
+        let from = direction.from();
+        let prepared = self.prepare(steps).await;
+        let selection = match prepared {
+            Ok(selection) => selection,
+            Err(e) => return Err(self.give_up(steps, e).await),
+        };
+        steps.in_pause = true;
+        let paused_at = Instant::now();
+        if let Err(e) = self.in_pause(steps, &selection).await {
+            let error = self.give_up(steps, e).await;
+            report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+            return Err(error);
+        }
+        // The commit point: from here on the switch is finished, never undone.
+        self.state.backend = Switch {
+            backend: direction.to(),
+            epoch: self.state.backend.epoch + 1,
+        };
+        self.state.set_phase(match direction {
+            Direction::Cutover => Phase::Switched,
+            Direction::Rollback => Phase::RolledBack,
+        });
+        self.save(&format!(
+            "switch to the {} (epoch {})",
+            direction.to(),
+            self.state.backend.epoch
+        ))
+        .map_err(|e| Error::NeedsOperator(format!("{e}\nthe proxies are still paused on the {from} and resume there by themselves at max_pause; the {from} is fenced: run `switchyard {} ` again", direction.name())))?;
+        report.epoch = self.state.backend.epoch;
+        let resumed = self.switch_and_resume(steps).await;
+        report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+        steps.in_pause = false;
+        let pause_ms = resumed.map_err(|e| {
+            Error::NeedsOperator(format!(
+                "{e}\nthe switch is recorded (epoch {}): run `switchyard {}` again to finish it",
+                self.state.backend.epoch,
+                direction.name()
+            ))
+        })?;
+        report.pause_ms = pause_ms;
+        self.after(direction, steps).await.map_err(|e| {
+            Error::NeedsOperator(format!(
+                "the applications run on the {}, but cleaning up failed: {e}\nrun `switchyard {}` again to finish",
+                direction.to(),
+                direction.name()
+            ))
+        })?;
+        self.save(&format!("done {}", direction.name()))?;
+        Ok(())
+    }
+
+    /// Outside the pause: the way back (cutover), synchronous apply of the replication that
+    /// feeds the new primary, the pause's timeouts on both connections.
+    async fn prepare(&mut self, steps: &mut Steps<'_>) -> Result<Selection> {
+        let direction = self.direction;
+        let from = direction.from();
+        let selection = catalog::select(self.plan, catalog::tables(self.server(from)).await?);
+        if direction == Direction::Cutover {
+            let name = reverse_name(self.plan);
+            self.state.created.reverse = Some(name.clone());
+            self.save("reverse replication recorded")?;
+            let tables =
+                replication::published_tables(&self.source, &self.plan.replication_name()).await?;
+            let target = &self.target;
+            steps
+                .run(
+                    "create the reverse publication and slot on the target",
+                    async {
+                        create_reverse_publication(target, &name, &tables).await?;
+                        let lsn = create_slot(target, &name).await?;
+                        Ok::<_, PgError>(((), format!("{name} at {lsn}")))
+                    },
+                )
+                .await?;
+        }
+        let (server, feeding) = self.feeding();
+        steps
+            .run(
+                "apply on the new primary with synchronous_commit = on",
+                async {
+                    set_subscription_commit(server, &feeding, "on").await?;
+                    wait_worker(server, &feeding, Duration::from_secs(30)).await?;
+                    Ok::<_, PgError>(((), format!("{feeding} on the {}", server.side)))
+                },
+            )
+            .await?;
+        set_pause_timeouts(&self.source, self.plan).await?;
+        set_pause_timeouts(&self.target, self.plan).await?;
+        if direction == Direction::Cutover {
+            // Decoding up to now outside the pause leaves little for the advance inside it.
+            advance_slot(&self.target, &reverse_name(self.plan)).await?;
+        }
+        Ok(selection)
+    }
+
+    /// The subscription that feeds the new primary, and the server it lives on.
+    fn feeding(&self) -> (&Server, String) {
+        match self.direction {
+            Direction::Cutover => (&self.target, self.plan.replication_name()),
+            Direction::Rollback => (&self.source, reverse_name(self.plan)),
+        }
+    }
+
+    /// The slot on the old primary that feeds the new one.
+    fn feeding_slot(&self) -> String {
+        self.feeding().1
+    }
+
+    async fn in_pause(&mut self, steps: &mut Steps<'_>, selection: &Selection) -> Result<()> {
+        let direction = self.direction;
+        let from = direction.from();
+        self.pause(steps).await?;
+
+        let tables = selection.names();
+        let grants = fence::read_grants(self.server(from), &tables).await?;
+        self.state.fences.retain(|f| f.side != from);
+        self.state.fences.push(Fence {
+            side: from,
+            grants: grants.clone(),
+        });
+        self.save(&format!("fence the {from}"))?;
+        let server = self.server(from);
+        let timeout = self.plan.cutover.statement_timeout.0;
+        steps
+            .run(&format!("fence the {from}"), async {
+                if let Some(revoke) = fence::revoke_sql(&tables, &grants) {
+                    server.execute("revoke the write grants", &revoke).await?;
+                }
+                let ended = fence::end_sessions(server, timeout).await?;
+                Ok::<_, PgError>((
+                    (),
+                    format!(
+                        "{} grants revoked, {ended} sessions outside the proxies ended",
+                        grants.len()
+                    ),
+                ))
+            })
+            .await?;
+
+        let slot = self.feeding_slot();
+        let catchup = self.plan.cutover.catchup_timeout.0;
+        steps
+            .run(
+                &format!("wait until the {} has applied everything", direction.to()),
+                catch_up(server, &slot, catchup),
+            )
+            .await?;
+
+        let (from_server, to_server) = (self.server(from), self.server(direction.to()));
+        steps
+            .run(
+                &format!("copy sequences to the {}", direction.to()),
+                async {
+                    let copied =
+                        sequences::copy_sequences(from_server, to_server, selection).await?;
+                    Ok::<_, PgError>(((), format!("{} sequences", copied.len())))
+                },
+            )
+            .await?;
+
+        if direction == Direction::Cutover {
+            self.turn_around(steps).await?;
+        }
+        Ok(())
+    }
+
+    /// Pauses every proxy and waits for their transactions to finish, ending them when
+    /// `on_drain_timeout = "cancel"`.
+    async fn pause(&mut self, steps: &mut Steps<'_>) -> Result<()> {
+        let drain = self.plan.cutover.drain_timeout.0;
+        let proxies = &self.proxies;
+        let running = steps
+            .run(
+                "pause the proxies and let transactions finish",
+                pause_all(proxies, drain),
+            )
+            .await
+            .map_err(Error::Refused)?;
+        if running.is_empty() {
+            return Ok(());
+        }
+        let listed: Vec<String> = running.iter().map(|r| r.to_string()).collect();
+        if self.plan.cutover.on_drain_timeout == OnDrainTimeout::Abort {
+            return Err(Error::Refused(format!(
+                "transactions still ran after drain_timeout ({}): {}; set [cutover] on_drain_timeout = \"cancel\" to end them",
+                humantime::format_duration(drain),
+                listed.join(", ")
+            )));
+        }
+        let pids: Vec<i32> = running
+            .iter()
+            .filter_map(|r| r["server_pid"].as_i64())
+            .map(|p| p as i32)
+            .collect();
+        let server = self.server(self.direction.from());
+        steps
+            .run("end the transactions that did not finish", async {
+                end_transactions(server, &pids).await?;
+                let (left, _) = pause_all(proxies, Duration::from_secs(1))
+                    .await
+                    .map_err(PgError::Tool)?;
+                if !left.is_empty() {
+                    return Err(PgError::Tool(format!(
+                        "{} transactions still run after being cancelled",
+                        left.len()
+                    )));
+                }
+                Ok(((), format!("{} cancelled or rolled back", pids.len())))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Stops the forward stream, skips the reverse slot past what it wrote on the target, and
+    /// subscribes the source to the target.
+    async fn turn_around(&mut self, steps: &mut Steps<'_>) -> Result<()> {
+        let forward = self.plan.replication_name();
+        let reverse = reverse_name(self.plan);
+        let (source, target) = (&self.source, &self.target);
+        steps
+            .run("disable the forward subscription", async {
+                target
+                    .execute(
+                        "disable the forward subscription",
+                        &format!("ALTER SUBSCRIPTION {} DISABLE", sql::ident(&forward)),
+                    )
+                    .await?;
+                wait_worker_gone(target, &forward, Duration::from_secs(5)).await?;
+                Ok::<_, PgError>(((), "its worker exited".to_string()))
+            })
+            .await?;
+        steps
+            .run(
+                "advance the reverse slot to the target's current WAL",
+                async {
+                    let lsn = advance_slot(target, &reverse).await?;
+                    Ok::<_, PgError>(((), lsn))
+                },
+            )
+            .await?;
+        let conninfo = crate::pg::peer_conninfo(&self.plan.target);
+        steps
+            .run("subscribe the source to the target", async {
+                let statement = format!(
+                    "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
+                     WITH (create_slot = false, slot_name = {slot}, copy_data = false, synchronous_commit = 'off')",
+                    sub = sql::ident(&reverse),
+                    conn = sql::literal(&conninfo),
+                    slot = sql::literal(&reverse),
+                );
+                source
+                    .execute_secret("create the reverse subscription", &statement)
+                    .await?;
+                Ok::<_, PgError>(((), format!("{reverse}, copy_data = false")))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Tells every proxy its new backend, restores the new primary's grants when it was fenced
+    /// before (rollback), and resumes. Returns the longest pause a proxy measured.
+    async fn switch_and_resume(&mut self, steps: &mut Steps<'_>) -> Result<Option<f64>> {
+        let to = self.state.backend;
+        let proxies = &self.proxies;
+        steps
+            .run("switch the proxies", async {
+                let answers = join_all(proxies.iter().map(|p| p.switch(to))).await;
+                first_error(answers)?;
+                Ok::<_, String>(((), format!("to the {} (epoch {})", to.backend, to.epoch)))
+            })
+            .await
+            .map_err(Error::Refused)?;
+        if let Some(fence) = self.state.fence(to.backend).cloned() {
+            let server = self.server(to.backend);
+            steps
+                .run(
+                    &format!("give the {} its write grants back", to.backend),
+                    async {
+                        fence::restore(server, &fence.grants).await?;
+                        Ok::<_, PgError>(((), format!("{} grants", fence.grants.len())))
+                    },
+                )
+                .await?;
+            self.state.fences.retain(|f| f.side != to.backend);
+            self.save(&format!("unfence the {}", to.backend))?;
+        }
+        let pause_ms = steps
+            .run("resume the proxies", resume_all(&self.proxies))
+            .await
+            .map_err(Error::Refused)?;
+        Ok(Some(pause_ms))
+    }
+
+    /// After the switch: drop the replication that fed the new primary (it would only retain
+    /// WAL on the old one).
+    async fn after(&mut self, direction: Direction, steps: &mut Steps<'_>) -> Result<()> {
+        reset_timeouts(&self.source).await;
+        reset_timeouts(&self.target).await;
+        match direction {
+            Direction::Cutover => {
+                let name = self.plan.replication_name();
+                let (source, target) = (&self.source, &self.target);
+                steps
+                    .run("drop the forward subscription and its slot", async {
+                        replication::drop_subscription(target, &name).await?;
+                        let slots = replication::drop_slots(source, &name, None).await?;
+                        Ok::<_, PgError>(((), format!("slots dropped: {}", slots.len())))
+                    })
+                    .await?;
+                self.state.created.subscription = None;
+            }
+            Direction::Rollback => {
+                let name = reverse_name(self.plan);
+                let (source, target) = (&self.source, &self.target);
+                steps
+                    .run("drop the reverse replication", async {
+                        drop_reverse(source, target, &name).await?;
+                        Ok::<_, PgError>(((), name.clone()))
+                    })
+                    .await?;
+                self.state.created.reverse = None;
+            }
+        }
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    /// A switch recorded (epoch saved) but not finished: switch and resume every proxy, then
+    /// clean up.
+    async fn finish(&mut self, direction: Direction, steps: &mut Steps<'_>) -> Result<()> {
+        set_pause_timeouts(&self.source, self.plan).await?;
+        set_pause_timeouts(&self.target, self.plan).await?;
+        self.switch_and_resume(steps).await?;
+        self.after(direction, steps).await
+    }
+
+    /// Undoes a switch that did not reach its commit point. Each step runs even when an
+    /// earlier one failed; returns what could not be undone.
+    async fn undo(&mut self, direction: Direction, steps: &mut Steps<'_>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let from = direction.from();
+        reset_timeouts(&self.source).await;
+        reset_timeouts(&self.target).await;
+        if let Some(fence) = self.state.fence(from).cloned() {
+            let server = self.server(from);
+            let restored = steps
+                .run(&format!("give the {from} its write grants back"), async {
+                    fence::restore(server, &fence.grants).await?;
+                    Ok::<_, PgError>(((), format!("{} grants", fence.grants.len())))
+                })
+                .await;
+            match restored {
+                Ok(()) => {
+                    self.state.fences.retain(|f| f.side != from);
+                    if let Err(e) = self.save(&format!("unfence the {from}")) {
+                        problems.push(e.to_string());
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let (server, feeding) = self.feeding_of(direction);
+        if direction == Direction::Cutover {
+            let name = reverse_name(self.plan);
+            let (source, target) = (&self.source, &self.target);
+            let dropped = steps
+                .run("drop the reverse replication", async {
+                    drop_reverse(source, target, &name).await?;
+                    target
+                        .execute(
+                            "enable the forward subscription",
+                            &format!("ALTER SUBSCRIPTION {} ENABLE", sql::ident(&feeding)),
+                        )
+                        .await?;
+                    Ok::<_, PgError>(((), "forward subscription enabled again".to_string()))
+                })
+                .await;
+            match dropped {
+                Ok(()) => self.state.created.reverse = None,
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let (server, feeding) = (self.server(server), feeding);
+        if let Err(e) = set_subscription_commit(server, &feeding, "off").await {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = resume_all(&self.proxies).await {
+            problems.push(format!(
+                "{e}; the proxies resume by themselves at max_pause"
+            ));
+        }
+        if let Err(e) = self.store.save(&self.state) {
+            problems.push(e.to_string());
+        }
+        problems
+    }
+
+    fn feeding_of(&self, direction: Direction) -> (Side, String) {
+        match direction {
+            Direction::Cutover => (Side::Target, self.plan.replication_name()),
+            Direction::Rollback => (Side::Source, reverse_name(self.plan)),
+        }
+    }
+
+    /// Undoes after `cause` and says how it went: exit 1 when everything is back, 3 when not.
+    async fn give_up(&mut self, steps: &mut Steps<'_>, cause: Error) -> Error {
+        let direction = self.direction;
+        let problems = self.undo(direction, steps).await;
+        if problems.is_empty() {
+            let _ = self.save(&format!("done {} (undone)", direction.name()));
+            Error::Refused(format!(
+                "{} undone: {cause}\nthe applications run on the {} again; they saw only a pause",
+                direction.name(),
+                direction.from()
+            ))
+        } else {
+            Error::NeedsOperator(format!(
+                "{} failed: {cause}\nand could not be undone:\n  {}\nfix the cause and run `switchyard {}` again (it finishes the undo first), or `switchyard abort`",
+                direction.name(),
+                problems.join("\n  "),
+                direction.name()
+            ))
+        }
+    }
+}
+
+fn planned_steps(direction: Direction) -> Vec<&'static str> {
+    match direction {
+        Direction::Cutover => vec![
+            "create the reverse publication and slot on the target",
+            "apply on the new primary with synchronous_commit = on",
+            "pause the proxies and let transactions finish",
+            "fence the source",
+            "wait until the target has applied everything",
+            "copy sequences to the target",
+            "disable the forward subscription",
+            "advance the reverse slot to the target's current WAL",
+            "subscribe the source to the target",
+            "switch the proxies",
+            "resume the proxies",
+            "drop the forward subscription and its slot",
+        ],
+        Direction::Rollback => vec![
+            "apply on the new primary with synchronous_commit = on",
+            "pause the proxies and let transactions finish",
+            "fence the target",
+            "wait until the source has applied everything",
+            "copy sequences to the source",
+            "switch the proxies",
+            "give the source its write grants back",
+            "resume the proxies",
+            "drop the reverse replication",
+        ],
+    }
+}
+
+/// Pauses every proxy; returns the transactions still running after `drain`.
+async fn pause_all(
+    proxies: &[ProxyAdmin],
+    drain: Duration,
+) -> Result<(Vec<serde_json::Value>, String), String> {
+    let answers = join_all(proxies.iter().map(|p| p.pause(drain))).await;
+    let answers = first_error(answers)?;
+    let running: Vec<serde_json::Value> = answers
+        .iter()
+        .flat_map(|a| a["running"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let text = if running.is_empty() {
+        format!("{} proxies paused, no transaction running", proxies.len())
+    } else {
+        format!("{} transactions still running", running.len())
+    };
+    Ok((running, text))
+}
+
+/// Resumes every proxy; returns the longest pause they measured, in ms.
+async fn resume_all(proxies: &[ProxyAdmin]) -> Result<(f64, String), String> {
+    let answers = join_all(proxies.iter().map(|p| p.resume())).await;
+    let answers = first_error(answers)?;
+    let longest = answers
+        .iter()
+        .filter_map(|a| a["last_pause_ms"].as_f64())
+        .fold(0.0, f64::max);
+    Ok((
+        longest,
+        format!("{} proxies resumed; pause {longest:.1} ms", proxies.len()),
+    ))
+}
+
+fn first_error<T>(answers: Vec<Result<T, proxies::ProxyAdminError>>) -> Result<Vec<T>, String> {
+    answers
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// Cancels the running queries and ends the transactions left idle (their server connection
+/// closes, which rolls them back).
+async fn end_transactions(server: &Server, pids: &[i32]) -> Result<(), PgError> {
+    server
+        .query(
+            "end the transactions still running",
+            "SELECT CASE WHEN state = 'active' THEN pg_cancel_backend(pid) ELSE pg_terminate_backend(pid) END
+               FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Waits until `slot` on `server` has confirmed the server's current WAL position.
+async fn catch_up(server: &Server, slot: &str, timeout: Duration) -> Result<((), String), PgError> {
+    let prepared: i64 = server
+        .query_one(
+            "look for prepared transactions",
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await?
+        .get(0);
+    if prepared > 0 {
+        return Err(PgError::Tool(format!(
+            "{prepared} prepared transactions are pending on the {}: COMMIT PREPARED or ROLLBACK PREPARED them first",
+            server.side
+        )));
+    }
+    let lsn: String = server
+        .query_one(
+            "read the current WAL position",
+            "SELECT pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        let reached: Option<bool> = server
+            .query_one(
+                "read the slot's confirmed position",
+                "SELECT (SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot, &lsn],
+            )
+            .await?
+            .get(0);
+        polls += 1;
+        match reached {
+            Some(true) => return Ok(((), format!("{lsn} confirmed after {polls} polls"))),
+            None => {
+                return Err(PgError::Tool(format!(
+                    "the slot {slot} is gone from the {}",
+                    server.side
+                )))
+            }
+            Some(false) if started.elapsed() >= timeout => {
+                return Err(PgError::Tool(format!(
+                    "the slot {slot} did not confirm {lsn} within catchup_timeout ({})",
+                    humantime::format_duration(timeout)
+                )))
+            }
+            Some(false) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+async fn create_reverse_publication(
+    target: &Server,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), PgError> {
+    if replication::publication_exists(target, name).await? {
+        return Ok(());
+    }
+    let list: Vec<String> = tables.iter().map(TableName::sql).collect();
+    target
+        .execute(
+            "create the reverse publication",
+            &format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                sql::ident(name),
+                list.join(", ")
+            ),
+        )
+        .await
+}
+
+/// Creates the logical slot (waits for every open transaction on the server, so never inside
+/// the pause). An existing one is kept.
+async fn create_slot(server: &Server, name: &str) -> Result<String, PgError> {
+    if replication::slot_exists(server, name).await? {
+        return Ok("existing".into());
+    }
+    let row = server
+        .query_one(
+            "create the reverse slot",
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn advance_slot(server: &Server, name: &str) -> Result<String, PgError> {
+    let row = server
+        .query_one(
+            "advance the reverse slot",
+            "SELECT end_lsn::text FROM pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The subscription `name`'s apply worker on `server` runs.
+async fn wait_worker(server: &Server, name: &str, timeout: Duration) -> Result<(), PgError> {
+    let started = Instant::now();
+    loop {
+        let running: bool = server
+            .query_one(
+                "look for the apply worker",
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL AND relid IS NULL)",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if running {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(PgError::Tool(format!(
+                "the apply worker of {name} on the {} did not start within {timeout:?}",
+                server.side
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_worker_gone(server: &Server, name: &str, timeout: Duration) -> Result<(), PgError> {
+    let started = Instant::now();
+    loop {
+        let running: bool = server
+            .query_one(
+                "look for the subscription's workers",
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL)",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if !running {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(PgError::Tool(format!(
+                "the workers of {name} on the {} did not exit within {timeout:?}",
+                server.side
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The reverse subscription on the source, its slot and publication on the target.
+async fn drop_reverse(source: &Server, target: &Server, name: &str) -> Result<(), PgError> {
+    replication::drop_subscription(source, name).await?;
+    replication::drop_slots(target, name, None).await?;
+    replication::drop_publication(target, name).await?;
+    Ok(())
+}
+
+/// `switchyard finalize`: drops the reverse replication and the forward publication; the
+/// source's fence stays (forgotten) unless `unfence`.
+pub async fn finalize(plan: &Plan, store: &dyn StateStore, unfence: bool) -> Result<Vec<String>> {
+    let _lock = store.lock("finalize")?;
+    let mut state = state::load_or_new(store, &plan.name.0)?;
+    if state.phase == Phase::Finished {
+        return Ok(vec!["already finished".into()]);
+    }
+    if state.phase != Phase::Switched || state.interrupted_step().is_some() {
+        return Err(Error::Refused(format!(
+            "the migration is {}{}: finalize follows a finished cutover",
+            state.phase,
+            state
+                .interrupted_step()
+                .map(|s| format!(" with `{s}` unfinished (run it again first)"))
+                .unwrap_or_default()
+        )));
+    }
+    state.note("begin finalize");
+    store.save(&state)?;
+    let (source, target) = tokio::join!(
+        Server::connect(Side::Source, &plan.source),
+        Server::connect(Side::Target, &plan.target)
+    );
+    let (source, target) = (source?, target?);
+    let mut done = Vec::new();
+    let reverse = reverse_name(plan);
+    drop_reverse(&source, &target, &reverse).await?;
+    done.push(format!("dropped the reverse replication {reverse}"));
+    let forward = plan.replication_name();
+    replication::drop_slots(&source, &forward, None).await?;
+    if replication::drop_publication(&source, &forward).await? {
+        done.push(format!("dropped the publication {forward} on the source"));
+    }
+    if let Some(fence) = state.fence(Side::Source).cloned() {
+        if unfence {
+            fence::restore(&source, &fence.grants).await?;
+            done.push(format!(
+                "gave the source its {} write grants back",
+                fence.grants.len()
+            ));
+        } else {
+            done.push("the source stays fenced (no role but the coordinator's can write the migrated tables); --unfence gives the grants back".into());
+        }
+    }
+    state.fences.clear();
+    state.created = Default::default();
+    state.set_phase(Phase::Finished);
+    state.note("done finalize");
+    store.save(&state)?;
+    Ok(done)
+}
