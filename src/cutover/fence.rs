@@ -100,11 +100,14 @@ pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, P
     let rows = server
         .query(
             "end the sessions outside the proxies",
-            "SELECT pid FROM pg_stat_activity
-              WHERE datname = current_database() AND backend_type = 'client backend'
-                AND pid <> pg_backend_pid() AND usename <> current_user
-                AND NOT (application_name = 'switchyard-proxy' AND state = 'idle')
-                AND pg_terminate_backend(pid)",
+            // Materialized first: left in the view's WHERE, the terminate could be evaluated
+            // before the other conditions, on any session, this one included.
+            "WITH victims AS MATERIALIZED (
+                 SELECT pid FROM pg_stat_activity
+                  WHERE datname = current_database() AND backend_type = 'client backend'
+                    AND pid <> pg_backend_pid() AND usename <> current_user
+                    AND NOT (application_name = 'switchyard-proxy' AND state = 'idle'))
+             SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
             &[],
         )
         .await?;

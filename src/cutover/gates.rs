@@ -59,9 +59,24 @@ pub async fn run(ctx: &Context<'_>, direction: Direction) -> Result<Gates, PgErr
     Ok(gates)
 }
 
+/// How long the lag gate waits for a lag above the limit to come down, while everything else
+/// about the replication is healthy: a burst of writes should not refuse a cutover.
+const LAG_PATIENCE: Duration = Duration::from_secs(15);
+
 async fn forward_replication(ctx: &Context<'_>, gates: &mut Gates) -> Result<(), PgError> {
-    let status = status::read(ctx.plan, ctx.state, ctx.source, ctx.target, false).await?;
     let max = ctx.plan.sync.max_lag_bytes;
+    let started = std::time::Instant::now();
+    let status = loop {
+        let status = status::read(ctx.plan, ctx.state, ctx.source, ctx.target, false).await?;
+        let healthy = status.subscription.is_some()
+            && status.all_streaming()
+            && status.worker_running
+            && !status.slot_lost;
+        if status.caught_up(max) || !healthy || started.elapsed() >= LAG_PATIENCE {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let problem = if status.subscription.is_none() {
         Some("no subscription on the target: run `switchyard sync --wait` first".into())
     } else if !status.caught_up(max) {

@@ -110,14 +110,15 @@ impl<'a> Steps<'a> {
 }
 
 /// `statement_timeout` and `lock_timeout` for the statements inside the pause: a lock held by
-/// someone else must fail the step quickly, not stretch the pause.
+/// someone else must fail the step quickly, not stretch the pause. `synchronous_commit =
+/// local`: the coordinator's own commits flush the WAL before them (see `catch_up`).
 async fn set_pause_timeouts(server: &Server, plan: &Plan) -> Result<(), PgError> {
     let statement = plan.cutover.statement_timeout.0.as_millis().max(1);
     let lock = (statement / 5).max(1);
     server
         .execute(
             "set the pause's timeouts",
-            &format!("SET statement_timeout = {statement}; SET lock_timeout = {lock}"),
+            &format!("SET statement_timeout = {statement}; SET lock_timeout = {lock}; SET synchronous_commit = local"),
         )
         .await
 }
@@ -126,7 +127,7 @@ async fn reset_timeouts(server: &Server) {
     let _ = server
         .execute(
             "reset timeouts",
-            "RESET statement_timeout; RESET lock_timeout",
+            "RESET statement_timeout; RESET lock_timeout; RESET synchronous_commit",
         )
         .await;
 }

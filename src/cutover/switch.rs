@@ -560,6 +560,9 @@ impl<'a> Checked<'a> {
     async fn undo(&mut self, direction: Direction, steps: &mut Steps<'_>) -> Vec<String> {
         let mut problems = Vec::new();
         let from = direction.from();
+        if let Err(e) = self.reconnect_closed().await {
+            problems.push(e.to_string());
+        }
         reset_timeouts(&self.source).await;
         reset_timeouts(&self.target).await;
         if let Some(fence) = self.state.fence(from).cloned() {
@@ -614,6 +617,17 @@ impl<'a> Checked<'a> {
             problems.push(e.to_string());
         }
         problems
+    }
+
+    /// Connections lost in a failed step are opened again, so the undo can run.
+    async fn reconnect_closed(&mut self) -> Result<(), PgError> {
+        if self.source.client.is_closed() {
+            self.source = Server::connect(Side::Source, &self.plan.source).await?;
+        }
+        if self.target.client.is_closed() {
+            self.target = Server::connect(Side::Target, &self.plan.target).await?;
+        }
+        Ok(())
     }
 
     fn feeding_of(&self, direction: Direction) -> (Side, String) {
@@ -745,6 +759,17 @@ async fn catch_up(server: &Server, slot: &str, timeout: Duration) -> Result<((),
             server.side
         )));
     }
+    // Applications may commit with synchronous_commit = off: their commits are acknowledged
+    // before the WAL holding them is flushed, and a WAL sender sends only flushed WAL. A
+    // transaction of our own that writes WAL (a transactional logical message, which
+    // pgoutput skips), committed synchronously, flushes everything before it; the position
+    // read after it covers every commit an application saw acknowledged.
+    server
+        .execute(
+            "flush the WAL",
+            "SELECT pg_logical_emit_message(true, 'switchyard', 'catch-up')",
+        )
+        .await?;
     let lsn: String = server
         .query_one(
             "read the current WAL position",

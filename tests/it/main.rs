@@ -5,6 +5,7 @@
 mod common;
 
 mod abort;
+mod cutover;
 mod drift;
 mod plan_errors;
 pub mod proxy;

@@ -21,6 +21,8 @@ pub struct Proxy {
     pub user: String,
     pub password: String,
     pub database: String,
+    /// The plan file the proxy runs with (the coordinator can use it too).
+    pub plan: std::path::PathBuf,
 }
 
 impl Drop for Proxy {
@@ -88,6 +90,7 @@ impl Proxy {
             user,
             password,
             database: db.name.clone(),
+            plan: path,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
