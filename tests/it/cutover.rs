@@ -535,3 +535,56 @@ async fn two_proxies_switch_together_and_an_unreachable_one_stops_the_rollback()
     acked.extend(acked_two);
     assert_holds_exactly(&db.target_client().await, &acked, "target").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_that_does_not_finish_aborts_the_cutover_or_is_ended() {
+    let (db, proxy) = ready("cutover_drain", "").await;
+    // A client sits idle in a transaction: the pause cannot drain it.
+    let idle = proxy.client().await;
+    idle.batch_execute("BEGIN; INSERT INTO notes (body) VALUES ('open')")
+        .await
+        .unwrap();
+    // By default the cutover gives up, and the transaction goes on untouched.
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("drain_timeout"),
+        "{}",
+        text(&output)
+    );
+    idle.batch_execute("COMMIT")
+        .await
+        .expect("the open transaction commits after the undo");
+    assert_eq!(proxy.status().await["backend"], "source");
+
+    // With on_drain_timeout = "cancel", it is rolled back and the cutover goes through.
+    let plan = std::fs::read_to_string(&proxy.plan)
+        .unwrap()
+        .replace("[cutover]\n", "[cutover]\non_drain_timeout = \"cancel\"\n");
+    std::fs::write(&proxy.plan, plan).unwrap();
+    idle.batch_execute("BEGIN; INSERT INTO notes (body) VALUES ('lost')")
+        .await
+        .unwrap();
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let err = idle
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("the ended transaction cannot commit");
+    eprintln!("the ended transaction's client saw: {err}");
+    let target = db.target_client().await;
+    let bodies: Vec<String> = target
+        .query("SELECT body FROM notes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(bodies, vec!["open".to_string()]);
+    // The client's session goes on, now on the target.
+    let fresh = proxy.client().await;
+    fresh
+        .batch_execute("INSERT INTO notes (body) VALUES ('after')")
+        .await
+        .expect("a new transaction after the cutover");
+}
