@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: starts a throwaway PostgreSQL 15 source and PostgreSQL 17 target on free loopback
 # ports, loads testdata into the source, and runs `switchyard plan`, `sync --wait`, `status`,
-# `validate` and `abort`.
+# `validate`, then `proxy` with pgbench writing through it while `cutover` moves it to the
+# target and `rollback` moves it back, and finally `abort`.
 # Everything it starts stops when it ends. DEMO_ROWS sets the data size (default 50000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,15 @@ psql -q -v ON_ERROR_STOP=1 "$SOURCE_URL" -c "CREATE DATABASE shop"
 psql -q -v ON_ERROR_STOP=1 "$TARGET_URL" -c "CREATE DATABASE shop"
 psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -f testdata/schema.sql
 sed "s/{{rows}}/$ROWS/g" testdata/data.sql | psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop"
+# The application's own role: it logs in through the proxy, and the cutover fences it.
+export APP_PASSWORD=demo-app-pw SWITCHYARD_ADMIN_TOKEN=demo-admin-token
+psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" \
+  -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'" \
+  -c "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app" \
+  -c "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PROXY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 
 cat > "$WORK/shop.toml" <<PLAN
 name = "shop"
@@ -33,6 +43,12 @@ url = "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop"   # password from PGPASS
 url = "postgres://postgres@127.0.0.1:$TARGET_PORT/shop"
 [sync]
 tables = ["public.*"]
+[proxy]
+listen = "127.0.0.1:$PROXY_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+[[proxy.users]]
+name = "app"
+password_env = "APP_PASSWORD"
 [state]
 path = "$WORK/shop.json"
 PLAN
@@ -52,6 +68,35 @@ step "switchyard validate shop.toml (checksums on both servers; HTML report in $
 step "A row changed behind replication's back on the target, and validate again"
 psql -q "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "UPDATE orders SET amount = amount + 1 WHERE id = 42"
 "$SWITCHYARD" validate shop.toml --tables public.orders || echo "(exit $?: differences found, as expected)"
-step "switchyard abort shop.toml (removes slot, publication and subscription)"
+psql -q "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "UPDATE orders SET amount = amount - 1 WHERE id = 42"
+step "Put back, and validate again: the cutover wants a recent passing validation"
+"$SWITCHYARD" validate shop.toml
+
+step "switchyard proxy shop.toml: the application connects to it instead of the database"
+"$SWITCHYARD" proxy shop.toml 2> "$WORK/proxy.log" &
+PROXY_PID=$!
+trap 'kill $PROXY_PID 2>/dev/null || true; stop_servers' EXIT
+APP_URL="postgres://app:$APP_PASSWORD@127.0.0.1:$PROXY_PORT/shop"
+echo "INSERT INTO customers (name) VALUES ('written through the proxy');" > "$WORK/insert.sql"
+/usr/lib/postgresql/15/bin/pgbench -n -c 4 -T 6 -f "$WORK/insert.sql" "$APP_URL" > "$WORK/pgbench-cutover.txt" 2>&1 &
+BENCH=$!
+sleep 2
+step "switchyard cutover shop.toml --yes (pgbench keeps writing through the proxy)"
+"$SWITCHYARD" cutover shop.toml --yes
+wait $BENCH
+grep -E "actually processed|failed" "$WORK/pgbench-cutover.txt" || true
+psql -At "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "SELECT 'rows written through the proxy, on the target: ' || count(*) FROM customers WHERE name = 'written through the proxy'"
+psql -At "postgres://app:$APP_PASSWORD@127.0.0.1:$SOURCE_PORT/shop" -c "INSERT INTO customers (name) VALUES ('straight to the old source')" 2>&1 | sed 's/^/the fenced source says: /' || true
+
+/usr/lib/postgresql/15/bin/pgbench -n -c 4 -T 6 -f "$WORK/insert.sql" "$APP_URL" > "$WORK/pgbench-rollback.txt" 2>&1 &
+BENCH=$!
+sleep 2
+step "switchyard rollback shop.toml --yes (back to the source, with every write made on the target)"
+"$SWITCHYARD" rollback shop.toml --yes
+wait $BENCH
+grep -E "actually processed|failed" "$WORK/pgbench-rollback.txt" || true
+psql -At "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -c "SELECT 'rows written through the proxy, on the source: ' || count(*) FROM customers WHERE name = 'written through the proxy'"
+
+step "switchyard abort shop.toml (gives the target its grants back; removes what is left)"
 "$SWITCHYARD" abort shop.toml
 step "Done. The demo servers stop now."

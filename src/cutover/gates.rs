@@ -237,6 +237,41 @@ async fn way_back(ctx: &Context<'_>, gates: &mut Gates) -> Result<(), PgError> {
 
 async fn reverse_replication(ctx: &Context<'_>, gates: &mut Gates) -> Result<(), PgError> {
     let name = super::reverse_name(ctx.plan);
+    let max = ctx.plan.sync.max_lag_bytes;
+    // A worker restarting, or a burst of writes, is waited out for a while.
+    let started = std::time::Instant::now();
+    let problem = loop {
+        let (running, lag) = reverse_state(ctx, &name).await?;
+        let problem = match (running, lag) {
+            (None, _) | (_, None) => break Some(format!(
+                "the reverse replication {name} is gone: the source may miss writes made on the target; a rollback cannot be safe"
+            )),
+            (Some(false), _) => Some(format!(
+                "the reverse subscription {name} on the source is not running: look at the source's log"
+            )),
+            (Some(true), Some(lag)) if lag > max as i64 => Some(format!(
+                "reverse lag {lag} bytes is above [sync] max_lag_bytes ({max}): wait and try again"
+            )),
+            _ => None,
+        };
+        if problem.is_none() || started.elapsed() >= LAG_PATIENCE {
+            break problem;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    gates.check(
+        "reverse replication streaming, lag within [sync] max_lag_bytes",
+        problem,
+    );
+    Ok(())
+}
+
+/// Whether the reverse subscription's worker runs on the source, and its slot's lag on the
+/// target (`None`s when they are gone).
+async fn reverse_state(
+    ctx: &Context<'_>,
+    name: &str,
+) -> Result<(Option<bool>, Option<i64>), PgError> {
     let running: Option<bool> = ctx
         .source
         .query(
@@ -258,24 +293,7 @@ async fn reverse_replication(ctx: &Context<'_>, gates: &mut Gates) -> Result<(),
         .await?
         .first()
         .and_then(|r| r.get(0));
-    let max = ctx.plan.sync.max_lag_bytes;
-    let problem = match (running, lag) {
-        (None, _) | (_, None) => Some(format!(
-            "the reverse replication {name} is gone: the source may miss writes made on the target; a rollback cannot be safe"
-        )),
-        (Some(false), _) => Some(format!(
-            "the reverse subscription {name} on the source is not running: look at the source's log"
-        )),
-        (Some(true), Some(lag)) if lag > max as i64 => Some(format!(
-            "reverse lag {lag} bytes is above [sync] max_lag_bytes ({max}): wait and try again"
-        )),
-        _ => None,
-    };
-    gates.check(
-        "reverse replication streaming, lag within [sync] max_lag_bytes",
-        problem,
-    );
-    Ok(())
+    Ok((running, lag))
 }
 
 async fn proxies(ctx: &Context<'_>, direction: Direction, gates: &mut Gates) {

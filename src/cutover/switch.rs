@@ -305,6 +305,13 @@ impl<'a> Checked<'a> {
                 },
             )
             .await?;
+        let (from_server, slot) = (self.server(from), self.feeding_slot());
+        steps
+            .run(
+                "let the lag come down before pausing",
+                settle_lag(from_server, &slot),
+            )
+            .await?;
         set_pause_timeouts(&self.source, self.plan).await?;
         set_pause_timeouts(&self.target, self.plan).await?;
         if direction == Direction::Cutover {
@@ -664,6 +671,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
         Direction::Cutover => vec![
             "create the reverse publication and slot on the target",
             "apply on the new primary with synchronous_commit = on",
+            "let the lag come down before pausing",
             "pause the proxies and let transactions finish",
             "fence the source",
             "wait until the target has applied everything",
@@ -677,6 +685,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
         ],
         Direction::Rollback => vec![
             "apply on the new primary with synchronous_commit = on",
+            "let the lag come down before pausing",
             "pause the proxies and let transactions finish",
             "fence the target",
             "wait until the source has applied everything",
@@ -741,6 +750,38 @@ async fn end_transactions(server: &Server, pids: &[i32]) -> Result<(), PgError> 
         )
         .await?;
     Ok(())
+}
+
+/// The lag the pause should start from: what is still to apply then is applied inside it.
+const SETTLED_LAG_BYTES: i64 = 64 * 1024;
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Waits, up to a few seconds, until `slot` lags less than [`SETTLED_LAG_BYTES`], so that the
+/// catch-up inside the pause starts from little. Under a write load heavier than the apply
+/// can follow it gives up waiting and the pause starts anyway (the catch-up has its own
+/// timeout).
+async fn settle_lag(server: &Server, slot: &str) -> Result<((), String), PgError> {
+    let started = Instant::now();
+    loop {
+        let lag: Option<i64> = server
+            .query_one(
+                "read the slot's lag",
+                "SELECT (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        let Some(lag) = lag else {
+            return Err(PgError::Tool(format!(
+                "the slot {slot} is gone from the {}",
+                server.side
+            )));
+        };
+        if lag < SETTLED_LAG_BYTES || started.elapsed() >= SETTLE_PATIENCE {
+            return Ok(((), format!("{lag} bytes behind")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits until `slot` on `server` has confirmed the server's current WAL position.
