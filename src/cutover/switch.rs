@@ -283,13 +283,31 @@ impl<'a> Checked<'a> {
             let tables =
                 replication::published_tables(&self.source, &self.plan.replication_name()).await?;
             let target = &self.target;
+            // Both wait for others: the publication for a lock on each table, the slot for
+            // every transaction open on the target. Bounded, so a long transaction there
+            // fails the cutover with a reason instead of hanging it.
+            target
+                .execute(
+                    "bound the preparation",
+                    "SET lock_timeout = '5s'; SET statement_timeout = '60s'",
+                )
+                .await?;
+            steps
+                .run("create the reverse publication and slot on the target", async {
+                    create_reverse_publication(target, &name, &tables).await?;
+                    let lsn = create_slot(target, &name).await.map_err(|e| {
+                        PgError::Tool(format!("{e} (creating a slot waits until every transaction open on the target has ended: look for long ones in pg_stat_activity there)"))
+                    })?;
+                    Ok::<_, PgError>(((), format!("{name} at {lsn}")))
+                })
+                .await?;
+            let (source, conninfo) = (&self.source, crate::pg::peer_conninfo(&self.plan.target));
             steps
                 .run(
-                    "create the reverse publication and slot on the target",
+                    "create the source's subscription to the target, disabled",
                     async {
-                        create_reverse_publication(target, &name, &tables).await?;
-                        let lsn = create_slot(target, &name).await?;
-                        Ok::<_, PgError>(((), format!("{name} at {lsn}")))
+                        create_reverse_subscription(source, &name, &conninfo).await?;
+                        Ok::<_, PgError>(((), format!("{name}, copy_data = false")))
                     },
                 )
                 .await?;
@@ -466,20 +484,15 @@ impl<'a> Checked<'a> {
                 },
             )
             .await?;
-        let conninfo = crate::pg::peer_conninfo(&self.plan.target);
         steps
-            .run("subscribe the source to the target", async {
-                let statement = format!(
-                    "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
-                     WITH (create_slot = false, slot_name = {slot}, copy_data = false, synchronous_commit = 'off')",
-                    sub = sql::ident(&reverse),
-                    conn = sql::literal(&conninfo),
-                    slot = sql::literal(&reverse),
-                );
+            .run("start the source's subscription to the target", async {
                 source
-                    .execute_secret("create the reverse subscription", &statement)
+                    .execute(
+                        "enable the reverse subscription",
+                        &format!("ALTER SUBSCRIPTION {} ENABLE", sql::ident(&reverse)),
+                    )
                     .await?;
-                Ok::<_, PgError>(((), format!("{reverse}, copy_data = false")))
+                Ok::<_, PgError>(((), reverse.clone()))
             })
             .await?;
         Ok(())
@@ -670,6 +683,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
     match direction {
         Direction::Cutover => vec![
             "create the reverse publication and slot on the target",
+            "create the source's subscription to the target, disabled",
             "apply on the new primary with synchronous_commit = on",
             "let the lag come down before pausing",
             "pause the proxies and let transactions finish",
@@ -678,7 +692,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "copy sequences to the target",
             "disable the forward subscription",
             "advance the reverse slot to the target's current WAL",
-            "subscribe the source to the target",
+            "start the source's subscription to the target",
             "switch the proxies",
             "resume the proxies",
             "drop the forward subscription and its slot",
@@ -848,6 +862,29 @@ async fn catch_up(server: &Server, slot: &str, timeout: Duration) -> Result<((),
             Some(false) => tokio::time::sleep(Duration::from_millis(2)).await,
         }
     }
+}
+
+/// The source's subscription to the target, made before the pause but disabled: creating it
+/// asks the target for the publication's tables (a connection and a round trip), which the
+/// pause should not wait for. Inside the pause it is only enabled.
+async fn create_reverse_subscription(
+    source: &Server,
+    name: &str,
+    target_conninfo: &str,
+) -> Result<(), PgError> {
+    if replication::subscription_oid(source, name).await?.is_some() {
+        return Ok(());
+    }
+    let statement = format!(
+        "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
+         WITH (create_slot = false, slot_name = {slot}, copy_data = false, enabled = false, synchronous_commit = 'off')",
+        sub = sql::ident(name),
+        conn = sql::literal(target_conninfo),
+        slot = sql::literal(name),
+    );
+    source
+        .execute_secret("create the reverse subscription", &statement)
+        .await
 }
 
 async fn create_reverse_publication(
