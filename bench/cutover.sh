@@ -17,6 +17,10 @@ ROOT=$PWD
 SECS=${BENCH_SECONDS:-60}
 SCALE=${BENCH_SCALE:-10}
 CLIENTS=${BENCH_CLIENTS:-16}
+# Server connections per user: on 2 cores shared by pgbench, both servers and the proxy, a
+# pool of 8 gives the source as many transactions per second as 16 and leaves the target's
+# apply worker CPU to keep up with them.
+POOL=${BENCH_POOL:-8}
 
 scripts/install-deps.sh
 cargo build --quiet --release --bin switchyard --example servers
@@ -56,11 +60,15 @@ name = "bench"
 url = "$SRC/bench"
 [target]
 url = "$TGT/bench"
+[sync]
+# pgbench at full speed on 2 cores outruns the target's single apply worker: the lag is tens
+# of MB when the cutover starts. The throttle before the pause drains it (settle_max_active).
+max_lag_bytes = 134217728
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 admin_listen = "127.0.0.1:$ADMIN_PORT"
 pool_mode = "transaction"
-pool_size = $CLIENTS
+pool_size = $POOL
 [[proxy.users]]
 name = "app"
 password_env = "APP_PASSWORD"
@@ -90,11 +98,14 @@ longest() { cat "$WORK/$1"/pgbench_log.* | awk '$3 > max {max = $3} END {printf 
 echo "control run: $SECS s, no cutover ..." >&2
 run_pgbench control
 
+# What the control run wrote is applied before the second run starts.
+"$SWITCHYARD" sync "$WORK/bench.toml" --wait --timeout 10m >/dev/null 2>&1
 echo "cutover run: $SECS s, cutover after $((SECS / 2)) s ..." >&2
 before=$(count "$SRC")
 run_pgbench cutover &
 BENCH_PID=$!
 sleep $((SECS / 2))
+psql -At "$SRC/bench" -c "SELECT 'lag before the cutover: ' || pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = 'switchyard_bench'" >&2
 "$SWITCHYARD" cutover "$WORK/bench.toml" --yes > "$WORK/cutover.out" 2> "$WORK/cutover.err" || {
   cat "$WORK/cutover.out" "$WORK/cutover.err" >&2
   exit 1

@@ -78,6 +78,18 @@ impl ProxyAdmin {
             .await
     }
 
+    /// At most `max_active` transactions at once, until resumed or `timeout`.
+    pub async fn throttle(
+        &self,
+        max_active: u32,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ProxyAdminError> {
+        let body = serde_json::json!({ "max_active": max_active, "timeout_ms": timeout.as_millis() as u64 })
+            .to_string();
+        self.request("POST", "/throttle", &body, Duration::from_secs(5))
+            .await
+    }
+
     pub async fn switch(&self, to: Switch) -> Result<serde_json::Value, ProxyAdminError> {
         let body = serde_json::to_string(&to).unwrap_or_default();
         self.request("POST", "/switch", &body, Duration::from_secs(5))

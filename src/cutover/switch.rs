@@ -324,11 +324,18 @@ impl<'a> Checked<'a> {
             )
             .await?;
         let (from_server, slot) = (self.server(from), self.feeding_slot());
+        let settle_max_active = self.plan.cutover.settle_max_active;
+        let throttle_for = SETTLE_PATIENCE + self.plan.proxy.max_pause.0;
+        let proxies = &self.proxies;
         steps
-            .run(
-                "let the lag come down before pausing",
-                settle_lag(from_server, &slot),
-            )
+            .run("let the lag come down before pausing", async {
+                if settle_max_active > 0 {
+                    throttle_all(proxies, settle_max_active, throttle_for)
+                        .await
+                        .map_err(PgError::Tool)?;
+                }
+                settle_lag(from_server, &slot).await
+            })
             .await?;
         set_pause_timeouts(&self.source, self.plan).await?;
         set_pause_timeouts(&self.target, self.plan).await?;
@@ -731,6 +738,16 @@ async fn pause_all(
     Ok((running, text))
 }
 
+/// Throttles every proxy to `max_active` transactions at once until resumed or `timeout`.
+async fn throttle_all(
+    proxies: &[ProxyAdmin],
+    max_active: u32,
+    timeout: Duration,
+) -> Result<(), String> {
+    let answers = join_all(proxies.iter().map(|p| p.throttle(max_active, timeout))).await;
+    first_error(answers).map(|_| ())
+}
+
 /// Resumes every proxy; returns the longest pause they measured, in ms.
 async fn resume_all(proxies: &[ProxyAdmin]) -> Result<(f64, String), String> {
     let answers = join_all(proxies.iter().map(|p| p.resume())).await;
@@ -768,7 +785,7 @@ async fn end_transactions(server: &Server, pids: &[i32]) -> Result<(), PgError> 
 
 /// The lag the pause should start from: what is still to apply then is applied inside it.
 const SETTLED_LAG_BYTES: i64 = 64 * 1024;
-const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
+const SETTLE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waits, up to a few seconds, until `slot` lags less than [`SETTLED_LAG_BYTES`], so that the
 /// catch-up inside the pause starts from little. Under a write load heavier than the apply

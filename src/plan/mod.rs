@@ -147,6 +147,11 @@ pub struct CutoverSettings {
     pub catchup_timeout: Dur,
     #[serde(default)]
     pub on_drain_timeout: OnDrainTimeout,
+    /// Before the pause, the proxies let at most this many transactions run at once (for up
+    /// to a few seconds) so that the new primary's apply catches up and the pause has little
+    /// left to wait for; 0 turns this off.
+    #[serde(default = "default_settle_max_active")]
+    pub settle_max_active: u32,
     /// Every statement inside the pause runs with this `statement_timeout` (its
     /// `lock_timeout` is a fifth of it).
     #[serde(default = "default_pause_statement_timeout")]
@@ -182,10 +187,15 @@ impl Default for CutoverSettings {
             drain_timeout: default_drain_timeout(),
             catchup_timeout: default_catchup_timeout(),
             on_drain_timeout: OnDrainTimeout::default(),
+            settle_max_active: default_settle_max_active(),
             statement_timeout: default_pause_statement_timeout(),
             proxies: Vec::new(),
         }
     }
+}
+
+fn default_settle_max_active() -> u32 {
+    2
 }
 
 fn default_validation_max_age() -> Dur {

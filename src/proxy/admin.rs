@@ -108,7 +108,7 @@ async fn handle(
     let (status, content_type, body) = match (request.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/status") => (200, "application/json", json(&status(&shared))),
-        ("POST", "/pause") | ("POST", "/resume") | ("POST", "/switch") => {
+        ("POST", "/pause") | ("POST", "/resume") | ("POST", "/switch") | ("POST", "/throttle") => {
             match authorize(token, request.authorization.as_deref()) {
                 Err(message) => (
                     if token.is_none() { 403 } else { 401 },
@@ -121,6 +121,10 @@ async fn handle(
                     json(&pause(&shared, &request.body).await),
                 ),
                 Ok(()) if path == "/switch" => switch(&shared, &request.body),
+                Ok(()) if path == "/throttle" => {
+                    throttle(&shared, &request.body);
+                    (200, "application/json", json(&status(&shared)))
+                }
                 Ok(()) => {
                     shared.control.resume();
                     (200, "application/json", json(&status(&shared)))
@@ -183,6 +187,8 @@ struct PoolStatus {
 #[derive(Serialize)]
 pub struct Status {
     paused: bool,
+    /// Transactions allowed at once while throttled before a pause (0: not throttled).
+    throttled: usize,
     /// The server transactions go to (`source` or `target`) and the switch that said so.
     backend: crate::pg::Side,
     epoch: u64,
@@ -216,6 +222,7 @@ fn status(shared: &Shared) -> Status {
     let backend = shared.backend.current();
     Status {
         paused: shared.control.is_paused(),
+        throttled: shared.control.throttled(),
         backend: backend.backend,
         epoch: backend.epoch,
         last_pause_ms: shared.control.last_pause_us() as f64 / 1000.0,
@@ -253,6 +260,18 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
         })
         .unwrap_or_default();
     serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running })
+}
+
+/// `{"max_active": 2, "timeout_ms": 10000}`: at most that many transactions at once until
+/// `/resume` or the timeout (default: max_pause).
+fn throttle(shared: &Shared, body: &[u8]) {
+    let value = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let max_active = value["max_active"].as_u64().unwrap_or(1) as usize;
+    let timeout = value["timeout_ms"]
+        .as_u64()
+        .map(Duration::from_millis)
+        .unwrap_or(shared.settings.max_pause.0);
+    shared.control.throttle(max_active, timeout);
 }
 
 /// `{"backend": "target", "epoch": 3}`: where transactions go from now on. Refused (409) when

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub struct Control {
@@ -19,6 +19,12 @@ pub struct Control {
     /// applications saw, measured where they saw it.
     paused_since: Mutex<Option<Instant>>,
     last_pause_us: AtomicU64,
+    /// At most this many transactions at once (0: no limit), until `throttle_until`: the
+    /// cutover lowers the write rate for a moment so that the new primary's apply catches up
+    /// before the pause, and the pause has little left to wait for.
+    limit: AtomicUsize,
+    /// Waiting sessions queue on the semaphore (first come, first served).
+    throttle: Mutex<Option<(std::sync::Arc<Semaphore>, Instant)>>,
 }
 
 impl Default for Control {
@@ -29,6 +35,8 @@ impl Default for Control {
             idle: Notify::new(),
             paused_since: Mutex::new(None),
             last_pause_us: AtomicU64::new(0),
+            limit: AtomicUsize::new(0),
+            throttle: Mutex::new(None),
         }
     }
 }
@@ -67,6 +75,7 @@ impl Control {
     }
 
     pub fn resume(&self) {
+        self.unthrottle();
         if self.paused.send_replace(None).is_some() {
             let paused_ms = self.end_pause_measure() as f64 / 1000.0;
             tracing::info!(paused_ms, "resumed");
@@ -121,6 +130,57 @@ impl Control {
         }
     }
 
+    /// Lets at most `max_active` transactions run at once for up to `max`. (Sessions already
+    /// in a transaction finish; new ones queue.)
+    pub fn throttle(&self, max_active: usize, max: Duration) {
+        let permits = std::sync::Arc::new(Semaphore::new(max_active.max(1)));
+        if let Some((old, _)) = self
+            .throttle_state()
+            .replace((permits, Instant::now() + max))
+        {
+            old.close();
+        }
+        self.limit.store(max_active.max(1), Ordering::SeqCst);
+        tracing::info!(max_active, "throttled");
+    }
+
+    pub fn unthrottle(&self) {
+        self.limit.store(0, Ordering::SeqCst);
+        if let Some((permits, _)) = self.throttle_state().take() {
+            // Everyone queued goes ahead.
+            permits.close();
+            tracing::info!("throttle lifted");
+        }
+    }
+
+    fn throttle_state(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(std::sync::Arc<Semaphore>, Instant)>> {
+        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// While throttled, waits for a turn and returns it (held until the transaction ends);
+    /// `None` at once when not throttled.
+    pub async fn throttle_permit(&self) -> Option<OwnedSemaphorePermit> {
+        if self.limit.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let (permits, until) = self.throttle_state().clone()?;
+        match tokio::time::timeout_at(until, permits.acquire_owned()).await {
+            Ok(Ok(permit)) => Some(permit),
+            // Lifted meanwhile.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                self.unthrottle();
+                None
+            }
+        }
+    }
+
+    pub fn throttled(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
     }
@@ -163,6 +223,42 @@ mod tests {
         control.admit().await;
         assert!(started.elapsed() >= Duration::from_secs(2));
         assert!(!control.is_paused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttle_queues_transactions_until_lifted_or_expired() {
+        let control = std::sync::Arc::new(Control::default());
+        assert!(control.throttle_permit().await.is_none());
+        control.throttle(1, Duration::from_secs(10));
+        let first = control.throttle_permit().await;
+        assert!(first.is_some());
+        let second = tokio::spawn({
+            let control = control.clone();
+            async move { control.throttle_permit().await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished());
+        drop(first);
+        assert!(second.await.unwrap(), "the next in line gets the turn");
+
+        let _held = control.throttle_permit().await;
+        let waiting = tokio::spawn({
+            let control = control.clone();
+            async move { control.throttle_permit().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        control.resume();
+        assert!(waiting.await.unwrap().is_none(), "lifted: everyone goes");
+        assert_eq!(control.throttled(), 0);
+
+        control.throttle(1, Duration::from_secs(1));
+        let _held = control.throttle_permit().await;
+        let started = Instant::now();
+        assert!(control.throttle_permit().await.is_none());
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "expires by itself"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -413,6 +413,8 @@ struct Session {
     status: u8,
     /// When the server connection was taken, for the latency histogram.
     attached_at: std::time::Instant,
+    /// This transaction's turn while the proxy is throttled.
+    throttle_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The client's application_name: reported back to it, never set on the server.
     application_name: Option<String>,
     /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
@@ -468,6 +470,7 @@ impl Session {
             status: b'I',
             attached_at: std::time::Instant::now(),
             application_name,
+            throttle_permit: None,
             startup_values,
         }
     }
@@ -1059,21 +1062,24 @@ impl Session {
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
         // Counted as active before the checkout, then the pause is checked again: either
         // `/pause` sees this session and waits for it, or this session sees the pause.
-        loop {
+        // While throttled (before a pause), each transaction waits for its turn first.
+        let permit = loop {
             self.shared.control.admit().await;
+            let permit = self.shared.control.throttle_permit().await;
             self.shared.control.attached();
             if !self.shared.control.is_paused() {
-                break;
+                break permit;
             }
             self.shared.control.detached();
-        }
+        };
+        self.throttle_permit = permit;
         // Boxed: the checkout future is large, and moving it through the nested futures
         // cost more than the allocation.
         // Read after the pause: a switch happens only while paused.
         let pool = &self.pools[super::side_index(self.shared.backend.side())];
         let checkout = Box::pin(checkout(&self.shared, pool)).await;
         if checkout.is_err() {
-            self.shared.control.detached();
+            self.detach();
         }
         let mut server = checkout.map_err(|e| match e {
             bb8::RunError::TimedOut => {
@@ -1093,7 +1099,7 @@ impl Session {
         if let Some(statements) = statements {
             if server.send(frontend::query(&statements)).await.is_err() {
                 server.broken = true;
-                self.shared.control.detached();
+                self.detach();
                 return Err("the server connection broke".into());
             }
             self.swallow_until_ready += 1;
@@ -1144,6 +1150,12 @@ impl Session {
         self.status = b'I';
         server.idle_since = std::time::Instant::now();
         drop(server);
+        self.detach();
+    }
+
+    /// The session no longer holds a server connection (and gives up its throttle turn).
+    fn detach(&mut self) {
+        self.throttle_permit = None;
         self.shared.control.detached();
     }
 
