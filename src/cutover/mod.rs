@@ -93,6 +93,26 @@ impl<'a> Steps<'a> {
     ) -> Result<T, E> {
         let started = Instant::now();
         let result = work.await;
+        self.record(name, started, result)
+    }
+
+    /// [`Steps::run`] for work that does not wait on the network (saving the state).
+    pub fn run_now<T, E: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        work: impl FnOnce() -> Result<(T, String), E>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = work();
+        self.record(name, started, result)
+    }
+
+    fn record<T, E: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        started: Instant,
+        result: Result<(T, String), E>,
+    ) -> Result<T, E> {
         let outcome = match &result {
             Ok((_, text)) => text.clone(),
             Err(e) => format!("FAILED: {e}"),

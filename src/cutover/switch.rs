@@ -241,11 +241,13 @@ impl<'a> Checked<'a> {
             Direction::Cutover => Phase::Switched,
             Direction::Rollback => Phase::RolledBack,
         });
-        self.save(&format!(
-            "switch to the {} (epoch {})",
-            direction.to(),
-            self.state.backend.epoch
-        ))
+        let epoch = self.state.backend.epoch;
+        let (state, store) = (&mut self.state, self.store);
+        steps
+            .run_now(&format!("record the switch in the state (epoch {epoch})"), || {
+                state.note(format!("switch to the {} (epoch {epoch})", direction.to()));
+                store.save(state).map(|()| ((), store.describe()))
+            })
         .map_err(|e| Error::NeedsOperator(format!("{e}\nthe proxies are still paused on the {from} and resume there by themselves at max_pause; the {from} is fenced: run `switchyard {} ` again", direction.name())))?;
         report.epoch = self.state.backend.epoch;
         let resumed = self.switch_and_resume(steps).await;
@@ -365,13 +367,24 @@ impl<'a> Checked<'a> {
         self.pause(steps).await?;
 
         let tables = selection.names();
-        let grants = fence::read_grants(self.server(from), &tables).await?;
+        let server = self.server(from);
+        let grants = steps
+            .run(&format!("read the {from}'s write grants"), async {
+                let grants = fence::read_grants(server, &tables).await?;
+                let text = format!("{} grants", grants.len());
+                Ok::<_, PgError>((grants, text))
+            })
+            .await?;
         self.state.fences.retain(|f| f.side != from);
         self.state.fences.push(Fence {
             side: from,
             grants: grants.clone(),
         });
-        self.save(&format!("fence the {from}"))?;
+        let (state, store) = (&mut self.state, self.store);
+        steps.run_now("record them in the state", || {
+            state.note(format!("fence the {from}"));
+            store.save(state).map(|()| ((), store.describe()))
+        })?;
         let server = self.server(from);
         let timeout = self.plan.cutover.statement_timeout.0;
         steps
@@ -694,12 +707,15 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "apply on the new primary with synchronous_commit = on",
             "let the lag come down before pausing",
             "pause the proxies and let transactions finish",
+            "read the source's write grants",
+            "record them in the state",
             "fence the source",
             "wait until the target has applied everything",
             "copy sequences to the target",
             "disable the forward subscription",
             "advance the reverse slot to the target's current WAL",
             "start the source's subscription to the target",
+            "record the switch in the state",
             "switch the proxies",
             "resume the proxies",
             "drop the forward subscription and its slot",
@@ -708,9 +724,12 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "apply on the new primary with synchronous_commit = on",
             "let the lag come down before pausing",
             "pause the proxies and let transactions finish",
+            "read the target's write grants",
+            "record them in the state",
             "fence the target",
             "wait until the source has applied everything",
             "copy sequences to the source",
+            "record the switch in the state",
             "switch the proxies",
             "give the source its write grants back",
             "resume the proxies",
