@@ -48,6 +48,9 @@ pub async fn run(args: AbortArgs) -> Result<Exit, Error> {
         "publication on the source: {}",
         yes_no(report.dropped_publication)
     );
+    for unfenced in &report.unfenced {
+        println!("write grants given back on the {unfenced}");
+    }
     for object in &report.dropped_target_objects {
         println!("target: {object}");
     }
