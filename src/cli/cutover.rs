@@ -91,7 +91,7 @@ async fn switch(
     json: bool,
 ) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(path)?;
-    let checked = cutover::check(&plan, &store, direction, skip_validation).await?;
+    let checked = cutover::check(&plan, &store, direction, skip_validation, dry_run).await?;
     if let Some(recovered) = &checked.recovered {
         eprintln!("{recovered}");
     }

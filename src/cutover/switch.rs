@@ -48,13 +48,15 @@ pub struct Report {
     pub dry_run: bool,
 }
 
-/// Takes the lock, connects, finishes or undoes an interrupted earlier run, and runs the
-/// gates. Nothing is changed on the servers unless an earlier run left something to finish.
+/// Takes the lock, connects, finishes or undoes an interrupted earlier run (not in a dry run),
+/// and runs the gates. Nothing is changed on the servers unless an earlier run left something
+/// to finish.
 pub async fn check<'a>(
     plan: &'a Plan,
     store: &'a dyn StateStore,
     direction: Direction,
     skip_validation: bool,
+    dry_run: bool,
 ) -> Result<Checked<'a>> {
     let lock = store.lock(direction.name())?;
     let state = state::load_or_new(store, &plan.name.0)?;
@@ -76,7 +78,20 @@ pub async fn check<'a>(
         recovered: None,
         finished_earlier: false,
     };
-    checked.recover().await?;
+    if dry_run {
+        // A dry run changes nothing, not even to finish or undo an earlier run.
+        if let Some(step) = checked
+            .state
+            .interrupted_step()
+            .filter(|s| matches!(*s, "cutover" | "rollback"))
+        {
+            return Err(Error::Refused(format!(
+                "an earlier `{step}` was interrupted: run it again without --dry-run to finish or undo it first"
+            )));
+        }
+    } else {
+        checked.recover().await?;
+    }
     if checked.finished_earlier {
         return Ok(checked);
     }

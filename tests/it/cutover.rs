@@ -312,7 +312,7 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cutover_then_finalize_leaves_nothing_behind() {
-    let (db, proxy) = ready("cutover_final", "").await;
+    let (db, mut proxy) = ready("cutover_final", "").await;
     let target = db.target_client().await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(200).await;

@@ -69,20 +69,7 @@ impl Proxy {
         );
         let path = db.dir.path().join(format!("proxy-{mode}-{port}.toml"));
         std::fs::write(&path, plan).expect("write the proxy plan");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("proxy")
-            .arg(&path)
-            .current_dir(db.dir.path())
-            .env("TEST_APP_PASSWORD", &password)
-            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("SWITCHYARD_TEST_PROXY_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start switchyard proxy");
+        let child = spawn_proxy(&path, &password);
         let proxy = Proxy {
             child,
             port,
@@ -92,15 +79,27 @@ impl Proxy {
             database: db.name.clone(),
             plan: path,
         };
+        proxy.wait_listening().await;
+        proxy
+    }
+
+    async fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
             assert!(
                 Instant::now() < deadline,
                 "the proxy did not start listening"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        proxy
+    }
+
+    /// Kills the proxy and starts it again with the same plan and ports.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_proxy(&self.plan, &self.password);
+        self.wait_listening().await;
     }
 
     /// `GET /status`, parsed.
@@ -157,6 +156,23 @@ impl Proxy {
             .unwrap_or_default();
         (status, body)
     }
+}
+
+fn spawn_proxy(plan: &std::path::Path, password: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("proxy")
+        .arg(plan)
+        .current_dir(plan.parent().expect("the plan's directory"))
+        .env("TEST_APP_PASSWORD", password)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("SWITCHYARD_TEST_PROXY_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("start switchyard proxy")
 }
 
 fn pgbench(args: &[&str], url: &str) -> std::process::Output {
