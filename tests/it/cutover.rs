@@ -322,6 +322,23 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
     let (acked, errors) = load.stop().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     assert_holds_exactly(&target, &acked, "target").await;
+    // A restarted proxy comes back on the target.
+    proxy.restart().await;
+    let status = proxy.status().await;
+    assert_eq!(status["backend"], "target", "{status}");
+    assert_eq!(status["epoch"], 1, "{status}");
+    let dry = coordinator(&db, &proxy.plan, &["rollback", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("Dry run"),
+        "{}",
+        text(&dry)
+    );
+    assert_eq!(
+        proxy.status().await["backend"],
+        "target",
+        "a dry run changed nothing"
+    );
     target
         .batch_execute(
             "INSERT INTO events (client, seq) VALUES (0, 1); INSERT INTO notes (body) VALUES ('x')",
