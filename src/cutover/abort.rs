@@ -45,6 +45,11 @@ pub async fn run(
             "the applications run on the target (after a cutover): `switchyard rollback` moves them back, `switchyard finalize` ends the migration there".into(),
         ));
     }
+    if state.phase == Phase::RolledBack && state.interrupted_step() == Some("rollback") {
+        return Err(Error::Refused(
+            "a rollback recorded its switch to the source and was interrupted: run `switchyard rollback` again to finish it first (abort now could leave proxies writing to the target)".into(),
+        ));
+    }
     if state.phase == Phase::Finished {
         return Err(Error::Refused(
             "the migration is finished: there is nothing to abort".into(),

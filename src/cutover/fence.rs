@@ -61,8 +61,25 @@ pub fn revoke_sql(tables: &[TableName], grants: &[Grant]) -> Option<String> {
     ))
 }
 
-/// The statements that give `grants` back.
+/// One round trip that gives `grants` back, each on its own: a role dropped or a table renamed
+/// since the fence only warns, and every other grant still comes back.
 pub fn restore_sql(grants: &[Grant]) -> String {
+    let each: Vec<String> = grant_statements(grants)
+        .iter()
+        .map(|g| {
+            format!(
+                "  BEGIN EXECUTE {}; EXCEPTION WHEN undefined_object OR undefined_table OR undefined_column THEN RAISE WARNING 'switchyard: cannot give back: %', SQLERRM; END;",
+                crate::pg::sql::literal(g)
+            )
+        })
+        .collect();
+    format!(
+        "DO $switchyard$\nBEGIN\n{}\nEND\n$switchyard$",
+        each.join("\n")
+    )
+}
+
+fn grant_statements(grants: &[Grant]) -> Vec<String> {
     grants
         .iter()
         .map(|g| {
@@ -76,12 +93,38 @@ pub fn restore_sql(grants: &[Grant]) -> String {
                 ""
             };
             format!(
-                "GRANT {privilege} ON TABLE {} TO {}{option};",
+                "GRANT {privilege} ON TABLE {} TO {}{option}",
                 g.table, g.grantee
             )
         })
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect()
+}
+
+/// Roles among `roles` (names) and the grantees of `grants` that can still write one of
+/// `tables`: a fence that did not hold (a coordinator that is neither superuser nor owner
+/// revokes nothing, with only a warning). Superusers are not looked at: the gates refuse them
+/// as application roles.
+pub async fn still_writable(
+    server: &Server,
+    roles: &[String],
+    grants: &[Grant],
+    tables: &[TableName],
+) -> Result<Vec<String>, PgError> {
+    let grantees: Vec<&str> = grants.iter().map(|g| g.grantee.as_str()).collect();
+    let tables: Vec<String> = tables.iter().map(TableName::sql).collect();
+    let rows = server
+        .query(
+            "check the fence",
+            "SELECT r.rolname || ' on ' || t.tbl FROM pg_roles r, unnest($3::text[]) AS t(tbl)
+              WHERE (r.rolname = ANY($1) OR quote_ident(r.rolname) = ANY($2))
+                AND NOT r.rolsuper AND r.rolname <> current_user
+                AND (has_table_privilege(r.oid, t.tbl, 'INSERT, UPDATE, DELETE, TRUNCATE')
+                     OR has_any_column_privilege(r.oid, t.tbl, 'INSERT, UPDATE'))
+              LIMIT 10",
+            &[&roles, &grantees, &tables],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
@@ -93,8 +136,9 @@ pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
         .await
 }
 
-/// Ends every client session in this database that is not the coordinator's and not an idle
-/// server connection of a proxy, all at once, then waits until they are gone. Replication
+/// Ends every client session in this database but this one and the idle server connections
+/// of the proxies (other sessions of the coordinator's role too: a superuser's batch job could
+/// write past the fence), all at once, then waits until they are gone. Replication
 /// connections (WAL senders, apply workers) are never touched. Returns how many were ended.
 pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, PgError> {
     let rows = server
@@ -105,7 +149,7 @@ pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, P
             "WITH victims AS MATERIALIZED (
                  SELECT pid FROM pg_stat_activity
                   WHERE datname = current_database() AND backend_type = 'client backend'
-                    AND pid <> pg_backend_pid() AND usename <> current_user
+                    AND pid <> pg_backend_pid()
                     AND NOT (application_name = 'switchyard-proxy' AND state = 'idle'))
              SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
             &[],
@@ -166,8 +210,17 @@ mod tests {
             "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE \"public\".\"orders\" FROM PUBLIC, app CASCADE"
         );
         assert_eq!(
-            restore_sql(&grants),
-            "GRANT INSERT ON TABLE public.orders TO app;\nGRANT UPDATE (note) ON TABLE public.orders TO PUBLIC WITH GRANT OPTION;"
+            grant_statements(&grants),
+            [
+                "GRANT INSERT ON TABLE public.orders TO app",
+                "GRANT UPDATE (note) ON TABLE public.orders TO PUBLIC WITH GRANT OPTION"
+            ]
+        );
+        let restore = restore_sql(&grants);
+        assert!(restore.starts_with("DO $switchyard$"), "{restore}");
+        assert!(
+            restore.contains("EXECUTE 'GRANT INSERT ON TABLE public.orders TO app';"),
+            "{restore}"
         );
         assert!(revoke_sql(&tables, &[]).is_none());
     }

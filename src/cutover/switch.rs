@@ -247,6 +247,13 @@ impl<'a> Checked<'a> {
             report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
             return Err(error);
         }
+        // The proxies' own deadline (max_pause) may have run out during a slow step: then they
+        // resumed on the old primary, and the switch must not happen behind their back.
+        if let Err(e) = self.still_paused(steps).await {
+            let error = self.give_up(steps, e).await;
+            report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+            return Err(error);
+        }
         // The commit point: from here on the switch is finished, never undone.
         self.state.backend = Switch {
             backend: direction.to(),
@@ -390,22 +397,46 @@ impl<'a> Checked<'a> {
                 Ok::<_, PgError>((grants, text))
             })
             .await?;
-        self.state.fences.retain(|f| f.side != from);
-        self.state.fences.push(Fence {
-            side: from,
-            grants: grants.clone(),
-        });
+        // A fence this side already has (an abort that could not give the grants back) keeps
+        // what it recorded: those grants are revoked now and would not be read again.
+        match self.state.fences.iter_mut().find(|f| f.side == from) {
+            Some(fence) => {
+                for grant in &grants {
+                    if !fence.grants.contains(grant) {
+                        fence.grants.push(grant.clone());
+                    }
+                }
+            }
+            None => self.state.fences.push(Fence {
+                side: from,
+                grants: grants.clone(),
+            }),
+        }
         let (state, store) = (&mut self.state, self.store);
         steps.run_now("record them in the state", || {
             state.note(format!("fence the {from}"));
             store.save(state).map(|()| ((), store.describe()))
         })?;
+        let app_roles: Vec<String> = self
+            .plan
+            .proxy
+            .users
+            .iter()
+            .map(|u| u.name.0.clone())
+            .collect();
         let server = self.server(from);
         let timeout = self.plan.cutover.statement_timeout.0;
         steps
             .run(&format!("fence the {from}"), async {
                 if let Some(revoke) = fence::revoke_sql(&tables, &grants) {
                     server.execute("revoke the write grants", &revoke).await?;
+                }
+                let leaks = fence::still_writable(server, &app_roles, &grants, &tables).await?;
+                if !leaks.is_empty() {
+                    return Err(PgError::Tool(format!(
+                        "the fence did not hold: {} can still write (the coordinator's role must be a superuser or own the tables)",
+                        leaks.join(", ")
+                    )));
                 }
                 let ended = fence::end_sessions(server, timeout).await?;
                 Ok::<_, PgError>((
@@ -445,21 +476,45 @@ impl<'a> Checked<'a> {
         Ok(())
     }
 
+    async fn still_paused(&mut self, steps: &mut Steps<'_>) -> Result<()> {
+        let proxies = &self.proxies;
+        steps
+            .run("check the proxies are still paused", async {
+                let answers =
+                    join_all(proxies.iter().map(|p| p.status(Duration::from_secs(2)))).await;
+                let answers = first_error(answers)?;
+                if let Some((proxy, _)) = proxies
+                    .iter()
+                    .zip(&answers)
+                    .find(|(_, a)| a["paused"].as_bool() != Some(true))
+                {
+                    return Err(format!(
+                        "proxy {} is no longer paused (its max_pause ran out): raise [proxy] max_pause",
+                        proxy.address
+                    ));
+                }
+                Ok(((), format!("{} proxies", proxies.len())))
+            })
+            .await
+            .map_err(Error::Refused)
+    }
+
     /// Pauses every proxy and waits for their transactions to finish, ending them when
     /// `on_drain_timeout = "cancel"`.
     async fn pause(&mut self, steps: &mut Steps<'_>) -> Result<()> {
         let drain = self.plan.cutover.drain_timeout.0;
         let proxies = &self.proxies;
-        let running = steps
+        let drained = steps
             .run(
                 "pause the proxies and let transactions finish",
                 pause_all(proxies, drain),
             )
             .await
             .map_err(Error::Refused)?;
-        if running.is_empty() {
+        if drained.idle {
             return Ok(());
         }
+        let running = drained.running;
         let listed: Vec<String> = running.iter().map(|r| r.to_string()).collect();
         if self.plan.cutover.on_drain_timeout == OnDrainTimeout::Abort {
             return Err(Error::Refused(format!(
@@ -480,10 +535,10 @@ impl<'a> Checked<'a> {
                 let (left, _) = pause_all(proxies, Duration::from_secs(1))
                     .await
                     .map_err(PgError::Tool)?;
-                if !left.is_empty() {
+                if !left.idle {
                     return Err(PgError::Tool(format!(
                         "{} transactions still run after being cancelled",
-                        left.len()
+                        left.running.len().max(1)
                     )));
                 }
                 Ok(((), format!("{} cancelled or rolled back", pids.len())))
@@ -606,6 +661,14 @@ impl<'a> Checked<'a> {
     async fn finish(&mut self, direction: Direction, steps: &mut Steps<'_>) -> Result<()> {
         set_pause_timeouts(&self.source, self.plan).await?;
         set_pause_timeouts(&self.target, self.plan).await?;
+        // The proxies resumed by themselves on the old primary: pause them again, so no
+        // transaction is half-way there when they switch. (One that does not finish meets the
+        // fence, never the other server.)
+        let drain = self.plan.cutover.drain_timeout.0;
+        steps
+            .run("pause the proxies", pause_all(&self.proxies, drain))
+            .await
+            .map_err(Error::Refused)?;
         self.switch_and_resume(steps).await?;
         self.after(direction, steps).await
     }
@@ -754,22 +817,29 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
 }
 
 /// Pauses every proxy; returns the transactions still running after `drain`.
-async fn pause_all(
-    proxies: &[ProxyAdmin],
-    drain: Duration,
-) -> Result<(Vec<serde_json::Value>, String), String> {
+/// What the proxies answered to a pause.
+struct Drain {
+    /// Every proxy said no session holds a server connection.
+    idle: bool,
+    /// The transactions they listed as still running (a session still waiting for its
+    /// server connection is not listed, but makes `idle` false).
+    running: Vec<serde_json::Value>,
+}
+
+async fn pause_all(proxies: &[ProxyAdmin], drain: Duration) -> Result<(Drain, String), String> {
     let answers = join_all(proxies.iter().map(|p| p.pause(drain))).await;
     let answers = first_error(answers)?;
+    let idle = answers.iter().all(|a| a["idle"].as_bool() == Some(true));
     let running: Vec<serde_json::Value> = answers
         .iter()
         .flat_map(|a| a["running"].as_array().cloned().unwrap_or_default())
         .collect();
-    let text = if running.is_empty() {
+    let text = if idle {
         format!("{} proxies paused, no transaction running", proxies.len())
     } else {
-        format!("{} transactions still running", running.len())
+        format!("{} transactions still running", running.len().max(1))
     };
-    Ok((running, text))
+    Ok((Drain { idle, running }, text))
 }
 
 /// Throttles every proxy to `max_active` transactions at once until resumed or `timeout`.

@@ -166,12 +166,22 @@ impl Control {
             return None;
         }
         let (permits, until) = self.throttle_state().clone()?;
-        match tokio::time::timeout_at(until, permits.acquire_owned()).await {
+        match tokio::time::timeout_at(until, permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Some(permit),
             // Lifted meanwhile.
             Ok(Err(_)) => None,
             Err(_) => {
-                self.unthrottle();
+                // Expired; a newer throttle (another semaphore) stays.
+                let mut state = self.throttle_state();
+                if state
+                    .as_ref()
+                    .is_some_and(|(current, _)| std::sync::Arc::ptr_eq(current, &permits))
+                {
+                    state.take();
+                    drop(state);
+                    self.limit.store(0, Ordering::SeqCst);
+                    permits.close();
+                }
                 None
             }
         }

@@ -273,6 +273,9 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
     load.run_for(300).await;
     let (acked, errors) = load.stop().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    // The fences ended every session but the proxies' on each server in turn: these too.
+    assert!(source.is_closed() && target.is_closed());
+    let (source, target) = (db.source_client().await, db.target_client().await);
     assert_holds_exactly(&source, &acked, "source").await;
     // Serial and identity inserts on the source go on without duplicate keys.
     source
@@ -423,6 +426,7 @@ async fn a_target_that_cannot_catch_up_makes_the_cutover_undo_itself() {
     let acked: Vec<(i32, i32)> = acked.into_iter().chain(more).collect();
     // Replication runs again once the worker does, and catches up.
     signal(worker, "CONT");
+    let source = db.source_client().await;
     common::wait_caught_up(
         &source,
         &format!("switchyard_{}", db.name),
