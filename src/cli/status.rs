@@ -42,6 +42,21 @@ pub async fn run(args: StatusArgs) -> Result<Exit, Error> {
 
 pub fn print_status(s: &Status) {
     println!("Migration {}: phase {}", s.name, s.phase);
+    println!(
+        "Applications (through the proxies) go to the {} (switch epoch {})",
+        s.backend.backend, s.backend.epoch
+    );
+    for side in &s.fenced {
+        println!(
+            "The {side} is fenced: no role but the coordinator's can write the migrated tables"
+        );
+    }
+    if let Some(lag) = s.reverse_lag_bytes {
+        println!(
+            "Way back: the source is {} behind the target",
+            human_bytes(lag)
+        );
+    }
     match &s.subscription {
         Some(sub) => println!(
             "Subscription {sub}: {}, apply worker {}",

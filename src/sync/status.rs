@@ -57,6 +57,12 @@ pub struct Status {
     pub interrupted_step: Option<String>,
     /// What must be fixed before the migration can go on (drift, a lost slot, a failing apply).
     pub blocking: Vec<String>,
+    /// Where the proxies send transactions, and the epoch of the last switch.
+    pub backend: crate::proxy::backend::Switch,
+    /// Servers whose write grants a cutover or rollback revoked.
+    pub fenced: Vec<crate::pg::Side>,
+    /// After a cutover: WAL the source has not yet applied from the target (the way back).
+    pub reverse_lag_bytes: Option<i64>,
 }
 
 impl Status {
@@ -120,7 +126,21 @@ pub async fn read(
         warnings: Vec::new(),
         interrupted_step: state.interrupted_step().map(str::to_string),
         blocking: Vec::new(),
+        backend: state.backend,
+        fenced: state.fences.iter().map(|f| f.side).collect(),
+        reverse_lag_bytes: None,
     };
+    if let Some(reverse) = &state.created.reverse {
+        status.reverse_lag_bytes = target
+            .query(
+                "read the reverse slot",
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[reverse],
+            )
+            .await?
+            .first()
+            .and_then(|r| r.get(0));
+    }
     let subscription_oid = replication::subscription_oid(target, &name).await?;
     if let Some(oid) = subscription_oid {
         status.subscription = Some(name.clone());

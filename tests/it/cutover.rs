@@ -325,6 +325,15 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
     let (acked, errors) = load.stop().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     assert_holds_exactly(&target, &acked, "target").await;
+    let status = coordinator(&db, &proxy.plan, &["status"]);
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains("go to the target (switch epoch 1)"),
+        "{}",
+        text(&status)
+    );
+    assert!(out.contains("The source is fenced"), "{}", text(&status));
+    assert!(out.contains("Way back: the source is"), "{}", text(&status));
     // A restarted proxy comes back on the target.
     proxy.restart().await;
     let status = proxy.status().await;
