@@ -414,7 +414,35 @@ async fn a_target_that_cannot_catch_up_makes_the_cutover_undo_itself() {
     signal(worker, "STOP");
     let load = Load::start_at(&proxy.url(), CLIENTS + 1).await;
     let started = Instant::now();
-    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    let plan = proxy.plan.to_str().expect("utf-8 path");
+    let child = db
+        .command(&["cutover", plan, "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the cutover");
+    // During the cutover (it waits for the hung target inside the pause): the source is
+    // fenced against the application role connecting straight to it, and an explicit
+    // read-write transaction does not get around it.
+    let app_on_source = direct_client(db.source, &db.name, &proxy.user, &proxy.password).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.status().await["paused"] != true {
+        assert!(Instant::now() < deadline, "the proxy never paused");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let app_on_source = match app_on_source.batch_execute("SELECT 1").await {
+        Ok(()) => app_on_source,
+        // Its session was ended by the fence, as it should: a new one.
+        Err(_) => direct_client(db.source, &db.name, &proxy.user, &proxy.password).await,
+    };
+    let err = app_on_source
+        .batch_execute("BEGIN READ WRITE; INSERT INTO notes (body) VALUES ('during'); COMMIT")
+        .await
+        .expect_err("the fence let a write through during the cutover");
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    let output = child.wait_with_output().expect("wait for the cutover");
     let took = started.elapsed();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(
