@@ -339,13 +339,7 @@ async fn proxies(ctx: &Context<'_>, direction: Direction, gates: &mut Gates) {
 /// The proxies' application roles must be fenceable on both servers: not superusers, not
 /// members of `pg_write_all_data`, not owners of the migrated tables.
 async fn fenceable(ctx: &Context<'_>, gates: &mut Gates) -> Result<(), PgError> {
-    let roles: Vec<String> = ctx
-        .plan
-        .proxy
-        .users
-        .iter()
-        .map(|u| u.name.0.clone())
-        .collect();
+    let roles = ctx.plan.proxy.user_names();
     let mut problems = Vec::new();
     for server in [ctx.source, ctx.target] {
         let tables: Vec<String> = catalog::select(ctx.plan, catalog::tables(server).await?)

@@ -342,7 +342,13 @@ impl<'a> Checked<'a> {
                 "apply on the new primary with synchronous_commit = on",
                 async {
                     set_subscription_commit(server, &feeding, "on").await?;
-                    wait_worker(server, &feeding, Duration::from_secs(30)).await?;
+                    wait_workers(
+                        server,
+                        &feeding,
+                        Workers::ApplyRunning,
+                        Duration::from_secs(30),
+                    )
+                    .await?;
                     Ok::<_, PgError>(((), format!("{feeding} on the {}", server.side)))
                 },
             )
@@ -417,13 +423,7 @@ impl<'a> Checked<'a> {
             state.note(format!("fence the {from}"));
             store.save(state).map(|()| ((), store.describe()))
         })?;
-        let app_roles: Vec<String> = self
-            .plan
-            .proxy
-            .users
-            .iter()
-            .map(|u| u.name.0.clone())
-            .collect();
+        let app_roles = self.plan.proxy.user_names();
         let server = self.server(from);
         let timeout = self.plan.cutover.statement_timeout.0;
         steps
@@ -561,7 +561,7 @@ impl<'a> Checked<'a> {
                         &format!("ALTER SUBSCRIPTION {} DISABLE", sql::ident(&forward)),
                     )
                     .await?;
-                wait_worker_gone(target, &forward, Duration::from_secs(5)).await?;
+                wait_workers(target, &forward, Workers::AllGone, Duration::from_secs(5)).await?;
                 Ok::<_, PgError>(((), "its worker exited".to_string()))
             })
             .await?;
@@ -1056,52 +1056,45 @@ async fn advance_slot(server: &Server, name: &str) -> Result<String, PgError> {
     Ok(row.get(0))
 }
 
-/// The subscription `name`'s apply worker on `server` runs.
-async fn wait_worker(server: &Server, name: &str, timeout: Duration) -> Result<(), PgError> {
-    let started = Instant::now();
-    loop {
-        let running: bool = server
-            .query_one(
-                "look for the apply worker",
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL AND relid IS NULL)",
-                &[&name],
-            )
-            .await?
-            .get(0);
-        if running {
-            return Ok(());
-        }
-        if started.elapsed() >= timeout {
-            return Err(PgError::Tool(format!(
-                "the apply worker of {name} on the {} did not start within {timeout:?}",
-                server.side
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Which of a subscription's workers a wait is about.
+#[derive(Clone, Copy)]
+enum Workers {
+    /// Its apply worker has started.
+    ApplyRunning,
+    /// All its workers (apply and table sync) have exited.
+    AllGone,
 }
 
-async fn wait_worker_gone(server: &Server, name: &str, timeout: Duration) -> Result<(), PgError> {
+/// Waits until the subscription `name` on `server` is as `until` says, or `timeout`.
+async fn wait_workers(
+    server: &Server,
+    name: &str,
+    until: Workers,
+    timeout: Duration,
+) -> Result<(), PgError> {
+    let (which, wanted, poll, failure) = match until {
+        Workers::ApplyRunning => ("AND relid IS NULL", true, 20, "did not start"),
+        Workers::AllGone => ("", false, 2, "did not exit"),
+    };
+    let query = format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL {which})"
+    );
     let started = Instant::now();
     loop {
         let running: bool = server
-            .query_one(
-                "look for the subscription's workers",
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL)",
-                &[&name],
-            )
+            .query_one("look for the subscription's workers", &query, &[&name])
             .await?
             .get(0);
-        if !running {
+        if running == wanted {
             return Ok(());
         }
         if started.elapsed() >= timeout {
             return Err(PgError::Tool(format!(
-                "the workers of {name} on the {} did not exit within {timeout:?}",
+                "the workers of {name} on the {} {failure} within {timeout:?}",
                 server.side
             )));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(poll)).await;
     }
 }
 

@@ -214,6 +214,13 @@ fn default_pause_statement_timeout() -> Dur {
     Dur(Duration::from_secs(2))
 }
 
+impl ProxySettings {
+    /// The application roles of `[[proxy.users]]`.
+    pub fn user_names(&self) -> Vec<String> {
+        self.users.iter().map(|u| u.name.0.clone()).collect()
+    }
+}
+
 /// An application role: clients log in to the proxy with it, and the proxy logs in to the
 /// servers as the same role with the same password.
 #[derive(Debug, Clone, Deserialize)]
