@@ -148,6 +148,7 @@ pub async fn run(plan: &Plan, state: &State, opts: &Options) -> Result<Report> {
         slot,
         opts: opts.clone(),
         results: Mutex::new(HashMap::new()),
+        partials: Mutex::new(HashMap::new()),
         rows_done: Default::default(),
         started,
         bar: opts
@@ -209,9 +210,19 @@ struct Shared {
     opts: Options,
     /// Per table: what its chunks found.
     results: Mutex<HashMap<usize, TableResult>>,
+    /// Per table in scan mode: the bucket aggregates summed so far.
+    partials: Mutex<HashMap<usize, Partials>>,
     rows_done: std::sync::atomic::AtomicU64,
     started: Instant,
     bar: Option<indicatif::ProgressBar>,
+}
+
+#[derive(Default)]
+struct Partials {
+    source: Aggregates,
+    target: Aggregates,
+    chunks_done: usize,
+    failed: bool,
 }
 
 #[derive(Default)]
@@ -241,7 +252,10 @@ async fn worker(plan: &Plan, shared: &Shared) -> Result<()> {
         };
         let table = &shared.plans[t];
         let began = Instant::now();
-        let outcome = check_chunk(&pair, shared, table, &table.chunks[c]).await;
+        let outcome = match &table.scan {
+            Some(whole) => scan_chunk(&pair, shared, t, whole, &table.chunks[c]).await,
+            None => check_chunk(&pair, shared, table, &table.chunks[c]).await,
+        };
         let rows = record_chunk(shared, t, began, outcome);
         pace(shared, rows).await;
     }
@@ -517,6 +531,75 @@ async fn check_chunk(
         compare_keyed(pair, shared, table, chunk, &buckets, &mut found).await?;
     }
     Ok(found)
+}
+
+/// A page range of a table in scan mode: partial aggregates on both servers, added to the
+/// table's sums. The chunk that completes the table compares the sums and opens the buckets
+/// that differ, by key range, in a snapshot, as [`check_chunk`] does: rows that moved while
+/// the pages were read (counted twice or not at all) only make a bucket look different until
+/// it is opened.
+async fn scan_chunk(
+    pair: &Pair,
+    shared: &Shared,
+    t: usize,
+    whole: &Chunk,
+    chunk: &Chunk,
+) -> Result<ChunkFound> {
+    let table = &shared.plans[t];
+    let sql = table.aggregates_sql(chunk);
+    let (source, target) = tokio::join!(
+        pair.source.query("checksum the source", &sql, &[]),
+        pair.target.query("checksum the target", &sql, &[])
+    );
+    let (source, target) = (
+        source.map(|rows| aggregates(&rows)),
+        target.map(|rows| aggregates(&rows)),
+    );
+    let mut found = ChunkFound {
+        rows_source: 0,
+        rows_target: 0,
+        in_flight: 0,
+        differences: Vec::new(),
+    };
+    let complete = {
+        let mut partials = lock(&shared.partials);
+        let sums = partials.entry(t).or_default();
+        sums.chunks_done += 1;
+        match (&source, &target) {
+            (Ok(s), Ok(d)) => {
+                merge(&mut sums.source, s);
+                merge(&mut sums.target, d);
+                found.rows_source = rows_in(s);
+                found.rows_target = rows_in(d);
+            }
+            _ => sums.failed = true,
+        }
+        (sums.chunks_done == table.chunks.len() && !sums.failed).then(|| {
+            (
+                std::mem::take(&mut sums.source),
+                std::mem::take(&mut sums.target),
+            )
+        })
+    };
+    source?;
+    target?;
+    if let Some((source, target)) = complete {
+        let buckets = differing_buckets(&source, &target);
+        if !buckets.is_empty() {
+            compare_keyed(pair, shared, table, whole, &buckets, &mut found).await?;
+        }
+    }
+    Ok(found)
+}
+
+/// Adds bucket aggregates: counts and sums (mod 2^64) add, XORs XOR.
+fn merge(into: &mut Aggregates, from: &Aggregates) {
+    for (bucket, (count, sum, xor)) in from {
+        let total = into.entry(*bucket).or_insert((0, 0, 0));
+        total.0 += count;
+        total.1 = total.1.wrapping_add(*sum);
+        total.2 ^= xor;
+    }
 }
 
 type KeyHashes = BTreeMap<Vec<String>, i64>;
@@ -799,6 +882,7 @@ async fn plan_tables(plan: &Plan, pair: &Pair, opts: &Options) -> Result<Vec<Tab
             estimated_rows: info.estimated_rows.max(0),
             chunks: vec![Chunk::default()],
             buckets: (info.estimated_rows / opts.bucket_rows).max(1),
+            scan: None,
         };
         if !table.key.is_empty() && cuttable {
             cut_chunks(&pair.source, &mut table, opts).await?;
@@ -909,6 +993,10 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     if bounds.is_empty() {
         return Ok(());
     }
+    if ranged && wanted_chunks > 1 {
+        scan_by_pages(table, bounds, wanted_chunks, i64::from(pages));
+        return Ok(());
+    }
     let per_chunk = bounds.len().div_ceil(wanted_chunks as usize).max(1);
     let mut chunks = Vec::new();
     let mut lo: Option<Vec<String>> = None;
@@ -929,6 +1017,7 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
             } else {
                 Vec::new()
             },
+            pages: None,
         });
         lo = hi;
     }
@@ -937,12 +1026,33 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
             lo,
             hi: None,
             inner: Vec::new(),
+            pages: None,
         });
     }
     table.buckets = (rows / chunks.len() as i64 / opts.bucket_rows).max(1);
     tracing::debug!(table = %table.name, chunks = chunks.len(), "chunks cut");
     table.chunks = chunks;
     Ok(())
+}
+
+/// Scan mode (see [`TablePlan::scan`]): `chunks` page ranges over the source's `pages` (the
+/// last one open, as the target may have more), all bucketed by the whole table's `bounds`.
+fn scan_by_pages(table: &mut TablePlan, bounds: Vec<Vec<String>>, chunks: i64, pages: i64) {
+    let whole = Chunk {
+        lo: None,
+        hi: None,
+        inner: bounds.into_iter().map(|mut b| b.remove(0)).collect(),
+        pages: None,
+    };
+    let per = (pages + chunks - 1) / chunks;
+    table.chunks = (0..chunks)
+        .map(|i| Chunk {
+            pages: Some((i * per, (i + 1 < chunks).then(|| (i + 1) * per))),
+            ..whole.clone()
+        })
+        .collect();
+    tracing::debug!(table = %table.name, chunks, "scan by pages");
+    table.scan = Some(whole);
 }
 
 /// Rows per second the source hashes this table at, timed on its first `rows` rows.
@@ -955,6 +1065,7 @@ async fn probe_rate(source: &Server, table: &TablePlan, rows: i64) -> Result<f64
         lo: None,
         hi: Some(bound),
         inner: Vec::new(),
+        pages: None,
     };
     let began = Instant::now();
     source

@@ -21,6 +21,10 @@ pub struct Chunk {
     /// scan of a few thousand rows. Empty: buckets are `key hash mod buckets`, and opening
     /// one reads the chunk again.
     pub inner: Vec<String>,
+    /// A part of a table scanned in physical order: pages `[from, to)` (`to` open at the
+    /// end) instead of a key range. Such chunks give partial bucket aggregates, summed over
+    /// the table before they are compared (see [`TablePlan::scan`]).
+    pub pages: Option<(i64, Option<i64>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +38,12 @@ pub struct TablePlan {
     /// Sub-buckets per chunk: a bucket is `key hash mod buckets` (row hash without a key), so
     /// a row missing on one side moves no other row to another bucket.
     pub buckets: i64,
+    /// Scan mode, for a large table with a one-column key: its chunks are page ranges, read
+    /// by TID range scans (measured on 5 M rows: 0.20 µs a row, against 0.42 µs through the
+    /// primary key index), each giving partial aggregates per key-range bucket of the whole
+    /// table; this chunk (the whole key range, with every bucket bound) is what the summed
+    /// aggregates are compared in, and what a differing bucket is opened in.
+    pub scan: Option<Chunk>,
 }
 
 /// Cells per bucket (a power of two): see [`TablePlan::cell_aggregates_sql`].
@@ -95,6 +105,12 @@ impl TablePlan {
     }
 
     pub fn range_predicate(&self, chunk: &Chunk) -> String {
+        if let Some((from, to)) = chunk.pages {
+            return match to {
+                Some(to) => format!("ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"),
+                None => format!("ctid >= '({from},0)'::tid"),
+            };
+        }
         let mut parts = Vec::new();
         if let Some(lo) = &chunk.lo {
             parts.push(format!("{} >= {}", self.key_tuple(), self.key_literal(lo)));
@@ -394,6 +410,7 @@ mod tests {
     #[test]
     fn composite_keys_compare_as_rows() {
         let plan = TablePlan {
+            scan: None,
             name: TableName::new("public", "order_items"),
             columns: Vec::new(),
             key: vec![
@@ -411,6 +428,7 @@ mod tests {
             buckets: 1,
         };
         let chunk = Chunk {
+            pages: None,
             lo: Some(vec!["1".into(), "a'b".into()]),
             hi: None,
             inner: Vec::new(),
