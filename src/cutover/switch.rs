@@ -370,7 +370,7 @@ impl<'a> Checked<'a> {
         set_pause_timeouts(&self.source, self.plan).await?;
         set_pause_timeouts(&self.target, self.plan).await?;
         if direction == Direction::Cutover {
-            // Decoding up to now outside the pause leaves little for the advance inside it.
+            // Decoding up to now outside the pause leaves less for the advance inside it.
             advance_slot(&self.target, &reverse_name(self.plan)).await?;
         }
         Ok(selection)
@@ -1045,15 +1045,22 @@ async fn create_slot(server: &Server, name: &str) -> Result<String, PgError> {
     Ok(row.get(0))
 }
 
+/// Moves the slot to the server's current WAL position. Returns the position and how far
+/// behind it the slot's restart point is: an advance decodes from there, so that is what
+/// makes it slow (the restart point follows logged snapshots of running transactions, every
+/// 15 s or at a checkpoint).
 async fn advance_slot(server: &Server, name: &str) -> Result<String, PgError> {
     let row = server
         .query_one(
             "advance the reverse slot",
-            "SELECT end_lsn::text FROM pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            "SELECT a.end_lsn::text, pg_size_pretty(a.end_lsn - s.restart_lsn)
+               FROM pg_replication_slots s, pg_replication_slot_advance($1, pg_current_wal_lsn()) a
+              WHERE s.slot_name = $1",
             &[&name],
         )
         .await?;
-    Ok(row.get(0))
+    let (lsn, decoded): (String, String) = (row.get(0), row.get(1));
+    Ok(format!("{lsn} (restart point {decoded} behind)"))
 }
 
 /// Which of a subscription's workers a wait is about.
