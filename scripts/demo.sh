@@ -82,23 +82,24 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 echo "INSERT INTO customers (name) VALUES ('written through the proxy');" > "$WORK/insert.sql"
-/usr/lib/postgresql/15/bin/pgbench -n -c 4 -T 6 -f "$WORK/insert.sql" "$APP_URL" > "$WORK/pgbench-cutover.txt" 2>&1 &
-BENCH=$!
-sleep 2
-step "switchyard cutover shop.toml --yes (pgbench keeps writing through the proxy)"
-"$SWITCHYARD" cutover shop.toml --yes
-wait $BENCH || true
-grep -E "actually processed|failed|error|aborted" "$WORK/pgbench-cutover.txt" | head -5 || true
+# Runs `switchyard <command> shop.toml --yes` while pgbench writes through the proxy, then
+# prints what pgbench saw.
+while_writing() {
+  local command=$1 what=$2
+  /usr/lib/postgresql/15/bin/pgbench -n -c 4 -T 6 -f "$WORK/insert.sql" "$APP_URL" > "$WORK/pgbench-$command.txt" 2>&1 &
+  local bench=$!
+  sleep 2
+  step "switchyard $command shop.toml --yes ($what)"
+  "$SWITCHYARD" "$command" shop.toml --yes
+  wait $bench || true
+  grep -E "actually processed|failed|error|aborted" "$WORK/pgbench-$command.txt" | head -5 || true
+}
+
+while_writing cutover "pgbench keeps writing through the proxy"
 psql -At "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "SELECT 'rows written through the proxy, on the target: ' || count(*) FROM customers WHERE name = 'written through the proxy'"
 psql -At "postgres://app:$APP_PASSWORD@127.0.0.1:$SOURCE_PORT/shop" -c "INSERT INTO customers (name) VALUES ('straight to the old source')" 2>&1 | sed 's/^/the fenced source says: /' || true
 
-/usr/lib/postgresql/15/bin/pgbench -n -c 4 -T 6 -f "$WORK/insert.sql" "$APP_URL" > "$WORK/pgbench-rollback.txt" 2>&1 &
-BENCH=$!
-sleep 2
-step "switchyard rollback shop.toml --yes (back to the source, with every write made on the target)"
-"$SWITCHYARD" rollback shop.toml --yes
-wait $BENCH || true
-grep -E "actually processed|failed|error|aborted" "$WORK/pgbench-rollback.txt" | head -5 || true
+while_writing rollback "back to the source, with every write made on the target"
 psql -At "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -c "SELECT 'rows written through the proxy, on the source: ' || count(*) FROM customers WHERE name = 'written through the proxy'"
 
 step "switchyard abort shop.toml (gives the target its grants back; removes what is left)"
