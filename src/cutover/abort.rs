@@ -190,13 +190,7 @@ async fn undo_switch(
     }
     if let Some(name) = state.created.reverse.clone() {
         let dropped = match (source, target) {
-            (Ok(source), Ok(target)) => async {
-                replication::drop_subscription(source, &name).await?;
-                replication::drop_slots(target, &name, None).await?;
-                replication::drop_publication(target, &name).await
-            }
-            .await
-            .map(|_| ()),
+            (Ok(source), Ok(target)) => super::switch::drop_reverse(source, target, &name).await,
             _ => Err(PgError::Tool("both servers must be reachable".into())),
         };
         match dropped {

@@ -283,16 +283,7 @@ async fn reverse_state(
         .await?
         .first()
         .map(|r| r.get(0));
-    let lag: Option<i64> = ctx
-        .target
-        .query(
-            "read the reverse slot",
-            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
-        .await?
-        .first()
-        .and_then(|r| r.get(0));
+    let lag = crate::sync::replication::slot_lag(ctx.target, name).await?;
     Ok((running, lag))
 }
 

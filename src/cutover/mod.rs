@@ -46,6 +46,15 @@ impl Direction {
         }
     }
 
+    /// The server holding the subscription that feeds the new primary, and its name (also
+    /// the name of the slot it reads on the old primary).
+    fn feeding(self, plan: &Plan) -> (Side, String) {
+        match self {
+            Direction::Cutover => (Side::Target, plan.replication_name()),
+            Direction::Rollback => (Side::Source, reverse_name(plan)),
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Direction::Cutover => "cutover",

@@ -378,10 +378,8 @@ impl<'a> Checked<'a> {
 
     /// The subscription that feeds the new primary, and the server it lives on.
     fn feeding(&self) -> (&Server, String) {
-        match self.direction {
-            Direction::Cutover => (&self.target, self.plan.replication_name()),
-            Direction::Rollback => (&self.source, reverse_name(self.plan)),
-        }
+        let (side, name) = self.direction.feeding(self.plan);
+        (self.server(side), name)
     }
 
     /// The slot on the old primary that feeds the new one.
@@ -701,7 +699,7 @@ impl<'a> Checked<'a> {
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        let (server, feeding) = self.feeding_of(direction);
+        let (server, feeding) = direction.feeding(self.plan);
         if direction == Direction::Cutover {
             let name = reverse_name(self.plan);
             let (source, target) = (&self.source, &self.target);
@@ -746,13 +744,6 @@ impl<'a> Checked<'a> {
             self.target = Server::connect(Side::Target, &self.plan.target).await?;
         }
         Ok(())
-    }
-
-    fn feeding_of(&self, direction: Direction) -> (Side, String) {
-        match direction {
-            Direction::Cutover => (Side::Target, self.plan.replication_name()),
-            Direction::Rollback => (Side::Source, reverse_name(self.plan)),
-        }
     }
 
     /// Undoes after `cause` and says how it went: exit 1 when everything is back, 3 when not.
@@ -898,15 +889,7 @@ const SETTLE_PATIENCE: Duration = Duration::from_secs(10);
 async fn settle_lag(server: &Server, slot: &str) -> Result<((), String), PgError> {
     let started = Instant::now();
     loop {
-        let lag: Option<i64> = server
-            .query_one(
-                "read the slot's lag",
-                "SELECT (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&slot],
-            )
-            .await?
-            .get(0);
-        let Some(lag) = lag else {
+        let Some(lag) = replication::slot_lag(server, slot).await? else {
             return Err(PgError::Tool(format!(
                 "the slot {slot} is gone from the {}",
                 server.side
@@ -1106,7 +1089,11 @@ async fn wait_workers(
 }
 
 /// The reverse subscription on the source, its slot and publication on the target.
-async fn drop_reverse(source: &Server, target: &Server, name: &str) -> Result<(), PgError> {
+pub(super) async fn drop_reverse(
+    source: &Server,
+    target: &Server,
+    name: &str,
+) -> Result<(), PgError> {
     replication::drop_subscription(source, name).await?;
     replication::drop_slots(target, name, None).await?;
     replication::drop_publication(target, name).await?;

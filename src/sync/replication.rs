@@ -194,6 +194,19 @@ pub async fn subscription_oid(target: &Server, name: &str) -> Result<Option<u32>
     Ok(rows.first().map(|r| r.get(0)))
 }
 
+/// How far `slot` lags behind `server`'s current WAL position, in bytes (what its consumer
+/// has not confirmed); `None` when there is no such slot.
+pub async fn slot_lag(server: &Server, slot: &str) -> Result<Option<i64>, PgError> {
+    let rows = server
+        .query(
+            "read the slot's lag",
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(rows.first().and_then(|r| r.get(0)))
+}
+
 /// Whether `slot` exists for this database (slot names are shared by the whole cluster).
 pub async fn slot_exists(source: &Server, slot: &str) -> Result<bool, PgError> {
     let rows = source

@@ -131,15 +131,7 @@ pub async fn read(
         reverse_lag_bytes: None,
     };
     if let Some(reverse) = &state.created.reverse {
-        status.reverse_lag_bytes = target
-            .query(
-                "read the reverse slot",
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[reverse],
-            )
-            .await?
-            .first()
-            .and_then(|r| r.get(0));
+        status.reverse_lag_bytes = replication::slot_lag(target, reverse).await?;
     }
     let subscription_oid = replication::subscription_oid(target, &name).await?;
     if let Some(oid) = subscription_oid {
