@@ -51,13 +51,14 @@ listen = "127.0.0.1:$SY_PORT"
 admin_listen = "127.0.0.1:$SY_ADMIN"
 pool_mode = "transaction"
 pool_size = $POOL
+workers = ${PROXY_WORKERS:-0}
 [[proxy.users]]
 name = "app"
 password_env = "APP_PASSWORD"
 [state]
 path = "$WORK/state.json"
 PLAN
-APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn SWITCHYARD_PROXY_THREADS=${PROXY_THREADS:-2} "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
+APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
 SY_PID=$!
 
 cat > "$WORK/pgbouncer.ini" <<INI

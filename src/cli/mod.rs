@@ -69,20 +69,11 @@ enum Command {
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
-/// `SWITCHYARD_PROXY_THREADS` sets the proxy's workers (1: a single-threaded scheduler).
-/// Measured on 2 cores shared with PostgreSQL (pgbench -S, pool of 10, three alternating
-/// runs), two workers against one: 16 clients 21.1k against 19.1k TPS (simple) and 19.0k
-/// against 17.6k (extended), at 23-25 µs of proxy CPU per transaction either way.
+/// The proxy's runs only its listeners and signals, on one thread: its clients are served
+/// by worker threads of their own (see [`crate::proxy::Shard`]).
 pub fn runtime(args: &Args) -> std::io::Result<tokio::runtime::Runtime> {
-    let proxy_threads = std::env::var("SWITCHYARD_PROXY_THREADS")
-        .ok()
-        .and_then(|t| t.parse::<usize>().ok());
-    match (&args.command, proxy_threads) {
-        (Command::Proxy(_), Some(1)) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        (Command::Proxy(_), Some(threads)) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+    match &args.command {
+        Command::Proxy(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()

@@ -102,6 +102,10 @@ pub struct ProxySettings {
     /// Server connections per (database, user).
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
+    /// Worker threads, each serving its share of the clients with its share of every pool;
+    /// 0: one per core.
+    #[serde(default)]
+    pub workers: u32,
     #[serde(default = "default_max_client_connections")]
     pub max_client_connections: u32,
     /// A client waiting longer than this for a server connection gets an error.
@@ -248,6 +252,7 @@ impl Default for ProxySettings {
             admin_token_env: default_admin_token_env(),
             pool_mode: PoolMode::default(),
             pool_size: default_pool_size(),
+            workers: 0,
             max_client_connections: default_max_client_connections(),
             query_wait_timeout: default_query_wait_timeout(),
             server_idle_timeout: default_server_idle_timeout(),

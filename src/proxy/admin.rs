@@ -208,13 +208,13 @@ pub struct Status {
 fn status(shared: &Shared) -> Status {
     let mut pools: Vec<PoolStatus> = shared
         .users
-        .iter()
-        .map(|(user, u)| {
-            let state = u.pool(shared.backend.side()).state();
+        .keys()
+        .map(|user| {
+            let (open, idle) = shared.server_connections(user);
             PoolStatus {
                 user: user.clone(),
-                server_connections: state.connections,
-                idle: state.idle_connections,
+                server_connections: open,
+                idle,
             }
         })
         .collect();
@@ -231,7 +231,7 @@ fn status(shared: &Shared) -> Status {
         pool_mode: shared.pool_mode(),
         clients: shared.clients.load(Ordering::Relaxed),
         clients_in_transaction: shared.control.active(),
-        clients_waiting: shared.metrics.clients_waiting.load(Ordering::Relaxed),
+        clients_waiting: shared.metrics().clients_waiting.load(Ordering::Relaxed),
         application_name: "switchyard-proxy",
         pools,
     }
@@ -325,14 +325,14 @@ fn metrics_text(shared: &Shared) -> String {
             u64::from(shared.control.is_paused()),
         ),
     ];
-    for (user, u) in &shared.users {
-        let state = u.pool(shared.backend.side()).state();
-        let busy = state.connections.saturating_sub(state.idle_connections);
+    for user in shared.users.keys() {
+        let (open, idle) = shared.server_connections(user);
+        let busy = open.saturating_sub(idle);
         gauges.push((
             "switchyard_server_connections",
             "Server connections by state.",
             format!("{{user=\"{user}\",state=\"idle\"}}"),
-            u64::from(state.idle_connections),
+            u64::from(idle),
         ));
         gauges.push((
             "switchyard_server_connections",
@@ -341,5 +341,5 @@ fn metrics_text(shared: &Shared) -> String {
             u64::from(busy),
         ));
     }
-    shared.metrics.render(&gauges)
+    shared.metrics().render(&gauges)
 }

@@ -2,7 +2,7 @@
 //! checkout; transactions already running finish. A pause ends by itself at its deadline, so a
 //! coordinator that dies cannot freeze the applications.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -12,6 +12,9 @@ use tokio::time::Instant;
 pub struct Control {
     /// `Some(deadline)` while paused.
     paused: watch::Sender<Option<Instant>>,
+    /// Whether `paused` is `Some`, kept with it under the watch's lock: the check every
+    /// transaction makes is one load, not a lock of the watch.
+    pausing: AtomicBool,
     /// Sessions holding a server connection right now.
     active: AtomicUsize,
     idle: Notify,
@@ -31,6 +34,7 @@ impl Default for Control {
     fn default() -> Self {
         Control {
             paused: watch::channel(None).0,
+            pausing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             paused_since: Mutex::new(None),
@@ -45,7 +49,7 @@ impl Control {
     /// Waits while the proxy is paused. Returns at once when it is not.
     pub async fn admit(&self) {
         // The common case, without subscribing to changes.
-        if self.paused.borrow().is_none() {
+        if !self.pausing.load(Ordering::SeqCst) {
             return;
         }
         let mut rx = self.paused.subscribe();
@@ -67,7 +71,7 @@ impl Control {
         let now = Instant::now();
         let deadline = now + max;
         self.paused_since().get_or_insert(now);
-        self.paused.send_replace(Some(deadline));
+        self.set_paused(Some(deadline));
         tracing::info!(
             max_ms = max.as_millis() as u64,
             "paused: new transactions wait"
@@ -76,10 +80,20 @@ impl Control {
 
     pub fn resume(&self) {
         self.unthrottle();
-        if self.paused.send_replace(None).is_some() {
+        if self.set_paused(None).is_some() {
             let paused_ms = self.end_pause_measure() as f64 / 1000.0;
             tracing::info!(paused_ms, "resumed");
         }
+    }
+
+    /// Sets the pause deadline (or ends the pause); returns the previous one.
+    fn set_paused(&self, deadline: Option<Instant>) -> Option<Instant> {
+        let mut previous = None;
+        self.paused.send_modify(|state| {
+            previous = std::mem::replace(state, deadline);
+            self.pausing.store(deadline.is_some(), Ordering::SeqCst);
+        });
+        previous
     }
 
     fn paused_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -103,6 +117,7 @@ impl Control {
         let expired = self.paused.send_if_modified(|state| {
             if *state == Some(deadline) {
                 *state = None;
+                self.pausing.store(false, Ordering::SeqCst);
                 true
             } else {
                 false
@@ -115,9 +130,11 @@ impl Control {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.paused
-            .borrow()
-            .is_some_and(|deadline| Instant::now() < deadline)
+        self.pausing.load(Ordering::SeqCst)
+            && self
+                .paused
+                .borrow()
+                .is_some_and(|deadline| Instant::now() < deadline)
     }
 
     pub fn attached(&self) {

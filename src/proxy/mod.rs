@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::pg::Side;
 use crate::plan::{Endpoint, Plan, PoolMode, ProxySettings};
@@ -40,6 +40,8 @@ pub enum ProxyError {
     MissingPassword { user: String, var: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot start a proxy worker thread: {0}")]
+    Worker(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -47,18 +49,40 @@ pub enum ProxyError {
     },
 }
 
-/// A proxy user as the proxy needs it: the verifier for clients and a pool towards each
-/// server (indexed by [`Side`]); only the current backend's pool is used. Pools connect
-/// lazily, so the server that is not the backend may be down.
+/// A proxy user as the proxy needs it: the verifier its clients log in against.
 pub struct User {
     pub verifier: Verifier,
-    pub pools: [Pool; 2],
 }
 
-impl User {
-    pub fn pool(&self, side: Side) -> &Pool {
-        &self.pools[side_index(side)]
+/// One worker thread of the proxy, with its own single-threaded scheduler and its own share
+/// of every pool. A client is served by one shard from login to goodbye, and its server
+/// connections are the shard's, so a transaction never crosses threads: on 2 cores shared with
+/// PostgreSQL, two such shards served 3-30% more transactions per second than one tokio
+/// scheduler of two workers, whose cross-thread wake-ups cost more CPU than the proxy's own
+/// work (pgbench -S, 16 and 64 clients, pool of 10).
+pub struct Shard {
+    /// Per proxy user: a pool towards each server (indexed by [`Side`]); only the current
+    /// backend's pool is used. Pools connect lazily, so the server that is not the backend
+    /// may be down.
+    pools: HashMap<String, [Pool; 2]>,
+    /// Clients this shard serves now: a new client goes to the shard with the fewest.
+    sessions: AtomicUsize,
+    pub metrics: metrics::Metrics,
+    /// Accepted clients handed to this shard's thread.
+    inbox: tokio::sync::mpsc::UnboundedSender<Handover>,
+}
+
+impl Shard {
+    pub fn pool(&self, user: &str, side: Side) -> Option<&Pool> {
+        self.pools.get(user).map(|pools| &pools[side_index(side)])
     }
+}
+
+/// A client accepted on the listener, on its way to a shard: the socket leaves the listener's
+/// scheduler and registers with the shard's.
+struct Handover {
+    stream: std::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub(crate) fn side_index(side: Side) -> usize {
@@ -88,13 +112,13 @@ pub struct Shared {
     pub settings: ProxySettings,
     pub database: String,
     pub users: HashMap<String, User>,
+    pub shards: Vec<Shard>,
     pub control: Control,
     /// Which server transactions go to, and the switch epoch that said so.
     pub backend: Backend,
     /// Our (process id, secret key) handed to each client → where its query runs now.
     pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     pub clients: AtomicUsize,
-    pub metrics: metrics::Metrics,
     /// For logins as a role the proxy does not know: a verifier nobody has the password of.
     pub mock_verifier: Verifier,
     /// TLS towards clients, when `[proxy] tls_cert` and `tls_key` are set.
@@ -104,9 +128,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the pools towards both servers; transactions go to `backend`'s. Nothing
-    /// connects yet: the proxy starts even when a server is down and connects on first use.
-    pub fn new(plan: &Plan, backend: Backend) -> Result<Shared, ProxyError> {
+    /// Builds the pools towards both servers, a share of each for every shard (`shards`: the
+    /// schedulers they run on); transactions go to `backend`'s. Nothing connects yet: the
+    /// proxy starts even when a server is down and connects on first use. Returns the shards'
+    /// inboxes of accepted clients.
+    fn new(
+        plan: &Plan,
+        backend: Backend,
+        shards: &[tokio::runtime::Handle],
+    ) -> Result<(Shared, Vec<Inbox>), ProxyError> {
         let settings = plan.proxy.clone();
         if settings.users.is_empty() {
             return Err(ProxyError::NoUsers);
@@ -121,6 +151,7 @@ impl Shared {
             }
         };
         let mut users = HashMap::new();
+        let mut passwords = Vec::new();
         for user in &settings.users {
             let name = user.name.0.clone();
             let password =
@@ -128,19 +159,34 @@ impl Shared {
                     user: name.clone(),
                     var: user.password_env.0.clone(),
                 })?;
-            let pools = [
-                build_pool(&settings, &plan.source, &name, &password)?,
-                build_pool(&settings, &plan.target, &name, &password)?,
-            ];
-            users.insert(
-                name,
-                User {
-                    verifier: Verifier::from_password(&password),
-                    pools,
-                },
-            );
+            let verifier = Verifier::from_password(&password);
+            users.insert(name.clone(), User { verifier });
+            passwords.push((name, password));
         }
-        Ok(Shared {
+        let mut built = Vec::new();
+        let mut inboxes = Vec::new();
+        for (index, handle) in shards.iter().enumerate() {
+            // bb8 starts its reaper task on the scheduler current when a pool is built.
+            let _entered = handle.enter();
+            let size = shard_share(settings.pool_size.max(1), shards.len(), index);
+            let mut pools = HashMap::new();
+            for (name, password) in &passwords {
+                let pair = [
+                    build_pool(&settings, &plan.source, name, password, size)?,
+                    build_pool(&settings, &plan.target, name, password, size)?,
+                ];
+                pools.insert(name.clone(), pair);
+            }
+            let (inbox, receiver) = tokio::sync::mpsc::unbounded_channel();
+            built.push(Shard {
+                pools,
+                sessions: AtomicUsize::new(0),
+                metrics: metrics::Metrics::default(),
+                inbox,
+            });
+            inboxes.push(receiver);
+        }
+        let shared = Shared {
             database: plan.source.url.dbname().to_string(),
             client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
             settings,
@@ -149,11 +195,37 @@ impl Shared {
             backend,
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
-            metrics: metrics::Metrics::default(),
             mock_verifier: Verifier::from_password(&format!("{:032x}", rand::random::<u128>())),
             tls,
+            shards: built,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        Ok((shared, inboxes))
+    }
+
+    /// Server connections towards the current backend as `user`, over all shards: (open,
+    /// idle).
+    pub fn server_connections(&self, user: &str) -> (u32, u32) {
+        let side = self.backend.side();
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.pool(user, side))
+            .map(|pool| pool.state())
+            .fold((0, 0), |(open, idle), state| {
+                (open + state.connections, idle + state.idle_connections)
+            })
+    }
+
+    /// Every worker's counters added up.
+    pub fn metrics(&self) -> metrics::Metrics {
+        metrics::Metrics::total(self.shards.iter().map(|shard| &shard.metrics))
+    }
+
+    /// The shard with the fewest clients.
+    fn least_busy_shard(&self) -> usize {
+        (0..self.shards.len())
+            .min_by_key(|&i| self.shards[i].sessions.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     pub fn pool_mode(&self) -> PoolMode {
@@ -165,12 +237,31 @@ impl Shared {
     }
 }
 
-/// A pool of connections to `endpoint`'s server as the proxy user `user`.
+type Inbox = tokio::sync::mpsc::UnboundedReceiver<Handover>;
+
+/// Shard `index`'s part of `total` server connections split over `shards`.
+fn shard_share(total: u32, shards: usize, index: usize) -> u32 {
+    let shards = shards.max(1) as u32;
+    total / shards + u32::from((index as u32) < total % shards)
+}
+
+/// How many shards: `[proxy] workers`, or one per core; never more than `pool_size`, as each
+/// shard needs a server connection of its own.
+fn shard_count(settings: &ProxySettings) -> usize {
+    let wanted = match settings.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    wanted.clamp(1, settings.pool_size.max(1) as usize)
+}
+
+/// A pool of `size` connections to `endpoint`'s server as the proxy user `user`.
 fn build_pool(
     settings: &ProxySettings,
     endpoint: &Endpoint,
     user: &str,
     password: &str,
+    size: u32,
 ) -> Result<Pool, ProxyError> {
     let url = &endpoint.url;
     let server_tls = match url.config().get_ssl_mode() {
@@ -195,7 +286,7 @@ fn build_pool(
         connect_timeout: settings.server_connect_timeout.0,
     };
     Ok(bb8::Pool::builder()
-        .max_size(settings.pool_size.max(1))
+        .max_size(size.max(1))
         .min_idle(None)
         .connection_timeout(settings.query_wait_timeout.0)
         .idle_timeout(Some(settings.server_idle_timeout.0))
@@ -217,16 +308,8 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let shared = shared.clone();
                     match shared.client_slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            tokio::spawn(async move {
-                                shared.clients.fetch_add(1, Ordering::Relaxed);
-                                session::run(shared.clone(), stream).await;
-                                shared.clients.fetch_sub(1, Ordering::Relaxed);
-                                drop(permit);
-                            });
-                        }
+                        Ok(permit) => hand_over(&shared, stream, permit),
                         Err(_) => {
                             tracing::warn!(%peer, "max_client_connections reached; refusing a client");
                             tokio::spawn(session::refuse(stream, "53300", "sorry, too many clients already"));
@@ -256,10 +339,77 @@ pub async fn serve(
     }
 }
 
+/// Gives an accepted client to the shard with the fewest clients.
+fn hand_over(shared: &Shared, stream: tokio::net::TcpStream, permit: OwnedSemaphorePermit) {
+    let index = shared.least_busy_shard();
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!("cannot hand a client to a worker: {e}");
+            return;
+        }
+    };
+    let shard = &shared.shards[index];
+    shard.sessions.fetch_add(1, Ordering::Relaxed);
+    if shard.inbox.send(Handover { stream, permit }).is_err() {
+        shard.sessions.fetch_sub(1, Ordering::Relaxed);
+        tracing::error!(shard = index, "a proxy worker has stopped; client dropped");
+    }
+}
+
+/// A shard's thread: serves the clients handed to it, each in a task of its own.
+async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
+    while let Some(Handover { stream, permit }) = inbox.recv().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    shared.clients.fetch_add(1, Ordering::Relaxed);
+                    session::run(shared.clone(), index, stream).await;
+                    shared.clients.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("cannot take over a client: {e}"),
+            }
+            shared.shards[index]
+                .sessions
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    // The listener is gone (shutdown): open sessions finish their transactions until the
+    // process exits.
+    std::future::pending::<()>().await;
+}
+
+/// Starts the shards' threads, each on a single-threaded scheduler of its own.
+fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError> {
+    let count = shard_count(&plan.proxy);
+    let runtimes = (0..count)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ProxyError::Worker)?;
+    let handles: Vec<_> = runtimes.iter().map(|r| r.handle().clone()).collect();
+    let (shared, inboxes) = Shared::new(plan, backend, &handles)?;
+    let shared = Arc::new(shared);
+    for (index, (runtime, inbox)) in runtimes.into_iter().zip(inboxes).enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{index}"))
+            .spawn(move || runtime.block_on(run_shard(shared, index, inbox)))
+            .map_err(ProxyError::Worker)?;
+    }
+    tracing::debug!(workers = count, "proxy workers started");
+    Ok(shared)
+}
+
 /// Runs the proxy for `plan` in front of `primary` until SIGTERM or Ctrl-C: the client
 /// listener, the admin listener, and the graceful shutdown.
 pub async fn run(plan: &Plan, backend: Backend) -> Result<(), ProxyError> {
-    let shared = Arc::new(Shared::new(plan, backend)?);
+    let shared = start_shards(plan, backend)?;
     let listen = |addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -55,8 +55,9 @@ const REFUSE_LISTEN: &str = "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE
 /// Whether any statement of `text` is a LISTEN (statements split at semicolons; a LISTEN
 /// inside a string literal is refused too, which errs on the safe side).
 fn mentions_listen(text: &str) -> bool {
-    text.split(';')
-        .any(|statement| starts_with_keyword(statement, "listen"))
+    let is_listen = |statement: &[u8]| first_word(statement).eq_ignore_ascii_case(b"listen");
+    let bytes = text.as_bytes();
+    is_listen(bytes) || memchr::memchr_iter(b';', bytes).any(|at| is_listen(&bytes[at + 1..]))
 }
 
 /// SET LOCAL and SET TRANSACTION last only until the transaction ends.
@@ -112,7 +113,8 @@ async fn negotiate(shared: &Shared, stream: &mut TcpStream) -> std::io::Result<N
     }
 }
 
-pub async fn run(shared: Arc<Shared>, mut stream: TcpStream) {
+/// Serves one client on shard `shard` (whose pools it uses) until it leaves.
+pub async fn run(shared: Arc<Shared>, shard: usize, mut stream: TcpStream) {
     let deadline = tokio::time::Instant::now() + shared.settings.client_login_timeout.0;
     let timed_out =
         || backend::error_response("FATAL", "08P01", "canceling authentication due to timeout");
@@ -149,7 +151,7 @@ pub async fn run(shared: Arc<Shared>, mut stream: TcpStream) {
         Ok(Ok(None)) => return,
         Ok(Err(fatal)) => {
             tracing::debug!(code = fatal.code, "login refused: {}", fatal.message);
-            metrics::add(&shared.metrics.logins_refused, 1);
+            metrics::add(&shared.shards[shard].metrics.logins_refused, 1);
             let _ = writer
                 .send(backend::error_response("FATAL", fatal.code, &fatal.message))
                 .await;
@@ -163,7 +165,18 @@ pub async fn run(shared: Arc<Shared>, mut stream: TcpStream) {
     let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
     let cancel_slot = super::CancelSlot::default();
     lock(&shared.cancels).insert(key, cancel_slot.clone());
-    let mut session = Session::new(shared.clone(), reader, writer, logged_in, key, cancel_slot);
+    let Some(pools) = shared.shards[shard].pools.get(&logged_in.user).cloned() else {
+        return;
+    };
+    let mut session = Session::new(
+        shared.clone(),
+        shard,
+        pools,
+        reader,
+        writer,
+        logged_in,
+        (key, cancel_slot),
+    );
     if let Err(fatal) = session.welcome().await {
         let _ = session
             .client_w
@@ -369,6 +382,8 @@ struct Prepared {
 
 struct Session {
     shared: Arc<Shared>,
+    /// The worker serving this session: its pools and counters are the session's.
+    shard: usize,
     user: Arc<str>,
     /// The user's pools (source, target), looked up once; the backend picks one per checkout.
     pools: [super::pool::Pool; 2],
@@ -424,11 +439,12 @@ struct Session {
 impl Session {
     fn new(
         shared: Arc<Shared>,
+        shard: usize,
+        pools: [super::pool::Pool; 2],
         reader: ClientReader,
         writer: ClientWriter,
         logged_in: LoggedIn,
-        key: (i32, i32),
-        cancel_slot: super::CancelSlot,
+        (key, cancel_slot): ((i32, i32), super::CancelSlot),
     ) -> Session {
         let startup_values = logged_in
             .params
@@ -444,8 +460,9 @@ impl Session {
             .map(|(name, value)| (name.to_ascii_lowercase(), sql::literal(value)))
             .collect();
         Session {
-            pools: shared.users[&logged_in.user].pools.clone(),
+            pools,
             shared,
+            shard,
             user: Arc::from(logged_in.user.as_str()),
             key,
             cancel_slot,
@@ -473,6 +490,10 @@ impl Session {
             throttle_permit: None,
             startup_values,
         }
+    }
+
+    fn metrics(&self) -> &metrics::Metrics {
+        &self.shared.shards[self.shard].metrics
     }
 
     fn mode(&self) -> PoolMode {
@@ -568,7 +589,7 @@ impl Session {
                     self.on_client_frames(frame).await
                 }
                 Event::Client(Some(Err(CodecError::BadLength(len)))) => {
-                    metrics::add(&self.shared.metrics.protocol_errors, 1);
+                    metrics::add(&self.metrics().protocol_errors, 1);
                     let _ = self
                         .client_w
                         .send(backend::error_response(
@@ -619,7 +640,7 @@ impl Session {
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> bool {
-        metrics::add(&self.shared.metrics.bytes_from_clients, frame.len() as u64);
+        metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
         // Terminate ends the session; the server connection is the pool's, never told.
         if tag(&frame) == b'X' {
             return false;
@@ -675,7 +696,7 @@ impl Session {
         let frames = match kind {
             b'Q' => {
                 self.outstanding += 1;
-                metrics::add(&self.shared.metrics.queries, 1);
+                metrics::add(&self.metrics().queries, 1);
                 let frames = self.query(frame);
                 self.groups.push_back(std::mem::take(&mut self.pending));
                 frames
@@ -686,7 +707,7 @@ impl Session {
                 self.outstanding += 1;
                 self.syncs_since_execute += 1;
                 self.groups.push_back(std::mem::take(&mut self.pending));
-                metrics::add(&self.shared.metrics.queries, 1);
+                metrics::add(&self.metrics().queries, 1);
                 smallvec![frame]
             }
             b'P' => self.parse(frame),
@@ -779,7 +800,7 @@ impl Session {
             _ => {}
         }
         let ready = kind == b'Z';
-        metrics::add(&self.shared.metrics.bytes_to_clients, frame.len() as u64);
+        metrics::add(&self.metrics().bytes_to_clients, frame.len() as u64);
         let more_coming = self
             .server
             .as_ref()
@@ -855,8 +876,11 @@ impl Session {
     /// Returns the value of a `SET application_name`, which the caller keeps from the server.
     fn track_setting(&mut self, text: &str) -> Option<String> {
         // Most statements are none of these: no parsing, no allocation for them.
-        let keywords = ["set", "reset", "discard"];
-        if !keywords.iter().any(|k| starts_with_keyword(text, k)) {
+        let word = first_word(text.as_bytes());
+        if ![&b"set"[..], b"reset", b"discard"]
+            .iter()
+            .any(|k| word.eq_ignore_ascii_case(k))
+        {
             return None;
         }
         let change = settings::recognise(text);
@@ -1077,13 +1101,13 @@ impl Session {
         // cost more than the allocation.
         // Read after the pause: a switch happens only while paused.
         let pool = &self.pools[super::side_index(self.shared.backend.side())];
-        let checkout = Box::pin(checkout(&self.shared, pool)).await;
+        let checkout = Box::pin(checkout(&self.shared, self.metrics(), pool)).await;
         if checkout.is_err() {
             self.detach();
         }
         let mut server = checkout.map_err(|e| match e {
             bb8::RunError::TimedOut => {
-                metrics::add(&self.shared.metrics.wait_timeouts, 1);
+                metrics::add(&self.metrics().wait_timeouts, 1);
                 format!(
                 "no server connection within query_wait_timeout ({}): the pool is busy or the server is down",
                 humantime::format_duration(self.shared.settings.query_wait_timeout.0)
@@ -1133,7 +1157,7 @@ impl Session {
             && self.swallow_until_ready == 0
             && !self.dirty;
         if clean {
-            self.shared.metrics.transaction(self.attached_at.elapsed());
+            self.metrics().transaction(self.attached_at.elapsed());
         }
         let needs_reset = ending && self.mode() == PoolMode::Session;
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
@@ -1161,7 +1185,7 @@ impl Session {
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
     async fn server_lost(&mut self) -> bool {
-        metrics::add(&self.shared.metrics.server_connections_lost, 1);
+        metrics::add(&self.metrics().server_connections_lost, 1);
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
@@ -1227,9 +1251,10 @@ impl Session {
 /// every checkout, which costs the hot path a future per transaction).
 async fn checkout(
     shared: &Shared,
+    metrics: &metrics::Metrics,
     pool: &super::pool::Pool,
 ) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
-    let waiting = &shared.metrics.clients_waiting;
+    let waiting = &metrics.clients_waiting;
     metrics::add(waiting, 1);
     let mut attempt = 0;
     let result = loop {
@@ -1305,13 +1330,22 @@ fn statement_name(query: &str, param_types: &[u8]) -> String {
 }
 
 fn starts_with_keyword(text: &str, keyword: &str) -> bool {
-    let text = text.trim_start();
-    text.len() >= keyword.len()
-        && text[..keyword.len()].eq_ignore_ascii_case(keyword)
-        && text[keyword.len()..]
-            .chars()
-            .next()
-            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_')
+    first_word(text.as_bytes()).eq_ignore_ascii_case(keyword.as_bytes())
+}
+
+/// The first word of a statement (after whitespace): the only part the proxy looks at in
+/// most statements, so it is found without decoding characters or allocating.
+fn first_word(statement: &[u8]) -> &[u8] {
+    let start = statement
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(statement.len());
+    let rest = &statement[start..];
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+        .unwrap_or(rest.len());
+    &rest[..end]
 }
 
 #[cfg(test)]
@@ -1323,6 +1357,18 @@ mod tests {
         assert!(starts_with_keyword("  LISTEN chan", "listen"));
         assert!(!starts_with_keyword("listener_count()", "listen"));
         assert!(starts_with_keyword("listen", "listen"));
+        assert!(starts_with_keyword("\n\tSET x = 1", "set"));
+        assert!(!starts_with_keyword("settle()", "set"));
+    }
+
+    #[test]
+    fn listen_is_found_in_any_statement() {
+        assert!(mentions_listen("LISTEN a"));
+        assert!(mentions_listen("SELECT 1; listen a;"));
+        assert!(mentions_listen("SELECT 1;LISTEN a"));
+        assert!(!mentions_listen("SELECT listen FROM t;"));
+        assert!(!mentions_listen("SELECT 1; listener()"));
+        assert!(!mentions_listen(""));
     }
 
     #[test]
