@@ -28,7 +28,7 @@ use crate::state::{State, TableSummary, ValidationRecord};
 use crate::Error;
 use hashing::{ColumnHash, SESSION_SETTINGS};
 use report::{Difference, Kind, Report, Settings, TableReport};
-use table::{fold_bucket, key_object, Aggregates, Chunk, KeyColumn, TablePlan};
+use table::{fold_bucket, key_object, Aggregates, Chunk, KeyColumn, Step, TablePlan};
 
 type Result<T> = std::result::Result<T, Error>;
 
@@ -1018,6 +1018,7 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
                 Vec::new()
             },
             pages: None,
+            step: None,
         });
         lo = hi;
     }
@@ -1027,6 +1028,7 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
             hi: None,
             inner: Vec::new(),
             pages: None,
+            step: None,
         });
     }
     table.buckets = (rows / chunks.len() as i64 / opts.bucket_rows).max(1);
@@ -1038,11 +1040,21 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
 /// Scan mode (see [`TablePlan::scan`]): `chunks` page ranges over the source's `pages` (the
 /// last one open, as the target may have more), all bucketed by the whole table's `bounds`.
 fn scan_by_pages(table: &mut TablePlan, bounds: Vec<Vec<String>>, chunks: i64, pages: i64) {
+    let inner: Vec<String> = bounds.into_iter().map(|mut b| b.remove(0)).collect();
+    let integer_key = matches!(
+        table.key[0].type_sql.as_str(),
+        "smallint" | "integer" | "bigint"
+    );
+    let numbers: Option<Vec<i64>> = integer_key
+        .then(|| inner.iter().map(|b| b.parse().ok()).collect())
+        .flatten();
+    let step = numbers.as_deref().and_then(Step::fit);
     let whole = Chunk {
         lo: None,
         hi: None,
-        inner: bounds.into_iter().map(|mut b| b.remove(0)).collect(),
+        inner: if step.is_some() { Vec::new() } else { inner },
         pages: None,
+        step,
     };
     let per = (pages + chunks - 1) / chunks;
     table.chunks = (0..chunks)
@@ -1051,7 +1063,7 @@ fn scan_by_pages(table: &mut TablePlan, bounds: Vec<Vec<String>>, chunks: i64, p
             ..whole.clone()
         })
         .collect();
-    tracing::debug!(table = %table.name, chunks, "scan by pages");
+    tracing::debug!(table = %table.name, chunks, step = ?table.chunks.first().and_then(|c| c.step), "scan by pages");
     table.scan = Some(whole);
 }
 
@@ -1066,6 +1078,7 @@ async fn probe_rate(source: &Server, table: &TablePlan, rows: i64) -> Result<f64
         hi: Some(bound),
         inner: Vec::new(),
         pages: None,
+        step: None,
     };
     let began = Instant::now();
     source

@@ -25,6 +25,76 @@ pub struct Chunk {
     /// end) instead of a key range. Such chunks give partial bucket aggregates, summed over
     /// the table before they are compared (see [`TablePlan::scan`]).
     pub pages: Option<(i64, Option<i64>)>,
+    /// Buckets by arithmetic, for an integer key spread evenly: the bucket of key `k` is
+    /// `k / step - base` (integer division, towards zero), so bucket `b` holds the keys `k`
+    /// with `k / step = b + base`. Cheaper per row than a binary search over `inner`
+    /// (measured on PostgreSQL 17: 8% less time per chunk than `width_bucket` over 1,000
+    /// bounds), and opening a bucket is still one index range scan.
+    pub step: Option<Step>,
+}
+
+/// A key bound: the value, and whether it is inclusive.
+type Bound = (i64, bool);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub step: i64,
+    pub base: i64,
+}
+
+impl Step {
+    /// Picks a step from quantile `bounds` of an integer key (in key order, each the same
+    /// share of the rows): the mean distance between them, when the keys are spread evenly:
+    /// cut into 16 equal spans, every span holds between half and twice its share of the
+    /// bounds (a sample's bounds are too noisy to judge one gap at a time). `None` for skewed
+    /// keys, or keys so far apart that bucket numbers would not stay small.
+    pub fn fit(bounds: &[i64]) -> Option<Step> {
+        const SPANS: usize = 16;
+        let (first, last) = (*bounds.first()?, *bounds.last()?);
+        if bounds.len() < SPANS * 8 {
+            return None;
+        }
+        let span = i128::from(last) - i128::from(first) + 1;
+        let mean = span / (bounds.len() as i128 - 1);
+        if mean < 1 {
+            return None;
+        }
+        let mut counts = [0usize; SPANS];
+        for b in bounds {
+            let at = (i128::from(*b) - i128::from(first)) * SPANS as i128 / span;
+            counts[(at as usize).min(SPANS - 1)] += 1;
+        }
+        let share = bounds.len() / SPANS;
+        let even = counts.iter().all(|c| c * 2 >= share && *c <= share * 2);
+        let step = i64::try_from(mean).ok()?;
+        let base = first / step;
+        // Bucket numbers times the cells per bucket stay far inside int4, with room for keys
+        // beyond the sampled ones.
+        let buckets = i128::from(last / step - base) + 1;
+        (even && buckets * 4 < (1 << 24)).then_some(Step { step, base })
+    }
+
+    /// The keys of bucket `b` as bounds (`lower`, inclusive?; `upper`, inclusive?), `None` for
+    /// a side outside the key type's range. Division towards zero makes quotient 0 span
+    /// `(-step, step)`, negative quotients `((q - 1) * step, q * step]`.
+    fn range(&self, b: i32) -> (Option<Bound>, Option<Bound>) {
+        let q = i128::from(b) + i128::from(self.base);
+        let step = i128::from(self.step);
+        let at = |v: i128| i64::try_from(v).ok();
+        match q.cmp(&0) {
+            std::cmp::Ordering::Greater => (
+                at(q * step).map(|v| (v, true)),
+                at((q + 1) * step).map(|v| (v, false)),
+            ),
+            std::cmp::Ordering::Equal => {
+                (at(-step).map(|v| (v, false)), at(step).map(|v| (v, false)))
+            }
+            std::cmp::Ordering::Less => (
+                at((q - 1) * step).map(|v| (v, false)),
+                at(q * step).map(|v| (v, true)),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -136,13 +206,15 @@ impl TablePlan {
 
     /// Whether the chunk's buckets are key ranges (see [`Chunk::inner`]).
     fn ranged(&self, chunk: &Chunk) -> bool {
-        self.key.len() == 1 && !chunk.inner.is_empty()
+        self.key.len() == 1 && (!chunk.inner.is_empty() || chunk.step.is_some())
     }
 
     /// The bucket of a row: its key range, or its key hash (row hash without a key) mod the
     /// bucket count. Over the columns of [`TablePlan::hashed_rows`]' inner query.
     fn bucket_expr(&self, chunk: &Chunk) -> String {
-        if self.ranged(chunk) {
+        if let (Some(Step { step, base }), true) = (chunk.step, self.ranged(chunk)) {
+            format!("({} / {step} - {base})", sql::ident(&self.key[0].name))
+        } else if self.ranged(chunk) {
             let key = &self.key[0];
             let bounds: Vec<String> = chunk.inner.iter().map(|v| sql::literal(v)).collect();
             format!(
@@ -162,6 +234,21 @@ impl TablePlan {
     /// the ranges alone select the rows (an index range scan each, OR-ed by a bitmap).
     fn bucket_range(&self, chunk: &Chunk, b: i32) -> String {
         let key = sql::ident(&self.key[0].name);
+        if let Some(step) = chunk.step {
+            let (lower, upper) = step.range(b);
+            let mut parts = Vec::new();
+            if let Some((v, inclusive)) = lower {
+                parts.push(format!("{key} {} {v}", if inclusive { ">=" } else { ">" }));
+            }
+            if let Some((v, inclusive)) = upper {
+                parts.push(format!("{key} {} {v}", if inclusive { "<=" } else { "<" }));
+            }
+            return if parts.is_empty() {
+                "true".into()
+            } else {
+                format!("({})", parts.join(" AND "))
+            };
+        }
         let literal = |v: &String| self.key_literal(std::slice::from_ref(v));
         let b = b.max(0) as usize;
         let lower = match b {
@@ -224,11 +311,27 @@ impl TablePlan {
 
     /// Per bucket: count, sum and XOR of row hashes. `sum(int8)` accumulates exactly in 128
     /// bits (measured: 15% faster than summing the two 32-bit halves as int4).
+    ///
+    /// With key-range buckets, the row hash and bucket are computed right over the table, so
+    /// that the aggregate reads the scan directly (measured on PostgreSQL 17: 10% less time
+    /// per chunk than through the subquery of [`TablePlan::hashed_rows`], whose scan node
+    /// copies every row once more).
     pub fn aggregates_sql(&self, chunk: &Chunk) -> String {
+        let rows = if self.ranged(chunk) {
+            format!(
+                "SELECT {kh} # {rh} AS h, {bucket}::int4 AS b FROM {table} WHERE {range} OFFSET 0",
+                kh = self.key_hash(),
+                rh = self.rest_hash(),
+                bucket = self.bucket_expr(chunk),
+                table = self.name.sql(),
+                range = self.range_predicate(chunk),
+            )
+        } else {
+            self.hashed_rows(chunk, false, None)
+        };
         format!(
             "SELECT b, count(*)::int8, sum(h)::text, bit_xor(h)
-               FROM ({rows}) r GROUP BY b",
-            rows = self.hashed_rows(chunk, false, None)
+               FROM ({rows}) r GROUP BY b"
         )
     }
 
@@ -262,7 +365,7 @@ impl TablePlan {
 
     /// Key texts and row hash of the rows in the given cells (`bucket * CELLS + cell`).
     pub fn cell_rows_sql(&self, chunk: &Chunk, cells: &[i32]) -> String {
-        let mut buckets: Vec<i32> = cells.iter().map(|c| c / CELLS).collect();
+        let mut buckets: Vec<i32> = cells.iter().map(|c| c.div_euclid(CELLS)).collect();
         buckets.dedup();
         format!(
             "SELECT ARRAY[{keys}], h FROM ({rows}) q WHERE b * {CELLS} + c IN ({list})",
@@ -399,6 +502,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn steps_fit_even_keys_only() {
+        let even: Vec<i64> = (1..=1000).map(|i| 1_000 + i * 5_000).collect();
+        let step = Step::fit(&even).expect("even keys get a step");
+        assert_eq!(step.step, 5_000);
+        // Half the keys crowded into the first tenth of the span: skewed.
+        let skewed: Vec<i64> = (0..500)
+            .map(|i| i * 100)
+            .chain((0..500).map(|i| 50_000 + i * 1_000))
+            .collect();
+        assert_eq!(Step::fit(&skewed), None);
+        assert_eq!(Step::fit(&[1, 2, 3]), None, "too few bounds to judge");
+        // Keys across the whole int8 range: a huge step, small bucket numbers, and ranges
+        // that end where the type does.
+        let far: Vec<i64> = (0..1000).map(|i| i * (i64::MAX / 1000)).collect();
+        let step = Step::fit(&far).expect("far keys get a step");
+        assert_eq!(step.range(i32::MAX).1, None);
+    }
+
+    /// A bucket's range holds exactly the keys the SQL expression puts in it, negative keys
+    /// and keys below the first bound included (SQL and Rust both divide towards zero).
+    #[test]
+    fn step_ranges_hold_exactly_their_bucket() {
+        let step = Step { step: 10, base: 3 };
+        for key in -45i64..=75 {
+            let bucket = (key / step.step - step.base) as i32;
+            for b in -10..=10 {
+                let (lower, upper) = step.range(b);
+                let above = lower.is_none_or(|(v, inc)| if inc { key >= v } else { key > v });
+                let below = upper.is_none_or(|(v, inc)| if inc { key <= v } else { key < v });
+                assert_eq!(above && below, b == bucket, "key {key}, bucket {b}");
+            }
+        }
+    }
+
+    #[test]
     fn hash_sums_wrap_to_64_bits() {
         let hashes: [i64; 4] = [i64::MIN, -1, 0x1234_5678_9abc_def0, i64::MAX];
         let exact: i128 = hashes.iter().map(|h| *h as i128).sum();
@@ -429,6 +567,7 @@ mod tests {
         };
         let chunk = Chunk {
             pages: None,
+            step: None,
             lo: Some(vec!["1".into(), "a'b".into()]),
             hi: None,
             inner: Vec::new(),
