@@ -33,6 +33,11 @@ SQL=$(sed "s/{{rows}}/$ROWS/" testdata/bench.sql)
 psql -q -v ON_ERROR_STOP=1 "$SRC" -c "$SQL" & load_source=$!
 psql -q -v ON_ERROR_STOP=1 "$TGT" -c "$SQL" & load_target=$!
 wait "$load_source" "$load_target"
+# Settled tables for every tool alike: hint bits set and no autovacuum pass over the fresh
+# rows competing with the first runs.
+psql -q "$SRC" -c "VACUUM (FREEZE, ANALYZE) bench_rows" & vacuum_source=$!
+psql -q "$TGT" -c "VACUUM (FREEZE, ANALYZE) bench_rows" & vacuum_target=$!
+wait "$vacuum_source" "$vacuum_target"
 
 cat > "$WORK/bench.toml" <<PLAN
 name = "bench"
