@@ -974,6 +974,12 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
         )
         .await?
         .get(0);
+    if ranged && wanted_chunks > 1 {
+        if let Some(step) = even_step(source, table, wanted_bounds, pages).await? {
+            scan_by_pages(table, Buckets::Step(step), wanted_chunks, i64::from(pages));
+            return Ok(());
+        }
+    }
     let percent = (100.0 * (wanted_bounds * 2) as f64 / pages as f64).clamp(0.001, 100.0);
     let sample: Vec<Vec<String>> = source
         .query(
@@ -994,7 +1000,12 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
         return Ok(());
     }
     if ranged && wanted_chunks > 1 {
-        scan_by_pages(table, bounds, wanted_chunks, i64::from(pages));
+        scan_by_pages(
+            table,
+            Buckets::Bounds(bounds),
+            wanted_chunks,
+            i64::from(pages),
+        );
         return Ok(());
     }
     let per_chunk = bounds.len().div_ceil(wanted_chunks as usize).max(1);
@@ -1037,22 +1048,71 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     Ok(())
 }
 
-/// Scan mode (see [`TablePlan::scan`]): `chunks` page ranges over the source's `pages` (the
-/// last one open, as the target may have more), all bucketed by the whole table's `bounds`.
-fn scan_by_pages(table: &mut TablePlan, bounds: Vec<Vec<String>>, chunks: i64, pages: i64) {
-    let inner: Vec<String> = bounds.into_iter().map(|mut b| b.remove(0)).collect();
+/// How the rows of a table in scan mode are put in buckets.
+enum Buckets {
+    /// Key ranges between these sampled bounds.
+    Bounds(Vec<Vec<String>>),
+    /// Key ranges of equal width (see [`Chunk::step`]).
+    Step(Step),
+}
+
+/// For an integer key spread evenly over its range: a [`Step`] for about `buckets` buckets,
+/// judged from a small sample (256 pages) and the key's minimum and maximum (read from its
+/// index), so that such a table needs no large sample of bounds.
+async fn even_step(
+    source: &Server,
+    table: &TablePlan,
+    buckets: i64,
+    pages: i32,
+) -> Result<Option<Step>> {
+    const SAMPLE_PAGES: f64 = 256.0;
     let integer_key = matches!(
         table.key[0].type_sql.as_str(),
         "smallint" | "integer" | "bigint"
     );
-    let numbers: Option<Vec<i64>> = integer_key
-        .then(|| inner.iter().map(|b| b.parse().ok()).collect())
-        .flatten();
-    let step = numbers.as_deref().and_then(Step::fit);
+    if !integer_key {
+        return Ok(None);
+    }
+    let percent = (100.0 * SAMPLE_PAGES / f64::from(pages)).clamp(0.001, 100.0);
+    let sample: Option<Vec<i64>> = source
+        .query(
+            "sample keys",
+            &table.sample_keys_sql((percent * 1000.0).ceil() / 1000.0),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            r.get::<_, Vec<String>>(0)
+                .first()
+                .and_then(|k| k.parse().ok())
+        })
+        .collect();
+    let range = source
+        .query_one("read the key range", &table.key_range_sql(), &[])
+        .await?;
+    let parse = |i: usize| {
+        range
+            .get::<_, Option<String>>(i)
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    Ok(match (sample, parse(0), parse(1)) {
+        (Some(sample), Some(min), Some(max)) => Step::fit(&sample, min, max, buckets),
+        _ => None,
+    })
+}
+
+/// Scan mode (see [`TablePlan::scan`]): `chunks` page ranges over the source's `pages` (the
+/// last one open, as the target may have more), all bucketed alike.
+fn scan_by_pages(table: &mut TablePlan, buckets: Buckets, chunks: i64, pages: i64) {
+    let (inner, step) = match buckets {
+        Buckets::Bounds(bounds) => (bounds.into_iter().map(|mut b| b.remove(0)).collect(), None),
+        Buckets::Step(step) => (Vec::new(), Some(step)),
+    };
     let whole = Chunk {
         lo: None,
         hi: None,
-        inner: if step.is_some() { Vec::new() } else { inner },
+        inner,
         pages: None,
         step,
     };

@@ -43,35 +43,30 @@ pub struct Step {
 }
 
 impl Step {
-    /// Picks a step from quantile `bounds` of an integer key (in key order, each the same
-    /// share of the rows): the mean distance between them, when the keys are spread evenly:
-    /// cut into 16 equal spans, every span holds between half and twice its share of the
-    /// bounds (a sample's bounds are too noisy to judge one gap at a time). `None` for skewed
-    /// keys, or keys so far apart that bucket numbers would not stay small.
-    pub fn fit(bounds: &[i64]) -> Option<Step> {
+    /// Picks a step for about `buckets` buckets over keys from `min` to `max`, when a
+    /// `sample` of the keys (one per sampled page) shows them spread evenly: cut into 16
+    /// equal spans, every span holds between half and twice its share of the sample. `None`
+    /// for skewed keys (a bucket could then hold many times its share of rows), a sample too
+    /// small to tell, or keys so far apart that bucket numbers would not stay small.
+    pub fn fit(sample: &[i64], min: i64, max: i64, buckets: i64) -> Option<Step> {
         const SPANS: usize = 16;
-        let (first, last) = (*bounds.first()?, *bounds.last()?);
-        if bounds.len() < SPANS * 8 {
+        if sample.len() < SPANS * 8 || buckets < 1 || max < min {
             return None;
         }
-        let span = i128::from(last) - i128::from(first) + 1;
-        let mean = span / (bounds.len() as i128 - 1);
-        if mean < 1 {
-            return None;
-        }
+        let span = i128::from(max) - i128::from(min) + 1;
         let mut counts = [0usize; SPANS];
-        for b in bounds {
-            let at = (i128::from(*b) - i128::from(first)) * SPANS as i128 / span;
-            counts[(at as usize).min(SPANS - 1)] += 1;
+        for key in sample {
+            let at = (i128::from(*key) - i128::from(min)) * SPANS as i128 / span;
+            counts[at.clamp(0, SPANS as i128 - 1) as usize] += 1;
         }
-        let share = bounds.len() / SPANS;
+        let share = sample.len() / SPANS;
         let even = counts.iter().all(|c| c * 2 >= share && *c <= share * 2);
-        let step = i64::try_from(mean).ok()?;
-        let base = first / step;
+        let step = i64::try_from((span / i128::from(buckets)).max(1)).ok()?;
+        let base = min / step;
         // Bucket numbers times the cells per bucket stay far inside int4, with room for keys
-        // beyond the sampled ones.
-        let buckets = i128::from(last / step - base) + 1;
-        (even && buckets * 4 < (1 << 24)).then_some(Step { step, base })
+        // beyond the current ones.
+        let count = i128::from(max / step - base) + 1;
+        (even && count * 4 < (1 << 24)).then_some(Step { step, base })
     }
 
     /// The keys of bucket `b` as bounds (`lower`, inclusive?; `upper`, inclusive?), `None` for
@@ -462,6 +457,15 @@ impl TablePlan {
         )
     }
 
+    /// The smallest and largest key, as text (a one-column key: two index lookups).
+    pub fn key_range_sql(&self) -> String {
+        let key = sql::ident(&self.key[0].name);
+        format!(
+            "SELECT min({key})::text, max({key})::text FROM {table}",
+            table = self.name.sql()
+        )
+    }
+
     /// The first key of each page of a block sample, in key order, from which bounds are
     /// picked. One per page, because the rows of a page often hold neighbouring keys: a
     /// quantile needs many pages, not many rows.
@@ -503,20 +507,24 @@ mod tests {
 
     #[test]
     fn steps_fit_even_keys_only() {
-        let even: Vec<i64> = (1..=1000).map(|i| 1_000 + i * 5_000).collect();
-        let step = Step::fit(&even).expect("even keys get a step");
+        let even: Vec<i64> = (0..256).map(|i| 1_000 + i * 19_531).collect();
+        let step = Step::fit(&even, 1, 5_000_000, 1_000).expect("even keys get a step");
         assert_eq!(step.step, 5_000);
-        // Half the keys crowded into the first tenth of the span: skewed.
-        let skewed: Vec<i64> = (0..500)
-            .map(|i| i * 100)
-            .chain((0..500).map(|i| 50_000 + i * 1_000))
+        // Half the keys crowded into the first tenth of the range: skewed.
+        let skewed: Vec<i64> = (0..128)
+            .map(|i| i * 3_900)
+            .chain((0..128).map(|i| 500_000 + i * 35_000))
             .collect();
-        assert_eq!(Step::fit(&skewed), None);
-        assert_eq!(Step::fit(&[1, 2, 3]), None, "too few bounds to judge");
+        assert_eq!(Step::fit(&skewed, 0, 5_000_000, 1_000), None);
+        assert_eq!(
+            Step::fit(&[1, 2, 3], 1, 3, 1),
+            None,
+            "too small a sample to judge"
+        );
         // Keys across the whole int8 range: a huge step, small bucket numbers, and ranges
         // that end where the type does.
         let far: Vec<i64> = (0..1000).map(|i| i * (i64::MAX / 1000)).collect();
-        let step = Step::fit(&far).expect("far keys get a step");
+        let step = Step::fit(&far, 0, i64::MAX, 1_000).expect("far keys get a step");
         assert_eq!(step.range(i32::MAX).1, None);
     }
 

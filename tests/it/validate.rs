@@ -407,3 +407,49 @@ async fn max_rate_slows_the_run_down() {
     assert!(report["duration_ms"].as_u64().unwrap() >= 1900, "{out}");
     assert_eq!(report["settings"]["max_rate"], 10000);
 }
+
+/// Keys crowded into part of their range get quantile bounds from a sample rather than
+/// buckets of equal width (which would put half the rows in a few buckets); differences are
+/// found either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_keys_are_bucketed_by_sampled_bounds() {
+    let db = TestDb::new("validate_skew").await;
+    let create = "CREATE TABLE skew (id int8 PRIMARY KEY, v int4);
+                  INSERT INTO skew SELECT CASE WHEN i <= 150000 THEN i ELSE 1000000000 + i * 1000 END, i
+                    FROM generate_series(1, 300000) AS i;
+                  ANALYZE skew;";
+    on_both_servers(&db, create).await;
+    db.target_client()
+        .await
+        .batch_execute(
+            "UPDATE skew SET v = v + 1 WHERE id IN (77, 149999, 1200000000);
+             DELETE FROM skew WHERE id = 5000;",
+        )
+        .await
+        .expect("inject");
+    db.write_plan("");
+    let (code, report, out) = validate(&db, &["--tables", "public.skew", "--chunk-time", "10ms"]);
+    assert_eq!(code, Some(1), "{out}");
+    let table = &report["tables"][0];
+    assert!(table["chunks"].as_u64().unwrap() > 1, "{out}");
+    assert_eq!(
+        (
+            table["changed"].clone(),
+            table["missing"].clone(),
+            table["extra"].clone()
+        ),
+        (3.into(), 1.into(), 0.into()),
+        "{out}"
+    );
+    let keys: BTreeSet<String> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["key"]["id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: BTreeSet<String> = ["77", "149999", "1200000000", "5000"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys, expected);
+}
