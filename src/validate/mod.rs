@@ -45,6 +45,9 @@ pub struct Options {
     /// How long a chunk waits for the target to confirm the source's position.
     pub catchup_timeout: Duration,
     pub chunk_seconds: f64,
+    /// Rows per bucket. Opening a differing bucket re-reads it twice (cells, then the rows
+    /// of differing cells): measured on 5M rows with 100 differences, 4,096-row buckets made
+    /// the run 1.45x a clean one and 2,048-row buckets 1.25x, at no cost to the clean run.
     pub bucket_rows: i64,
     /// Differences fetched in full per table (counts stay exact beyond it).
     pub max_details: usize,
@@ -62,7 +65,7 @@ impl Default for Options {
             statement_timeout: Duration::from_secs(300),
             catchup_timeout: Duration::from_secs(60),
             chunk_seconds: 0.5,
-            bucket_rows: 4096,
+            bucket_rows: 2048,
             max_details: 1000,
             progress: false,
         }
