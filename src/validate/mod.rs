@@ -983,17 +983,7 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
             return Ok(());
         }
     }
-    let percent = (100.0 * (wanted_bounds * 2) as f64 / pages as f64).clamp(0.001, 100.0);
-    let sample: Vec<Vec<String>> = source
-        .query(
-            "sample keys",
-            &table.sample_keys_sql((percent * 1000.0).ceil() / 1000.0),
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let sample = sample_keys(source, table, (wanted_bounds * 2) as f64, pages).await?;
     let n = (wanted_bounds as usize).min(sample.len());
     let mut bounds: Vec<Vec<String>> = (1..n)
         .map(|i| sample[i * sample.len() / n].clone())
@@ -1051,6 +1041,24 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     Ok(())
 }
 
+/// The first key of about `wanted` of the table's `pages` (see [`TablePlan::sample_keys_sql`]).
+async fn sample_keys(
+    source: &Server,
+    table: &TablePlan,
+    wanted: f64,
+    pages: i32,
+) -> Result<Vec<Vec<String>>> {
+    let percent = (100.0 * wanted / f64::from(pages)).clamp(0.001, 100.0);
+    let rows = source
+        .query(
+            "sample keys",
+            &table.sample_keys_sql((percent * 1000.0).ceil() / 1000.0),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// How the rows of a table in scan mode are put in buckets.
 enum Buckets {
     /// Key ranges between these sampled bounds.
@@ -1068,7 +1076,6 @@ async fn even_step(
     buckets: i64,
     pages: i32,
 ) -> Result<Option<Step>> {
-    const SAMPLE_PAGES: f64 = 256.0;
     let integer_key = matches!(
         table.key[0].type_sql.as_str(),
         "smallint" | "integer" | "bigint"
@@ -1076,20 +1083,10 @@ async fn even_step(
     if !integer_key {
         return Ok(None);
     }
-    let percent = (100.0 * SAMPLE_PAGES / f64::from(pages)).clamp(0.001, 100.0);
-    let sample: Option<Vec<i64>> = source
-        .query(
-            "sample keys",
-            &table.sample_keys_sql((percent * 1000.0).ceil() / 1000.0),
-            &[],
-        )
+    let sample: Option<Vec<i64>> = sample_keys(source, table, 256.0, pages)
         .await?
         .iter()
-        .map(|r| {
-            r.get::<_, Vec<String>>(0)
-                .first()
-                .and_then(|k| k.parse().ok())
-        })
+        .map(|key| key.first().and_then(|k| k.parse().ok()))
         .collect();
     let range = source
         .query_one("read the key range", &table.key_range_sql(), &[])
