@@ -162,12 +162,13 @@ pub async fn run(shared: Arc<Shared>, shard: usize, mut stream: TcpStream) {
             return;
         }
     };
-    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
-    let cancel_slot = super::CancelSlot::default();
-    lock(&shared.cancels).insert(key, cancel_slot.clone());
+    // Every user who can log in has pools on every shard.
     let Some(pools) = shared.shards[shard].pools.get(&logged_in.user).cloned() else {
         return;
     };
+    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    let cancel_slot = super::CancelSlot::default();
+    lock(&shared.cancels).insert(key, cancel_slot.clone());
     let mut session = Session::new(
         shared.clone(),
         shard,
