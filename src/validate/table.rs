@@ -229,38 +229,37 @@ impl TablePlan {
     /// the ranges alone select the rows (an index range scan each, OR-ed by a bitmap).
     fn bucket_range(&self, chunk: &Chunk, b: i32) -> String {
         let key = sql::ident(&self.key[0].name);
-        if let Some(step) = chunk.step {
-            let (lower, upper) = step.range(b);
-            let mut parts = Vec::new();
-            if let Some((v, inclusive)) = lower {
-                parts.push(format!("{key} {} {v}", if inclusive { ">=" } else { ">" }));
+        // Each side as (operator, value), absent where the bucket is open.
+        let (lower, upper) = match chunk.step {
+            Some(step) => {
+                let (lower, upper) = step.range(b);
+                let side = |bound: Option<Bound>, inclusive: &'static str, strict: &'static str| {
+                    bound.map(|(v, inc)| (if inc { inclusive } else { strict }, v.to_string()))
+                };
+                (side(lower, ">=", ">"), side(upper, "<=", "<"))
             }
-            if let Some((v, inclusive)) = upper {
-                parts.push(format!("{key} {} {v}", if inclusive { "<=" } else { "<" }));
+            None => {
+                let literal = |v: &String| self.key_literal(std::slice::from_ref(v));
+                let b = b.max(0) as usize;
+                let lower = match b {
+                    0 => chunk.lo.as_ref().map(|lo| &lo[0]),
+                    _ => chunk.inner.get(b - 1),
+                };
+                let upper = match chunk.inner.get(b) {
+                    Some(bound) => Some(bound),
+                    None => chunk.hi.as_ref().map(|hi| &hi[0]),
+                };
+                (
+                    lower.map(|v| (">=", literal(v))),
+                    upper.map(|v| ("<", literal(v))),
+                )
             }
-            return if parts.is_empty() {
-                "true".into()
-            } else {
-                format!("({})", parts.join(" AND "))
-            };
-        }
-        let literal = |v: &String| self.key_literal(std::slice::from_ref(v));
-        let b = b.max(0) as usize;
-        let lower = match b {
-            0 => chunk.lo.as_ref().map(|lo| &lo[0]),
-            _ => chunk.inner.get(b - 1),
         };
-        let upper = match chunk.inner.get(b) {
-            Some(bound) => Some(bound),
-            None => chunk.hi.as_ref().map(|hi| &hi[0]),
-        };
-        let mut parts = Vec::new();
-        if let Some(lower) = lower {
-            parts.push(format!("{key} >= {}", literal(lower)));
-        }
-        if let Some(upper) = upper {
-            parts.push(format!("{key} < {}", literal(upper)));
-        }
+        let parts: Vec<String> = lower
+            .into_iter()
+            .chain(upper)
+            .map(|(op, value)| format!("{key} {op} {value}"))
+            .collect();
         if parts.is_empty() {
             "true".into()
         } else {
