@@ -93,6 +93,13 @@ impl TestDb {
         connect(&self.target.url(&self.name)).await
     }
 
+    /// Waits until the target has confirmed everything the source has written so far, on the
+    /// migration's own slot.
+    pub async fn wait_caught_up(&self, timeout: Duration) {
+        let source = self.source_client().await;
+        wait_caught_up(&source, &format!("switchyard_{}", self.name), timeout).await;
+    }
+
     pub fn plan_path(&self) -> PathBuf {
         self.dir.path().join("plan.toml")
     }

@@ -388,7 +388,7 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
 async fn a_target_that_cannot_catch_up_makes_the_cutover_undo_itself() {
     // The hung worker lets the lag grow while the gates run: a generous limit.
     let (db, proxy) = ready("cutover_undo", "max_lag_bytes = 268435456\n").await;
-    let (source, target) = (db.source_client().await, db.target_client().await);
+    let target = db.target_client().await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(200).await;
     // From outside: the target's apply worker hangs (stopped with SIGSTOP while idle, so it
@@ -397,12 +397,7 @@ async fn a_target_that_cannot_catch_up_makes_the_cutover_undo_itself() {
     // (Disabling the subscription before the cutover is caught by the gates instead.)
     let (acked, errors) = load.stop().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(60),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(60)).await;
     let worker: i32 = target
         .query_one(
             "SELECT pid FROM pg_stat_subscription WHERE subname = $1 AND relid IS NULL",
@@ -463,13 +458,7 @@ async fn a_target_that_cannot_catch_up_makes_the_cutover_undo_itself() {
     let acked: Vec<(i32, i32)> = acked.into_iter().chain(more).collect();
     // Replication runs again once the worker does, and catches up.
     signal(worker, "CONT");
-    let source = db.source_client().await;
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(60),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(60)).await;
     assert_holds_exactly(&target, &acked, "target").await;
     let left: i64 = target
         .query_one("SELECT (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_replication_slots WHERE database = current_database())", &[])

@@ -73,12 +73,7 @@ async fn kill_and_target_restart_mid_copy_then_resume() {
     let output = db.switchyard(&["sync", "--wait", "--timeout", "300s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(60),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(60)).await;
     for table in [
         "big",
         "customers",
@@ -129,12 +124,7 @@ async fn restore_that_committed_before_the_crash_is_not_repeated() {
     let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let target = db.target_client().await;
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(30),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(30)).await;
     for table in ["items", "tagged"] {
         let (a, b) = except_all(&source, &target, table).await;
         assert!(a.is_empty() && b.is_empty(), "{table}");
@@ -185,12 +175,7 @@ async fn table_stuck_without_its_sync_slot_is_copied_again() {
 
     let output = db.switchyard(&["sync", "--wait", "--timeout", "90s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(30),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(30)).await;
     for table in ["order_items", "orders", "customers"] {
         let (a, b) = except_all(&source, &target, table).await;
         assert!(

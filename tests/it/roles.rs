@@ -105,12 +105,7 @@ async fn roles_grants_and_extensions_are_copied() {
         .get(0);
     assert_eq!(n, 1, "citext comparison on the target");
 
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        std::time::Duration::from_secs(30),
-    )
-    .await;
+    db.wait_caught_up(std::time::Duration::from_secs(30)).await;
     let (a, b) = except_all(&source, &target, "accounts").await;
     assert!(a.is_empty() && b.is_empty());
 

@@ -96,12 +96,7 @@ async fn sync_under_concurrent_writes_matches_row_for_row() {
 
     let source = db.source_client().await;
     let target = db.target_client().await;
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(60),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(60)).await;
     for table in TABLES {
         let (only_source, only_target) = except_all(&source, &target, table).await;
         assert!(

@@ -18,13 +18,7 @@ async fn synced(name: &str, rows: u32) -> TestDb {
     db.write_plan("");
     let output = db.switchyard(&["sync", "--wait", "--timeout", "120s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    let source = db.source_client().await;
-    common::wait_caught_up(
-        &source,
-        &format!("switchyard_{}", db.name),
-        Duration::from_secs(60),
-    )
-    .await;
+    db.wait_caught_up(Duration::from_secs(60)).await;
     db
 }
 
