@@ -19,20 +19,11 @@ use switchyard::{Error, Exit};
     after_help = "Examples:\n  switchyard cutover plans/shop.toml --dry-run   # every check, nothing changed\n  switchyard cutover plans/shop.toml --yes\n  switchyard rollback plans/shop.toml --yes      # the way back"
 )]
 pub struct CutoverArgs {
-    /// The plan file (TOML).
-    plan: PathBuf,
-    /// Do not ask for confirmation after the checks.
-    #[arg(long)]
-    yes: bool,
-    /// Run every check and print the steps; change nothing.
-    #[arg(long)]
-    dry_run: bool,
+    #[command(flatten)]
+    switch: SwitchArgs,
     /// Go ahead without a recent passing `switchyard validate`.
     #[arg(long)]
     skip_validation: bool,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Move the applications back to the source after a cutover, with every write made on the
@@ -45,6 +36,13 @@ pub struct CutoverArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  switchyard rollback plans/shop.toml --yes")]
 pub struct RollbackArgs {
+    #[command(flatten)]
+    switch: SwitchArgs,
+}
+
+/// What a cutover and a rollback both take.
+#[derive(Debug, Args)]
+struct SwitchArgs {
     /// The plan file (TOML).
     plan: PathBuf,
     /// Do not ask for confirmation after the checks.
@@ -59,37 +57,25 @@ pub struct RollbackArgs {
 }
 
 pub async fn run(args: CutoverArgs) -> Result<Exit, Error> {
-    switch(
-        &args.plan,
-        Direction::Cutover,
-        args.yes,
-        args.dry_run,
-        args.skip_validation,
-        args.json,
-    )
-    .await
+    switch(&args.switch, Direction::Cutover, args.skip_validation).await
 }
 
 pub async fn rollback(args: RollbackArgs) -> Result<Exit, Error> {
-    switch(
-        &args.plan,
-        Direction::Rollback,
-        args.yes,
-        args.dry_run,
-        false,
-        args.json,
-    )
-    .await
+    switch(&args.switch, Direction::Rollback, false).await
 }
 
 async fn switch(
-    path: &std::path::Path,
+    args: &SwitchArgs,
     direction: Direction,
-    yes: bool,
-    dry_run: bool,
     skip_validation: bool,
-    json: bool,
 ) -> Result<Exit, Error> {
+    let SwitchArgs {
+        plan: path,
+        yes,
+        dry_run,
+        json,
+    } = args;
+    let (yes, dry_run, json) = (*yes, *dry_run, *json);
     let (plan, store) = super::load_plan(path)?;
     let checked = cutover::check(&plan, &store, direction, skip_validation, dry_run).await?;
     if let Some(recovered) = &checked.recovered {
