@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod control;
+mod inspect;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

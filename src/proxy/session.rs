@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::auth::scram::{ScramError, ScramServer};
+use super::inspect::{self, mentions_listen, starts_with_keyword, Deallocate};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
 use super::protocol::codec::{split_buffered, CodecError};
@@ -52,21 +53,10 @@ const REFUSE_LISTEN: &str = "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE
      MESSAGE = 'LISTEN is not supported in transaction pooling mode', \
      HINT = 'use a connection through a session-mode proxy for LISTEN'; END $switchyard$";
 
-/// Whether any statement of `text` is a LISTEN (statements split at semicolons; a LISTEN
-/// inside a string literal is refused too, which errs on the safe side).
-fn mentions_listen(text: &str) -> bool {
-    let is_listen = |statement: &[u8]| first_word(statement).eq_ignore_ascii_case(b"listen");
-    let bytes = text.as_bytes();
-    is_listen(bytes) || memchr::memchr_iter(b';', bytes).any(|at| is_listen(&bytes[at + 1..]))
-}
-
-/// SET LOCAL and SET TRANSACTION last only until the transaction ends.
-fn is_transaction_scoped(text: &str) -> bool {
-    let lower = text.trim_start().to_ascii_lowercase();
-    lower.starts_with("set local")
-        || lower.starts_with("set transaction")
-        || lower.starts_with("set constraints")
-}
+const REFUSE_MULTI_DEALLOCATE: &str =
+    "DO $switchyard$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+     MESSAGE = 'DEALLOCATE must be sent alone through switchyard', \
+     HINT = 'send DEALLOCATE as a query of its own'; END $switchyard$";
 
 /// What a client hears when its server connection broke under its transaction.
 const LOST: &str = "the server connection was lost; the transaction was rolled back";
@@ -431,6 +421,10 @@ struct Session {
     attached_at: std::time::Instant,
     /// This transaction's turn while the proxy is throttled.
     throttle_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A transaction may be running: the session counts as active for `/pause`.
+    in_turn: bool,
+    /// The side the server connection is on.
+    server_side: crate::pg::Side,
     /// The client's application_name: reported back to it, never set on the server.
     application_name: Option<String>,
     /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
@@ -489,6 +483,8 @@ impl Session {
             attached_at: std::time::Instant::now(),
             application_name,
             throttle_permit: None,
+            in_turn: false,
+            server_side: crate::pg::Side::Source,
             startup_values,
         }
     }
@@ -541,8 +537,9 @@ impl Session {
             .flush()
             .await
             .map_err(|e| Fatal::new("08006", e.to_string()))?;
-        if self.mode() == PoolMode::Transaction {
-            self.release(false).await;
+        match self.mode() {
+            PoolMode::Transaction => self.release(false).await,
+            PoolMode::Session => self.end_turn(),
         }
         Ok(())
     }
@@ -681,6 +678,13 @@ impl Session {
             if !self.answer_locally(None).await {
                 return false;
             }
+        } else if !self.in_turn {
+            // Session mode, between transactions.
+            self.begin_turn().await;
+            if let Err(message) = self.follow_switch().await {
+                return self.fail_until_sync(&frame, &message).await;
+            }
+            self.show_running();
         }
         let kind = tag(&frame);
         // Messages of a sync group not yet closed by its Sync: the connection must stay.
@@ -812,15 +816,24 @@ impl Session {
         if (ready || !more_coming) && self.client_w.flush().await.is_err() {
             return false;
         }
-        if ready
-            && self.outstanding == 0
-            && self.unsynced == 0
-            && self.status == b'I'
-            && self.mode() == PoolMode::Transaction
-        {
-            self.release(false).await;
+        if ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I' {
+            self.transaction_done().await;
         }
         true
+    }
+
+    /// The client is between transactions: the server connection goes back to the pool in
+    /// transaction mode, and stays in session mode (but the session no longer counts as
+    /// active: a pause holds its next transaction).
+    async fn transaction_done(&mut self) {
+        if !self.in_turn {
+            return;
+        }
+        self.metrics().transaction(self.attached_at.elapsed());
+        match self.mode() {
+            PoolMode::Transaction => self.release(false).await,
+            PoolMode::Session => self.end_turn(),
+        }
     }
 
     /// A ParameterStatus from the server: the server connection's value changed, and, when the
@@ -852,13 +865,7 @@ impl Session {
             return smallvec![frontend::query(REFUSE_LISTEN)];
         }
         if starts_with_keyword(text, "deallocate") {
-            // Client names never exist on the server. Dropping every statement of this
-            // connection is always correct: they are prepared again where missing.
-            self.statements.clear();
-            if let Some(server) = self.server.as_mut() {
-                server.prepared.clear();
-            }
-            return smallvec![frontend::query("DEALLOCATE ALL")];
+            return self.deallocate(frame.clone(), text);
         }
         match self.track_setting(text) {
             // The server keeps its application_name (the coordinator tells the proxy's
@@ -871,44 +878,113 @@ impl Session {
         }
     }
 
+    /// DEALLOCATE of a client's statement. The server knows it by its shared name, and maybe
+    /// not on this connection: a throwaway statement of that name is prepared first (its
+    /// CloseComplete and ParseComplete swallowed) so that the server's own DEALLOCATE answers
+    /// the client, with its tag, in its place among the client's other queries. Other
+    /// statements of the client stay prepared.
+    fn deallocate(&mut self, frame: Bytes, text: &str) -> Frames {
+        // In a failed transaction the server refuses the DEALLOCATE itself (25P02), and
+        // refuses a Parse too, which would make it skip the query: the client's text goes.
+        if self.status == b'E' {
+            return smallvec![frame];
+        }
+        match inspect::deallocate(text) {
+            Some(Deallocate::All) => {
+                self.statements.clear();
+                if let Some(server) = self.server.as_mut() {
+                    server.prepared.clear();
+                }
+                smallvec![frame]
+            }
+            Some(Deallocate::Named(name)) => match self.statements.remove(&name) {
+                Some(prepared) => self.deallocate_on_server(&prepared.server_name),
+                // Not one of the client's: the server's own error (26000).
+                None => smallvec![frame],
+            },
+            // Several statements: client names mean nothing to the server, so it is refused
+            // rather than half run.
+            None if inspect::is_multi_statement(text) => {
+                smallvec![frontend::query(REFUSE_MULTI_DEALLOCATE)]
+            }
+            // Not a DEALLOCATE the proxy can read: the server's syntax error.
+            None => smallvec![frame],
+        }
+    }
+
+    fn deallocate_on_server(&mut self, server_name: &str) -> Frames {
+        if let Some(server) = self.server.as_mut() {
+            server.prepared.remove(server_name);
+        }
+        self.pending.close += 1;
+        self.pending.parse += 1;
+        let placeholder = frontend::Parse {
+            name: server_name,
+            query: "SELECT",
+            rest: &[0, 0],
+        };
+        smallvec![
+            frontend::rebuild_target(b'C', b'S', server_name),
+            frontend::rename_parse(&placeholder, server_name),
+            frontend::query(&format!("DEALLOCATE {server_name}")),
+        ]
+    }
+
     /// Remembers what a statement does to the session's settings. A SET or RESET the proxy
     /// cannot follow (SET ROLE, several statements, a setting it cannot re-apply) leaves the
     /// server connection with state no other client may inherit: it is closed afterwards.
     /// Returns the value of a `SET application_name`, which the caller keeps from the server.
     fn track_setting(&mut self, text: &str) -> Option<String> {
-        // Most statements are none of these: no parsing, no allocation for them.
-        let word = first_word(text.as_bytes());
-        if ![&b"set"[..], b"reset", b"discard"]
-            .iter()
-            .any(|k| word.eq_ignore_ascii_case(k))
-        {
+        // Most statements are none of these: first words only, no allocation for them.
+        if !inspect::any_changes_session(text) {
             return None;
         }
-        let change = settings::recognise(text);
-        if change.is_none()
-            && (starts_with_keyword(text, "set") || starts_with_keyword(text, "reset"))
-            && !is_transaction_scoped(text)
-        {
+        if !inspect::is_multi_statement(text) {
+            return self.track_statement(text);
+        }
+        // Several statements: each one that changes the session is followed as if it came
+        // alone. A client's application_name among them reaches the server, and a text the
+        // proxy cannot split safely may hide anything: the connection is not reused.
+        match inspect::split_statements(text) {
+            Some(statements) => {
+                for statement in statements {
+                    if let Some(application_name) = self.track_statement(statement) {
+                        self.application_name = Some(application_name);
+                        self.dirty = true;
+                    }
+                }
+            }
+            None => self.dirty = true,
+        }
+        None
+    }
+
+    /// [`Self::track_setting`] for one statement.
+    fn track_statement(&mut self, text: &str) -> Option<String> {
+        if !inspect::changes_session(text.as_bytes()) {
+            return None;
+        }
+        let Some(change) = settings::recognise(text) else {
             self.dirty = true;
             return None;
-        }
+        };
         match change {
-            Some(SettingChange::Set { name, value_sql }) if name == "application_name" => {
+            SettingChange::Set { name, value_sql } if name == "application_name" => {
                 return Some(value_sql.trim_matches('\'').replace("''", "'"));
             }
-            Some(SettingChange::Set { name, value_sql }) if settings::passed_to_server(&name) => {
+            SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {
                 if let Some(server) = self.server.as_mut() {
                     server.applied.insert(name.clone(), value_sql.clone());
                 }
                 self.wanted.insert(name, value_sql);
             }
-            Some(SettingChange::Reset(name)) => {
+            SettingChange::Reset(name) => {
                 if let Some(server) = self.server.as_mut() {
                     server.applied.remove(&name);
                 }
                 self.wanted.remove(&name);
             }
-            Some(SettingChange::ResetAll) => {
+            SettingChange::ResetAll => {
                 if let Some(server) = self.server.as_mut() {
                     server.applied.clear();
                     if starts_with_keyword(text, "discard") {
@@ -1085,26 +1161,15 @@ impl Session {
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
-        // Counted as active before the checkout, then the pause is checked again: either
-        // `/pause` sees this session and waits for it, or this session sees the pause.
-        // While throttled (before a pause), each transaction waits for its turn first.
-        let permit = loop {
-            self.shared.control.admit().await;
-            let permit = self.shared.control.throttle_permit().await;
-            self.shared.control.attached();
-            if !self.shared.control.is_paused() {
-                break permit;
-            }
-            self.shared.control.detached();
-        };
-        self.throttle_permit = permit;
+        self.begin_turn().await;
         // Boxed: the checkout future is large, and moving it through the nested futures
         // cost more than the allocation.
         // Read after the pause: a switch happens only while paused.
-        let pool = &self.pools[super::side_index(self.shared.backend.side())];
+        let side = self.shared.backend.side();
+        let pool = &self.pools[super::side_index(side)];
         let checkout = Box::pin(checkout(&self.shared, self.metrics(), pool)).await;
         if checkout.is_err() {
-            self.detach();
+            self.end_turn();
         }
         let mut server = checkout.map_err(|e| match e {
             bb8::RunError::TimedOut => {
@@ -1124,23 +1189,70 @@ impl Session {
         if let Some(statements) = statements {
             if server.send(frontend::query(&statements)).await.is_err() {
                 server.broken = true;
-                self.detach();
+                self.end_turn();
                 return Err("the server connection broke".into());
             }
             self.swallow_until_ready += 1;
         }
-        let target = CancelTarget {
+        self.server = Some(server);
+        self.show_running();
+        self.server_side = side;
+        self.unnamed_here = false;
+        Ok(())
+    }
+
+    /// A transaction may start: waits while the proxy is paused (and, while throttled, for a
+    /// turn). Counted as active before the pause is checked again: either `/pause` sees this
+    /// session and waits for it, or this session sees the pause.
+    async fn begin_turn(&mut self) {
+        let permit = loop {
+            self.shared.control.admit().await;
+            let permit = self.shared.control.throttle_permit().await;
+            self.shared.control.attached();
+            if !self.shared.control.is_paused() {
+                break permit;
+            }
+            self.shared.control.detached();
+        };
+        self.throttle_permit = permit;
+        self.in_turn = true;
+        self.attached_at = std::time::Instant::now();
+    }
+
+    /// The transaction is over (and gives up its throttle turn).
+    fn end_turn(&mut self) {
+        if std::mem::take(&mut self.in_turn) {
+            self.throttle_permit = None;
+            self.shared.control.detached();
+            *lock(&self.cancel_slot) = None;
+        }
+    }
+
+    /// Says which server backend runs this client's transaction: where a cancel goes, and
+    /// what `/pause` lists as still running.
+    fn show_running(&self) {
+        let target = self.server.as_ref().map(|server| CancelTarget {
             addr: server.addr,
             process_id: server.process_id,
             secret_key: server.secret_key,
             user: self.user.clone(),
             since: std::time::Instant::now(),
-        };
-        *lock(&self.cancel_slot) = Some(target);
-        self.server = Some(server);
-        self.unnamed_here = false;
-        self.attached_at = std::time::Instant::now();
-        Ok(())
+        });
+        *lock(&self.cancel_slot) = target;
+    }
+
+    /// Session mode, between transactions: a session whose server connection is on the side
+    /// the proxy no longer sends to (a cutover or rollback switched) moves to a connection of
+    /// the new side. What the proxy tracks (settings, prepared statements) follows it; other
+    /// session state (temporary tables, WITH HOLD cursors) stays behind, as it would after a
+    /// reconnect.
+    async fn follow_switch(&mut self) -> Result<(), String> {
+        if self.server.is_none() || self.server_side == self.shared.backend.side() {
+            return Ok(());
+        }
+        tracing::info!(user = %self.user, "session moves to the new primary");
+        self.release(true).await;
+        self.attach(true).await
     }
 
     /// Gives the server connection back: as it is between transactions, reset after a session
@@ -1148,18 +1260,15 @@ impl Session {
     /// transaction open: closing the connection rolls it back).
     async fn release(&mut self, ending: bool) {
         let Some(mut server) = self.server.take() else {
+            self.end_turn();
             return;
         };
-        *lock(&self.cancel_slot) = None;
         let clean = self.status == b'I'
             && self.outstanding == 0
             && self.unsynced == 0
             && !self.copy_in
             && self.swallow_until_ready == 0
             && !self.dirty;
-        if clean {
-            self.metrics().transaction(self.attached_at.elapsed());
-        }
         let needs_reset = ending && self.mode() == PoolMode::Session;
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
             server.broken = true;
@@ -1175,13 +1284,7 @@ impl Session {
         self.status = b'I';
         server.idle_since = std::time::Instant::now();
         drop(server);
-        self.detach();
-    }
-
-    /// The session no longer holds a server connection (and gives up its throttle turn).
-    fn detach(&mut self) {
-        self.throttle_permit = None;
-        self.shared.control.detached();
+        self.end_turn();
     }
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
@@ -1330,47 +1433,9 @@ fn statement_name(query: &str, param_types: &[u8]) -> String {
     format!("switchyard_{hex}")
 }
 
-fn starts_with_keyword(text: &str, keyword: &str) -> bool {
-    first_word(text.as_bytes()).eq_ignore_ascii_case(keyword.as_bytes())
-}
-
-/// The first word of a statement (after whitespace): the only part the proxy looks at in
-/// most statements, so it is found without decoding characters or allocating.
-fn first_word(statement: &[u8]) -> &[u8] {
-    let start = statement
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(statement.len());
-    let rest = &statement[start..];
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
-        .unwrap_or(rest.len());
-    &rest[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keywords_are_whole_words() {
-        assert!(starts_with_keyword("  LISTEN chan", "listen"));
-        assert!(!starts_with_keyword("listener_count()", "listen"));
-        assert!(starts_with_keyword("listen", "listen"));
-        assert!(starts_with_keyword("\n\tSET x = 1", "set"));
-        assert!(!starts_with_keyword("settle()", "set"));
-    }
-
-    #[test]
-    fn listen_is_found_in_any_statement() {
-        assert!(mentions_listen("LISTEN a"));
-        assert!(mentions_listen("SELECT 1; listen a;"));
-        assert!(mentions_listen("SELECT 1;LISTEN a"));
-        assert!(!mentions_listen("SELECT listen FROM t;"));
-        assert!(!mentions_listen("SELECT 1; listener()"));
-        assert!(!mentions_listen(""));
-    }
 
     #[test]
     fn statement_names_depend_on_text_and_types() {

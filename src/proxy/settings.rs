@@ -1,9 +1,8 @@
 //! Session settings in transaction pooling. A client's settings — from its startup packet, from
-//! `SET name = value` / `SET name TO value` / `RESET` in a simple query, and every change the
-//! server reports with ParameterStatus — are remembered per client and re-applied (or reset)
-//! on whichever server connection runs its next transaction. Other forms (a SET inside a
-//! multi-statement query or through the extended protocol, of a setting the server does not
-//! report) are not seen and stay on the server connection: use session pooling for those.
+//! `SET name = value` / `SET name TO value` / `RESET` statements, and every change the server
+//! reports with ParameterStatus — are remembered per client and re-applied (or reset) on
+//! whichever server connection runs its next transaction. A change this module does not
+//! recognise (SET ROLE, ...) makes the session close that server connection instead.
 
 use std::collections::BTreeMap;
 

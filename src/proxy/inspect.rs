@@ -1,0 +1,249 @@
+//! The little the proxy reads of a statement's text: its first words. Statements are split at
+//! semicolons without a SQL parser; a semicolon inside a string literal splits too, which only
+//! ever makes the proxy more careful (a LISTEN refused, a connection closed instead of reused).
+
+/// The first word of a statement (after whitespace): the only part the proxy looks at in
+/// most statements, so it is found without decoding characters or allocating.
+pub fn first_word(statement: &[u8]) -> &[u8] {
+    let rest = skip_whitespace(statement);
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// The words after the first one.
+fn after_first_word(statement: &[u8]) -> &[u8] {
+    let rest = skip_whitespace(statement);
+    &rest[first_word(rest).len()..]
+}
+
+fn skip_whitespace(text: &[u8]) -> &[u8] {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    &text[start..]
+}
+
+pub fn starts_with_keyword(text: &str, keyword: &str) -> bool {
+    first_word(text.as_bytes()).eq_ignore_ascii_case(keyword.as_bytes())
+}
+
+/// Every statement of a query text (a trailing empty one included).
+fn statements(text: &str) -> impl Iterator<Item = &[u8]> {
+    let bytes = text.as_bytes();
+    std::iter::once(bytes).chain(memchr::memchr_iter(b';', bytes).map(move |at| &bytes[at + 1..]))
+}
+
+/// Whether any statement of `text` is a LISTEN.
+pub fn mentions_listen(text: &str) -> bool {
+    statements(text).any(|statement| first_word(statement).eq_ignore_ascii_case(b"listen"))
+}
+
+/// Whether the query text holds more than one statement.
+pub fn is_multi_statement(text: &str) -> bool {
+    statements(text)
+        .skip(1)
+        .any(|rest| !first_word(rest).is_empty())
+}
+
+/// Whether a statement changes the session beyond its transaction: SET (but not SET LOCAL,
+/// SET TRANSACTION or SET CONSTRAINTS), RESET, or DISCARD ALL.
+pub fn changes_session(statement: &[u8]) -> bool {
+    let word = first_word(statement);
+    let second = first_word(after_first_word(statement));
+    let is = |word: &[u8], keyword: &[u8]| word.eq_ignore_ascii_case(keyword);
+    if is(word, b"reset") {
+        return true;
+    }
+    if is(word, b"discard") {
+        return is(second, b"all");
+    }
+    is(word, b"set")
+        && ![&b"local"[..], b"transaction", b"constraints"]
+            .iter()
+            .any(|scoped| is(second, scoped))
+}
+
+/// Whether any statement of `text` changes the session (see [`changes_session`]).
+pub fn any_changes_session(text: &str) -> bool {
+    statements(text).any(changes_session)
+}
+
+/// The statements of a query text, split at semicolons outside quotes; `None` when the text
+/// holds what this simple reading could get wrong (dollar quotes, backslash escapes,
+/// comments).
+pub fn split_statements(text: &str) -> Option<Vec<&str>> {
+    if text.contains(['$', '\\']) || text.contains("--") || text.contains("/*") {
+        return None;
+    }
+    let mut statements = Vec::new();
+    let mut quote = None;
+    let mut start = 0;
+    for (at, c) in text.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(open), _) if c == open => quote = None,
+            (None, ';') => {
+                statements.push(&text[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    if quote.is_some() {
+        return None;
+    }
+    statements.push(&text[start..]);
+    statements.retain(|statement| !statement.trim().is_empty());
+    Some(statements)
+}
+
+/// What a single `DEALLOCATE` statement drops.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deallocate {
+    All,
+    /// The statement's name as the server would see it: unquoted names folded to lower case.
+    Named(String),
+}
+
+/// Recognises `DEALLOCATE [PREPARE] {name | ALL}` alone in a query; `None` for anything else
+/// (several statements, a name it cannot read).
+pub fn deallocate(text: &str) -> Option<Deallocate> {
+    let text = text.trim().trim_end_matches(';').trim_end();
+    if is_multi_statement(text) || !starts_with_keyword(text, "deallocate") {
+        return None;
+    }
+    let mut rest = std::str::from_utf8(after_first_word(text.as_bytes())).ok()?;
+    if starts_with_keyword(rest, "prepare") {
+        let after = std::str::from_utf8(after_first_word(rest.as_bytes())).ok()?;
+        // `DEALLOCATE prepare` drops a statement named "prepare".
+        if !after.trim().is_empty() {
+            rest = after;
+        }
+    }
+    let name = identifier(rest.trim())?;
+    if name == "all" && !rest.trim().starts_with('"') {
+        return Some(Deallocate::All);
+    }
+    Some(Deallocate::Named(name))
+}
+
+/// A whole SQL identifier: quoted (with `""` for a quote) or plain (folded to lower case).
+fn identifier(text: &str) -> Option<String> {
+    if let Some(quoted) = text.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        let mut pieces = inner.split("\"\"");
+        if pieces.clone().any(|piece| piece.contains('"')) {
+            return None;
+        }
+        return Some(pieces.by_ref().collect::<Vec<_>>().join("\""));
+    }
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    plain.then(|| text.to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_are_whole_words() {
+        assert!(starts_with_keyword("  LISTEN chan", "listen"));
+        assert!(!starts_with_keyword("listener_count()", "listen"));
+        assert!(starts_with_keyword("listen", "listen"));
+        assert!(starts_with_keyword("\n\tSET x = 1", "set"));
+        assert!(!starts_with_keyword("settle()", "set"));
+    }
+
+    #[test]
+    fn listen_is_found_in_any_statement() {
+        assert!(mentions_listen("LISTEN a"));
+        assert!(mentions_listen("SELECT 1; listen a;"));
+        assert!(mentions_listen("SELECT 1;LISTEN a"));
+        assert!(!mentions_listen("SELECT listen FROM t;"));
+        assert!(!mentions_listen("SELECT 1; listener()"));
+        assert!(!mentions_listen(""));
+    }
+
+    #[test]
+    fn session_changes_are_found_in_any_statement() {
+        assert!(any_changes_session("SET work_mem = '1GB'"));
+        assert!(any_changes_session("select 1; set work_mem to 64"));
+        assert!(any_changes_session("SELECT 1;RESET ALL;"));
+        assert!(any_changes_session("SELECT 1; SET ROLE app"));
+        assert!(any_changes_session("SELECT 1; DISCARD ALL"));
+        assert!(!any_changes_session("SELECT 1; DISCARD TEMP"));
+        assert!(!any_changes_session(
+            "BEGIN; SET LOCAL work_mem = 64; SELECT 1"
+        ));
+        assert!(!any_changes_session(
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"
+        ));
+        assert!(!any_changes_session("set constraints all deferred"));
+        assert!(!any_changes_session(
+            "SELECT settings FROM t; SELECT reset_at FROM t"
+        ));
+    }
+
+    #[test]
+    fn statements_split_outside_quotes() {
+        assert_eq!(
+            split_statements("SELECT ';'; SET a = 'x;y' ;"),
+            Some(vec!["SELECT ';'", " SET a = 'x;y' "])
+        );
+        assert_eq!(
+            split_statements("SELECT \"a;\"\"b\"; SET x TO 1"),
+            Some(vec!["SELECT \"a;\"\"b\"", " SET x TO 1"])
+        );
+        assert_eq!(
+            split_statements("SELECT 'it''s'; SELECT 2"),
+            Some(vec!["SELECT 'it''s'", " SELECT 2"])
+        );
+        assert_eq!(split_statements("SELECT $$;$$; SET x = 1"), None);
+        assert_eq!(split_statements("SELECT E'\\';'; SET x = 1"), None);
+        assert_eq!(split_statements("SELECT 1 -- ;\nSET x = 1"), None);
+        assert_eq!(split_statements("SELECT 'open"), None);
+    }
+
+    #[test]
+    fn multi_statement_ignores_trailing_semicolons() {
+        assert!(!is_multi_statement("SELECT 1;"));
+        assert!(!is_multi_statement("SELECT 1 ;  \n"));
+        assert!(is_multi_statement("SELECT 1; SELECT 2"));
+    }
+
+    #[test]
+    fn deallocate_names_are_read_as_the_server_reads_them() {
+        use Deallocate::*;
+        assert_eq!(deallocate("DEALLOCATE s1"), Some(Named("s1".into())));
+        assert_eq!(
+            deallocate("deallocate PREPARE S1;"),
+            Some(Named("s1".into()))
+        );
+        assert_eq!(
+            deallocate("DEALLOCATE \"Mixed\"\"q\""),
+            Some(Named("Mixed\"q".into()))
+        );
+        assert_eq!(
+            deallocate("DEALLOCATE _pg3_0"),
+            Some(Named("_pg3_0".into()))
+        );
+        assert_eq!(deallocate("DEALLOCATE ALL"), Some(All));
+        assert_eq!(deallocate("DEALLOCATE PREPARE all"), Some(All));
+        assert_eq!(deallocate("DEALLOCATE \"all\""), Some(Named("all".into())));
+        assert_eq!(
+            deallocate("DEALLOCATE prepare"),
+            Some(Named("prepare".into()))
+        );
+        assert_eq!(deallocate("DEALLOCATE s1; SELECT 1"), None);
+        assert_eq!(deallocate("DEALLOCATE"), None);
+        assert_eq!(deallocate("DEALLOCATE a b"), None);
+        assert_eq!(deallocate("SELECT 1"), None);
+    }
+}
