@@ -31,15 +31,41 @@ pub fn starts_with_keyword(text: &str, keyword: &str) -> bool {
     first_word(text.as_bytes()).eq_ignore_ascii_case(keyword.as_bytes())
 }
 
+/// What a query's statements hold that the proxy must act on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    pub listen: bool,
+    pub changes_session: bool,
+    pub deallocate: bool,
+}
+
+/// One pass over the first word of each statement: every query goes through here, so the
+/// common case (no statement of interest) costs a few comparisons per statement.
+pub fn scan(text: &[u8]) -> Scan {
+    let mut scan = Scan::default();
+    let mut rest = text;
+    loop {
+        let word = first_word(rest);
+        let is = |keyword: &[u8]| word.eq_ignore_ascii_case(keyword);
+        match word.len() {
+            3 | 5 | 7 if is(b"set") || is(b"reset") || is(b"discard") => {
+                scan.changes_session |= changes_session(rest);
+            }
+            6 if is(b"listen") => scan.listen = true,
+            10 if is(b"deallocate") => scan.deallocate = true,
+            _ => {}
+        }
+        match memchr::memchr(b';', rest) {
+            Some(at) => rest = &rest[at + 1..],
+            None => return scan,
+        }
+    }
+}
+
 /// Every statement of a query text (a trailing empty one included).
 fn statements(text: &str) -> impl Iterator<Item = &[u8]> {
     let bytes = text.as_bytes();
     std::iter::once(bytes).chain(memchr::memchr_iter(b';', bytes).map(move |at| &bytes[at + 1..]))
-}
-
-/// Whether any statement of `text` is a LISTEN.
-pub fn mentions_listen(text: &str) -> bool {
-    statements(text).any(|statement| first_word(statement).eq_ignore_ascii_case(b"listen"))
 }
 
 /// Whether the query text holds more than one statement.
@@ -65,11 +91,6 @@ pub fn changes_session(statement: &[u8]) -> bool {
         && ![&b"local"[..], b"transaction", b"constraints"]
             .iter()
             .any(|scoped| is(second, scoped))
-}
-
-/// Whether any statement of `text` changes the session (see [`changes_session`]).
-pub fn any_changes_session(text: &str) -> bool {
-    statements(text).any(changes_session)
 }
 
 /// The statements of a query text, split at semicolons outside quotes; `None` when the text
@@ -163,16 +184,26 @@ mod tests {
 
     #[test]
     fn listen_is_found_in_any_statement() {
-        assert!(mentions_listen("LISTEN a"));
-        assert!(mentions_listen("SELECT 1; listen a;"));
-        assert!(mentions_listen("SELECT 1;LISTEN a"));
-        assert!(!mentions_listen("SELECT listen FROM t;"));
-        assert!(!mentions_listen("SELECT 1; listener()"));
-        assert!(!mentions_listen(""));
+        let listen = |text: &str| scan(text.as_bytes()).listen;
+        assert!(listen("LISTEN a"));
+        assert!(listen("SELECT 1; listen a;"));
+        assert!(listen("SELECT 1;LISTEN a"));
+        assert!(!listen("SELECT listen FROM t;"));
+        assert!(!listen("SELECT 1; listener()"));
+        assert!(!listen(""));
+    }
+
+    #[test]
+    fn deallocate_is_found_in_any_statement() {
+        let deallocate = |text: &str| scan(text.as_bytes()).deallocate;
+        assert!(deallocate("DEALLOCATE a"));
+        assert!(deallocate("SELECT 1; deallocate all"));
+        assert!(!deallocate("SELECT deallocate FROM t"));
     }
 
     #[test]
     fn session_changes_are_found_in_any_statement() {
+        let any_changes_session = |text: &str| scan(text.as_bytes()).changes_session;
         assert!(any_changes_session("SET work_mem = '1GB'"));
         assert!(any_changes_session("select 1; set work_mem to 64"));
         assert!(any_changes_session("SELECT 1;RESET ALL;"));

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::auth::scram::{ScramError, ScramServer};
-use super::inspect::{self, mentions_listen, starts_with_keyword, Deallocate};
+use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
 use super::protocol::codec::{split_buffered, CodecError};
@@ -858,13 +858,20 @@ impl Session {
     /// A simple query: SET and RESET are remembered; LISTEN is refused in transaction mode
     /// (a notification could arrive on a connection another client holds by then).
     fn query(&mut self, frame: Bytes) -> Frames {
-        let Some(text) = frontend::query_text(&frame) else {
+        let Some(bytes) = frontend::query_text(&frame) else {
             return smallvec![frame];
         };
-        if self.mode() == PoolMode::Transaction && mentions_listen(text) {
+        let scan = inspect::scan(bytes);
+        if scan == inspect::Scan::default() {
+            return smallvec![frame];
+        }
+        if self.mode() == PoolMode::Transaction && scan.listen {
             return smallvec![frontend::query(REFUSE_LISTEN)];
         }
-        if starts_with_keyword(text, "deallocate") {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return smallvec![frame];
+        };
+        if scan.deallocate {
             return self.deallocate(frame.clone(), text);
         }
         match self.track_setting(text) {
@@ -930,15 +937,11 @@ impl Session {
         ]
     }
 
-    /// Remembers what a statement does to the session's settings. A SET or RESET the proxy
-    /// cannot follow (SET ROLE, several statements, a setting it cannot re-apply) leaves the
-    /// server connection with state no other client may inherit: it is closed afterwards.
+    /// Remembers what a text whose statements change the session does to its settings. A
+    /// change the proxy cannot follow (SET ROLE, a text it cannot split) leaves the server
+    /// connection with state no other client may inherit: it is closed afterwards.
     /// Returns the value of a `SET application_name`, which the caller keeps from the server.
     fn track_setting(&mut self, text: &str) -> Option<String> {
-        // Most statements are none of these: first words only, no allocation for them.
-        if !inspect::any_changes_session(text) {
-            return None;
-        }
         if !inspect::is_multi_statement(text) {
             return self.track_statement(text);
         }
@@ -1005,7 +1008,8 @@ impl Session {
         let Some(message) = frontend::parse_message(&frame) else {
             return smallvec![frame];
         };
-        if self.mode() == PoolMode::Transaction && mentions_listen(message.query) {
+        let scan = inspect::scan(message.query.as_bytes());
+        if self.mode() == PoolMode::Transaction && scan.listen {
             let refused = frontend::Parse {
                 name: message.name,
                 query: REFUSE_LISTEN,
@@ -1015,7 +1019,9 @@ impl Session {
             return self.parse(refused);
         }
         // A SET sent through the extended protocol (JDBC does) is taken as run.
-        self.track_setting(message.query);
+        if scan.changes_session {
+            self.track_setting(message.query);
+        }
         if message.name.is_empty() {
             // A copy: a frame shares the read buffer's allocation, and holding it would make
             // every later read allocate a new buffer.

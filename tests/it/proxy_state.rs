@@ -285,7 +285,10 @@ async fn session_mode_resets_connections_and_pause_holds_between_transactions() 
         .get(0);
     assert_eq!(temp, None, "a temporary table outlived its session");
     let prepared: i64 = client
-        .query_one("SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
