@@ -385,6 +385,35 @@ pub struct Column {
     pub name: String,
     pub type_sql: String,
     pub not_null: bool,
+    /// Where the column's value comes from when a row does not give it.
+    pub fill: Fill,
+}
+
+/// How PostgreSQL fills a column a row leaves out. The kinds exclude each other: an identity
+/// or generated column cannot also have a DEFAULT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fill {
+    /// No default: NULL.
+    Nothing,
+    /// `DEFAULT expr`, the expression as `pg_get_expr` deparses it.
+    Default(String),
+    /// `GENERATED {ALWAYS|BY DEFAULT} AS IDENTITY`.
+    Identity { always: bool },
+    /// `GENERATED ALWAYS AS (expr) STORED`.
+    Generated(String),
+}
+
+impl Fill {
+    /// Reads `attidentity`, `attgenerated` and the deparsed `adbin` of one column.
+    fn from_catalog(identity: i8, generated: i8, expr: Option<String>) -> Fill {
+        match (identity as u8, generated as u8, expr) {
+            (b'a', _, _) => Fill::Identity { always: true },
+            (b'd', _, _) => Fill::Identity { always: false },
+            (_, b's', Some(expr)) => Fill::Generated(expr),
+            (_, _, Some(expr)) => Fill::Default(expr),
+            _ => Fill::Nothing,
+        }
+    }
 }
 
 /// Columns of the given tables, in order, keyed by table.
@@ -395,11 +424,13 @@ pub async fn columns(
     let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
     let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let sql = r#"
-        SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+        SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               a.attidentity, a.attgenerated, pg_get_expr(d.adbin, d.adrelid)
           FROM unnest($1::text[], $2::text[]) AS wanted(schema, name)
           JOIN pg_namespace n ON n.nspname = wanted.schema
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = wanted.name
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          ORDER BY 1, 2, a.attnum"#;
     let rows = server
         .query("list columns", sql, &[&schemas, &names])
@@ -412,6 +443,7 @@ pub async fn columns(
                 name: r.get(2),
                 type_sql: r.get(3),
                 not_null: r.get(4),
+                fill: Fill::from_catalog(r.get(5), r.get(6), r.get(7)),
             });
     }
     Ok(out)

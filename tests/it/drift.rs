@@ -2,7 +2,27 @@
 
 use std::time::Duration;
 
-use crate::common::{text, TestDb};
+use tokio_postgres::Client;
+
+use crate::common::{except_all, text, TestDb};
+
+/// Runs a drift fix as an operator would: each statement on the side its comment names (the
+/// target when it names none), one at a time, since `REFRESH PUBLICATION` refuses to run in a
+/// transaction block.
+async fn run_fix(source: &Client, target: &Client, fix: &str) {
+    for line in fix.lines() {
+        let (statement, comment) = line.split_once("--").unwrap_or((line, ""));
+        let server = if comment.trim_start().starts_with("on the source") {
+            source
+        } else {
+            target
+        };
+        server
+            .batch_execute(statement)
+            .await
+            .unwrap_or_else(|e| panic!("fix {line:?} failed: {e:?}"));
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_added_on_source_is_drift() {
@@ -55,7 +75,7 @@ async fn column_added_on_source_is_drift() {
     assert_eq!(column["column"], "loyalty");
     assert_eq!(
         column["fix"],
-        "ALTER TABLE \"public\".\"customers\" ADD COLUMN \"loyalty\" integer NOT NULL;"
+        "ALTER TABLE \"public\".\"customers\" ADD COLUMN \"loyalty\" integer NOT NULL DEFAULT 0;"
     );
     assert!(
         drift
@@ -102,6 +122,50 @@ async fn column_added_on_source_is_drift() {
     let output = db.switchyard(&["status"]);
     let human = String::from_utf8_lossy(&output.stdout);
     assert!(human.contains("Schema drift"), "{human}");
+
+    // Every suggested fix, run where it says, clears the drift and lets the apply carry on.
+    let target = db.target_client().await;
+    for fix in drift.iter().filter_map(|d| d["fix"].as_str()) {
+        run_fix(&source, &target, fix).await;
+    }
+    // Rows in the new table and the new partition must arrive too.
+    source
+        .batch_execute(
+            "INSERT INTO coupons VALUES ('WELCOME');
+             INSERT INTO measurements VALUES (1, '2027-06-01', 1.5);",
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let output = db.switchyard(&["status", "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("status JSON");
+        let arrived = target
+            .query_opt(
+                "SELECT loyalty FROM customers WHERE name = 'after ddl'",
+                &[],
+            )
+            .await
+            .expect("read the new row")
+            .map(|r| r.get::<_, i32>(0));
+        if status["drift"].as_array().is_some_and(Vec::is_empty) && arrived == Some(5) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drift did not clear or the row did not arrive ({arrived:?}): {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    db.wait_caught_up(Duration::from_secs(30)).await;
+    for table in ["customers", "coupons", "measurements"] {
+        let (only_source, only_target) = except_all(&source, &target, table).await;
+        assert!(
+            only_source.is_empty() && only_target.is_empty(),
+            "{table}: only on source {only_source:?}, only on target {only_target:?}"
+        );
+    }
 
     let output = db.switchyard(&["abort"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
