@@ -146,6 +146,7 @@ pub async fn run(
         state.created = Created {
             roles: kept.roles,
             extensions: kept.extensions,
+            extension_schemas: kept.extension_schemas,
             schema: kept.schema,
             ..Created::default()
         };
@@ -225,41 +226,30 @@ async fn restore_copy_workers(
     Ok(())
 }
 
-/// Drops what the schema copy made on the target: its tables, the other objects it restored
-/// into schemas that already existed, the schemas it created, and the roles it created. Only
-/// a restore that committed made anything: a failed one (one transaction) made nothing, and
-/// objects of the same names then belong to someone else.
+/// Drops what sync made on the target: the schema copy's tables, the other objects it restored
+/// into schemas that already existed and the schemas it created; then the extensions and their
+/// schemas (after the tables, whose columns may use them), and the roles it created.
 async fn drop_target_objects(target: &Server, created: &Created, report: &mut AbortReport) {
-    if let Some(schema) = &created.schema {
-        let restored = schema.restored
-            || report.record(
-                "check the restore",
-                schema::was_restored(target, schema).await,
-            );
-        if restored {
-            let mut statements: Vec<String> = schema
-                .tables
-                .iter()
-                .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"))
-                .collect();
-            statements.extend(
-                schema
-                    .other_objects
-                    .iter()
-                    .map(|o| format!("DROP {o} CASCADE")),
-            );
-            statements.extend(
-                schema
-                    .created_schemas
-                    .iter()
-                    .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s))),
-            );
-            for statement in statements {
-                match target.execute("drop copied objects", &statement).await {
-                    Ok(()) => report.dropped_target_objects.push(statement),
-                    Err(e) => report.left_behind.push(format!("{statement}: {e}")),
-                }
-            }
+    let mut statements = copied_objects(target, created, report).await;
+    // No CASCADE: whatever still uses an extension or sits in its schema now is not
+    // switchyard's, so it is reported instead of dropped along.
+    statements.extend(
+        created
+            .extensions
+            .iter()
+            .rev()
+            .map(|e| format!("DROP EXTENSION IF EXISTS {}", sql::ident(e))),
+    );
+    statements.extend(
+        created
+            .extension_schemas
+            .iter()
+            .map(|s| format!("DROP SCHEMA IF EXISTS {}", sql::ident(s))),
+    );
+    for statement in statements {
+        match target.execute("drop copied objects", &statement).await {
+            Ok(()) => report.dropped_target_objects.push(statement),
+            Err(e) => report.left_behind.push(format!("{statement}: {e}")),
         }
     }
     for role in created.roles.iter().rev() {
@@ -271,4 +261,38 @@ async fn drop_target_objects(target: &Server, created: &Created, report: &mut Ab
                 .push(format!("role {role} on the target: {e}")),
         }
     }
+}
+
+/// The statements that drop what the schema copy made. Only a restore that committed made
+/// anything: a failed one (one transaction) made nothing, and objects of the same names then
+/// belong to someone else.
+async fn copied_objects(
+    target: &Server,
+    created: &Created,
+    report: &mut AbortReport,
+) -> Vec<String> {
+    let Some(schema) = &created.schema else {
+        return Vec::new();
+    };
+    let restored = schema.restored
+        || report.record(
+            "check the restore",
+            schema::was_restored(target, schema).await,
+        );
+    if !restored {
+        return Vec::new();
+    }
+    let tables = schema
+        .tables
+        .iter()
+        .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"));
+    let others = schema
+        .other_objects
+        .iter()
+        .map(|o| format!("DROP {o} CASCADE"));
+    let schemas = schema
+        .created_schemas
+        .iter()
+        .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s)));
+    tables.chain(others).chain(schemas).collect()
 }

@@ -77,6 +77,9 @@ pub struct Created {
     /// Extensions created on the target.
     #[serde(default)]
     pub extensions: Vec<String>,
+    /// Schemas created on the target to hold those extensions (they did not exist before).
+    #[serde(default)]
+    pub extension_schemas: Vec<String>,
     /// The schema copy: recorded before the restore runs, marked `restored` once it committed.
     #[serde(default)]
     pub schema: Option<SchemaCopy>,

@@ -154,6 +154,15 @@ async fn set_up(
         begin(state, store, "extensions")?;
         for (extension, schema) in &inspection.missing_extensions {
             let statement = format!("CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}", s = sql::ident(schema), e = sql::ident(extension));
+            // Both recorded before they are made, like the roles: `abort --drop-target-data`
+            // then removes what a run that died half-way made. A schema that exists already
+            // is someone else's (or recorded by an earlier run) and is left alone.
+            if !state.created.extension_schemas.contains(schema)
+                && !catalog::schema_names(target).await?.contains(schema)
+            {
+                state.created.extension_schemas.push(schema.clone());
+                store.save(state)?;
+            }
             if !state.created.extensions.contains(extension) {
                 state.created.extensions.push(extension.clone());
                 store.save(state)?;

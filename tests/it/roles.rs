@@ -9,6 +9,8 @@ async fn roles_grants_and_extensions_are_copied() {
     source
         .batch_execute(
             "CREATE EXTENSION citext;
+             CREATE SCHEMA roles_copy_ext;
+             CREATE EXTENSION hstore WITH SCHEMA roles_copy_ext;
              CREATE ROLE roles_copy_owner NOLOGIN;
              CREATE ROLE roles_copy_readers NOLOGIN;
              CREATE ROLE roles_copy_app LOGIN PASSWORD 'app-secret' IN ROLE roles_copy_readers;
@@ -36,7 +38,7 @@ async fn roles_grants_and_extensions_are_copied() {
     }
     assert_eq!(
         report["extensions_to_create"],
-        serde_json::json!(["citext"])
+        serde_json::json!(["citext", "hstore"])
     );
     let unfenceable = report["unfenceable_roles"].as_array().unwrap();
     let dev = unfenceable
@@ -129,4 +131,22 @@ async fn roles_grants_and_extensions_are_copied() {
         roles, 0,
         "abort --drop-target-data leaves the roles it created"
     );
+    // The extensions sync created go too, and so does the schema it made for one of them;
+    // `public`, which was there before, stays.
+    let left = target
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_extension WHERE extname IN ('citext', 'hstore')),
+                    (SELECT count(*) FROM pg_namespace WHERE nspname = 'roles_copy_ext'),
+                    (SELECT count(*) FROM pg_namespace WHERE nspname = 'public')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.get::<_, i64>(0), 0, "extensions left on the target");
+    assert_eq!(
+        left.get::<_, i64>(1),
+        0,
+        "extension schema left on the target"
+    );
+    assert_eq!(left.get::<_, i64>(2), 1, "public was not sync's to drop");
 }
