@@ -23,11 +23,19 @@ pub struct FinalizeArgs {
 
 pub async fn run(args: FinalizeArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    for line in cutover::finalize(&plan, &store, args.unfence).await? {
+    let finalized = cutover::finalize(&plan, &store, args.unfence).await?;
+    for line in &finalized.done {
         println!("{line}");
     }
-    println!(
+    // The fence is the one thing finalize may leave on purpose: say so instead of claiming
+    // that nothing is left.
+    let summary = if finalized.already_finished {
+        "Finished already: an earlier finalize ended this migration; nothing was changed."
+    } else if finalized.source_fenced {
+        "Finished: the target is the primary; switchyard's replication objects are gone from both servers, but the source stays fenced."
+    } else {
         "Finished: the target is the primary; nothing of switchyard's is left on either server."
-    );
+    };
+    println!("{summary}");
     Ok(Exit::Done)
 }

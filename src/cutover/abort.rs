@@ -209,7 +209,9 @@ async fn undo_switch(
     }
 }
 
-async fn restore_copy_workers(
+/// Gives the target back the `max_sync_workers_per_subscription` that sync changed (abort and
+/// finalize both end the migration's use of it).
+pub(super) async fn restore_copy_workers(
     target: &Server,
     created: &Created,
 ) -> std::result::Result<(), PgError> {

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::pg::{sql, PgError, Server, Side};
 use crate::plan::Plan;
 
-pub use switch::{check, finalize, Checked, Report};
+pub use switch::{check, finalize, Checked, Finalized, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

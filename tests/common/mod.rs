@@ -23,6 +23,13 @@ pub fn target() -> &'static Cluster {
     TARGET.get_or_init(|| Cluster::start(Flavor::Target17))
 }
 
+/// Taken by the tests that change a server-wide setting of the shared target (`[sync]
+/// copy_workers`), so that none of them records another's value as the original to restore.
+pub async fn target_settings_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 pub async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await

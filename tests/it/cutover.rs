@@ -315,7 +315,9 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cutover_then_finalize_leaves_nothing_behind() {
-    let (db, mut proxy) = ready("cutover_final", "").await;
+    // This migration also sets the target's table-copy parallelism; finalize puts it back.
+    let _settings = common::target_settings_lock().await;
+    let (db, mut proxy) = ready("cutover_final", "copy_workers = 3\n").await;
     let target = db.target_client().await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(200).await;
@@ -364,8 +366,51 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
     let output = coordinator(&db, &proxy.plan, &["abort"]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
 
+    // A finalize that died right after recording its start does not lock the next one out:
+    // the next run carries it on.
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(db.state_path()).unwrap()).unwrap();
+    let original = state["created"]["original_sync_workers"]
+        .as_str()
+        .expect("sync recorded the target's setting")
+        .to_string();
+    let workers: String = target
+        .query_one("SHOW max_sync_workers_per_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        workers, "3",
+        "sync set the target's setting (it was {original})"
+    );
+    state["log"]
+        .as_array_mut()
+        .expect("state log")
+        .push(serde_json::json!({"at": "2026-01-01T00:00:00Z", "event": "begin finalize"}));
+    std::fs::write(db.state_path(), state.to_string()).unwrap();
     let output = coordinator(&db, &proxy.plan, &["finalize"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(out.contains("the source stays fenced"), "{}", text(&output));
+    assert!(
+        !out.contains("nothing of switchyard's is left"),
+        "{}",
+        text(&output)
+    );
+    let workers: String = target
+        .query_one("SHOW max_sync_workers_per_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, original, "finalize restores the target's setting");
+    // Run again, it has nothing left to do and says so.
+    let again = coordinator(&db, &proxy.plan, &["finalize"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("Finished already"),
+        "{}",
+        text(&again)
+    );
     let source = db.source_client().await;
     for (server, side) in [(&source, "source"), (&target, "target")] {
         let left: i64 = server

@@ -4,6 +4,7 @@ use crate::common::{self, except_all, text, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_grants_and_extensions_are_copied() {
+    let _settings = common::target_settings_lock().await;
     let db = TestDb::new("roles_copy").await;
     let source = db.source_client().await;
     source
