@@ -530,6 +530,8 @@ impl<'a> Checked<'a> {
         steps
             .run("end the transactions that did not finish", async {
                 end_transactions(server, &pids).await?;
+                // Asked again only to wait until idle: a proxy already paused keeps the first
+                // request's max_pause deadline.
                 let (left, _) = pause_all(proxies, Duration::from_secs(1))
                     .await
                     .map_err(PgError::Tool)?;

@@ -237,7 +237,8 @@ fn status(shared: &Shared) -> Status {
     }
 }
 
-/// Pauses, then waits until no transaction runs or `timeout_ms` (default 5000) passes.
+/// Pauses, then waits until no transaction runs or `timeout_ms` (default 5000) passes. A
+/// pause while paused keeps the running pause's max_pause deadline.
 async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
     let timeout_ms = serde_json::from_slice::<serde_json::Value>(body)
         .ok()

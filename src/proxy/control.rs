@@ -67,11 +67,38 @@ impl Control {
         }
     }
 
+    /// Pauses for at most `max`. A pause while already paused keeps the running deadline:
+    /// `max_pause` bounds the whole pause the applications see, and a coordinator that asks
+    /// again (after ending transactions that did not drain) must not stretch it.
     pub fn pause(&self, max: Duration) {
         let now = Instant::now();
-        let deadline = now + max;
-        self.paused_since().get_or_insert(now);
-        self.set_paused(Some(deadline));
+        let mut previous = None;
+        self.paused.send_if_modified(|state| {
+            previous = *state;
+            match previous {
+                Some(deadline) if now < deadline => false,
+                _ => {
+                    *state = Some(now + max);
+                    self.pausing.store(true, Ordering::SeqCst);
+                    true
+                }
+            }
+        });
+        match previous {
+            Some(deadline) if now < deadline => {
+                tracing::info!(
+                    remaining_ms = (deadline - now).as_millis() as u64,
+                    "already paused: the pause keeps its deadline"
+                );
+                return;
+            }
+            // Ran out unnoticed (no transaction waited to see it): that pause is over.
+            Some(_) => {
+                self.end_pause_measure();
+            }
+            None => {}
+        }
+        *self.paused_since() = Some(now);
         tracing::info!(
             max_ms = max.as_millis() as u64,
             "paused: new transactions wait"
@@ -250,6 +277,36 @@ mod tests {
         control.admit().await;
         assert!(started.elapsed() >= Duration::from_secs(2));
         assert!(!control.is_paused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_while_paused_keeps_the_first_deadline() {
+        let control = Control::default();
+        control.pause(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        control.pause(Duration::from_secs(5));
+        let started = Instant::now();
+        control.admit().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "the first deadline"
+        );
+        assert!(!control.is_paused());
+        assert_eq!(control.last_pause_us(), 5_000_000);
+
+        // A pause that ran out unnoticed is over: the next one gets its own deadline.
+        control.pause(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        control.pause(Duration::from_secs(5));
+        assert_eq!(control.last_pause_us(), 2_000_000);
+        let started = Instant::now();
+        control.admit().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "a fresh deadline"
+        );
     }
 
     #[tokio::test(start_paused = true)]
