@@ -867,17 +867,15 @@ async fn plan_tables(plan: &Plan, pair: &Pair, opts: &Options) -> Result<Vec<Tab
             .collect();
         let mut keyed: Vec<&DescribedColumn> = cols.iter().filter(|c| c.key_position > 0).collect();
         keyed.sort_by_key(|c| c.key_position);
-        let key = keyed
+        let key: Vec<KeyColumn> = keyed
             .iter()
             .map(|c| KeyColumn {
                 name: c.name.clone(),
                 type_sql: c.type_sql.clone(),
+                collation: c.collation.clone(),
             })
             .collect();
-        // Chunk bounds compare keys byte-wise only where the key's collation is "C" (or
-        // the key is not text); another collation would make both servers cut where their
-        // collations say, so such a table is one chunk.
-        let cuttable = keyed.iter().all(|c| c.byte_ordered);
+        let cuttable = cuttable(&key);
         let mut table = TablePlan {
             name: info.name.clone(),
             columns,
@@ -887,7 +885,7 @@ async fn plan_tables(plan: &Plan, pair: &Pair, opts: &Options) -> Result<Vec<Tab
             buckets: (info.estimated_rows / opts.bucket_rows).max(1),
             scan: None,
         };
-        if !table.key.is_empty() && cuttable {
+        if cuttable {
             cut_chunks(&pair.source, &mut table, opts).await?;
         }
         plans.push(table);
@@ -901,9 +899,22 @@ struct DescribedColumn {
     oid: u32,
     /// 1-based position in the primary key, 0 when not in it.
     key_position: i32,
-    /// Sorted by bytes: not collatable, or collated "C"/"POSIX".
-    byte_ordered: bool,
+    /// `None` for a type without collation.
+    collation: Option<String>,
     not_null: bool,
+}
+
+/// Whether a table with this key is cut into chunks. Keys are ordered in bytes (see
+/// [`KeyColumn`]); a one-column key is chunked by pages and bucketed by key ranges, which
+/// the key's index is not needed for. A composite key's chunks are key ranges: where its
+/// leading column is collated otherwise its index cannot serve them and every chunk would be
+/// a full scan, so such a table stays one chunk, bucketed by key hash.
+fn cuttable(key: &[KeyColumn]) -> bool {
+    match key {
+        [] => false,
+        [_] => true,
+        [first, ..] => first.index_orders_bytes(),
+    }
 }
 
 async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<DescribedColumn>> {
@@ -912,7 +923,7 @@ async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<Desc
             "describe columns",
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid,
                     coalesce((SELECT k.n FROM unnest(pk.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)::int4,
-                    a.attcollation = 0 OR co.collname IN ('C', 'POSIX'), a.attnotnull
+                    co.collname::text, a.attnotnull
                FROM pg_attribute a
                LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                LEFT JOIN pg_collation co ON co.oid = a.attcollation
@@ -928,7 +939,7 @@ async fn describe_columns(source: &Server, table: &TableName) -> Result<Vec<Desc
             type_sql: r.get(1),
             oid: r.get(2),
             key_position: r.get(3),
-            byte_ordered: r.get::<_, Option<bool>>(4).unwrap_or(false),
+            collation: r.get(4),
             not_null: r.get(5),
         })
         .collect())
@@ -944,10 +955,18 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     if rows < 2 * opts.bucket_rows {
         return Ok(());
     }
+    let pages: i32 = source
+        .query_one(
+            "count pages",
+            "SELECT greatest(relpages, 1) FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.name.sql()],
+        )
+        .await?
+        .get(0);
     let wanted_chunks = if rows < 2 * PROBE_ROWS {
         1
     } else {
-        let rate = probe_rate(source, table, PROBE_ROWS).await?;
+        let rate = probe_rate(source, table, PROBE_ROWS, pages).await?;
         let chunk_rows = (rate * opts.chunk_seconds).clamp(5_000.0, 20_000_000.0) as i64;
         // A multiple of the jobs, so that no job idles through the last round.
         let jobs = opts.jobs.max(1) as i64;
@@ -967,22 +986,14 @@ async fn cut_chunks(source: &Server, table: &mut TablePlan, opts: &Options) -> R
     if wanted_bounds <= 1 {
         return Ok(());
     }
-    // About two sampled pages per bound: enough for buckets of roughly even size, and the
-    // sample stays a small part of the run.
-    let pages: i32 = source
-        .query_one(
-            "count pages",
-            "SELECT greatest(relpages, 1) FROM pg_class WHERE oid = $1::text::regclass",
-            &[&table.name.sql()],
-        )
-        .await?
-        .get(0);
     if ranged && wanted_chunks > 1 {
         if let Some(step) = even_step(source, table, wanted_bounds, pages).await? {
             scan_by_pages(table, Buckets::Step(step), wanted_chunks, i64::from(pages));
             return Ok(());
         }
     }
+    // About two sampled pages per bound: enough for buckets of roughly even size, and the
+    // sample stays a small part of the run.
     let sample = sample_keys(source, table, (wanted_bounds * 2) as f64, pages).await?;
     let n = (wanted_bounds as usize).min(sample.len());
     let mut bounds: Vec<Vec<String>> = (1..n)
@@ -1127,22 +1138,31 @@ fn scan_by_pages(table: &mut TablePlan, buckets: Buckets, chunks: i64, pages: i6
     table.scan = Some(whole);
 }
 
-/// Rows per second the source hashes this table at, timed on its first `rows` rows.
-async fn probe_rate(source: &Server, table: &TablePlan, rows: i64) -> Result<f64> {
-    let bound: Vec<String> = source
-        .query_one("find a probe chunk", &table.probe_bound_sql(rows), &[])
-        .await?
-        .get(0);
-    let probe = Chunk {
-        lo: None,
-        hi: Some(bound),
-        inner: Vec::new(),
-        pages: None,
-        step: None,
+/// Rows per second the source hashes this table at, timed on about `rows` rows of its
+/// `pages`: its first keys where the key's index serves byte order, else its first pages
+/// (the first keys in byte order of a key indexed in another collation would cost a full
+/// scan and sort, and reading them another).
+async fn probe_rate(source: &Server, table: &TablePlan, rows: i64, pages: i32) -> Result<f64> {
+    let probe = if table.key.first().is_some_and(KeyColumn::index_orders_bytes) {
+        let bound: Vec<String> = source
+            .query_one("find a probe chunk", &table.probe_bound_sql(rows), &[])
+            .await?
+            .get(0);
+        Chunk {
+            hi: Some(bound),
+            ..Chunk::default()
+        }
+    } else {
+        let per_page = (table.estimated_rows / i64::from(pages)).max(1);
+        Chunk {
+            pages: Some((0, Some((rows / per_page).max(1)))),
+            ..Chunk::default()
+        }
     };
     let began = Instant::now();
-    source
+    let hashed = source
         .query("time a probe chunk", &table.aggregates_sql(&probe), &[])
         .await?;
-    Ok(rows as f64 / began.elapsed().as_secs_f64().max(1e-4))
+    let elapsed = began.elapsed().as_secs_f64().max(1e-4);
+    Ok(rows_in(&aggregates(&hashed)).max(1) as f64 / elapsed)
 }

@@ -9,6 +9,43 @@ use crate::pg::{sql, TableName};
 pub struct KeyColumn {
     pub name: String,
     pub type_sql: String,
+    /// The column's collation, `None` for a type without one (integers, uuid …).
+    pub collation: Option<String>,
+}
+
+impl KeyColumn {
+    /// Orders a collatable key by bytes. Both servers must cut chunks and buckets at the same
+    /// place, and a collation such as `en_US` may sort differently between their versions
+    /// (glibc, ICU); byte order is the same everywhere.
+    fn collate(&self) -> &'static str {
+        if self.collation.is_some() {
+            " COLLATE \"C\""
+        } else {
+            ""
+        }
+    }
+
+    /// Whether the key's index serves comparisons in byte order. An index on a column of
+    /// another collation cannot: a range in byte order over it is a full scan.
+    pub fn index_orders_bytes(&self) -> bool {
+        self.collation.as_deref().is_none_or(|c| c == "C")
+    }
+
+    /// The column, to order by.
+    fn ordered(&self) -> String {
+        format!("{}{}", sql::ident(&self.name), self.collate())
+    }
+
+    /// A value (text) as a literal of the column's type, for an equality: no collation, so
+    /// that the index serves it (equality does not depend on a deterministic collation).
+    fn literal(&self, value: &str) -> String {
+        format!("{}::{}", sql::literal(value), self.type_sql)
+    }
+
+    /// A value (text) as a literal of the column's type, for an order comparison.
+    fn bound(&self, value: &str) -> String {
+        format!("{}{}", self.literal(value), self.collate())
+    }
 }
 
 /// A chunk: keys in `[lo, hi)`, unbounded where `None`. Bounds are key values as text.
@@ -154,13 +191,23 @@ impl TablePlan {
         }
     }
 
-    /// Key values (text) as a literal row value of the key's types.
+    /// Key values (text) as a literal row value of the key's types, for an equality.
     fn key_literal(&self, values: &[String]) -> String {
+        self.key_row(values, KeyColumn::literal)
+    }
+
+    /// Key values (text) as a literal row value of the key's types, for an order comparison
+    /// (collatable columns in byte order; a row comparison takes each column's collation).
+    fn key_bound(&self, values: &[String]) -> String {
+        self.key_row(values, KeyColumn::bound)
+    }
+
+    fn key_row(&self, values: &[String], each: fn(&KeyColumn, &str) -> String) -> String {
         let parts: Vec<String> = self
             .key
             .iter()
             .zip(values)
-            .map(|(k, v)| format!("{}::{}", sql::literal(v), k.type_sql))
+            .map(|(k, v)| each(k, v))
             .collect();
         if parts.len() == 1 {
             parts[0].clone()
@@ -178,10 +225,10 @@ impl TablePlan {
         }
         let mut parts = Vec::new();
         if let Some(lo) = &chunk.lo {
-            parts.push(format!("{} >= {}", self.key_tuple(), self.key_literal(lo)));
+            parts.push(format!("{} >= {}", self.key_tuple(), self.key_bound(lo)));
         }
         if let Some(hi) = &chunk.hi {
-            parts.push(format!("{} < {}", self.key_tuple(), self.key_literal(hi)));
+            parts.push(format!("{} < {}", self.key_tuple(), self.key_bound(hi)));
         }
         if parts.is_empty() {
             "true".into()
@@ -210,11 +257,13 @@ impl TablePlan {
         if let (Some(Step { step, base }), true) = (chunk.step, self.ranged(chunk)) {
             format!("({} / {step} - {base})", sql::ident(&self.key[0].name))
         } else if self.ranged(chunk) {
+            // The bounds are sorted in byte order (see [`TablePlan::sample_keys_sql`]), and
+            // the binary search compares in the collation of its arguments.
             let key = &self.key[0];
             let bounds: Vec<String> = chunk.inner.iter().map(|v| sql::literal(v)).collect();
             format!(
                 "width_bucket({}, ARRAY[{}]::{}[])",
-                sql::ident(&key.name),
+                key.ordered(),
                 bounds.join(", "),
                 key.type_sql
             )
@@ -239,7 +288,7 @@ impl TablePlan {
                 (side(lower, ">=", ">"), side(upper, "<=", "<"))
             }
             None => {
-                let literal = |v: &String| self.key_literal(std::slice::from_ref(v));
+                let literal = |v: &String| self.key_bound(std::slice::from_ref(v));
                 let b = b.max(0) as usize;
                 let lower = match b {
                     0 => chunk.lo.as_ref().map(|lo| &lo[0]),
@@ -299,6 +348,15 @@ impl TablePlan {
         self.key
             .iter()
             .map(|k| sql::ident(&k.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The key columns in byte order, for ORDER BY.
+    fn key_order(&self, direction: &str) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("{}{direction}", k.ordered()))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -449,10 +507,12 @@ impl TablePlan {
     /// probe chunk of `rows` rows (keyset, no OFFSET).
     pub fn probe_bound_sql(&self, rows: i64) -> String {
         format!(
-            "SELECT ARRAY[{texts}] FROM (SELECT {names} FROM {table} ORDER BY {names} LIMIT {rows}) k ORDER BY {names} DESC LIMIT 1",
+            "SELECT ARRAY[{texts}] FROM (SELECT {names} FROM {table} ORDER BY {up} LIMIT {rows}) k ORDER BY {down} LIMIT 1",
             texts = self.key_texts(),
             names = self.key_names(),
             table = self.name.sql(),
+            up = self.key_order(""),
+            down = self.key_order(" DESC"),
         )
     }
 
@@ -473,10 +533,11 @@ impl TablePlan {
             "SELECT ARRAY[{texts}] FROM (
                  SELECT {names} FROM {table} TABLESAMPLE SYSTEM ({percent})
                   WHERE (ctid::text::point)[1] = 1) f
-              ORDER BY {names}",
+              ORDER BY {order}",
             texts = self.key_texts(),
             table = self.name.sql(),
             names = self.key_names(),
+            order = self.key_order(""),
         )
     }
 }
@@ -552,26 +613,32 @@ mod tests {
         assert_eq!(fold_bucket(1, "1.5", 0), None);
     }
 
-    #[test]
-    fn composite_keys_compare_as_rows() {
-        let plan = TablePlan {
+    fn plan_keyed_by(key: Vec<KeyColumn>) -> TablePlan {
+        TablePlan {
             scan: None,
             name: TableName::new("public", "order_items"),
             columns: Vec::new(),
-            key: vec![
-                KeyColumn {
-                    name: "order_id".into(),
-                    type_sql: "integer".into(),
-                },
-                KeyColumn {
-                    name: "sku".into(),
-                    type_sql: "text".into(),
-                },
-            ],
+            key,
             estimated_rows: 0,
             chunks: Vec::new(),
             buckets: 1,
-        };
+        }
+    }
+
+    fn key_column(name: &str, type_sql: &str, collation: Option<&str>) -> KeyColumn {
+        KeyColumn {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            collation: collation.map(String::from),
+        }
+    }
+
+    #[test]
+    fn composite_keys_compare_as_rows() {
+        let plan = plan_keyed_by(vec![
+            key_column("order_id", "integer", None),
+            key_column("sku", "text", Some("default")),
+        ]);
         let chunk = Chunk {
             pages: None,
             step: None,
@@ -581,7 +648,48 @@ mod tests {
         };
         assert_eq!(
             plan.range_predicate(&chunk),
-            "(\"order_id\", \"sku\") >= ROW('1'::integer, 'a''b'::text)"
+            "(\"order_id\", \"sku\") >= ROW('1'::integer, 'a''b'::text COLLATE \"C\")"
         );
+        // Looking rows up by key is an equality: no collation, so the index serves it.
+        assert!(plan
+            .keyed_rows_sql(&[vec!["1".into(), "x".into()]])
+            .ends_with("IN (ROW('1'::integer, 'x'::text))"));
+    }
+
+    /// Every place a text key is ordered compares bytes, so that both servers cut at the same
+    /// place; an integer key's SQL has no collation at all.
+    #[test]
+    fn text_keys_are_ordered_by_bytes() {
+        let plan = plan_keyed_by(vec![key_column(
+            "sku",
+            "character varying(20)",
+            Some("en_US"),
+        )]);
+        let chunk = Chunk {
+            inner: vec!["b".into(), "m".into()],
+            hi: Some(vec!["x".into()]),
+            ..Chunk::default()
+        };
+        assert!(plan.aggregates_sql(&chunk).contains(
+            "width_bucket(\"sku\" COLLATE \"C\", ARRAY['b', 'm']::character varying(20)[])"
+        ));
+        assert_eq!(
+            plan.bucket_range(&chunk, 2),
+            "(\"sku\" >= 'm'::character varying(20) COLLATE \"C\" \
+             AND \"sku\" < 'x'::character varying(20) COLLATE \"C\")"
+        );
+        assert!(plan
+            .sample_keys_sql(1.0)
+            .ends_with("ORDER BY \"sku\" COLLATE \"C\""));
+        assert!(plan.probe_bound_sql(10).contains(
+            "ORDER BY \"sku\" COLLATE \"C\" LIMIT 10) k ORDER BY \"sku\" COLLATE \"C\" DESC"
+        ));
+        assert!(!plan.key[0].index_orders_bytes());
+        assert!(key_column("sku", "text", Some("C")).index_orders_bytes());
+
+        let plan = plan_keyed_by(vec![key_column("id", "bigint", None)]);
+        assert!(plan.key[0].index_orders_bytes());
+        assert!(!plan.sample_keys_sql(1.0).contains("COLLATE"));
+        assert!(!plan.aggregates_sql(&chunk).contains("COLLATE"));
     }
 }

@@ -447,3 +447,99 @@ async fn skewed_keys_are_bucketed_by_sampled_bounds() {
         .collect();
     assert_eq!(keys, expected);
 }
+
+/// Text keys are ordered by bytes (`COLLATE "C"`) on both servers, so a text-keyed table is
+/// cut into chunks and buckets like an integer-keyed one whatever the key's collation: the
+/// database default, or an ICU collation that sorts unlike bytes (with a different ICU
+/// library on each server's build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_keys_are_chunked_in_byte_order_and_differences_found_exactly() {
+    let db = TestDb::new("validate_text_keys").await;
+    let create = r#"CREATE TABLE by_default (k text PRIMARY KEY, v int4 NOT NULL, note text);
+                  CREATE TABLE by_icu (k varchar(40) COLLATE "en-x-icu" PRIMARY KEY, v int4 NOT NULL, note text);
+                  INSERT INTO by_default
+                    SELECT CASE WHEN i % 2 = 0 THEN upper(md5(i::text)) ELSE md5(i::text) END
+                           || CASE WHEN i % 7 = 0 THEN ' é' ELSE '' END, i, 'note ' || i
+                      FROM generate_series(1, 60000) AS i;
+                  INSERT INTO by_icu SELECT * FROM by_default;
+                  ANALYZE by_default, by_icu;"#;
+    on_both_servers(&db, create).await;
+    let source = db.source_client().await;
+    let key_of = |v: i32| {
+        let source = &source;
+        async move {
+            let row = source
+                .query_one("SELECT k FROM by_default WHERE v = $1", &[&v])
+                .await
+                .expect("a key");
+            row.get::<_, String>(0)
+        }
+    };
+    let json = |key: &str| serde_json::json!({ "k": key }).to_string();
+    let (missing, changed) = (key_of(100).await, key_of(30_001).await);
+    let target = db.target_client().await;
+    let mut expected = BTreeSet::new();
+    for table in ["by_default", "by_icu"] {
+        target
+            .batch_execute(&format!(
+                "DELETE FROM {table} WHERE v = 100;
+                 UPDATE {table} SET note = 'changed' WHERE v = 30001;
+                 INSERT INTO {table} VALUES ('!before', -1, NULL), ('Mixed Extra', -2, NULL), ('~after', -3, NULL);"
+            ))
+            .await
+            .expect("inject");
+        let name = format!("public.{table}");
+        expected.extend([
+            diff(&name, &json(&missing), "missing", ""),
+            diff(&name, &json(&changed), "changed", "note"),
+            diff(&name, r#"{"k":"!before"}"#, "extra", ""),
+            diff(&name, r#"{"k":"Mixed Extra"}"#, "extra", ""),
+            diff(&name, r#"{"k":"~after"}"#, "extra", ""),
+        ]);
+    }
+    db.write_plan("");
+    // Short chunks, so that 60,000 rows are cut into several whatever this machine's speed.
+    let (code, report, out) = validate(
+        &db,
+        &[
+            "--tables",
+            "public.by_default,public.by_icu",
+            "--chunk-time",
+            "5ms",
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(differences(&report), expected, "{out}");
+    for table in report["tables"].as_array().expect("tables") {
+        assert_eq!(table["rows_source"], 60_000, "{out}");
+        assert_eq!(table["rows_target"], 60_002, "{out}");
+        assert!(
+            table["chunks"].as_u64().unwrap_or_default() > 1,
+            "a text-keyed table is cut into chunks: {out}"
+        );
+    }
+
+    // One difference alone, in a bucket whose bounds ICU orders the other way round (an
+    // upper-case key, then a lower-case one): the bucket is opened by its range in bytes too.
+    target
+        .execute("DELETE FROM by_icu WHERE v < 0 AND k <> 'Mixed Extra'", &[])
+        .await
+        .expect("repair");
+    target
+        .execute(
+            "INSERT INTO by_icu VALUES ($1, 100, 'note 100')",
+            &[&missing],
+        )
+        .await
+        .expect("repair");
+    target
+        .execute("UPDATE by_icu SET note = 'note 30001' WHERE v = 30001", &[])
+        .await
+        .expect("repair");
+    let (code, report, out) = validate(&db, &["--tables", "public.by_icu", "--chunk-time", "5ms"]);
+    assert_eq!(code, Some(1), "{out}");
+    let expected: BTreeSet<_> = [diff("public.by_icu", r#"{"k":"Mixed Extra"}"#, "extra", "")]
+        .into_iter()
+        .collect();
+    assert_eq!(differences(&report), expected, "{out}");
+}
