@@ -54,6 +54,8 @@ pub struct TypeInfo {
     pub base: u32,
     pub element: u32,
     pub is_array: bool,
+    /// A composite's fields in order: name and type oid.
+    pub fields: Vec<(String, u32)>,
 }
 
 /// Every type the given type oids lead to (domain bases, array elements), by oid.
@@ -69,7 +71,13 @@ pub async fn resolve_types(
             .query(
                 "read column types",
                 "SELECT t.oid, t.typname::text, n.nspname::text, t.typtype::text, t.typbasetype, t.typelem,
-                        t.typcategory = 'A' AND t.typlen = -1 AND t.typelem <> 0
+                        t.typcategory = 'A' AND t.typlen = -1 AND t.typelem <> 0,
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a
+                               WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                               ORDER BY a.attnum),
+                        ARRAY(SELECT a.atttypid FROM pg_attribute a
+                               WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                               ORDER BY a.attnum)
                    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                   WHERE t.oid = ANY ($1)",
                 &[&list],
@@ -77,6 +85,8 @@ pub async fn resolve_types(
             .await?;
         wanted.clear();
         for r in rows {
+            let names: Vec<String> = r.get(7);
+            let field_types: Vec<u32> = r.get(8);
             let info = TypeInfo {
                 name: r.get(1),
                 schema: r.get(2),
@@ -84,8 +94,10 @@ pub async fn resolve_types(
                 base: r.get(4),
                 element: r.get(5),
                 is_array: r.get(6),
+                fields: names.into_iter().zip(field_types).collect(),
             };
-            for next in [info.base, info.element] {
+            let fields = info.fields.iter().map(|(_, oid)| *oid);
+            for next in [info.base, info.element].into_iter().chain(fields) {
                 if next != 0 && !known.contains_key(&next) {
                     wanted.insert(next);
                 }
@@ -182,8 +194,94 @@ fn builtin(name: &str) -> Option<(&'static str, &'static [&'static str])> {
     })
 }
 
-/// The text fallback; the session settings make the text canonical.
-const TEXT_HASH: &str = "hashtextextended(({c})::text COLLATE \"C\", {s})";
+/// The text fallback, `{c}` standing for a text: the value's [`canonical_text`], or its
+/// plain text form in strict mode.
+const TEXT_HASH: &str = "hashtextextended(({c}) COLLATE \"C\", {s})";
+
+/// How deep inside composites and arrays values are made canonical: past it, the plain text.
+const CANONICAL_DEPTH: usize = 4;
+
+fn plain_text(value: &str) -> String {
+    format!("({value})::text")
+}
+
+/// A text form of `value` (of type `oid`) on which equal values agree, as they do in the
+/// typed hashes: numerics without trailing zeros (`1.0` = `1.00`; `trim_scale` is in
+/// PostgreSQL 13 and later), float zero without its sign (`-0` = `0`), through domains and
+/// inside composites and arrays. `None` where the plain text form is canonical already: the
+/// session settings ([`SESSION_SETTINGS`]) fix timestamps, float digits, dates and bytea.
+fn canonical_text(
+    types: &HashMap<u32, TypeInfo>,
+    oid: u32,
+    value: &str,
+    depth: usize,
+) -> Option<String> {
+    let t = types.get(&oid)?;
+    if depth > CANONICAL_DEPTH {
+        return None;
+    }
+    match t.kind {
+        // Functions and field access take a domain's value as its base type's.
+        'd' => canonical_text(types, t.base, value, depth),
+        'c' => canonical_fields(types, &t.fields, value, depth),
+        _ if t.is_array => canonical_elements(types, t.element, value, depth),
+        _ if t.schema != "pg_catalog" => None,
+        _ => match t.name.as_str() {
+            "numeric" => Some(format!("trim_scale({value})::text")),
+            "float4" | "float8" => Some(format!(
+                "CASE WHEN {value} = 0 THEN '0' ELSE ({value})::text END"
+            )),
+            _ => None,
+        },
+    }
+}
+
+/// A composite's fields, each canonical, as a text array; `None` if no field needs it.
+fn canonical_fields(
+    types: &HashMap<u32, TypeInfo>,
+    fields: &[(String, u32)],
+    value: &str,
+    depth: usize,
+) -> Option<String> {
+    let texts: Vec<(String, Option<String>)> = fields
+        .iter()
+        .map(|(name, oid)| {
+            let field = format!("({value}).{}", sql::ident(name));
+            let canonical = canonical_text(types, *oid, &field, depth + 1);
+            (field, canonical)
+        })
+        .collect();
+    if texts.iter().all(|(_, canonical)| canonical.is_none()) {
+        return None;
+    }
+    let parts: Vec<String> = texts
+        .into_iter()
+        .map(|(field, canonical)| canonical.unwrap_or_else(|| plain_text(&field)))
+        .collect();
+    // A composite whose fields are all NULL is not NULL: `num_nulls` tells them apart,
+    // `IS NULL` would not.
+    Some(format!(
+        "CASE WHEN num_nulls({value}) = 1 THEN NULL ELSE ARRAY[{}]::text END",
+        parts.join(", ")
+    ))
+}
+
+/// An array's dimensions, then its elements, each canonical, in order (`generate_series`
+/// runs in step with `unnest`); `None` if the elements need nothing.
+fn canonical_elements(
+    types: &HashMap<u32, TypeInfo>,
+    element: u32,
+    value: &str,
+    depth: usize,
+) -> Option<String> {
+    let (e, n) = (format!("e{depth}"), format!("n{depth}"));
+    let canonical = canonical_text(types, element, &e, depth + 1)?;
+    Some(format!(
+        "CASE WHEN num_nulls({value}) = 1 THEN NULL ELSE coalesce(array_dims({value}), '') || \
+         (SELECT coalesce(array_agg({canonical} ORDER BY {n}), '{{}}') \
+            FROM (SELECT unnest({value}) AS {e}, generate_series(1, cardinality({value})) AS {n}) u)::text END"
+    ))
+}
 
 /// What a column's type calls for, before the self-test.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,39 +427,38 @@ pub fn column_hash(
         position,
     } = *spec;
     let column = sql::ident(name);
-    let choice = choose(types, oid);
-    let (template, value, mode, note) = match choice {
+    let typed = |template: &str, value: &str| (fill(template, value, position), Mode::Typed, None);
+    let text = |note: &str| {
+        let canonical = canonical_text(types, oid, &column, 0);
+        let value = canonical.unwrap_or_else(|| plain_text(&column));
+        (
+            fill(TEXT_HASH, &value, position),
+            Mode::Text,
+            Some(note.to_string()),
+        )
+    };
+    let (hash, mode, note) = match choose(types, oid) {
+        // Strict mode compares the text forms themselves: `1.0` and `1.00` differ.
         _ if strict => (
-            TEXT_HASH,
-            column,
+            fill(TEXT_HASH, &plain_text(&column), position),
             Mode::Text,
             Some("strict mode".to_string()),
         ),
-        Choice::Scalar {
-            name: ref n,
-            ref cast,
-        } if passed.contains(n) => {
-            let value = match cast {
-                Some(base) => format!("({column})::{}", sql::ident(base)),
-                None => column,
-            };
-            (
-                builtin(n).map_or(TEXT_HASH, |b| b.0),
-                value,
-                Mode::Typed,
-                None,
-            )
+        Choice::Scalar { name, cast } if passed.contains(&name) => match builtin(&name) {
+            Some((template, _)) => {
+                let value = match cast {
+                    Some(base) => format!("({column})::{}", sql::ident(&base)),
+                    None => column.clone(),
+                };
+                typed(template, &value)
+            }
+            None => text("no typed hash for this type"),
+        },
+        Choice::Array { element } if passed.contains(&element) => {
+            typed("hash_array_extended({c}, {s})", &column)
         }
-        Choice::Array { ref element } if passed.contains(element) => {
-            ("hash_array_extended({c}, {s})", column, Mode::Typed, None)
-        }
-        Choice::Text(why) => (TEXT_HASH, column, Mode::Text, Some(why.to_string())),
-        _ => (
-            TEXT_HASH,
-            column,
-            Mode::Text,
-            Some("typed hash failed the self-test".to_string()),
-        ),
+        Choice::Text(why) => text(why),
+        _ => text("typed hash failed the self-test"),
     };
     ColumnHash {
         name: name.to_string(),
@@ -370,13 +467,9 @@ pub fn column_hash(
         note,
         // A NOT NULL column needs no NULL marker (saves a step per row).
         expr: if not_null {
-            format!("({})", fill(template, &value, position))
+            format!("({hash})")
         } else {
-            format!(
-                "coalesce({}, {})",
-                fill(template, &value, position),
-                null_marker(position)
-            )
+            format!("coalesce({hash}, {})", null_marker(position))
         },
     }
 }
@@ -420,6 +513,11 @@ mod tests {
             base,
             element,
             is_array,
+            fields: Vec::new(),
+        };
+        let measure = TypeInfo {
+            fields: vec![("n".into(), 1700), ("f".into(), 701), ("mood".into(), 100)],
+            ..t("measure", 'c', 0, 0, false)
         };
         HashMap::from([
             (20, t("int8", 'b', 0, 0, false)),
@@ -428,7 +526,76 @@ mod tests {
             (101, t("_mood", 'b', 0, 100, true)),
             (102, t("positive_int", 'd', 23, 0, false)),
             (23, t("int4", 'b', 0, 0, false)),
+            (1700, t("numeric", 'b', 0, 0, false)),
+            (701, t("float8", 'b', 0, 0, false)),
+            (103, t("money_amount", 'd', 1700, 0, false)),
+            (200, measure),
+            (201, t("_measure", 'b', 0, 200, true)),
         ])
+    }
+
+    fn hash_of(oid: u32, passed: &[&str], strict: bool) -> ColumnHash {
+        let passed = passed.iter().map(|p| p.to_string()).collect();
+        column_hash(
+            &Column {
+                name: "v",
+                type_sql: "whatever",
+                oid,
+                not_null: true,
+                position: 1,
+            },
+            &types(),
+            &passed,
+            strict,
+        )
+    }
+
+    /// A numeric or float hashed from its text (a typed hash failed the self-test, or it is
+    /// inside a composite or array) keeps the type policy: `1.0` = `1.00`, `-0` = `0`.
+    #[test]
+    fn text_fallback_is_canonical() {
+        let numeric = hash_of(1700, &[], false);
+        assert_eq!(numeric.mode, Mode::Text);
+        assert_eq!(
+            numeric.expr,
+            "(hashtextextended((trim_scale(\"v\")::text) COLLATE \"C\", 1))"
+        );
+        assert_eq!(
+            hash_of(103, &[], false).expr,
+            numeric.expr,
+            "a domain over numeric"
+        );
+        assert_eq!(
+            hash_of(701, &[], false).expr,
+            "(hashtextextended((CASE WHEN \"v\" = 0 THEN '0' ELSE (\"v\")::text END) COLLATE \"C\", 1))"
+        );
+        let composite = hash_of(200, &["numeric", "float8"], false).expr;
+        assert!(
+            composite.contains(
+                "CASE WHEN num_nulls(\"v\") = 1 THEN NULL ELSE ARRAY[trim_scale((\"v\").\"n\")::text, \
+                 CASE WHEN (\"v\").\"f\" = 0 THEN '0' ELSE ((\"v\").\"f\")::text END, ((\"v\").\"mood\")::text]::text END"
+            ),
+            "{composite}"
+        );
+        let array = hash_of(201, &[], false).expr;
+        assert!(
+            array.contains("array_agg(CASE WHEN num_nulls(e0) = 1 THEN NULL ELSE ARRAY[trim_scale((e0).\"n\")::text"),
+            "{array}"
+        );
+        assert!(array.contains(
+            "FROM (SELECT unnest(\"v\") AS e0, generate_series(1, cardinality(\"v\")) AS n0) u"
+        ));
+        // Text forms that are canonical already stay as they are.
+        assert_eq!(
+            hash_of(100, &[], false).expr,
+            "(hashtextextended(((\"v\")::text) COLLATE \"C\", 1))"
+        );
+        // Strict mode compares the plain text forms.
+        assert_eq!(
+            hash_of(1700, &["numeric"], true).expr,
+            "(hashtextextended(((\"v\")::text) COLLATE \"C\", 1))"
+        );
+        assert!(!hash_of(200, &[], true).expr.contains("trim_scale"));
     }
 
     #[test]

@@ -321,35 +321,40 @@ async fn a_hundred_scattered_differences_in_a_million_rows_are_all_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_policy_equal_values_are_equal_and_strict_mode_compares_text() {
     let db = TestDb::new("validate_policy").await;
-    let create = "CREATE TABLE policy (id int PRIMARY KEY, f float8, n numeric, i interval, j json, jb jsonb, t timestamptz, s text)";
+    // A composite is hashed from its text: the numerics and floats inside keep the policy.
+    let create = "CREATE TYPE measure AS (n numeric, f float8);
+                  CREATE TABLE policy (id int PRIMARY KEY, f float8, n numeric, i interval, j json, jb jsonb, t timestamptz, s text,
+                                       m measure, ms measure[])";
     on_both_servers(&db, create).await;
     let (source, target) = (db.source_client().await, db.target_client().await);
     source
         .batch_execute(
             r#"INSERT INTO policy VALUES
-                 (1, '-0', 1.0, '1 day', '{"a": 1}', '{"a": 1, "b": 2}', '2024-01-01 12:00:00+02', 'x'),
-                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x'),
-                 (3, 1, 1, '1 hour', '{"a": 1, "b": 2}', '{}', '2024-01-01 00:00:00+00', 'x'),
-                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', NULL)"#,
+                 (1, '-0', 1.0, '1 day', '{"a": 1}', '{"a": 1, "b": 2}', '2024-01-01 12:00:00+02', 'x', '(1.0,-0)', '{"(1.0,-0)",NULL}'),
+                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x', '(,)', '{}'),
+                 (3, 1, 1, '1 hour', '{"a": 1, "b": 2}', '{}', '2024-01-01 00:00:00+00', 'x', NULL, NULL),
+                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', NULL, '(2,NaN)', '{"(,)"}')"#,
         )
         .await
         .unwrap();
     target
         .batch_execute(
             r#"INSERT INTO policy VALUES
-                 (1, '0', 1.00, '24 hours', '{"a": 1}', '{"b": 2, "a": 1}', '2024-01-01 10:00:00+00', 'x'),
-                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x'),
-                 (3, 1, 1, '1 hour', '{"b": 2, "a": 1}', '{}', '2024-01-01 00:00:00+00', 'x'),
-                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', '')"#,
+                 (1, '0', 1.00, '24 hours', '{"a": 1}', '{"b": 2, "a": 1}', '2024-01-01 10:00:00+00', 'x', '(1.00,0)', '{"(1.00,0)",NULL}'),
+                 (2, 'NaN', 'NaN', '0', '[]', '[]', 'infinity', 'x', NULL, '{}'),
+                 (3, 1, 1, '1 hour', '{"b": 2, "a": 1}', '{}', '2024-01-01 00:00:00+00', 'x', NULL, NULL),
+                 (4, 1, 1, '1 hour', '{}', '{}', '2024-01-01 00:00:00+00', '', '(2.0,NaN)', '{NULL}')"#,
         )
         .await
         .unwrap();
     db.write_plan("");
     let (code, report, out) = validate(&db, &["--tables", "public.policy"]);
     assert_eq!(code, Some(1), "{out}");
+    // A composite of NULL fields is not a NULL composite, nor an array of one an array of NULL.
     let expected: BTreeSet<_> = [
+        diff("public.policy", r#"{"id":"2"}"#, "changed", "m"),
         diff("public.policy", r#"{"id":"3"}"#, "changed", "j"),
-        diff("public.policy", r#"{"id":"4"}"#, "changed", "s"),
+        diff("public.policy", r#"{"id":"4"}"#, "changed", "s,ms"),
     ]
     .into_iter()
     .collect();
@@ -358,9 +363,10 @@ async fn type_policy_equal_values_are_equal_and_strict_mode_compares_text() {
     let (code, report, out) = validate(&db, &["--tables", "public.policy", "--strict"]);
     assert_eq!(code, Some(1), "{out}");
     let expected: BTreeSet<_> = [
-        diff("public.policy", r#"{"id":"1"}"#, "changed", "f,n,i"),
+        diff("public.policy", r#"{"id":"1"}"#, "changed", "f,n,i,m,ms"),
+        diff("public.policy", r#"{"id":"2"}"#, "changed", "m"),
         diff("public.policy", r#"{"id":"3"}"#, "changed", "j"),
-        diff("public.policy", r#"{"id":"4"}"#, "changed", "s"),
+        diff("public.policy", r#"{"id":"4"}"#, "changed", "s,m,ms"),
     ]
     .into_iter()
     .collect();
