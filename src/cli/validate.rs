@@ -1,6 +1,6 @@
 use std::io::IsTerminal;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use switchyard::plan::TablePattern;
@@ -78,12 +78,32 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
         progress: !args.json && std::io::stderr().is_terminal(),
         ..Options::default()
     };
-    let report = validate::run(&plan, &state, &options).await?;
-    remember(&store, &plan.name.0, &report);
+    let started = SystemTime::now();
+    // The report's directory first, so that a long run does not end unable to write it.
     if let Some(dir) = &args.report {
-        let path = write_html(dir, &report)?;
-        eprintln!("HTML report: {}", path.display());
+        if let Err(why) = std::fs::create_dir_all(dir) {
+            let why = cannot_write(dir, &why);
+            return finish(&args, validate::failed(&plan, &options, started, why));
+        }
     }
+    let mut report = match validate::run(&plan, &state, &options).await {
+        Ok(report) => {
+            remember(&store, &plan.name.0, &report);
+            report
+        }
+        Err(e) => validate::failed(&plan, &options, started, e.to_string()),
+    };
+    if let Some(dir) = &args.report {
+        match write_html(dir, &report) {
+            Ok(path) => eprintln!("HTML report: {}", path.display()),
+            Err(why) => report.add_problem(cannot_write(dir, &why)),
+        }
+    }
+    finish(&args, report)
+}
+
+/// Prints the report; the exit code follows its verdict.
+fn finish(args: &ValidateArgs, report: Report) -> Result<Exit, Error> {
     if args.json {
         super::print_json(&report)?;
     } else {
@@ -111,20 +131,19 @@ fn remember(store: &dyn StateStore, name: &str, report: &Report) {
     }
 }
 
-fn write_html(dir: &std::path::Path, report: &Report) -> Result<PathBuf, Error> {
-    let failed = |e: std::io::Error| {
-        Error::Refused(format!(
-            "cannot write the report into {}: {e}",
-            dir.display()
-        ))
-    };
-    std::fs::create_dir_all(dir).map_err(failed)?;
+fn cannot_write(dir: &Path, why: &std::io::Error) -> String {
+    format!("cannot write the report into {}: {why}", dir.display())
+}
+
+/// Writes the self-contained HTML page into `dir`; returns its path.
+fn write_html(dir: &Path, report: &Report) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
     let stamp: String = report
         .started_at
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
     let path = dir.join(format!("validation-{}-{stamp}.html", report.migration));
-    std::fs::write(&path, report.render_html()).map_err(failed)?;
+    std::fs::write(&path, report.render_html())?;
     Ok(path)
 }

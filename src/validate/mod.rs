@@ -27,7 +27,7 @@ use crate::plan::{Plan, TablePattern};
 use crate::state::{State, TableSummary, ValidationRecord};
 use crate::Error;
 use hashing::{ColumnHash, SESSION_SETTINGS};
-use report::{Difference, Kind, Report, Settings, TableReport};
+use report::{Difference, Kind, Report, Settings, TableReport, Verdict};
 use table::{fold_bucket, key_object, Aggregates, Chunk, KeyColumn, Step, TablePlan};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -78,8 +78,8 @@ pub fn record(report: &Report) -> ValidationRecord {
     ValidationRecord {
         at: report.started_at.clone(),
         verdict: report.verdict.to_string(),
-        source_lsn_start: report.source_lsn_start.clone(),
-        source_lsn_end: report.source_lsn_end.clone(),
+        source_lsn_start: report.source_lsn_start.clone().unwrap_or_default(),
+        source_lsn_end: report.source_lsn_end.clone().unwrap_or_default(),
         tables: report
             .tables
             .iter()
@@ -188,22 +188,45 @@ pub async fn run(plan: &Plan, state: &State, opts: &Options) -> Result<Report> {
         verdict,
         started_at,
         duration_ms: started.elapsed().as_millis() as u64,
-        source_lsn_start,
-        source_lsn_end,
+        source_lsn_start: Some(source_lsn_start),
+        source_lsn_end: Some(source_lsn_end),
         target_confirmed_lsn,
-        settings: Settings {
-            jobs: opts.jobs,
-            max_rate: opts.max_rate,
-            rechecks: opts.rechecks,
-            strict: opts.strict,
-            bucket_rows: opts.bucket_rows,
-            chunk_seconds: opts.chunk_seconds,
-            statement_timeout_ms: opts.statement_timeout.as_millis() as u64,
-        },
+        settings: settings(opts),
         tables,
         differences,
         problems,
     })
+}
+
+/// The report of a run that could not validate at all (no table selected, a server not
+/// reached …): verdict `incomplete`, and why.
+pub fn failed(plan: &Plan, opts: &Options, started: SystemTime, why: String) -> Report {
+    Report {
+        format: 1,
+        migration: plan.name.0.clone(),
+        verdict: Verdict::Incomplete,
+        started_at: humantime::format_rfc3339_millis(started).to_string(),
+        duration_ms: started.elapsed().map_or(0, |d| d.as_millis() as u64),
+        source_lsn_start: None,
+        source_lsn_end: None,
+        target_confirmed_lsn: None,
+        settings: settings(opts),
+        tables: Vec::new(),
+        differences: Vec::new(),
+        problems: vec![why],
+    }
+}
+
+fn settings(opts: &Options) -> Settings {
+    Settings {
+        jobs: opts.jobs,
+        max_rate: opts.max_rate,
+        rechecks: opts.rechecks,
+        strict: opts.strict,
+        bucket_rows: opts.bucket_rows,
+        chunk_seconds: opts.chunk_seconds,
+        statement_timeout_ms: opts.statement_timeout.as_millis() as u64,
+    }
 }
 
 struct Shared {

@@ -95,10 +95,11 @@ pub struct Report {
     pub verdict: Verdict,
     pub started_at: String,
     pub duration_ms: u64,
-    /// The source's WAL position when the run started and ended, and how far the target had
-    /// confirmed at the end (the replication slot's `confirmed_flush_lsn`), if it replicates.
-    pub source_lsn_start: String,
-    pub source_lsn_end: String,
+    /// The source's WAL position when the run started and ended (`None` for a run that
+    /// could not start), and how far the target had confirmed at the end (the replication
+    /// slot's `confirmed_flush_lsn`), if it replicates.
+    pub source_lsn_start: Option<String>,
+    pub source_lsn_end: Option<String>,
     pub target_confirmed_lsn: Option<String>,
     pub settings: Settings,
     pub tables: Vec<TableReport>,
@@ -108,7 +109,16 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+/// Shown for a WAL position a run that could not start never read.
+const UNKNOWN_LSN: &str = "n/a";
+
 impl Report {
+    /// Something could not be compared (or reported): the verdict is `incomplete`.
+    pub fn add_problem(&mut self, problem: String) {
+        self.problems.push(problem);
+        self.verdict = Verdict::Incomplete;
+    }
+
     pub fn verdict_from(tables: &[TableReport], problems: &[String]) -> Verdict {
         if !problems.is_empty() || tables.iter().any(|t| t.error.is_some()) {
             Verdict::Incomplete
@@ -126,8 +136,8 @@ impl Report {
             self.migration,
             self.verdict.to_string().to_uppercase(),
             self.duration_ms,
-            self.source_lsn_start,
-            self.source_lsn_end
+            self.source_lsn_start.as_deref().unwrap_or(UNKNOWN_LSN),
+            self.source_lsn_end.as_deref().unwrap_or(UNKNOWN_LSN)
         );
         let rows = self.tables.iter().map(|t| {
             vec![
@@ -145,24 +155,26 @@ impl Report {
                 t.error.clone().unwrap_or_default(),
             ]
         });
-        out.push_str(&table(
-            &[
-                "table",
-                "rows source",
-                "rows target",
-                "chunks",
-                "matching",
-                "missing on target",
-                "extra on target",
-                "changed",
-                "in flight",
-                "time",
-                "rows/s",
-                "error",
-            ],
-            rows,
-        ));
-        out.push('\n');
+        if !self.tables.is_empty() {
+            out.push_str(&table(
+                &[
+                    "table",
+                    "rows source",
+                    "rows target",
+                    "chunks",
+                    "matching",
+                    "missing on target",
+                    "extra on target",
+                    "changed",
+                    "in flight",
+                    "time",
+                    "rows/s",
+                    "error",
+                ],
+                rows,
+            ));
+            out.push('\n');
+        }
         let text_columns: Vec<String> = self
             .tables
             .iter()
@@ -224,8 +236,8 @@ impl Report {
             "<p>Started {} · {} ms · source LSN {} → {} · target confirmed {}</p>",
             esc(&self.started_at),
             self.duration_ms,
-            esc(&self.source_lsn_start),
-            esc(&self.source_lsn_end),
+            esc(self.source_lsn_start.as_deref().unwrap_or(UNKNOWN_LSN)),
+            esc(self.source_lsn_end.as_deref().unwrap_or(UNKNOWN_LSN)),
             esc(self
                 .target_confirmed_lsn
                 .as_deref()

@@ -549,3 +549,38 @@ async fn text_keys_are_chunked_in_byte_order_and_differences_found_exactly() {
         .collect();
     assert_eq!(differences(&report), expected, "{out}");
 }
+
+/// Exit 2 means "could not validate", and the report says why: no table selected, or the
+/// HTML report that cannot be written (found before the run, not after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_cannot_validate_exits_2_and_says_why() {
+    let db = TestDb::new("validate_cannot").await;
+    on_both_servers(&db, "CREATE TABLE here (id int PRIMARY KEY)").await;
+    db.write_plan("");
+    let (code, report, out) = validate(&db, &["--tables", "public.nosuch"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(report["verdict"], "incomplete", "{out}");
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("no table to validate"), "{out}");
+    let output = db.switchyard(&["validate", "--tables", "public.nosuch"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("Could not validate: no table to validate"),
+        "{}",
+        text(&output)
+    );
+
+    // A directory that cannot be made: under a plain file.
+    let file = db.dir.path().join("a-file");
+    std::fs::write(&file, "").expect("a file");
+    let under_file = file.join("reports");
+    let (code, report, out) = validate(&db, &["--report", under_file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(report["verdict"], "incomplete", "{out}");
+    assert!(
+        report["problems"]
+            .to_string()
+            .contains("cannot write the report"),
+        "{out}"
+    );
+}
