@@ -87,8 +87,13 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
         }
     }
     let mut report = match validate::run(&plan, &state, &options).await {
-        Ok(report) => {
-            remember(&store, &plan.name.0, &report);
+        Ok(mut report) => {
+            if let Err(e) = remember(&store, &plan.name.0, &report).await {
+                report.add_problem(format!(
+                    "the verdict ({}) is not recorded in the state, so a cutover cannot rely on it: {e}",
+                    report.verdict
+                ));
+            }
             report
         }
         Err(e) => validate::failed(&plan, &options, started, e.to_string()),
@@ -116,19 +121,17 @@ fn finish(args: &ValidateArgs, report: Report) -> Result<Exit, Error> {
     })
 }
 
-/// Records the result for the cutover. A migration locked by another command (a `sync
-/// --wait` still watching) keeps its state; the report is still printed.
-fn remember(store: &dyn StateStore, name: &str, report: &Report) {
-    let saved = (|| -> Result<(), StateError> {
-        let _lock = store.lock("record a validation")?;
-        let mut state = state::load_or_new(store, name)?;
-        state.last_validation = Some(validate::record(report));
-        state.note(format!("validation: {}", report.verdict));
-        store.save(&state)
-    })();
-    if let Err(e) = saved {
-        tracing::warn!("the validation result is not recorded in the state: {e}");
-    }
+/// How long recording the result waits for another command holding the state's lock: those
+/// hold it for a step at a time, and the run is done by then.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Records the result for the cutover.
+async fn remember(store: &dyn StateStore, name: &str, report: &Report) -> Result<(), StateError> {
+    let _lock = state::lock_within(store, "record a validation", LOCK_WAIT).await?;
+    let mut state = state::load_or_new(store, name)?;
+    state.last_validation = Some(validate::record(report));
+    state.note(format!("validation: {}", report.verdict));
+    store.save(&state)
 }
 
 fn cannot_write(dir: &Path, why: &std::io::Error) -> String {

@@ -4,7 +4,7 @@
 mod file;
 mod lock;
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -247,6 +247,24 @@ pub trait StateStore: Send + Sync {
     fn lock(&self, purpose: &str) -> Result<LockGuard, StateError>;
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
+}
+
+/// Takes the state's lock, waiting up to `wait` for another command that holds it (a
+/// cutover's steps, `sync` saving its progress) to let go.
+pub async fn lock_within(
+    store: &dyn StateStore,
+    purpose: &str,
+    wait: Duration,
+) -> Result<LockGuard, StateError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match store.lock(purpose) {
+            Err(StateError::Locked { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            taken => return taken,
+        }
+    }
 }
 
 /// Loads the state or starts a new one for `name`.

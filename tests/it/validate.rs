@@ -584,3 +584,50 @@ async fn a_run_that_cannot_validate_exits_2_and_says_why() {
         "{out}"
     );
 }
+
+/// The verdict goes into the state for the cutover: a command holding the state's lock for a
+/// moment is waited for; one that keeps it makes the run exit 2, saying the verdict is not
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verdict_waits_for_the_state_lock_and_exits_2_when_not_recorded() {
+    use switchyard::state::{FileStore, StateStore};
+    let db = TestDb::new("validate_locked").await;
+    on_both_servers(
+        &db,
+        "CREATE TABLE here (id int PRIMARY KEY); INSERT INTO here VALUES (1)",
+    )
+    .await;
+    db.write_plan("");
+    let recorded = || -> Value {
+        std::fs::read_to_string(db.state_path())
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .map(|state| state["last_validation"]["verdict"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let store = FileStore::new(db.state_path());
+    let held = store
+        .lock("a test holding the lock")
+        .expect("take the lock");
+    let (code, report, out) = validate(&db, &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(report["verdict"], "incomplete", "{out}");
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("(identical) is not recorded in the state")
+            && problems.contains("a test holding the lock"),
+        "{out}"
+    );
+    assert_eq!(recorded(), Value::Null, "{out}");
+
+    // Let go of while the run is under way (or waiting): the verdict is recorded.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(held);
+    });
+    let (code, report, out) = validate(&db, &[]);
+    releaser.join().expect("the releaser");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(report["verdict"], "identical", "{out}");
+    assert_eq!(recorded(), "identical", "{out}");
+}
