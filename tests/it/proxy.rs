@@ -124,6 +124,23 @@ impl Proxy {
         client
     }
 
+    /// With `client` inside a transaction: a short `/pause` does not go idle and names the
+    /// client's role as running; the transaction then commits while paused, and the proxy
+    /// resumes.
+    pub async fn pause_waits_for_and_names(&self, client: &tokio_postgres::Client) {
+        let (_, body) = self
+            .admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 200}")
+            .await;
+        let paused: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(paused["idle"], false, "{paused}");
+        assert_eq!(paused["running"][0]["user"], self.user.as_str(), "{paused}");
+        client
+            .batch_execute("COMMIT")
+            .await
+            .expect("an open transaction finishes while paused");
+        self.admin("POST", "/resume", Some(TOKEN), "").await;
+    }
+
     /// An HTTP request to the admin listener; returns (status, body).
     pub async fn admin(
         &self,
@@ -562,21 +579,7 @@ async fn pause_holds_new_transactions_and_resume_runs_them_all() {
         .batch_execute("BEGIN; INSERT INTO ticks VALUES (1)")
         .await
         .unwrap();
-    let (_, body) = proxy
-        .admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 200}")
-        .await;
-    let paused: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(paused["idle"], false, "{paused}");
-    assert_eq!(
-        paused["running"][0]["user"],
-        proxy.user.as_str(),
-        "{paused}"
-    );
-    holder
-        .batch_execute("COMMIT")
-        .await
-        .expect("an open transaction finishes while paused");
-    proxy.admin("POST", "/resume", Some(TOKEN), "").await;
+    proxy.pause_waits_for_and_names(&holder).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

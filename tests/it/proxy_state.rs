@@ -321,21 +321,7 @@ async fn session_mode_resets_connections_and_pause_holds_between_transactions() 
 
     // A session inside a transaction is waited for, and named.
     client.batch_execute("BEGIN").await.unwrap();
-    let (_, body) = proxy
-        .admin("POST", "/pause", Some(TOKEN), "{\"timeout_ms\": 200}")
-        .await;
-    let paused: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(paused["idle"], false, "{paused}");
-    assert_eq!(
-        paused["running"][0]["user"],
-        proxy.user.as_str(),
-        "{paused}"
-    );
-    client
-        .batch_execute("COMMIT")
-        .await
-        .expect("an open transaction finishes while paused");
-    proxy.admin("POST", "/resume", Some(TOKEN), "").await;
+    proxy.pause_waits_for_and_names(&client).await;
 
     // Transactions are counted one by one, not once per session.
     let before = transactions(&proxy).await;
