@@ -1228,9 +1228,11 @@ impl Session {
     /// The transaction is over (and gives up its throttle turn).
     fn end_turn(&mut self) {
         if std::mem::take(&mut self.in_turn) {
+            // Cleared before the session stops counting as active: `/pause`, once it sees
+            // no session active, lists what still runs from these slots.
+            *lock(&self.cancel_slot) = None;
             self.throttle_permit = None;
             self.shared.control.detached();
-            *lock(&self.cancel_slot) = None;
         }
     }
 
