@@ -1,6 +1,8 @@
-//! The little the proxy reads of a statement's text: its first words. Statements are split at
-//! semicolons without a SQL parser; a semicolon inside a string literal splits too, which only
-//! ever makes the proxy more careful (a LISTEN refused, a connection closed instead of reused).
+//! The little the proxy reads of a statement's text: its first words. The per-query scan splits
+//! at every semicolon without a SQL parser; a semicolon inside a string literal splits too,
+//! which only ever makes the proxy more careful (a LISTEN refused, a connection closed instead
+//! of reused). Where a wrong split would change what is tracked, `split_statements` minds
+//! quotes and gives up on what it cannot read.
 
 /// The first word of a statement (after whitespace): the only part the proxy looks at in
 /// most statements, so it is found without decoding characters or allocating.
@@ -62,17 +64,10 @@ pub fn scan(text: &[u8]) -> Scan {
     }
 }
 
-/// Every statement of a query text (a trailing empty one included).
-fn statements(text: &str) -> impl Iterator<Item = &[u8]> {
-    let bytes = text.as_bytes();
-    std::iter::once(bytes).chain(memchr::memchr_iter(b';', bytes).map(move |at| &bytes[at + 1..]))
-}
-
-/// Whether the query text holds more than one statement.
+/// Whether the query text holds more than one statement (a trailing semicolon makes none).
 pub fn is_multi_statement(text: &str) -> bool {
-    statements(text)
-        .skip(1)
-        .any(|rest| !first_word(rest).is_empty())
+    let bytes = text.as_bytes();
+    memchr::memchr_iter(b';', bytes).any(|at| !first_word(&bytes[at + 1..]).is_empty())
 }
 
 /// Whether a statement changes the session beyond its transaction: SET (but not SET LOCAL,

@@ -30,6 +30,15 @@ pub async fn target_settings_lock() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
+/// `SHOW setting` on a connection.
+pub async fn show(client: &Client, setting: &str) -> String {
+    client
+        .query_one(&format!("SHOW {setting}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("SHOW {setting}: {e}"))
+        .get(0)
+}
+
 pub async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, text, TestDb};
+use crate::common::{self, show, text, TestDb};
 use crate::proxy::Proxy;
 
-const TOKEN: &str = "test-admin-token";
+use crate::proxy::TOKEN;
 const CLIENTS: i32 = 16;
 
 /// The cutover settings of these tests: short, and nested as the gate wants.
@@ -374,11 +374,7 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
         .as_str()
         .expect("sync recorded the target's setting")
         .to_string();
-    let workers: String = target
-        .query_one("SHOW max_sync_workers_per_subscription", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let workers = show(&target, "max_sync_workers_per_subscription").await;
     assert_eq!(
         workers, "3",
         "sync set the target's setting (it was {original})"
@@ -397,11 +393,7 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
         "{}",
         text(&output)
     );
-    let workers: String = target
-        .query_one("SHOW max_sync_workers_per_subscription", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let workers = show(&target, "max_sync_workers_per_subscription").await;
     assert_eq!(workers, original, "finalize restores the target's setting");
     // Run again, it has nothing left to do and says so.
     let again = coordinator(&db, &proxy.plan, &["finalize"]);

@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 use crate::common::servers::free_port;
 use crate::common::TestDb;
 
-const TOKEN: &str = "test-admin-token";
+pub const TOKEN: &str = "test-admin-token";
 
 /// A running `switchyard proxy`, killed when dropped.
 pub struct Proxy {

@@ -8,10 +8,8 @@ use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use switchyard::proxy::pool::{ServerConn, ServerTarget};
 
-use crate::common::TestDb;
-use crate::proxy::Proxy;
-
-const TOKEN: &str = "test-admin-token";
+use crate::common::{show, TestDb};
+use crate::proxy::{Proxy, TOKEN};
 
 /// A client speaking the protocol message by message (tokio-postgres picks its own statement
 /// names): the proxy's own server-side connection code, logged in to the proxy.
@@ -209,14 +207,6 @@ async fn pipelined_sync_groups_get_their_own_answers_in_order() {
 
     assert_eq!(show(&other, "server_version_num").await.len(), 6);
     assert_eq!(values(&run(&mut conn, "b").await), ["b"]);
-}
-
-async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
-    client
-        .query_one(&format!("SHOW {setting}"), &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Roles, memberships, grants, password verifiers and extensions come along with the schema.
 
-use crate::common::{self, except_all, text, TestDb};
+use crate::common::{self, except_all, show, text, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_grants_and_extensions_are_copied() {
@@ -64,11 +64,7 @@ async fn roles_grants_and_extensions_are_copied() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 
     let target = db.target_client().await;
-    let workers: String = target
-        .query_one("SHOW max_sync_workers_per_subscription", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let workers = show(&target, "max_sync_workers_per_subscription").await;
     assert_eq!(workers, "3");
     let checks = target
         .query_one(
@@ -114,11 +110,7 @@ async fn roles_grants_and_extensions_are_copied() {
 
     let output = db.switchyard(&["abort", "--drop-target-data"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    let workers: String = target
-        .query_one("SHOW max_sync_workers_per_subscription", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let workers = show(&target, "max_sync_workers_per_subscription").await;
     assert_eq!(workers, "4", "abort restores the target's setting");
     let roles: i64 = target
         .query_one(
