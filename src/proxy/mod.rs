@@ -292,9 +292,19 @@ fn build_pool(
         .min_idle(None)
         .connection_timeout(settings.query_wait_timeout.0)
         .idle_timeout(Some(settings.server_idle_timeout.0))
+        // bb8 looks for idle connections every 30 s by default: a short server_idle_timeout
+        // would be overrun by up to that much.
+        .reaper_rate(reaper_rate(settings.server_idle_timeout.0))
         .max_lifetime(None)
         .test_on_check_out(false)
         .build_unchecked(manager))
+}
+
+/// How often idle server connections are looked at: often enough that none outlives
+/// `server_idle_timeout` by more than half of it, and never more than every 30 s.
+fn reaper_rate(idle_timeout: std::time::Duration) -> std::time::Duration {
+    use std::time::Duration;
+    (idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30))
 }
 
 /// Accepts clients until `shutdown` resolves, then lets sessions finish their transactions up

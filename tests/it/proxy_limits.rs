@@ -1,0 +1,100 @@
+//! The proxy's limits and timeouts against real servers: too many clients, idle server
+//! connections closed, and serving with the other server down.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::common::servers::free_port;
+use crate::common::TestDb;
+use crate::proxy::Proxy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_max_client_connections_gets_53300_and_the_others_go_on() {
+    let db = TestDb::new("proxy_max_clients").await;
+    let proxy = Proxy::start(&db, "transaction", 2, "max_client_connections = 2").await;
+    let (first, second) = (proxy.client().await, proxy.client().await);
+    let refused = tokio_postgres::connect(&proxy.url(), NoTls)
+        .await
+        .err()
+        .expect("a third client is refused");
+    assert_eq!(
+        refused.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    for client in [&first, &second] {
+        let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+    // A place freed is a place taken.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        match tokio_postgres::connect(&proxy.url(), NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no place freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    third.batch_execute("SELECT 1").await.unwrap();
+}
+
+/// The proxy's server connections for its user, as the source sees them.
+async fn server_connections(db: &TestDb, proxy: &Proxy) -> i64 {
+    db.source_client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE usename = $1 AND application_name = 'switchyard-proxy'",
+            &[&proxy.user],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_close_after_server_idle_timeout() {
+    let db = TestDb::new("proxy_idle").await;
+    let proxy = Proxy::start(&db, "transaction", 4, "server_idle_timeout = \"1s\"").await;
+    let clients = [proxy.client().await, proxy.client().await];
+    // Two transactions at once: two server connections.
+    let (a, b) = (&clients[0], &clients[1]);
+    tokio::try_join!(
+        a.batch_execute("SELECT pg_sleep(0.3)"),
+        b.batch_execute("SELECT pg_sleep(0.3)")
+    )
+    .unwrap();
+    assert!(server_connections(&db, &proxy).await >= 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server_connections(&db, &proxy).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle server connections outlived server_idle_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The clients never noticed: their next transaction gets a new connection.
+    let one: i32 = a.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_with_the_other_server_down() {
+    let db = TestDb::new("proxy_other_down").await;
+    let nobody = format!("postgres://postgres@127.0.0.1:{}/{}", free_port(), db.name);
+    let plan = db.plan_text("").replace(&db.target.url(&db.name), &nobody);
+    assert!(plan.contains(&nobody), "the target URL was replaced");
+    let source = db.source_client().await;
+    let proxy = Proxy::start_with(&db, &source, &plan, "transaction", 2, "").await;
+    let client = proxy.client().await;
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let status = proxy.status().await;
+    assert_eq!(status["backend"], "source", "{status}");
+}
