@@ -329,3 +329,33 @@ async fn transactions(proxy: &Proxy) -> f64 {
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no transactions_total in {metrics}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_mid_transaction_frees_its_server_connection() {
+    let db = TestDb::new("proxy_vanish").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE marks (n int)")
+        .await
+        .unwrap();
+    // One server connection: if the vanished client's were leaked, nobody could run.
+    let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"5s\"").await;
+    for round in 0..3 {
+        let mut conn = raw_client(&proxy).await;
+        let mut buf = BytesMut::new();
+        query(&mut buf, "BEGIN; INSERT INTO marks VALUES (1)");
+        assert_eq!(error_code(&exchange(&mut conn, buf, 1).await), None);
+        // Gone without a Terminate: the socket just closes.
+        drop(conn);
+        let client = proxy.client().await;
+        let marks: i64 = client
+            .query_one("SELECT count(*) FROM marks", &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the server connection was not freed: {e}"))
+            .get(0);
+        assert_eq!(
+            marks, 0,
+            "the vanished client's transaction was rolled back"
+        );
+    }
+}
