@@ -212,10 +212,8 @@ impl Shared {
         self.shards
             .iter()
             .filter_map(|shard| shard.pool(user, side))
-            .map(|pool| pool.state())
-            .fold((0, 0), |(open, idle), state| {
-                (open + state.connections, idle + state.idle_connections)
-            })
+            .map(Pool::connections)
+            .fold((0, 0), |(open, idle), (o, i)| (open + o, idle + i))
     }
 
     /// Every worker's counters added up.
@@ -287,7 +285,7 @@ fn build_pool(
         target: Arc::new(target),
         connect_timeout: settings.server_connect_timeout.0,
     };
-    Ok(bb8::Pool::builder()
+    let pool = bb8::Pool::builder()
         .max_size(size.max(1))
         .min_idle(None)
         .connection_timeout(settings.query_wait_timeout.0)
@@ -297,7 +295,8 @@ fn build_pool(
         .reaper_rate(reaper_rate(settings.server_idle_timeout.0))
         .max_lifetime(None)
         .test_on_check_out(false)
-        .build_unchecked(manager))
+        .build_unchecked(manager);
+    Ok(Pool::new(pool, settings.server_idle_timeout.0))
 }
 
 /// How often idle server connections are looked at: often enough that none outlives
@@ -371,6 +370,7 @@ fn hand_over(shared: &Shared, stream: tokio::net::TcpStream, permit: OwnedSemaph
 
 /// A shard's thread: serves the clients handed to it, each in a task of its own.
 async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
+    tokio::spawn(trim_pools(shared.clone(), index));
     while let Some(Handover { stream, permit }) = inbox.recv().await {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -391,6 +391,19 @@ async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
     // The listener is gone (shutdown): open sessions finish their transactions until the
     // process exits.
     std::future::pending::<()>().await;
+}
+
+/// Closes the shard's idle server connections that outlived `server_idle_timeout` on the
+/// pools' own stacks, as often as bb8's reaper looks at its idle ones.
+async fn trim_pools(shared: Arc<Shared>, index: usize) {
+    let mut every = tokio::time::interval(reaper_rate(shared.settings.server_idle_timeout.0));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        for pool in shared.shards[index].pools.values().flatten() {
+            pool.trim();
+        }
+    }
 }
 
 /// Starts the shards' threads, each on a single-threaded scheduler of its own.

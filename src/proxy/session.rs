@@ -1168,12 +1168,17 @@ impl Session {
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
         self.begin_turn().await;
-        // Boxed: the checkout future is large, and moving it through the nested futures
-        // cost more than the allocation.
         // Read after the pause: a switch happens only while paused.
         let side = self.shared.backend.side();
         let pool = &self.pools[super::side_index(side)];
-        let checkout = Box::pin(checkout(&self.shared, self.metrics(), pool)).await;
+        // The common case, a connection given back a moment ago, needs no future at all.
+        let check_delay = self.shared.settings.server_check_delay.0;
+        let checkout = match pool.take_warm() {
+            Some(server) if server.idle_since.elapsed() < check_delay => Ok(server),
+            // Boxed: the checkout future is large, and moving it through the nested futures
+            // cost more than the allocation.
+            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale)).await,
+        };
         if checkout.is_err() {
             self.end_turn();
         }
@@ -1291,7 +1296,7 @@ impl Session {
         self.dirty = false;
         self.status = b'I';
         server.idle_since = std::time::Instant::now();
-        drop(server);
+        self.pools[super::side_index(self.server_side)].give_back(server);
         self.end_turn();
     }
 
@@ -1358,38 +1363,42 @@ impl Session {
     }
 }
 
-/// A server connection from the pool. One that sat idle longer than `server_check_delay`
-/// proves it still works with a round trip first (checked here rather than by bb8 on
-/// every checkout, which costs the hot path a future per transaction).
+/// A server connection from the pool (`first`, if given, is tried first). One that sat idle
+/// longer than `server_check_delay` proves it still works with a round trip first (checked
+/// here rather than by bb8 on every checkout, which costs the hot path a future per
+/// transaction).
 async fn checkout(
     shared: &Shared,
     metrics: &metrics::Metrics,
     pool: &super::pool::Pool,
+    mut first: Option<Pooled>,
 ) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
-    let waiting = &metrics.clients_waiting;
-    metrics::add(waiting, 1);
     let mut attempt = 0;
-    let result = loop {
+    loop {
         attempt += 1;
-        let mut server = match pool.get_owned().await {
-            Ok(server) => server,
-            Err(e) => break Err(e),
+        let mut server = match first.take().or_else(|| pool.take_warm()) {
+            Some(server) => server,
+            None => {
+                let waiting = &metrics.clients_waiting;
+                metrics::add(waiting, 1);
+                let server = pool.get().await;
+                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                server?
+            }
         };
         if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
-            break Ok(server);
+            return Ok(server);
         }
         let timeout = shared.settings.server_connect_timeout.0;
         match tokio::time::timeout(timeout, server.ping()).await {
-            Ok(Ok(())) => break Ok(server),
+            Ok(Ok(())) => return Ok(server),
             _ if attempt < 3 => server.broken = true,
             _ => {
                 server.broken = true;
-                break Err(bb8::RunError::User(super::pool::ServerError::Closed));
+                return Err(bb8::RunError::User(super::pool::ServerError::Closed));
             }
         }
-    };
-    waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    result
+    }
 }
 
 enum Event {

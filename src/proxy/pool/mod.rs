@@ -3,7 +3,8 @@
 
 pub mod server;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use server::{ServerConn, ServerError, ServerTarget};
@@ -43,5 +44,99 @@ impl bb8::ManageConnection for ServerManager {
     }
 }
 
-pub type Pool = bb8::Pool<ServerManager>;
 pub type Pooled = bb8::PooledConnection<'static, ServerManager>;
+
+/// A worker's pool towards one server, for one user. bb8 makes, limits, reaps and hands out
+/// the connections; the ones this worker's sessions just gave back wait on a stack of the
+/// worker's own (the most recent on top), so that the next transaction takes one without a
+/// trip through bb8 (its timeout, statistics and queue cost a transaction more than the rest
+/// of its checkout). A connection goes back to bb8 when a session waits there for one, when
+/// it broke, or when it sat idle past `server_idle_timeout` ([`Pool::trim`]).
+#[derive(Clone)]
+pub struct Pool(Arc<Inner>);
+
+struct Inner {
+    bb8: bb8::Pool<ServerManager>,
+    warm: Mutex<Vec<Pooled>>,
+    /// Sessions waiting on bb8: while there are any, connections given back go to bb8, which
+    /// hands them to the waiters.
+    waiting: AtomicUsize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(bb8: bb8::Pool<ServerManager>, idle_timeout: Duration) -> Pool {
+        Pool(Arc::new(Inner {
+            bb8,
+            warm: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+            idle_timeout,
+        }))
+    }
+
+    /// The connection given back last, if one waits.
+    pub fn take_warm(&self) -> Option<Pooled> {
+        self.warm().pop()
+    }
+
+    /// A connection from bb8 (made if the pool has room), waiting up to its
+    /// `connection_timeout` (`query_wait_timeout`).
+    pub async fn get(&self) -> Result<Pooled, bb8::RunError<ServerError>> {
+        let _waiting = Waiting::count(&self.0.waiting);
+        self.0.bb8.get_owned().await
+    }
+
+    /// Takes back a connection a session is done with.
+    pub fn give_back(&self, conn: Pooled) {
+        if conn.broken || self.0.waiting.load(Ordering::Relaxed) > 0 {
+            // bb8 closes a broken one, and wakes a waiter for a good one.
+            drop(conn);
+            return;
+        }
+        self.warm().push(conn);
+    }
+
+    /// Closes the connections that sat on the stack past `server_idle_timeout` (bb8's reaper
+    /// only sees its own idle ones). The oldest are at the bottom.
+    pub fn trim(&self) {
+        let expired: Vec<Pooled> = {
+            let mut warm = self.warm();
+            let fresh_from = warm
+                .iter()
+                .position(|conn| conn.idle_since.elapsed() < self.0.idle_timeout)
+                .unwrap_or(warm.len());
+            warm.drain(..fresh_from).collect()
+        };
+        for mut conn in expired {
+            conn.broken = true;
+        }
+    }
+
+    /// Connections open, and of those idle (in bb8 or on the stack).
+    pub fn connections(&self) -> (u32, u32) {
+        let state = self.0.bb8.state();
+        let warm = self.warm().len() as u32;
+        (state.connections, state.idle_connections + warm)
+    }
+
+    fn warm(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        self.0.warm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a session as waiting on bb8 for as long as it lives (also when the wait is
+/// abandoned).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
