@@ -23,7 +23,10 @@ CLIENTS=${BENCH_CLIENTS:-16}
 POOL=${BENCH_POOL:-8}
 
 scripts/install-deps.sh
-cargo build --quiet --release --bin switchyard --example servers
+# Two builds: with the example in the same one, cargo would also turn on the dev-dependencies'
+# features (tokio's test-util, whose clock takes a lock on every read) in the binary.
+cargo build --quiet --release --bin switchyard
+cargo build --quiet --release --example servers
 PG_BIN=/usr/lib/postgresql/15/bin
 SWITCHYARD="$ROOT/target/release/switchyard"
 

@@ -19,7 +19,10 @@ SCALE=${BENCH_SCALE:-10}
 
 scripts/install-deps.sh
 command -v pgbouncer >/dev/null || { echo "installing pgbouncer" >&2; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; }
-cargo build --quiet --release --bin switchyard --example servers
+# Two builds: with the example in the same one, cargo would also turn on the dev-dependencies'
+# features (tokio's test-util, whose clock takes a lock on every read) in the binary.
+cargo build --quiet --release --bin switchyard
+cargo build --quiet --release --example servers
 PG_BIN=/usr/lib/postgresql/15/bin
 
 WORK=$(mktemp -d /tmp/switchyard-bench-proxy.XXXXXX)

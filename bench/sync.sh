@@ -11,7 +11,10 @@ ROOT=$PWD
 ROWS=${BENCH_ROWS:-1000000}
 
 scripts/install-deps.sh
-cargo build --quiet --release --bin switchyard --example servers
+# Two builds: with the example in the same one, cargo would also turn on the dev-dependencies'
+# features (tokio's test-util, whose clock takes a lock on every read) in the binary.
+cargo build --quiet --release --bin switchyard
+cargo build --quiet --release --example servers
 SWITCHYARD="$ROOT/target/release/switchyard"
 PG_BIN=/usr/lib/postgresql/15/bin
 

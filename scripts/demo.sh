@@ -10,7 +10,10 @@ ROOT=$PWD
 ROWS=${DEMO_ROWS:-50000}
 
 scripts/install-deps.sh
-cargo build --quiet --bin switchyard --example servers
+# Two builds: with the example in the same one, cargo would also turn on the dev-dependencies'
+# features (tokio's test-util, whose clock takes a lock on every read) in the binary.
+cargo build --quiet --bin switchyard
+cargo build --quiet --example servers
 SWITCHYARD="$ROOT/target/debug/switchyard"
 
 WORK=$(mktemp -d /tmp/switchyard-demo.XXXXXX)
