@@ -829,9 +829,11 @@ impl Session {
         if !self.in_turn {
             return;
         }
-        self.metrics().transaction(self.attached_at.elapsed());
+        let now = std::time::Instant::now();
+        self.metrics()
+            .transaction(now.saturating_duration_since(self.attached_at));
         match self.mode() {
-            PoolMode::Transaction => self.release(false).await,
+            PoolMode::Transaction => self.release_at(false, now).await,
             PoolMode::Session => self.end_turn(),
         }
     }
@@ -1173,8 +1175,16 @@ impl Session {
         let pool = &self.pools[super::side_index(side)];
         // The common case, a connection given back a moment ago, needs no future at all.
         let check_delay = self.shared.settings.server_check_delay.0;
+        // Idle time as of the start of this turn: one clock read per transaction is enough.
         let checkout = match pool.take_warm() {
-            Some(server) if server.idle_since.elapsed() < check_delay => Ok(server),
+            Some(server)
+                if self
+                    .attached_at
+                    .saturating_duration_since(server.idle_since)
+                    < check_delay =>
+            {
+                Ok(server)
+            }
             // Boxed: the checkout future is large, and moving it through the nested futures
             // cost more than the allocation.
             stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale)).await,
@@ -1249,7 +1259,7 @@ impl Session {
             process_id: server.process_id,
             secret_key: server.secret_key,
             user: self.user.clone(),
-            since: std::time::Instant::now(),
+            since: self.attached_at,
         });
         *lock(&self.cancel_slot) = target;
     }
@@ -1272,6 +1282,11 @@ impl Session {
     /// (`DISCARD ALL`), or closed when it is mid-way through something (`ending` with a
     /// transaction open: closing the connection rolls it back).
     async fn release(&mut self, ending: bool) {
+        self.release_at(ending, std::time::Instant::now()).await
+    }
+
+    /// [`Session::release`], the clock read at `now` by the caller.
+    async fn release_at(&mut self, ending: bool, now: std::time::Instant) {
         let Some(mut server) = self.server.take() else {
             self.end_turn();
             return;
@@ -1295,7 +1310,7 @@ impl Session {
         self.copy_in = false;
         self.dirty = false;
         self.status = b'I';
-        server.idle_since = std::time::Instant::now();
+        server.idle_since = now;
         self.pools[super::side_index(self.server_side)].give_back(server);
         self.end_turn();
     }

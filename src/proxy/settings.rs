@@ -89,6 +89,10 @@ pub fn reconcile(
     wanted: &BTreeMap<String, String>,
     applied: &mut BTreeMap<String, String>,
 ) -> Option<String> {
+    // The common case, a client that changed nothing: no work per transaction.
+    if wanted == applied {
+        return None;
+    }
     let mut statements = Vec::new();
     applied.retain(|name, _| {
         let keep = wanted.contains_key(name);
