@@ -10,6 +10,7 @@ mod drift;
 mod plan_errors;
 pub mod proxy;
 mod proxy_limits;
+mod proxy_server_auth;
 mod proxy_state;
 mod resume;
 mod roles;

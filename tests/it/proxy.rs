@@ -20,6 +20,9 @@ pub struct Proxy {
     pub admin_port: u16,
     pub user: String,
     pub password: String,
+    /// Every proxy user (name, password), `user` first; each password is in the proxy's
+    /// environment under `password_env(i)`.
+    pub users: Vec<(String, String)>,
     pub database: String,
     /// The plan file the proxy runs with (the coordinator can use it too).
     pub plan: std::path::PathBuf,
@@ -60,22 +63,58 @@ impl Proxy {
             ))
             .await
             .expect("create the application role");
+        Proxy::start_for(
+            db,
+            plan_text,
+            mode,
+            pool_size,
+            extra,
+            &[(user.as_str(), password.as_str())],
+        )
+        .await
+    }
+
+    /// A proxy for `users` (name, password) whose roles exist on the source already; the
+    /// first is the one [`Proxy::client`] logs in as.
+    pub async fn start_for(
+        db: &TestDb,
+        plan_text: &str,
+        mode: &str,
+        pool_size: u32,
+        extra: &str,
+        users: &[(&str, &str)],
+    ) -> Proxy {
         let (port, admin_port) = (free_port(), free_port());
+        let users: Vec<(String, String)> = users
+            .iter()
+            .map(|(name, password)| (name.to_string(), password.to_string()))
+            .collect();
+        let user_tables: String = users
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                format!(
+                    "[[proxy.users]]\nname = \"{name}\"\npassword_env = \"{}\"\n",
+                    password_env(i)
+                )
+            })
+            .collect();
         let plan = plan_text.replace(
             "[sync]\n",
             &format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\npool_mode = \"{mode}\"\npool_size = {pool_size}\n{extra}\n[[proxy.users]]\nname = \"{user}\"\npassword_env = \"TEST_APP_PASSWORD\"\n[sync]\n"
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\npool_mode = \"{mode}\"\npool_size = {pool_size}\n{extra}\n{user_tables}[sync]\n"
             ),
         );
         let path = db.dir.path().join(format!("proxy-{mode}-{port}.toml"));
         std::fs::write(&path, plan).expect("write the proxy plan");
-        let child = spawn_proxy(&path, &password);
+        let child = spawn_proxy(&path, &users);
         let proxy = Proxy {
             child,
             port,
             admin_port,
-            user,
-            password,
+            user: users[0].0.clone(),
+            password: users[0].1.clone(),
+            users,
             database: db.name.clone(),
             plan: path,
         };
@@ -98,7 +137,7 @@ impl Proxy {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_proxy(&self.plan, &self.password);
+        self.child = spawn_proxy(&self.plan, &self.users);
         self.wait_listening().await;
     }
 
@@ -110,9 +149,14 @@ impl Proxy {
     }
 
     pub fn url(&self) -> String {
+        self.url_as(&self.user, &self.password)
+    }
+
+    /// The URL of the proxy for another of its users (or a wrong password).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
         format!(
-            "postgres://{}:{}@127.0.0.1:{}/{}",
-            self.user, self.password, self.port, self.database
+            "postgres://{user}:{password}@127.0.0.1:{}/{}",
+            self.port, self.database
         )
     }
 
@@ -175,12 +219,23 @@ impl Proxy {
     }
 }
 
-fn spawn_proxy(plan: &std::path::Path, password: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+/// The environment variable that holds the password of the proxy's `i`-th user.
+fn password_env(i: usize) -> String {
+    match i {
+        0 => "TEST_APP_PASSWORD".into(),
+        _ => format!("TEST_APP_PASSWORD_{i}"),
+    }
+}
+
+fn spawn_proxy(plan: &std::path::Path, users: &[(String, String)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    for (i, (_, password)) in users.iter().enumerate() {
+        command.env(password_env(i), password);
+    }
+    command
         .arg("proxy")
         .arg(plan)
         .current_dir(plan.parent().expect("the plan's directory"))
-        .env("TEST_APP_PASSWORD", password)
         .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("SWITCHYARD_TEST_PROXY_LOG").is_some() {
