@@ -281,9 +281,11 @@ fn build_pool(
         application_name: "switchyard-proxy".into(),
         tls: server_tls,
     };
+    let (refusals, _) = tokio::sync::watch::channel(None);
     let manager = ServerManager {
         target: Arc::new(target),
         connect_timeout: settings.server_connect_timeout.0,
+        refusals: refusals.clone(),
     };
     let pool = bb8::Pool::builder()
         .max_size(size.max(1))
@@ -296,7 +298,7 @@ fn build_pool(
         .max_lifetime(None)
         .test_on_check_out(false)
         .build_unchecked(manager);
-    Ok(Pool::new(pool, settings.server_idle_timeout.0))
+    Ok(Pool::new(pool, settings.server_idle_timeout.0, refusals))
 }
 
 /// How often idle server connections are looked at: often enough that none outlives

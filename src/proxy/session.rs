@@ -2,6 +2,7 @@
 //! server connection — held for the whole session in session mode, and only while a
 //! transaction runs in transaction mode.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -28,16 +29,19 @@ use crate::plan::PoolMode;
 type ClientReader = FramedRead<ReadHalf, PgCodec>;
 type ClientWriter = FramedWrite<WriteHalf, PgCodec>;
 
-/// An error that ends the session, sent to the client as FATAL.
+/// An error and its SQLSTATE. Sent to the client as FATAL when it ends the session; as an
+/// ERROR when only a sync group fails for want of a server connection
+/// ([`Session::fail_until_sync`]).
 struct Fatal {
-    code: &'static str,
+    /// Most are the proxy's own; a login the server refused keeps the server's.
+    code: Cow<'static, str>,
     message: String,
 }
 
 impl Fatal {
-    fn new(code: &'static str, message: impl Into<String>) -> Fatal {
+    fn new(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Fatal {
         Fatal {
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
@@ -140,10 +144,14 @@ pub async fn run(shared: Arc<Shared>, shard: usize, mut stream: TcpStream) {
         Ok(Ok(Some(logged_in))) => logged_in,
         Ok(Ok(None)) => return,
         Ok(Err(fatal)) => {
-            tracing::debug!(code = fatal.code, "login refused: {}", fatal.message);
+            tracing::debug!(code = %fatal.code, "login refused: {}", fatal.message);
             metrics::add(&shared.shards[shard].metrics.logins_refused, 1);
             let _ = writer
-                .send(backend::error_response("FATAL", fatal.code, &fatal.message))
+                .send(backend::error_response(
+                    "FATAL",
+                    &fatal.code,
+                    &fatal.message,
+                ))
                 .await;
             return;
         }
@@ -171,7 +179,11 @@ pub async fn run(shared: Arc<Shared>, shard: usize, mut stream: TcpStream) {
     if let Err(fatal) = session.welcome().await {
         let _ = session
             .client_w
-            .send(backend::error_response("FATAL", fatal.code, &fatal.message))
+            .send(backend::error_response(
+                "FATAL",
+                &fatal.code,
+                &fatal.message,
+            ))
             .await;
     } else {
         session.serve().await;
@@ -503,9 +515,7 @@ impl Session {
         // Session mode applies the client's startup settings now; transaction mode does it
         // at each transaction.
         let apply = self.mode() == PoolMode::Session;
-        self.attach(apply)
-            .await
-            .map_err(|e| Fatal::new("08006", e))?;
+        self.attach(apply).await?;
         let mut reported: Vec<(String, String)> = self
             .server
             .as_ref()
@@ -645,7 +655,9 @@ impl Session {
         }
         if self.lost_transaction {
             self.lost_transaction = false;
-            return self.fail_until_sync(&frame, LOST).await;
+            return self
+                .fail_until_sync(&frame, &Fatal::new("08006", LOST))
+                .await;
         }
         if self.server.is_none() {
             match tag(&frame) {
@@ -672,8 +684,8 @@ impl Session {
                 let _ = self.client_w.send(bye).await;
                 return false;
             }
-            if let Err(message) = self.attach(true).await {
-                return self.fail_until_sync(&frame, &message).await;
+            if let Err(error) = self.attach(true).await {
+                return self.fail_until_sync(&frame, &error).await;
             }
             if !self.answer_locally(None).await {
                 return false;
@@ -681,8 +693,8 @@ impl Session {
         } else if !self.in_turn {
             // Session mode, between transactions.
             self.begin_turn().await;
-            if let Err(message) = self.follow_switch().await {
-                return self.fail_until_sync(&frame, &message).await;
+            if let Err(error) = self.follow_switch().await {
+                return self.fail_until_sync(&frame, &error).await;
             }
             self.show_running();
         }
@@ -1168,7 +1180,7 @@ impl Session {
 
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
-    async fn attach(&mut self, apply_settings: bool) -> Result<(), String> {
+    async fn attach(&mut self, apply_settings: bool) -> Result<(), Fatal> {
         self.begin_turn().await;
         // Read after the pause: a switch happens only while paused.
         let side = self.shared.backend.side();
@@ -1195,12 +1207,17 @@ impl Session {
         let mut server = checkout.map_err(|e| match e {
             bb8::RunError::TimedOut => {
                 metrics::add(&self.metrics().wait_timeouts, 1);
-                format!(
+                Fatal::new("08006", format!(
                 "no server connection within query_wait_timeout ({}): the pool is busy or the server is down",
                 humantime::format_duration(self.shared.settings.query_wait_timeout.0)
-                )
+                ))
             }
-            bb8::RunError::User(e) => format!("cannot connect to the database: {e}"),
+            // A login the server refused keeps the server's SQLSTATE (28P01 for a wrong
+            // password): the client's error handling can tell it from a server that is down.
+            bb8::RunError::User(e) => Fatal::new(
+                e.sqlstate().to_string(),
+                format!("cannot connect to the database: {e}"),
+            ),
         })?;
         let statements = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
@@ -1211,7 +1228,7 @@ impl Session {
             if server.send(frontend::query(&statements)).await.is_err() {
                 server.broken = true;
                 self.end_turn();
-                return Err("the server connection broke".into());
+                return Err(Fatal::new("08006", "the server connection broke"));
             }
             self.swallow_until_ready += 1;
         }
@@ -1269,7 +1286,7 @@ impl Session {
     /// the new side. What the proxy tracks (settings, prepared statements) follows it; other
     /// session state (temporary tables, WITH HOLD cursors) stays behind, as it would after a
     /// reconnect.
-    async fn follow_switch(&mut self) -> Result<(), String> {
+    async fn follow_switch(&mut self) -> Result<(), Fatal> {
         if self.server.is_none() || self.server_side == self.shared.backend.side() {
             return Ok(());
         }
@@ -1354,7 +1371,7 @@ impl Session {
 
     /// Answers a message that found no server connection: its whole sync group fails with one
     /// error, as PostgreSQL fails a pipeline.
-    async fn fail_until_sync(&mut self, first: &Bytes, message: &str) -> bool {
+    async fn fail_until_sync(&mut self, first: &Bytes, error: &Fatal) -> bool {
         let mut frame = first.clone();
         while !matches!(tag(&frame), b'S' | b'Q' | b'F') {
             match self.client_r.next().await {
@@ -1368,7 +1385,7 @@ impl Session {
         if !self.answer_locally(None).await {
             return false;
         }
-        let error = backend::error_response("ERROR", "08006", message);
+        let error = backend::error_response("ERROR", &error.code, &error.message);
         self.client_w.feed(error).await.is_ok()
             && self
                 .client_w

@@ -7,12 +7,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 pub use server::{ServerConn, ServerError, ServerTarget};
 
 /// Makes and checks raw server connections for bb8.
 pub struct ServerManager {
     pub target: Arc<ServerTarget>,
     pub connect_timeout: Duration,
+    /// The last login the server refused for good ([`ServerError::login_refusal`]). bb8 only
+    /// hands connect errors to its error sink and lets the sessions waiting for a connection
+    /// wait out `query_wait_timeout`; [`Pool::get`] watches this instead, so that they hear
+    /// the server's reason at once.
+    pub refusals: watch::Sender<Option<ServerError>>,
 }
 
 impl bb8::ManageConnection for ServerManager {
@@ -26,6 +33,9 @@ impl bb8::ManageConnection for ServerManager {
             Ok(conn) => Ok(Box::new(conn)),
             Err(e) => {
                 tracing::warn!(user = %self.target.user, "server connection failed: {e}");
+                if let Some(refusal) = e.login_refusal() {
+                    self.refusals.send_replace(Some(refusal));
+                }
                 Err(e)
             }
         }
@@ -62,15 +72,23 @@ struct Inner {
     /// hands them to the waiters.
     waiting: AtomicUsize,
     idle_timeout: Duration,
+    /// The manager's login refusals.
+    refusals: watch::Sender<Option<ServerError>>,
 }
 
 impl Pool {
-    pub fn new(bb8: bb8::Pool<ServerManager>, idle_timeout: Duration) -> Pool {
+    /// `refusals`: the sender its manager reports login refusals on.
+    pub fn new(
+        bb8: bb8::Pool<ServerManager>,
+        idle_timeout: Duration,
+        refusals: watch::Sender<Option<ServerError>>,
+    ) -> Pool {
         Pool(Arc::new(Inner {
             bb8,
             warm: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             idle_timeout,
+            refusals,
         }))
     }
 
@@ -80,10 +98,17 @@ impl Pool {
     }
 
     /// A connection from bb8 (made if the pool has room), waiting up to its
-    /// `connection_timeout` (`query_wait_timeout`).
+    /// `connection_timeout` (`query_wait_timeout`), or less if the server refuses a login
+    /// meanwhile: then the wait cannot end well, and the error says why.
     pub async fn get(&self) -> Result<Pooled, bb8::RunError<ServerError>> {
         let _waiting = Waiting::count(&self.0.waiting);
-        self.0.bb8.get_owned().await
+        // Subscribed before bb8 starts a login for this request, so that its refusal is seen;
+        // refusals from before are not this request's business.
+        let mut refusals = self.0.refusals.subscribe();
+        tokio::select! {
+            got = self.0.bb8.get_owned() => got,
+            refusal = next_refusal(&mut refusals) => Err(bb8::RunError::User(refusal)),
+        }
     }
 
     /// Takes back a connection a session is done with.
@@ -121,6 +146,24 @@ impl Pool {
 
     fn warm(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
         self.0.warm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The next login refusal reported after `refusals` was last looked at.
+async fn next_refusal(refusals: &mut watch::Receiver<Option<ServerError>>) -> ServerError {
+    loop {
+        if refusals.changed().await.is_err() {
+            // The pool holds a sender, so this does not happen; if it did, bb8's own timeout
+            // still ends the wait.
+            return std::future::pending().await;
+        }
+        if let Some(refusal) = refusals
+            .borrow_and_update()
+            .as_ref()
+            .and_then(ServerError::login_refusal)
+        {
+            return refusal;
+        }
     }
 }
 

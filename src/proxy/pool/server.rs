@@ -55,6 +55,9 @@ pub enum ServerError {
     Timeout(String),
     #[error("the server refused the login: {0}")]
     Refused(String),
+    /// An ErrorResponse in answer to the login, with the server's SQLSTATE.
+    #[error("the server refused the login: {message}")]
+    Login { code: String, message: String },
     #[error("the server sent an unexpected message during login: {0}")]
     Protocol(String),
     #[error("TLS with {0}: {1}")]
@@ -63,6 +66,37 @@ pub enum ServerError {
     Closed,
     #[error(transparent)]
     Codec(#[from] CodecError),
+}
+
+impl ServerError {
+    /// The SQLSTATE a client hears for this error: the server's own when it refused the
+    /// login, 28000 (invalid authorization) when the proxy could not authenticate the way the
+    /// server asked, "connection failure" otherwise.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ServerError::Login { code, .. } if !code.is_empty() => code,
+            ServerError::Refused(_) => "28000",
+            _ => "08006",
+        }
+    }
+
+    /// A copy of this error if it is a login failure that trying again does not cure: the
+    /// server refused these credentials (SQLSTATE class 28: wrong password, no pg_hba.conf
+    /// entry, role not allowed to log in), or the proxy could not authenticate the way the
+    /// server asked. None for what may pass: a server starting up, out of connection slots,
+    /// unreachable.
+    pub fn login_refusal(&self) -> Option<ServerError> {
+        match self {
+            ServerError::Login { code, message } if code.starts_with("28") => {
+                Some(ServerError::Login {
+                    code: code.clone(),
+                    message: message.clone(),
+                })
+            }
+            ServerError::Refused(message) => Some(ServerError::Refused(message.clone())),
+            _ => None,
+        }
+    }
 }
 
 pub struct ServerConn {
@@ -165,7 +199,10 @@ impl ServerConn {
                     }
                 }
                 b'Z' => return Ok(()),
-                b'E' => return Err(ServerError::Refused(error_fields(body(&frame)).1)),
+                b'E' => {
+                    let (code, message) = error_fields(body(&frame));
+                    return Err(ServerError::Login { code, message });
+                }
                 b'N' => {}
                 other => {
                     return Err(ServerError::Protocol(format!(
