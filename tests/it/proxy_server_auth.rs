@@ -1,5 +1,5 @@
 //! The proxy's own login to the server with the methods besides SCRAM that PostgreSQL may ask
-//! for (md5, cleartext password, trust).
+//! for (md5, cleartext password, trust), and a server that refuses the proxy's password.
 //!
 //! The shared source cluster is made with `initdb -A scram-sha-256`; these tests prepend
 //! pg_hba.conf rules for roles of their own, so no other test's logins change.
@@ -203,5 +203,141 @@ async fn proxy_logs_in_to_the_server_with_md5_cleartext_and_trust() {
                 .expect("truncate");
             works_through_the_proxy(&proxy, role, password, table).await;
         }
+    }
+}
+
+/// The server takes the proxy's password for one user no more: that user's clients get the
+/// server's own refusal (28P01) at once, not a timeout; another user's clients go on; and
+/// once the password is right again, so is the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_refusing_the_proxy_password_fails_that_user_only() {
+    let db = TestDb::new("proxy_srvauth_wrong").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE hits (client int, n int)")
+        .await
+        .expect("create table");
+    let (good, victim) = (format!("{}_good", db.name), format!("{}_victim", db.name));
+    create_role(&db, &good, Some("good-secret"), "scram-sha-256").await;
+    create_role(&db, &victim, Some("victim-secret"), "scram-sha-256").await;
+    // Long enough that a client left to wait for a connection is told apart from one told
+    // of the refusal; short idle timeout so that the pool must log in again.
+    let proxy = Proxy::start_for(
+        &db,
+        &db.plan_text(""),
+        "transaction",
+        1,
+        "query_wait_timeout = \"15s\"\nserver_idle_timeout = \"1s\"",
+        &[
+            (good.as_str(), "good-secret"),
+            (victim.as_str(), "victim-secret"),
+        ],
+    )
+    .await;
+    works_through_the_proxy(&proxy, &victim, "victim-secret", "hits").await;
+    let good_client = connect_as(&proxy, &good, "good-secret").await;
+    // Logged in to the proxy while the server still took the password.
+    let victim_client = connect_as(&proxy, &victim, "victim-secret").await;
+
+    db.source_client()
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE {victim} PASSWORD 'changed-behind-its-back'"
+        ))
+        .await
+        .expect("change the password");
+    // The victim's pooled connection, logged in with the old password, closes when idle.
+    wait_no_server_connections(&proxy, &victim).await;
+
+    let started = Instant::now();
+    let refused = tokio_postgres::connect(&proxy.url_as(&victim, "victim-secret"), NoTls)
+        .await
+        .err()
+        .expect("the proxy cannot log in to the server for this user");
+    let waited = started.elapsed();
+    let db_error = refused
+        .as_db_error()
+        .unwrap_or_else(|| panic!("an error from the proxy, not a broken socket: {refused}"));
+    assert_eq!(db_error.code().code(), "28P01", "{db_error:?}");
+    assert!(
+        db_error
+            .message()
+            .contains("password authentication failed"),
+        "the server's reason reaches the client: {db_error:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "the client waited {waited:?} for a login the server had refused"
+    );
+
+    // A client logged in before: its next transaction fails with the same reason, as an
+    // ERROR that leaves its session to try again later.
+    let started = Instant::now();
+    let failed = victim_client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("no server connection for this user");
+    let db_error = failed
+        .as_db_error()
+        .unwrap_or_else(|| panic!("an error from the proxy: {failed}"));
+    assert_eq!(db_error.code().code(), "28P01", "{db_error:?}");
+    assert_eq!(db_error.severity(), "ERROR", "{db_error:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The other user, logged in before and after, is served as usual.
+    for n in 0..3 {
+        let row = good_client
+            .query_one("SELECT current_user::text, $1::int4 + 1", &[&n])
+            .await
+            .expect("the other user's client still works");
+        assert_eq!(row.get::<_, String>(0), good);
+        assert_eq!(row.get::<_, i32>(1), n + 1);
+    }
+    let fresh = connect_as(&proxy, &good, "good-secret").await;
+    fresh
+        .batch_execute("BEGIN; SELECT 1; COMMIT")
+        .await
+        .expect("a new client of the other user works");
+    assert!(
+        proxy.status().await["clients"].as_u64().unwrap_or(0) >= 2,
+        "the proxy still serves its clients"
+    );
+
+    db.source_client()
+        .await
+        .batch_execute(&format!("ALTER ROLE {victim} PASSWORD 'victim-secret'"))
+        .await
+        .expect("restore the password");
+    db.source_client()
+        .await
+        .batch_execute("TRUNCATE hits")
+        .await
+        .expect("truncate");
+    works_through_the_proxy(&proxy, &victim, "victim-secret", "hits").await;
+    let who: String = victim_client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("the client refused before is served again")
+        .get(0);
+    assert_eq!(who, victim);
+}
+
+/// Waits until the proxy holds no server connection for `user`.
+async fn wait_no_server_connections(proxy: &Proxy, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = proxy.status().await;
+        let open = status["pools"]
+            .as_array()
+            .and_then(|pools| pools.iter().find(|p| p["user"] == user))
+            .and_then(|p| p["server_connections"].as_u64());
+        if open == Some(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server connections of {user} stayed open: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
