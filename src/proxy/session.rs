@@ -1022,19 +1022,8 @@ impl Session {
         let Some(message) = frontend::parse_message(&frame) else {
             return smallvec![frame];
         };
-        let scan = inspect::scan(message.query.as_bytes());
-        if self.mode() == PoolMode::Transaction && scan.listen {
-            let refused = frontend::Parse {
-                name: message.name,
-                query: REFUSE_LISTEN,
-                rest: &[0, 0],
-            };
-            let refused = frontend::rename_parse(&refused, message.name);
+        if let Some(refused) = self.parse_effects(&message) {
             return self.parse(refused);
-        }
-        // A SET sent through the extended protocol (JDBC does) is taken as run.
-        if scan.changes_session {
-            self.track_setting(message.query);
         }
         if message.name.is_empty() {
             // A copy: a frame shares the read buffer's allocation, and holding it would make
@@ -1064,6 +1053,27 @@ impl Session {
         smallvec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
     }
 
+    /// What a Parse's statement does to the session, taken as done when the Parse arrives,
+    /// whether it goes to a server now or is remembered for later: a SET is tracked like one
+    /// sent as a simple query (JDBC sends SET through the extended protocol, psycopg with
+    /// prepare_threshold=0 prepares it), and LISTEN in transaction mode is refused. Returns
+    /// the Parse to handle instead (the refusal under the client's name), if any.
+    fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Option<Bytes> {
+        let scan = inspect::scan(message.query.as_bytes());
+        if self.mode() == PoolMode::Transaction && scan.listen {
+            let refused = frontend::Parse {
+                name: message.name,
+                query: REFUSE_LISTEN,
+                rest: &[0, 0],
+            };
+            return Some(frontend::rename_parse(&refused, message.name));
+        }
+        if scan.changes_session {
+            self.track_setting(message.query);
+        }
+        None
+    }
+
     /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
     /// owed to the client. False for an unnamed Parse, which needs the server.
     fn remember_parse(&mut self, frame: &Bytes) -> bool {
@@ -1072,6 +1082,15 @@ impl Session {
         };
         if message.name.is_empty() {
             return false;
+        }
+        // What the statement does to the session counts from now, as for a Parse sent to a
+        // server: this is the path of a client that prepares between transactions (psycopg
+        // with prepare_threshold=0 in autocommit, pgjdbc's named statements), and a SET
+        // prepared here and run in the next transaction was once tracked by nobody — it
+        // stayed on the server connection for whichever client came next, and was missing
+        // from this client's own later transactions.
+        if let Some(refused) = self.parse_effects(&message) {
+            return self.remember_parse(&refused);
         }
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
