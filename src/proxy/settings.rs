@@ -26,6 +26,9 @@ pub fn recognise(query: &str) -> Option<SettingChange> {
     if lower == "reset all" || lower == "discard all" {
         return Some(SettingChange::ResetAll);
     }
+    if let Some(change) = session_characteristic(&lower) {
+        return Some(change);
+    }
     if let Some(rest) = lower.strip_prefix("reset ") {
         let name = rest.trim();
         return is_name(name).then(|| SettingChange::Reset(name.to_string()));
@@ -64,6 +67,41 @@ pub fn recognise(query: &str) -> Option<SettingChange> {
     Some(SettingChange::Set {
         name: name.to_string(),
         value_sql: value_sql.to_string(),
+    })
+}
+
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION` with one mode, as the setting it is the same
+/// as (`default_transaction_isolation`, `_read_only`, `_deferrable`). pgjdbc's
+/// `setTransactionIsolation` sends it (and `setReadOnly` with readOnlyMode=always): left
+/// unrecognised, the server connection was closed after that one statement, and the client's
+/// next transactions ran at the default isolation level, silently. Several modes at once stay
+/// unrecognised (the connection is closed after them).
+fn session_characteristic(lower: &str) -> Option<SettingChange> {
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let ["set", "session", "characteristics", "as", "transaction", mode @ ..] = words.as_slice()
+    else {
+        return None;
+    };
+    let (name, value) = match mode {
+        ["isolation", "level", "serializable"] => ("default_transaction_isolation", "serializable"),
+        ["isolation", "level", "repeatable", "read"] => {
+            ("default_transaction_isolation", "repeatable read")
+        }
+        ["isolation", "level", "read", "committed"] => {
+            ("default_transaction_isolation", "read committed")
+        }
+        ["isolation", "level", "read", "uncommitted"] => {
+            ("default_transaction_isolation", "read uncommitted")
+        }
+        ["read", "only"] => ("default_transaction_read_only", "on"),
+        ["read", "write"] => ("default_transaction_read_only", "off"),
+        ["deferrable"] => ("default_transaction_deferrable", "on"),
+        ["not", "deferrable"] => ("default_transaction_deferrable", "off"),
+        _ => return None,
+    };
+    Some(SettingChange::Set {
+        name: name.to_string(),
+        value_sql: format!("'{value}'"),
     })
 }
 
@@ -144,6 +182,45 @@ mod tests {
         assert_eq!(recognise("SET a = 1; SELECT 1"), None);
         assert_eq!(recognise("SELECT 1"), None);
         assert_eq!(recognise("SET ROLE admin"), None);
+    }
+
+    #[test]
+    fn session_characteristics_are_the_default_transaction_settings() {
+        let set = |name: &str, value: &str| {
+            Some(SettingChange::Set {
+                name: name.into(),
+                value_sql: value.into(),
+            })
+        };
+        // As pgjdbc sends them.
+        assert_eq!(
+            recognise("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            set("default_transaction_isolation", "'serializable'")
+        );
+        assert_eq!(
+            recognise(
+                "set session characteristics as transaction isolation level  read committed;"
+            ),
+            set("default_transaction_isolation", "'read committed'")
+        );
+        assert_eq!(
+            recognise("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            set("default_transaction_read_only", "'on'")
+        );
+        assert_eq!(
+            recognise("SET SESSION CHARACTERISTICS AS TRANSACTION NOT DEFERRABLE"),
+            set("default_transaction_deferrable", "'off'")
+        );
+        assert_eq!(
+            recognise(
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"
+            ),
+            None
+        );
+        assert_eq!(
+            recognise("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL CHAOS"),
+            None
+        );
     }
 
     #[test]
