@@ -9,6 +9,7 @@ mod cutover;
 mod drift;
 mod plan_errors;
 pub mod proxy;
+mod proxy_drivers;
 mod proxy_limits;
 mod proxy_server_auth;
 mod proxy_state;
