@@ -255,7 +255,7 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
         .lock()
         .map(|map| {
             map.values()
-                .filter_map(|slot| slot.lock().ok().and_then(|t| t.clone()))
+                .filter_map(|slot| slot.running())
                 .map(|t| serde_json::json!({ "user": t.user.to_string(), "server_pid": t.process_id, "running_ms": t.since.elapsed().as_millis() as u64 }))
                 .collect()
         })

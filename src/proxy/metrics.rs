@@ -33,6 +33,23 @@ pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Counts one in a gauge for as long as it lives: also when the future holding it is dropped
+/// half-way (a client that cancels its wait for a server connection).
+pub struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    pub fn count(gauge: &'a AtomicU64) -> Held<'a> {
+        add(gauge, 1);
+        Held(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
     /// The sum of several workers' counters.
     pub fn total<'a>(parts: impl IntoIterator<Item = &'a Metrics>) -> Metrics {

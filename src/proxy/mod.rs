@@ -105,9 +105,82 @@ pub struct CancelTarget {
     pub since: std::time::Instant,
 }
 
-/// A session's current [`CancelTarget`]: the session updates its own slot at every attach and
-/// release without touching the shared map.
-pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+/// What a CancelRequest for one session reaches: where its query runs, or, while the query
+/// still waits for a turn or a server connection, the wait itself.
+pub type CancelSlot = Arc<Cancel>;
+
+#[derive(Default)]
+pub struct Cancel {
+    /// Where the session's query runs now: the session updates it at every attach and release
+    /// without touching the shared map.
+    running: Mutex<Option<CancelTarget>>,
+    /// CancelRequests that found nothing running. A query waiting for a server connection
+    /// ends its wait when this moves, as a query on a server would end: pgjdbc sends a single
+    /// cancel per statement timeout, which a proxy that dropped it would swallow.
+    unanswered: std::sync::atomic::AtomicU64,
+    unanswered_changed: tokio::sync::Notify,
+}
+
+impl Cancel {
+    pub fn running(&self) -> Option<CancelTarget> {
+        self.running_slot().clone()
+    }
+
+    pub fn set_running(&self, target: Option<CancelTarget>) {
+        *self.running_slot() = target;
+    }
+
+    fn running_slot(&self) -> std::sync::MutexGuard<'_, Option<CancelTarget>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A CancelRequest for this session: where to forward it, or None when nothing runs on a
+    /// server (then it ends a wait for a server connection, if one is on).
+    pub fn cancel(&self) -> Option<CancelTarget> {
+        let running = self.running_slot();
+        if running.is_none() {
+            // Counted under the lock: see [`Cancel::start_running`].
+            self.unanswered.fetch_add(1, Ordering::SeqCst);
+            self.unanswered_changed.notify_waiters();
+        }
+        running.clone()
+    }
+
+    /// The session's query now runs at `target`, unless a cancel came since `seen`
+    /// ([`Cancel::unanswered`] when its wait began): then false, and it must not run. Under
+    /// the same lock as [`Cancel::cancel`], so that a cancel is either forwarded to the
+    /// server or seen here, never lost in between (as when the cancel and the connection
+    /// the query waited for arrive together).
+    pub fn start_running(&self, target: CancelTarget, seen: u64) -> bool {
+        let mut running = self.running_slot();
+        if self.unanswered() != seen {
+            return false;
+        }
+        *running = Some(target);
+        true
+    }
+
+    /// How many cancels found nothing running so far: what [`Cancel::cancelled_after`] counts
+    /// from.
+    pub fn unanswered(&self) -> u64 {
+        self.unanswered.load(Ordering::SeqCst)
+    }
+
+    /// Returns once a cancel arrives after `seen` was read.
+    pub async fn cancelled_after(&self, seen: u64) {
+        loop {
+            let changed = self.unanswered_changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read again: a cancel between the two is seen
+            // by one or the other.
+            changed.as_mut().enable();
+            if self.unanswered() != seen {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
 
 /// State shared by every session.
 pub struct Shared {

@@ -23,7 +23,7 @@ use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::settings::{self, SettingChange};
 use super::tls::{self, ReadHalf, WriteHalf};
 use super::{CancelTarget, Shared};
-use crate::pg::sql;
+use crate::pg::{sql, Side};
 use crate::plan::PoolMode;
 
 type ClientReader = FramedRead<ReadHalf, PgCodec>;
@@ -348,8 +348,9 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let slot = lock(&shared.cancels)
         .get(&(process_id, secret_key))
         .cloned();
-    let target: Option<CancelTarget> = slot.and_then(|slot| lock(&slot).clone());
-    let Some(target) = target else { return };
+    let Some(target) = slot.and_then(|slot| slot.cancel()) else {
+        return;
+    };
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(
         target.process_id,
@@ -1200,31 +1201,21 @@ impl Session {
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), Fatal> {
-        self.begin_turn().await;
-        // Read after the pause: a switch happens only while paused.
-        let side = self.shared.backend.side();
-        let pool = &self.pools[super::side_index(side)];
-        // The common case, a connection given back a moment ago, needs no future at all.
-        let check_delay = self.shared.settings.server_check_delay.0;
-        // Idle time as of the start of this turn: one clock read per transaction is enough.
-        let checkout = match pool.take_warm() {
-            Some(server)
-                if self
-                    .attached_at
-                    .saturating_duration_since(server.idle_since)
-                    < check_delay =>
-            {
-                Ok(server)
-            }
-            // Boxed: the checkout future is large, and moving it through the nested futures
-            // cost more than the allocation.
-            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale)).await,
+        // A cancel from the client ends the wait for a turn or a connection (the branch
+        // first polled completes at once in the common case).
+        let cancel = self.cancel_slot.clone();
+        let seen = cancel.unanswered();
+        let checkout = tokio::select! {
+            biased;
+            checkout = self.take_turn_and_server() => checkout,
+            () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
         };
         if checkout.is_err() {
             self.end_turn();
         }
-        let mut server = checkout.map_err(|e| match e {
-            bb8::RunError::TimedOut => {
+        let (mut server, side) = checkout.map_err(|e| match e {
+            Waited::Cancelled => Fatal::new("57014", "canceling statement due to user request"),
+            Waited::Pool(bb8::RunError::TimedOut) => {
                 metrics::add(&self.metrics().wait_timeouts, 1);
                 Fatal::new("08006", format!(
                 "no server connection within query_wait_timeout ({}): the pool is busy or the server is down",
@@ -1233,11 +1224,20 @@ impl Session {
             }
             // A login the server refused keeps the server's SQLSTATE (28P01 for a wrong
             // password): the client's error handling can tell it from a server that is down.
-            bb8::RunError::User(e) => Fatal::new(
+            Waited::Pool(bb8::RunError::User(e)) => Fatal::new(
                 e.sqlstate().to_string(),
                 format!("cannot connect to the database: {e}"),
             ),
         })?;
+        if !cancel.start_running(self.running_on(&server), seen) {
+            // The cancel came with the connection: the query does not run.
+            self.pools[super::side_index(side)].give_back(server);
+            self.end_turn();
+            return Err(Fatal::new(
+                "57014",
+                "canceling statement due to user request",
+            ));
+        }
         let statements = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
         } else {
@@ -1252,10 +1252,38 @@ impl Session {
             self.swallow_until_ready += 1;
         }
         self.server = Some(server);
-        self.show_running();
         self.server_side = side;
         self.unnamed_here = false;
         Ok(())
+    }
+
+    /// Waits for a turn (while paused), then takes a server connection of the current
+    /// backend. Safe to drop while waiting: a connection being checked is marked broken
+    /// until its check succeeds.
+    async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side), Waited> {
+        self.begin_turn().await;
+        // Read after the pause: a switch happens only while paused.
+        let side = self.shared.backend.side();
+        let pool = &self.pools[super::side_index(side)];
+        // The common case, a connection given back a moment ago, needs no future at all.
+        let check_delay = self.shared.settings.server_check_delay.0;
+        // Idle time as of the start of this turn: one clock read per transaction is enough.
+        match pool.take_warm() {
+            Some(server)
+                if self
+                    .attached_at
+                    .saturating_duration_since(server.idle_since)
+                    < check_delay =>
+            {
+                Ok((server, side))
+            }
+            // Boxed: the checkout future is large, and moving it through the nested futures
+            // cost more than the allocation.
+            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale))
+                .await
+                .map(|server| (server, side))
+                .map_err(Waited::Pool),
+        }
     }
 
     /// A transaction may start: waits while the proxy is paused (and, while throttled, for a
@@ -1281,7 +1309,7 @@ impl Session {
         if std::mem::take(&mut self.in_turn) {
             // Cleared before the session stops counting as active: `/pause`, once it sees
             // no session active, lists what still runs from these slots.
-            *lock(&self.cancel_slot) = None;
+            self.cancel_slot.set_running(None);
             self.throttle_permit = None;
             self.shared.control.detached();
         }
@@ -1290,14 +1318,18 @@ impl Session {
     /// Says which server backend runs this client's transaction: where a cancel goes, and
     /// what `/pause` lists as still running.
     fn show_running(&self) {
-        let target = self.server.as_ref().map(|server| CancelTarget {
+        let target = self.server.as_ref().map(|server| self.running_on(server));
+        self.cancel_slot.set_running(target);
+    }
+
+    fn running_on(&self, server: &ServerConn) -> CancelTarget {
+        CancelTarget {
             addr: server.addr,
             process_id: server.process_id,
             secret_key: server.secret_key,
             user: self.user.clone(),
             since: self.attached_at,
-        });
-        *lock(&self.cancel_slot) = target;
+        }
     }
 
     /// Session mode, between transactions: a session whose server connection is on the side
@@ -1430,19 +1462,22 @@ async fn checkout(
         let mut server = match first.take().or_else(|| pool.take_warm()) {
             Some(server) => server,
             None => {
-                let waiting = &metrics.clients_waiting;
-                metrics::add(waiting, 1);
-                let server = pool.get().await;
-                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                server?
+                let _waiting = metrics::Held::count(&metrics.clients_waiting);
+                pool.get().await?
             }
         };
         if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
             return Ok(server);
         }
         let timeout = shared.settings.server_connect_timeout.0;
+        // Broken until the ping is answered: a checkout abandoned half-way (the client
+        // cancelled) must not give back a connection with a reply still to read.
+        server.broken = true;
         match tokio::time::timeout(timeout, server.ping()).await {
-            Ok(Ok(())) => return Ok(server),
+            Ok(Ok(())) => {
+                server.broken = false;
+                return Ok(server);
+            }
             _ if attempt < 3 => server.broken = true,
             _ => {
                 server.broken = true;
@@ -1450,6 +1485,12 @@ async fn checkout(
             }
         }
     }
+}
+
+/// Why no server connection was taken.
+enum Waited {
+    Pool(bb8::RunError<super::pool::ServerError>),
+    Cancelled,
 }
 
 enum Event {

@@ -432,6 +432,61 @@ async fn cancel_reaches_the_right_query_only() {
     );
 }
 
+/// A query that waits for a server connection (the pool's only one is held by another
+/// client's transaction) is ended by a cancel, as it would be on a server; a cancel while
+/// the client is idle ends nothing later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_wait_for_a_server_connection() {
+    let db = TestDb::new("proxy_cancel_queued").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"30s\"").await;
+    let (holder, queued) = (proxy.client().await, proxy.client().await);
+    let token = queued.cancel_token();
+    // Idle: nothing to cancel, and nothing kept for later.
+    token.cancel_query(NoTls).await.expect("send a cancel");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("hold the only connection");
+    let waiting = tokio::spawn(async move {
+        let result = queued.query_one("SELECT 7", &[]).await;
+        (queued, result)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the query waits for the pool's only connection"
+    );
+    assert_eq!(proxy.status().await["clients_waiting"], 1);
+    let started = Instant::now();
+    token.cancel_query(NoTls).await.expect("send the cancel");
+    let (queued, result) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the cancel ends the wait")
+        .expect("join");
+    let err = result.expect_err("the waiting query was cancelled");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57014"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        proxy.status().await["clients_waiting"],
+        0,
+        "no waiter left counted"
+    );
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("the holder's transaction goes on");
+    let row = queued
+        .query_one("SELECT 8", &[])
+        .await
+        .expect("the cancelled client goes on");
+    assert_eq!(row.get::<_, i32>(0), 8);
+}
+
 /// Reads whatever the proxy answers until it closes the connection (or 5 s).
 async fn answer(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
