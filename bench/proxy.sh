@@ -5,7 +5,7 @@
 # latency, each proxy's ratio, and each proxy's CPU time per transaction (from its process's
 # CPU counters over the run: what matters when the proxy shares cores with the database).
 #
-#   bench/proxy.sh                      # 3 alternating runs of 5 s per cell
+#   bench/proxy.sh                      # 5 alternating runs of 5 s per cell
 #   BENCH_SECONDS=20 POOL_SIZE=10 bench/proxy.sh
 #   BENCH_CLIENTS="1 16" BENCH_MODES=extended bench/proxy.sh   # some cells only
 #   BENCH_HOLD=/tmp/bench.env bench/proxy.sh   # start everything, write the URLs, wait until the file is removed
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 POOL=${POOL_SIZE:-10}
 SCALE=${BENCH_SCALE:-10}
 
@@ -112,6 +112,20 @@ DIRECT="postgres://app@127.0.0.1:$SOURCE_PORT/bench"
 SY="postgres://app@127.0.0.1:$SY_PORT/bench"
 PGB="postgres://app@127.0.0.1:$PGB_PORT/bench"
 
+# paired "<runs a>" "<runs b>": the median of the rounds' a/b TPS ratios and their range, as
+# "1.02x (0.95-1.10)": each round runs both targets back to back, so a slow moment of the
+# machine weighs on both sides of a ratio; "-" when either side has no runs
+paired() {
+  case "$1$2" in *n/a*) echo -; return ;; esac
+  if [ -z "$1" ] || [ -z "$2" ]; then echo -; return; fi
+  python3 -c "
+import statistics
+a = [float(r.split()[0]) for r in '$1'.split(';') if r]
+b = [float(r.split()[0]) for r in '$2'.split(';') if r]
+r = sorted(x / y for x, y in zip(a, b))
+print(f'{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})')"
+}
+
 # ratio <a> <b>: a/b as "1.23x", or "-" when either is missing
 ratio() { if [ -n "$1" ] && [ -n "$2" ]; then python3 -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo -; else echo -; fi; }
 
@@ -133,8 +147,8 @@ print(f'{avg(0):.0f} {avg(1):.3f} {cpu}')"
 }
 
 printf '\npgbench -S, %s s per run, mean of %s alternating runs per cell, pool size %s, scale %s, %s cores; TPS (avg latency ms) [proxy CPU µs per transaction]\n\n' "$SECONDS_PER_RUN" "$ROUNDS" "$POOL" "$SCALE" "$(nproc)"
-printf '| clients | protocol | direct | switchyard | PgBouncer 1.18 | switchyard/direct | PgBouncer/direct | switchyard/PgBouncer |\n'
-printf '|---|---|---|---|---|---|---|---|\n'
+printf '| clients | protocol | direct | switchyard | PgBouncer 1.18 | switchyard/direct | PgBouncer/direct | switchyard/PgBouncer | same, median of rounds (range) |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
 for clients in ${BENCH_CLIENTS:-1 16 64}; do
   for mode in ${BENCH_MODES:-simple extended prepared}; do
     # The three targets take turns, round by round, so that a slow moment of a shared
@@ -154,7 +168,8 @@ for clients in ${BENCH_CLIENTS:-1 16 64}; do
       p_cell="$p_tps ($p_lat) [$p_cpu]"
     fi
     sy_direct=$(ratio "$s_tps" "$d_tps"); pgb_direct=$(ratio "$p_tps" "$d_tps"); sy_pgb=$(ratio "$s_tps" "$p_tps")
-    printf '| %s | %s | %s (%s) | %s (%s) [%s] | %s | %s | %s | %s |\n' "$clients" "$mode" "$d_tps" "$d_lat" "$s_tps" "$s_lat" "$s_cpu" "$p_cell" \
-      "$sy_direct" "$pgb_direct" "$sy_pgb"
+    sy_pgb_rounds=$(paired "$s_runs" "$p_runs")
+    printf '| %s | %s | %s (%s) | %s (%s) [%s] | %s | %s | %s | %s | %s |\n' "$clients" "$mode" "$d_tps" "$d_lat" "$s_tps" "$s_lat" "$s_cpu" "$p_cell" \
+      "$sy_direct" "$pgb_direct" "$sy_pgb" "$sy_pgb_rounds"
   done
 done
