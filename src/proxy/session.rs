@@ -1210,6 +1210,14 @@ impl Session {
             checkout = self.take_turn_and_server() => checkout,
             () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
         };
+        let checkout = match checkout {
+            Ok((server, side)) if !cancel.start_running(self.running_on(&server), seen) => {
+                // The cancel came with the connection: the query does not run.
+                self.pools[super::side_index(side)].give_back(server);
+                Err(Waited::Cancelled)
+            }
+            other => other,
+        };
         if checkout.is_err() {
             self.end_turn();
         }
@@ -1229,15 +1237,6 @@ impl Session {
                 format!("cannot connect to the database: {e}"),
             ),
         })?;
-        if !cancel.start_running(self.running_on(&server), seen) {
-            // The cancel came with the connection: the query does not run.
-            self.pools[super::side_index(side)].give_back(server);
-            self.end_turn();
-            return Err(Fatal::new(
-                "57014",
-                "canceling statement due to user request",
-            ));
-        }
         let statements = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
         } else {
