@@ -24,11 +24,7 @@ async fn prepend_hba_rules(rules: &[String]) {
     // Written in place (not replaced), so owner and permissions stay as they were.
     std::fs::write(&path, new).expect("write pg_hba.conf");
     let admin = crate::common::connect(&crate::common::source().url("postgres")).await;
-    let loaded_before: String = admin
-        .query_one("SELECT pg_conf_load_time()::text", &[])
-        .await
-        .expect("pg_conf_load_time")
-        .get(0);
+    let loaded_before = conf_load_time(&admin).await;
     let errors: Vec<String> = admin
         .query(
             "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL",
@@ -49,12 +45,7 @@ async fn prepend_hba_rules(rules: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let fresh = crate::common::connect(&crate::common::source().url("postgres")).await;
-        let loaded: String = fresh
-            .query_one("SELECT pg_conf_load_time()::text", &[])
-            .await
-            .expect("pg_conf_load_time")
-            .get(0);
-        if loaded != loaded_before {
+        if conf_load_time(&fresh).await != loaded_before {
             break;
         }
         assert!(
@@ -63,6 +54,15 @@ async fn prepend_hba_rules(rules: &[String]) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// When the server connected to last loaded its configuration files.
+async fn conf_load_time(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT pg_conf_load_time()::text", &[])
+        .await
+        .expect("pg_conf_load_time")
+        .get(0)
 }
 
 /// Creates `role` with `password` (or none), stored with `encryption` (`md5` or
