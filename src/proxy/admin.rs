@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::pool::Pool;
 use super::Shared;
 
 const MAX_REQUEST: usize = 16 * 1024;
@@ -184,6 +185,14 @@ struct PoolStatus {
     idle: u32,
 }
 
+/// One worker thread: its clients, and the server connections it opened (all users).
+#[derive(Serialize)]
+struct WorkerStatus {
+    clients: usize,
+    server_connections: u32,
+    idle: u32,
+}
+
 #[derive(Serialize)]
 pub struct Status {
     paused: bool,
@@ -203,6 +212,8 @@ pub struct Status {
     /// Server connections log in with this application_name.
     application_name: &'static str,
     pools: Vec<PoolStatus>,
+    /// Per worker thread, to see how clients and connections spread over them.
+    workers: Vec<WorkerStatus>,
 }
 
 fn status(shared: &Shared) -> Status {
@@ -219,6 +230,22 @@ fn status(shared: &Shared) -> Status {
         })
         .collect();
     pools.sort_by(|a, b| a.user.cmp(&b.user));
+    let side = shared.backend.side();
+    let workers = shared
+        .shards
+        .iter()
+        .map(|shard| {
+            let (open, idle) = shard
+                .pools_on(side)
+                .map(Pool::connections)
+                .fold((0, 0), |(open, idle), (o, i)| (open + o, idle + i));
+            WorkerStatus {
+                clients: shard.sessions(),
+                server_connections: open,
+                idle,
+            }
+        })
+        .collect();
     let backend = shared.backend.current();
     Status {
         paused: shared.control.is_paused(),
@@ -234,6 +261,7 @@ fn status(shared: &Shared) -> Status {
         clients_waiting: shared.metrics().clients_waiting.load(Ordering::Relaxed),
         application_name: "switchyard-proxy",
         pools,
+        workers,
     }
 }
 

@@ -78,6 +78,18 @@ impl Shard {
     pub fn pool(&self, user: &str, side: Side) -> Option<&Pool> {
         self.pools.get(user).map(|pools| &pools[side_index(side)])
     }
+
+    /// Every user's pool towards `side`.
+    pub fn pools_on(&self, side: Side) -> impl Iterator<Item = &Pool> {
+        self.pools
+            .values()
+            .map(move |pools| &pools[side_index(side)])
+    }
+
+    /// Clients this shard serves now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
 }
 
 /// A client accepted on the listener, on its way to a shard: the socket leaves the listener's
@@ -486,8 +498,11 @@ fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError
     let count = shard_count(&plan.proxy);
     let runtimes = (0..count)
         .map(|_| {
+            // IO and time only: with signals on, every park would also look for orphaned
+            // child processes, which a worker never has.
             tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()
         })
         .collect::<Result<Vec<_>, _>>()

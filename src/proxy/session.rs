@@ -438,6 +438,9 @@ struct Session {
     in_turn: bool,
     /// The side the server connection is on.
     server_side: crate::pg::Side,
+    /// The worker whose pool the server connection belongs to: this session's, or another
+    /// one's it was borrowed from.
+    server_shard: usize,
     /// The client's application_name: reported back to it, never set on the server.
     application_name: Option<String>,
     /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
@@ -498,6 +501,7 @@ impl Session {
             throttle_permit: None,
             in_turn: false,
             server_side: crate::pg::Side::Source,
+            server_shard: shard,
             startup_values,
         }
     }
@@ -1211,9 +1215,9 @@ impl Session {
             () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
         };
         let checkout = match checkout {
-            Ok((server, side)) if !cancel.start_running(self.running_on(&server), seen) => {
+            Ok((server, side, shard)) if !cancel.start_running(self.running_on(&server), seen) => {
                 // The cancel came with the connection: the query does not run.
-                self.pools[super::side_index(side)].give_back(server);
+                self.give_back(server, side, shard);
                 Err(Waited::Cancelled)
             }
             other => other,
@@ -1221,7 +1225,7 @@ impl Session {
         if checkout.is_err() {
             self.end_turn();
         }
-        let (mut server, side) = checkout.map_err(|e| match e {
+        let (mut server, side, shard) = checkout.map_err(|e| match e {
             Waited::Cancelled => Fatal::new("57014", "canceling statement due to user request"),
             Waited::Pool(bb8::RunError::TimedOut) => {
                 metrics::add(&self.metrics().wait_timeouts, 1);
@@ -1252,6 +1256,7 @@ impl Session {
         }
         self.server = Some(server);
         self.server_side = side;
+        self.server_shard = shard;
         self.unnamed_here = false;
         Ok(())
     }
@@ -1259,7 +1264,7 @@ impl Session {
     /// Waits for a turn (while paused), then takes a server connection of the current
     /// backend. Safe to drop while waiting: a connection being checked is marked broken
     /// until its check succeeds.
-    async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side), Waited> {
+    async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side, usize), Waited> {
         self.begin_turn().await;
         // Read after the pause: a switch happens only while paused.
         let side = self.shared.backend.side();
@@ -1274,14 +1279,23 @@ impl Session {
                     .saturating_duration_since(server.idle_since)
                     < check_delay =>
             {
-                Ok((server, side))
+                Ok((server, side, self.shard))
             }
             // Boxed: the checkout future is large, and moving it through the nested futures
             // cost more than the allocation.
-            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale))
-                .await
-                .map(|server| (server, side))
-                .map_err(Waited::Pool),
+            stale => {
+                let lenders = Lenders {
+                    shared: &self.shared,
+                    shard: self.shard,
+                    own: pool,
+                    user: &self.user,
+                    side,
+                };
+                Box::pin(checkout(lenders, self.metrics(), stale))
+                    .await
+                    .map(|(server, shard)| (server, side, shard))
+                    .map_err(Waited::Pool)
+            }
         }
     }
 
@@ -1378,8 +1392,25 @@ impl Session {
         self.dirty = false;
         self.status = b'I';
         server.idle_since = now;
-        self.pools[super::side_index(self.server_side)].give_back(server);
+        self.give_back(server, self.server_side, self.server_shard);
         self.end_turn();
+    }
+
+    /// Hands a server connection back to the pool it came from (another worker's, if it was
+    /// borrowed).
+    fn give_back(&self, server: Pooled, side: Side, shard: usize) {
+        let home = if shard == self.shard {
+            Some(&self.pools[super::side_index(side)])
+        } else {
+            self.shared
+                .shards
+                .get(shard)
+                .and_then(|s| s.pool(&self.user, side))
+        };
+        // Without its pool found (it always is), dropping it gives it back to bb8.
+        if let Some(pool) = home {
+            pool.give_back(server);
+        }
     }
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
@@ -1450,32 +1481,32 @@ impl Session {
 /// here rather than by bb8 on every checkout, which costs the hot path a future per
 /// transaction).
 async fn checkout(
-    shared: &Shared,
+    lenders: Lenders<'_>,
     metrics: &metrics::Metrics,
-    pool: &super::pool::Pool,
     mut first: Option<Pooled>,
-) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
+) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut server = match first.take().or_else(|| pool.take_warm()) {
-            Some(server) => server,
+        let own = first.take().or_else(|| lenders.own.take_warm());
+        let (mut server, shard) = match own {
+            Some(server) => (server, lenders.shard),
             None => {
                 let _waiting = metrics::Held::count(&metrics.clients_waiting);
-                pool.get().await?
+                lenders.get().await?
             }
         };
-        if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
-            return Ok(server);
+        if server.idle_since.elapsed() < lenders.shared.settings.server_check_delay.0 {
+            return Ok((server, shard));
         }
-        let timeout = shared.settings.server_connect_timeout.0;
+        let timeout = lenders.shared.settings.server_connect_timeout.0;
         // Broken until the ping is answered: a checkout abandoned half-way (the client
         // cancelled) must not give back a connection with a reply still to read.
         server.broken = true;
         match tokio::time::timeout(timeout, server.ping()).await {
             Ok(Ok(())) => {
                 server.broken = false;
-                return Ok(server);
+                return Ok((server, shard));
             }
             _ if attempt < 3 => server.broken = true,
             _ => {
@@ -1483,6 +1514,66 @@ async fn checkout(
                 return Err(bb8::RunError::User(super::pool::ServerError::Closed));
             }
         }
+    }
+}
+
+/// How long a session waits for a connection of its own worker before it waits for any
+/// worker's: long enough that under an even load (every worker busy) connections stay on
+/// their workers' threads, short next to any `query_wait_timeout`.
+const SPREAD_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The pools a session can take a server connection from: its own worker's first, then the
+/// other workers' shares of the same `pool_size`. Without them, a worker whose connections
+/// all sat in open transactions made its clients wait out `query_wait_timeout` while another
+/// worker's connections were idle.
+struct Lenders<'a> {
+    shared: &'a Shared,
+    shard: usize,
+    own: &'a super::pool::Pool,
+    user: &'a str,
+    side: Side,
+}
+
+impl Lenders<'_> {
+    /// A connection from bb8: the own pool's when it has one idle or room for one; else one
+    /// another worker has idle; else the first any pool frees, the own pool's alone for
+    /// [`SPREAD_AFTER`].
+    async fn get(&self) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
+        let own = || async { self.own.get().await.map(|server| (server, self.shard)) };
+        if self.shared.shards.len() == 1 || self.own.can_serve_now() {
+            return own().await;
+        }
+        for (shard, pool) in self.others() {
+            if let Some(server) = pool.take_warm() {
+                return Ok((server, shard));
+            }
+        }
+        tokio::select! {
+            biased;
+            got = own() => got,
+            () = tokio::time::sleep(SPREAD_AFTER) => self.any().await,
+        }
+    }
+
+    /// The other workers' pools for this user and side.
+    fn others(&self) -> impl Iterator<Item = (usize, &super::pool::Pool)> {
+        self.shared
+            .shards
+            .iter()
+            .enumerate()
+            .filter(move |(shard, _)| *shard != self.shard)
+            .filter_map(|(shard, s)| s.pool(self.user, self.side).map(|pool| (shard, pool)))
+    }
+
+    /// The first connection any pool hands out (bb8's errors only when every pool failed).
+    async fn any(&self) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
+        let own = std::iter::once((self.shard, self.own));
+        let waits = own.chain(self.others()).map(|(shard, pool)| {
+            Box::pin(async move { pool.get().await.map(|server| (server, shard)) })
+        });
+        futures_util::future::select_ok(waits)
+            .await
+            .map(|(got, _others)| got)
     }
 }
 

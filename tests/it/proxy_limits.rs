@@ -98,3 +98,57 @@ async fn the_proxy_serves_with_the_other_server_down() {
     let status = proxy.status().await;
     assert_eq!(status["backend"], "source", "{status}");
 }
+
+/// `pool_size` is the user's, not each worker's: with two workers sharing a pool of two, the
+/// clients of the worker whose connection sits in another client's open transaction are
+/// served on the other worker's connection, in turn with that worker's own clients, instead
+/// of waiting out `query_wait_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_borrows_a_connection_another_worker_has_idle() {
+    let db = TestDb::new("proxy_borrow").await;
+    let proxy = Proxy::start(
+        &db,
+        "transaction",
+        2,
+        "workers = 2\nquery_wait_timeout = \"3s\"",
+    )
+    .await;
+    let holder = proxy.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // New clients go to the worker with the fewest: some of these land on the holder's, and
+    // their logins need a connection too.
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(proxy.client().await);
+    }
+    let workers = proxy.status().await["workers"].clone();
+    assert_eq!(workers.as_array().map(Vec::len), Some(2), "{workers}");
+    // All at once on the one free connection: a session woken for it must get it, not see
+    // a client of that connection's own worker take it first, again and again.
+    let rounds = clients.iter().enumerate().map(|(i, client)| async move {
+        for round in 0..20i32 {
+            let tag = i as i32 * 1000 + round;
+            let got: i32 = client
+                .query_one("SELECT $1::int", &[&tag])
+                .await
+                .unwrap_or_else(|e| panic!("client {i}, round {round}: {e}"))
+                .get(0);
+            assert_eq!(got, tag);
+        }
+    });
+    futures_util::future::join_all(rounds).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "clients waited for the busy worker's connection: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        server_connections(&db, &proxy).await <= 2,
+        "more server connections than pool_size"
+    );
+    // The held connection is still the holder's, and goes back when its transaction ends.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let one: i32 = clients[0].query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}

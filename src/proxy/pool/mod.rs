@@ -3,11 +3,11 @@
 
 pub mod server;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 pub use server::{ServerConn, ServerError, ServerTarget};
 
@@ -60,18 +60,23 @@ pub type Pooled = bb8::PooledConnection<'static, ServerManager>;
 /// the connections; the ones this worker's sessions just gave back wait on a stack of the
 /// worker's own (the most recent on top), so that the next transaction takes one without a
 /// trip through bb8 (its timeout, statistics and queue cost a transaction more than the rest
-/// of its checkout). A connection goes back to bb8 when a session waits there for one, when
-/// it broke, or when it sat idle past `server_idle_timeout` ([`Pool::trim`]).
+/// of its checkout). A session that finds neither waits in a queue of the pool's own, and a
+/// connection given back goes to the first in it: bb8's own wait lets whoever asks at the
+/// moment a connection comes back take it, and a session woken for one that lost it that way
+/// went to the back of the line again, once for 30 s while the other sessions ran hundreds of
+/// transactions. A connection goes back to bb8 when it broke (bb8 makes a new one for a
+/// waiter) or when it sat idle past `server_idle_timeout` ([`Pool::trim`]).
 #[derive(Clone)]
 pub struct Pool(Arc<Inner>);
 
 struct Inner {
     bb8: bb8::Pool<ServerManager>,
     warm: Mutex<Vec<Pooled>>,
-    /// Sessions waiting on bb8: while there are any, connections given back go to bb8, which
-    /// hands them to the waiters.
-    waiting: AtomicUsize,
+    /// Sessions waiting for a connection, oldest first. Locked before `warm` where both are.
+    waiters: Mutex<VecDeque<oneshot::Sender<Pooled>>>,
     idle_timeout: Duration,
+    /// bb8's `max_size`: this worker's share of `pool_size`.
+    max_size: u32,
     /// The manager's login refusals.
     refusals: watch::Sender<Option<ServerError>>,
 }
@@ -84,9 +89,10 @@ impl Pool {
         refusals: watch::Sender<Option<ServerError>>,
     ) -> Pool {
         Pool(Arc::new(Inner {
+            max_size: bb8.config().max_size,
             bb8,
             warm: Mutex::new(Vec::new()),
-            waiting: AtomicUsize::new(0),
+            waiters: Mutex::new(VecDeque::new()),
             idle_timeout,
             refusals,
         }))
@@ -97,26 +103,48 @@ impl Pool {
         self.warm().pop()
     }
 
-    /// A connection from bb8 (made if the pool has room), waiting up to its
-    /// `connection_timeout` (`query_wait_timeout`), or less if the server refuses a login
-    /// meanwhile: then the wait cannot end well, and the error says why.
+    /// A connection: the first one given back after the sessions that waited before this
+    /// one got theirs, or one bb8 has or makes (when the pool has room, or a broken one left
+    /// room), waiting up to bb8's `connection_timeout` (`query_wait_timeout`), or less if the
+    /// server refuses a login meanwhile: then the wait cannot end well, and the error says why.
     pub async fn get(&self) -> Result<Pooled, bb8::RunError<ServerError>> {
-        let _waiting = Waiting::count(&self.0.waiting);
+        let mut handed = {
+            let mut waiters = self.waiters();
+            // Given back after the caller looked and before it queued: not to be missed.
+            if let Some(conn) = self.take_warm() {
+                return Ok(conn);
+            }
+            let (sender, receiver) = oneshot::channel();
+            waiters.push_back(sender);
+            receiver
+        };
         // Subscribed before bb8 starts a login for this request, so that its refusal is seen;
         // refusals from before are not this request's business.
         let mut refusals = self.0.refusals.subscribe();
+        // Leaving early (bb8 answered, a timeout, a cancel) drops the receiver: the queue
+        // skips it, and a connection handed to it in that moment goes back to bb8.
         tokio::select! {
+            biased;
+            Ok(conn) = &mut handed => Ok(conn),
             got = self.0.bb8.get_owned() => got,
             refusal = next_refusal(&mut refusals) => Err(bb8::RunError::User(refusal)),
         }
     }
 
-    /// Takes back a connection a session is done with.
-    pub fn give_back(&self, conn: Pooled) {
-        if conn.broken || self.0.waiting.load(Ordering::Relaxed) > 0 {
-            // bb8 closes a broken one, and wakes a waiter for a good one.
-            drop(conn);
+    /// Takes back a connection a session is done with: to the longest waiting session, if
+    /// any, else onto the stack.
+    pub fn give_back(&self, mut conn: Pooled) {
+        if conn.broken {
+            // bb8 closes it, and wakes a waiter of its own to make a new one.
             return;
+        }
+        let mut waiters = self.waiters();
+        while let Some(waiter) = waiters.pop_front() {
+            match waiter.send(conn) {
+                Ok(()) => return,
+                // That session stopped waiting.
+                Err(back) => conn = back,
+            }
         }
         self.warm().push(conn);
     }
@@ -137,6 +165,13 @@ impl Pool {
         }
     }
 
+    /// bb8 has a connection idle, or room to open one: a checkout would not wait for
+    /// another session's transaction to end.
+    pub fn can_serve_now(&self) -> bool {
+        let state = self.0.bb8.state();
+        state.idle_connections > 0 || state.connections < self.0.max_size
+    }
+
     /// Connections open, and of those idle (in bb8 or on the stack).
     pub fn connections(&self) -> (u32, u32) {
         let state = self.0.bb8.state();
@@ -146,6 +181,10 @@ impl Pool {
 
     fn warm(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
         self.0.warm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<Pooled>>> {
+        self.0.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -164,22 +203,5 @@ async fn next_refusal(refusals: &mut watch::Receiver<Option<ServerError>>) -> Se
         {
             return refusal;
         }
-    }
-}
-
-/// Counts a session as waiting on bb8 for as long as it lives (also when the wait is
-/// abandoned).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
-        waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(waiting)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
