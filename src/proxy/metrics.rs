@@ -24,6 +24,8 @@ pub struct Metrics {
     pub wait_timeouts: AtomicU64,
     pub server_connections_lost: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Checkouts served by another worker's pool.
+    pub borrowed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
@@ -68,6 +70,7 @@ impl Metrics {
                     &part.server_connections_lost,
                 ),
                 (&total.protocol_errors, &part.protocol_errors),
+                (&total.borrowed, &part.borrowed),
                 (&total.latency_count, &part.latency_count),
                 (&total.latency_micros, &part.latency_micros),
             ];
@@ -102,7 +105,7 @@ impl Metrics {
             }
             let _ = writeln!(out, "{name}{labels} {value}");
         }
-        let counters: [(&str, &str, &AtomicU64); 4] = [
+        let counters: [(&str, &str, &AtomicU64); 5] = [
             (
                 "switchyard_transactions_total",
                 "Transactions run through the proxy.",
@@ -122,6 +125,11 @@ impl Metrics {
                 "switchyard_client_bytes_sent_total",
                 "Bytes sent to clients.",
                 &self.bytes_to_clients,
+            ),
+            (
+                "switchyard_server_connections_borrowed_total",
+                "Transactions a worker ran on another worker's server connection (its own were all busy).",
+                &self.borrowed,
             ),
         ];
         for (name, help, counter) in counters {

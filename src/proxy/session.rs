@@ -16,7 +16,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::auth::scram::{ScramError, ScramServer};
 use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
-use super::pool::{Pooled, ServerConn};
+use super::pool::{Lent, Pooled, ServerConn};
 use super::protocol::codec::{split_buffered, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
@@ -1283,19 +1283,10 @@ impl Session {
             }
             // Boxed: the checkout future is large, and moving it through the nested futures
             // cost more than the allocation.
-            stale => {
-                let lenders = Lenders {
-                    shared: &self.shared,
-                    shard: self.shard,
-                    own: pool,
-                    user: &self.user,
-                    side,
-                };
-                Box::pin(checkout(lenders, self.metrics(), stale))
-                    .await
-                    .map(|(server, shard)| (server, side, shard))
-                    .map_err(Waited::Pool)
-            }
+            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale))
+                .await
+                .map(|(server, shard)| (server, side, shard))
+                .map_err(Waited::Pool),
         }
     }
 
@@ -1481,25 +1472,28 @@ impl Session {
 /// here rather than by bb8 on every checkout, which costs the hot path a future per
 /// transaction).
 async fn checkout(
-    lenders: Lenders<'_>,
+    shared: &Shared,
     metrics: &metrics::Metrics,
+    pool: &super::pool::Pool,
     mut first: Option<Pooled>,
-) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
+) -> Result<Lent, bb8::RunError<super::pool::ServerError>> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let own = first.take().or_else(|| lenders.own.take_warm());
-        let (mut server, shard) = match own {
-            Some(server) => (server, lenders.shard),
+        let (mut server, shard) = match first.take().or_else(|| pool.take_warm()) {
+            Some(server) => (server, pool.shard()),
             None => {
                 let _waiting = metrics::Held::count(&metrics.clients_waiting);
-                lenders.get().await?
+                pool.get().await?
             }
         };
-        if server.idle_since.elapsed() < lenders.shared.settings.server_check_delay.0 {
+        if shard != pool.shard() {
+            metrics::add(&metrics.borrowed, 1);
+        }
+        if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
             return Ok((server, shard));
         }
-        let timeout = lenders.shared.settings.server_connect_timeout.0;
+        let timeout = shared.settings.server_connect_timeout.0;
         // Broken until the ping is answered: a checkout abandoned half-way (the client
         // cancelled) must not give back a connection with a reply still to read.
         server.broken = true;
@@ -1514,66 +1508,6 @@ async fn checkout(
                 return Err(bb8::RunError::User(super::pool::ServerError::Closed));
             }
         }
-    }
-}
-
-/// How long a session waits for a connection of its own worker before it waits for any
-/// worker's: long enough that under an even load (every worker busy) connections stay on
-/// their workers' threads, short next to any `query_wait_timeout`.
-const SPREAD_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
-
-/// The pools a session can take a server connection from: its own worker's first, then the
-/// other workers' shares of the same `pool_size`. Without them, a worker whose connections
-/// all sat in open transactions made its clients wait out `query_wait_timeout` while another
-/// worker's connections were idle.
-struct Lenders<'a> {
-    shared: &'a Shared,
-    shard: usize,
-    own: &'a super::pool::Pool,
-    user: &'a str,
-    side: Side,
-}
-
-impl Lenders<'_> {
-    /// A connection from bb8: the own pool's when it has one idle or room for one; else one
-    /// another worker has idle; else the first any pool frees, the own pool's alone for
-    /// [`SPREAD_AFTER`].
-    async fn get(&self) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
-        let own = || async { self.own.get().await.map(|server| (server, self.shard)) };
-        if self.shared.shards.len() == 1 || self.own.can_serve_now() {
-            return own().await;
-        }
-        for (shard, pool) in self.others() {
-            if let Some(server) = pool.take_warm() {
-                return Ok((server, shard));
-            }
-        }
-        tokio::select! {
-            biased;
-            got = own() => got,
-            () = tokio::time::sleep(SPREAD_AFTER) => self.any().await,
-        }
-    }
-
-    /// The other workers' pools for this user and side.
-    fn others(&self) -> impl Iterator<Item = (usize, &super::pool::Pool)> {
-        self.shared
-            .shards
-            .iter()
-            .enumerate()
-            .filter(move |(shard, _)| *shard != self.shard)
-            .filter_map(|(shard, s)| s.pool(self.user, self.side).map(|pool| (shard, pool)))
-    }
-
-    /// The first connection any pool hands out (bb8's errors only when every pool failed).
-    async fn any(&self) -> Result<(Pooled, usize), bb8::RunError<super::pool::ServerError>> {
-        let own = std::iter::once((self.shard, self.own));
-        let waits = own.chain(self.others()).map(|(shard, pool)| {
-            Box::pin(async move { pool.get().await.map(|server| (server, shard)) })
-        });
-        futures_util::future::select_ok(waits)
-            .await
-            .map(|(got, _others)| got)
     }
 }
 

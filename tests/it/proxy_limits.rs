@@ -116,8 +116,7 @@ async fn a_busy_worker_borrows_a_connection_another_worker_has_idle() {
     let holder = proxy.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     // New clients go to the worker with the fewest: some of these land on the holder's, and
-    // their logins need a connection too.
-    let started = Instant::now();
+    // their logins need a connection too. A wait past query_wait_timeout fails the test.
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(proxy.client().await);
@@ -138,11 +137,6 @@ async fn a_busy_worker_borrows_a_connection_another_worker_has_idle() {
         }
     });
     futures_util::future::join_all(rounds).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "clients waited for the busy worker's connection: {:?}",
-        started.elapsed()
-    );
     assert!(
         server_connections(&db, &proxy).await <= 2,
         "more server connections than pool_size"
