@@ -489,8 +489,11 @@ async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
 }
 
 /// Queues the shard's sessions that waited [`pool::SPREAD_AFTER`] for a connection at the
-/// other shards' pools too (or hands them one idle there). A task of its own rather than a
-/// timer in every wait: a timer per wait cost a transaction 1-2 µs of CPU at 16 clients.
+/// other shards' pools too (or hands them one idle there), and serves other shards' sessions
+/// queued at this shard's pools where bb8 has a connection idle or room for one. Looks every
+/// 5 ms while sessions wait, every 50 ms otherwise (so spreading starts after 10 to 60 ms). A
+/// task of its own rather than a timer in every wait: a timer per wait cost a transaction
+/// 1-2 µs of CPU at 16 clients.
 async fn spread_waits(shared: Arc<Shared>, index: usize) {
     let mut waited = false;
     loop {
@@ -516,6 +519,7 @@ async fn spread_waits(shared: Arc<Shared>, index: usize) {
                         }
                     }
                 }
+                pool.serve_adopted();
                 waited |= pool.has_waiters();
             }
         }

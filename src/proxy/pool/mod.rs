@@ -91,8 +91,18 @@ type Handoff = Arc<Mutex<Option<oneshot::Sender<Lent>>>>;
 struct Waiter {
     since: Instant,
     handoff: Handoff,
-    /// Queued at the other workers' pools too (in its own pool's queue only).
+    /// In its own pool's queue: queued at the other workers' pools too. In another's: a
+    /// session of another worker.
     spread: bool,
+}
+
+impl Waiter {
+    /// Served elsewhere, or no longer waiting.
+    fn is_gone(&self) -> bool {
+        lock(&self.handoff)
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed)
+    }
 }
 
 struct Inner {
@@ -152,6 +162,11 @@ impl Pool {
             if let Some(conn) = self.take_warm() {
                 return Ok((conn, self.0.shard));
             }
+            // Sessions that stopped waiting are skipped by give_back; with no connection
+            // given back for a while (the server is down), they are cleared here.
+            while waiters.front().is_some_and(Waiter::is_gone) {
+                waiters.pop_front();
+            }
             let (sender, receiver) = oneshot::channel();
             waiters.push_back(Waiter {
                 since: Instant::now(),
@@ -177,8 +192,8 @@ impl Pool {
     /// other workers' pools, marked as queued there now.
     pub fn overdue(&self, after: Duration) -> Vec<(Instant, Handoff)> {
         let mut waiters = self.waiters();
-        // Dropped handoffs (their session got a connection elsewhere, or left) go first.
-        waiters.retain(|w| lock(&w.handoff).as_ref().is_some_and(|s| !s.is_closed()));
+        // Sessions that got a connection elsewhere, or left, go first.
+        waiters.retain(|w| !w.is_gone());
         waiters
             .iter_mut()
             .take_while(|w| w.since.elapsed() >= after)
@@ -194,6 +209,24 @@ impl Pool {
         !self.waiters().is_empty()
     }
 
+    /// For sessions of other workers queued here ([`Pool::adopt`]), which bb8 does not know
+    /// of: a connection idle in bb8 (one handed to a session that had just stopped waiting),
+    /// or one made where there is room (a broken one left it, or this worker never needed
+    /// its whole share), goes to the first in the queue. Called by the pool's own worker,
+    /// so that a connection it makes is served by that worker's thread.
+    pub fn serve_adopted(&self) {
+        let foreign = self.waiters().iter().any(|w| w.spread);
+        if !foreign || !self.can_serve_now() {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Ok(conn) = pool.0.bb8.get_owned().await {
+                pool.give_back(conn);
+            }
+        });
+    }
+
     /// Serves another worker's overdue session: with a connection idle here, or by queueing
     /// it here in the order of its wait. True when it was served.
     pub fn adopt(&self, since: Instant, handoff: &Handoff) -> bool {
@@ -206,18 +239,6 @@ impl Pool {
                     return false;
                 }
             }
-        }
-        if self.can_serve_now() {
-            // Idle in bb8, or room for one more: made (or taken) for it now. If the session
-            // got one elsewhere meanwhile, this one stays here.
-            let (pool, handoff) = (self.clone(), handoff.clone());
-            tokio::spawn(async move {
-                if let Ok(conn) = pool.0.bb8.get_owned().await {
-                    if let Err((conn, _)) = hand(&handoff, (conn, pool.0.shard)) {
-                        pool.give_back(conn);
-                    }
-                }
-            });
         }
         let at = waiters.partition_point(|w| w.since <= since);
         waiters.insert(
