@@ -371,6 +371,7 @@ fn build_pool(
         target: Arc::new(target),
         connect_timeout: settings.server_connect_timeout.0,
         refusals: refusals.clone(),
+        shard,
     };
     let pool = bb8::Pool::builder()
         .max_size(size.max(1))
@@ -383,12 +384,7 @@ fn build_pool(
         .max_lifetime(None)
         .test_on_check_out(false)
         .build_unchecked(manager);
-    Ok(Pool::new(
-        pool,
-        settings.server_idle_timeout.0,
-        refusals,
-        shard,
-    ))
+    Ok(Pool::new(pool, settings.server_idle_timeout.0, refusals))
 }
 
 /// How often idle server connections are looked at: often enough that none outlives

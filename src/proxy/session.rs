@@ -16,7 +16,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::auth::scram::{ScramError, ScramServer};
 use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
-use super::pool::{Lent, Pooled, ServerConn};
+use super::pool::{Pooled, ServerConn};
 use super::protocol::codec::{split_buffered, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
@@ -438,9 +438,6 @@ struct Session {
     in_turn: bool,
     /// The side the server connection is on.
     server_side: crate::pg::Side,
-    /// The worker whose pool the server connection belongs to: this session's, or another
-    /// one's it was borrowed from.
-    server_shard: usize,
     /// The client's application_name: reported back to it, never set on the server.
     application_name: Option<String>,
     /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
@@ -501,7 +498,6 @@ impl Session {
             throttle_permit: None,
             in_turn: false,
             server_side: crate::pg::Side::Source,
-            server_shard: shard,
             startup_values,
         }
     }
@@ -1215,9 +1211,9 @@ impl Session {
             () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
         };
         let checkout = match checkout {
-            Ok((server, side, shard)) if !cancel.start_running(self.running_on(&server), seen) => {
+            Ok((server, side)) if !cancel.start_running(self.running_on(&server), seen) => {
                 // The cancel came with the connection: the query does not run.
-                self.give_back(server, side, shard);
+                self.give_back(server, side);
                 Err(Waited::Cancelled)
             }
             other => other,
@@ -1225,7 +1221,7 @@ impl Session {
         if checkout.is_err() {
             self.end_turn();
         }
-        let (mut server, side, shard) = checkout.map_err(|e| match e {
+        let (mut server, side) = checkout.map_err(|e| match e {
             Waited::Cancelled => Fatal::new("57014", "canceling statement due to user request"),
             Waited::Pool(bb8::RunError::TimedOut) => {
                 metrics::add(&self.metrics().wait_timeouts, 1);
@@ -1241,6 +1237,9 @@ impl Session {
                 format!("cannot connect to the database: {e}"),
             ),
         })?;
+        if server.home != self.shard {
+            metrics::add(&self.metrics().borrowed, 1);
+        }
         let statements = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
         } else {
@@ -1256,7 +1255,6 @@ impl Session {
         }
         self.server = Some(server);
         self.server_side = side;
-        self.server_shard = shard;
         self.unnamed_here = false;
         Ok(())
     }
@@ -1264,7 +1262,7 @@ impl Session {
     /// Waits for a turn (while paused), then takes a server connection of the current
     /// backend. Safe to drop while waiting: a connection being checked is marked broken
     /// until its check succeeds.
-    async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side, usize), Waited> {
+    async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side), Waited> {
         self.begin_turn().await;
         // Read after the pause: a switch happens only while paused.
         let side = self.shared.backend.side();
@@ -1279,13 +1277,13 @@ impl Session {
                     .saturating_duration_since(server.idle_since)
                     < check_delay =>
             {
-                Ok((server, side, self.shard))
+                Ok((server, side))
             }
             // Boxed: the checkout future is large, and moving it through the nested futures
             // cost more than the allocation.
             stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale))
                 .await
-                .map(|(server, shard)| (server, side, shard))
+                .map(|server| (server, side))
                 .map_err(Waited::Pool),
         }
     }
@@ -1383,19 +1381,19 @@ impl Session {
         self.dirty = false;
         self.status = b'I';
         server.idle_since = now;
-        self.give_back(server, self.server_side, self.server_shard);
+        self.give_back(server, self.server_side);
         self.end_turn();
     }
 
     /// Hands a server connection back to the pool it came from (another worker's, if it was
     /// borrowed).
-    fn give_back(&self, server: Pooled, side: Side, shard: usize) {
-        let home = if shard == self.shard {
+    fn give_back(&self, server: Pooled, side: Side) {
+        let home = if server.home == self.shard {
             Some(&self.pools[super::side_index(side)])
         } else {
             self.shared
                 .shards
-                .get(shard)
+                .get(server.home)
                 .and_then(|s| s.pool(&self.user, side))
         };
         // Without its pool found (it always is), dropping it gives it back to bb8.
@@ -1476,22 +1474,19 @@ async fn checkout(
     metrics: &metrics::Metrics,
     pool: &super::pool::Pool,
     mut first: Option<Pooled>,
-) -> Result<Lent, bb8::RunError<super::pool::ServerError>> {
+) -> Result<Pooled, bb8::RunError<super::pool::ServerError>> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (mut server, shard) = match first.take().or_else(|| pool.take_warm()) {
-            Some(server) => (server, pool.shard()),
+        let mut server = match first.take().or_else(|| pool.take_warm()) {
+            Some(server) => server,
             None => {
                 let _waiting = metrics::Held::count(&metrics.clients_waiting);
                 pool.get().await?
             }
         };
-        if shard != pool.shard() {
-            metrics::add(&metrics.borrowed, 1);
-        }
         if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
-            return Ok((server, shard));
+            return Ok(server);
         }
         let timeout = shared.settings.server_connect_timeout.0;
         // Broken until the ping is answered: a checkout abandoned half-way (the client
@@ -1500,7 +1495,7 @@ async fn checkout(
         match tokio::time::timeout(timeout, server.ping()).await {
             Ok(Ok(())) => {
                 server.broken = false;
-                return Ok((server, shard));
+                return Ok(server);
             }
             _ if attempt < 3 => server.broken = true,
             _ => {

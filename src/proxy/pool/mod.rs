@@ -20,6 +20,8 @@ pub struct ServerManager {
     /// wait out `query_wait_timeout`; [`Pool::get`] watches this instead, so that they hear
     /// the server's reason at once.
     pub refusals: watch::Sender<Option<ServerError>>,
+    /// The worker whose pool this is: its connections belong to it.
+    pub shard: usize,
 }
 
 impl bb8::ManageConnection for ServerManager {
@@ -30,7 +32,10 @@ impl bb8::ManageConnection for ServerManager {
 
     async fn connect(&self) -> Result<Box<ServerConn>, ServerError> {
         match ServerConn::connect(&self.target, self.connect_timeout).await {
-            Ok(conn) => Ok(Box::new(conn)),
+            Ok(conn) => Ok(Box::new(ServerConn {
+                home: self.shard,
+                ..conn
+            })),
             Err(e) => {
                 tracing::warn!(user = %self.target.user, "server connection failed: {e}");
                 if let Some(refusal) = e.login_refusal() {
@@ -80,19 +85,17 @@ pub struct Pool(Arc<Inner>);
 /// pgbench clients), short next to any `query_wait_timeout`.
 pub const SPREAD_AFTER: Duration = Duration::from_millis(10);
 
-/// A connection, and the worker whose pool it belongs to (where it goes back).
-pub type Lent = (Pooled, usize);
-
 /// Where a waiting session takes its connection: shared by every queue it stands in, and
 /// emptied by the first pool that hands it one.
-type Handoff = Arc<Mutex<Option<oneshot::Sender<Lent>>>>;
+type Handoff = Arc<Mutex<Option<oneshot::Sender<Pooled>>>>;
 
 /// A session in a pool's queue.
 struct Waiter {
     since: Instant,
     handoff: Handoff,
-    /// In its own pool's queue: queued at the other workers' pools too. In another's: a
-    /// session of another worker.
+    /// Queued at every worker's pool (a session of another worker, or one of this worker's
+    /// that waited past [`SPREAD_AFTER`]): not spread again, and served from bb8 by
+    /// [`Pool::serve_adopted`].
     spread: bool,
 }
 
@@ -111,8 +114,6 @@ struct Inner {
     /// Sessions waiting for a connection, oldest first. Locked before `warm` where both are,
     /// and before a waiter's handoff.
     waiters: Mutex<VecDeque<Waiter>>,
-    /// The worker this pool belongs to.
-    shard: usize,
     idle_timeout: Duration,
     /// bb8's `max_size`: this worker's share of `pool_size`.
     max_size: u32,
@@ -121,16 +122,13 @@ struct Inner {
 }
 
 impl Pool {
-    /// `refusals`: the sender its manager reports login refusals on; `shard`: the worker it
-    /// belongs to.
+    /// `refusals`: the sender its manager reports login refusals on.
     pub fn new(
         bb8: bb8::Pool<ServerManager>,
         idle_timeout: Duration,
         refusals: watch::Sender<Option<ServerError>>,
-        shard: usize,
     ) -> Pool {
         Pool(Arc::new(Inner {
-            shard,
             max_size: bb8.config().max_size,
             bb8,
             warm: Mutex::new(Vec::new()),
@@ -145,22 +143,17 @@ impl Pool {
         self.warm().pop()
     }
 
-    /// The worker this pool belongs to.
-    pub fn shard(&self) -> usize {
-        self.0.shard
-    }
-
     /// A connection: the first one given back (here, or, after [`SPREAD_AFTER`], at another
     /// worker's pool) after the sessions that waited before this one got theirs, or one bb8
     /// has or makes (when the pool has room, or a broken one left room), waiting up to bb8's
     /// `connection_timeout` (`query_wait_timeout`), or less if the server refuses a login
     /// meanwhile: then the wait cannot end well, and the error says why.
-    pub async fn get(&self) -> Result<Lent, bb8::RunError<ServerError>> {
+    pub async fn get(&self) -> Result<Pooled, bb8::RunError<ServerError>> {
         let mut handed = {
             let mut waiters = self.waiters();
             // Given back after the caller looked and before it queued: not to be missed.
             if let Some(conn) = self.take_warm() {
-                return Ok((conn, self.0.shard));
+                return Ok(conn);
             }
             // Sessions that stopped waiting are skipped by give_back; with no connection
             // given back for a while (the server is down), they are cleared here.
@@ -182,8 +175,8 @@ impl Pool {
         // skips it, and a connection handed to it in that moment goes back to bb8.
         tokio::select! {
             biased;
-            Ok(lent) = &mut handed => Ok(lent),
-            got = self.0.bb8.get_owned() => got.map(|conn| (conn, self.0.shard)),
+            Ok(conn) = &mut handed => Ok(conn),
+            got = self.0.bb8.get_owned() => got,
             refusal = next_refusal(&mut refusals) => Err(bb8::RunError::User(refusal)),
         }
     }
@@ -232,9 +225,9 @@ impl Pool {
     pub fn adopt(&self, since: Instant, handoff: &Handoff) -> bool {
         let mut waiters = self.waiters();
         if let Some(conn) = self.take_warm() {
-            match hand(handoff, (conn, self.0.shard)) {
+            match hand(handoff, conn) {
                 Ok(()) => return true,
-                Err((conn, _)) => {
+                Err(conn) => {
                     self.warm().push(conn);
                     return false;
                 }
@@ -261,10 +254,10 @@ impl Pool {
         }
         let mut waiters = self.waiters();
         while let Some(waiter) = waiters.pop_front() {
-            match hand(&waiter.handoff, (conn, self.0.shard)) {
+            match hand(&waiter.handoff, conn) {
                 Ok(()) => return,
                 // That session stopped waiting, or another pool served it.
-                Err((back, _)) => conn = back,
+                Err(back) => conn = back,
             }
         }
         self.warm().push(conn);
@@ -314,10 +307,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Gives a waiting session a connection, unless it is served or gone already.
-fn hand(handoff: &Handoff, lent: Lent) -> Result<(), Lent> {
+fn hand(handoff: &Handoff, conn: Pooled) -> Result<(), Pooled> {
     match lock(handoff).take() {
-        Some(sender) => sender.send(lent),
-        None => Err(lent),
+        Some(sender) => sender.send(conn),
+        None => Err(conn),
     }
 }
 

@@ -114,6 +114,9 @@ pub struct ServerConn {
     /// Set when the connection must not be reused (it broke, or a client left it mid-way).
     pub broken: bool,
     pub idle_since: Instant,
+    /// The worker whose pool the connection belongs to, where it goes back after a
+    /// transaction (another worker may borrow it).
+    pub home: usize,
 }
 
 impl ServerConn {
@@ -142,6 +145,7 @@ impl ServerConn {
                 applied: Default::default(),
                 broken: false,
                 idle_since: Instant::now(),
+                home: 0,
             };
             conn.login(target).await?;
             conn.reader.decoder_mut().batch_pass_through();
