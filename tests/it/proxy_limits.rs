@@ -146,3 +146,73 @@ async fn a_busy_worker_borrows_a_connection_another_worker_has_idle() {
     let one: i32 = clients[0].query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+/// Clients per worker, as `/status` reports them.
+async fn clients_per_worker(proxy: &Proxy) -> Vec<u64> {
+    proxy.status().await["workers"]
+        .as_array()
+        .expect("workers in /status")
+        .iter()
+        .map(|w| w["clients"].as_u64().unwrap_or_default())
+        .collect()
+}
+
+/// A session of one worker queued at another worker's full pool is served there when that
+/// pool gets room back (a connection broke): bb8 would make a connection only for a session
+/// waiting on it, and this one waits on its own worker's pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_borrower_gets_the_connection_made_for_room_a_broken_one_left() {
+    let db = TestDb::new("proxy_borrow_room").await;
+    let proxy = Proxy::start(
+        &db,
+        "transaction",
+        2,
+        "workers = 2\nquery_wait_timeout = \"10s\"",
+    )
+    .await;
+    // No session left from the start-up probe: placement by fewest clients is then known.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients_per_worker(&proxy).await != [0, 0] {
+        assert!(Instant::now() < deadline, "sessions did not settle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each worker's only connection is held in a transaction.
+    let holder = proxy.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let neighbour = proxy.client().await;
+    neighbour.batch_execute("BEGIN").await.unwrap();
+    let neighbour_pid: i32 = neighbour
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(clients_per_worker(&proxy).await, [1, 1]);
+    // The third client goes to the first worker; its login waits for a connection, and
+    // after a moment is queued at the second worker's pool too.
+    let url = proxy.url();
+    let borrower = tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .map(|row| row.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!borrower.is_finished(), "every connection is held");
+    // The neighbour's connection breaks: the second worker's pool has room again.
+    db.source_client()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&neighbour_pid])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let one = borrower.await.unwrap().expect("the borrower is served");
+    assert_eq!(one, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the borrower waited for its own worker's connection: {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}

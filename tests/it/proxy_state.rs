@@ -2,7 +2,7 @@
 //! SET among other statements, temporary tables) reaches no other client, and session-mode
 //! sessions are held by a pause between their transactions.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
@@ -317,6 +317,11 @@ async fn session_mode_resets_connections_and_pause_holds_between_transactions() 
     let before = transactions(&proxy).await;
     for _ in 0..3 {
         client.batch_execute("SELECT 1").await.unwrap();
+    }
+    // Counted once the ReadyForQuery is on its way to the client: a moment after it arrives.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while transactions(&proxy).await - before < 3.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(transactions(&proxy).await - before, 3.0);
 }
