@@ -26,6 +26,8 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     /// Checkouts served by another worker's pool.
     pub borrowed: AtomicU64,
+    /// Checkouts that found no server connection free and waited for one.
+    pub waits: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
@@ -71,6 +73,7 @@ impl Metrics {
                 ),
                 (&total.protocol_errors, &part.protocol_errors),
                 (&total.borrowed, &part.borrowed),
+                (&total.waits, &part.waits),
                 (&total.latency_count, &part.latency_count),
                 (&total.latency_micros, &part.latency_micros),
             ];
@@ -105,7 +108,7 @@ impl Metrics {
             }
             let _ = writeln!(out, "{name}{labels} {value}");
         }
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             (
                 "switchyard_transactions_total",
                 "Transactions run through the proxy.",
@@ -130,6 +133,11 @@ impl Metrics {
                 "switchyard_server_connections_borrowed_total",
                 "Transactions a worker ran on another worker's server connection (its own were all busy).",
                 &self.borrowed,
+            ),
+            (
+                "switchyard_server_connection_waits_total",
+                "Transactions that found every server connection of their pool busy and waited for one.",
+                &self.waits,
             ),
         ];
         for (name, help, counter) in counters {

@@ -459,9 +459,7 @@ fn hand_over(shared: &Shared, stream: tokio::net::TcpStream, permit: OwnedSemaph
 /// A shard's thread: serves the clients handed to it, each in a task of its own.
 async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
     tokio::spawn(trim_pools(shared.clone(), index));
-    if shared.shards.len() > 1 {
-        tokio::spawn(spread_waits(shared.clone(), index));
-    }
+    tokio::spawn(tend_waits(shared.clone(), index));
     while let Some(Handover { stream, permit }) = inbox.recv().await {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -484,13 +482,14 @@ async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
     std::future::pending::<()>().await;
 }
 
-/// Queues the shard's sessions that waited [`pool::SPREAD_AFTER`] for a connection at the
-/// other shards' pools too (or hands them one idle there), and serves other shards' sessions
-/// queued at this shard's pools where bb8 has a connection idle or room for one. Looks every
-/// 5 ms while sessions wait, every 50 ms otherwise (so spreading starts after 10 to 60 ms). A
-/// task of its own rather than a timer in every wait: a timer per wait cost a transaction
-/// 1-2 µs of CPU at 16 clients.
-async fn spread_waits(shared: Arc<Shared>, index: usize) {
+/// Minds the sessions waiting at the shard's pools: ends the waits past `query_wait_timeout`,
+/// queues the shard's sessions that waited [`pool::SPREAD_AFTER`] at the other shards' pools
+/// too (or hands them one idle there), and serves the sessions queued at this shard's pools
+/// where bb8 has a connection idle or room for one. Looks every 5 ms while sessions wait,
+/// every 50 ms otherwise (so spreading starts after 10 to 60 ms, and a wait ends at most 5 ms
+/// late). A task of its own rather than a timer in every wait: under load most transactions
+/// wait, and a timer per wait cost a transaction 1-2 µs of CPU at 16 clients.
+async fn tend_waits(shared: Arc<Shared>, index: usize) {
     let mut waited = false;
     loop {
         // Looked at often only while sessions wait.
@@ -503,6 +502,7 @@ async fn spread_waits(shared: Arc<Shared>, index: usize) {
         waited = false;
         for (user, pools) in &shared.shards[index].pools {
             for (side, pool) in [Side::Source, Side::Target].into_iter().zip(pools) {
+                pool.expire(shared.settings.query_wait_timeout.0);
                 for (since, handoff) in pool.overdue(pool::SPREAD_AFTER) {
                     waited = true;
                     for (other, shard) in shared.shards.iter().enumerate() {
@@ -515,7 +515,7 @@ async fn spread_waits(shared: Arc<Shared>, index: usize) {
                         }
                     }
                 }
-                pool.serve_adopted();
+                pool.serve_waiters();
                 waited |= pool.has_waiters();
             }
         }

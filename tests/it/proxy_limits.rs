@@ -216,3 +216,86 @@ async fn a_borrower_gets_the_connection_made_for_room_a_broken_one_left() {
     );
     holder.batch_execute("COMMIT").await.unwrap();
 }
+
+/// Starts a client whose one query waits for the pool's only connection, held by `holder` in
+/// a transaction; returns it and the holder's backend PID.
+async fn queue_behind_a_holder(
+    proxy: &Proxy,
+    holder: &tokio_postgres::Client,
+) -> (
+    tokio::task::JoinHandle<Result<i32, tokio_postgres::Error>>,
+    i32,
+) {
+    // Logged in first: a login also takes a server connection.
+    let waiter = proxy.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let query = tokio::spawn(async move {
+        waiter
+            .query_one("SELECT 1", &[])
+            .await
+            .map(|row| row.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!query.is_finished(), "the only connection is held");
+    (query, holder_pid)
+}
+
+/// A session queued at a full pool (its wait is the pool's queue alone, not bb8's) is served
+/// by the connection made for the room a broken one left, not left to wait out
+/// `query_wait_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_at_a_full_pool_gets_the_connection_made_for_a_broken_ones_room() {
+    let db = TestDb::new("proxy_wait_room").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"10s\"").await;
+    let holder = proxy.client().await;
+    let (query, holder_pid) = queue_behind_a_holder(&proxy, &holder).await;
+    db.source_client()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&holder_pid])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let one = query.await.unwrap().expect("the waiting session is served");
+    assert_eq!(one, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the session waited out query_wait_timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// The same wait ends at once, with the server's reason, when the server refuses the login
+/// of the connection made for it (the role was fenced), instead of after `query_wait_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_at_a_full_pool_hears_the_servers_login_refusal() {
+    let db = TestDb::new("proxy_wait_refused").await;
+    let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"10s\"").await;
+    let holder = proxy.client().await;
+    let (query, holder_pid) = queue_behind_a_holder(&proxy, &holder).await;
+    let admin = db.source_client().await;
+    admin
+        .batch_execute(&format!("ALTER ROLE \"{}\" NOLOGIN", proxy.user))
+        .await
+        .unwrap();
+    admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&holder_pid])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = query.await.unwrap().expect_err("no connection can be made");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the session waited out query_wait_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+}

@@ -4,6 +4,7 @@
 pub mod server;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,17 +86,19 @@ pub struct Pool(Arc<Inner>);
 /// pgbench clients), short next to any `query_wait_timeout`.
 pub const SPREAD_AFTER: Duration = Duration::from_millis(10);
 
-/// Where a waiting session takes its connection: shared by every queue it stands in, and
-/// emptied by the first pool that hands it one.
-type Handoff = Arc<Mutex<Option<oneshot::Sender<Pooled>>>>;
+/// What a checkout ends with.
+pub type Checkout = Result<Pooled, bb8::RunError<ServerError>>;
+
+/// Where a waiting session takes its connection (or hears why it gets none): shared by every
+/// queue it stands in, and emptied by the first pool that answers it.
+type Handoff = Arc<Mutex<Option<oneshot::Sender<Checkout>>>>;
 
 /// A session in a pool's queue.
 struct Waiter {
     since: Instant,
     handoff: Handoff,
     /// Queued at every worker's pool (a session of another worker, or one of this worker's
-    /// that waited past [`SPREAD_AFTER`]): not spread again, and served from bb8 by
-    /// [`Pool::serve_adopted`].
+    /// that waited past [`SPREAD_AFTER`]): not spread again.
     spread: bool,
 }
 
@@ -119,6 +122,8 @@ struct Inner {
     max_size: u32,
     /// The manager's login refusals.
     refusals: watch::Sender<Option<ServerError>>,
+    /// Checkouts from bb8 under way for the queue ([`Pool::serve_waiters`]).
+    fetching: AtomicUsize,
 }
 
 impl Pool {
@@ -135,6 +140,7 @@ impl Pool {
             waiters: Mutex::new(VecDeque::new()),
             idle_timeout,
             refusals,
+            fetching: AtomicUsize::new(0),
         }))
     }
 
@@ -145,11 +151,17 @@ impl Pool {
 
     /// A connection: the first one given back (here, or, after [`SPREAD_AFTER`], at another
     /// worker's pool) after the sessions that waited before this one got theirs, or one bb8
-    /// has or makes (when the pool has room, or a broken one left room), waiting up to bb8's
-    /// `connection_timeout` (`query_wait_timeout`), or less if the server refuses a login
-    /// meanwhile: then the wait cannot end well, and the error says why.
-    pub async fn get(&self) -> Result<Pooled, bb8::RunError<ServerError>> {
-        let mut handed = {
+    /// has or makes (when the pool has room, or a broken one left room), waiting up to
+    /// `query_wait_timeout`, or less if the server refuses a login meanwhile: then the wait
+    /// cannot end well, and the error says why.
+    ///
+    /// With every connection of the pool busy, as under load at most checkouts, the wait is
+    /// the queue's alone: bb8's wait (a timer and a queue entry of its own, made and dropped
+    /// each time) cost more than the rest of the checkout. The worker's [`Pool::expire`]
+    /// ends waits past the timeout, and [`Pool::serve_waiters`] asks bb8 for the room a
+    /// broken connection leaves.
+    pub async fn get(&self) -> Checkout {
+        let (mut handed, full) = {
             let mut waiters = self.waiters();
             // Given back after the caller looked and before it queued: not to be missed.
             if let Some(conn) = self.take_warm() {
@@ -166,8 +178,12 @@ impl Pool {
                 handoff: Arc::new(Mutex::new(Some(sender))),
                 spread: false,
             });
-            receiver
+            (receiver, !self.can_serve_now())
         };
+        if full {
+            // The sender is only dropped with the pool.
+            return (&mut handed).await.unwrap_or(Err(bb8::RunError::TimedOut));
+        }
         // Subscribed before bb8 starts a login for this request, so that its refusal is seen;
         // refusals from before are not this request's business.
         let mut refusals = self.0.refusals.subscribe();
@@ -175,7 +191,7 @@ impl Pool {
         // skips it, and a connection handed to it in that moment goes back to bb8.
         tokio::select! {
             biased;
-            Ok(conn) = &mut handed => Ok(conn),
+            Ok(checkout) = &mut handed => checkout,
             got = self.0.bb8.get_owned() => got,
             refusal = next_refusal(&mut refusals) => Err(bb8::RunError::User(refusal)),
         }
@@ -202,22 +218,61 @@ impl Pool {
         !self.waiters().is_empty()
     }
 
-    /// For sessions of other workers queued here ([`Pool::adopt`]), which bb8 does not know
-    /// of: a connection idle in bb8 (one handed to a session that had just stopped waiting),
-    /// or one made where there is room (a broken one left it, or this worker never needed
-    /// its whole share), goes to the first in the queue. Called by the pool's own worker,
-    /// so that a connection it makes is served by that worker's thread.
-    pub fn serve_adopted(&self) {
-        let foreign = self.waiters().iter().any(|w| w.spread);
-        if !foreign || !self.can_serve_now() {
+    /// For sessions queued here that bb8 does not know of (those that queued while every
+    /// connection was busy, and other workers' sessions, [`Pool::adopt`]): a connection idle
+    /// in bb8 (one handed to a session that had just stopped waiting), or one made where
+    /// there is room (a broken one left it, or this worker never needed its whole share),
+    /// goes to the first in the queue; a login the server refuses meanwhile ends every wait
+    /// here, as it would end a wait in bb8. Called by the pool's own worker, so that a
+    /// connection it makes is served by that worker's thread.
+    pub fn serve_waiters(&self) {
+        // One checkout per waiting session at most: with the server down, a connect under
+        // way leaves bb8 room, and a checkout asked for on every look would pile up.
+        let waiting = self.waiters().len();
+        if waiting <= self.0.fetching.load(Ordering::Relaxed) || !self.can_serve_now() {
             return;
         }
+        self.0.fetching.fetch_add(1, Ordering::Relaxed);
         let pool = self.clone();
+        let mut refusals = self.0.refusals.subscribe();
         tokio::spawn(async move {
-            if let Ok(conn) = pool.0.bb8.get_owned().await {
-                pool.give_back(conn);
+            tokio::select! {
+                got = pool.0.bb8.get_owned() => {
+                    if let Ok(conn) = got {
+                        pool.give_back(conn);
+                    }
+                }
+                refusal = next_refusal(&mut refusals) => pool.refuse_waiters(&refusal),
             }
+            pool.0.fetching.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+
+    /// Ends the waits of the sessions queued here with the server's refusal of a login.
+    fn refuse_waiters(&self, refusal: &ServerError) {
+        for waiter in self.waiters().drain(..) {
+            if let (Some(sender), Some(refusal)) =
+                (lock(&waiter.handoff).take(), refusal.login_refusal())
+            {
+                let _ = sender.send(Err(bb8::RunError::User(refusal)));
+            }
+        }
+    }
+
+    /// Ends the waits of the sessions queued here longer than `timeout`
+    /// (`query_wait_timeout`). The oldest are at the front.
+    pub fn expire(&self, timeout: Duration) {
+        let mut waiters = self.waiters();
+        while waiters
+            .front()
+            .is_some_and(|w| w.since.elapsed() >= timeout)
+        {
+            if let Some(waiter) = waiters.pop_front() {
+                if let Some(sender) = lock(&waiter.handoff).take() {
+                    let _ = sender.send(Err(bb8::RunError::TimedOut));
+                }
+            }
+        }
     }
 
     /// Serves another worker's overdue session: with a connection idle here, or by queueing
@@ -309,7 +364,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Gives a waiting session a connection, unless it is served or gone already.
 fn hand(handoff: &Handoff, conn: Pooled) -> Result<(), Pooled> {
     match lock(handoff).take() {
-        Some(sender) => sender.send(conn),
+        Some(sender) => match sender.send(Ok(conn)) {
+            Ok(()) => Ok(()),
+            Err(Ok(conn)) => Err(conn),
+            // Only a connection is sent here.
+            Err(Err(_)) => Ok(()),
+        },
         None => Err(conn),
     }
 }
