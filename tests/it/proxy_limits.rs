@@ -180,12 +180,7 @@ async fn a_borrower_gets_the_connection_made_for_room_a_broken_one_left() {
     let holder = proxy.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let neighbour = proxy.client().await;
-    neighbour.batch_execute("BEGIN").await.unwrap();
-    let neighbour_pid: i32 = neighbour
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let neighbour_pid = hold_a_transaction(&neighbour).await;
     assert_eq!(clients_per_worker(&proxy).await, [1, 1]);
     // The third client goes to the first worker; its login waits for a connection, and
     // after a moment is queued at the second worker's pool too.
@@ -201,11 +196,7 @@ async fn a_borrower_gets_the_connection_made_for_room_a_broken_one_left() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!borrower.is_finished(), "every connection is held");
     // The neighbour's connection breaks: the second worker's pool has room again.
-    db.source_client()
-        .await
-        .query_one("SELECT pg_terminate_backend($1)", &[&neighbour_pid])
-        .await
-        .unwrap();
+    terminate_backend(&db, neighbour_pid).await;
     let started = Instant::now();
     let one = borrower.await.unwrap().expect("the borrower is served");
     assert_eq!(one, 1);
@@ -228,12 +219,7 @@ async fn queue_behind_a_holder(
 ) {
     // Logged in first: a login also takes a server connection.
     let waiter = proxy.client().await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    let holder_pid: i32 = holder
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let holder_pid = hold_a_transaction(holder).await;
     let query = tokio::spawn(async move {
         waiter
             .query_one("SELECT 1", &[])
@@ -254,11 +240,7 @@ async fn a_session_waiting_at_a_full_pool_gets_the_connection_made_for_a_broken_
     let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"10s\"").await;
     let holder = proxy.client().await;
     let (query, holder_pid) = queue_behind_a_holder(&proxy, &holder).await;
-    db.source_client()
-        .await
-        .query_one("SELECT pg_terminate_backend($1)", &[&holder_pid])
-        .await
-        .unwrap();
+    terminate_backend(&db, holder_pid).await;
     let started = Instant::now();
     let one = query.await.unwrap().expect("the waiting session is served");
     assert_eq!(one, 1);
@@ -277,15 +259,12 @@ async fn a_session_waiting_at_a_full_pool_hears_the_servers_login_refusal() {
     let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"10s\"").await;
     let holder = proxy.client().await;
     let (query, holder_pid) = queue_behind_a_holder(&proxy, &holder).await;
-    let admin = db.source_client().await;
-    admin
+    db.source_client()
+        .await
         .batch_execute(&format!("ALTER ROLE \"{}\" NOLOGIN", proxy.user))
         .await
         .unwrap();
-    admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&holder_pid])
-        .await
-        .unwrap();
+    terminate_backend(&db, holder_pid).await;
     let started = Instant::now();
     let err = query.await.unwrap().expect_err("no connection can be made");
     assert!(
@@ -298,4 +277,23 @@ async fn a_session_waiting_at_a_full_pool_hears_the_servers_login_refusal() {
         Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
         "{err}"
     );
+}
+
+/// Opens a transaction on `client`'s server connection and returns that backend's PID.
+async fn hold_a_transaction(client: &tokio_postgres::Client) -> i32 {
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Ends a server backend as an administrator would: the proxy's connection to it breaks.
+async fn terminate_backend(db: &TestDb, pid: i32) {
+    db.source_client()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
 }

@@ -182,7 +182,7 @@ impl Pool {
         };
         if full {
             // The sender is only dropped with the pool.
-            return (&mut handed).await.unwrap_or(Err(bb8::RunError::TimedOut));
+            return handed.await.unwrap_or(Err(bb8::RunError::TimedOut));
         }
         // Subscribed before bb8 starts a login for this request, so that its refusal is seen;
         // refusals from before are not this request's business.
