@@ -258,10 +258,10 @@ impl Shared {
             let size = shard_share(settings.pool_size.max(1), shards.len(), index);
             let mut pools = HashMap::new();
             for (name, password) in &passwords {
-                let pair = [
-                    build_pool(&settings, &plan.source, (name, password), index, size)?,
-                    build_pool(&settings, &plan.target, (name, password), index, size)?,
-                ];
+                let pool_of = |endpoint| {
+                    build_pool(&settings, endpoint, (name, password), handle, index, size)
+                };
+                let pair = [pool_of(&plan.source)?, pool_of(&plan.target)?];
                 pools.insert(name.clone(), pair);
             }
             let (inbox, receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -340,11 +340,13 @@ fn shard_count(settings: &ProxySettings) -> usize {
     wanted.clamp(1, settings.pool_size.max(1) as usize)
 }
 
-/// A pool of `size` connections to `endpoint`'s server as the proxy user `user`.
+/// A pool of `size` connections to `endpoint`'s server as the proxy user `user`, for the
+/// shard `shard` whose scheduler is `worker`.
 fn build_pool(
     settings: &ProxySettings,
     endpoint: &Endpoint,
     (user, password): (&str, &str),
+    worker: &tokio::runtime::Handle,
     shard: usize,
     size: u32,
 ) -> Result<Pool, ProxyError> {
@@ -384,7 +386,12 @@ fn build_pool(
         .max_lifetime(None)
         .test_on_check_out(false)
         .build_unchecked(manager);
-    Ok(Pool::new(pool, settings.server_idle_timeout.0, refusals))
+    Ok(Pool::new(
+        pool,
+        settings.server_idle_timeout.0,
+        refusals,
+        worker.clone(),
+    ))
 }
 
 /// How often idle server connections are looked at: often enough that none outlives

@@ -1388,9 +1388,7 @@ impl Session {
     /// Hands a server connection back to the pool it came from (another worker's, if it was
     /// borrowed).
     fn give_back(&self, server: Pooled, side: Side) {
-        let at_home = server.home == self.shard;
-        let broken = server.broken;
-        let home = if at_home {
+        let home = if server.home == self.shard {
             Some(&self.pools[super::side_index(side)])
         } else {
             self.shared
@@ -1401,11 +1399,6 @@ impl Session {
         // Without its pool found (it always is), dropping it gives it back to bb8.
         if let Some(pool) = home {
             pool.give_back(server);
-            // The room it left is made up for the sessions waiting at once, on the pool's
-            // own worker (another worker's tend_waits finds it within 5 ms).
-            if broken && at_home {
-                pool.serve_waiters();
-            }
         }
     }
 

@@ -70,8 +70,9 @@ pub type Pooled = bb8::PooledConnection<'static, ServerManager>;
 /// connection given back goes to the first in it: bb8's own wait lets whoever asks at the
 /// moment a connection comes back take it, and a session woken for one that lost it that way
 /// went to the back of the line again, once for 30 s while the other sessions ran hundreds of
-/// transactions. A connection goes back to bb8 when it broke (bb8 makes a new one for a
-/// waiter) or when it sat idle past `server_idle_timeout` ([`Pool::trim`]).
+/// transactions. A connection goes back to bb8 when it broke (a new one is made for the
+/// queue, [`Pool::serve_waiters`]) or when it sat idle past `server_idle_timeout`
+/// ([`Pool::trim`]).
 ///
 /// `pool_size` is the user's, split over the workers: a session that waited
 /// [`SPREAD_AFTER`] for its own worker's connections is also queued, in order of its wait, at
@@ -124,14 +125,19 @@ struct Inner {
     refusals: watch::Sender<Option<ServerError>>,
     /// Checkouts from bb8 under way for the queue ([`Pool::serve_waiters`]).
     fetching: AtomicUsize,
+    /// The scheduler of the pool's worker: a connection made for the queue is made there,
+    /// whichever worker asks, so that its socket is served by that worker's thread.
+    worker: tokio::runtime::Handle,
 }
 
 impl Pool {
-    /// `refusals`: the sender its manager reports login refusals on.
+    /// `refusals`: the sender its manager reports login refusals on; `worker`: the
+    /// scheduler of the worker the pool belongs to.
     pub fn new(
         bb8: bb8::Pool<ServerManager>,
         idle_timeout: Duration,
         refusals: watch::Sender<Option<ServerError>>,
+        worker: tokio::runtime::Handle,
     ) -> Pool {
         Pool(Arc::new(Inner {
             max_size: bb8.config().max_size,
@@ -141,6 +147,7 @@ impl Pool {
             idle_timeout,
             refusals,
             fetching: AtomicUsize::new(0),
+            worker,
         }))
     }
 
@@ -223,8 +230,7 @@ impl Pool {
     /// in bb8 (one handed to a session that had just stopped waiting), or one made where
     /// there is room (a broken one left it, or this worker never needed its whole share),
     /// goes to the first in the queue; a login the server refuses meanwhile ends every wait
-    /// here, as it would end a wait in bb8. Called by the pool's own worker, so that a
-    /// connection it makes is served by that worker's thread.
+    /// here, as it would end a wait in bb8.
     pub fn serve_waiters(&self) {
         // One checkout per waiting session at most: with the server down, a connect under
         // way leaves bb8 room, and a checkout asked for on every look would pile up.
@@ -235,7 +241,7 @@ impl Pool {
         self.0.fetching.fetch_add(1, Ordering::Relaxed);
         let pool = self.clone();
         let mut refusals = self.0.refusals.subscribe();
-        tokio::spawn(async move {
+        self.0.worker.spawn(async move {
             tokio::select! {
                 got = pool.0.bb8.get_owned() => {
                     if let Ok(conn) = got {
@@ -304,7 +310,9 @@ impl Pool {
     /// any, else onto the stack.
     pub fn give_back(&self, mut conn: Pooled) {
         if conn.broken {
-            // bb8 closes it, and wakes a waiter of its own to make a new one.
+            // bb8 closes it; the room it leaves is made up for the sessions waiting here.
+            drop(conn);
+            self.serve_waiters();
             return;
         }
         let mut waiters = self.waiters();
