@@ -15,8 +15,13 @@ pub struct Control {
     /// Whether `paused` is `Some`, kept with it under the watch's lock: the check every
     /// transaction makes is one load, not a lock of the watch.
     pausing: AtomicBool,
-    /// Sessions holding a server connection right now.
-    active: AtomicUsize,
+    /// Sessions holding a server connection right now, one count per worker: every
+    /// transaction changes its worker's count twice, and one count shared by the workers
+    /// moved its cache line between their cores each time.
+    active: Box<[ActiveCount]>,
+    /// Callers of [`Control::wait_idle`] waiting now: only then does a count that drops to 0
+    /// wake them (the wake takes a lock shared by the workers).
+    idle_watchers: AtomicUsize,
     idle: Notify,
     /// When the current pause began, and how long the last one lasted (µs): the pause the
     /// applications saw, measured where they saw it.
@@ -30,12 +35,27 @@ pub struct Control {
     throttle: Mutex<Option<(std::sync::Arc<Semaphore>, Instant)>>,
 }
 
+/// A worker's count of active sessions, alone on its cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct ActiveCount(AtomicUsize);
+
 impl Default for Control {
     fn default() -> Self {
+        Control::new(1)
+    }
+}
+
+impl Control {
+    /// Pause and resume for a proxy of `workers` worker threads.
+    pub fn new(workers: usize) -> Self {
         Control {
             paused: watch::channel(None).0,
             pausing: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
+            active: (0..workers.max(1))
+                .map(|_| ActiveCount::default())
+                .collect(),
+            idle_watchers: AtomicUsize::new(0),
             idle: Notify::new(),
             paused_since: Mutex::new(None),
             last_pause_us: AtomicU64::new(0),
@@ -43,9 +63,7 @@ impl Default for Control {
             throttle: Mutex::new(None),
         }
     }
-}
 
-impl Control {
     /// Waits while the proxy is paused. Returns at once when it is not.
     pub async fn admit(&self) {
         // The common case, without subscribing to changes.
@@ -164,14 +182,23 @@ impl Control {
                 .is_some_and(|deadline| Instant::now() < deadline)
     }
 
-    pub fn attached(&self) {
-        self.active.fetch_add(1, Ordering::SeqCst);
+    /// A session of worker `worker` holds a server connection (or waits for one) from now.
+    /// SeqCst, like the pause flag it is checked against: either this session then sees the
+    /// pause, or [`Control::wait_idle`] sees this session.
+    pub fn attached(&self, worker: usize) {
+        self.count(worker).fetch_add(1, Ordering::SeqCst);
     }
 
-    pub fn detached(&self) {
-        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+    pub fn detached(&self, worker: usize) {
+        if self.count(worker).fetch_sub(1, Ordering::SeqCst) == 1
+            && self.idle_watchers.load(Ordering::SeqCst) > 0
+        {
             self.idle.notify_waiters();
         }
+    }
+
+    fn count(&self, worker: usize) -> &AtomicUsize {
+        &self.active[worker % self.active.len()].0
     }
 
     /// Lets at most `max_active` transactions run at once for up to `max`. (Sessions already
@@ -236,11 +263,23 @@ impl Control {
     }
 
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.active
+            .iter()
+            .map(|count| count.0.load(Ordering::SeqCst))
+            .sum()
     }
 
     /// Waits until no session holds a server connection, or `timeout`. True when idle.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        self.idle_watchers.fetch_add(1, Ordering::SeqCst);
+        let idle = self.wait_idle_watched(timeout).await;
+        self.idle_watchers.fetch_sub(1, Ordering::SeqCst);
+        idle
+    }
+
+    /// [`Control::wait_idle`], counted as a watcher: a count that drops to 0 after the
+    /// watcher count rose wakes it; one that dropped before is seen by the sum.
+    async fn wait_idle_watched(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.idle.notified();
@@ -347,15 +386,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn wait_idle_sees_the_last_session_go() {
-        let control = std::sync::Arc::new(Control::default());
-        control.attached();
+        let control = std::sync::Arc::new(Control::new(2));
+        control.attached(0);
+        control.attached(1);
+        control.attached(1);
         let c = control.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            c.detached();
+            c.detached(1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.detached(0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.detached(1);
         });
+        let started = Instant::now();
         assert!(control.wait_idle(Duration::from_secs(1)).await);
-        control.attached();
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(150),
+            "idle when every worker's sessions are"
+        );
+        control.attached(0);
+        assert_eq!(control.active(), 1);
         assert!(!control.wait_idle(Duration::from_millis(100)).await);
     }
 }

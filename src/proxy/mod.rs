@@ -278,7 +278,7 @@ impl Shared {
             client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
             settings,
             users,
-            control: Control::default(),
+            control: Control::new(shards.len()),
             backend,
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),

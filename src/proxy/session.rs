@@ -1295,11 +1295,11 @@ impl Session {
         let permit = loop {
             self.shared.control.admit().await;
             let permit = self.shared.control.throttle_permit().await;
-            self.shared.control.attached();
+            self.shared.control.attached(self.shard);
             if !self.shared.control.is_paused() {
                 break permit;
             }
-            self.shared.control.detached();
+            self.shared.control.detached(self.shard);
         };
         self.throttle_permit = permit;
         self.in_turn = true;
@@ -1313,7 +1313,7 @@ impl Session {
             // no session active, lists what still runs from these slots.
             self.cancel_slot.set_running(None);
             self.throttle_permit = None;
-            self.shared.control.detached();
+            self.shared.control.detached(self.shard);
         }
     }
 
