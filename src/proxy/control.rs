@@ -40,6 +40,23 @@ pub struct Control {
 #[repr(align(128))]
 struct ActiveCount(AtomicUsize);
 
+/// One caller of [`Control::wait_idle`], counted for as long as it waits, also when its
+/// future is dropped half-way (a `/pause` whose HTTP client went away).
+struct IdleWatch<'a>(&'a AtomicUsize);
+
+impl<'a> IdleWatch<'a> {
+    fn start(watchers: &'a AtomicUsize) -> Self {
+        watchers.fetch_add(1, Ordering::SeqCst);
+        IdleWatch(watchers)
+    }
+}
+
+impl Drop for IdleWatch<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Default for Control {
     fn default() -> Self {
         Control::new(1)
@@ -271,10 +288,8 @@ impl Control {
 
     /// Waits until no session holds a server connection, or `timeout`. True when idle.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        self.idle_watchers.fetch_add(1, Ordering::SeqCst);
-        let idle = self.wait_idle_watched(timeout).await;
-        self.idle_watchers.fetch_sub(1, Ordering::SeqCst);
-        idle
+        let _watching = IdleWatch::start(&self.idle_watchers);
+        self.wait_idle_watched(timeout).await
     }
 
     /// [`Control::wait_idle`], counted as a watcher: a count that drops to 0 after the
@@ -409,5 +424,13 @@ mod tests {
         control.attached(0);
         assert_eq!(control.active(), 1);
         assert!(!control.wait_idle(Duration::from_millis(100)).await);
+
+        // A wait given up half-way stops counting as a watcher.
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(10),
+            control.wait_idle(Duration::from_secs(3600)),
+        );
+        assert!(abandoned.await.is_err());
+        assert_eq!(control.idle_watchers.load(Ordering::SeqCst), 0);
     }
 }
