@@ -41,7 +41,9 @@ pub struct Control {
 struct ActiveCount(AtomicUsize);
 
 /// One caller of [`Control::wait_idle`], counted for as long as it waits, also when its
-/// future is dropped half-way (a `/pause` whose HTTP client went away).
+/// future is dropped half-way (a `/pause` whose HTTP client went away). Like
+/// [`super::metrics::Held`], but SeqCst: the count is half of the handshake with
+/// [`Control::detached`], not a statistic.
 struct IdleWatch<'a>(&'a AtomicUsize);
 
 impl<'a> IdleWatch<'a> {
