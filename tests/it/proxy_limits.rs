@@ -196,14 +196,12 @@ async fn a_borrower_gets_the_connection_made_for_room_a_broken_one_left() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!borrower.is_finished(), "every connection is held");
     // The neighbour's connection breaks: the second worker's pool has room again.
-    terminate_backend(&db, neighbour_pid).await;
-    let started = Instant::now();
-    let one = borrower.await.unwrap().expect("the borrower is served");
+    let (answer, waited) = answer_once_broken(&db, neighbour_pid, borrower).await;
+    let one = answer.expect("the borrower is served");
     assert_eq!(one, 1);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the borrower waited for its own worker's connection: {:?}",
-        started.elapsed()
+        waited < Duration::from_secs(5),
+        "the borrower waited for its own worker's connection: {waited:?}"
     );
     holder.batch_execute("COMMIT").await.unwrap();
 }
@@ -240,14 +238,12 @@ async fn a_session_waiting_at_a_full_pool_gets_the_connection_made_for_a_broken_
     let proxy = Proxy::start(&db, "transaction", 1, "query_wait_timeout = \"10s\"").await;
     let holder = proxy.client().await;
     let (query, holder_pid) = queue_behind_a_holder(&proxy, &holder).await;
-    terminate_backend(&db, holder_pid).await;
-    let started = Instant::now();
-    let one = query.await.unwrap().expect("the waiting session is served");
+    let (answer, waited) = answer_once_broken(&db, holder_pid, query).await;
+    let one = answer.expect("the waiting session is served");
     assert_eq!(one, 1);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the session waited out query_wait_timeout: {:?}",
-        started.elapsed()
+        waited < Duration::from_secs(5),
+        "the session waited out query_wait_timeout: {waited:?}"
     );
 }
 
@@ -264,19 +260,30 @@ async fn a_session_waiting_at_a_full_pool_hears_the_servers_login_refusal() {
         .batch_execute(&format!("ALTER ROLE \"{}\" NOLOGIN", proxy.user))
         .await
         .unwrap();
-    terminate_backend(&db, holder_pid).await;
-    let started = Instant::now();
-    let err = query.await.unwrap().expect_err("no connection can be made");
+    let (answer, waited) = answer_once_broken(&db, holder_pid, query).await;
+    let err = answer.expect_err("no connection can be made");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the session waited out query_wait_timeout: {:?}",
-        started.elapsed()
+        waited < Duration::from_secs(5),
+        "the session waited out query_wait_timeout: {waited:?}"
     );
     assert_eq!(
         err.code(),
         Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
         "{err}"
     );
+}
+
+/// Ends the server backend `pid`, then waits for the answer of `query` (a client queued
+/// behind that backend's connection): the answer, and how long it took after the break.
+async fn answer_once_broken<T>(
+    db: &TestDb,
+    pid: i32,
+    query: tokio::task::JoinHandle<T>,
+) -> (T, Duration) {
+    terminate_backend(db, pid).await;
+    let started = Instant::now();
+    let answer = query.await.unwrap();
+    (answer, started.elapsed())
 }
 
 /// Opens a transaction on `client`'s server connection and returns that backend's PID.
