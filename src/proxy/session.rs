@@ -17,7 +17,7 @@ use super::auth::scram::{ScramError, ScramServer};
 use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
-use super::protocol::codec::{split_buffered, CodecError};
+use super::protocol::codec::{queue, split_buffered, try_queue, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::settings::{self, SettingChange};
@@ -418,7 +418,8 @@ struct Session {
     /// The server is in copy-in mode.
     copy_in: bool,
     /// The client's last unnamed Parse, and whether the current server connection has it.
-    unnamed: Option<Bytes>,
+    /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
+    unnamed: Vec<u8>,
     unnamed_here: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
@@ -481,7 +482,7 @@ impl Session {
             wanted,
             outstanding: 0,
             owed_parse_complete: 0,
-            unnamed: None,
+            unnamed: Vec::new(),
             unnamed_here: false,
             lost_transaction: false,
             group_prepared: Vec::new(),
@@ -738,7 +739,9 @@ impl Session {
             return false;
         };
         for frame in frames {
-            if server.writer.feed(frame).await.is_err() {
+            if !try_queue(&mut server.writer, &frame)
+                && queue(&mut server.writer, &frame).await.is_err()
+            {
                 return self.server_lost().await;
             }
         }
@@ -823,7 +826,9 @@ impl Session {
             .server
             .as_ref()
             .is_some_and(|s| !s.reader.read_buffer().is_empty());
-        if self.client_w.feed(frame).await.is_err() {
+        if !try_queue(&mut self.client_w, &frame)
+            && queue(&mut self.client_w, &frame).await.is_err()
+        {
             return false;
         }
         if (ready || !more_coming) && self.client_w.flush().await.is_err() {
@@ -942,7 +947,7 @@ impl Session {
         self.pending.parse += 1;
         let placeholder = frontend::Parse {
             name: server_name,
-            query: "SELECT",
+            query: b"SELECT",
             rest: &[0, 0],
         };
         smallvec![
@@ -1028,8 +1033,10 @@ impl Session {
         }
         if message.name.is_empty() {
             // A copy: a frame shares the read buffer's allocation, and holding it would make
-            // every later read allocate a new buffer.
-            self.unnamed = Some(Bytes::copy_from_slice(&frame));
+            // every later read allocate a new buffer. Copied into the same buffer each time:
+            // most clients send an unnamed Parse with every query.
+            self.unnamed.clear();
+            self.unnamed.extend_from_slice(&frame);
             self.unnamed_here = true;
             return smallvec![frame];
         }
@@ -1060,17 +1067,24 @@ impl Session {
     /// prepare_threshold=0 prepares it), and LISTEN in transaction mode is refused. Returns
     /// the Parse to handle instead (the refusal under the client's name), if any.
     fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Option<Bytes> {
-        let scan = inspect::scan(message.query.as_bytes());
+        let scan = inspect::scan(message.query);
         if self.mode() == PoolMode::Transaction && scan.listen {
             let refused = frontend::Parse {
                 name: message.name,
-                query: REFUSE_LISTEN,
+                query: REFUSE_LISTEN.as_bytes(),
                 rest: &[0, 0],
             };
             return Some(frontend::rename_parse(&refused, message.name));
         }
         if scan.changes_session {
-            self.track_setting(message.query);
+            match std::str::from_utf8(message.query) {
+                Ok(text) => {
+                    self.track_setting(text);
+                }
+                // Not UTF-8 (another client_encoding): what it sets cannot be read, so the
+                // connection does not go to another client afterwards.
+                Err(_) => self.dirty = true,
+            }
         }
         None
     }
@@ -1141,14 +1155,12 @@ impl Session {
     /// the client's (it was parsed in an earlier sync group, on another connection): the
     /// client's last unnamed Parse goes first.
     fn with_unnamed(&mut self, frame: Bytes) -> Frames {
-        match &self.unnamed {
-            Some(parse) if !self.unnamed_here => {
-                self.unnamed_here = true;
-                self.pending.parse += 1;
-                smallvec![parse.clone(), frame]
-            }
-            _ => smallvec![frame],
+        if self.unnamed.is_empty() || self.unnamed_here {
+            return smallvec![frame];
         }
+        self.unnamed_here = true;
+        self.pending.parse += 1;
+        smallvec![Bytes::copy_from_slice(&self.unnamed), frame]
     }
 
     fn bind(&mut self, frame: Bytes) -> Frames {
@@ -1549,13 +1561,13 @@ async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> 
 
 /// The name a statement gets on server connections: from its text and parameter types, so
 /// the same statement is prepared once per server connection whichever client asks.
-fn statement_name(query: &str, param_types: &[u8]) -> String {
+fn statement_name(query: &[u8], param_types: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     // A cryptographic hash: a client must not be able to make its statement's name collide
     // with another client's.
     let mut hasher = Sha256::new();
     hasher.update((query.len() as u64).to_be_bytes());
-    hasher.update(query.as_bytes());
+    hasher.update(query);
     hasher.update(param_types);
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
@@ -1569,16 +1581,16 @@ mod tests {
     #[test]
     fn statement_names_depend_on_text_and_types() {
         assert_eq!(
-            statement_name("SELECT 1", &[0, 0]),
-            statement_name("SELECT 1", &[0, 0])
+            statement_name(b"SELECT 1", &[0, 0]),
+            statement_name(b"SELECT 1", &[0, 0])
         );
         assert_ne!(
-            statement_name("SELECT 1", &[0, 0]),
-            statement_name("SELECT 2", &[0, 0])
+            statement_name(b"SELECT 1", &[0, 0]),
+            statement_name(b"SELECT 2", &[0, 0])
         );
         assert_ne!(
-            statement_name("SELECT $1", &[0, 1, 0, 0, 0, 23]),
-            statement_name("SELECT $1", &[0, 1, 0, 0, 0, 25])
+            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23]),
+            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 25])
         );
     }
 }

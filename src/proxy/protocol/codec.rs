@@ -2,7 +2,9 @@
 //! (header included), so they can be forwarded without copying or parsing.
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
+use futures_util::SinkExt;
+use tokio::io::AsyncWrite;
+use tokio_util::codec::{Decoder, Encoder, FramedWrite};
 
 /// PostgreSQL's own limit for a startup packet.
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -143,6 +145,31 @@ impl Decoder for PgCodec {
     }
 }
 
+/// Puts a frame in `writer`'s buffer, as `SinkExt::feed` would, but without its trip through a
+/// future, a readiness check and the encoder for every frame the proxy forwards. Past the
+/// writer's backpressure boundary the buffer is flushed first (as `feed` does), so a large
+/// result or COPY is never held whole; only then is there anything to wait for.
+pub async fn queue<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, PgCodec>,
+    frame: &[u8],
+) -> Result<(), CodecError> {
+    if writer.write_buffer().len() >= writer.backpressure_boundary() {
+        writer.flush().await?;
+    }
+    writer.write_buffer_mut().extend_from_slice(frame);
+    Ok(())
+}
+
+/// [`queue`] when the buffer has room, without a future; false when it must be flushed first.
+#[inline]
+pub fn try_queue<W>(writer: &mut FramedWrite<W, PgCodec>, frame: &[u8]) -> bool {
+    if writer.write_buffer().len() >= writer.backpressure_boundary() {
+        return false;
+    }
+    writer.write_buffer_mut().extend_from_slice(frame);
+    true
+}
+
 impl Encoder<Bytes> for PgCodec {
     type Error = CodecError;
 
@@ -155,6 +182,24 @@ impl Encoder<Bytes> for PgCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn queued_frames_wait_in_the_buffer_until_it_is_full() {
+        let mut writer = FramedWrite::new(Vec::new(), PgCodec::typed());
+        writer.set_backpressure_boundary(8);
+        assert!(try_queue(&mut writer, b"Z\0\0\0\x05I"));
+        assert!(
+            writer.get_ref().is_empty(),
+            "nothing written before a flush"
+        );
+        assert!(try_queue(&mut writer, b"Z\0\0\0\x05I"));
+        // Past the boundary: try_queue leaves it to queue, which flushes first.
+        assert!(!try_queue(&mut writer, b"Z\0\0\0\x05T"));
+        assert_eq!(writer.write_buffer().len(), 12);
+        queue(&mut writer, b"Z\0\0\0\x05T").await.unwrap();
+        assert_eq!(writer.get_ref().len(), 12);
+        assert_eq!(&writer.write_buffer()[..], b"Z\0\0\0\x05T");
+    }
 
     fn typed(bytes: &[u8]) -> Result<Option<Frame>, CodecError> {
         PgCodec::typed().decode(&mut BytesMut::from(bytes))

@@ -5,20 +5,21 @@
 use bytes::{BufMut, Bytes};
 
 use super::codec::body;
-use super::{message, put_cstr, read_cstr};
+use super::{message, put_cstr, read_cbytes, read_cstr};
 
 /// Parse: statement name, query, and the rest (parameter types) as it came, borrowed from the
-/// frame (the hot path allocates nothing to look at a message).
+/// frame (the hot path allocates nothing to look at a message). The query stays bytes: it is
+/// in the client's encoding, and most Parses need no more than a look at its first words.
 pub struct Parse<'a> {
     pub name: &'a str,
-    pub query: &'a str,
+    pub query: &'a [u8],
     pub rest: &'a [u8],
 }
 
 pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
     let mut buf = body(frame);
     let name = read_cstr(&mut buf)?;
-    let query = read_cstr(&mut buf)?;
+    let query = read_cbytes(&mut buf)?;
     Some(Parse {
         name,
         query,
@@ -30,7 +31,8 @@ pub fn parse_message(frame: &Bytes) -> Option<Parse<'_>> {
 pub fn rename_parse(parse: &Parse<'_>, name: &str) -> Bytes {
     message(b'P', |b| {
         put_cstr(b, name);
-        put_cstr(b, parse.query);
+        b.put_slice(parse.query);
+        b.put_u8(0);
         b.put_slice(parse.rest);
     })
 }
@@ -89,12 +91,12 @@ mod tests {
             b.put_slice(&[0, 1, 0, 0, 0, 23]);
         });
         let p = parse_message(&parse).unwrap();
-        assert_eq!((p.name, p.query), ("s1", "SELECT $1"));
+        assert_eq!((p.name, p.query), ("s1", &b"SELECT $1"[..]));
         let renamed = rename_parse(&p, "sy_1");
         let q = parse_message(&renamed).unwrap();
         assert_eq!(
             (q.name, q.query, q.rest),
-            ("sy_1", "SELECT $1", &[0u8, 1, 0, 0, 0, 23][..])
+            ("sy_1", &b"SELECT $1"[..], &[0u8, 1, 0, 0, 0, 23][..])
         );
 
         let bind = message(b'B', |b| {
@@ -107,6 +109,22 @@ mod tests {
         let renamed = rename_bind(&bind, portal, "sy_1", rest_at);
         assert_eq!(bind_statement(&renamed).unwrap().1, "sy_1");
         assert_eq!(&renamed[renamed.len() - 6..], &[0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_parse_in_another_encoding_keeps_its_bytes() {
+        // "SELECT 'é'" in LATIN1: not UTF-8, and still a statement to track and rename.
+        let query = b"SELECT '\xe9'";
+        let parse = message(b'P', |b| {
+            put_cstr(b, "s1");
+            b.put_slice(query);
+            b.put_u8(0);
+            b.put_slice(&[0, 0]);
+        });
+        let p = parse_message(&parse).unwrap();
+        assert_eq!((p.name, p.query), ("s1", &query[..]));
+        let renamed = rename_parse(&p, "sy_1");
+        assert_eq!(parse_message(&renamed).unwrap().query, &query[..]);
     }
 
     #[test]

@@ -28,8 +28,20 @@ pub(crate) fn put_cstr(buf: &mut BytesMut, s: &str) {
 
 /// A NUL-terminated UTF-8 string at the front of `buf`, borrowed; `buf` moves past it.
 pub(crate) fn read_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
-    let end = memchr::memchr(0, buf)?;
-    let text = std::str::from_utf8(&buf[..end]).ok()?;
-    *buf = &buf[end + 1..];
+    let mut rest = *buf;
+    let text = std::str::from_utf8(read_cbytes(&mut rest)?).ok()?;
+    *buf = rest;
     Some(text)
+}
+
+/// The same, as bytes in whatever encoding they came.
+pub(crate) fn read_cbytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    // Most statement and portal names are empty (the unnamed ones): no search for those.
+    let end = match buf.first() {
+        Some(0) => 0,
+        _ => memchr::memchr(0, buf)?,
+    };
+    let bytes = &buf[..end];
+    *buf = &buf[end + 1..];
+    Some(bytes)
 }
