@@ -620,16 +620,73 @@ impl Session {
 
     /// A client message, then the others the same read brought (a pipeline, or Parse, Bind,
     /// Execute and Sync in one packet), handled without a trip through the select loop.
+    ///
+    /// Mid-transaction, a message needs no more than [`Session::route`] and a place in the
+    /// server writer's buffer, without a future of its own (the extended protocol sends five
+    /// per query); [`Session::before_forwarding`] is awaited only for the others. What is
+    /// queued goes out in one write, once the client has nothing more buffered.
     async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
         loop {
-            if !self.on_client_frame(frame).await {
-                return false;
+            metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
+            let forward = if self.in_transaction() && tag(&frame) != b'X' {
+                Some(frame)
+            } else {
+                match self.before_forwarding(frame).await {
+                    Next::Forward(frame) => Some(frame),
+                    Next::Handled => None,
+                    Next::End => return false,
+                }
+            };
+            if let Some(frame) = forward {
+                if let Err(rest) = self.queue_for_server(frame) {
+                    if !self.queue_after_flush(rest).await {
+                        return false;
+                    }
+                }
             }
             match split_buffered(self.client_r.read_buffer_mut(), false) {
                 Some(next) => frame = next,
-                None => return true,
+                None => break,
             }
         }
+        let Some(server) = self.server.as_mut() else {
+            return true;
+        };
+        if server.writer.write_buffer().is_empty() || !self.client_r.read_buffer().is_empty() {
+            return true;
+        }
+        server.writer.flush().await.is_ok() || self.server_lost().await
+    }
+
+    /// Puts what a client message becomes ([`Session::route`]) in the server writer's buffer.
+    /// What does not fit (the buffer is full) is given back, for [`Session::queue_after_flush`].
+    fn queue_for_server(&mut self, frame: Bytes) -> Result<(), Frames> {
+        let frames = self.route(frame);
+        let Some(server) = self.server.as_mut() else {
+            // Not reached (a message is forwarded only with a server connection attached);
+            // if it were, queue_after_flush ends the session rather than lose the message.
+            return Err(frames);
+        };
+        match frames
+            .iter()
+            .position(|f| !try_queue(&mut server.writer, f))
+        {
+            None => Ok(()),
+            Some(queued) => Err(frames.into_iter().skip(queued).collect()),
+        }
+    }
+
+    /// The frames a full buffer left out, after a flush makes room.
+    async fn queue_after_flush(&mut self, frames: Frames) -> bool {
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        for frame in frames {
+            if queue(&mut server.writer, &frame).await.is_err() {
+                return self.server_lost().await;
+            }
+        }
+        true
     }
 
     /// The same for server messages, as long as the same server connection is attached.
@@ -649,17 +706,19 @@ impl Session {
         }
     }
 
-    async fn on_client_frame(&mut self, frame: Bytes) -> bool {
-        metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
+    /// What a client message needs before it can go to a server: a server connection (or
+    /// none, for what the proxy answers itself), a turn in session mode, or an error.
+    async fn before_forwarding(&mut self, frame: Bytes) -> Next {
         // Terminate ends the session; the server connection is the pool's, never told.
         if tag(&frame) == b'X' {
-            return false;
+            return Next::End;
         }
         if self.lost_transaction {
             self.lost_transaction = false;
-            return self
-                .fail_until_sync(&frame, &Fatal::new("08006", LOST))
-                .await;
+            return Next::after(
+                self.fail_until_sync(&frame, &Fatal::new("08006", LOST))
+                    .await,
+            );
         }
         if self.server.is_none() {
             match tag(&frame) {
@@ -667,14 +726,15 @@ impl Session {
                 // prepared on whichever server connection first runs it. (A client that
                 // prepares synchronously while its other sessions hold every server
                 // connection, as pgbench does, would otherwise wait for ever.)
-                b'P' if self.remember_parse(&frame) => return true,
+                b'P' if self.remember_parse(&frame) => return Next::Handled,
                 // Nothing else pending: answer a Sync or Flush ourselves.
                 b'S' => {
-                    return self
-                        .answer_locally(Some(backend::ready_for_query(b'I')))
-                        .await
+                    return Next::after(
+                        self.answer_locally(Some(backend::ready_for_query(b'I')))
+                            .await,
+                    )
                 }
-                b'H' => return self.answer_locally(None).await,
+                b'H' => return Next::after(self.answer_locally(None).await),
                 _ => {}
             }
             if self.shared.is_shutting_down() {
@@ -684,22 +744,34 @@ impl Session {
                     "terminating connection: the proxy is shutting down",
                 );
                 let _ = self.client_w.send(bye).await;
-                return false;
+                return Next::End;
             }
             if let Err(error) = self.attach(true).await {
-                return self.fail_until_sync(&frame, &error).await;
+                return Next::after(self.fail_until_sync(&frame, &error).await);
             }
             if !self.answer_locally(None).await {
-                return false;
+                return Next::End;
             }
         } else if !self.in_turn {
             // Session mode, between transactions.
             self.begin_turn().await;
             if let Err(error) = self.follow_switch().await {
-                return self.fail_until_sync(&frame, &error).await;
+                return Next::after(self.fail_until_sync(&frame, &error).await);
             }
             self.show_running();
         }
+        Next::Forward(frame)
+    }
+
+    /// A server connection is attached and the session is in its turn: a client message goes
+    /// straight to the server.
+    fn in_transaction(&self) -> bool {
+        self.server.is_some() && self.in_turn && !self.lost_transaction
+    }
+
+    /// Notes what a client message does to the session's state, and gives what goes to the
+    /// server in its place (itself, renamed, or with what must come first).
+    fn route(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
         // Messages of a sync group not yet closed by its Sync: the connection must stay.
         self.unsynced = match kind {
@@ -712,7 +784,7 @@ impl Session {
             b'c' | b'f' => self.copy_in = false,
             _ => {}
         }
-        let frames = match kind {
+        match kind {
             b'Q' => {
                 self.outstanding += 1;
                 metrics::add(&self.metrics().queries, 1);
@@ -733,22 +805,7 @@ impl Session {
             b'B' => self.bind(frame),
             b'D' | b'C' => self.describe_or_close(frame),
             _ => smallvec![frame],
-        };
-        let more_coming = !self.client_r.read_buffer().is_empty();
-        let Some(server) = self.server.as_mut() else {
-            return false;
-        };
-        for frame in frames {
-            if !try_queue(&mut server.writer, &frame)
-                && queue(&mut server.writer, &frame).await.is_err()
-            {
-                return self.server_lost().await;
-            }
         }
-        if !more_coming && server.writer.flush().await.is_err() {
-            return self.server_lost().await;
-        }
-        true
     }
 
     async fn on_server_frame(&mut self, frame: Bytes) -> bool {
@@ -1523,6 +1580,27 @@ async fn checkout(
 enum Waited {
     Pool(bb8::RunError<super::pool::ServerError>),
     Cancelled,
+}
+
+/// What becomes of a client message after [`Session::before_forwarding`].
+enum Next {
+    /// It goes to the server connection now attached.
+    Forward(Bytes),
+    /// The proxy answered it (or failed its sync group), and the session goes on.
+    Handled,
+    /// The session ends.
+    End,
+}
+
+impl Next {
+    /// `Handled` if the session goes on, `End` if not.
+    fn after(carry_on: bool) -> Next {
+        if carry_on {
+            Next::Handled
+        } else {
+            Next::End
+        }
+    }
 }
 
 enum Event {

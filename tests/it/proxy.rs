@@ -400,6 +400,42 @@ async fn copy_both_ways_and_listen_refused_in_transaction_mode() {
         .expect("the session goes on");
 }
 
+/// Thousands of small CopyData messages arrive a read at a time: the proxy's buffer towards the
+/// server fills and is flushed part-way through a read, and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_copy_messages_fill_the_server_buffer_and_all_arrive() {
+    use futures_util::SinkExt;
+    let db = TestDb::new("proxy_copy_many").await;
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE lines (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let client = proxy.client().await;
+    let sink = client.copy_in("COPY lines FROM STDIN").await.unwrap();
+    let mut sink = Box::pin(sink);
+    let rows = 20_000;
+    for i in 1..=rows {
+        let line = format!("{i}\tline {i} {}\n", "x".repeat(i % 50));
+        sink.feed(bytes::Bytes::from(line)).await.unwrap();
+    }
+    assert_eq!(sink.as_mut().finish().await.unwrap(), rows as u64);
+    let row = client
+        .query_one(
+            "SELECT count(*), sum(id), sum(length(body)) FROM lines WHERE body = 'line ' || id || ' ' || repeat('x', id % 50)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let expected_length: i64 = (1..=rows as i64)
+        .map(|i| format!("line {i} ").len() as i64 + i % 50)
+        .sum();
+    assert_eq!(row.get::<_, i64>(0), rows as i64);
+    assert_eq!(row.get::<_, i64>(1), (rows as i64) * (rows as i64 + 1) / 2);
+    assert_eq!(row.get::<_, i64>(2), expected_length);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_the_right_query_only() {
     let db = TestDb::new("proxy_cancel").await;
