@@ -153,14 +153,15 @@ pub async fn queue<W: AsyncWrite + Unpin>(
     writer: &mut FramedWrite<W, PgCodec>,
     frame: &[u8],
 ) -> Result<(), CodecError> {
-    if writer.write_buffer().len() >= writer.backpressure_boundary() {
+    if !try_queue(writer, frame) {
         writer.flush().await?;
+        writer.write_buffer_mut().extend_from_slice(frame);
     }
-    writer.write_buffer_mut().extend_from_slice(frame);
     Ok(())
 }
 
-/// [`queue`] when the buffer has room, without a future; false when it must be flushed first.
+/// [`queue`] when the buffer has room, without a future; false (and nothing queued) when it
+/// must be flushed first. Hot paths call it before `queue`, so that a frame costs no future.
 #[inline]
 pub fn try_queue<W>(writer: &mut FramedWrite<W, PgCodec>, frame: &[u8]) -> bool {
     if writer.write_buffer().len() >= writer.backpressure_boundary() {
