@@ -115,6 +115,9 @@ pub struct CancelTarget {
     pub secret_key: i32,
     pub user: Arc<str>,
     pub since: std::time::Instant,
+    /// The server connection's count of cancels on their way (see
+    /// [`pool::server::ServerConn::cancels_in_flight`]).
+    pub cancels_in_flight: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// What a CancelRequest for one session reaches: where its query runs, or, while the query
@@ -147,13 +150,22 @@ impl Cancel {
     }
 
     /// A CancelRequest for this session: where to forward it, or None when nothing runs on a
-    /// server (then it ends a wait for a server connection, if one is on).
+    /// server (then it ends a wait for a server connection, if one is on). A target comes
+    /// with its connection's in-flight count raised, counted under the lock the session
+    /// clears the target under: a session that has cleared it and then reads a count of
+    /// zero knows no cancel can still reach the connection. The caller lowers the count
+    /// once PostgreSQL has acted on the cancel.
     pub fn cancel(&self) -> Option<CancelTarget> {
         let running = self.running_slot();
-        if running.is_none() {
-            // Counted under the lock: see [`Cancel::start_running`].
-            self.unanswered.fetch_add(1, Ordering::SeqCst);
-            self.unanswered_changed.notify_waiters();
+        match running.as_ref() {
+            Some(target) => {
+                target.cancels_in_flight.fetch_add(1, Ordering::SeqCst);
+            }
+            None => {
+                // Counted under the lock: see [`Cancel::start_running`].
+                self.unanswered.fetch_add(1, Ordering::SeqCst);
+                self.unanswered_changed.notify_waiters();
+            }
         }
         running.clone()
     }

@@ -351,19 +351,42 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let Some(target) = slot.and_then(|slot| slot.cancel()) else {
         return;
     };
+    let _in_flight = InFlight(&target.cancels_in_flight);
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(
         target.process_id,
         target.secret_key,
         &mut buf,
     );
-    match TcpStream::connect(target.addr).await {
-        Ok(mut stream) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = stream.write_all(&buf).await;
-            let _ = stream.shutdown().await;
+    let exchange = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(target.addr).await?;
+        stream.write_all(&buf).await?;
+        // PostgreSQL closes the connection once it has signalled the backend: from then on
+        // the cancel can only hit what that backend runs now.
+        let mut rest = [0u8; 64];
+        while stream.read(&mut rest).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(CANCEL_DELIVERY, exchange).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot forward a cancel request: {e}"),
+        Err(_) => {
+            tracing::warn!("a forwarded cancel request got no answer within {CANCEL_DELIVERY:?}")
         }
-        Err(e) => tracing::warn!("cannot forward a cancel request: {e}"),
+    }
+}
+
+/// How long a forwarded cancel counts as on its way at most. A server connection released
+/// with one on its way is closed rather than reused, so this bounds nothing but the count.
+const CANCEL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A forwarded cancel on its way: lowers the connection's count when done, however it ends.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -428,7 +451,6 @@ struct Session {
     groups: std::collections::VecDeque<Skips>,
     /// ... and for the messages sent since the last Sync.
     pending: Skips,
-    swallow_until_ready: u32,
     /// The last transaction status the server reported.
     status: u8,
     /// When the server connection was taken, for the latency histogram.
@@ -492,7 +514,6 @@ impl Session {
             dirty: false,
             groups: std::collections::VecDeque::new(),
             pending: Skips::default(),
-            swallow_until_ready: 0,
             status: b'I',
             attached_at: std::time::Instant::now(),
             application_name,
@@ -810,23 +831,6 @@ impl Session {
 
     async fn on_server_frame(&mut self, frame: Bytes) -> bool {
         let kind = tag(&frame);
-        if self.swallow_until_ready > 0 {
-            match kind {
-                b'S' => self.note_parameter(&frame, false),
-                b'Z' => self.swallow_until_ready -= 1,
-                b'E' => {
-                    // The connection's settings are not what the proxy believes: it is closed
-                    // after this transaction.
-                    self.dirty = true;
-                    if let Some(server) = self.server.as_mut() {
-                        server.applied.clear();
-                    }
-                    tracing::warn!(user = %self.user, "re-applying session settings failed: {}", backend::error_fields(body(&frame)).1)
-                }
-                _ => {}
-            }
-            return true;
-        }
         match kind {
             b'1' if self.answering().parse > 0 => {
                 self.answering().parse -= 1;
@@ -837,7 +841,7 @@ impl Session {
                 return true;
             }
             b'S' => {
-                self.note_parameter(&frame, true);
+                self.note_parameter(&frame);
                 if let Some(rewritten) = self.client_view_of_parameter(&frame) {
                     return self.client_w.send(rewritten).await.is_ok();
                 }
@@ -913,21 +917,22 @@ impl Session {
         }
     }
 
-    /// A ParameterStatus from the server: the server connection's value changed, and, when the
-    /// client caused it, it is now one of the client's settings.
-    fn note_parameter(&mut self, frame: &Bytes, by_client: bool) {
+    /// A ParameterStatus from the server in the client's transaction: the server connection's
+    /// value changed, and, as the client caused it, it is now one of the client's settings.
+    fn note_parameter(&mut self, frame: &Bytes) {
         let mut b = body(frame);
         let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) else {
             return;
         };
         let name = name.to_ascii_lowercase();
+        let passed_to_server = settings::passed_to_server(&name);
         if let Some(server) = self.server.as_mut() {
             server.params.insert(name.clone(), value.clone());
-            if by_client && settings::passed_to_server(&name) {
+            if passed_to_server {
                 server.applied.insert(name.clone(), sql::literal(&value));
             }
         }
-        if by_client && settings::passed_to_server(&name) {
+        if passed_to_server {
             self.wanted.insert(name, sql::literal(&value));
         }
     }
@@ -1267,6 +1272,48 @@ impl Session {
         out
     }
 
+    /// Brings a server connection's settings in line with the client's before the client's
+    /// transaction is sent: a setting that fails to apply (its value became invalid, as a
+    /// text search configuration that was dropped, or after a switch to a server that lacks
+    /// the parameter) fails that transaction, rather than letting it run with what the
+    /// connection's last client set. The failed settings are no longer kept for the session,
+    /// and the error says so, so that the client's next transaction can run.
+    async fn reapply_settings(
+        &mut self,
+        server: &mut ServerConn,
+        changes: &[settings::Change],
+    ) -> Result<(), Fatal> {
+        let broke = |_| Fatal::new("08006", "the server connection broke");
+        // One Query each, sent together: each gets its own answer, and one that fails
+        // leaves the others applied.
+        let mut queries = BytesMut::new();
+        for change in changes {
+            queries.extend_from_slice(&frontend::query(&change.statement));
+        }
+        server.send(queries.freeze()).await.map_err(broke)?;
+        let mut failed: Option<Fatal> = None;
+        for change in changes {
+            loop {
+                let frame = server.recv().await.map_err(broke)?;
+                match tag(&frame) {
+                    b'S' => remember_parameter(server, &frame),
+                    b'E' => {
+                        let (code, message) = backend::error_fields(body(&frame));
+                        self.wanted.remove(&change.name);
+                        server.applied.remove(&change.name);
+                        failed.get_or_insert(Fatal::new(code, format!(
+                            "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
+                            change.name
+                        )));
+                    }
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), Fatal> {
@@ -1309,18 +1356,19 @@ impl Session {
         if server.home != self.shard {
             metrics::add(&self.metrics().borrowed, 1);
         }
-        let statements = if apply_settings {
+        let changes = if apply_settings {
             settings::reconcile(&self.wanted, &mut server.applied)
         } else {
-            None
+            Vec::new()
         };
-        if let Some(statements) = statements {
-            if server.send(frontend::query(&statements)).await.is_err() {
+        if !changes.is_empty() {
+            if let Err(error) = self.reapply_settings(&mut server, &changes).await {
+                tracing::warn!(user = %self.user, "re-applying session settings failed: {}", error.message);
                 server.broken = true;
                 self.end_turn();
-                return Err(Fatal::new("08006", "the server connection broke"));
+                self.give_back(server, side);
+                return Err(error);
             }
-            self.swallow_until_ready += 1;
         }
         self.server = Some(server);
         self.server_side = side;
@@ -1400,6 +1448,7 @@ impl Session {
             secret_key: server.secret_key,
             user: self.user.clone(),
             since: self.attached_at,
+            cancels_in_flight: server.cancels_in_flight.clone(),
         }
     }
 
@@ -1434,7 +1483,6 @@ impl Session {
             && self.outstanding == 0
             && self.unsynced == 0
             && !self.copy_in
-            && self.swallow_until_ready == 0
             && !self.dirty;
         let needs_reset = ending && self.mode() == PoolMode::Session;
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
@@ -1442,7 +1490,6 @@ impl Session {
         }
         self.groups.clear();
         self.pending = Skips::default();
-        self.swallow_until_ready = 0;
         self.outstanding = 0;
         self.unsynced = 0;
         self.syncs_since_execute = 0;
@@ -1450,13 +1497,25 @@ impl Session {
         self.dirty = false;
         self.status = b'I';
         server.idle_since = now;
-        self.give_back(server, self.server_side);
+        // The turn ends first: it clears where this session's cancels go, so none is
+        // forwarded to the connection once another client may hold it.
         self.end_turn();
+        self.give_back(server, self.server_side);
     }
 
     /// Hands a server connection back to the pool it came from (another worker's, if it was
-    /// borrowed).
-    fn give_back(&self, server: Pooled, side: Side) {
+    /// borrowed). One that a forwarded cancel may still reach is closed instead: the cancel
+    /// would stop another client's query. Call it after the session's cancel target is
+    /// cleared ([`Session::end_turn`]).
+    fn give_back(&self, mut server: Pooled, side: Side) {
+        if server
+            .cancels_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            tracing::debug!(user = %self.user, "a cancel is on its way to the server connection: closed");
+            server.broken = true;
+        }
         let home = if server.home == self.shard {
             Some(&self.pools[super::side_index(side)])
         } else {
@@ -1635,6 +1694,14 @@ async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> 
     server.prepared.clear();
     server.applied.clear();
     Ok(())
+}
+
+/// Keeps a ParameterStatus the server sent in the connection's view of its parameters.
+fn remember_parameter(server: &mut ServerConn, frame: &Bytes) {
+    let mut b = body(frame);
+    if let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) {
+        server.params.insert(name.to_ascii_lowercase(), value);
+    }
 }
 
 /// The name a statement gets on server connections: from its text and parameter types, so

@@ -121,32 +121,44 @@ pub fn passed_to_server(name: &str) -> bool {
     )
 }
 
+/// One statement of [`reconcile`]: the setting it changes, and the SQL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Change {
+    pub name: String,
+    pub statement: String,
+}
+
 /// The statements that make a server connection's settings (`applied`, name → value SQL)
-/// equal to a client's (`wanted`), updating `applied`. `None` when they already are.
+/// equal to a client's (`wanted`), updating `applied`. Empty when they already are.
 pub fn reconcile(
     wanted: &BTreeMap<String, String>,
     applied: &mut BTreeMap<String, String>,
-) -> Option<String> {
+) -> Vec<Change> {
     // The common case, a client that changed nothing: no work per transaction.
     if wanted == applied {
-        return None;
+        return Vec::new();
     }
-    let mut statements = Vec::new();
+    let mut changes = Vec::new();
     applied.retain(|name, _| {
         let keep = wanted.contains_key(name);
         if !keep {
-            statements.push(format!("RESET {}", sql::ident(name)));
+            changes.push(Change {
+                name: name.clone(),
+                statement: format!("RESET {}", sql::ident(name)),
+            });
         }
         keep
     });
     for (name, value) in wanted {
         if applied.get(name) != Some(value) {
-            statements.push(format!("SET {} = {value}", sql::ident(name)));
+            changes.push(Change {
+                name: name.clone(),
+                statement: format!("SET {} = {value}", sql::ident(name)),
+            });
             applied.insert(name.clone(), value.clone());
         }
     }
-    // One statement per line: a comment at the end of a value cannot swallow the next one.
-    (!statements.is_empty()).then(|| statements.join(";\n"))
+    changes
 }
 
 #[cfg(test)]
@@ -227,10 +239,14 @@ mod tests {
     fn reconcile_sets_what_differs_and_resets_what_is_extra() {
         let wanted = BTreeMap::from([("timezone".to_string(), "'UTC'".to_string())]);
         let mut applied = BTreeMap::from([("work_mem".to_string(), "'64MB'".to_string())]);
+        let statements: Vec<_> = reconcile(&wanted, &mut applied)
+            .into_iter()
+            .map(|change| change.statement)
+            .collect();
         assert_eq!(
-            reconcile(&wanted, &mut applied).as_deref(),
-            Some("RESET \"work_mem\";\nSET \"timezone\" = 'UTC'")
+            statements,
+            ["RESET \"work_mem\"", "SET \"timezone\" = 'UTC'"]
         );
-        assert_eq!(reconcile(&wanted, &mut applied), None);
+        assert_eq!(reconcile(&wanted, &mut applied), []);
     }
 }

@@ -345,6 +345,11 @@ impl Cluster {
         }
     }
 
+    /// The postmaster's process id.
+    pub fn pid(&self) -> u32 {
+        *self.pid.lock().expect("pid lock")
+    }
+
     /// Fast shutdown.
     pub fn stop(&self) {
         let pid = *self.pid.lock().expect("pid lock");

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
-use crate::common::servers::free_port;
+use crate::common::servers::{free_port, Cluster, Flavor};
 use crate::common::TestDb;
 
 pub const TOKEN: &str = "test-admin-token";
@@ -466,6 +466,131 @@ async fn cancel_reaches_the_right_query_only() {
             .expect("the other client's query was not cancelled"),
         42
     );
+}
+
+/// A cancel that reaches PostgreSQL only after the query it was meant for has ended must not
+/// stop the next client's query on that server connection. The postmaster, which turns a
+/// cancel request into a signal, is stopped while the first query ends, so the cancel is on
+/// its way when the connection is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_still_on_its_way_does_not_reach_the_next_client() {
+    // A source of its own: stopping the shared postmaster would stall the other tests.
+    let source: &'static Cluster = Box::leak(Box::new(Cluster::start(Flavor::Source15)));
+    let db = TestDb::on("proxy_late_cancel", source, crate::common::target()).await;
+    // One worker: both clients share the one connection.
+    let proxy = Proxy::start(&db, "transaction", 1, "workers = 1").await;
+    let (a, b) = (proxy.client().await, proxy.client().await);
+    // The pool's one connection, opened before the postmaster stops.
+    b.batch_execute("SELECT 1").await.expect("warm the pool");
+
+    let token = a.cancel_token();
+    let first = tokio::spawn(async move { a.query_one("SELECT pg_sleep(1), 1", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = Stopped::postmaster(source);
+    let cancel = tokio::spawn(async move { token.cancel_query(NoTls).await });
+    let first = first.await.unwrap();
+    assert!(
+        first.is_ok(),
+        "the cancel could not reach the first query: {first:?}"
+    );
+
+    let second = tokio::spawn(async move {
+        b.query_one("SELECT pg_sleep(1.5), 42", &[])
+            .await
+            .map(|r| r.get::<_, i32>(1))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stopped);
+    assert_eq!(
+        second
+            .await
+            .unwrap()
+            .expect("the next client's query was not cancelled"),
+        42
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(10), cancel).await;
+}
+
+/// A postmaster held with SIGSTOP (its backends run on), resumed when dropped.
+struct Stopped(u32);
+
+impl Stopped {
+    fn postmaster(cluster: &Cluster) -> Stopped {
+        let pid = cluster.pid();
+        signal(pid, "-STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {which} {pid}");
+}
+
+/// A client's setting that no longer applies (the text search configuration it names was
+/// dropped) fails the transaction that needs it re-applied, with the server's error, rather
+/// than letting it run with the previous client's value; the client's next transaction runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_no_longer_applies_fails_the_transaction_not_silently() {
+    let db = TestDb::new("proxy_stale_setting").await;
+    let direct = db.source_client().await;
+    direct
+        .batch_execute("CREATE TEXT SEARCH CONFIGURATION public.sy_cfg (COPY = pg_catalog.english)")
+        .await
+        .unwrap();
+    let default = crate::common::show(&direct, "default_text_search_config").await;
+    // One worker: both clients take from the same stack of idle connections.
+    let proxy = Proxy::start(&db, "transaction", 2, "workers = 1").await;
+    let (a, b) = (proxy.client().await, proxy.client().await);
+    // Both connections open, each with one client's setting.
+    a.batch_execute("BEGIN").await.unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET default_text_search_config = 'public.sy_cfg'; COMMIT")
+        .await
+        .unwrap();
+    b.batch_execute("SET default_text_search_config = 'pg_catalog.simple'; COMMIT")
+        .await
+        .unwrap();
+    direct
+        .batch_execute("DROP TEXT SEARCH CONFIGURATION public.sy_cfg")
+        .await
+        .unwrap();
+
+    // b's connection was given back last: a's transaction lands there, and its setting
+    // cannot be applied.
+    let err = a
+        .query_one("SELECT current_setting('default_text_search_config')", &[])
+        .await
+        .expect_err("a setting that cannot be applied fails the transaction");
+    let db_error = err.as_db_error().expect("an error from the proxy");
+    assert_eq!(db_error.code().code(), "22023", "{db_error}");
+    assert!(
+        db_error.message().contains("default_text_search_config"),
+        "{db_error}"
+    );
+
+    // Next time the setting is gone, and no one else's is in its place.
+    let shown: String = a
+        .query_one("SELECT current_setting('default_text_search_config')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, default);
+    let shown: String = b
+        .query_one("SELECT current_setting('default_text_search_config')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, "pg_catalog.simple");
 }
 
 /// A query that waits for a server connection (the pool's only one is held by another

@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -117,6 +119,9 @@ pub struct ServerConn {
     /// The worker whose pool the connection belongs to, where it goes back after a
     /// transaction (another worker may borrow it).
     pub home: usize,
+    /// CancelRequests forwarded to this connection's backend that PostgreSQL has not yet
+    /// acted on: until they have, the connection must not run another client's query.
+    pub cancels_in_flight: Arc<AtomicU32>,
 }
 
 impl ServerConn {
@@ -146,6 +151,7 @@ impl ServerConn {
                 broken: false,
                 idle_since: Instant::now(),
                 home: 0,
+                cancels_in_flight: Arc::default(),
             };
             conn.login(target).await?;
             conn.reader.decoder_mut().batch_pass_through();
