@@ -17,7 +17,8 @@ const CLIENTS: i32 = 16;
 
 /// The cutover settings of these tests: short, and nested as the gate wants.
 const CUTOVER: &str = "[cutover]\ndrain_timeout = \"1s\"\ncatchup_timeout = \"2s\"\n";
-const PROXY: &str = "max_pause = \"5s\"\nquery_wait_timeout = \"20s\"";
+// Two workers, as on a machine of four cores or more (one is the default on two).
+const PROXY: &str = "max_pause = \"5s\"\nquery_wait_timeout = \"20s\"\nworkers = 2";
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id int PRIMARY KEY, counter bigint NOT NULL DEFAULT 0);

@@ -279,7 +279,8 @@ async fn pgbench_in_both_modes_and_all_query_protocols() {
     // Session mode gives each client a server connection of its own, so its pool must hold
     // all eight; transaction mode shares three.
     for (mode, pool) in [("transaction", 3), ("session", 8)] {
-        let proxy = Proxy::start(&db, mode, pool, "").await;
+        // Two workers (one is the default on two cores): a pool split between them.
+        let proxy = Proxy::start(&db, mode, pool, "workers = 2").await;
         for protocol in ["simple", "extended", "prepared"] {
             let (_, _, before) = sums(&source).await;
             let out = pgbench(
@@ -318,7 +319,8 @@ async fn prepared_statements_and_settings_across_pooled_transactions() {
         .batch_execute("CREATE TABLE hits (client int, n int, PRIMARY KEY (client, n))")
         .await
         .unwrap();
-    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    // Two workers, one connection each: a client's statements follow it across both.
+    let proxy = Proxy::start(&db, "transaction", 2, "workers = 2").await;
     let mut tasks = Vec::new();
     for c in 0..20 {
         let client = proxy.client().await;
@@ -791,7 +793,7 @@ async fn pause_holds_new_transactions_and_resume_runs_them_all() {
         .batch_execute("CREATE TABLE ticks (n int)")
         .await
         .unwrap();
-    let proxy = Proxy::start(&db, "transaction", 4, "max_pause = \"20s\"").await;
+    let proxy = Proxy::start(&db, "transaction", 4, "max_pause = \"20s\"\nworkers = 2").await;
     let (status, _) = proxy.admin("POST", "/pause", None, "").await;
     assert_eq!(status, 401, "control endpoints need the token");
 
@@ -858,7 +860,13 @@ async fn a_thousand_clients_on_a_pool_of_ten() {
     let db = TestDb::new("proxy_thousand").await;
     // A thousand SCRAM logins at once keep this test's own two cores busy: the login
     // deadline is the proxy's, not what this test is about.
-    let proxy = Proxy::start(&db, "transaction", 10, "client_login_timeout = \"120s\"").await;
+    let proxy = Proxy::start(
+        &db,
+        "transaction",
+        10,
+        "client_login_timeout = \"120s\"\nworkers = 2",
+    )
+    .await;
     let url = proxy.url();
     let mut tasks = Vec::new();
     for i in 0..1000 {

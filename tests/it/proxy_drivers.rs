@@ -114,7 +114,7 @@ async fn pool_kept(proxy: &Proxy) {
 async fn psycopg3_prepared_statements_in_transaction_mode() {
     let db = TestDb::new("proxy_psycopg").await;
     make_tables(&db, WORKERS).await;
-    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let proxy = Proxy::start(&db, "transaction", 2, "workers = 2").await;
     let mut python = Command::new("python3");
     python
         .arg(drivers_dir().join("psycopg_load.py"))
@@ -185,7 +185,7 @@ async fn pgjdbc_prepared_statements_in_transaction_mode() {
     // (prepareThreshold=1), then forced binary transfer (prepareThreshold=-1).
     let runs = [("prepareThreshold=1", 0), ("prepareThreshold=-1", WORKERS)];
     make_tables(&db, 2 * WORKERS).await;
-    let proxy = Proxy::start(&db, "transaction", 2, "").await;
+    let proxy = Proxy::start(&db, "transaction", 2, "workers = 2").await;
 
     let classes = db.dir.path().join("jdbc");
     let mut javac = Command::new("javac");
