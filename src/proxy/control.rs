@@ -83,6 +83,13 @@ impl Control {
         }
     }
 
+    /// Neither paused nor throttled: a transaction may start without waiting. A pause that
+    /// begins right after is caught by the [`Control::is_paused`] check that follows
+    /// [`Control::attached`].
+    pub fn admits_now(&self) -> bool {
+        !self.pausing.load(Ordering::SeqCst) && self.limit.load(Ordering::Relaxed) == 0
+    }
+
     /// Waits while the proxy is paused. Returns at once when it is not.
     pub async fn admit(&self) {
         // The common case, without subscribing to changes.

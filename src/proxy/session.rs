@@ -1317,17 +1317,17 @@ impl Session {
     /// Takes a server connection (waiting while the proxy is paused) and brings its session
     /// settings in line with the client's.
     async fn attach(&mut self, apply_settings: bool) -> Result<(), Fatal> {
-        // A cancel from the client ends the wait for a turn or a connection (the branch
-        // first polled completes at once in the common case).
-        let cancel = self.cancel_slot.clone();
-        let seen = cancel.unanswered();
-        let checkout = tokio::select! {
-            biased;
-            checkout = self.take_turn_and_server() => checkout,
-            () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
+        let seen = self.cancel_slot.unanswered();
+        let checkout = match self.take_turn_and_server_now() {
+            Some(found) => Ok(found),
+            None => self.wait_for_turn_and_server(seen).await,
         };
         let checkout = match checkout {
-            Ok((server, side)) if !cancel.start_running(self.running_on(&server), seen) => {
+            Ok((server, side))
+                if !self
+                    .cancel_slot
+                    .start_running(self.running_on(&server), seen) =>
+            {
                 // The cancel came with the connection: the query does not run.
                 self.give_back(server, side);
                 Err(Waited::Cancelled)
@@ -1374,6 +1374,55 @@ impl Session {
         self.server_side = side;
         self.unnamed_here = false;
         Ok(())
+    }
+
+    /// The common case of [`Session::take_turn_and_server`], without a future: the proxy is
+    /// neither paused nor throttled, and a connection given back a moment ago is on the
+    /// stack. `None` (nothing taken, nothing counted) when any of that is not so.
+    fn take_turn_and_server_now(&mut self) -> Option<(Pooled, Side)> {
+        let control = &self.shared.control;
+        if !control.admits_now() {
+            return None;
+        }
+        // Counted as active before the pause is checked again, as in begin_turn.
+        control.attached(self.shard);
+        if control.is_paused() {
+            control.detached(self.shard);
+            return None;
+        }
+        let side = self.shared.backend.side();
+        let pool = &self.pools[super::side_index(side)];
+        let now = std::time::Instant::now();
+        let server = pool.take_warm();
+        match server {
+            Some(server)
+                if now.saturating_duration_since(server.idle_since)
+                    < self.shared.settings.server_check_delay.0 =>
+            {
+                self.throttle_permit = None;
+                self.in_turn = true;
+                self.attached_at = now;
+                Some((server, side))
+            }
+            stale => {
+                // Back on top, for the checkout that follows (it checks a stale one).
+                if let Some(server) = stale {
+                    pool.give_back(server);
+                }
+                control.detached(self.shard);
+                None
+            }
+        }
+    }
+
+    /// Waits for a turn and a server connection; a cancel from the client ends the wait.
+    async fn wait_for_turn_and_server(&mut self, seen: u64) -> Result<(Pooled, Side), Waited> {
+        let cancel = self.cancel_slot.clone();
+        tokio::select! {
+            biased;
+            checkout = self.take_turn_and_server() => checkout,
+            () = cancel.cancelled_after(seen) => Err(Waited::Cancelled),
+        }
     }
 
     /// Waits for a turn (while paused), then takes a server connection of the current
