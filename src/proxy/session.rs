@@ -377,6 +377,9 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     }
 }
 
+/// SQLSTATE of a statement stopped by a cancel.
+const QUERY_CANCELED: &str = "57014";
+
 /// How long a forwarded cancel counts as on its way at most. A server connection released
 /// with one on its way is closed rather than reused, so this bounds nothing but the count.
 const CANCEL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -1299,12 +1302,18 @@ impl Session {
                     b'S' => remember_parameter(server, &frame),
                     b'E' => {
                         let (code, message) = backend::error_fields(body(&frame));
-                        self.wanted.remove(&change.name);
                         server.applied.remove(&change.name);
-                        failed.get_or_insert(Fatal::new(code, format!(
-                            "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
-                            change.name
-                        )));
+                        // The client's own cancel stops its transaction, not its settings.
+                        let error = if code == QUERY_CANCELED {
+                            Fatal::new(QUERY_CANCELED, message)
+                        } else {
+                            self.wanted.remove(&change.name);
+                            Fatal::new(code, format!(
+                                "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
+                                change.name
+                            ))
+                        };
+                        failed.get_or_insert(error);
                     }
                     b'Z' => break,
                     _ => {}
@@ -1338,7 +1347,7 @@ impl Session {
             self.end_turn();
         }
         let (mut server, side) = checkout.map_err(|e| match e {
-            Waited::Cancelled => Fatal::new("57014", "canceling statement due to user request"),
+            Waited::Cancelled => Fatal::new(QUERY_CANCELED, "canceling statement due to user request"),
             Waited::Pool(bb8::RunError::TimedOut) => {
                 metrics::add(&self.metrics().wait_timeouts, 1);
                 Fatal::new("08006", format!(
