@@ -133,7 +133,10 @@ pub struct Cancel {
     /// ends its wait when this moves, as a query on a server would end: pgjdbc sends a single
     /// cancel per statement timeout, which a proxy that dropped it would swallow.
     unanswered: std::sync::atomic::AtomicU64,
-    unanswered_changed: tokio::sync::Notify,
+    /// The session's wait for a connection, woken when `unanswered` moves. One waker, not a
+    /// Notify: only the session itself waits here, and registering it costs an atomic
+    /// swap instead of a lock and a list entry for every transaction that waits.
+    unanswered_changed: futures_util::task::AtomicWaker,
 }
 
 impl Cancel {
@@ -164,7 +167,7 @@ impl Cancel {
             None => {
                 // Counted under the lock: see [`Cancel::start_running`].
                 self.unanswered.fetch_add(1, Ordering::SeqCst);
-                self.unanswered_changed.notify_waiters();
+                self.unanswered_changed.wake();
             }
         }
         running.clone()
@@ -191,18 +194,19 @@ impl Cancel {
     }
 
     /// Returns once a cancel arrives after `seen` was read.
+    /// Only the session the slot belongs to may wait here (one waker).
     pub async fn cancelled_after(&self, seen: u64) {
-        loop {
-            let changed = self.unanswered_changed.notified();
-            tokio::pin!(changed);
-            // Registered before the count is read again: a cancel between the two is seen
-            // by one or the other.
-            changed.as_mut().enable();
+        std::future::poll_fn(|cx| {
+            // Registered before the count is read: a cancel between the two is seen by one
+            // or the other.
+            self.unanswered_changed.register(cx.waker());
             if self.unanswered() != seen {
-                return;
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
             }
-            changed.await;
-        }
+        })
+        .await
     }
 }
 
