@@ -28,6 +28,8 @@ pub struct Metrics {
     pub borrowed: AtomicU64,
     /// Checkouts that found no server connection free and waited for one.
     pub waits: AtomicU64,
+    /// Server connections released while a cancel forwarded to them was on its way.
+    pub held_for_cancel: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
@@ -74,6 +76,7 @@ impl Metrics {
                 (&total.protocol_errors, &part.protocol_errors),
                 (&total.borrowed, &part.borrowed),
                 (&total.waits, &part.waits),
+                (&total.held_for_cancel, &part.held_for_cancel),
                 (&total.latency_count, &part.latency_count),
                 (&total.latency_micros, &part.latency_micros),
             ];
@@ -108,7 +111,7 @@ impl Metrics {
             }
             let _ = writeln!(out, "{name}{labels} {value}");
         }
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             (
                 "switchyard_transactions_total",
                 "Transactions run through the proxy.",
@@ -133,6 +136,11 @@ impl Metrics {
                 "switchyard_server_connections_borrowed_total",
                 "Transactions a worker ran on another worker's server connection (its own were all busy).",
                 &self.borrowed,
+            ),
+            (
+                "switchyard_server_connections_held_for_cancel_total",
+                "Server connections held back after a transaction until PostgreSQL had acted on a cancel forwarded to them (closed if it had not within 2 s).",
+                &self.held_for_cancel,
             ),
             (
                 "switchyard_server_connection_waits_total",

@@ -248,7 +248,7 @@ async fn login(
                 process_id,
                 secret_key,
             } => {
-                forward_cancel(shared, process_id, secret_key).await;
+                forward_cancel(shared, process_id, secret_key);
                 return Ok(None);
             }
             Startup::Unsupported(message) => return Err(Fatal::new("0A000", message)),
@@ -344,23 +344,32 @@ async fn login(
 }
 
 /// Passes a CancelRequest to the server connection running that client's query, if any.
-async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+/// The delivery runs on its own: the client's login deadline must not cut it short.
+fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let slot = lock(&shared.cancels)
         .get(&(process_id, secret_key))
         .cloned();
-    let Some(target) = slot.and_then(|slot| slot.cancel()) else {
-        return;
-    };
-    let _in_flight = InFlight(&target.cancels_in_flight);
+    if let Some(target) = slot.and_then(|slot| slot.cancel()) {
+        tokio::spawn(deliver_cancel(target));
+    }
+}
+
+/// Sends a cancel to PostgreSQL and waits until it has acted on it; only then does the
+/// server connection stop counting it as on its way ([`super::Cancel::cancel`] counted it). A
+/// cancel that may have reached PostgreSQL without a confirmation (an error after it was
+/// sent, no answer within [`CANCEL_DELIVERY`]) stays counted: that connection is closed
+/// when released, never reused.
+async fn deliver_cancel(target: super::CancelTarget) {
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(
         target.process_id,
         target.secret_key,
         &mut buf,
     );
+    let mut connected = false;
     let exchange = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(target.addr).await?;
+        connected = true;
         stream.write_all(&buf).await?;
         // PostgreSQL closes the connection once it has signalled the backend: from then on
         // the cancel can only hit what that backend runs now.
@@ -368,30 +377,55 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         while stream.read(&mut rest).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    match tokio::time::timeout(CANCEL_DELIVERY, exchange).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("cannot forward a cancel request: {e}"),
-        Err(_) => {
-            tracing::warn!("a forwarded cancel request got no answer within {CANCEL_DELIVERY:?}")
+    let outcome = tokio::time::timeout(CANCEL_DELIVERY, exchange).await;
+    let delivered = match outcome {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!("cannot forward a cancel request: {e}");
+            // Never connected: the cancel cannot arrive later.
+            !connected
         }
+        Err(_) => {
+            tracing::warn!("a forwarded cancel request got no answer within {CANCEL_DELIVERY:?}");
+            false
+        }
+    };
+    if delivered {
+        target
+            .cancels_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Gives a server connection back to `pool` once no forwarded cancel is on its way to it
+/// (PostgreSQL has signalled the backend, idle by then, which ignores it), polling: a cancel
+/// takes PostgreSQL about a millisecond. Closed if that takes longer than
+/// [`CANCEL_SETTLE`], or for good when a cancel was never confirmed.
+async fn give_back_after_cancel(pool: super::pool::Pool, mut server: Pooled) {
+    let deadline = tokio::time::Instant::now() + CANCEL_SETTLE;
+    while server
+        .cancels_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+    {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!("a cancel is still on its way to a server connection: closed");
+            server.broken = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    pool.give_back(server);
+}
+
+/// How long a released server connection waits for a cancel on its way to it.
+const CANCEL_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// SQLSTATE of a statement stopped by a cancel.
 const QUERY_CANCELED: &str = "57014";
 
-/// How long a forwarded cancel counts as on its way at most. A server connection released
-/// with one on its way is closed rather than reused, so this bounds nothing but the count.
+/// How long a forwarded cancel may take to be confirmed by PostgreSQL.
 const CANCEL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A forwarded cancel on its way: lowers the connection's count when done, however it ends.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 /// Responses to messages the proxy added to a sync group (a Close and a Parse before a
 /// statement's first use on a connection), which the client must not see.
@@ -1300,18 +1334,24 @@ impl Session {
                 let frame = server.recv().await.map_err(broke)?;
                 match tag(&frame) {
                     b'S' => remember_parameter(server, &frame),
+                    // The connection is ending (terminated, the server shutting down, an idle
+                    // timeout that struck while it sat in the pool): not the setting's fault.
+                    b'E' if backend::is_fatal(body(&frame)) => {
+                        return Err(Fatal::new("08006", "the server connection broke"));
+                    }
                     b'E' => {
                         let (code, message) = backend::error_fields(body(&frame));
                         server.applied.remove(&change.name);
-                        // The client's own cancel stops its transaction, not its settings.
-                        let error = if code == QUERY_CANCELED {
-                            Fatal::new(QUERY_CANCELED, message)
-                        } else {
+                        let error = if refuses_the_setting(&code) {
                             self.wanted.remove(&change.name);
                             Fatal::new(code, format!(
                                 "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
                                 change.name
                             ))
+                        } else {
+                            // Anything else (the client's own cancel, a lack of memory) stops
+                            // this transaction, not the setting.
+                            Fatal::new(code, message)
                         };
                         failed.get_or_insert(error);
                     }
@@ -1338,6 +1378,7 @@ impl Session {
                     .start_running(self.running_on(&server), seen) =>
             {
                 // The cancel came with the connection: the query does not run.
+                self.end_turn();
                 self.give_back(server, side);
                 Err(Waited::Cancelled)
             }
@@ -1562,18 +1603,10 @@ impl Session {
     }
 
     /// Hands a server connection back to the pool it came from (another worker's, if it was
-    /// borrowed). One that a forwarded cancel may still reach is closed instead: the cancel
-    /// would stop another client's query. Call it after the session's cancel target is
-    /// cleared ([`Session::end_turn`]).
-    fn give_back(&self, mut server: Pooled, side: Side) {
-        if server
-            .cancels_in_flight
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-        {
-            tracing::debug!(user = %self.user, "a cancel is on its way to the server connection: closed");
-            server.broken = true;
-        }
+    /// borrowed). One that a forwarded cancel may still reach goes back only once PostgreSQL
+    /// has acted on the cancel, which would otherwise stop another client's query. Call it
+    /// after the session's cancel target is cleared ([`Session::end_turn`]).
+    fn give_back(&self, server: Pooled, side: Side) {
         let home = if server.home == self.shard {
             Some(&self.pools[super::side_index(side)])
         } else {
@@ -1583,9 +1616,19 @@ impl Session {
                 .and_then(|s| s.pool(&self.user, side))
         };
         // Without its pool found (it always is), dropping it gives it back to bb8.
-        if let Some(pool) = home {
-            pool.give_back(server);
+        let Some(pool) = home else {
+            return;
+        };
+        if server
+            .cancels_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            metrics::add(&self.metrics().held_for_cancel, 1);
+            tokio::spawn(give_back_after_cancel(pool.clone(), server));
+            return;
         }
+        pool.give_back(server);
     }
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
@@ -1754,6 +1797,13 @@ async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> 
     Ok(())
 }
 
+/// An error that says a setting itself cannot be applied: a bad value (class 22), an unknown
+/// parameter or object, or a lack of privilege (class 42), or a parameter that cannot be
+/// changed now (55P02).
+fn refuses_the_setting(sqlstate: &str) -> bool {
+    sqlstate.starts_with("22") || sqlstate.starts_with("42") || sqlstate == "55P02"
+}
+
 /// Keeps a ParameterStatus the server sent in the connection's view of its parameters.
 fn remember_parameter(server: &mut ServerConn, frame: &Bytes) {
     let mut b = body(frame);
@@ -1780,6 +1830,18 @@ fn statement_name(query: &[u8], param_types: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_errors_about_the_setting_itself_drop_it() {
+        // A bad value, an unknown parameter, no privilege, not changeable now.
+        for code in ["22023", "42704", "42501", "55P02"] {
+            assert!(refuses_the_setting(code), "{code}");
+        }
+        // The client's cancel, a lack of memory, a server shutting down.
+        for code in ["57014", "53200", "57P01"] {
+            assert!(!refuses_the_setting(code), "{code}");
+        }
+    }
 
     #[test]
     fn statement_names_depend_on_text_and_types() {

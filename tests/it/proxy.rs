@@ -486,14 +486,20 @@ async fn a_cancel_still_on_its_way_does_not_reach_the_next_client() {
     b.batch_execute("SELECT 1").await.expect("warm the pool");
 
     let token = a.cancel_token();
-    let first = tokio::spawn(async move { a.query_one("SELECT pg_sleep(1), 1", &[]).await });
+    let first = tokio::spawn(async move {
+        a.query_one("SELECT pg_sleep(1.5), 1", &[])
+            .await
+            .map(|r| r.get::<_, i32>(1))
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopped = Stopped::postmaster(source);
     let cancel = tokio::spawn(async move { token.cancel_query(NoTls).await });
-    let first = first.await.unwrap();
-    assert!(
-        first.is_ok(),
-        "the cancel could not reach the first query: {first:?}"
+    assert_eq!(
+        first
+            .await
+            .unwrap()
+            .expect("the cancel could not reach the first query"),
+        1
     );
 
     let second = tokio::spawn(async move {
@@ -509,6 +515,16 @@ async fn a_cancel_still_on_its_way_does_not_reach_the_next_client() {
             .unwrap()
             .expect("the next client's query was not cancelled"),
         42
+    );
+    // The connection was held back for the cancel (which shows it was forwarded while the
+    // first query ran, so this test tests something), then passed on once PostgreSQL had
+    // acted on it, or closed.
+    let (_, metrics) = proxy.admin("GET", "/metrics", None, "").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "switchyard_server_connections_held_for_cancel_total 1"),
+        "{metrics}"
     );
     let _ = tokio::time::timeout(Duration::from_secs(10), cancel).await;
 }
