@@ -1442,6 +1442,7 @@ impl Session {
         }
         let side = self.shared.backend.side();
         let pool = &self.pools[super::side_index(side)];
+        // Idle time as of the start of this turn: one clock read per transaction is enough.
         let now = std::time::Instant::now();
         let server = pool.take_warm();
         match server {
@@ -1483,25 +1484,19 @@ impl Session {
         // Read after the pause: a switch happens only while paused.
         let side = self.shared.backend.side();
         let pool = &self.pools[super::side_index(side)];
-        // The common case, a connection given back a moment ago, needs no future at all.
-        let check_delay = self.shared.settings.server_check_delay.0;
-        // Idle time as of the start of this turn: one clock read per transaction is enough.
-        match pool.take_warm() {
-            Some(server)
-                if self
-                    .attached_at
-                    .saturating_duration_since(server.idle_since)
-                    < check_delay =>
-            {
-                Ok((server, side))
-            }
-            // Boxed: the checkout future is large, and moving it through the nested futures
-            // cost more than the allocation.
-            stale => Box::pin(checkout(&self.shared, self.metrics(), pool, stale))
-                .await
-                .map(|server| (server, side))
-                .map_err(Waited::Pool),
-        }
+        // The common case without a wait is take_turn_and_server_now's; checkout takes a
+        // connection from the stack as it is, checking it if it sat idle too long.
+        // Boxed: the checkout future is large, and moving it through the nested futures cost
+        // more than the allocation.
+        Box::pin(checkout(
+            &self.shared,
+            self.metrics(),
+            pool,
+            pool.take_warm(),
+        ))
+        .await
+        .map(|server| (server, side))
+        .map_err(Waited::Pool)
     }
 
     /// A transaction may start: waits while the proxy is paused (and, while throttled, for a

@@ -160,6 +160,16 @@ impl Proxy {
         )
     }
 
+    /// The value of an unlabelled metric on `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, metrics) = self.admin("GET", "/metrics", None, "").await;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url(), NoTls)
             .await
@@ -519,12 +529,11 @@ async fn a_cancel_still_on_its_way_does_not_reach_the_next_client() {
     // The connection was held back for the cancel (which shows it was forwarded while the
     // first query ran, so this test tests something), then passed on once PostgreSQL had
     // acted on it, or closed.
-    let (_, metrics) = proxy.admin("GET", "/metrics", None, "").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line == "switchyard_server_connections_held_for_cancel_total 1"),
-        "{metrics}"
+    assert_eq!(
+        proxy
+            .metric("switchyard_server_connections_held_for_cancel_total")
+            .await,
+        1.0
     );
     let _ = tokio::time::timeout(Duration::from_secs(10), cancel).await;
 }

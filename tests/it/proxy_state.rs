@@ -327,12 +327,7 @@ async fn session_mode_resets_connections_and_pause_holds_between_transactions() 
 }
 
 async fn transactions(proxy: &Proxy) -> f64 {
-    let (_, metrics) = proxy.admin("GET", "/metrics", None, "").await;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("switchyard_transactions_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no transactions_total in {metrics}"))
+    proxy.metric("switchyard_transactions_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
