@@ -103,7 +103,7 @@ pub struct ProxySettings {
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Worker threads, each serving its share of the clients with its share of every pool;
-    /// 0: one per two cores (at least one).
+    /// 0: one per core.
     #[serde(default)]
     pub workers: u32,
     #[serde(default = "default_max_client_connections")]

@@ -346,24 +346,24 @@ fn shard_share(total: u32, shards: usize, index: usize) -> u32 {
     total / shards + u32::from((index as u32) < total % shards)
 }
 
-/// How many shards: `[proxy] workers`, or one per two cores; never more than `pool_size`, as
-/// each shard needs a server connection of its own.
+/// How many shards: `[proxy] workers`, or one per core; never more than `pool_size`, as each
+/// shard needs a server connection of its own.
 ///
-/// Half the cores by default: a proxy shares its machine (with the database, or with the
-/// application), and each worker more parks and wakes more often at the same load, and
-/// splits every pool into smaller shares. On 2 cores with pgbench and PostgreSQL beside it,
-/// two workers cost 3–6 µs more CPU per transaction at 16 clients than one (more context
-/// switches: 1.31 against 0.97 per transaction), for no more throughput.
+/// One per core by default: a single proxy thread is a queue that every transaction passes
+/// through twice. On 2 cores shared with PostgreSQL and pgbench (bench/proxy.sh, an AMD EPYC
+/// VM), with one worker the cores sat idle 7-17% of the time at 16 clients, as with
+/// PgBouncer's one thread, and with two 1-3%: 0.95-0.96x PgBouncer's TPS at 16 clients became
+/// 0.99-1.12x, and 1.04-1.06x at 64 became 1.06-1.17x. The price is CPU: each worker parks and
+/// wakes more often (0.48 epoll waits per transaction against 0.14), 36 µs per transaction at
+/// 16 clients against 31. `workers = 1`
+/// is the setting where the proxy's CPU matters more than its latency (on an Intel VM one
+/// worker did as well at 16 and 64 clients, for 3-6 µs less per transaction).
 fn shard_count(settings: &ProxySettings) -> usize {
     let wanted = match settings.workers {
-        0 => default_shard_count(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n as usize,
     };
     wanted.clamp(1, settings.pool_size.max(1) as usize)
-}
-
-fn default_shard_count(cores: usize) -> usize {
-    (cores / 2).max(1)
 }
 
 /// A pool of `size` connections to `endpoint`'s server as the proxy user `user`, for the

@@ -17,7 +17,7 @@ const CLIENTS: i32 = 16;
 
 /// The cutover settings of these tests: short, and nested as the gate wants.
 const CUTOVER: &str = "[cutover]\ndrain_timeout = \"1s\"\ncatchup_timeout = \"2s\"\n";
-// Two workers, as on a machine of four cores or more (one is the default on two).
+// Two workers whatever the machine has (one per core is the default): a pool split between them.
 const PROXY: &str = "max_pause = \"5s\"\nquery_wait_timeout = \"20s\"\nworkers = 2";
 
 const SCHEMA: &str = "

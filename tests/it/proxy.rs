@@ -289,7 +289,7 @@ async fn pgbench_in_both_modes_and_all_query_protocols() {
     // Session mode gives each client a server connection of its own, so its pool must hold
     // all eight; transaction mode shares three.
     for (mode, pool) in [("transaction", 3), ("session", 8)] {
-        // Two workers (one is the default on two cores): a pool split between them.
+        // Two workers whatever the machine has: a pool split between them.
         let proxy = Proxy::start(&db, mode, pool, "workers = 2").await;
         for protocol in ["simple", "extended", "prepared"] {
             let (_, _, before) = sums(&source).await;
