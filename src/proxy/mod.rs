@@ -352,12 +352,12 @@ fn shard_share(total: u32, shards: usize, index: usize) -> u32 {
 /// One per core by default: a single proxy thread is a queue that every transaction passes
 /// through twice. On 2 cores shared with PostgreSQL and pgbench (bench/proxy.sh, an AMD EPYC
 /// VM), with one worker the cores sat idle 7-17% of the time at 16 clients, as with
-/// PgBouncer's one thread, and with two 1-3%: 0.95-0.96x PgBouncer's TPS at 16 clients became
-/// 0.99-1.12x, and 1.04-1.06x at 64 became 1.06-1.17x. The price is CPU: each worker parks and
-/// wakes more often (0.48 epoll waits per transaction against 0.14), 36 µs per transaction at
-/// 16 clients against 31. `workers = 1`
-/// is the setting where the proxy's CPU matters more than its latency (on an Intel VM one
-/// worker did as well at 16 and 64 clients, for 3-6 µs less per transaction).
+/// PgBouncer's one thread, and with two 1-3%: 0.94-0.97x PgBouncer's TPS at 16 clients became
+/// 0.99-1.12x, and 1.04-1.08x at 64 became 1.05-1.17x. The price is CPU: each worker parks and
+/// wakes more often (0.48 epoll waits per transaction against 0.14), 36-45 µs per transaction
+/// at 16 clients against 29-33. `workers = 1` is the setting where the proxy's CPU matters
+/// more than its latency (on an Intel VM one worker did as well or better at 16 and 64
+/// clients, for 3-6 µs less per transaction).
 fn shard_count(settings: &ProxySettings) -> usize {
     let wanted = match settings.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
