@@ -17,7 +17,7 @@ use super::auth::scram::{ScramError, ScramServer};
 use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
-use super::protocol::codec::{queue, split_buffered, try_queue, CodecError};
+use super::protocol::codec::{queue, rewind, split_buffered, try_queue, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::settings::{self, SettingChange};
@@ -707,13 +707,18 @@ impl Session {
                 None => break,
             }
         }
+        rewind(self.client_r.read_buffer_mut());
         let Some(server) = self.server.as_mut() else {
             return true;
         };
         if server.writer.write_buffer().is_empty() || !self.client_r.read_buffer().is_empty() {
             return true;
         }
-        server.writer.flush().await.is_ok() || self.server_lost().await
+        if server.writer.flush().await.is_err() {
+            return self.server_lost().await;
+        }
+        rewind(server.writer.write_buffer_mut());
+        true
     }
 
     /// Puts what a client message becomes ([`Session::route`]) in the server writer's buffer.
@@ -759,7 +764,10 @@ impl Session {
             let batch = server.reader.decoder().batching();
             match split_buffered(server.reader.read_buffer_mut(), batch) {
                 Some(next) => frame = next,
-                None => return true,
+                None => {
+                    rewind(server.reader.read_buffer_mut());
+                    return true;
+                }
             }
         }
     }
@@ -929,8 +937,11 @@ impl Session {
         {
             return false;
         }
-        if (ready || !more_coming) && self.client_w.flush().await.is_err() {
-            return false;
+        if ready || !more_coming {
+            if self.client_w.flush().await.is_err() {
+                return false;
+            }
+            rewind(self.client_w.write_buffer_mut());
         }
         if ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I' {
             self.transaction_done().await;

@@ -116,6 +116,21 @@ pub fn split_buffered(src: &mut BytesMut, batch: bool) -> Option<Bytes> {
     Some(src.split_to(end).freeze())
 }
 
+/// Moves an empty buffer's start back to the start of its allocation, when nothing else holds a
+/// part of it (a frame split off it and still alive), so that the next read or write lands in
+/// the same few cache lines as the last one. Without it every read or write goes past the
+/// previous one until the buffer's 8 KiB are used up: at 16 clients, the 4 buffers of each
+/// transaction touched fresh cache lines on every message, for the proxy, and for the
+/// kernel's copies in and out of them.
+pub fn rewind(buffer: &mut BytesMut) {
+    if buffer.is_empty() {
+        // Asking for one byte more than is left past the start succeeds, without allocating,
+        // only by moving the start back; when it cannot (nothing to move back, or shared), the
+        // buffer stays as it is.
+        let _ = buffer.try_reclaim(buffer.capacity() + 1);
+    }
+}
+
 impl Decoder for PgCodec {
     type Item = Frame;
     type Error = CodecError;
@@ -183,6 +198,35 @@ impl Encoder<Bytes> for PgCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_buffer_starts_again_at_the_start_of_its_allocation() {
+        let mut read = BytesMut::with_capacity(64);
+        let start = read.as_ptr();
+        read.extend_from_slice(b"Z\0\0\0\x05I");
+        let frame = split_buffered(&mut read, false);
+        // A frame still alive holds the allocation: nothing moves.
+        rewind(&mut read);
+        assert_ne!(read.as_ptr(), start);
+        drop(frame);
+        rewind(&mut read);
+        assert_eq!(read.as_ptr(), start);
+        assert_eq!(read.capacity(), 64);
+
+        let mut write = BytesMut::with_capacity(64);
+        let start = write.as_ptr();
+        write.extend_from_slice(b"Z\0\0\0\x05I");
+        write.advance(3);
+        // Not empty: the rest is still to be written.
+        rewind(&mut write);
+        assert_ne!(write.as_ptr(), start);
+        write.advance(3);
+        rewind(&mut write);
+        assert_eq!(write.as_ptr(), start);
+        assert_eq!(write.capacity(), 64);
+        write.extend_from_slice(b"x");
+        assert_eq!(&write[..], b"x");
+    }
 
     #[tokio::test]
     async fn queued_frames_wait_in_the_buffer_until_it_is_full() {
