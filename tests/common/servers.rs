@@ -145,8 +145,16 @@ fn clean_stale(base: &Path) {
 }
 
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free ports: each is held until all are found, so that two in a row cannot be
+/// the same.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"));
+    listeners.map(|listener| listener.local_addr().expect("local address").port())
 }
 
 fn run(command: &mut Command, what: &str) {

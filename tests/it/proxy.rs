@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
-use crate::common::servers::{free_port, Cluster, Flavor};
+use crate::common::servers::{free_ports, Cluster, Flavor};
 use crate::common::TestDb;
 
 pub const TOKEN: &str = "test-admin-token";
@@ -84,7 +84,7 @@ impl Proxy {
         extra: &str,
         users: &[(&str, &str)],
     ) -> Proxy {
-        let (port, admin_port) = (free_port(), free_port());
+        let [port, admin_port] = free_ports();
         let users: Vec<(String, String)> = users
             .iter()
             .map(|(name, password)| (name.to_string(), password.to_string()))
@@ -108,7 +108,7 @@ impl Proxy {
         let path = db.dir.path().join(format!("proxy-{mode}-{port}.toml"));
         std::fs::write(&path, plan).expect("write the proxy plan");
         let child = spawn_proxy(&path, &users);
-        let proxy = Proxy {
+        let mut proxy = Proxy {
             child,
             port,
             admin_port,
@@ -122,9 +122,17 @@ impl Proxy {
         proxy
     }
 
-    async fn wait_listening(&self) {
+    async fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            // A proxy that could not start (its port taken meanwhile) says so at once.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the proxy exited before it listened on {} ({status}); \
+                     SWITCHYARD_TEST_PROXY_LOG=1 shows why",
+                    self.port
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "the proxy did not start listening"
