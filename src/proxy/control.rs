@@ -223,11 +223,6 @@ impl Control {
         }
     }
 
-    /// Sessions of worker `worker` that hold a server connection or wait for one.
-    pub fn active_on(&self, worker: usize) -> usize {
-        self.count(worker).load(Ordering::Relaxed)
-    }
-
     fn count(&self, worker: usize) -> &AtomicUsize {
         &self.active[worker % self.active.len()].0
     }

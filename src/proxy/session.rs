@@ -937,20 +937,13 @@ impl Session {
         {
             return false;
         }
-        let done = ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I';
-        // Queries first (see others_in_flight): the connection goes back, and the others run,
-        // before this client's answer goes out.
-        let queries_first = done && self.others_in_flight();
-        if queries_first && self.transaction_done().await {
-            tokio::task::yield_now().await;
-        }
         if ready || !more_coming {
             if self.client_w.flush().await.is_err() {
                 return false;
             }
             rewind(self.client_w.write_buffer_mut());
         }
-        if done && !queries_first {
+        if ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I' {
             self.transaction_done().await;
         }
         true
@@ -959,40 +952,17 @@ impl Session {
     /// The client is between transactions: the server connection goes back to the pool in
     /// transaction mode, and stays in session mode (but the session no longer counts as
     /// active: a pause holds its next transaction).
-    ///
-    /// True when the server connection went back to the pool (transaction mode).
-    async fn transaction_done(&mut self) -> bool {
+    async fn transaction_done(&mut self) {
         if !self.in_turn {
-            return false;
+            return;
         }
         let now = std::time::Instant::now();
         self.metrics()
             .transaction(now.saturating_duration_since(self.attached_at));
         match self.mode() {
-            PoolMode::Transaction => {
-                self.release_at(false, now).await;
-                true
-            }
-            PoolMode::Session => {
-                self.end_turn();
-                false
-            }
+            PoolMode::Transaction => self.release_at(false, now).await,
+            PoolMode::Session => self.end_turn(),
         }
-    }
-
-    /// Some of the worker's other sessions are in a transaction or wait for a connection.
-    /// Then a session that released its connection lets them run before it answers its
-    /// client (it yields between the two): the session woken for the connection sends its
-    /// query, and the queries and answers that arrived meanwhile go on. The servers'
-    /// backends get their next query while they are still awake, instead of going to sleep
-    /// and being woken a moment later, a context switch and a wake-up each time. At 16
-    /// pgbench clients on 10 connections (one worker, 2 cores) that took the machine from
-    /// 2.0 to 1.7 context switches per transaction, for 2-8% more transactions. With no
-    /// other session in a transaction, as at a single client, there is nothing to let go
-    /// first: the answer goes out at once, and the connection goes back after it.
-    fn others_in_flight(&self) -> bool {
-        // This session still counts itself.
-        self.shared.control.active_on(self.shard) > 1
     }
 
     /// A ParameterStatus from the server in the client's transaction: the server connection's
