@@ -714,11 +714,7 @@ impl Session {
         if server.writer.write_buffer().is_empty() || !self.client_r.read_buffer().is_empty() {
             return true;
         }
-        if server.writer.flush().await.is_err() {
-            return self.server_lost().await;
-        }
-        rewind(server.writer.write_buffer_mut());
-        true
+        server.writer.flush().await.is_ok() || self.server_lost().await
     }
 
     /// Puts what a client message becomes ([`Session::route`]) in the server writer's buffer.
@@ -937,11 +933,8 @@ impl Session {
         {
             return false;
         }
-        if ready || !more_coming {
-            if self.client_w.flush().await.is_err() {
-                return false;
-            }
-            rewind(self.client_w.write_buffer_mut());
+        if (ready || !more_coming) && self.client_w.flush().await.is_err() {
+            return false;
         }
         if ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I' {
             self.transaction_done().await;

@@ -170,7 +170,7 @@ pub async fn queue<W: AsyncWrite + Unpin>(
 ) -> Result<(), CodecError> {
     if !try_queue(writer, frame) {
         writer.flush().await?;
-        writer.write_buffer_mut().extend_from_slice(frame);
+        append(writer.write_buffer_mut(), frame);
     }
     Ok(())
 }
@@ -182,15 +182,22 @@ pub fn try_queue<W>(writer: &mut FramedWrite<W, PgCodec>, frame: &[u8]) -> bool 
     if writer.write_buffer().len() >= writer.backpressure_boundary() {
         return false;
     }
-    writer.write_buffer_mut().extend_from_slice(frame);
+    append(writer.write_buffer_mut(), frame);
     true
+}
+
+/// Every write buffer's one way in: a buffer that was flushed empty starts again at the
+/// start of its allocation ([`rewind`]) before the frame goes in.
+fn append(buffer: &mut BytesMut, frame: &[u8]) {
+    rewind(buffer);
+    buffer.extend_from_slice(frame);
 }
 
 impl Encoder<Bytes> for PgCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), CodecError> {
-        dst.extend_from_slice(&item);
+        append(dst, &item);
         Ok(())
     }
 }
