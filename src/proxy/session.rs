@@ -1195,12 +1195,14 @@ impl Session {
     /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
     /// owed to the client. False for an unnamed Parse, which needs the server.
     fn remember_parse(&mut self, frame: &Bytes) -> bool {
+        // Most Parses are of the unnamed statement (an empty name: the body starts with its
+        // terminator), and parse() reads those again: not read twice.
+        if body(frame).first() == Some(&0) {
+            return false;
+        }
         let Some(message) = frontend::parse_message(frame) else {
             return false;
         };
-        if message.name.is_empty() {
-            return false;
-        }
         // What the statement does to the session counts from now, as for a Parse sent to a
         // server: this is the path of a client that prepares between transactions (psycopg
         // with prepare_threshold=0 in autocommit, pgjdbc's named statements), and a SET
