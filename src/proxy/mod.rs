@@ -269,8 +269,8 @@ impl Shared {
         let mut built = Vec::new();
         let mut inboxes = Vec::new();
         for (index, handle) in shards.iter().enumerate() {
-            // bb8 starts its reaper task on the scheduler current when a pool is built.
-            let _entered = handle.enter();
+            // bb8 starts its reaper task on the scheduler current when a pool is built: the
+            // main one, where the other timers that tend the pools run (see start_shards).
             let size = shard_share(settings.pool_size.max(1), shards.len(), index);
             let mut pools = HashMap::new();
             for (name, password) in &passwords {
@@ -491,8 +491,6 @@ fn hand_over(shared: &Shared, stream: tokio::net::TcpStream, permit: OwnedSemaph
 
 /// A shard's thread: serves the clients handed to it, each in a task of its own.
 async fn run_shard(shared: Arc<Shared>, index: usize, mut inbox: Inbox) {
-    tokio::spawn(trim_pools(shared.clone(), index));
-    tokio::spawn(tend_waits(shared.clone(), index));
     while let Some(Handover { stream, permit }) = inbox.recv().await {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -568,13 +566,20 @@ async fn trim_pools(shared: Arc<Shared>, index: usize) {
     }
 }
 
-/// Starts the shards' threads, each on a single-threaded scheduler of its own.
+/// Starts the shards' threads, each on a single-threaded scheduler of its own, and, on the
+/// caller's scheduler, the tasks that tend their pools.
+///
+/// Those tasks (and bb8's reapers) run here rather than on the shards' threads: with no timer
+/// of its own, a shard's thread parks in `epoll_wait` without a timeout, and tokio has no
+/// deadline to work out of its timer wheel on every park (twice per transaction at 1 client:
+/// about a tenth of the proxy's instructions there). At 1 client (bench/proxy.sh, AMD EPYC
+/// VM, 2 cores) that was worth 1-3% TPS in alternating runs.
 fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError> {
     let count = shard_count(&plan.proxy);
     let runtimes = (0..count)
         .map(|_| {
-            // IO and time only: with signals on, every park would also look for orphaned
-            // child processes, which a worker never has.
+            // IO and time. (With the crate's `signal` and `process` features, tokio's IO driver
+            // brings their drivers along: a park also looks for orphaned child processes.)
             tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
@@ -586,6 +591,8 @@ fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError
     let (shared, inboxes) = Shared::new(plan, backend, &handles)?;
     let shared = Arc::new(shared);
     for (index, (runtime, inbox)) in runtimes.into_iter().zip(inboxes).enumerate() {
+        tokio::spawn(trim_pools(shared.clone(), index));
+        tokio::spawn(tend_waits(shared.clone(), index));
         let shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("proxy-worker-{index}"))
