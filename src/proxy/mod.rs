@@ -570,10 +570,10 @@ async fn trim_pools(shared: Arc<Shared>, index: usize) {
 /// caller's scheduler, the tasks that tend their pools.
 ///
 /// Those tasks (and bb8's reapers) run here rather than on the shards' threads: with no timer
-/// of its own, a shard's thread parks in `epoll_wait` without a timeout, and tokio has no
-/// deadline to work out of its timer wheel on every park (twice per transaction at 1 client:
-/// about a tenth of the proxy's instructions there). At 1 client (bench/proxy.sh, AMD EPYC
-/// VM, 2 cores) that was worth 1-3% TPS in alternating runs.
+/// of its own, a shard's thread parks in `epoll_wait` without a timeout (no kernel timer to
+/// arm and cancel), and tokio has no deadline to work out of its timer wheel, on every park:
+/// twice per transaction at 1 client. In alternating runs at 1 client (bench/proxy.sh's
+/// setup, AMD EPYC VM, 2 cores) that was worth about 1% TPS, less than a single run's noise.
 fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError> {
     let count = shard_count(&plan.proxy);
     let runtimes = (0..count)
