@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 mod session;
+mod replies;
 mod settings;
 pub mod tls;
 

@@ -20,6 +20,7 @@ use super::pool::{Pooled, ServerConn};
 use super::protocol::codec::{queue, rewind, split_buffered, try_queue, CodecError};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
+use super::replies::Replies;
 use super::settings::{self, SettingChange};
 use super::tls::{self, ReadHalf, WriteHalf};
 use super::{CancelTarget, Shared};
@@ -427,14 +428,6 @@ const QUERY_CANCELED: &str = "57014";
 /// How long a forwarded cancel may take to be confirmed by PostgreSQL.
 const CANCEL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Responses to messages the proxy added to a sync group (a Close and a Parse before a
-/// statement's first use on a connection), which the client must not see.
-#[derive(Debug, Default, Clone, Copy)]
-struct Skips {
-    parse: u32,
-    close: u32,
-}
-
 /// A named prepared statement as the client knows it.
 struct Prepared {
     /// The name it has on server connections: derived from its text, so that clients that
@@ -460,8 +453,9 @@ struct Session {
     statements: HashMap<String, Prepared>,
     /// The client's settings, name → value as SQL.
     wanted: BTreeMap<String, String>,
-    /// ReadyForQuery messages the client still expects (one per Query and per Sync).
-    outstanding: u32,
+    /// What the server still owes on the attached connection (ReadyForQuery messages, the
+    /// answers to the proxy's own Parses and Closes, Syncs a copy makes it ignore).
+    replies: Replies,
     /// The server connection died while the client sat in a transaction: its next message
     /// gets the error.
     lost_transaction: bool,
@@ -473,21 +467,12 @@ struct Session {
     group_prepared: Vec<String>,
     /// Client messages forwarded since the last Sync or Query.
     unsynced: u32,
-    /// Syncs forwarded since the last Execute or Query (see the CopyInResponse case).
-    syncs_since_execute: u32,
-    /// The server is in copy-in mode.
-    copy_in: bool,
     /// The client's last unnamed Parse, and whether the current server connection has it.
     /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
     unnamed: Vec<u8>,
     unnamed_here: bool,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
-    /// Responses the client must not see, per sync group sent and not yet answered (one per
-    /// Sync or Query, oldest first) ...
-    groups: std::collections::VecDeque<Skips>,
-    /// ... and for the messages sent since the last Sync.
-    pending: Skips,
     /// The last transaction status the server reported.
     status: u8,
     /// When the server connection was taken, for the latency histogram.
@@ -539,18 +524,14 @@ impl Session {
             server: None,
             statements: HashMap::new(),
             wanted,
-            outstanding: 0,
+            replies: Replies::default(),
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
             lost_transaction: false,
             group_prepared: Vec::new(),
             unsynced: 0,
-            syncs_since_execute: 0,
-            copy_in: false,
             dirty: false,
-            groups: std::collections::VecDeque::new(),
-            pending: Skips::default(),
             status: b'I',
             attached_at: std::time::Instant::now(),
             application_name,
@@ -612,14 +593,6 @@ impl Session {
             PoolMode::Session => self.end_turn(),
         }
         Ok(())
-    }
-
-    /// The skips of the sync group the server is answering now.
-    fn answering(&mut self) -> &mut Skips {
-        match self.groups.front_mut() {
-            Some(group) => group,
-            None => &mut self.pending,
-        }
     }
 
     /// The server's application_name is the proxy's; the client sees its own.
@@ -842,25 +815,28 @@ impl Session {
             _ => self.unsynced + 1,
         };
         match kind {
-            b'E' | b'Q' => self.syncs_since_execute = 0,
-            b'c' | b'f' => self.copy_in = false,
-            _ => {}
-        }
-        match kind {
             b'Q' => {
-                self.outstanding += 1;
                 metrics::add(&self.metrics().queries, 1);
                 let frames = self.query(frame);
-                self.groups.push_back(std::mem::take(&mut self.pending));
+                self.replies.query_sent();
+                // A simple Query destroys the unnamed statement, here and on the server.
+                self.unnamed.clear();
+                self.unnamed_here = true;
                 frames
             }
             // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
-            b'S' if self.copy_in => smallvec![frame],
             b'S' | b'F' => {
-                self.outstanding += 1;
-                self.syncs_since_execute += 1;
-                self.groups.push_back(std::mem::take(&mut self.pending));
-                metrics::add(&self.metrics().queries, 1);
+                if self.replies.sync_sent() {
+                    metrics::add(&self.metrics().queries, 1);
+                }
+                smallvec![frame]
+            }
+            b'E' => {
+                self.replies.execute_sent();
+                smallvec![frame]
+            }
+            b'c' | b'f' => {
+                self.replies.copy_end_sent();
                 smallvec![frame]
             }
             b'P' => self.parse(frame),
@@ -873,14 +849,7 @@ impl Session {
     async fn on_server_frame(&mut self, frame: Bytes) -> bool {
         let kind = tag(&frame);
         match kind {
-            b'1' if self.answering().parse > 0 => {
-                self.answering().parse -= 1;
-                return true;
-            }
-            b'3' if self.answering().close > 0 => {
-                self.answering().close -= 1;
-                return true;
-            }
+            b'1' | b'3' if !self.replies.complete_received() => return true,
             b'S' => {
                 self.note_parameter(&frame);
                 if let Some(rewritten) = self.client_view_of_parameter(&frame) {
@@ -889,14 +858,7 @@ impl Session {
             }
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
             // be) ignored by the server.
-            b'G' => {
-                self.copy_in = true;
-                self.outstanding = self.outstanding.saturating_sub(self.syncs_since_execute);
-                for _ in 0..self.syncs_since_execute {
-                    self.groups.pop_back();
-                }
-                self.syncs_since_execute = 0;
-            }
+            b'G' => self.replies.copy_in_received(),
             // The server is ending the connection (shutdown, pg_terminate_backend): that ends
             // this client's transaction, not its session.
             b'E' if backend::is_fatal(body(&frame)) => {
@@ -905,15 +867,14 @@ impl Session {
             }
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
-                self.outstanding = self.outstanding.saturating_sub(1);
                 // That sync group is answered, whatever an error made the server skip.
-                self.groups.pop_front();
-                self.copy_in = false;
-                if self.groups.is_empty() {
+                self.replies.ready_received();
+                if self.replies.owed() == 0 {
                     self.group_prepared.clear();
                 }
             }
             b'E' => {
+                self.replies.error_received();
                 if let Some(server) = self.server.as_mut() {
                     for name in self.group_prepared.drain(..) {
                         server.prepared.remove(&name);
@@ -936,7 +897,7 @@ impl Session {
         if (ready || !more_coming) && self.client_w.flush().await.is_err() {
             return false;
         }
-        if ready && self.outstanding == 0 && self.unsynced == 0 && self.status == b'I' {
+        if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == b'I' {
             self.transaction_done().await;
         }
         true
@@ -1046,8 +1007,8 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.prepared.remove(server_name);
         }
-        self.pending.close += 1;
-        self.pending.parse += 1;
+        self.replies.sent_ours();
+        self.replies.sent_ours();
         let placeholder = frontend::Parse {
             name: server_name,
             query: b"SELECT",
@@ -1129,6 +1090,7 @@ impl Session {
     /// client's Parse behaves as it would on a connection of its own.
     fn parse(&mut self, frame: Bytes) -> Frames {
         let Some(message) = frontend::parse_message(&frame) else {
+            self.replies.sent_theirs();
             return smallvec![frame];
         };
         if let Some(refused) = self.parse_effects(&message) {
@@ -1141,6 +1103,7 @@ impl Session {
             self.unnamed.clear();
             self.unnamed.extend_from_slice(&frame);
             self.unnamed_here = true;
+            self.replies.sent_theirs();
             return smallvec![frame];
         }
         let server_name = statement_name(message.query, message.rest);
@@ -1154,13 +1117,15 @@ impl Session {
             },
         );
         let Some(server) = self.server.as_mut() else {
+            self.replies.sent_theirs();
             return smallvec![parse];
         };
         // Closed first in case the connection has it already (from another client, or from
         // a group that failed after its Parse went through); the CloseComplete is swallowed.
         server.prepared.insert(server_name.clone());
         self.group_prepared.push(server_name.clone());
-        self.pending.close += 1;
+        self.replies.sent_ours();
+        self.replies.sent_theirs();
         smallvec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
     }
 
@@ -1249,8 +1214,8 @@ impl Session {
             // it went through, and Close of a statement that does not exist is no error.
             out.push(frontend::rebuild_target(b'C', b'S', &prepared.server_name));
             out.push(prepared.parse.clone());
-            self.pending.close += 1;
-            self.pending.parse += 1;
+            self.replies.sent_ours();
+            self.replies.sent_ours();
             self.group_prepared.push(prepared.server_name.clone());
         }
         Some(prepared.server_name.clone())
@@ -1260,11 +1225,16 @@ impl Session {
     /// the client's (it was parsed in an earlier sync group, on another connection): the
     /// client's last unnamed Parse goes first.
     fn with_unnamed(&mut self, frame: Bytes) -> Frames {
-        if self.unnamed.is_empty() || self.unnamed_here {
+        if self.unnamed_here {
             return smallvec![frame];
         }
         self.unnamed_here = true;
-        self.pending.parse += 1;
+        self.replies.sent_ours();
+        if self.unnamed.is_empty() {
+            // The client has none (a simple Query destroyed it, or it never made one): the
+            // connection's own, left by another client, must not answer in its place.
+            return smallvec![frontend::rebuild_target(b'C', b'S', ""), frame];
+        }
         smallvec![Bytes::copy_from_slice(&self.unnamed), frame]
     }
 
@@ -1291,15 +1261,20 @@ impl Session {
     /// in its proper place.
     fn describe_or_close(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
+        if kind == b'C' {
+            self.replies.sent_theirs();
+        }
         let Some((b'S', name)) = frontend::target(&frame) else {
             return smallvec![frame];
         };
         if name.is_empty() {
-            return if kind == b'D' {
-                self.with_unnamed(frame)
-            } else {
-                smallvec![frame]
-            };
+            if kind == b'D' {
+                return self.with_unnamed(frame);
+            }
+            // Closed here and on the server alike.
+            self.unnamed.clear();
+            self.unnamed_here = true;
+            return smallvec![frame];
         }
         if kind == b'C' {
             return match self.statements.remove(name) {
@@ -1580,20 +1555,16 @@ impl Session {
             return;
         };
         let clean = self.status == b'I'
-            && self.outstanding == 0
+            && self.replies.owed() == 0
             && self.unsynced == 0
-            && !self.copy_in
+            && !self.replies.copy_in()
             && !self.dirty;
         let needs_reset = ending && self.mode() == PoolMode::Session;
         if !clean || (needs_reset && reset(&mut server).await.is_err()) {
             server.broken = true;
         }
-        self.groups.clear();
-        self.pending = Skips::default();
-        self.outstanding = 0;
+        self.replies.clear();
         self.unsynced = 0;
-        self.syncs_since_execute = 0;
-        self.copy_in = false;
         self.dirty = false;
         self.status = b'I';
         server.idle_since = now;
@@ -1638,7 +1609,7 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
-        let waiting = self.outstanding;
+        let waiting = self.replies.owed();
         let in_transaction = self.status != b'I';
         self.release(false).await;
         if waiting > 0 {
