@@ -13,8 +13,8 @@ mod inspect;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
-mod session;
 mod replies;
+mod session;
 mod settings;
 pub mod tls;
 

@@ -57,8 +57,13 @@ impl Replies {
         self.copy_in
     }
 
+    /// The group the server is answering now.
+    pub fn answering(&self) -> u64 {
+        self.first_group
+    }
+
     /// The group a message sent now belongs to.
-    fn open_group(&self) -> u64 {
+    pub fn open_group(&self) -> u64 {
         self.first_group + self.groups.len() as u64
     }
 
@@ -142,7 +147,10 @@ impl Replies {
             // The client has not ended the copy yet: every Sync until it does is ignored.
             _ => {
                 self.copy_in = true;
-                (std::mem::take(&mut self.syncs_since_start), self.last_start.1)
+                (
+                    std::mem::take(&mut self.syncs_since_start),
+                    self.last_start.1,
+                )
             }
         };
         // A Query is its group's end and gets its ReadyForQuery after the copy; an
@@ -257,7 +265,11 @@ mod tests {
         r.copy_in_received();
         assert_eq!(r.owed(), 2, "the Sync after CopyDone is answered");
         r.ready_received();
-        assert_eq!(r.owed(), 1, "the connection is still owed the query's answer");
+        assert_eq!(
+            r.owed(),
+            1,
+            "the connection is still owed the query's answer"
+        );
         assert!(r.complete_received());
         r.ready_received();
         assert_eq!(r.owed(), 0);
@@ -273,7 +285,11 @@ mod tests {
         assert_eq!(r.owed(), 1);
         assert!(r.complete_received());
         r.copy_in_received();
-        assert_eq!(r.owed(), 0, "the first Sync reached the server in copy-in mode");
+        assert_eq!(
+            r.owed(),
+            0,
+            "the first Sync reached the server in copy-in mode"
+        );
         assert!(!r.sync_sent(), "a Sync in copy-in mode is ignored");
         r.copy_end_sent();
         assert!(r.sync_sent());

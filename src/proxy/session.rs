@@ -201,8 +201,8 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct LoggedIn {
     user: String,
-    /// Startup parameters to report back and to apply on the server (value as SQL).
-    params: Vec<(String, String)>,
+    /// The settings the startup packet asks for (name → value as SQL).
+    settings: BTreeMap<String, String>,
 }
 
 async fn next_startup(reader: &mut ClientReader) -> Result<Option<Bytes>, Fatal> {
@@ -333,6 +333,7 @@ async fn login(
             format!("database \"{database}\" does not exist"),
         ));
     }
+    let settings = settings::startup_settings(&params).map_err(|e| Fatal::new("0A000", e))?;
     if writer
         .feed(backend::authentication_sasl_final(server_final.as_bytes()))
         .await
@@ -341,7 +342,7 @@ async fn login(
     {
         return Ok(None);
     }
-    Ok(Some(LoggedIn { user, params }))
+    Ok(Some(LoggedIn { user, settings }))
 }
 
 /// Passes a CancelRequest to the server connection running that client's query, if any.
@@ -453,6 +454,11 @@ struct Session {
     statements: HashMap<String, Prepared>,
     /// The client's settings, name → value as SQL.
     wanted: BTreeMap<String, String>,
+    /// Setting changes sent whose transaction has not ended yet.
+    pending_settings: settings::Pending,
+    /// The group being answered rolled back (a ROLLBACK's CommandComplete), while setting
+    /// changes were pending.
+    rolled_back: bool,
     /// What the server still owes on the attached connection (ReadyForQuery messages, the
     /// answers to the proxy's own Parses and Closes, Syncs a copy makes it ignore).
     replies: Replies,
@@ -483,10 +489,6 @@ struct Session {
     in_turn: bool,
     /// The side the server connection is on.
     server_side: crate::pg::Side,
-    /// The client's application_name: reported back to it, never set on the server.
-    application_name: Option<String>,
-    /// Startup parameters as the client sent them (lower-case names), for ParameterStatus.
-    startup_values: HashMap<String, String>,
 }
 
 impl Session {
@@ -499,19 +501,7 @@ impl Session {
         logged_in: LoggedIn,
         (key, cancel_slot): ((i32, i32), super::CancelSlot),
     ) -> Session {
-        let startup_values = logged_in
-            .params
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-            .collect();
-        let application_name =
-            Startup::param(&logged_in.params, "application_name").map(str::to_string);
-        let wanted = logged_in
-            .params
-            .iter()
-            .filter(|(name, _)| settings::passed_to_server(name))
-            .map(|(name, value)| (name.to_ascii_lowercase(), sql::literal(value)))
-            .collect();
+        let wanted = logged_in.settings;
         Session {
             pools,
             shared,
@@ -524,6 +514,8 @@ impl Session {
             server: None,
             statements: HashMap::new(),
             wanted,
+            pending_settings: settings::Pending::default(),
+            rolled_back: false,
             replies: Replies::default(),
             owed_parse_complete: 0,
             unnamed: Vec::new(),
@@ -534,11 +526,9 @@ impl Session {
             dirty: false,
             status: b'I',
             attached_at: std::time::Instant::now(),
-            application_name,
             throttle_permit: None,
             in_turn: false,
             server_side: crate::pg::Side::Source,
-            startup_values,
         }
     }
 
@@ -551,30 +541,33 @@ impl Session {
     }
 
     /// ParameterStatus, BackendKeyData and the first ReadyForQuery. Takes a server connection
-    /// to learn the server's parameters (and keeps it in session mode).
+    /// and applies the client's startup settings on it (a value the server refuses fails the
+    /// login, as it would directly), to tell the client what its own session has: the
+    /// server's defaults for the database and role, as a fresh connection reported them,
+    /// and, for what the client set, the server's spelling of its values (`UTF8` where the
+    /// client wrote `utf8`). The connection's current values are not the client's: another
+    /// client's `SET client_encoding` was once reported to the next client of the same
+    /// connection, which then decoded every string wrongly.
     async fn welcome(&mut self) -> Result<(), Fatal> {
-        // Session mode applies the client's startup settings now; transaction mode does it
-        // at each transaction.
-        let apply = self.mode() == PoolMode::Session;
-        self.attach(apply).await?;
-        let mut reported: Vec<(String, String)> = self
-            .server
-            .as_ref()
-            .map(|s| s.params.clone().into_iter().collect())
-            .unwrap_or_default();
+        self.attach(true).await?;
+        let mut reported: Vec<(String, String)> = match self.server.as_ref() {
+            Some(server) => server
+                .defaults
+                .iter()
+                .map(|(name, default)| {
+                    let value = match server.params.get(name) {
+                        Some(value) if self.wanted.contains_key(name) => value,
+                        _ => default,
+                    };
+                    (name.clone(), value.clone())
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         reported.sort();
         let mut frames = Vec::with_capacity(reported.len() + 3);
         for (name, value) in &reported {
-            let value = if name == "application_name" {
-                self.client_application_name().unwrap_or_default()
-            } else {
-                // What the client asked for in its startup packet is what it will get.
-                self.startup_values
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| value.clone())
-            };
-            frames.push(backend::parameter_status(name, &value));
+            frames.push(backend::parameter_status(name, value));
         }
         frames.push(backend::backend_key_data(self.key.0, self.key.1));
         frames.push(backend::ready_for_query(b'I'));
@@ -593,22 +586,6 @@ impl Session {
             PoolMode::Session => self.end_turn(),
         }
         Ok(())
-    }
-
-    /// The server's application_name is the proxy's; the client sees its own.
-    fn client_view_of_parameter(&self, frame: &Bytes) -> Option<Bytes> {
-        let mut b = body(frame);
-        let name = cstr(&mut b)?;
-        (name == "application_name").then(|| {
-            backend::parameter_status(
-                "application_name",
-                &self.client_application_name().unwrap_or_default(),
-            )
-        })
-    }
-
-    fn client_application_name(&self) -> Option<String> {
-        self.application_name.clone()
     }
 
     /// Forwards until the client leaves or a connection breaks.
@@ -850,12 +827,7 @@ impl Session {
         let kind = tag(&frame);
         match kind {
             b'1' | b'3' if !self.replies.complete_received() => return true,
-            b'S' => {
-                self.note_parameter(&frame);
-                if let Some(rewritten) = self.client_view_of_parameter(&frame) {
-                    return self.client_w.send(rewritten).await.is_ok();
-                }
-            }
+            b'S' => self.note_parameter(&frame),
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
             // be) ignored by the server.
             b'G' => self.replies.copy_in_received(),
@@ -867,6 +839,9 @@ impl Session {
             }
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
+                if !self.pending_settings.is_empty() {
+                    self.settle_settings();
+                }
                 // That sync group is answered, whatever an error made the server skip.
                 self.replies.ready_received();
                 if self.replies.owed() == 0 {
@@ -875,10 +850,19 @@ impl Session {
             }
             b'E' => {
                 self.replies.error_received();
+                // The transaction failed (or, outside a block, the statement and the rest of
+                // its query or pipeline): its setting changes are undone.
+                self.pending_settings.undo(self.replies.answering());
                 if let Some(server) = self.server.as_mut() {
                     for name in self.group_prepared.drain(..) {
                         server.prepared.remove(&name);
                     }
+                }
+            }
+            b'C' if !self.pending_settings.is_empty() => {
+                if backend::command_tags(&frame).any(|tag| tag == b"ROLLBACK") {
+                    self.pending_settings.undo(self.replies.answering());
+                    self.rolled_back = true;
                 }
             }
             _ => {}
@@ -901,6 +885,20 @@ impl Session {
             self.transaction_done().await;
         }
         true
+    }
+
+    /// At a ReadyForQuery: outside a transaction block, the setting changes of the
+    /// transaction that ended either lasted or were undone. A ROLLBACK that leaves a block
+    /// open was `ROLLBACK TO SAVEPOINT`: which changes it undid is not known here, so they
+    /// are not followed, and the connection, which may still hold some, is not reused.
+    fn settle_settings(&mut self) {
+        let group = self.replies.answering();
+        if std::mem::take(&mut self.rolled_back) && self.status != b'I' {
+            self.dirty = true;
+        }
+        if self.status == b'I' {
+            self.settings_lasted(group);
+        }
     }
 
     /// The client is between transactions: the server connection goes back to the pool in
@@ -958,15 +956,8 @@ impl Session {
         if scan.deallocate {
             return self.deallocate(frame.clone(), text);
         }
-        match self.track_setting(text) {
-            // The server keeps its application_name (the coordinator tells the proxy's
-            // sessions by it); the client's is remembered and reported back.
-            Some(application_name) => {
-                self.application_name = Some(application_name);
-                smallvec![frontend::query("SET application_name = 'switchyard-proxy'")]
-            }
-            None => smallvec![frame],
-        }
+        self.track_setting(text, true);
+        smallvec![frame]
     }
 
     /// DEALLOCATE of a client's statement. The server knows it by its shared name, and maybe
@@ -1021,68 +1012,87 @@ impl Session {
         ]
     }
 
-    /// Remembers what a text whose statements change the session does to its settings. A
-    /// change the proxy cannot follow (SET ROLE, a text it cannot split) leaves the server
-    /// connection with state no other client may inherit: it is closed afterwards.
-    /// Returns the value of a `SET application_name`, which the caller keeps from the server.
-    fn track_setting(&mut self, text: &str) -> Option<String> {
+    /// Remembers what a text whose statements change the session does to its settings, to
+    /// take effect if its transaction commits ([`settings::Pending`]). A change the proxy
+    /// cannot follow (SET ROLE, a text it cannot split) leaves the server connection with
+    /// state no other client may inherit: it is closed afterwards.
+    /// `ran`: sent as a simple Query (it runs now, on this connection), not in a Parse.
+    fn track_setting(&mut self, text: &str, ran: bool) {
         if !inspect::is_multi_statement(text) {
-            return self.track_statement(text);
+            return self.track_statement(text, ran);
         }
         // Several statements: each one that changes the session is followed as if it came
-        // alone. A client's application_name among them reaches the server, and a text the
-        // proxy cannot split safely may hide anything: the connection is not reused.
+        // alone; a text the proxy cannot split safely may hide anything: the connection is
+        // not reused.
         match inspect::split_statements(text) {
             Some(statements) => {
                 for statement in statements {
-                    if let Some(application_name) = self.track_statement(statement) {
-                        self.application_name = Some(application_name);
-                        self.dirty = true;
-                    }
+                    self.track_statement(statement, ran);
                 }
             }
             None => self.dirty = true,
         }
-        None
     }
 
     /// [`Self::track_setting`] for one statement.
-    fn track_statement(&mut self, text: &str) -> Option<String> {
+    fn track_statement(&mut self, text: &str, ran: bool) {
         if !inspect::changes_session(text.as_bytes()) {
-            return None;
+            return;
         }
         let Some(change) = settings::recognise(text) else {
             self.dirty = true;
-            return None;
+            return;
         };
-        match change {
-            SettingChange::Set { name, value_sql } if name == "application_name" => {
-                return Some(value_sql.trim_matches('\'').replace("''", "'"));
+        if change == SettingChange::ResetAll && starts_with_keyword(text, "discard") {
+            // What the connection holds, whether or not the DISCARD lasts: a statement the
+            // proxy thinks missing is prepared again (a Close goes first), never assumed.
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
             }
-            SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {
-                if let Some(server) = self.server.as_mut() {
-                    server.applied.insert(name.clone(), value_sql.clone());
-                }
-                self.wanted.insert(name, value_sql);
-            }
-            SettingChange::Reset(name) => {
-                if let Some(server) = self.server.as_mut() {
-                    server.applied.remove(&name);
-                }
-                self.wanted.remove(&name);
-            }
-            SettingChange::ResetAll => {
-                if let Some(server) = self.server.as_mut() {
-                    server.applied.clear();
-                    if starts_with_keyword(text, "discard") {
-                        server.prepared.clear();
-                    }
-                }
-                self.wanted.retain(|name, _| name == "client_encoding");
-            }
-            _ => {}
         }
-        None
+        self.pending_settings
+            .stage(self.replies.open_group(), change, ran);
+    }
+
+    /// A change whose transaction committed becomes the client's, and the connection's if
+    /// it ran there (one prepared may not have run yet: the connection's value is then
+    /// [`settings::UNKNOWN`], set or reset by its next transaction).
+    fn settings_lasted(&mut self, group: u64) {
+        for settings::Lasted { change, ran } in self.pending_settings.settle(group) {
+            let applied = self.server.as_mut().map(|server| &mut server.applied);
+            match change {
+                SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {
+                    if let Some(applied) = applied {
+                        let value = if ran { &value_sql } else { settings::UNKNOWN };
+                        applied.insert(name.clone(), value.to_string());
+                    }
+                    self.wanted.insert(name, value_sql);
+                }
+                SettingChange::Set { .. } => {}
+                SettingChange::Reset(name) => {
+                    if let Some(applied) = applied {
+                        if ran {
+                            applied.remove(&name);
+                        } else {
+                            applied.insert(name.clone(), settings::UNKNOWN.to_string());
+                        }
+                    }
+                    self.wanted.remove(&name);
+                }
+                SettingChange::ResetAll => {
+                    if let Some(applied) = applied {
+                        if ran {
+                            applied.clear();
+                        } else {
+                            applied
+                                .values_mut()
+                                .for_each(|value| *value = settings::UNKNOWN.to_string());
+                        }
+                    }
+                    self.wanted.retain(|name, _| name == "client_encoding");
+                }
+            }
+        }
     }
 
     /// Parse of a named statement: renamed to its shared server name. If this connection has
@@ -1146,9 +1156,7 @@ impl Session {
         }
         if scan.changes_session {
             match std::str::from_utf8(message.query) {
-                Ok(text) => {
-                    self.track_setting(text);
-                }
+                Ok(text) => self.track_setting(text, false),
                 // Not UTF-8 (another client_encoding): what it sets cannot be read, so the
                 // connection does not go to another client afterwards.
                 Err(_) => self.dirty = true,
@@ -1611,6 +1619,8 @@ impl Session {
         }
         let waiting = self.replies.owed();
         let in_transaction = self.status != b'I';
+        // Its transaction is lost, and the setting changes made in it with it.
+        self.pending_settings.clear();
         self.release(false).await;
         if waiting > 0 {
             // The client waits for answers: its transaction failed; every Sync and Query it

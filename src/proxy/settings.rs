@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use crate::pg::sql;
 
 /// What a simple query does to the session's settings, when it is one statement we recognise.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingChange {
     Set { name: String, value_sql: String },
     Reset(String),
@@ -112,13 +112,200 @@ fn is_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
-/// Settings the proxy never passes to a server: `application_name` stays `switchyard-proxy`
-/// so the coordinator can tell the proxy's sessions apart.
+/// Startup parameters that are not settings.
 pub fn passed_to_server(name: &str) -> bool {
     !matches!(
         name,
-        "application_name" | "user" | "database" | "options" | "replication"
-    )
+        "user" | "database" | "options" | "replication" | "fallback_application_name"
+    ) && !name.starts_with("_pq_.")
+}
+
+/// Settings a session cannot change through the proxy, as with `SET ROLE`: the server
+/// connection logs in as the client's role and no other.
+fn unfollowable(name: &str) -> bool {
+    matches!(name, "role" | "session_authorization")
+}
+
+/// The settings a client's startup packet asks for, name (lower case) → value as SQL: the
+/// `-c name=value` and `--name=value` switches of its `options`, then its other parameters
+/// (which win, as in PostgreSQL), and `fallback_application_name` when it names no
+/// application. An option the proxy cannot follow is refused with the reason: a session
+/// that silently lacked its `statement_timeout` is worse than one that fails to connect.
+pub fn startup_settings(params: &[(String, String)]) -> Result<BTreeMap<String, String>, String> {
+    let mut settings = BTreeMap::new();
+    let mut fallback = None;
+    for (name, value) in params {
+        let name = name.to_ascii_lowercase();
+        match name.as_str() {
+            "options" => {
+                for (name, value) in options(value)? {
+                    settings.insert(name, sql::literal(&value));
+                }
+            }
+            "fallback_application_name" => fallback = Some(value),
+            _ if passed_to_server(&name) => {
+                if unfollowable(&name) {
+                    return Err(format!(
+                        "the startup parameter \"{name}\" cannot be followed through the switchyard proxy"
+                    ));
+                }
+                settings.insert(name, sql::literal(value));
+            }
+            _ => {}
+        }
+    }
+    if let Some(fallback) = fallback {
+        settings
+            .entry("application_name".to_string())
+            .or_insert_with(|| sql::literal(fallback));
+    }
+    Ok(settings)
+}
+
+/// The `-c name=value` / `--name=value` pairs of an `options` startup parameter, split as
+/// PostgreSQL splits it (at whitespace; a backslash takes the next character as it is).
+fn options(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = text.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                word.extend(chars.next());
+                in_word = true;
+            }
+            c if c.is_ascii_whitespace() => {
+                if std::mem::take(&mut in_word) {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    let mut pairs = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let pair = if word == "-c" {
+            words
+                .next()
+                .ok_or_else(|| "the startup option -c needs name=value".to_string())?
+        } else if let Some(pair) = word.strip_prefix("-c") {
+            pair.to_string()
+        } else if let Some(pair) = word.strip_prefix("--") {
+            pair.to_string()
+        } else {
+            return Err(format!(
+                "the startup option \"{word}\" is not supported through the switchyard proxy (only -c name=value and --name=value)"
+            ));
+        };
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(format!(
+                "the startup option \"{pair}\" needs a value (name=value)"
+            ));
+        };
+        // As PostgreSQL reads them: dashes in a name are underscores.
+        let name = name.replace('-', "_").to_ascii_lowercase();
+        if !is_name(&name) || unfollowable(&name) {
+            return Err(format!(
+                "the startup option \"{name}\" cannot be followed through the switchyard proxy"
+            ));
+        }
+        pairs.push((name, value.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Setting changes a client sent that may not last: a change becomes the session's only once
+/// the transaction it ran in has committed. PostgreSQL undoes a SET that failed, one in a
+/// transaction that rolled back, and one in a query or pipeline that failed as a whole (an
+/// implicit transaction); keeping those made a refused `SET statement_timeout = 'bogus'`
+/// fail the client's later queries on other connections, and a rolled-back `SET` follow it.
+///
+/// Changes are kept with the sync group they were sent in ([`super::replies::Replies`]
+/// numbers them), so that a transaction's end settles only what went before it.
+#[derive(Debug, Default)]
+pub struct Pending {
+    entries: Vec<Staged>,
+}
+
+#[derive(Debug)]
+struct Staged {
+    group: u64,
+    change: SettingChange,
+    undone: bool,
+    /// Sent as a simple Query: it ran in its group, on that group's connection. A Parse of a
+    /// SET runs whenever it is executed, maybe on another connection, or not at all.
+    ran: bool,
+}
+
+/// A change that lasted ([`Pending::settle`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lasted {
+    pub change: SettingChange,
+    /// It ran on the connection of the transaction that settled it.
+    pub ran: bool,
+}
+
+/// What a connection's `applied` holds for a setting a client changed there through a
+/// prepared statement that may not have run: no value equals it, so the next transaction on
+/// that connection sets or resets it, whoever runs it.
+pub const UNKNOWN: &str = "\0unknown";
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A change sent in sync group `group` (`ran`: as a simple Query).
+    pub fn stage(&mut self, group: u64, change: SettingChange, ran: bool) {
+        self.entries.push(Staged {
+            group,
+            change,
+            undone: false,
+            ran,
+        });
+    }
+
+    /// The transaction that group `group` belongs to failed or rolled back: what it changed
+    /// so far will not last.
+    pub fn undo(&mut self, group: u64) {
+        for entry in &mut self.entries {
+            if entry.group <= group {
+                entry.undone = true;
+            }
+        }
+    }
+
+    /// Group `group` ended outside a transaction block: its transaction (and every earlier
+    /// one) is over. Returns the changes that lasted, in the order they were made.
+    pub fn settle(&mut self, group: u64) -> Vec<Lasted> {
+        let mut lasted = Vec::new();
+        let mut kept = Vec::new();
+        for entry in self.entries.drain(..) {
+            if entry.group > group {
+                kept.push(entry);
+            } else if !entry.undone {
+                lasted.push(Lasted {
+                    change: entry.change,
+                    ran: entry.ran,
+                });
+            }
+        }
+        self.entries = kept;
+        lasted
+    }
+
+    /// The connection was lost under the transaction: none of it lasted.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
 }
 
 /// One statement of [`reconcile`]: the setting it changes, and the SQL.
@@ -233,6 +420,76 @@ mod tests {
             recognise("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL CHAOS"),
             None
         );
+    }
+
+    #[test]
+    fn startup_options_become_settings_and_the_parameters_win() {
+        let params = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let settings = startup_settings(&params(&[
+            ("user", "app"),
+            (
+                "options",
+                "-c search_path=myschema -cstatement_timeout=1234 --work-mem=8MB -c x.y=a\\ b",
+            ),
+            ("statement_timeout", "99"),
+            ("fallback_application_name", "psql"),
+        ]))
+        .unwrap();
+        let expected: BTreeMap<String, String> = [
+            ("search_path", "'myschema'"),
+            ("statement_timeout", "'99'"),
+            ("work_mem", "'8MB'"),
+            ("x.y", "'a b'"),
+            ("application_name", "'psql'"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(settings, expected);
+        let named = startup_settings(&params(&[
+            ("application_name", "app"),
+            ("fallback_application_name", "psql"),
+        ]))
+        .unwrap();
+        assert_eq!(named["application_name"], "'app'");
+        for refused in ["-B 100", "-c role=admin", "-c statement_timeout", "--"] {
+            assert!(
+                startup_settings(&params(&[("options", refused)])).is_err(),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_lasts_only_if_its_transaction_commits() {
+        let change = |value: &str| SettingChange::Set {
+            name: "statement_timeout".into(),
+            value_sql: value.into(),
+        };
+        let mut pending = Pending::default();
+        // Group 0 fails (a refused value), group 1 commits, group 2 is still running.
+        pending.stage(0, change("'bogus'"), true);
+        pending.undo(0);
+        assert_eq!(pending.settle(0), []);
+        pending.stage(1, change("'1s'"), true);
+        pending.stage(2, change("'2s'"), false);
+        assert_eq!(
+            pending.settle(1),
+            [Lasted {
+                change: change("'1s'"),
+                ran: true
+            }]
+        );
+        assert!(!pending.is_empty(), "the later group is not settled yet");
+        // Group 2 is a transaction block rolled back in group 3.
+        pending.undo(3);
+        assert_eq!(pending.settle(3), []);
+        assert!(pending.is_empty());
     }
 
     #[test]

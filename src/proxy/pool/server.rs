@@ -106,6 +106,9 @@ pub struct ServerConn {
     pub writer: FramedWrite<WriteHalf, PgCodec>,
     /// The server's session parameters as it reported them, plus what the proxy SET.
     pub params: HashMap<String, String>,
+    /// The parameters as the server reported them at login: its defaults for the database
+    /// and role, what a client that set nothing has.
+    pub defaults: HashMap<String, String>,
     pub process_id: i32,
     pub secret_key: i32,
     pub addr: SocketAddr,
@@ -143,6 +146,7 @@ impl ServerConn {
                 reader: FramedRead::new(read, PgCodec::typed()),
                 writer: FramedWrite::new(write, PgCodec::typed()),
                 params: HashMap::new(),
+                defaults: HashMap::new(),
                 process_id: 0,
                 secret_key: 0,
                 addr,
@@ -154,6 +158,7 @@ impl ServerConn {
                 cancels_in_flight: Arc::default(),
             };
             conn.login(target).await?;
+            conn.defaults = conn.params.clone();
             conn.reader.decoder_mut().batch_pass_through();
             Ok(conn)
         };

@@ -112,9 +112,34 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     (code, text)
 }
 
+/// The command tags of the CommandComplete messages in a run of server messages (the codec
+/// hands rows and completions over as one frame).
+pub fn command_tags(mut frames: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || loop {
+        let kind = *frames.first()?;
+        let len = u32::from_be_bytes(frames.get(1..5)?.try_into().ok()?) as usize;
+        let message = frames.get(5..1 + len)?;
+        frames = &frames[1 + len..];
+        if kind == b'C' {
+            let end = message
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(message.len());
+            return Some(&message[..end]);
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_command_tags_in_a_run_of_messages() {
+        let run = b"D\0\0\0\x06\0\0C\0\0\0\x0dROLLBACK\0C\0\0\0\x08SET\0";
+        let tags: Vec<&[u8]> = command_tags(run).collect();
+        assert_eq!(tags, [&b"ROLLBACK"[..], b"SET"]);
+    }
 
     #[test]
     fn lengths_cover_the_body() {
