@@ -137,10 +137,16 @@ pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
 }
 
 /// Ends every client session in this database but this one and the idle server connections
-/// of the proxies (other sessions of the coordinator's role too: a superuser's batch job could
-/// write past the fence), all at once, then waits until they are gone. Replication
-/// connections (WAL senders, apply workers) are never touched. Returns how many were ended.
-pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, PgError> {
+/// of the proxies (`proxy_pids`, as the paused proxies listed them: no connection opens while
+/// they are paused), all at once, then waits until they are gone. Other sessions of the
+/// coordinator's role go too: a superuser's batch job could write past the fence.
+/// Replication connections (WAL senders, apply workers) are never touched. Returns how many
+/// were ended.
+pub async fn end_sessions(
+    server: &Server,
+    proxy_pids: &[i32],
+    timeout: Duration,
+) -> Result<usize, PgError> {
     let rows = server
         .query(
             "end the sessions outside the proxies",
@@ -150,9 +156,9 @@ pub async fn end_sessions(server: &Server, timeout: Duration) -> Result<usize, P
                  SELECT pid FROM pg_stat_activity
                   WHERE datname = current_database() AND backend_type = 'client backend'
                     AND pid <> pg_backend_pid()
-                    AND NOT (application_name = 'switchyard-proxy' AND state = 'idle'))
+                    AND NOT (pid = ANY($1) AND state = 'idle'))
              SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
-            &[],
+            &[&proxy_pids],
         )
         .await?;
     let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();

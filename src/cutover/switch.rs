@@ -390,7 +390,7 @@ impl<'a> Checked<'a> {
     async fn in_pause(&mut self, steps: &mut Steps<'_>, selection: &Selection) -> Result<()> {
         let direction = self.direction;
         let from = direction.from();
-        self.pause(steps).await?;
+        let proxy_pids = self.pause(steps).await?;
 
         let tables = selection.names();
         let server = self.server(from);
@@ -436,7 +436,7 @@ impl<'a> Checked<'a> {
                         leaks.join(", ")
                     )));
                 }
-                let ended = fence::end_sessions(server, timeout).await?;
+                let ended = fence::end_sessions(server, &proxy_pids, timeout).await?;
                 Ok::<_, PgError>((
                     (),
                     format!(
@@ -498,8 +498,10 @@ impl<'a> Checked<'a> {
     }
 
     /// Pauses every proxy and waits for their transactions to finish, ending them when
-    /// `on_drain_timeout = "cancel"`.
-    async fn pause(&mut self, steps: &mut Steps<'_>) -> Result<()> {
+    /// `on_drain_timeout = "cancel"`. Returns the backend pids of the proxies' server
+    /// connections to the old primary: the fence spares them.
+    async fn pause(&mut self, steps: &mut Steps<'_>) -> Result<Vec<i32>> {
+        let from = self.direction.from();
         let drain = self.plan.cutover.drain_timeout.0;
         let proxies = &self.proxies;
         let drained = steps
@@ -509,8 +511,9 @@ impl<'a> Checked<'a> {
             )
             .await
             .map_err(Error::Refused)?;
+        let proxy_pids = drained.server_pids(from);
         if drained.idle {
-            return Ok(());
+            return Ok(proxy_pids);
         }
         let running = drained.running;
         let listed: Vec<String> = running.iter().map(|r| r.to_string()).collect();
@@ -544,7 +547,7 @@ impl<'a> Checked<'a> {
                 Ok(((), format!("{} cancelled or rolled back", pids.len())))
             })
             .await?;
-        Ok(())
+        Ok(proxy_pids)
     }
 
     /// Stops the forward stream, skips the reverse slot past what it wrote on the target, and
@@ -817,6 +820,24 @@ struct Drain {
     /// The transactions they listed as still running (a session still waiting for its
     /// server connection is not listed, but makes `idle` false).
     running: Vec<serde_json::Value>,
+    /// Each proxy's `server_pids` (per side).
+    pids: Vec<serde_json::Value>,
+}
+
+impl Drain {
+    /// The backend pids of the proxies' server connections to `side`.
+    fn server_pids(&self, side: Side) -> Vec<i32> {
+        let key = match side {
+            Side::Source => "source",
+            Side::Target => "target",
+        };
+        self.pids
+            .iter()
+            .filter_map(|pids| pids[key].as_array())
+            .flatten()
+            .filter_map(|pid| pid.as_i64().and_then(|pid| i32::try_from(pid).ok()))
+            .collect()
+    }
 }
 
 async fn pause_all(proxies: &[ProxyAdmin], drain: Duration) -> Result<(Drain, String), String> {
@@ -827,12 +848,20 @@ async fn pause_all(proxies: &[ProxyAdmin], drain: Duration) -> Result<(Drain, St
         .iter()
         .flat_map(|a| a["running"].as_array().cloned().unwrap_or_default())
         .collect();
+    let pids = answers.iter().map(|a| a["server_pids"].clone()).collect();
     let text = if idle {
         format!("{} proxies paused, no transaction running", proxies.len())
     } else {
         format!("{} transactions still running", running.len().max(1))
     };
-    Ok((Drain { idle, running }, text))
+    Ok((
+        Drain {
+            idle,
+            running,
+            pids,
+        },
+        text,
+    ))
 }
 
 /// Throttles every proxy to `max_active` transactions at once until resumed or `timeout`.

@@ -108,6 +108,10 @@ pub struct ProxySettings {
     pub workers: u32,
     #[serde(default = "default_max_client_connections")]
     pub max_client_connections: u32,
+    /// Named prepared statements kept on one server connection; past it, the least recently
+    /// used is closed (and prepared again if used again).
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: u32,
     /// A client waiting longer than this for a server connection gets an error.
     #[serde(default = "default_query_wait_timeout")]
     pub query_wait_timeout: Dur,
@@ -254,6 +258,7 @@ impl Default for ProxySettings {
             pool_size: default_pool_size(),
             workers: 0,
             max_client_connections: default_max_client_connections(),
+            max_prepared_statements: default_max_prepared_statements(),
             query_wait_timeout: default_query_wait_timeout(),
             server_idle_timeout: default_server_idle_timeout(),
             server_check_delay: default_server_check_delay(),
@@ -294,6 +299,12 @@ fn default_query_wait_timeout() -> Dur {
 
 fn default_server_idle_timeout() -> Dur {
     Dur(Duration::from_secs(600))
+}
+
+/// PgBouncer's default: enough for an application's working set of statements, few enough
+/// that a server connection's memory for plans stays bounded.
+fn default_max_prepared_statements() -> u32 {
+    200
 }
 
 fn default_server_check_delay() -> Dur {

@@ -194,6 +194,21 @@ struct WorkerStatus {
 }
 
 #[derive(Serialize)]
+struct ServerPidLists {
+    source: Vec<i32>,
+    target: Vec<i32>,
+}
+
+impl ServerPidLists {
+    fn of(shared: &Shared) -> ServerPidLists {
+        ServerPidLists {
+            source: shared.server_pids[0].list(),
+            target: shared.server_pids[1].list(),
+        }
+    }
+}
+
+#[derive(Serialize)]
 pub struct Status {
     paused: bool,
     /// Transactions allowed at once while throttled before a pause (0: not throttled).
@@ -209,8 +224,9 @@ pub struct Status {
     clients: usize,
     clients_in_transaction: usize,
     clients_waiting: u64,
-    /// Server connections log in with this application_name.
-    application_name: &'static str,
+    /// The backend pids of the proxy's server connections, per server: the cutover's fence
+    /// ends every other session.
+    server_pids: ServerPidLists,
     pools: Vec<PoolStatus>,
     /// Per worker thread, to see how clients and connections spread over them.
     workers: Vec<WorkerStatus>,
@@ -259,7 +275,7 @@ fn status(shared: &Shared) -> Status {
         clients: shared.clients.load(Ordering::Relaxed),
         clients_in_transaction: shared.control.active(),
         clients_waiting: shared.metrics().clients_waiting.load(Ordering::Relaxed),
-        application_name: "switchyard-proxy",
+        server_pids: ServerPidLists::of(shared),
         pools,
         workers,
     }
@@ -288,7 +304,9 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
                 .collect()
         })
         .unwrap_or_default();
-    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running })
+    // Listed after the wait: while paused no transaction starts, so no connection opens.
+    let server_pids = ServerPidLists::of(shared);
+    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running, "server_pids": server_pids })
 }
 
 /// `{"max_active": 2, "timeout_ms": 10000}`: at most that many transactions at once until

@@ -39,6 +39,8 @@ pub struct Scan {
     pub listen: bool,
     pub changes_session: bool,
     pub deallocate: bool,
+    /// `CREATE TEMP ...`: an object that lives on the server connection, not the client.
+    pub creates_temp: bool,
 }
 
 /// One pass over the first word of each statement: every query goes through here, so the
@@ -54,6 +56,7 @@ pub fn scan(text: &[u8]) -> Scan {
                 scan.changes_session |= changes_session(rest);
             }
             6 if is(b"listen") => scan.listen = true,
+            6 if is(b"create") => scan.creates_temp |= creates_temp(rest),
             10 if is(b"deallocate") => scan.deallocate = true,
             _ => {}
         }
@@ -62,6 +65,18 @@ pub fn scan(text: &[u8]) -> Scan {
             None => return scan,
         }
     }
+}
+
+/// Whether a CREATE statement makes a temporary object (`CREATE [GLOBAL | LOCAL] {TEMP |
+/// TEMPORARY} ...`).
+fn creates_temp(statement: &[u8]) -> bool {
+    let mut rest = after_first_word(statement);
+    let mut word = first_word(rest);
+    if word.eq_ignore_ascii_case(b"global") || word.eq_ignore_ascii_case(b"local") {
+        rest = after_first_word(rest);
+        word = first_word(rest);
+    }
+    word.eq_ignore_ascii_case(b"temp") || word.eq_ignore_ascii_case(b"temporary")
 }
 
 /// Whether the query text holds more than one statement (a trailing semicolon makes none).
@@ -186,6 +201,17 @@ mod tests {
         assert!(!listen("SELECT listen FROM t;"));
         assert!(!listen("SELECT 1; listener()"));
         assert!(!listen(""));
+    }
+
+    #[test]
+    fn temporary_objects_are_found_in_any_statement() {
+        let temp = |text: &str| scan(text.as_bytes()).creates_temp;
+        assert!(temp("CREATE TEMP TABLE trace(x int)"));
+        assert!(temp("SELECT 1; create local temporary table t (x int)"));
+        assert!(temp("CREATE GLOBAL TEMPORARY TABLE t (x int)"));
+        assert!(temp("create temp view v as select 1"));
+        assert!(!temp("CREATE TABLE temp (x int)"));
+        assert!(!temp("CREATE TABLE t (temp int)"));
     }
 
     #[test]

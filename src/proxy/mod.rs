@@ -16,6 +16,7 @@ pub mod protocol;
 mod replies;
 mod session;
 mod settings;
+mod statements;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::plan::{Endpoint, Plan, PoolMode, ProxySettings};
 use auth::scram::Verifier;
 use backend::Backend;
 use control::Control;
+use pool::server::ServerPids;
 use pool::{Pool, ServerManager, ServerTarget};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum ProxyError {
 /// A proxy user as the proxy needs it: the verifier its clients log in against.
 pub struct User {
     pub verifier: Verifier,
+    /// Which server statements this user's clients hold.
+    pub statements: Arc<statements::Book>,
 }
 
 /// One worker thread of the proxy, with its own single-threaded scheduler and its own share
@@ -227,6 +231,8 @@ pub struct Shared {
     pub mock_verifier: Verifier,
     /// TLS towards clients, when `[proxy] tls_cert` and `tls_key` are set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The backend pids of the open server connections, per side (source, target).
+    pub server_pids: [ServerPids; 2],
     client_slots: Arc<Semaphore>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -264,21 +270,39 @@ impl Shared {
                     var: user.password_env.0.clone(),
                 })?;
             let verifier = Verifier::from_password(&password);
-            users.insert(name.clone(), User { verifier });
+            users.insert(
+                name.clone(),
+                User {
+                    verifier,
+                    statements: Arc::default(),
+                },
+            );
             passwords.push((name, password));
         }
         let mut built = Vec::new();
         let mut inboxes = Vec::new();
+        let server_pids = [ServerPids::default(), ServerPids::default()];
         for (index, handle) in shards.iter().enumerate() {
             // bb8 starts its reaper task on the scheduler current when a pool is built: the
             // main one, where the other timers that tend the pools run (see start_shards).
             let size = shard_share(settings.pool_size.max(1), shards.len(), index);
             let mut pools = HashMap::new();
             for (name, password) in &passwords {
-                let pool_of = |endpoint| {
-                    build_pool(&settings, endpoint, (name, password), handle, index, size)
+                let pool_of = |endpoint, pids| {
+                    build_pool(
+                        &settings,
+                        endpoint,
+                        (name, password),
+                        handle,
+                        index,
+                        size,
+                        pids,
+                    )
                 };
-                let pair = [pool_of(&plan.source)?, pool_of(&plan.target)?];
+                let pair = [
+                    pool_of(&plan.source, &server_pids[0])?,
+                    pool_of(&plan.target, &server_pids[1])?,
+                ];
                 pools.insert(name.clone(), pair);
             }
             let (inbox, receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -302,6 +326,7 @@ impl Shared {
             mock_verifier: Verifier::from_password(&format!("{:032x}", rand::random::<u128>())),
             tls,
             shards: built,
+            server_pids,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((shared, inboxes))
@@ -376,6 +401,7 @@ fn build_pool(
     worker: &tokio::runtime::Handle,
     shard: usize,
     size: u32,
+    pids: &ServerPids,
 ) -> Result<Pool, ProxyError> {
     let url = &endpoint.url;
     let server_tls = match url.config().get_ssl_mode() {
@@ -392,8 +418,9 @@ fn build_pool(
         database: url.dbname().to_string(),
         user: user.to_string(),
         password: password.to_string(),
-        application_name: "switchyard-proxy".into(),
         tls: server_tls,
+        pids: pids.clone(),
+        max_prepared_statements: settings.max_prepared_statements as usize,
     };
     let (refusals, _) = tokio::sync::watch::channel(None);
     let manager = ServerManager {

@@ -77,9 +77,17 @@ impl Replies {
         self.sent += 1;
     }
 
-    /// A client's Parse or Close (renamed or not): its answer goes to the client.
-    pub fn sent_theirs(&mut self) {
+    /// A client's Parse or Close (renamed or not): its answer goes to the client. Returns
+    /// its position, which [`Replies::complete_received`] gives back with its answer.
+    pub fn sent_theirs(&mut self) -> u64 {
         self.sent += 1;
+        self.sent - 1
+    }
+
+    /// Parse and Close answers seen, or skipped by an error: a client message at a position
+    /// below this whose answer never came failed.
+    pub fn answered(&self) -> u64 {
+        self.answered
     }
 
     /// A simple Query: it may start a copy, and it ends a group.
@@ -119,15 +127,16 @@ impl Replies {
         });
     }
 
-    /// A ParseComplete or CloseComplete: true if it goes to the client.
-    pub fn complete_received(&mut self) -> bool {
+    /// A ParseComplete or CloseComplete: the position of the client's message it answers,
+    /// or `None` for the proxy's own (swallowed).
+    pub fn complete_received(&mut self) -> Option<u64> {
         let at = self.answered;
         self.answered += 1;
         if self.swallow.front() == Some(&at) {
             self.swallow.pop_front();
-            return false;
+            return None;
         }
-        true
+        Some(at)
     }
 
     /// CopyInResponse: the statement of the group being answered started a copy-in. The
@@ -204,7 +213,9 @@ mod tests {
         for kind in client.bytes() {
             match kind {
                 b'p' | b'x' => r.sent_ours(), // the proxy's own Parse / Close
-                b'P' | b'C' => r.sent_theirs(),
+                b'P' | b'C' => {
+                    r.sent_theirs();
+                }
                 b'Q' => r.query_sent(),
                 b'E' => r.execute_sent(),
                 b'S' => {
@@ -217,7 +228,7 @@ mod tests {
         let mut seen = String::new();
         for kind in server.bytes() {
             let forwarded = match kind {
-                b'1' | b'3' => r.complete_received(),
+                b'1' | b'3' => r.complete_received().is_some(),
                 b'G' => {
                     r.copy_in_received();
                     true
@@ -270,7 +281,7 @@ mod tests {
             1,
             "the connection is still owed the query's answer"
         );
-        assert!(r.complete_received());
+        assert_eq!(r.complete_received(), Some(0));
         r.ready_received();
         assert_eq!(r.owed(), 0);
     }
@@ -283,7 +294,7 @@ mod tests {
         r.execute_sent();
         r.sync_sent();
         assert_eq!(r.owed(), 1);
-        assert!(r.complete_received());
+        assert_eq!(r.complete_received(), Some(0));
         r.copy_in_received();
         assert_eq!(
             r.owed(),

@@ -22,6 +22,7 @@ use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::replies::Replies;
 use super::settings::{self, SettingChange};
+use super::statements::Book;
 use super::tls::{self, ReadHalf, WriteHalf};
 use super::{CancelTarget, Shared};
 use crate::pg::{sql, Side};
@@ -190,6 +191,7 @@ pub async fn run(shared: Arc<Shared>, shard: usize, mut stream: TcpStream) {
         session.serve().await;
     }
     session.release(true).await;
+    session.forget_statements();
     lock(&shared.cancels).remove(&key);
 }
 
@@ -452,6 +454,12 @@ struct Session {
     client_w: ClientWriter,
     server: Option<Pooled>,
     statements: HashMap<String, Prepared>,
+    /// The user's count of which server statements its clients hold.
+    book: Arc<Book>,
+    /// Named Parses of the client sent to the server and not yet answered (position among
+    /// the Parse and Close answers, client name): one whose answer never comes failed, and
+    /// its name is free again.
+    unconfirmed: Vec<(u64, String)>,
     /// The client's settings, name → value as SQL.
     wanted: BTreeMap<String, String>,
     /// Setting changes sent whose transaction has not ended yet.
@@ -464,7 +472,7 @@ struct Session {
     replies: Replies,
     /// The server connection died while the client sat in a transaction: its next message
     /// gets the error.
-    lost_transaction: bool,
+    lost_transaction: Option<Fatal>,
     /// The server connection holds session state the proxy cannot track (an unrecognised SET,
     /// SET ROLE): it is closed instead of going back to the pool.
     dirty: bool,
@@ -502,6 +510,11 @@ impl Session {
         (key, cancel_slot): ((i32, i32), super::CancelSlot),
     ) -> Session {
         let wanted = logged_in.settings;
+        let book = shared
+            .users
+            .get(&logged_in.user)
+            .map(|user| user.statements.clone())
+            .unwrap_or_default();
         Session {
             pools,
             shared,
@@ -513,6 +526,8 @@ impl Session {
             client_w: writer,
             server: None,
             statements: HashMap::new(),
+            book,
+            unconfirmed: Vec::new(),
             wanted,
             pending_settings: settings::Pending::default(),
             rolled_back: false,
@@ -520,7 +535,7 @@ impl Session {
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
-            lost_transaction: false,
+            lost_transaction: None,
             group_prepared: Vec::new(),
             unsynced: 0,
             dirty: false,
@@ -725,20 +740,24 @@ impl Session {
         if tag(&frame) == b'X' {
             return Next::End;
         }
-        if self.lost_transaction {
-            self.lost_transaction = false;
-            return Next::after(
-                self.fail_until_sync(&frame, &Fatal::new("08006", LOST))
-                    .await,
-            );
+        if let Some(lost) = self.lost_transaction.take() {
+            return Next::after(self.fail_until_sync(&frame, &lost).await);
         }
         if self.server.is_none() {
             match tag(&frame) {
-                // Between transactions a named Parse needs no server: it is remembered and
-                // prepared on whichever server connection first runs it. (A client that
-                // prepares synchronously while its other sessions hold every server
-                // connection, as pgbench does, would otherwise wait for ever.)
-                b'P' if self.remember_parse(&frame) => return Next::Handled,
+                // A named Parse: PostgreSQL checks it at once, so it goes to a server when one
+                // is free now. With every connection busy it is remembered and prepared on
+                // whichever connection first runs it (checked then): a client that prepares
+                // synchronously while its other sessions hold every server connection, as
+                // pgbench does, would otherwise wait for ever.
+                b'P' if body(&frame).first() != Some(&0) => {
+                    if let Some(error) = self.duplicate_parse(&frame) {
+                        return Next::after(self.fail_until_sync(&frame, &error).await);
+                    }
+                    if !self.server_free_now() && self.remember_parse(&frame) {
+                        return Next::Handled;
+                    }
+                }
                 // Nothing else pending: answer a Sync or Flush ourselves.
                 b'S' => {
                     return Next::after(
@@ -761,6 +780,7 @@ impl Session {
             if let Err(error) = self.attach(true).await {
                 return Next::after(self.fail_until_sync(&frame, &error).await);
             }
+            self.close_dead_statements();
             if !self.answer_locally(None).await {
                 return Next::End;
             }
@@ -778,7 +798,7 @@ impl Session {
     /// A server connection is attached and the session is in its turn: a client message goes
     /// straight to the server.
     fn in_transaction(&self) -> bool {
-        self.server.is_some() && self.in_turn && !self.lost_transaction
+        self.server.is_some() && self.in_turn && self.lost_transaction.is_none()
     }
 
     /// Notes what a client message does to the session's state, and gives what goes to the
@@ -826,7 +846,13 @@ impl Session {
     async fn on_server_frame(&mut self, frame: Bytes) -> bool {
         let kind = tag(&frame);
         match kind {
-            b'1' | b'3' if !self.replies.complete_received() => return true,
+            b'1' | b'3' => match self.replies.complete_received() {
+                None => return true,
+                Some(at) if kind == b'1' && !self.unconfirmed.is_empty() => {
+                    self.unconfirmed.retain(|(sent_at, _)| *sent_at != at);
+                }
+                Some(_) => {}
+            },
             b'S' => self.note_parameter(&frame),
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
             // be) ignored by the server.
@@ -834,8 +860,9 @@ impl Session {
             // The server is ending the connection (shutdown, pg_terminate_backend): that ends
             // this client's transaction, not its session.
             b'E' if backend::is_fatal(body(&frame)) => {
-                tracing::warn!(user = %self.user, "server connection ended: {}", backend::error_fields(body(&frame)).1);
-                return self.server_lost().await;
+                let (code, message) = backend::error_fields(body(&frame));
+                tracing::warn!(user = %self.user, code, "server connection ended: {message}");
+                return self.server_lost_because(Fatal::new(code, message)).await;
             }
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
@@ -844,6 +871,9 @@ impl Session {
                 }
                 // That sync group is answered, whatever an error made the server skip.
                 self.replies.ready_received();
+                if !self.unconfirmed.is_empty() {
+                    self.forget_failed_parses(self.replies.answered());
+                }
                 if self.replies.owed() == 0 {
                     self.group_prepared.clear();
                 }
@@ -947,8 +977,11 @@ impl Session {
         if scan == inspect::Scan::default() {
             return smallvec![frame];
         }
-        if self.mode() == PoolMode::Transaction && scan.listen {
-            return smallvec![frontend::query(REFUSE_LISTEN)];
+        if self.mode() == PoolMode::Transaction {
+            if scan.listen {
+                return smallvec![frontend::query(REFUSE_LISTEN)];
+            }
+            self.dirty |= scan.creates_temp;
         }
         let Ok(text) = std::str::from_utf8(bytes) else {
             return smallvec![frame];
@@ -973,14 +1006,17 @@ impl Session {
         }
         match inspect::deallocate(text) {
             Some(Deallocate::All) => {
-                self.statements.clear();
+                self.forget_statements();
                 if let Some(server) = self.server.as_mut() {
                     server.prepared.clear();
                 }
                 smallvec![frame]
             }
             Some(Deallocate::Named(name)) => match self.statements.remove(&name) {
-                Some(prepared) => self.deallocate_on_server(&prepared.server_name),
+                Some(prepared) => {
+                    self.book.release(&prepared.server_name);
+                    self.deallocate_on_server(&prepared.server_name)
+                }
                 // Not one of the client's: the server's own error (26000).
                 None => smallvec![frame],
             },
@@ -1116,27 +1152,128 @@ impl Session {
             self.replies.sent_theirs();
             return smallvec![frame];
         }
+        if self.statements.contains_key(message.name) {
+            return self.parse_duplicate(message.name);
+        }
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
         let client_name = message.name.to_string();
+        self.book.hold(&server_name);
         self.statements.insert(
-            client_name,
+            client_name.clone(),
             Prepared {
                 server_name: server_name.clone(),
                 parse: parse.clone(),
             },
         );
-        let Some(server) = self.server.as_mut() else {
-            self.replies.sent_theirs();
-            return smallvec![parse];
-        };
+        let mut out = Frames::new();
         // Closed first in case the connection has it already (from another client, or from
         // a group that failed after its Parse went through); the CloseComplete is swallowed.
-        server.prepared.insert(server_name.clone());
-        self.group_prepared.push(server_name.clone());
+        self.make_room_for(&server_name, &mut out);
+        out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+        self.replies.sent_ours();
+        self.group_prepared.push(server_name);
+        let at = self.replies.sent_theirs();
+        self.unconfirmed.push((at, client_name));
+        out.push(parse);
+        out
+    }
+
+    /// A Parse of a name the client has prepared already: PostgreSQL's own 42P05, in its
+    /// place among the answers, from the server: the client's name is prepared twice (the
+    /// first answer swallowed). That leaves a statement under a client's name on the
+    /// connection, which is therefore not reused.
+    fn parse_duplicate(&mut self, name: &str) -> Frames {
+        self.dirty = true;
+        let placeholder = frontend::Parse {
+            name,
+            query: b"SELECT",
+            rest: &[0, 0],
+        };
+        let parse = frontend::rename_parse(&placeholder, name);
         self.replies.sent_ours();
         self.replies.sent_theirs();
-        smallvec![frontend::rebuild_target(b'C', b'S', &server_name), parse]
+        smallvec![parse.clone(), parse]
+    }
+
+    /// Between transactions: the error PostgreSQL gives a Parse of a name the client has
+    /// prepared already.
+    fn duplicate_parse(&self, frame: &Bytes) -> Option<Fatal> {
+        let message = frontend::parse_message(frame)?;
+        self.statements.contains_key(message.name).then(|| {
+            Fatal::new(
+                "42P05",
+                format!("prepared statement \"{}\" already exists", message.name),
+            )
+        })
+    }
+
+    /// The current backend's pool could give this worker a connection without waiting.
+    fn server_free_now(&self) -> bool {
+        let control = &self.shared.control;
+        control.admits_now()
+            && !control.is_paused()
+            && self.pools[super::side_index(self.shared.backend.side())].has_free()
+    }
+
+    /// `server_name` is about to be prepared on the attached connection: at most
+    /// `max_prepared_statements` stay there, the least recently used closed first.
+    fn make_room_for(&mut self, server_name: &str, out: &mut Frames) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if let Some(evicted) = server.prepared.insert(server_name) {
+            out.push(frontend::rebuild_target(b'C', b'S', &evicted));
+            self.replies.sent_ours();
+        }
+    }
+
+    /// Statements no client holds any more that the connection just attached still has are
+    /// closed before the client's first message (their answers swallowed).
+    fn close_dead_statements(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let deaths = self.book.deaths();
+        if server.prepared.seen_deaths == deaths {
+            return;
+        }
+        server.prepared.seen_deaths = deaths;
+        for name in self.book.dead(&server.prepared) {
+            server.prepared.remove(&name);
+            let close = frontend::rebuild_target(b'C', b'S', &name);
+            if !try_queue(&mut server.writer, &close) {
+                // A full buffer (it never is, before the first message): left for later.
+                server.prepared.seen_deaths = deaths.wrapping_sub(1);
+                break;
+            }
+            self.replies.sent_ours();
+        }
+    }
+
+    /// Named Parses whose answer should have come before the answer at `answered` and did
+    /// not: an error skipped them or they failed. Their names are free again.
+    fn forget_failed_parses(&mut self, answered: u64) {
+        let failed: Vec<String> = self
+            .unconfirmed
+            .iter()
+            .filter(|(at, _)| *at < answered)
+            .map(|(_, name)| name.clone())
+            .collect();
+        self.unconfirmed.retain(|(at, _)| *at >= answered);
+        for name in failed {
+            if let Some(prepared) = self.statements.remove(&name) {
+                self.book.release(&prepared.server_name);
+            }
+        }
+    }
+
+    /// The client's statements are gone (its session ended, DEALLOCATE ALL).
+    fn forget_statements(&mut self) {
+        for (_, prepared) in self.statements.drain() {
+            self.book.release(&prepared.server_name);
+        }
+        self.unconfirmed.clear();
     }
 
     /// What a Parse's statement does to the session, taken as done when the Parse arrives,
@@ -1146,6 +1283,11 @@ impl Session {
     /// the Parse to handle instead (the refusal under the client's name), if any.
     fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Option<Bytes> {
         let scan = inspect::scan(message.query);
+        // A temporary object must reach no other client: the connection is closed after
+        // the transaction (in session mode, the session's DISCARD ALL drops it).
+        if self.mode() == PoolMode::Transaction && scan.creates_temp {
+            self.dirty = true;
+        }
         if self.mode() == PoolMode::Transaction && scan.listen {
             let refused = frontend::Parse {
                 name: message.name,
@@ -1187,6 +1329,7 @@ impl Session {
         }
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
+        self.book.hold(&server_name);
         self.statements
             .insert(message.name.to_string(), Prepared { server_name, parse });
         self.owed_parse_complete += 1;
@@ -1217,16 +1360,18 @@ impl Session {
     fn ensure_prepared(&mut self, client_name: &str, out: &mut Frames) -> Option<String> {
         let prepared = self.statements.get(client_name)?;
         let server = self.server.as_mut()?;
-        if server.prepared.insert(prepared.server_name.clone()) {
+        let (server_name, parse) = (prepared.server_name.clone(), prepared.parse.clone());
+        if !server.prepared.touch(&server_name) {
+            self.make_room_for(&server_name, out);
             // Closed first: after an error the proxy cannot know whether an earlier Parse of
             // it went through, and Close of a statement that does not exist is no error.
-            out.push(frontend::rebuild_target(b'C', b'S', &prepared.server_name));
-            out.push(prepared.parse.clone());
+            out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+            out.push(parse);
             self.replies.sent_ours();
             self.replies.sent_ours();
-            self.group_prepared.push(prepared.server_name.clone());
+            self.group_prepared.push(server_name.clone());
         }
-        Some(prepared.server_name.clone())
+        Some(server_name)
     }
 
     /// A Bind or Describe of the unnamed statement, on a server connection that does not have
@@ -1285,10 +1430,20 @@ impl Session {
             return smallvec![frame];
         }
         if kind == b'C' {
-            return match self.statements.remove(name) {
-                Some(_) => smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")],
-                None => smallvec![frame],
+            let Some(prepared) = self.statements.remove(name) else {
+                return smallvec![frame];
             };
+            // The last client to hold it: deallocated on this connection (the server's
+            // CloseComplete answers the client), and on the others before their next
+            // transaction. Otherwise only the client's name goes, and the server is asked
+            // to close a name that does not exist, so that its answer comes in its place.
+            if !self.book.release(&prepared.server_name) {
+                return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
+            }
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.remove(&prepared.server_name);
+            }
+            return smallvec![frontend::rebuild_target(b'C', b'S', &prepared.server_name)];
         }
         let mut out = Frames::new();
         match self.ensure_prepared(name, &mut out) {
@@ -1613,6 +1768,13 @@ impl Session {
 
     /// The server connection broke: the client's transaction is lost, the session goes on.
     async fn server_lost(&mut self) -> bool {
+        self.server_lost_because(Fatal::new("08006", LOST)).await
+    }
+
+    /// [`Session::server_lost`], telling the client `cause`: the server's own error when it
+    /// ended the connection with one (57P01 terminated by an administrator, 25P03 idle in
+    /// transaction too long), as an ERROR, since the client's session goes on.
+    async fn server_lost_because(&mut self, cause: Fatal) -> bool {
         metrics::add(&self.metrics().server_connections_lost, 1);
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
@@ -1625,12 +1787,8 @@ impl Session {
         if waiting > 0 {
             // The client waits for answers: its transaction failed; every Sync and Query it
             // sent gets its ReadyForQuery.
-            if self
-                .client_w
-                .feed(backend::error_response("ERROR", "08006", LOST))
-                .await
-                .is_err()
-            {
+            let error = backend::error_response("ERROR", &cause.code, &cause.message);
+            if self.client_w.feed(error).await.is_err() {
                 return false;
             }
             for _ in 0..waiting {
@@ -1646,7 +1804,7 @@ impl Session {
             return self.client_w.flush().await.is_ok();
         }
         // Idle in a transaction: it learns with its next message.
-        self.lost_transaction = in_transaction;
+        self.lost_transaction = in_transaction.then_some(cause);
         true
     }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod servers;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -35,7 +36,7 @@ pub async fn show(client: &Client, setting: &str) -> String {
     client
         .query_one(&format!("SHOW {setting}"), &[])
         .await
-        .unwrap_or_else(|e| panic!("SHOW {setting}: {e}"))
+        .unwrap_or_else(|e| panic!("SHOW {setting}: {e:?}"))
         .get(0)
 }
 

@@ -10,6 +10,7 @@ mod drift;
 mod plan_errors;
 pub mod proxy;
 mod proxy_drivers;
+mod proxy_fidelity;
 mod proxy_limits;
 mod proxy_server_auth;
 mod proxy_state;

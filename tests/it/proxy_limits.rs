@@ -44,13 +44,14 @@ async fn a_client_past_max_client_connections_gets_53300_and_the_others_go_on() 
     third.batch_execute("SELECT 1").await.unwrap();
 }
 
-/// The proxy's server connections for its user, as the source sees them.
+/// The proxy's server connections for its user, as the source sees them (the test's
+/// clients log in as that user only through the proxy).
 async fn server_connections(db: &TestDb, proxy: &Proxy) -> i64 {
     db.source_client()
         .await
         .query_one(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE usename = $1 AND application_name = 'switchyard-proxy'",
+             WHERE usename = $1 AND backend_type = 'client backend'",
             &[&proxy.user],
         )
         .await

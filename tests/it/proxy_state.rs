@@ -20,8 +20,9 @@ async fn raw_client(proxy: &Proxy) -> ServerConn {
         database: proxy.database.clone(),
         user: proxy.user.clone(),
         password: proxy.password.clone(),
-        application_name: "raw".into(),
         tls: None,
+        pids: Default::default(),
+        max_prepared_statements: 200,
     };
     ServerConn::connect(&target, Duration::from_secs(10))
         .await

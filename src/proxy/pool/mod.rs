@@ -33,10 +33,10 @@ impl bb8::ManageConnection for ServerManager {
 
     async fn connect(&self) -> Result<Box<ServerConn>, ServerError> {
         match ServerConn::connect(&self.target, self.connect_timeout).await {
-            Ok(conn) => Ok(Box::new(ServerConn {
-                home: self.shard,
-                ..conn
-            })),
+            Ok(mut conn) => {
+                conn.home = self.shard;
+                Ok(Box::new(conn))
+            }
             Err(e) => {
                 tracing::warn!(user = %self.target.user, "server connection failed: {e}");
                 if let Some(refusal) = e.login_refusal() {
@@ -347,6 +347,12 @@ impl Pool {
     pub fn can_serve_now(&self) -> bool {
         let state = self.0.bb8.state();
         state.idle_connections > 0 || state.connections < self.0.max_size
+    }
+
+    /// A checkout now would not wait: a connection is on the stack, or bb8 has or can
+    /// make one.
+    pub fn has_free(&self) -> bool {
+        !self.warm().is_empty() || self.can_serve_now()
     }
 
     /// Connections open, and of those idle (in bb8 or on the stack).

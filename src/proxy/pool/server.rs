@@ -18,6 +18,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::proxy::protocol::backend::error_fields;
 use crate::proxy::protocol::codec::CodecError;
 use crate::proxy::protocol::{body, tag, Frame, PgCodec};
+use crate::proxy::statements::OnConnection;
 use crate::proxy::tls::{self, ReadHalf, WriteHalf};
 
 /// TLS towards the server, from the plan URL's sslmode (`prefer` or `require`).
@@ -45,8 +46,52 @@ pub struct ServerTarget {
     pub database: String,
     pub user: String,
     pub password: String,
-    pub application_name: String,
     pub tls: Option<ServerTls>,
+    /// Every open connection's backend pid towards this server, over all pools.
+    pub pids: ServerPids,
+    /// `[proxy] max_prepared_statements`.
+    pub max_prepared_statements: usize,
+}
+
+/// The backend pids of the proxy's open connections towards one server: what the cutover's
+/// fence spares. (Server connections once logged in as `switchyard-proxy` and the fence told
+/// them by that name; the client's own application_name now reaches the server.)
+#[derive(Debug, Clone, Default)]
+pub struct ServerPids(Arc<std::sync::Mutex<HashSet<i32>>>);
+
+impl ServerPids {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The pids, sorted.
+    pub fn list(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.lock().iter().copied().collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    fn register(&self, pid: i32) -> Registered {
+        self.lock().insert(pid);
+        Registered {
+            pids: self.clone(),
+            pid,
+        }
+    }
+}
+
+/// A connection's place in [`ServerPids`], given up when the connection is dropped.
+pub struct Registered {
+    pids: ServerPids,
+    pid: i32,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.pids.lock().remove(&self.pid);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +158,7 @@ pub struct ServerConn {
     pub secret_key: i32,
     pub addr: SocketAddr,
     /// Prepared statements (proxy names) that exist on this connection.
-    pub prepared: HashSet<String>,
+    pub prepared: OnConnection,
     /// Session settings clients made on this connection, name → value as SQL.
     pub applied: std::collections::BTreeMap<String, String>,
     /// Set when the connection must not be reused (it broke, or a client left it mid-way).
@@ -125,6 +170,8 @@ pub struct ServerConn {
     /// CancelRequests forwarded to this connection's backend that PostgreSQL has not yet
     /// acted on: until they have, the connection must not run another client's query.
     pub cancels_in_flight: Arc<AtomicU32>,
+    /// Its pid among the proxy's server connections, while it is open.
+    registered: Option<Registered>,
 }
 
 impl ServerConn {
@@ -150,15 +197,17 @@ impl ServerConn {
                 process_id: 0,
                 secret_key: 0,
                 addr,
-                prepared: HashSet::new(),
+                prepared: OnConnection::new(target.max_prepared_statements),
                 applied: Default::default(),
                 broken: false,
                 idle_since: Instant::now(),
                 home: 0,
                 cancels_in_flight: Arc::default(),
+                registered: None,
             };
             conn.login(target).await?;
             conn.defaults = conn.params.clone();
+            conn.registered = Some(target.pids.register(conn.process_id));
             conn.reader.decoder_mut().batch_pass_through();
             Ok(conn)
         };
@@ -184,10 +233,11 @@ impl ServerConn {
 
     async fn login(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
         let mut buf = BytesMut::new();
+        // No application_name: a client that names none has the server's default, as it
+        // would directly, and one that does sets it like any other setting.
         let params = [
             ("user", target.user.as_str()),
             ("database", target.database.as_str()),
-            ("application_name", target.application_name.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| ServerError::Protocol(e.to_string()))?;
