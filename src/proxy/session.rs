@@ -17,7 +17,9 @@ use super::auth::scram::{ScramError, ScramServer};
 use super::inspect::{self, starts_with_keyword, Deallocate};
 use super::metrics;
 use super::pool::{Pooled, ServerConn};
-use super::protocol::codec::{queue, rewind, split_buffered, try_queue, CodecError};
+use super::protocol::codec::{
+    passes_through, queue, rewind, split_buffered, try_queue, CodecError,
+};
 use super::protocol::startup::{self, cstr, Startup};
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::replies::Replies;
@@ -889,11 +891,13 @@ impl Session {
                     }
                 }
             }
-            b'C' if !self.pending_settings.is_empty() => {
-                if backend::command_tags(&frame).any(|tag| tag == b"ROLLBACK") {
-                    self.pending_settings.undo(self.replies.answering());
-                    self.rolled_back = true;
-                }
+            // A ROLLBACK's CommandComplete, maybe in a run of rows and completions.
+            _ if !self.pending_settings.is_empty()
+                && passes_through(kind)
+                && backend::command_tags(&frame).any(|tag| tag == b"ROLLBACK") =>
+            {
+                self.pending_settings.undo(self.replies.answering());
+                self.rolled_back = true;
             }
             _ => {}
         }

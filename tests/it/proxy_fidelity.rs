@@ -419,6 +419,19 @@ async fn rolled_back_settings(at: &Endpoint) -> Vec<String> {
         )
         .await,
     );
+    // The ROLLBACK's CommandComplete comes after rows, in one run of server messages.
+    drop(client);
+    let client = at.client().await;
+    seen.extend(
+        then_elsewhere(
+            &first,
+            &second,
+            &client,
+            &["BEGIN", "SET work_mem = '1234kB'", "SELECT 1; ROLLBACK"],
+            &["SHOW work_mem"],
+        )
+        .await,
+    );
     seen
 }
 
@@ -439,6 +452,10 @@ async fn a_set_undone_by_a_rollback_does_not_stay_with_the_session() {
         "COMMIT → ok []",
         "SELECT pg_sleep(0.1) → ok [\"\"]",
         "SHOW statement_timeout → ok [\"0\"]",
+        "BEGIN → ok []",
+        "SET work_mem = '1234kB' → ok []",
+        "SELECT 1; ROLLBACK → ok [\"1\"]",
+        "SHOW work_mem → ok [\"4MB\"]",
     ];
     assert_eq!(direct, strs(&expected), "directly");
     let mut differences = Differences::default();
