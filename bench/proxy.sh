@@ -9,6 +9,7 @@
 #   BENCH_SECONDS=20 POOL_SIZE=10 bench/proxy.sh
 #   BENCH_CLIENTS="1 16" BENCH_MODES=extended bench/proxy.sh   # some cells only
 #   BENCH_HOLD=/tmp/bench.env bench/proxy.sh   # start everything, write the URLs, wait until the file is removed
+#   BENCH_BASELINE=/tmp/switchyard-old bench/proxy.sh   # also another build of switchyard, side by side
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,7 +31,8 @@ chmod 755 "$WORK"
 # shellcheck source=scripts/lib/servers.sh
 source scripts/lib/servers.sh
 start_servers release "$WORK"
-trap 'kill $SY_PID $PGB_PID 2>/dev/null || true; stop_servers' EXIT
+SY_PID=""; PGB_PID=""; BASE_PID=""
+trap 'kill $SY_PID $PGB_PID $BASE_PID 2>/dev/null || true; stop_servers' EXIT
 SRC="postgres://postgres@127.0.0.1:$SOURCE_PORT"
 
 echo "pgbench -i -s $SCALE ..." >&2
@@ -42,6 +44,7 @@ VERIFIER=$(psql -At "$SRC/bench" -c "SELECT rolpassword FROM pg_authid WHERE rol
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SY_PORT=$(free_port); SY_ADMIN=$(free_port); PGB_PORT=$(free_port)
+BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
 
 cat > "$WORK/bench.toml" <<PLAN
 name = "bench"
@@ -68,6 +71,14 @@ PLAN
 # which would flatter either proxy.
 APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn "$ROOT/target/release/switchyard" proxy "$WORK/bench.toml" 2> "$WORK/switchyard.log" &
 SY_PID=$!
+# Another build of switchyard (an earlier commit's), from the same plan on ports of its own: a
+# change to the hot path is judged against it in the same run, round by round.
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  sed -e "s/127.0.0.1:$SY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$SY_ADMIN/127.0.0.1:$BASE_ADMIN/" \
+    -e "s#$WORK/state.json#$WORK/state-baseline.json#" "$WORK/bench.toml" > "$WORK/baseline.toml"
+  APP_PASSWORD=$APP_PASSWORD RUST_LOG=warn "$BENCH_BASELINE" proxy "$WORK/baseline.toml" 2> "$WORK/baseline.log" &
+  BASE_PID=$!
+fi
 
 cat > "$WORK/pgbouncer.ini" <<INI
 [databases]
@@ -116,6 +127,7 @@ print(f'{tps:.0f} {lat:.3f} {cpu}')"
 DIRECT="postgres://app@127.0.0.1:$SOURCE_PORT/bench"
 SY="postgres://app@127.0.0.1:$SY_PORT/bench"
 PGB="postgres://app@127.0.0.1:$PGB_PORT/bench"
+BASE="postgres://app@127.0.0.1:$BASE_PORT/bench"
 
 # paired "<runs a>" "<runs b>": the median of the rounds' a/b TPS ratios and their range, as
 # "1.02x (0.95-1.10)": each round runs both targets back to back, so a slow moment of the
@@ -154,15 +166,17 @@ print(f'{avg(0):.0f} {avg(1):.3f} {cpu}')"
 printf '\npgbench -S, %s s per run, mean of %s alternating runs per cell, pool size %s, scale %s, %s cores; TPS (avg latency ms) [proxy CPU µs per transaction]\n\n' "$SECONDS_PER_RUN" "$ROUNDS" "$POOL" "$SCALE" "$(nproc)"
 printf '| clients | protocol | direct | switchyard | PgBouncer 1.18 | switchyard/direct | PgBouncer/direct | switchyard/PgBouncer | same, median of rounds (range) |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
+baseline_rows=""
 for clients in ${BENCH_CLIENTS:-1 16 64}; do
   for mode in ${BENCH_MODES:-simple extended prepared}; do
     # The three targets take turns, round by round, so that a slow moment of a shared
     # machine falls on all of them alike.
-    d_runs=""; s_runs=""; p_runs=""
+    d_runs=""; s_runs=""; p_runs=""; b_runs=""
     for _ in $(seq 1 "$ROUNDS"); do
       d_runs+="$(run "$DIRECT" "$mode" "$clients" -);"
       s_runs+="$(run "$SY" "$mode" "$clients" "$SY_PID");"
       [ "$mode" = prepared ] || p_runs+="$(run "$PGB" "$mode" "$clients" "$PGB_PID");"
+      [ -z "$BASE_PID" ] || b_runs+="$(run "$BASE" "$mode" "$clients" "$BASE_PID");"
     done
     read -r d_tps d_lat _ <<<"$(mean "$d_runs")"
     read -r s_tps s_lat s_cpu <<<"$(mean "$s_runs")"
@@ -176,5 +190,13 @@ for clients in ${BENCH_CLIENTS:-1 16 64}; do
     sy_pgb_rounds=$(paired "$s_runs" "$p_runs")
     printf '| %s | %s | %s (%s) | %s (%s) [%s] | %s | %s | %s | %s | %s |\n' "$clients" "$mode" "$d_tps" "$d_lat" "$s_tps" "$s_lat" "$s_cpu" "$p_cell" \
       "$sy_direct" "$pgb_direct" "$sy_pgb" "$sy_pgb_rounds"
+    if [ -n "$BASE_PID" ]; then
+      read -r b_tps b_lat b_cpu <<<"$(mean "$b_runs")"
+      baseline_rows+="| $clients | $mode | $s_tps ($s_lat) [$s_cpu] | $b_tps ($b_lat) [$b_cpu] | $(ratio "$s_tps" "$b_tps") | $(paired "$s_runs" "$b_runs") |"$'\n'
+    fi
   done
 done
+if [ -n "$BASE_PID" ]; then
+  printf '\nswitchyard against the baseline build (%s), the same rounds\n\n' "$BENCH_BASELINE"
+  printf '| clients | protocol | switchyard | baseline | switchyard/baseline | same, median of rounds (range) |\n|---|---|---|---|---|---|\n%s' "$baseline_rows"
+fi

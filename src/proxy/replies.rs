@@ -13,12 +13,12 @@ use std::collections::VecDeque;
 #[derive(Debug, Default)]
 pub struct Replies {
     /// Per sync group sent and not yet answered (one per Sync, Query or FunctionCall that
-    /// gets a ReadyForQuery), oldest first: how many Parse and Close messages had been sent
-    /// when it ended. An error makes the server skip to the group's Sync, so its
-    /// ReadyForQuery says how many ParseComplete/CloseComplete will never come.
-    groups: VecDeque<u64>,
-    /// Sequence number of `groups[0]` (of the next group, when none is owed).
-    first_group: u64,
+    /// gets a ReadyForQuery), oldest first. An error makes the server skip to the group's
+    /// Sync, so its ReadyForQuery says how many ParseComplete/CloseComplete will never come.
+    groups: VecDeque<Group>,
+    /// The number the next group gets: numbers only grow, over every connection the session
+    /// holds, so that what was sent in a group can be compared with what is answered.
+    next_group: u64,
     /// Parse and Close messages sent, and their answers seen or skipped. ParseComplete and
     /// CloseComplete come in the order their messages went, and only from those messages.
     sent: u64,
@@ -35,6 +35,13 @@ pub struct Replies {
     syncs_since_start: u32,
     /// CopyDone/CopyFail sent before the server said whether a COPY started.
     windows: VecDeque<CopyWindow>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    number: u64,
+    /// Parse and Close messages sent when it ended.
+    end: u64,
 }
 
 /// The Syncs between a statement that may start a copy-in and the CopyDone or CopyFail that
@@ -59,16 +66,20 @@ impl Replies {
 
     /// The group the server is answering now.
     pub fn answering(&self) -> u64 {
-        self.first_group
+        self.groups.front().map_or(self.next_group, |g| g.number)
     }
 
     /// The group a message sent now belongs to.
     pub fn open_group(&self) -> u64 {
-        self.first_group + self.groups.len() as u64
+        self.next_group
     }
 
     fn end_group(&mut self) {
-        self.groups.push_back(self.sent);
+        self.groups.push_back(Group {
+            number: self.next_group,
+            end: self.sent,
+        });
+        self.next_group += 1;
     }
 
     /// A Parse or Close the proxy added: its answer is swallowed.
@@ -143,7 +154,7 @@ impl Replies {
     /// Syncs sent after it and before the copy's end were (or will be) ignored: the group
     /// goes on to the next Sync that counts.
     pub fn copy_in_received(&mut self) {
-        let front = self.first_group;
+        let front = self.answering();
         while self.windows.front().is_some_and(|w| w.group < front) {
             self.windows.pop_front();
         }
@@ -179,9 +190,8 @@ impl Replies {
     /// ReadyForQuery: the oldest group is answered, whatever an error made the server skip.
     pub fn ready_received(&mut self) {
         self.copy_in = false;
-        if let Some(end) = self.groups.pop_front() {
-            self.first_group += 1;
-            self.answered = self.answered.max(end);
+        if let Some(group) = self.groups.pop_front() {
+            self.answered = self.answered.max(group.end);
             while self.swallow.front().is_some_and(|&at| at < self.answered) {
                 self.swallow.pop_front();
             }
@@ -197,8 +207,7 @@ impl Replies {
         self.syncs_since_start = 0;
         self.sent = 0;
         self.answered = 0;
-        self.first_group = 0;
-        self.last_start = (0, false);
+        self.last_start = (self.next_group, false);
     }
 }
 
@@ -322,6 +331,36 @@ mod tests {
         assert_eq!(r.owed(), 3);
         r.copy_in_received();
         assert_eq!(r.owed(), 2);
+        r.ready_received();
+        r.ready_received();
+        assert_eq!(r.owed(), 0);
+    }
+
+    #[test]
+    fn two_copies_in_one_write_each_ignore_their_own_syncs() {
+        // Extended copy (Execute, Sync, CopyData, CopyDone, Sync), a Query, then a simple
+        // copy (Query, CopyData, CopyDone) and a last group, all in one write.
+        let mut r = Replies::default();
+        r.execute_sent();
+        r.sync_sent();
+        r.copy_end_sent();
+        r.sync_sent();
+        r.query_sent();
+        r.query_sent();
+        r.copy_end_sent();
+        r.execute_sent();
+        r.sync_sent();
+        assert_eq!(r.owed(), 5);
+        r.copy_in_received();
+        assert_eq!(
+            r.owed(),
+            4,
+            "the Sync right after the first copy's Execute is ignored"
+        );
+        r.ready_received(); // the first copy's group
+        r.ready_received(); // the Query
+        r.copy_in_received();
+        assert_eq!(r.owed(), 2, "the second copy ignores no Sync");
         r.ready_received();
         r.ready_received();
         assert_eq!(r.owed(), 0);

@@ -440,6 +440,8 @@ struct Prepared {
     server_name: String,
     /// Its Parse message under that name, to prepare it on a server connection that lacks it.
     parse: Bytes,
+    /// It changes the session's settings (a SET, RESET, DISCARD ALL) when it is executed.
+    sets: bool,
 }
 
 struct Session {
@@ -458,10 +460,13 @@ struct Session {
     statements: HashMap<String, Prepared>,
     /// The user's count of which server statements its clients hold.
     book: Arc<Book>,
-    /// Named Parses of the client sent to the server and not yet answered (position among
-    /// the Parse and Close answers, client name): one whose answer never comes failed, and
-    /// its name is free again.
-    unconfirmed: Vec<(u64, String)>,
+    /// The client's named Parses and Closes sent to the server and not yet answered: until
+    /// their answers come, the proxy does not know whether the server ran them or skipped
+    /// them after an error.
+    awaited: Vec<Awaited>,
+    /// A client message that must wait for those answers (it names a statement whose Parse
+    /// or Close of an earlier sync group is awaited); the client is not read meanwhile.
+    parked: Option<Bytes>,
     /// The client's settings, name → value as SQL.
     wanted: BTreeMap<String, String>,
     /// Setting changes sent whose transaction has not ended yet.
@@ -487,6 +492,15 @@ struct Session {
     /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
     unnamed: Vec<u8>,
     unnamed_here: bool,
+    /// The client's unnamed Parse sent and not yet answered (its position among the Parse
+    /// and Close answers): if its answer never comes, it failed (or an error before it
+    /// made the server skip it), and the client has no unnamed statement to replay.
+    unnamed_pending: Option<u64>,
+    /// The unnamed statement changes settings when executed.
+    unnamed_sets: bool,
+    /// Portals bound in this transaction to a statement that changes settings, with its
+    /// text: what it sets counts when the portal is executed, not when it is parsed.
+    setting_portals: Vec<(String, String)>,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
     /// The last transaction status the server reported.
@@ -529,7 +543,8 @@ impl Session {
             server: None,
             statements: HashMap::new(),
             book,
-            unconfirmed: Vec::new(),
+            awaited: Vec::new(),
+            parked: None,
             wanted,
             pending_settings: settings::Pending::default(),
             rolled_back: false,
@@ -537,6 +552,9 @@ impl Session {
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
+            unnamed_pending: None,
+            unnamed_sets: false,
+            setting_portals: Vec::new(),
             lost_transaction: None,
             group_prepared: Vec::new(),
             unsynced: 0,
@@ -608,13 +626,24 @@ impl Session {
     /// Forwards until the client leaves or a connection breaks.
     async fn serve(&mut self) {
         loop {
+            if let Some(frame) = self.parked.take() {
+                if self.server.is_some() && self.must_wait(&frame) {
+                    self.parked = Some(frame);
+                } else {
+                    if !self.on_client_frames(frame).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let event = {
                 let server = &mut self.server;
                 let client = &mut self.client_r;
+                let reading = self.parked.is_none();
                 tokio::select! {
                     biased;
                     frame = next_server_frame(server), if server.is_some() => Event::Server(frame),
-                    frame = client.next() => Event::Client(frame),
+                    frame = client.next(), if reading => Event::Client(frame),
                 }
             };
             let carry_on = match event {
@@ -652,6 +681,11 @@ impl Session {
     /// queued goes out in one write, once the client has nothing more buffered.
     async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
         loop {
+            if !self.awaited.is_empty() && self.must_wait(&frame) {
+                // It and what follows wait for the server's answers ([`Session::serve`]).
+                self.parked = Some(frame);
+                break;
+            }
             metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
             let forward = if self.in_transaction() && tag(&frame) != b'X' {
                 Some(frame)
@@ -678,7 +712,8 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return true;
         };
-        if server.writer.write_buffer().is_empty() || !self.client_r.read_buffer().is_empty() {
+        let more_to_read = !self.client_r.read_buffer().is_empty() && self.parked.is_none();
+        if server.writer.write_buffer().is_empty() || more_to_read {
             return true;
         }
         server.writer.flush().await.is_ok() || self.server_lost().await
@@ -752,11 +787,13 @@ impl Session {
                 // whichever connection first runs it (checked then): a client that prepares
                 // synchronously while its other sessions hold every server connection, as
                 // pgbench does, would otherwise wait for ever.
-                b'P' if body(&frame).first() != Some(&0) => {
+                b'P' if body(&frame).first() != Some(&0) && !self.server_free_now() => {
+                    // Without a server the proxy answers a duplicate itself, where PostgreSQL
+                    // would first have reported an error in the statement, if any.
                     if let Some(error) = self.duplicate_parse(&frame) {
                         return Next::after(self.fail_until_sync(&frame, &error).await);
                     }
-                    if !self.server_free_now() && self.remember_parse(&frame) {
+                    if self.remember_parse(&frame) {
                         return Next::Handled;
                     }
                 }
@@ -819,8 +856,7 @@ impl Session {
                 let frames = self.query(frame);
                 self.replies.query_sent();
                 // A simple Query destroys the unnamed statement, here and on the server.
-                self.unnamed.clear();
-                self.unnamed_here = true;
+                self.forget_unnamed();
                 frames
             }
             // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
@@ -832,6 +868,9 @@ impl Session {
             }
             b'E' => {
                 self.replies.execute_sent();
+                if !self.setting_portals.is_empty() {
+                    self.execute_effects(&frame);
+                }
                 smallvec![frame]
             }
             b'c' | b'f' => {
@@ -850,8 +889,9 @@ impl Session {
         match kind {
             b'1' | b'3' => match self.replies.complete_received() {
                 None => return true,
-                Some(at) if kind == b'1' && !self.unconfirmed.is_empty() => {
-                    self.unconfirmed.retain(|(sent_at, _)| *sent_at != at);
+                Some(at) if self.unnamed_pending == Some(at) => self.unnamed_pending = None,
+                Some(at) if !self.awaited.is_empty() => {
+                    self.awaited.retain(|awaited| awaited.at != at);
                 }
                 Some(_) => {}
             },
@@ -873,8 +913,20 @@ impl Session {
                 }
                 // That sync group is answered, whatever an error made the server skip.
                 self.replies.ready_received();
-                if !self.unconfirmed.is_empty() {
-                    self.forget_failed_parses(self.replies.answered());
+                if self.status == b'I' {
+                    self.setting_portals.clear();
+                }
+                if self
+                    .unnamed_pending
+                    .is_some_and(|at| at < self.replies.answered())
+                {
+                    // It failed, or was skipped: the client is taken to have no unnamed
+                    // statement, and a connection that may have one is told to close it.
+                    self.forget_unnamed();
+                    self.unnamed_here = false;
+                }
+                if !self.awaited.is_empty() {
+                    self.not_run(self.replies.answered());
                 }
                 if self.replies.owed() == 0 {
                     self.group_prepared.clear();
@@ -993,7 +1045,7 @@ impl Session {
         if scan.deallocate {
             return self.deallocate(frame.clone(), text);
         }
-        self.track_setting(text, true);
+        self.track_setting(text);
         smallvec![frame]
     }
 
@@ -1056,10 +1108,9 @@ impl Session {
     /// take effect if its transaction commits ([`settings::Pending`]). A change the proxy
     /// cannot follow (SET ROLE, a text it cannot split) leaves the server connection with
     /// state no other client may inherit: it is closed afterwards.
-    /// `ran`: sent as a simple Query (it runs now, on this connection), not in a Parse.
-    fn track_setting(&mut self, text: &str, ran: bool) {
+    fn track_setting(&mut self, text: &str) {
         if !inspect::is_multi_statement(text) {
-            return self.track_statement(text, ran);
+            return self.track_statement(text);
         }
         // Several statements: each one that changes the session is followed as if it came
         // alone; a text the proxy cannot split safely may hide anything: the connection is
@@ -1067,7 +1118,7 @@ impl Session {
         match inspect::split_statements(text) {
             Some(statements) => {
                 for statement in statements {
-                    self.track_statement(statement, ran);
+                    self.track_statement(statement);
                 }
             }
             None => self.dirty = true,
@@ -1075,7 +1126,7 @@ impl Session {
     }
 
     /// [`Self::track_setting`] for one statement.
-    fn track_statement(&mut self, text: &str, ran: bool) {
+    fn track_statement(&mut self, text: &str) {
         if !inspect::changes_session(text.as_bytes()) {
             return;
         }
@@ -1091,43 +1142,32 @@ impl Session {
             }
         }
         self.pending_settings
-            .stage(self.replies.open_group(), change, ran);
+            .stage(self.replies.open_group(), change);
     }
 
-    /// A change whose transaction committed becomes the client's, and the connection's if
-    /// it ran there (one prepared may not have run yet: the connection's value is then
-    /// [`settings::UNKNOWN`], set or reset by its next transaction).
+    /// A change whose transaction committed becomes the client's, and the connection's: it
+    /// ran there (a simple Query, or the Execute of a portal, on the connection the
+    /// transaction holds).
     fn settings_lasted(&mut self, group: u64) {
-        for settings::Lasted { change, ran } in self.pending_settings.settle(group) {
+        for change in self.pending_settings.settle(group) {
             let applied = self.server.as_mut().map(|server| &mut server.applied);
             match change {
                 SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {
                     if let Some(applied) = applied {
-                        let value = if ran { &value_sql } else { settings::UNKNOWN };
-                        applied.insert(name.clone(), value.to_string());
+                        applied.insert(name.clone(), value_sql.clone());
                     }
                     self.wanted.insert(name, value_sql);
                 }
                 SettingChange::Set { .. } => {}
                 SettingChange::Reset(name) => {
                     if let Some(applied) = applied {
-                        if ran {
-                            applied.remove(&name);
-                        } else {
-                            applied.insert(name.clone(), settings::UNKNOWN.to_string());
-                        }
+                        applied.remove(&name);
                     }
                     self.wanted.remove(&name);
                 }
                 SettingChange::ResetAll => {
                     if let Some(applied) = applied {
-                        if ran {
-                            applied.clear();
-                        } else {
-                            applied
-                                .values_mut()
-                                .for_each(|value| *value = settings::UNKNOWN.to_string());
-                        }
+                        applied.clear();
                     }
                     self.wanted.retain(|name, _| name == "client_encoding");
                 }
@@ -1143,9 +1183,10 @@ impl Session {
             self.replies.sent_theirs();
             return smallvec![frame];
         };
-        if let Some(refused) = self.parse_effects(&message) {
-            return self.parse(refused);
-        }
+        let sets = match self.parse_effects(&message) {
+            Effects::Refused(refused) => return self.parse(refused),
+            Effects::Sets(sets) => sets,
+        };
         if message.name.is_empty() {
             // A copy: a frame shares the read buffer's allocation, and holding it would make
             // every later read allocate a new buffer. Copied into the same buffer each time:
@@ -1153,11 +1194,12 @@ impl Session {
             self.unnamed.clear();
             self.unnamed.extend_from_slice(&frame);
             self.unnamed_here = true;
-            self.replies.sent_theirs();
+            self.unnamed_sets = sets;
+            self.unnamed_pending = Some(self.replies.sent_theirs());
             return smallvec![frame];
         }
         if self.statements.contains_key(message.name) {
-            return self.parse_duplicate(message.name);
+            return self.parse_duplicate(&message);
         }
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
@@ -1168,6 +1210,7 @@ impl Session {
             Prepared {
                 server_name: server_name.clone(),
                 parse: parse.clone(),
+                sets,
             },
         );
         let mut out = Frames::new();
@@ -1178,7 +1221,12 @@ impl Session {
         self.replies.sent_ours();
         self.group_prepared.push(server_name);
         let at = self.replies.sent_theirs();
-        self.unconfirmed.push((at, client_name));
+        self.awaited.push(Awaited {
+            at,
+            group: self.replies.open_group(),
+            name: client_name,
+            closed: None,
+        });
         out.push(parse);
         out
     }
@@ -1187,17 +1235,21 @@ impl Session {
     /// place among the answers, from the server: the client's name is prepared twice (the
     /// first answer swallowed). That leaves a statement under a client's name on the
     /// connection, which is therefore not reused.
-    fn parse_duplicate(&mut self, name: &str) -> Frames {
+    fn parse_duplicate(&mut self, message: &frontend::Parse<'_>) -> Frames {
         self.dirty = true;
         let placeholder = frontend::Parse {
-            name,
+            name: message.name,
             query: b"SELECT",
             rest: &[0, 0],
         };
-        let parse = frontend::rename_parse(&placeholder, name);
         self.replies.sent_ours();
         self.replies.sent_theirs();
-        smallvec![parse.clone(), parse]
+        // The client's own statement second: PostgreSQL parses and analyses it before it
+        // looks at the name, so a syntax error (42601) or a missing table (42P01) wins.
+        smallvec![
+            frontend::rename_parse(&placeholder, message.name),
+            frontend::rename_parse(message, message.name)
+        ]
     }
 
     /// Between transactions: the error PostgreSQL gives a Parse of a name the client has
@@ -1255,19 +1307,29 @@ impl Session {
         }
     }
 
-    /// Named Parses whose answer should have come before the answer at `answered` and did
-    /// not: an error skipped them or they failed. Their names are free again.
-    fn forget_failed_parses(&mut self, answered: u64) {
-        let failed: Vec<String> = self
-            .unconfirmed
-            .iter()
-            .filter(|(at, _)| *at < answered)
-            .map(|(_, name)| name.clone())
-            .collect();
-        self.unconfirmed.retain(|(at, _)| *at >= answered);
-        for name in failed {
-            if let Some(prepared) = self.statements.remove(&name) {
-                self.book.release(&prepared.server_name);
+    /// Awaited Parses and Closes whose answer should have come before the answer at
+    /// `answered` and did not: they failed, or an error made the server skip them. A
+    /// Parse's name is free again; a Close's statement is still the client's.
+    fn not_run(&mut self, answered: u64) {
+        let (failed, awaited): (Vec<Awaited>, Vec<Awaited>) = std::mem::take(&mut self.awaited)
+            .into_iter()
+            .partition(|awaited| awaited.at < answered);
+        self.awaited = awaited;
+        for Awaited { name, closed, .. } in failed {
+            match closed {
+                None => {
+                    if let Some(prepared) = self.statements.remove(&name) {
+                        self.book.release(&prepared.server_name);
+                    }
+                }
+                Some(prepared) => {
+                    if let std::collections::hash_map::Entry::Vacant(entry) =
+                        self.statements.entry(name)
+                    {
+                        self.book.hold(&prepared.server_name);
+                        entry.insert(prepared);
+                    }
+                }
             }
         }
     }
@@ -1277,7 +1339,30 @@ impl Session {
         for (_, prepared) in self.statements.drain() {
             self.book.release(&prepared.server_name);
         }
-        self.unconfirmed.clear();
+        self.awaited.clear();
+    }
+
+    /// Whether a client message names a statement whose Parse or Close, sent in an earlier
+    /// sync group, is still awaited: what the server did with it (ran it, or skipped it
+    /// after an error) decides what this message means. Within one group it does not
+    /// matter: after an error the server skips the rest of the group too.
+    fn must_wait(&self, frame: &Bytes) -> bool {
+        let name = match tag(frame) {
+            b'P' => frontend::parse_message(frame).map(|p| p.name),
+            b'B' => frontend::bind_statement(frame).map(|(_, statement, _)| statement),
+            b'D' | b'C' => match frontend::target(frame) {
+                Some((b'S', name)) => Some(name),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(name) = name.filter(|name| !name.is_empty()) else {
+            return false;
+        };
+        let open = self.replies.open_group();
+        self.awaited
+            .iter()
+            .any(|awaited| awaited.name == name && awaited.group < open)
     }
 
     /// What a Parse's statement does to the session, taken as done when the Parse arrives,
@@ -1285,7 +1370,7 @@ impl Session {
     /// sent as a simple query (JDBC sends SET through the extended protocol, psycopg with
     /// prepare_threshold=0 prepares it), and LISTEN in transaction mode is refused. Returns
     /// the Parse to handle instead (the refusal under the client's name), if any.
-    fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Option<Bytes> {
+    fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Effects {
         let scan = inspect::scan(message.query);
         // A temporary object must reach no other client: the connection is closed after
         // the transaction (in session mode, the session's DISCARD ALL drops it).
@@ -1298,17 +1383,15 @@ impl Session {
                 query: REFUSE_LISTEN.as_bytes(),
                 rest: &[0, 0],
             };
-            return Some(frontend::rename_parse(&refused, message.name));
+            return Effects::Refused(frontend::rename_parse(&refused, message.name));
         }
-        if scan.changes_session {
-            match std::str::from_utf8(message.query) {
-                Ok(text) => self.track_setting(text, false),
-                // Not UTF-8 (another client_encoding): what it sets cannot be read, so the
-                // connection does not go to another client afterwards.
-                Err(_) => self.dirty = true,
-            }
+        if scan.changes_session && std::str::from_utf8(message.query).is_err() {
+            // Not UTF-8 (another client_encoding): what it sets cannot be read, so the
+            // connection does not go to another client afterwards.
+            self.dirty = true;
+            return Effects::Sets(false);
         }
-        None
+        Effects::Sets(scan.changes_session)
     }
 
     /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
@@ -1322,20 +1405,27 @@ impl Session {
         let Some(message) = frontend::parse_message(frame) else {
             return false;
         };
-        // What the statement does to the session counts from now, as for a Parse sent to a
-        // server: this is the path of a client that prepares between transactions (psycopg
-        // with prepare_threshold=0 in autocommit, pgjdbc's named statements), and a SET
-        // prepared here and run in the next transaction was once tracked by nobody — it
+        // What the statement does to the session counts when it is executed, as for a Parse
+        // sent to a server: this is the path of a client that prepares between transactions
+        // (psycopg with prepare_threshold=0 in autocommit, pgjdbc's named statements), and a
+        // SET prepared here and run in the next transaction was once tracked by nobody — it
         // stayed on the server connection for whichever client came next, and was missing
         // from this client's own later transactions.
-        if let Some(refused) = self.parse_effects(&message) {
-            return self.remember_parse(&refused);
-        }
+        let sets = match self.parse_effects(&message) {
+            Effects::Refused(refused) => return self.remember_parse(&refused),
+            Effects::Sets(sets) => sets,
+        };
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
         self.book.hold(&server_name);
-        self.statements
-            .insert(message.name.to_string(), Prepared { server_name, parse });
+        self.statements.insert(
+            message.name.to_string(),
+            Prepared {
+                server_name,
+                parse,
+                sets,
+            },
+        );
         self.owed_parse_complete += 1;
         true
     }
@@ -1399,6 +1489,14 @@ impl Session {
         let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
             return smallvec![frame];
         };
+        let sets = if statement.is_empty() {
+            self.unnamed_sets
+        } else {
+            self.statements.get(statement).is_some_and(|p| p.sets)
+        };
+        if sets || !self.setting_portals.is_empty() {
+            self.bound(portal.to_string(), statement.to_string(), sets);
+        }
         if statement.is_empty() {
             return self.with_unnamed(frame);
         }
@@ -1412,15 +1510,62 @@ impl Session {
         out
     }
 
+    /// The unnamed statement is gone, from the client's session and the server connection.
+    fn forget_unnamed(&mut self) {
+        self.unnamed.clear();
+        self.unnamed_here = true;
+        self.unnamed_pending = None;
+        self.unnamed_sets = false;
+    }
+
+    /// A Bind of `portal`: it remembers the statement's text if that changes settings.
+    fn bound(&mut self, portal: String, statement: String, sets: bool) {
+        self.setting_portals.retain(|(bound, _)| *bound != portal);
+        if !sets {
+            return;
+        }
+        let parse = if statement.is_empty() {
+            (!self.unnamed.is_empty()).then(|| Bytes::copy_from_slice(&self.unnamed))
+        } else {
+            self.statements.get(&statement).map(|p| p.parse.clone())
+        };
+        let text = parse
+            .as_ref()
+            .and_then(frontend::parse_message)
+            .and_then(|message| std::str::from_utf8(message.query).ok().map(str::to_string));
+        if let Some(text) = text {
+            self.setting_portals.push((portal, text));
+        }
+    }
+
+    /// An Execute of a portal bound to a statement that changes settings: the change is
+    /// tracked as if the statement came as a simple Query, here and now.
+    fn execute_effects(&mut self, frame: &Bytes) {
+        let mut b = body(frame);
+        let Some(portal) = cstr(&mut b) else {
+            return;
+        };
+        if let Some((_, text)) = self
+            .setting_portals
+            .iter()
+            .find(|(bound, _)| *bound == portal)
+            .cloned()
+        {
+            self.track_setting(&text);
+        }
+    }
+
     /// Describe of a statement is renamed (and prepared if need be). Close of a statement only
     /// forgets the client's name: other clients may share the server statement, so the server
     /// gets a Close of a name that does not exist, which PostgreSQL answers with CloseComplete
     /// in its proper place.
     fn describe_or_close(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
-        if kind == b'C' {
-            self.replies.sent_theirs();
-        }
+        let close_at = if kind == b'C' {
+            self.replies.sent_theirs()
+        } else {
+            0
+        };
         let Some((b'S', name)) = frontend::target(&frame) else {
             return smallvec![frame];
         };
@@ -1429,8 +1574,7 @@ impl Session {
                 return self.with_unnamed(frame);
             }
             // Closed here and on the server alike.
-            self.unnamed.clear();
-            self.unnamed_here = true;
+            self.forget_unnamed();
             return smallvec![frame];
         }
         if kind == b'C' {
@@ -1441,13 +1585,29 @@ impl Session {
             // CloseComplete answers the client), and on the others before their next
             // transaction. Otherwise only the client's name goes, and the server is asked
             // to close a name that does not exist, so that its answer comes in its place.
-            if !self.book.release(&prepared.server_name) {
+            // In session mode the connection is the client's alone: closed there whoever
+            // else holds the statement.
+            let last = self.book.release(&prepared.server_name);
+            if !last && self.mode() == PoolMode::Transaction {
+                self.awaited.push(Awaited {
+                    at: close_at,
+                    group: self.replies.open_group(),
+                    name: name.to_string(),
+                    closed: Some(prepared),
+                });
                 return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
             }
             if let Some(server) = self.server.as_mut() {
                 server.prepared.remove(&prepared.server_name);
             }
-            return smallvec![frontend::rebuild_target(b'C', b'S', &prepared.server_name)];
+            let close = frontend::rebuild_target(b'C', b'S', &prepared.server_name);
+            self.awaited.push(Awaited {
+                at: close_at,
+                group: self.replies.open_group(),
+                name: name.to_string(),
+                closed: Some(prepared),
+            });
+            return smallvec![close];
         }
         let mut out = Frames::new();
         match self.ensure_prepared(name, &mut out) {
@@ -1733,6 +1893,11 @@ impl Session {
         self.replies.clear();
         self.unsynced = 0;
         self.dirty = false;
+        // Positions count again from 0 on the next connection: what is still awaited (the
+        // connection broke) is taken as not run.
+        self.not_run(u64::MAX);
+        self.unnamed_pending = None;
+        self.setting_portals.clear();
         self.status = b'I';
         server.idle_since = now;
         // The turn ends first: it clears where this session's cancels go, so none is
@@ -1814,27 +1979,34 @@ impl Session {
 
     /// Answers a message that found no server connection: its whole sync group fails with one
     /// error, as PostgreSQL fails a pipeline.
+    ///
+    /// As in PostgreSQL, the error goes out at once (a client that sent Flush waits for it),
+    /// and in the extended protocol everything until the next Sync is skipped, a Query or
+    /// FunctionCall too.
     async fn fail_until_sync(&mut self, first: &Bytes, error: &Fatal) -> bool {
-        let mut frame = first.clone();
-        while !matches!(tag(&frame), b'S' | b'Q' | b'F') {
-            match self.client_r.next().await {
-                Some(Ok(Frame::Message(next))) if tag(&next) == b'X' => return false,
-                Some(Ok(Frame::Message(next))) => frame = next,
-                _ => return false,
-            }
-        }
         // Parses remembered before the failure were answered as accepted; their
         // ParseCompletes come first, as they would have.
         if !self.answer_locally(None).await {
             return false;
         }
         let error = backend::error_response("ERROR", &error.code, &error.message);
-        self.client_w.feed(error).await.is_ok()
-            && self
-                .client_w
-                .send(backend::ready_for_query(b'I'))
-                .await
-                .is_ok()
+        if self.client_w.send(error).await.is_err() {
+            return false;
+        }
+        let mut frame = first.clone();
+        if !matches!(tag(&frame), b'Q' | b'F') {
+            while tag(&frame) != b'S' {
+                match self.client_r.next().await {
+                    Some(Ok(Frame::Message(next))) if tag(&next) == b'X' => return false,
+                    Some(Ok(Frame::Message(next))) => frame = next,
+                    _ => return false,
+                }
+            }
+        }
+        self.client_w
+            .send(backend::ready_for_query(b'I'))
+            .await
+            .is_ok()
     }
 }
 
@@ -1886,6 +2058,26 @@ enum Waited {
     Cancelled,
 }
 
+/// A client's Parse or Close sent to the server whose answer has not come yet.
+struct Awaited {
+    /// Its position among the Parse and Close answers ([`Replies::sent_theirs`]).
+    at: u64,
+    /// The sync group it was sent in.
+    group: u64,
+    /// The client's name of the statement.
+    name: String,
+    /// For a Close: the statement, given back to the client if the Close did not run.
+    closed: Option<Prepared>,
+}
+
+/// What a Parse's statement does, as [`Session::parse_effects`] finds it.
+enum Effects {
+    /// The Parse to handle in its place (LISTEN refused in transaction mode).
+    Refused(Bytes),
+    /// Whether the statement changes settings when it is executed.
+    Sets(bool),
+}
+
 /// What becomes of a client message after [`Session::before_forwarding`].
 enum Next {
     /// It goes to the server connection now attached.
@@ -1927,6 +2119,8 @@ async fn reset(server: &mut ServerConn) -> Result<(), super::pool::ServerError> 
     loop {
         let frame = server.recv().await?;
         match tag(&frame) {
+            // The values it goes back to: the connection's view of them stays true.
+            b'S' => remember_parameter(server, &frame),
             b'E' => {
                 return Err(super::pool::ServerError::Refused(
                     backend::error_fields(body(&frame)).1,

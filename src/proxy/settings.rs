@@ -240,36 +240,19 @@ struct Staged {
     group: u64,
     change: SettingChange,
     undone: bool,
-    /// Sent as a simple Query: it ran in its group, on that group's connection. A Parse of a
-    /// SET runs whenever it is executed, maybe on another connection, or not at all.
-    ran: bool,
 }
-
-/// A change that lasted ([`Pending::settle`]).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Lasted {
-    pub change: SettingChange,
-    /// It ran on the connection of the transaction that settled it.
-    pub ran: bool,
-}
-
-/// What a connection's `applied` holds for a setting a client changed there through a
-/// prepared statement that may not have run: no value equals it, so the next transaction on
-/// that connection sets or resets it, whoever runs it.
-pub const UNKNOWN: &str = "\0unknown";
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// A change sent in sync group `group` (`ran`: as a simple Query).
-    pub fn stage(&mut self, group: u64, change: SettingChange, ran: bool) {
+    /// A change run in sync group `group` (a simple Query, or an Execute).
+    pub fn stage(&mut self, group: u64, change: SettingChange) {
         self.entries.push(Staged {
             group,
             change,
             undone: false,
-            ran,
         });
     }
 
@@ -285,17 +268,14 @@ impl Pending {
 
     /// Group `group` ended outside a transaction block: its transaction (and every earlier
     /// one) is over. Returns the changes that lasted, in the order they were made.
-    pub fn settle(&mut self, group: u64) -> Vec<Lasted> {
+    pub fn settle(&mut self, group: u64) -> Vec<SettingChange> {
         let mut lasted = Vec::new();
         let mut kept = Vec::new();
         for entry in self.entries.drain(..) {
             if entry.group > group {
                 kept.push(entry);
             } else if !entry.undone {
-                lasted.push(Lasted {
-                    change: entry.change,
-                    ran: entry.ran,
-                });
+                lasted.push(entry.change);
             }
         }
         self.entries = kept;
@@ -473,18 +453,12 @@ mod tests {
         };
         let mut pending = Pending::default();
         // Group 0 fails (a refused value), group 1 commits, group 2 is still running.
-        pending.stage(0, change("'bogus'"), true);
+        pending.stage(0, change("'bogus'"));
         pending.undo(0);
         assert_eq!(pending.settle(0), []);
-        pending.stage(1, change("'1s'"), true);
-        pending.stage(2, change("'2s'"), false);
-        assert_eq!(
-            pending.settle(1),
-            [Lasted {
-                change: change("'1s'"),
-                ran: true
-            }]
-        );
+        pending.stage(1, change("'1s'"));
+        pending.stage(2, change("'2s'"));
+        assert_eq!(pending.settle(1), [change("'1s'")]);
         assert!(!pending.is_empty(), "the later group is not settled yet");
         // Group 2 is a transaction block rolled back in group 3.
         pending.undo(3);
