@@ -41,6 +41,9 @@ pub struct Scan {
     pub deallocate: bool,
     /// `CREATE TEMP ...`: an object that lives on the server connection, not the client.
     pub creates_temp: bool,
+    /// A statement that ends or opens a transaction (COMMIT, ROLLBACK, BEGIN, a savepoint's):
+    /// with a SET in the same query or pipeline, which of them lasts depends on the order.
+    pub transaction_control: bool,
 }
 
 /// One pass over the first word of each statement: every query goes through here, so the
@@ -57,6 +60,23 @@ pub fn scan(text: &[u8]) -> Scan {
             }
             6 if is(b"listen") => scan.listen = true,
             6 if is(b"create") => scan.creates_temp |= creates_temp(rest),
+            3 | 5 | 6 | 7 | 8 | 9
+                if [
+                    &b"end"[..],
+                    b"abort",
+                    b"begin",
+                    b"start",
+                    b"commit",
+                    b"release",
+                    b"prepare",
+                    b"rollback",
+                    b"savepoint",
+                ]
+                .iter()
+                .any(|keyword| is(keyword)) =>
+            {
+                scan.transaction_control = true
+            }
             10 if is(b"deallocate") => scan.deallocate = true,
             _ => {}
         }
@@ -201,6 +221,16 @@ mod tests {
         assert!(!listen("SELECT listen FROM t;"));
         assert!(!listen("SELECT 1; listener()"));
         assert!(!listen(""));
+    }
+
+    #[test]
+    fn transaction_control_is_found_in_any_statement() {
+        let control = |text: &str| scan(text.as_bytes()).transaction_control;
+        assert!(control("SET x = 1; COMMIT"));
+        assert!(control("begin"));
+        assert!(control("SELECT 1; ROLLBACK TO SAVEPOINT a"));
+        assert!(!control("SELECT commit FROM t"));
+        assert!(!control("SET x = 1"));
     }
 
     #[test]

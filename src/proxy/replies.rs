@@ -138,16 +138,21 @@ impl Replies {
         });
     }
 
-    /// A ParseComplete or CloseComplete: the position of the client's message it answers,
-    /// or `None` for the proxy's own (swallowed).
-    pub fn complete_received(&mut self) -> Option<u64> {
+    /// A ParseComplete or CloseComplete: `Ok` with the position of the client's message it
+    /// answers, `Err` with the position of the proxy's own (swallowed).
+    pub fn complete_received(&mut self) -> Result<u64, u64> {
         let at = self.answered;
         self.answered += 1;
         if self.swallow.front() == Some(&at) {
             self.swallow.pop_front();
-            return None;
+            return Err(at);
         }
-        Some(at)
+        Ok(at)
+    }
+
+    /// The position the next Parse or Close sent gets.
+    pub fn next_position(&self) -> u64 {
+        self.sent
     }
 
     /// CopyInResponse: the statement of the group being answered started a copy-in. The
@@ -237,7 +242,7 @@ mod tests {
         let mut seen = String::new();
         for kind in server.bytes() {
             let forwarded = match kind {
-                b'1' | b'3' => r.complete_received().is_some(),
+                b'1' | b'3' => r.complete_received().is_ok(),
                 b'G' => {
                     r.copy_in_received();
                     true
@@ -290,7 +295,7 @@ mod tests {
             1,
             "the connection is still owed the query's answer"
         );
-        assert_eq!(r.complete_received(), Some(0));
+        assert_eq!(r.complete_received(), Ok(0));
         r.ready_received();
         assert_eq!(r.owed(), 0);
     }
@@ -303,7 +308,7 @@ mod tests {
         r.execute_sent();
         r.sync_sent();
         assert_eq!(r.owed(), 1);
-        assert_eq!(r.complete_received(), Some(0));
+        assert_eq!(r.complete_received(), Ok(0));
         r.copy_in_received();
         assert_eq!(
             r.owed(),

@@ -464,6 +464,10 @@ struct Session {
     /// their answers come, the proxy does not know whether the server ran them or skipped
     /// them after an error.
     awaited: Vec<Awaited>,
+    /// Statements left on the attached connection under a client's own name by a duplicate
+    /// Parse ([`Session::parse_duplicate`]): closed before a message that names one reaches
+    /// the server, which would otherwise find it.
+    placeholders: Vec<String>,
     /// A client message that must wait for those answers (it names a statement whose Parse
     /// or Close of an earlier sync group is awaited); the client is not read meanwhile.
     parked: Option<Bytes>,
@@ -474,6 +478,8 @@ struct Session {
     /// The group being answered rolled back (a ROLLBACK's CommandComplete), while setting
     /// changes were pending.
     rolled_back: bool,
+    /// The last sync group with a statement that ends or opens a transaction.
+    transaction_control: Option<u64>,
     /// What the server still owes on the attached connection (ReadyForQuery messages, the
     /// answers to the proxy's own Parses and Closes, Syncs a copy makes it ignore).
     replies: Replies,
@@ -483,9 +489,10 @@ struct Session {
     /// The server connection holds session state the proxy cannot track (an unrecognised SET,
     /// SET ROLE): it is closed instead of going back to the pool.
     dirty: bool,
-    /// Statements this sync group made the connection prepare: if the group fails, they may
-    /// not exist.
-    group_prepared: Vec<String>,
+    /// Statements the unanswered sync groups made the connection prepare, with their group:
+    /// if that group fails, they may not exist, and a later group that uses one prepares it
+    /// again rather than trust a Parse that may be skipped.
+    group_prepared: Vec<(u64, String)>,
     /// Client messages forwarded since the last Sync or Query.
     unsynced: u32,
     /// The client's last unnamed Parse, and whether the current server connection has it.
@@ -498,6 +505,12 @@ struct Session {
     unnamed_pending: Option<u64>,
     /// The unnamed statement changes settings when executed.
     unnamed_sets: bool,
+    /// An unnamed Parse after other messages of its sync group comes after a Close of a
+    /// name that does not exist (its answer swallowed): if that answer comes and the
+    /// Parse's does not, the Parse itself failed (no unnamed statement); if neither comes,
+    /// an error before made the server skip it, and the statement before it stays, kept
+    /// here.
+    unnamed_marker: Option<(u64, Vec<u8>, bool)>,
     /// Portals bound in this transaction to a statement that changes settings, with its
     /// text: what it sets counts when the portal is executed, not when it is parsed.
     setting_portals: Vec<(String, String)>,
@@ -545,15 +558,18 @@ impl Session {
             book,
             awaited: Vec::new(),
             parked: None,
+            placeholders: Vec::new(),
             wanted,
             pending_settings: settings::Pending::default(),
             rolled_back: false,
+            transaction_control: None,
             replies: Replies::default(),
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
             unnamed_pending: None,
             unnamed_sets: false,
+            unnamed_marker: None,
             setting_portals: Vec::new(),
             lost_transaction: None,
             group_prepared: Vec::new(),
@@ -888,12 +904,19 @@ impl Session {
         let kind = tag(&frame);
         match kind {
             b'1' | b'3' => match self.replies.complete_received() {
-                None => return true,
-                Some(at) if self.unnamed_pending == Some(at) => self.unnamed_pending = None,
-                Some(at) if !self.awaited.is_empty() => {
-                    self.awaited.retain(|awaited| awaited.at != at);
+                Err(at) => {
+                    if let Some(marker) = self.unnamed_marker.as_mut().filter(|m| m.0 == at) {
+                        marker.2 = true;
+                    }
+                    return true;
                 }
-                Some(_) => {}
+                Ok(at) => match at {
+                    at if self.unnamed_pending == Some(at) => self.unnamed_pending = None,
+                    at if !self.awaited.is_empty() => {
+                        self.awaited.retain(|awaited| awaited.at != at);
+                    }
+                    _ => {}
+                },
             },
             b'S' => self.note_parameter(&frame),
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
@@ -920,16 +943,32 @@ impl Session {
                     .unnamed_pending
                     .is_some_and(|at| at < self.replies.answered())
                 {
-                    // It failed, or was skipped: the client is taken to have no unnamed
-                    // statement, and a connection that may have one is told to close it.
-                    self.forget_unnamed();
-                    self.unnamed_here = false;
+                    // It failed (the client has no unnamed statement), or an error before
+                    // it made the server skip it (the one before stays, if its marker
+                    // tells; without one, the connection goes on answering for it, and
+                    // another connection is told to close its own: 26000).
+                    self.unnamed.clear();
+                    self.unnamed_sets = false;
+                    self.unnamed_pending = None;
+                    if let Some((_, before, false)) = self.unnamed_marker.take() {
+                        if !before.is_empty() {
+                            let before = Bytes::from(before);
+                            self.unnamed_sets = frontend::parse_message(&before)
+                                .is_some_and(|m| inspect::scan(m.query).changes_session);
+                            self.unnamed = before.to_vec();
+                        }
+                    }
+                }
+                if self.unnamed_pending.is_none() {
+                    // The marker only ever speaks for the pending Parse.
+                    self.unnamed_marker = None;
                 }
                 if !self.awaited.is_empty() {
                     self.not_run(self.replies.answered());
                 }
-                if self.replies.owed() == 0 {
-                    self.group_prepared.clear();
+                if !self.group_prepared.is_empty() {
+                    let answering = self.replies.answering();
+                    self.group_prepared.retain(|(group, _)| *group >= answering);
                 }
             }
             b'E' => {
@@ -938,8 +977,9 @@ impl Session {
                 // its query or pipeline): its setting changes are undone.
                 self.pending_settings.undo(self.replies.answering());
                 if let Some(server) = self.server.as_mut() {
-                    for name in self.group_prepared.drain(..) {
-                        server.prepared.remove(&name);
+                    let answering = self.replies.answering();
+                    for (_, name) in self.group_prepared.iter().filter(|(g, _)| *g <= answering) {
+                        server.prepared.remove(name);
                     }
                 }
             }
@@ -1032,6 +1072,9 @@ impl Session {
         let scan = inspect::scan(bytes);
         if scan == inspect::Scan::default() {
             return smallvec![frame];
+        }
+        if scan.transaction_control {
+            self.note_transaction_control();
         }
         if self.mode() == PoolMode::Transaction {
             if scan.listen {
@@ -1141,8 +1184,23 @@ impl Session {
                 server.prepared.clear();
             }
         }
-        self.pending_settings
-            .stage(self.replies.open_group(), change);
+        let group = self.replies.open_group();
+        if self.transaction_control == Some(group) {
+            self.dirty = true;
+        }
+        self.pending_settings.stage(group, change);
+    }
+
+    /// A COMMIT or ROLLBACK in the same query or pipeline as a SET decides whether the SET
+    /// lasts by where it stands between them and an error, which the proxy does not follow
+    /// statement by statement: the connection, which may hold either value, is closed after
+    /// the transaction.
+    fn note_transaction_control(&mut self) {
+        let group = self.replies.open_group();
+        self.transaction_control = Some(group);
+        if self.pending_settings.has_group(group) {
+            self.dirty = true;
+        }
     }
 
     /// A change whose transaction committed becomes the client's, and the connection's: it
@@ -1188,6 +1246,20 @@ impl Session {
             Effects::Sets(sets) => sets,
         };
         if message.name.is_empty() {
+            let mut out = Frames::new();
+            if self.unsynced > 1 && self.unnamed_marker.is_none() {
+                // Not the first message of its group: see `unnamed_marker`. (With one
+                // already pending, the outcome of two is not followed: a failure then
+                // counts as the Parse's own.)
+                let at = self.replies.next_position();
+                self.replies.sent_ours();
+                self.unnamed_marker = Some((at, std::mem::take(&mut self.unnamed), false));
+                out.push(frontend::rebuild_target(b'C', b'S', "switchyard_marker"));
+            } else if self.unnamed_marker.is_some() {
+                // A second unnamed Parse while a marker is pending: its skip or failure
+                // cannot be told apart.
+                self.unnamed_marker = Some((u64::MAX, Vec::new(), true));
+            }
             // A copy: a frame shares the read buffer's allocation, and holding it would make
             // every later read allocate a new buffer. Copied into the same buffer each time:
             // most clients send an unnamed Parse with every query.
@@ -1196,7 +1268,8 @@ impl Session {
             self.unnamed_here = true;
             self.unnamed_sets = sets;
             self.unnamed_pending = Some(self.replies.sent_theirs());
-            return smallvec![frame];
+            out.push(frame);
+            return out;
         }
         if self.statements.contains_key(message.name) {
             return self.parse_duplicate(&message);
@@ -1219,7 +1292,8 @@ impl Session {
         self.make_room_for(&server_name, &mut out);
         out.push(frontend::rebuild_target(b'C', b'S', &server_name));
         self.replies.sent_ours();
-        self.group_prepared.push(server_name);
+        self.group_prepared
+            .push((self.replies.open_group(), server_name));
         let at = self.replies.sent_theirs();
         self.awaited.push(Awaited {
             at,
@@ -1237,16 +1311,22 @@ impl Session {
     /// connection, which is therefore not reused.
     fn parse_duplicate(&mut self, message: &frontend::Parse<'_>) -> Frames {
         self.dirty = true;
+        if !self.placeholders.iter().any(|name| name == message.name) {
+            self.placeholders.push(message.name.to_string());
+        }
         let placeholder = frontend::Parse {
             name: message.name,
             query: b"SELECT",
             rest: &[0, 0],
         };
         self.replies.sent_ours();
+        self.replies.sent_ours();
         self.replies.sent_theirs();
-        // The client's own statement second: PostgreSQL parses and analyses it before it
-        // looks at the name, so a syntax error (42601) or a missing table (42P01) wins.
+        // The client's own statement last: PostgreSQL parses and analyses it before it
+        // looks at the name, so a syntax error (42601) or a missing table (42P01) wins. (A
+        // placeholder from an earlier duplicate is closed first.)
         smallvec![
+            frontend::rebuild_target(b'C', b'S', message.name),
             frontend::rename_parse(&placeholder, message.name),
             frontend::rename_parse(message, message.name)
         ]
@@ -1315,7 +1395,9 @@ impl Session {
             .into_iter()
             .partition(|awaited| awaited.at < answered);
         self.awaited = awaited;
-        for Awaited { name, closed, .. } in failed {
+        // Undone latest first: a Close and a Parse of the same name, both skipped, leave the
+        // statement from before them.
+        for Awaited { name, closed, .. } in failed.into_iter().rev() {
             match closed {
                 None => {
                     if let Some(prepared) = self.statements.remove(&name) {
@@ -1372,6 +1454,9 @@ impl Session {
     /// the Parse to handle instead (the refusal under the client's name), if any.
     fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Effects {
         let scan = inspect::scan(message.query);
+        if scan.transaction_control {
+            self.note_transaction_control();
+        }
         // A temporary object must reach no other client: the connection is closed after
         // the transaction (in session mode, the session's DISCARD ALL drops it).
         if self.mode() == PoolMode::Transaction && scan.creates_temp {
@@ -1455,7 +1540,12 @@ impl Session {
         let prepared = self.statements.get(client_name)?;
         let server = self.server.as_mut()?;
         let (server_name, parse) = (prepared.server_name.clone(), prepared.parse.clone());
-        if !server.prepared.touch(&server_name) {
+        let open = self.replies.open_group();
+        let uncertain = self
+            .group_prepared
+            .iter()
+            .any(|(group, name)| *group < open && *name == server_name);
+        if !server.prepared.touch(&server_name) || uncertain {
             self.make_room_for(&server_name, out);
             // Closed first: after an error the proxy cannot know whether an earlier Parse of
             // it went through, and Close of a statement that does not exist is no error.
@@ -1463,7 +1553,7 @@ impl Session {
             out.push(parse);
             self.replies.sent_ours();
             self.replies.sent_ours();
-            self.group_prepared.push(server_name.clone());
+            self.group_prepared.push((open, server_name.clone()));
         }
         Some(server_name)
     }
@@ -1505,13 +1595,28 @@ impl Session {
             Some(server_name) => {
                 out.push(frontend::rename_bind(&frame, portal, &server_name, rest_at))
             }
-            None => out.push(frame.clone()),
+            None => {
+                self.close_placeholder(statement, &mut out);
+                out.push(frame.clone())
+            }
         }
         out
     }
 
+    /// A message names a statement the client does not have: if a duplicate Parse left a
+    /// placeholder of that name on the connection, it is closed first, so that the server
+    /// answers as PostgreSQL does (26000).
+    fn close_placeholder(&mut self, name: &str, out: &mut Frames) {
+        if let Some(at) = self.placeholders.iter().position(|p| p == name) {
+            self.placeholders.swap_remove(at);
+            out.push(frontend::rebuild_target(b'C', b'S', name));
+            self.replies.sent_ours();
+        }
+    }
+
     /// The unnamed statement is gone, from the client's session and the server connection.
     fn forget_unnamed(&mut self) {
+        self.unnamed_marker = None;
         self.unnamed.clear();
         self.unnamed_here = true;
         self.unnamed_pending = None;
@@ -1579,6 +1684,8 @@ impl Session {
         }
         if kind == b'C' {
             let Some(prepared) = self.statements.remove(name) else {
+                // The server's own answer; a placeholder of that name goes with it.
+                self.placeholders.retain(|placeholder| placeholder != name);
                 return smallvec![frame];
             };
             // The last client to hold it: deallocated on this connection (the server's
@@ -1612,7 +1719,10 @@ impl Session {
         let mut out = Frames::new();
         match self.ensure_prepared(name, &mut out) {
             Some(server_name) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
-            None => out.push(frame.clone()),
+            None => {
+                self.close_placeholder(name, &mut out);
+                out.push(frame.clone())
+            }
         }
         out
     }
@@ -1896,6 +2006,8 @@ impl Session {
         // Positions count again from 0 on the next connection: what is still awaited (the
         // connection broke) is taken as not run.
         self.not_run(u64::MAX);
+        self.placeholders.clear();
+        self.unnamed_marker = None;
         self.unnamed_pending = None;
         self.setting_portals.clear();
         self.status = b'I';

@@ -256,6 +256,11 @@ impl Pending {
         });
     }
 
+    /// Whether a change was made in sync group `group`.
+    pub fn has_group(&self, group: u64) -> bool {
+        self.entries.iter().any(|entry| entry.group == group)
+    }
+
     /// The transaction that group `group` belongs to failed or rolled back: what it changed
     /// so far will not last.
     pub fn undo(&mut self, group: u64) {

@@ -11,6 +11,7 @@ mod plan_errors;
 pub mod proxy;
 mod proxy_drivers;
 mod proxy_fidelity;
+mod proxy_fuzz;
 mod proxy_limits;
 mod proxy_server_auth;
 mod proxy_state;
