@@ -253,7 +253,7 @@ async fn login(
                 process_id,
                 secret_key,
             } => {
-                forward_cancel(shared, process_id, secret_key);
+                forward_cancel(shared, process_id, secret_key).await;
                 return Ok(None);
             }
             Startup::Unsupported(message) => return Err(Fatal::new("0A000", message)),
@@ -349,14 +349,18 @@ async fn login(
     Ok(Some(LoggedIn { user, settings }))
 }
 
-/// Passes a CancelRequest to the server connection running that client's query, if any.
-/// The delivery runs on its own: the client's login deadline must not cut it short.
-fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+/// Passes a CancelRequest to the server connection running that client's query, if any,
+/// and returns once PostgreSQL has acted on it (or gave up), as PostgreSQL's own cancel
+/// connection does: a client whose cancel call returned before that (libpq waits for the
+/// server to close it) could send its next statement first and have that cancelled, which
+/// psycopg's stream() did in session mode. The delivery runs on its own task: the client's
+/// login deadline, which drops this wait, must not cut it short.
+async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let slot = lock(&shared.cancels)
         .get(&(process_id, secret_key))
         .cloned();
     if let Some(target) = slot.and_then(|slot| slot.cancel()) {
-        tokio::spawn(deliver_cancel(target));
+        let _ = tokio::spawn(deliver_cancel(target)).await;
     }
 }
 
@@ -499,18 +503,16 @@ struct Session {
     /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
     unnamed: Vec<u8>,
     unnamed_here: bool,
-    /// The client's unnamed Parse sent and not yet answered (its position among the Parse
-    /// and Close answers): if its answer never comes, it failed (or an error before it
-    /// made the server skip it), and the client has no unnamed statement to replay.
-    unnamed_pending: Option<u64>,
+    /// The client's unnamed Parses sent and not yet settled, oldest first: until their
+    /// group is answered it is not known which of them the server ran (an error makes it
+    /// skip the rest of the group), and the client's unnamed statement is replayed on
+    /// another connection only as the server left it.
+    unnamed_sent: Vec<UnnamedParse>,
+    /// The client's unnamed statement, and whether the connection had it, before the first
+    /// of `unnamed_sent` (kept only when that one may be skipped: it has a marker).
+    unnamed_before: Option<(Vec<u8>, bool)>,
     /// The unnamed statement changes settings when executed.
     unnamed_sets: bool,
-    /// An unnamed Parse after other messages of its sync group comes after a Close of a
-    /// name that does not exist (its answer swallowed): if that answer comes and the
-    /// Parse's does not, the Parse itself failed (no unnamed statement); if neither comes,
-    /// an error before made the server skip it, and the statement before it stays, kept
-    /// here.
-    unnamed_marker: Option<(u64, Vec<u8>, bool)>,
     /// Portals bound in this transaction to a statement that changes settings, with its
     /// text: what it sets counts when the portal is executed, not when it is parsed.
     setting_portals: Vec<(String, String)>,
@@ -567,9 +569,9 @@ impl Session {
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
-            unnamed_pending: None,
+            unnamed_sent: Vec::new(),
+            unnamed_before: None,
             unnamed_sets: false,
-            unnamed_marker: None,
             setting_portals: Vec::new(),
             lost_transaction: None,
             group_prepared: Vec::new(),
@@ -905,13 +907,18 @@ impl Session {
         match kind {
             b'1' | b'3' => match self.replies.complete_received() {
                 Err(at) => {
-                    if let Some(marker) = self.unnamed_marker.as_mut().filter(|m| m.0 == at) {
-                        marker.2 = true;
+                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.marker == Some(at))
+                    {
+                        parse.reached = true;
                     }
                     return true;
                 }
                 Ok(at) => match at {
-                    at if self.unnamed_pending == Some(at) => self.unnamed_pending = None,
+                    at if self.unnamed_sent.iter().any(|p| p.at == at) => {
+                        if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
+                            parse.ran = true;
+                        }
+                    }
                     at if !self.awaited.is_empty() => {
                         self.awaited.retain(|awaited| awaited.at != at);
                     }
@@ -939,29 +946,8 @@ impl Session {
                 if self.status == b'I' {
                     self.setting_portals.clear();
                 }
-                if self
-                    .unnamed_pending
-                    .is_some_and(|at| at < self.replies.answered())
-                {
-                    // It failed (the client has no unnamed statement), or an error before
-                    // it made the server skip it (the one before stays, if its marker
-                    // tells; without one, the connection goes on answering for it, and
-                    // another connection is told to close its own: 26000).
-                    self.unnamed.clear();
-                    self.unnamed_sets = false;
-                    self.unnamed_pending = None;
-                    if let Some((_, before, false)) = self.unnamed_marker.take() {
-                        if !before.is_empty() {
-                            let before = Bytes::from(before);
-                            self.unnamed_sets = frontend::parse_message(&before)
-                                .is_some_and(|m| inspect::scan(m.query).changes_session);
-                            self.unnamed = before.to_vec();
-                        }
-                    }
-                }
-                if self.unnamed_pending.is_none() {
-                    // The marker only ever speaks for the pending Parse.
-                    self.unnamed_marker = None;
+                if !self.unnamed_sent.is_empty() {
+                    self.settle_unnamed(self.replies.answered());
                 }
                 if !self.awaited.is_empty() {
                     self.not_run(self.replies.answered());
@@ -1247,18 +1233,25 @@ impl Session {
         };
         if message.name.is_empty() {
             let mut out = Frames::new();
-            if self.unsynced > 1 && self.unnamed_marker.is_none() {
-                // Not the first message of its group: see `unnamed_marker`. (With one
-                // already pending, the outcome of two is not followed: a failure then
-                // counts as the Parse's own.)
+            // After other messages of its group, it comes after a Close of a name that does
+            // not exist (its answer swallowed): if that answer comes and the Parse's does not,
+            // the Parse itself failed; if neither comes, an error before made the server skip
+            // it. (The first message of a group, as in most clients' queries, needs none: it
+            // ran or failed.)
+            let marker = (self.unsynced > 1).then(|| {
                 let at = self.replies.next_position();
                 self.replies.sent_ours();
-                self.unnamed_marker = Some((at, std::mem::take(&mut self.unnamed), false));
                 out.push(frontend::rebuild_target(b'C', b'S', "switchyard_marker"));
-            } else if self.unnamed_marker.is_some() {
-                // A second unnamed Parse while a marker is pending: its skip or failure
-                // cannot be told apart.
-                self.unnamed_marker = Some((u64::MAX, Vec::new(), true));
+                at
+            });
+            match self.unnamed_sent.last_mut() {
+                None => {
+                    self.unnamed_before = marker
+                        .is_some()
+                        .then(|| (self.unnamed.clone(), self.unnamed_here));
+                }
+                // The one before may turn out to be the last the server ran.
+                Some(previous) => previous.text = Some(self.unnamed.clone()),
             }
             // A copy: a frame shares the read buffer's allocation, and holding it would make
             // every later read allocate a new buffer. Copied into the same buffer each time:
@@ -1267,7 +1260,14 @@ impl Session {
             self.unnamed.extend_from_slice(&frame);
             self.unnamed_here = true;
             self.unnamed_sets = sets;
-            self.unnamed_pending = Some(self.replies.sent_theirs());
+            let at = self.replies.sent_theirs();
+            self.unnamed_sent.push(UnnamedParse {
+                at,
+                marker,
+                reached: false,
+                ran: false,
+                text: None,
+            });
             out.push(frame);
             return out;
         }
@@ -1614,12 +1614,80 @@ impl Session {
         }
     }
 
+    /// The groups of the oldest unnamed Parses are answered (their answers would have come
+    /// before position `answered`): which of them the server ran decides the client's
+    /// unnamed statement. Taken in order, each ran (its ParseComplete came), failed (no
+    /// answer, though the server reached it: it was the first of its group, or its marker's
+    /// answer came), or was skipped after an error before it (neither came); the first that
+    /// did not run ends the walk, as the server skipped everything after it. A Parse that
+    /// failed leaves no unnamed statement; one skipped leaves the one before it, which the
+    /// connection has only if it had it before.
+    fn settle_unnamed(&mut self, answered: u64) {
+        // Most clients: one unnamed Parse per group, and it ran.
+        if let [only] = self.unnamed_sent.as_slice() {
+            if only.ran && only.at < answered {
+                self.unnamed_sent.clear();
+                self.unnamed_before = None;
+                return;
+            }
+        }
+        let count = self
+            .unnamed_sent
+            .iter()
+            .take_while(|parse| parse.at < answered)
+            .count();
+        if count == 0 {
+            return;
+        }
+        let settled: Vec<UnnamedParse> = self.unnamed_sent.drain(..count).collect();
+        let pending_after = !self.unnamed_sent.is_empty();
+        let mut outcome = None; // None: as before the first of them
+        for (i, parse) in settled.iter().enumerate() {
+            if parse.ran {
+                outcome = Some(Some(i));
+                continue;
+            }
+            if parse.marker.is_none() || parse.reached {
+                outcome = Some(None);
+            }
+            break;
+        }
+        let last = settled.len() - 1;
+        let state: (Vec<u8>, bool) = match outcome {
+            // The latest ran and none is pending after it: `unnamed` is already right.
+            Some(Some(i)) if i == last && !pending_after => {
+                self.unnamed_before = None;
+                return;
+            }
+            Some(Some(i)) => match settled[i].text.clone() {
+                Some(text) => (text, true),
+                None => (self.unnamed.clone(), true),
+            },
+            Some(None) => (Vec::new(), true),
+            // Skipped: the statement before them; unknown (never asked of the connection)
+            // if it was not kept.
+            None => self.unnamed_before.take().unwrap_or((Vec::new(), false)),
+        };
+        if pending_after {
+            // The later ones settle against this.
+            self.unnamed_before = Some(state);
+            return;
+        }
+        self.unnamed_before = None;
+        let (text, here) = state;
+        self.unnamed_sets = !text.is_empty()
+            && frontend::parse_message(&Bytes::copy_from_slice(&text))
+                .is_some_and(|m| inspect::scan(m.query).changes_session);
+        self.unnamed = text;
+        self.unnamed_here = here;
+    }
+
     /// The unnamed statement is gone, from the client's session and the server connection.
     fn forget_unnamed(&mut self) {
-        self.unnamed_marker = None;
+        self.unnamed_sent.clear();
+        self.unnamed_before = None;
         self.unnamed.clear();
         self.unnamed_here = true;
-        self.unnamed_pending = None;
         self.unnamed_sets = false;
     }
 
@@ -2007,8 +2075,8 @@ impl Session {
         // connection broke) is taken as not run.
         self.not_run(u64::MAX);
         self.placeholders.clear();
-        self.unnamed_marker = None;
-        self.unnamed_pending = None;
+        self.unnamed_sent.clear();
+        self.unnamed_before = None;
         self.setting_portals.clear();
         self.status = b'I';
         server.idle_since = now;
@@ -2057,6 +2125,18 @@ impl Session {
     /// transaction too long), as an ERROR, since the client's session goes on.
     async fn server_lost_because(&mut self, cause: Fatal) -> bool {
         metrics::add(&self.metrics().server_connections_lost, 1);
+        if self.mode() == PoolMode::Session && cause.code != "08006" {
+            // The client's session is that server session: it ends with it, with the
+            // server's FATAL, as it would directly (a client that checks whether its
+            // connection broke finds it closed, and reconnects).
+            if let Some(server) = self.server.as_mut() {
+                server.broken = true;
+            }
+            self.release(false).await;
+            let fatal = backend::error_response("FATAL", &cause.code, &cause.message);
+            let _ = self.client_w.send(fatal).await;
+            return false;
+        }
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
@@ -2168,6 +2248,21 @@ async fn checkout(
 enum Waited {
     Pool(bb8::RunError<super::pool::ServerError>),
     Cancelled,
+}
+
+/// A client's unnamed Parse sent and not yet settled (`Session::settle_unnamed`).
+struct UnnamedParse {
+    /// Its position among the Parse and Close answers.
+    at: u64,
+    /// The position of the Close sent just before it, when it was not the first message
+    /// of its group.
+    marker: Option<u64>,
+    /// The marker's answer came: the server reached the Parse.
+    reached: bool,
+    /// Its ParseComplete came.
+    ran: bool,
+    /// Its Parse message, kept once a later unnamed Parse replaced it in `Session::unnamed`.
+    text: Option<Vec<u8>>,
 }
 
 /// A client's Parse or Close sent to the server whose answer has not come yet.

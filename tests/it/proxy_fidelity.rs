@@ -647,6 +647,42 @@ async fn replies_to_close_parse_bind_and_execute_come_in_the_order_sent() {
 }
 
 // ---------------------------------------------------------------------------------------
+// F2. An unnamed Parse the server skipped leaves the client no unnamed statement, whatever
+// the connection's last client left there (the fuzzer once saw another client's rows).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_unnamed_parse_never_binds_another_clients_statement() {
+    let db = TestDb::new("fidelity_unnamed_skipped").await;
+    // A leaves an unnamed statement on the connection; B's Parse is skipped after an error
+    // earlier in its group; B's next Bind of the unnamed statement must find none.
+    let leave = Msgs::new().parse("", "SELECT 'secret-of-A'").sync();
+    let skipped = Msgs::new()
+        .execute("nosuch")
+        .parse("", "SELECT 'B'")
+        .bind("", "")
+        .execute("")
+        .sync();
+    let bind = Msgs::new().bind("", "").execute("").sync();
+    let direct_at = Endpoint::direct(&db).await;
+    let mut b = direct_at.wire().await;
+    let direct = steps(&mut b, &[skipped.clone(), bind.clone()]).await;
+    assert_eq!(
+        direct[1],
+        strs(&["ErrorResponse(26000)", "ReadyForQuery(I)"]),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    // One server connection: B's transactions run where A's statement is.
+    let proxy = Proxy::start(&db, "transaction", 1, "workers = 1").await;
+    let at = Endpoint::proxy(&proxy, "transaction");
+    let mut a = at.wire().await;
+    a.step(leave).await;
+    let mut b = at.wire().await;
+    let got = steps(&mut b, &[skipped, bind]).await;
+    differences.compare("transaction mode", &got, &direct);
+    differences.assert_none();
+}
+
 // F. The unnamed statement and a simple Query.
 
 fn unnamed_statement_steps() -> Vec<Msgs> {
