@@ -20,7 +20,8 @@ scripts/install-deps.sh
 export SWITCHYARD_FUZZ_SECS=${FUZZ_SECS:-300}
 # Both pool modes in the differential phase (the test suite's run compares session mode only).
 export SWITCHYARD_FUZZ_DIFFERENTIAL=${FUZZ_DIFFERENTIAL:-session,transaction}
-if [ -n "${FUZZ_SEED:-}" ]; then export SWITCHYARD_FUZZ_SEED=$FUZZ_SEED; fi
+# A new seed each run unless one is given (the test suite's run uses a fixed one).
+export SWITCHYARD_FUZZ_SEED=${FUZZ_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}
 PROFILE=()
 if [ -n "${FUZZ_RELEASE:-}" ]; then PROFILE=(--release); fi
 LOG=$(mktemp /tmp/switchyard-fuzz.XXXXXX)

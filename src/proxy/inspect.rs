@@ -60,23 +60,12 @@ pub fn scan(text: &[u8]) -> Scan {
             }
             6 if is(b"listen") => scan.listen = true,
             6 if is(b"create") => scan.creates_temp |= creates_temp(rest),
-            3 | 5 | 6 | 7 | 8 | 9
-                if [
-                    &b"end"[..],
-                    b"abort",
-                    b"begin",
-                    b"start",
-                    b"commit",
-                    b"release",
-                    b"prepare",
-                    b"rollback",
-                    b"savepoint",
-                ]
-                .iter()
-                .any(|keyword| is(keyword)) =>
-            {
-                scan.transaction_control = true
-            }
+            3 if is(b"end") => scan.transaction_control = true,
+            5 if is(b"begin") || is(b"start") || is(b"abort") => scan.transaction_control = true,
+            6 if is(b"commit") => scan.transaction_control = true,
+            7 if is(b"release") || is(b"prepare") => scan.transaction_control = true,
+            8 if is(b"rollback") => scan.transaction_control = true,
+            9 if is(b"savepoint") => scan.transaction_control = true,
             10 if is(b"deallocate") => scan.deallocate = true,
             _ => {}
         }

@@ -2073,7 +2073,9 @@ impl Session {
         self.dirty = false;
         // Positions count again from 0 on the next connection: what is still awaited (the
         // connection broke) is taken as not run.
-        self.not_run(u64::MAX);
+        if !self.awaited.is_empty() {
+            self.not_run(u64::MAX);
+        }
         self.placeholders.clear();
         self.unnamed_sent.clear();
         self.unnamed_before = None;
