@@ -1,0 +1,615 @@
+//! Statements: the client's named statements under their shared server names, its unnamed
+//! statement, and what the server ran of them when an error made it skip the rest of a
+//! sync group.
+
+use super::*;
+
+impl Session {
+    /// DEALLOCATE of a client's statement. The server knows it by its shared name, and maybe
+    /// not on this connection: a throwaway statement of that name is prepared first (its
+    /// CloseComplete and ParseComplete swallowed) so that the server's own DEALLOCATE answers
+    /// the client, with its tag, in its place among the client's other queries. Other
+    /// statements of the client stay prepared.
+    pub(super) fn deallocate(&mut self, frame: Bytes, text: &str) -> Frames {
+        // In a failed transaction the server refuses the DEALLOCATE itself (25P02), and
+        // refuses a Parse too, which would make it skip the query: the client's text goes.
+        if self.status == b'E' {
+            return smallvec![frame];
+        }
+        match inspect::deallocate(text) {
+            Some(Deallocate::All) => {
+                self.forget_statements();
+                if let Some(server) = self.server.as_mut() {
+                    server.prepared.clear();
+                }
+                smallvec![frame]
+            }
+            Some(Deallocate::Named(name)) => match self.statements.remove(&name) {
+                Some(prepared) => {
+                    self.book.release(&prepared.server_name);
+                    self.deallocate_on_server(&prepared.server_name)
+                }
+                // Not one of the client's: the server's own error (26000).
+                None => smallvec![frame],
+            },
+            // Several statements: client names mean nothing to the server, so it is refused
+            // rather than half run.
+            None if inspect::is_multi_statement(text) => {
+                smallvec![frontend::query(REFUSE_MULTI_DEALLOCATE)]
+            }
+            // Not a DEALLOCATE the proxy can read: the server's syntax error.
+            None => smallvec![frame],
+        }
+    }
+
+    pub(super) fn deallocate_on_server(&mut self, server_name: &str) -> Frames {
+        if let Some(server) = self.server.as_mut() {
+            server.prepared.remove(server_name);
+        }
+        self.replies.sent_ours();
+        self.replies.sent_ours();
+        let placeholder = frontend::Parse {
+            name: server_name,
+            query: b"SELECT",
+            rest: &[0, 0],
+        };
+        smallvec![
+            frontend::rebuild_target(b'C', b'S', server_name),
+            frontend::rename_parse(&placeholder, server_name),
+            frontend::query(&format!("DEALLOCATE {server_name}")),
+        ]
+    }
+
+    /// Parse of a named statement: renamed to its shared server name. If this connection has
+    /// that statement already, it is closed first (the CloseComplete is swallowed), so the
+    /// client's Parse behaves as it would on a connection of its own.
+    pub(super) fn parse(&mut self, frame: Bytes) -> Frames {
+        let Some(message) = frontend::parse_message(&frame) else {
+            self.replies.sent_theirs();
+            return smallvec![frame];
+        };
+        let sets = match self.parse_effects(&message) {
+            Effects::Refused(refused) => return self.parse(refused),
+            Effects::Sets(sets) => sets,
+        };
+        if message.name.is_empty() {
+            let mut out = Frames::new();
+            // After other messages of its group, it comes after a Close of a name that does
+            // not exist (its answer swallowed): if that answer comes and the Parse's does not,
+            // the Parse itself failed; if neither comes, an error before made the server skip
+            // it. (The first message of a group, as in most clients' queries, needs none: it
+            // ran or failed.)
+            let marker = (self.unsynced > 1).then(|| {
+                let at = self.replies.next_position();
+                self.replies.sent_ours();
+                out.push(frontend::rebuild_target(b'C', b'S', "switchyard_marker"));
+                at
+            });
+            match self.unnamed_sent.last_mut() {
+                None => {
+                    self.unnamed_before = marker
+                        .is_some()
+                        .then(|| (self.unnamed.clone(), self.unnamed_here));
+                }
+                // The one before may turn out to be the last the server ran.
+                Some(previous) => previous.text = Some(self.unnamed.clone()),
+            }
+            // A copy: a frame shares the read buffer's allocation, and holding it would make
+            // every later read allocate a new buffer. Copied into the same buffer each time:
+            // most clients send an unnamed Parse with every query.
+            self.unnamed.clear();
+            self.unnamed.extend_from_slice(&frame);
+            self.unnamed_here = true;
+            self.unnamed_sets = sets;
+            let at = self.replies.sent_theirs();
+            self.unnamed_sent.push(UnnamedParse {
+                at,
+                marker,
+                reached: false,
+                ran: false,
+                text: None,
+            });
+            out.push(frame);
+            return out;
+        }
+        if self.statements.contains_key(message.name) {
+            return self.parse_duplicate(&message);
+        }
+        let server_name = statement_name(message.query, message.rest);
+        let parse = frontend::rename_parse(&message, &server_name);
+        let client_name = message.name.to_string();
+        self.book.hold(&server_name);
+        self.statements.insert(
+            client_name.clone(),
+            Prepared {
+                server_name: server_name.clone(),
+                parse: parse.clone(),
+                sets,
+            },
+        );
+        let mut out = Frames::new();
+        // Closed first in case the connection has it already (from another client, or from
+        // a group that failed after its Parse went through); the CloseComplete is swallowed.
+        self.make_room_for(&server_name, &mut out);
+        out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+        self.replies.sent_ours();
+        self.group_prepared
+            .push((self.replies.open_group(), server_name));
+        let at = self.replies.sent_theirs();
+        self.awaited.push(Awaited {
+            at,
+            group: self.replies.open_group(),
+            name: client_name,
+            closed: None,
+        });
+        out.push(parse);
+        out
+    }
+
+    /// A Parse of a name the client has prepared already: PostgreSQL's own 42P05, in its
+    /// place among the answers, from the server: the client's name is prepared twice (the
+    /// first answer swallowed). That leaves a statement under a client's name on the
+    /// connection, which is therefore not reused.
+    pub(super) fn parse_duplicate(&mut self, message: &frontend::Parse<'_>) -> Frames {
+        self.dirty = true;
+        if !self.placeholders.iter().any(|name| name == message.name) {
+            self.placeholders.push(message.name.to_string());
+        }
+        let placeholder = frontend::Parse {
+            name: message.name,
+            query: b"SELECT",
+            rest: &[0, 0],
+        };
+        self.replies.sent_ours();
+        self.replies.sent_ours();
+        self.replies.sent_theirs();
+        // The client's own statement last: PostgreSQL parses and analyses it before it
+        // looks at the name, so a syntax error (42601) or a missing table (42P01) wins. (A
+        // placeholder from an earlier duplicate is closed first.)
+        smallvec![
+            frontend::rebuild_target(b'C', b'S', message.name),
+            frontend::rename_parse(&placeholder, message.name),
+            frontend::rename_parse(message, message.name)
+        ]
+    }
+
+    /// Between transactions: the error PostgreSQL gives a Parse of a name the client has
+    /// prepared already.
+    pub(super) fn duplicate_parse(&self, frame: &Bytes) -> Option<Fatal> {
+        let message = frontend::parse_message(frame)?;
+        self.statements.contains_key(message.name).then(|| {
+            Fatal::new(
+                "42P05",
+                format!("prepared statement \"{}\" already exists", message.name),
+            )
+        })
+    }
+
+    /// The current backend's pool could give this worker a connection without waiting.
+    pub(super) fn server_free_now(&self) -> bool {
+        let control = &self.shared.control;
+        control.admits_now()
+            && !control.is_paused()
+            && self.pools[crate::proxy::side_index(self.shared.backend.side())].has_free()
+    }
+
+    /// `server_name` is about to be prepared on the attached connection: at most
+    /// `max_prepared_statements` stay there, the least recently used closed first.
+    pub(super) fn make_room_for(&mut self, server_name: &str, out: &mut Frames) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if let Some(evicted) = server.prepared.insert(server_name) {
+            out.push(frontend::rebuild_target(b'C', b'S', &evicted));
+            self.replies.sent_ours();
+        }
+    }
+
+    /// Statements no client holds any more that the connection just attached still has are
+    /// closed before the client's first message (their answers swallowed).
+    pub(super) fn close_dead_statements(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let deaths = self.book.deaths();
+        if server.prepared.seen_deaths == deaths {
+            return;
+        }
+        server.prepared.seen_deaths = deaths;
+        for name in self.book.dead(&server.prepared) {
+            server.prepared.remove(&name);
+            let close = frontend::rebuild_target(b'C', b'S', &name);
+            if !try_queue(&mut server.writer, &close) {
+                // A full buffer (it never is, before the first message): left for later.
+                server.prepared.seen_deaths = deaths.wrapping_sub(1);
+                break;
+            }
+            self.replies.sent_ours();
+        }
+    }
+
+    /// Awaited Parses and Closes whose answer should have come before the answer at
+    /// `answered` and did not: they failed, or an error made the server skip them. A
+    /// Parse's name is free again; a Close's statement is still the client's.
+    pub(super) fn not_run(&mut self, answered: u64) {
+        let (failed, awaited): (Vec<Awaited>, Vec<Awaited>) = std::mem::take(&mut self.awaited)
+            .into_iter()
+            .partition(|awaited| awaited.at < answered);
+        self.awaited = awaited;
+        // Undone latest first: a Close and a Parse of the same name, both skipped, leave the
+        // statement from before them.
+        for Awaited { name, closed, .. } in failed.into_iter().rev() {
+            match closed {
+                None => {
+                    if let Some(prepared) = self.statements.remove(&name) {
+                        self.book.release(&prepared.server_name);
+                    }
+                }
+                Some(prepared) => {
+                    if let std::collections::hash_map::Entry::Vacant(entry) =
+                        self.statements.entry(name)
+                    {
+                        self.book.hold(&prepared.server_name);
+                        entry.insert(prepared);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client's statements are gone (its session ended, DEALLOCATE ALL).
+    pub(super) fn forget_statements(&mut self) {
+        for (_, prepared) in self.statements.drain() {
+            self.book.release(&prepared.server_name);
+        }
+        self.awaited.clear();
+    }
+
+    /// Whether a client message names a statement whose Parse or Close, sent in an earlier
+    /// sync group, is still awaited: what the server did with it (ran it, or skipped it
+    /// after an error) decides what this message means. Within one group it does not
+    /// matter: after an error the server skips the rest of the group too.
+    pub(super) fn must_wait(&self, frame: &Bytes) -> bool {
+        let name = match tag(frame) {
+            b'P' => frontend::parse_message(frame).map(|p| p.name),
+            b'B' => frontend::bind_statement(frame).map(|(_, statement, _)| statement),
+            b'D' | b'C' => match frontend::target(frame) {
+                Some((b'S', name)) => Some(name),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(name) = name.filter(|name| !name.is_empty()) else {
+            return false;
+        };
+        let open = self.replies.open_group();
+        self.awaited
+            .iter()
+            .any(|awaited| awaited.name == name && awaited.group < open)
+    }
+
+    /// What a Parse's statement does to the session, taken as done when the Parse arrives,
+    /// whether it goes to a server now or is remembered for later: a SET is tracked like one
+    /// sent as a simple query (JDBC sends SET through the extended protocol, psycopg with
+    /// prepare_threshold=0 prepares it), and LISTEN in transaction mode is refused. Returns
+    /// the Parse to handle instead (the refusal under the client's name), if any.
+    pub(super) fn parse_effects(&mut self, message: &frontend::Parse<'_>) -> Effects {
+        let scan = inspect::scan(message.query);
+        if scan.transaction_control {
+            self.note_transaction_control();
+        }
+        // A temporary object must reach no other client: the connection is closed after
+        // the transaction (in session mode, the session's DISCARD ALL drops it).
+        if self.mode() == PoolMode::Transaction && scan.creates_temp {
+            self.dirty = true;
+        }
+        if self.mode() == PoolMode::Transaction && scan.listen {
+            let refused = frontend::Parse {
+                name: message.name,
+                query: REFUSE_LISTEN.as_bytes(),
+                rest: &[0, 0],
+            };
+            return Effects::Refused(frontend::rename_parse(&refused, message.name));
+        }
+        if scan.changes_session && std::str::from_utf8(message.query).is_err() {
+            // Not UTF-8 (another client_encoding): what it sets cannot be read, so the
+            // connection does not go to another client afterwards.
+            self.dirty = true;
+            return Effects::Sets(false);
+        }
+        Effects::Sets(scan.changes_session)
+    }
+
+    /// Remembers a named Parse that arrived with no server connection; its ParseComplete is
+    /// owed to the client. False for an unnamed Parse, which needs the server.
+    pub(super) fn remember_parse(&mut self, frame: &Bytes) -> bool {
+        // Most Parses are of the unnamed statement (an empty name: the body starts with its
+        // terminator), and parse() reads those again: not read twice.
+        if body(frame).first() == Some(&0) {
+            return false;
+        }
+        let Some(message) = frontend::parse_message(frame) else {
+            return false;
+        };
+        // What the statement does to the session counts when it is executed, as for a Parse
+        // sent to a server: this is the path of a client that prepares between transactions
+        // (psycopg with prepare_threshold=0 in autocommit, pgjdbc's named statements), and a
+        // SET prepared here and run in the next transaction was once tracked by nobody — it
+        // stayed on the server connection for whichever client came next, and was missing
+        // from this client's own later transactions.
+        let sets = match self.parse_effects(&message) {
+            Effects::Refused(refused) => return self.remember_parse(&refused),
+            Effects::Sets(sets) => sets,
+        };
+        let server_name = statement_name(message.query, message.rest);
+        let parse = frontend::rename_parse(&message, &server_name);
+        self.book.hold(&server_name);
+        self.statements.insert(
+            message.name.to_string(),
+            Prepared {
+                server_name,
+                parse,
+                sets,
+            },
+        );
+        self.owed_parse_complete += 1;
+        true
+    }
+
+    /// Sends the ParseCompletes owed for remembered Parses, then `last` (a ReadyForQuery for a
+    /// Sync), and flushes.
+    pub(super) async fn answer_locally(&mut self, last: Option<Bytes>) -> bool {
+        if self.owed_parse_complete == 0 && last.is_none() {
+            return true;
+        }
+        for _ in 0..std::mem::take(&mut self.owed_parse_complete) {
+            if self.client_w.feed(backend::parse_complete()).await.is_err() {
+                return false;
+            }
+        }
+        if let Some(frame) = last {
+            if self.client_w.feed(frame).await.is_err() {
+                return false;
+            }
+        }
+        self.client_w.flush().await.is_ok()
+    }
+
+    /// Makes sure the statement exists on this server connection (its ParseComplete is
+    /// swallowed) and gives its server name.
+    pub(super) fn ensure_prepared(
+        &mut self,
+        client_name: &str,
+        out: &mut Frames,
+    ) -> Option<String> {
+        let prepared = self.statements.get(client_name)?;
+        let server = self.server.as_mut()?;
+        let (server_name, parse) = (prepared.server_name.clone(), prepared.parse.clone());
+        let open = self.replies.open_group();
+        let uncertain = self
+            .group_prepared
+            .iter()
+            .any(|(group, name)| *group < open && *name == server_name);
+        if !server.prepared.touch(&server_name) || uncertain {
+            self.make_room_for(&server_name, out);
+            // Closed first: after an error the proxy cannot know whether an earlier Parse of
+            // it went through, and Close of a statement that does not exist is no error.
+            out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+            out.push(parse);
+            self.replies.sent_ours();
+            self.replies.sent_ours();
+            self.group_prepared.push((open, server_name.clone()));
+        }
+        Some(server_name)
+    }
+
+    pub(super) fn bind(&mut self, frame: Bytes) -> Frames {
+        let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
+            return smallvec![frame];
+        };
+        let sets = if statement.is_empty() {
+            self.unnamed_sets
+        } else {
+            self.statements.get(statement).is_some_and(|p| p.sets)
+        };
+        if sets || !self.setting_portals.is_empty() {
+            self.bound(portal.to_string(), statement.to_string(), sets);
+        }
+        if statement.is_empty() {
+            return self.with_unnamed(frame);
+        }
+        let mut out = Frames::new();
+        match self.ensure_prepared(statement, &mut out) {
+            Some(server_name) => {
+                out.push(frontend::rename_bind(&frame, portal, &server_name, rest_at))
+            }
+            None => {
+                self.close_placeholder(statement, &mut out);
+                out.push(frame.clone())
+            }
+        }
+        out
+    }
+
+    /// A message names a statement the client does not have: if a duplicate Parse left a
+    /// placeholder of that name on the connection, it is closed first, so that the server
+    /// answers as PostgreSQL does (26000).
+    pub(super) fn close_placeholder(&mut self, name: &str, out: &mut Frames) {
+        if let Some(at) = self.placeholders.iter().position(|p| p == name) {
+            self.placeholders.swap_remove(at);
+            out.push(frontend::rebuild_target(b'C', b'S', name));
+            self.replies.sent_ours();
+        }
+    }
+
+    /// A Bind of `portal`: it remembers the statement's text if that changes settings.
+    pub(super) fn bound(&mut self, portal: String, statement: String, sets: bool) {
+        self.setting_portals.retain(|(bound, _)| *bound != portal);
+        if !sets {
+            return;
+        }
+        let parse = if statement.is_empty() {
+            (!self.unnamed.is_empty()).then(|| Bytes::copy_from_slice(&self.unnamed))
+        } else {
+            self.statements.get(&statement).map(|p| p.parse.clone())
+        };
+        let text = parse
+            .as_ref()
+            .and_then(frontend::parse_message)
+            .and_then(|message| std::str::from_utf8(message.query).ok().map(str::to_string));
+        if let Some(text) = text {
+            self.setting_portals.push((portal, text));
+        }
+    }
+
+    /// An Execute of a portal bound to a statement that changes settings: the change is
+    /// tracked as if the statement came as a simple Query, here and now.
+    pub(super) fn execute_effects(&mut self, frame: &Bytes) {
+        let mut b = body(frame);
+        let Some(portal) = cstr(&mut b) else {
+            return;
+        };
+        if let Some((_, text)) = self
+            .setting_portals
+            .iter()
+            .find(|(bound, _)| *bound == portal)
+            .cloned()
+        {
+            self.track_setting(&text);
+        }
+    }
+
+    /// Describe of a statement is renamed (and prepared if need be). Close of a statement only
+    /// forgets the client's name: other clients may share the server statement, so the server
+    /// gets a Close of a name that does not exist, which PostgreSQL answers with CloseComplete
+    /// in its proper place.
+    pub(super) fn describe_or_close(&mut self, frame: Bytes) -> Frames {
+        let kind = tag(&frame);
+        let close_at = if kind == b'C' {
+            self.replies.sent_theirs()
+        } else {
+            0
+        };
+        let Some((b'S', name)) = frontend::target(&frame) else {
+            return smallvec![frame];
+        };
+        if name.is_empty() {
+            if kind == b'D' {
+                return self.with_unnamed(frame);
+            }
+            // Closed here and on the server alike.
+            self.forget_unnamed();
+            return smallvec![frame];
+        }
+        if kind == b'C' {
+            let Some(prepared) = self.statements.remove(name) else {
+                // The server's own answer; a placeholder of that name goes with it.
+                self.placeholders.retain(|placeholder| placeholder != name);
+                return smallvec![frame];
+            };
+            // The last client to hold it: deallocated on this connection (the server's
+            // CloseComplete answers the client), and on the others before their next
+            // transaction. Otherwise only the client's name goes, and the server is asked
+            // to close a name that does not exist, so that its answer comes in its place.
+            // In session mode the connection is the client's alone: closed there whoever
+            // else holds the statement.
+            let last = self.book.release(&prepared.server_name);
+            if !last && self.mode() == PoolMode::Transaction {
+                self.awaited.push(Awaited {
+                    at: close_at,
+                    group: self.replies.open_group(),
+                    name: name.to_string(),
+                    closed: Some(prepared),
+                });
+                return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
+            }
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.remove(&prepared.server_name);
+            }
+            let close = frontend::rebuild_target(b'C', b'S', &prepared.server_name);
+            self.awaited.push(Awaited {
+                at: close_at,
+                group: self.replies.open_group(),
+                name: name.to_string(),
+                closed: Some(prepared),
+            });
+            return smallvec![close];
+        }
+        let mut out = Frames::new();
+        match self.ensure_prepared(name, &mut out) {
+            Some(server_name) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
+            None => {
+                self.close_placeholder(name, &mut out);
+                out.push(frame.clone())
+            }
+        }
+        out
+    }
+}
+
+/// A named prepared statement as the client knows it.
+pub(super) struct Prepared {
+    /// The name it has on server connections: derived from its text, so that clients that
+    /// prepare the same statement share it.
+    pub(super) server_name: String,
+    /// Its Parse message under that name, to prepare it on a server connection that lacks it.
+    pub(super) parse: Bytes,
+    /// It changes the session's settings (a SET, RESET, DISCARD ALL) when it is executed.
+    pub(super) sets: bool,
+}
+
+/// A client's Parse or Close sent to the server whose answer has not come yet.
+pub(super) struct Awaited {
+    /// Its position among the Parse and Close answers ([`Replies::sent_theirs`]).
+    pub(super) at: u64,
+    /// The sync group it was sent in.
+    pub(super) group: u64,
+    /// The client's name of the statement.
+    pub(super) name: String,
+    /// For a Close: the statement, given back to the client if the Close did not run.
+    pub(super) closed: Option<Prepared>,
+}
+
+/// What a Parse's statement does, as [`Session::parse_effects`] finds it.
+pub(super) enum Effects {
+    /// The Parse to handle in its place (LISTEN refused in transaction mode).
+    Refused(Bytes),
+    /// Whether the statement changes settings when it is executed.
+    Sets(bool),
+}
+
+/// The name a statement gets on server connections: from its text and parameter types, so
+/// the same statement is prepared once per server connection whichever client asks.
+pub(super) fn statement_name(query: &[u8], param_types: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    // A cryptographic hash: a client must not be able to make its statement's name collide
+    // with another client's.
+    let mut hasher = Sha256::new();
+    hasher.update((query.len() as u64).to_be_bytes());
+    hasher.update(query);
+    hasher.update(param_types);
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("switchyard_{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        assert_eq!(
+            statement_name(b"SELECT 1", &[0, 0]),
+            statement_name(b"SELECT 1", &[0, 0])
+        );
+        assert_ne!(
+            statement_name(b"SELECT 1", &[0, 0]),
+            statement_name(b"SELECT 2", &[0, 0])
+        );
+        assert_ne!(
+            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23]),
+            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 25])
+        );
+    }
+}

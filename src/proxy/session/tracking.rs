@@ -1,0 +1,241 @@
+//! The session's settings: what a query or an executed statement changes, settled when its
+//! transaction ends, and re-applied on the server connection a transaction runs on.
+
+use super::*;
+
+impl Session {
+    /// At a ReadyForQuery: outside a transaction block, the setting changes of the
+    /// transaction that ended either lasted or were undone. A ROLLBACK that leaves a block
+    /// open was `ROLLBACK TO SAVEPOINT`: which changes it undid is not known here, so they
+    /// are not followed, and the connection, which may still hold some, is not reused.
+    pub(super) fn settle_settings(&mut self) {
+        let group = self.replies.answering();
+        if std::mem::take(&mut self.rolled_back) && self.status != b'I' {
+            self.dirty = true;
+        }
+        if self.status == b'I' {
+            self.settings_lasted(group);
+        }
+    }
+
+    /// A ParameterStatus from the server in the client's transaction: the server connection's
+    /// value changed, and, as the client caused it, it is now one of the client's settings.
+    pub(super) fn note_parameter(&mut self, frame: &Bytes) {
+        let mut b = body(frame);
+        let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) else {
+            return;
+        };
+        let name = name.to_ascii_lowercase();
+        let passed_to_server = settings::passed_to_server(&name);
+        if let Some(server) = self.server.as_mut() {
+            server.params.insert(name.clone(), value.clone());
+            if passed_to_server {
+                server.applied.insert(name.clone(), sql::literal(&value));
+            }
+        }
+        if passed_to_server {
+            self.wanted.insert(name, sql::literal(&value));
+        }
+    }
+
+    /// A simple query: SET and RESET are remembered; LISTEN is refused in transaction mode
+    /// (a notification could arrive on a connection another client holds by then).
+    pub(super) fn query(&mut self, frame: Bytes) -> Frames {
+        let Some(bytes) = frontend::query_text(&frame) else {
+            return smallvec![frame];
+        };
+        let scan = inspect::scan(bytes);
+        if scan == inspect::Scan::default() {
+            return smallvec![frame];
+        }
+        if scan.transaction_control {
+            self.note_transaction_control();
+        }
+        if self.mode() == PoolMode::Transaction {
+            if scan.listen {
+                return smallvec![frontend::query(REFUSE_LISTEN)];
+            }
+            self.dirty |= scan.creates_temp;
+        }
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return smallvec![frame];
+        };
+        if scan.deallocate {
+            return self.deallocate(frame.clone(), text);
+        }
+        self.track_setting(text);
+        smallvec![frame]
+    }
+
+    /// Remembers what a text whose statements change the session does to its settings, to
+    /// take effect if its transaction commits ([`settings::Pending`]). A change the proxy
+    /// cannot follow (SET ROLE, a text it cannot split) leaves the server connection with
+    /// state no other client may inherit: it is closed afterwards.
+    pub(super) fn track_setting(&mut self, text: &str) {
+        if !inspect::is_multi_statement(text) {
+            return self.track_statement(text);
+        }
+        // Several statements: each one that changes the session is followed as if it came
+        // alone; a text the proxy cannot split safely may hide anything: the connection is
+        // not reused.
+        match inspect::split_statements(text) {
+            Some(statements) => {
+                for statement in statements {
+                    self.track_statement(statement);
+                }
+            }
+            None => self.dirty = true,
+        }
+    }
+
+    /// [`Self::track_setting`] for one statement.
+    pub(super) fn track_statement(&mut self, text: &str) {
+        if !inspect::changes_session(text.as_bytes()) {
+            return;
+        }
+        let Some(change) = settings::recognise(text) else {
+            self.dirty = true;
+            return;
+        };
+        if change == SettingChange::ResetAll && starts_with_keyword(text, "discard") {
+            // What the connection holds, whether or not the DISCARD lasts: a statement the
+            // proxy thinks missing is prepared again (a Close goes first), never assumed.
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+            }
+        }
+        let group = self.replies.open_group();
+        if self.transaction_control == Some(group) {
+            self.dirty = true;
+        }
+        self.pending_settings.stage(group, change);
+    }
+
+    /// A COMMIT or ROLLBACK in the same query or pipeline as a SET decides whether the SET
+    /// lasts by where it stands between them and an error, which the proxy does not follow
+    /// statement by statement: the connection, which may hold either value, is closed after
+    /// the transaction.
+    pub(super) fn note_transaction_control(&mut self) {
+        let group = self.replies.open_group();
+        self.transaction_control = Some(group);
+        if self.pending_settings.has_group(group) {
+            self.dirty = true;
+        }
+    }
+
+    /// A change whose transaction committed becomes the client's, and the connection's: it
+    /// ran there (a simple Query, or the Execute of a portal, on the connection the
+    /// transaction holds).
+    pub(super) fn settings_lasted(&mut self, group: u64) {
+        for change in self.pending_settings.settle(group) {
+            let applied = self.server.as_mut().map(|server| &mut server.applied);
+            match change {
+                SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {
+                    if let Some(applied) = applied {
+                        applied.insert(name.clone(), value_sql.clone());
+                    }
+                    self.wanted.insert(name, value_sql);
+                }
+                SettingChange::Set { .. } => {}
+                SettingChange::Reset(name) => {
+                    if let Some(applied) = applied {
+                        applied.remove(&name);
+                    }
+                    self.wanted.remove(&name);
+                }
+                SettingChange::ResetAll => {
+                    if let Some(applied) = applied {
+                        applied.clear();
+                    }
+                    self.wanted.retain(|name, _| name == "client_encoding");
+                }
+            }
+        }
+    }
+
+    /// Brings a server connection's settings in line with the client's before the client's
+    /// transaction is sent: a setting that fails to apply (its value became invalid, as a
+    /// text search configuration that was dropped, or after a switch to a server that lacks
+    /// the parameter) fails that transaction, rather than letting it run with what the
+    /// connection's last client set. The failed settings are no longer kept for the session,
+    /// and the error says so, so that the client's next transaction can run.
+    pub(super) async fn reapply_settings(
+        &mut self,
+        server: &mut ServerConn,
+        changes: &[settings::Change],
+    ) -> Result<(), Fatal> {
+        let broke = |_| Fatal::new("08006", "the server connection broke");
+        // One Query each, sent together: each gets its own answer, and one that fails
+        // leaves the others applied.
+        let mut queries = BytesMut::new();
+        for change in changes {
+            queries.extend_from_slice(&frontend::query(&change.statement));
+        }
+        server.send(queries.freeze()).await.map_err(broke)?;
+        let mut failed: Option<Fatal> = None;
+        for change in changes {
+            loop {
+                let frame = server.recv().await.map_err(broke)?;
+                match tag(&frame) {
+                    b'S' => remember_parameter(server, &frame),
+                    // The connection is ending (terminated, the server shutting down, an idle
+                    // timeout that struck while it sat in the pool): not the setting's fault.
+                    b'E' if backend::is_fatal(body(&frame)) => {
+                        return Err(Fatal::new("08006", "the server connection broke"));
+                    }
+                    b'E' => {
+                        let (code, message) = backend::error_fields(body(&frame));
+                        server.applied.remove(&change.name);
+                        let error = if refuses_the_setting(&code) {
+                            self.wanted.remove(&change.name);
+                            Fatal::new(code, format!(
+                                "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
+                                change.name
+                            ))
+                        } else {
+                            // Anything else (the client's own cancel, a lack of memory) stops
+                            // this transaction, not the setting.
+                            Fatal::new(code, message)
+                        };
+                        failed.get_or_insert(error);
+                    }
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// An error that says a setting itself cannot be applied: a bad value (class 22), an unknown
+/// parameter or object, or a lack of privilege (class 42), or a parameter that cannot be
+/// changed now (55P02).
+pub(super) fn refuses_the_setting(sqlstate: &str) -> bool {
+    sqlstate.starts_with("22") || sqlstate.starts_with("42") || sqlstate == "55P02"
+}
+
+/// Keeps a ParameterStatus the server sent in the connection's view of its parameters.
+pub(super) fn remember_parameter(server: &mut ServerConn, frame: &Bytes) {
+    let mut b = body(frame);
+    if let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) {
+        server.params.insert(name.to_ascii_lowercase(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_about_the_setting_itself_drop_it() {
+        // A bad value, an unknown parameter, no privilege, not changeable now.
+        for code in ["22023", "42704", "42501", "55P02"] {
+            assert!(refuses_the_setting(code), "{code}");
+        }
+        // The client's cancel, a lack of memory, a server shutting down.
+        for code in ["57014", "53200", "57P01"] {
+            assert!(!refuses_the_setting(code), "{code}");
+        }
+    }
+}

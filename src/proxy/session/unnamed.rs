@@ -1,0 +1,115 @@
+//! The client's unnamed statement: replayed on a connection that lacks it, and settled by
+//! which of its Parses the server ran.
+
+use super::*;
+
+impl Session {
+    /// A Bind or Describe of the unnamed statement, on a server connection that does not have
+    /// the client's (it was parsed in an earlier sync group, on another connection): the
+    /// client's last unnamed Parse goes first.
+    pub(super) fn with_unnamed(&mut self, frame: Bytes) -> Frames {
+        if self.unnamed_here {
+            return smallvec![frame];
+        }
+        self.unnamed_here = true;
+        self.replies.sent_ours();
+        if self.unnamed.is_empty() {
+            // The client has none (a simple Query destroyed it, or it never made one): the
+            // connection's own, left by another client, must not answer in its place.
+            return smallvec![frontend::rebuild_target(b'C', b'S', ""), frame];
+        }
+        smallvec![Bytes::copy_from_slice(&self.unnamed), frame]
+    }
+
+    /// The groups of the oldest unnamed Parses are answered (their answers would have come
+    /// before position `answered`): which of them the server ran decides the client's
+    /// unnamed statement. Taken in order, each ran (its ParseComplete came), failed (no
+    /// answer, though the server reached it: it was the first of its group, or its marker's
+    /// answer came), or was skipped after an error before it (neither came); the first that
+    /// did not run ends the walk, as the server skipped everything after it. A Parse that
+    /// failed leaves no unnamed statement; one skipped leaves the one before it, which the
+    /// connection has only if it had it before.
+    pub(super) fn settle_unnamed(&mut self, answered: u64) {
+        // Most clients: one unnamed Parse per group, and it ran.
+        if let [only] = self.unnamed_sent.as_slice() {
+            if only.ran && only.at < answered {
+                self.unnamed_sent.clear();
+                self.unnamed_before = None;
+                return;
+            }
+        }
+        let count = self
+            .unnamed_sent
+            .iter()
+            .take_while(|parse| parse.at < answered)
+            .count();
+        if count == 0 {
+            return;
+        }
+        let settled: Vec<UnnamedParse> = self.unnamed_sent.drain(..count).collect();
+        let pending_after = !self.unnamed_sent.is_empty();
+        let mut outcome = None; // None: as before the first of them
+        for (i, parse) in settled.iter().enumerate() {
+            if parse.ran {
+                outcome = Some(Some(i));
+                continue;
+            }
+            if parse.marker.is_none() || parse.reached {
+                outcome = Some(None);
+            }
+            break;
+        }
+        let last = settled.len() - 1;
+        let state: (Vec<u8>, bool) = match outcome {
+            // The latest ran and none is pending after it: `unnamed` is already right.
+            Some(Some(i)) if i == last && !pending_after => {
+                self.unnamed_before = None;
+                return;
+            }
+            Some(Some(i)) => match settled[i].text.clone() {
+                Some(text) => (text, true),
+                None => (self.unnamed.clone(), true),
+            },
+            Some(None) => (Vec::new(), true),
+            // Skipped: the statement before them; unknown (never asked of the connection)
+            // if it was not kept.
+            None => self.unnamed_before.take().unwrap_or((Vec::new(), false)),
+        };
+        if pending_after {
+            // The later ones settle against this.
+            self.unnamed_before = Some(state);
+            return;
+        }
+        self.unnamed_before = None;
+        let (text, here) = state;
+        self.unnamed_sets = !text.is_empty()
+            && frontend::parse_message(&Bytes::copy_from_slice(&text))
+                .is_some_and(|m| inspect::scan(m.query).changes_session);
+        self.unnamed = text;
+        self.unnamed_here = here;
+    }
+
+    /// The unnamed statement is gone, from the client's session and the server connection.
+    pub(super) fn forget_unnamed(&mut self) {
+        self.unnamed_sent.clear();
+        self.unnamed_before = None;
+        self.unnamed.clear();
+        self.unnamed_here = true;
+        self.unnamed_sets = false;
+    }
+}
+
+/// A client's unnamed Parse sent and not yet settled (`Session::settle_unnamed`).
+pub(super) struct UnnamedParse {
+    /// Its position among the Parse and Close answers.
+    pub(super) at: u64,
+    /// The position of the Close sent just before it, when it was not the first message
+    /// of its group.
+    pub(super) marker: Option<u64>,
+    /// The marker's answer came: the server reached the Parse.
+    pub(super) reached: bool,
+    /// Its ParseComplete came.
+    pub(super) ran: bool,
+    /// Its Parse message, kept once a later unnamed Parse replaced it in `Session::unnamed`.
+    pub(super) text: Option<Vec<u8>>,
+}
