@@ -52,17 +52,7 @@ impl Proxy {
         pool_size: u32,
         extra: &str,
     ) -> Proxy {
-        let user = format!("{}_app", db.name);
-        let password = "app-secret".to_string();
-        source
-            .batch_execute(&format!(
-                "DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{password}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-                 GRANT ALL ON SCHEMA public TO {user};
-                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {user};
-                 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user};"
-            ))
-            .await
-            .expect("create the application role");
+        let (user, password) = app_role(db, source).await;
         Proxy::start_for(
             db,
             plan_text,
@@ -235,6 +225,23 @@ impl Proxy {
             .unwrap_or_default();
         (status, body)
     }
+}
+
+/// The test database's application role (`<db>_app`, password `app-secret`, all grants on
+/// schema public), created if missing: (name, password).
+pub async fn app_role(db: &TestDb, source: &tokio_postgres::Client) -> (String, String) {
+    let user = format!("{}_app", db.name);
+    let password = "app-secret".to_string();
+    source
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{password}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT ALL ON SCHEMA public TO {user};
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {user};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user};"
+        ))
+        .await
+        .expect("create the application role");
+    (user, password)
 }
 
 /// The environment variable that holds the password of the proxy's `i`-th user.

@@ -29,18 +29,7 @@ impl Endpoint {
     /// The source server, as the application role that [`Proxy::start`] creates (created here
     /// too, with the same grants, so the direct run can go first).
     async fn direct(db: &TestDb) -> Endpoint {
-        let user = format!("{}_app", db.name);
-        let password = "app-secret".to_string();
-        db.source_client()
-            .await
-            .batch_execute(&format!(
-                "DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{password}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-                 GRANT ALL ON SCHEMA public TO {user};
-                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {user};
-                 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user};"
-            ))
-            .await
-            .expect("create the application role");
+        let (user, password) = crate::proxy::app_role(db, &db.source_client().await).await;
         Endpoint {
             label: "directly".into(),
             port: db.source.port,

@@ -508,17 +508,13 @@ impl Session {
                     }
                     return true;
                 }
-                Ok(at) => match at {
-                    at if self.unnamed_sent.iter().any(|p| p.at == at) => {
-                        if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
-                            parse.ran = true;
-                        }
-                    }
-                    at if !self.awaited.is_empty() => {
+                Ok(at) => {
+                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
+                        parse.ran = true;
+                    } else if !self.awaited.is_empty() {
                         self.awaited.retain(|awaited| awaited.at != at);
                     }
-                    _ => {}
-                },
+                }
             },
             b'S' => self.note_parameter(&frame),
             // Copy-in began: the Syncs sent after the Execute that started it were (or will

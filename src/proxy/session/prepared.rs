@@ -381,16 +381,17 @@ impl Session {
         &mut self,
         client_name: &str,
         out: &mut Frames,
-    ) -> Option<String> {
+    ) -> Option<(String, bool)> {
         let prepared = self.statements.get(client_name)?;
         let server = self.server.as_mut()?;
-        let (server_name, parse) = (prepared.server_name.clone(), prepared.parse.clone());
+        let (server_name, sets) = (prepared.server_name.clone(), prepared.sets);
         let open = self.replies.open_group();
         let uncertain = self
             .group_prepared
             .iter()
             .any(|(group, name)| *group < open && *name == server_name);
         if !server.prepared.touch(&server_name) || uncertain {
+            let parse = prepared.parse.clone();
             self.make_room_for(&server_name, out);
             // Closed first: after an error the proxy cannot know whether an earlier Parse of
             // it went through, and Close of a statement that does not exist is no error.
@@ -400,34 +401,35 @@ impl Session {
             self.replies.sent_ours();
             self.group_prepared.push((open, server_name.clone()));
         }
-        Some(server_name)
+        Some((server_name, sets))
     }
 
     pub(super) fn bind(&mut self, frame: Bytes) -> Frames {
         let Some((portal, statement, rest_at)) = frontend::bind_statement(&frame) else {
             return smallvec![frame];
         };
-        let sets = if statement.is_empty() {
-            self.unnamed_sets
-        } else {
-            self.statements.get(statement).is_some_and(|p| p.sets)
+        if statement.is_empty() {
+            let sets = self.unnamed_sets;
+            if sets || !self.setting_portals.is_empty() {
+                self.bound(portal.to_string(), String::new(), sets);
+            }
+            return self.with_unnamed(frame);
+        }
+        let mut out = Frames::new();
+        let (renamed, sets) = match self.ensure_prepared(statement, &mut out) {
+            Some((server_name, sets)) => (
+                frontend::rename_bind(&frame, portal, &server_name, rest_at),
+                sets,
+            ),
+            None => {
+                self.close_placeholder(statement, &mut out);
+                (frame.clone(), false)
+            }
         };
         if sets || !self.setting_portals.is_empty() {
             self.bound(portal.to_string(), statement.to_string(), sets);
         }
-        if statement.is_empty() {
-            return self.with_unnamed(frame);
-        }
-        let mut out = Frames::new();
-        match self.ensure_prepared(statement, &mut out) {
-            Some(server_name) => {
-                out.push(frontend::rename_bind(&frame, portal, &server_name, rest_at))
-            }
-            None => {
-                self.close_placeholder(statement, &mut out);
-                out.push(frame.clone())
-            }
-        }
+        out.push(renamed);
         out
     }
 
@@ -537,7 +539,7 @@ impl Session {
         }
         let mut out = Frames::new();
         match self.ensure_prepared(name, &mut out) {
-            Some(server_name) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
+            Some((server_name, _)) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
             None => {
                 self.close_placeholder(name, &mut out);
                 out.push(frame.clone())
