@@ -238,6 +238,9 @@ pub struct Pending {
 #[derive(Debug)]
 struct Staged {
     group: u64,
+    /// How many statements that end or open a transaction were sent in its group before it:
+    /// a COMMIT or ROLLBACK in the same query or pipeline ends only the changes before it.
+    after_control: u32,
     change: SettingChange,
     undone: bool,
 }
@@ -247,13 +250,41 @@ impl Pending {
         self.entries.is_empty()
     }
 
-    /// A change run in sync group `group` (a simple Query, or an Execute).
-    pub fn stage(&mut self, group: u64, change: SettingChange) {
+    /// A change run in sync group `group` (a simple Query, or an Execute), after
+    /// `after_control` statements of that group that end or open a transaction.
+    pub fn stage(&mut self, group: u64, after_control: u32, change: SettingChange) {
         self.entries.push(Staged {
             group,
+            after_control,
             change,
             undone: false,
         });
+    }
+
+    /// The statement number `control` (counted from 0) of group `group` that ends or opens a
+    /// transaction completed as a COMMIT (`committed`) or a ROLLBACK: the changes sent
+    /// before it are over, and those that lasted are returned, in the order they were made.
+    /// (`SET a; ROLLBACK; SET b` in one query leaves `b`, `SET a; COMMIT; SELECT 1/0` leaves
+    /// `a`, as PostgreSQL does.)
+    pub fn end_transaction(
+        &mut self,
+        group: u64,
+        control: u32,
+        committed: bool,
+    ) -> Vec<SettingChange> {
+        let mut lasted = Vec::new();
+        let mut kept = Vec::new();
+        for entry in self.entries.drain(..) {
+            let before =
+                entry.group < group || (entry.group == group && entry.after_control <= control);
+            if !before {
+                kept.push(entry);
+            } else if committed && !entry.undone {
+                lasted.push(entry.change);
+            }
+        }
+        self.entries = kept;
+        lasted
     }
 
     /// Whether a change was made in sync group `group`.
@@ -458,16 +489,34 @@ mod tests {
         };
         let mut pending = Pending::default();
         // Group 0 fails (a refused value), group 1 commits, group 2 is still running.
-        pending.stage(0, change("'bogus'"));
+        pending.stage(0, 0, change("'bogus'"));
         pending.undo(0);
         assert_eq!(pending.settle(0), []);
-        pending.stage(1, change("'1s'"));
-        pending.stage(2, change("'2s'"));
+        pending.stage(1, 0, change("'1s'"));
+        pending.stage(2, 0, change("'2s'"));
         assert_eq!(pending.settle(1), [change("'1s'")]);
         assert!(!pending.is_empty(), "the later group is not settled yet");
         // Group 2 is a transaction block rolled back in group 3.
         pending.undo(3);
         assert_eq!(pending.settle(3), []);
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_commit_or_rollback_ends_only_the_changes_sent_before_it() {
+        let change = |value: &str| SettingChange::Set {
+            name: "statement_timeout".into(),
+            value_sql: value.into(),
+        };
+        // `SET '1s'; ROLLBACK; SET '2s'; COMMIT; SET '3s'` in group 4.
+        let mut pending = Pending::default();
+        pending.stage(4, 0, change("'1s'"));
+        pending.stage(4, 1, change("'2s'"));
+        pending.stage(4, 2, change("'3s'"));
+        assert_eq!(pending.end_transaction(4, 0, false), []);
+        assert_eq!(pending.end_transaction(4, 1, true), [change("'2s'")]);
+        // The last is still the open transaction's.
+        assert_eq!(pending.settle(4), [change("'3s'")]);
         assert!(pending.is_empty());
     }
 

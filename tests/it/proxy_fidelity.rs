@@ -716,6 +716,79 @@ async fn a_simple_query_destroys_the_unnamed_statement_as_on_the_server() {
     differences.assert_none();
 }
 
+/// Statements named in a group that failed before them, found by the fuzzer: a Close of the
+/// unnamed statement the server skipped (the statement stays), a Describe that made the proxy
+/// prepare a statement the server then skipped (the client's statement stays usable), and a
+/// multi-statement query whose ROLLBACK ends its implicit transaction (a SET after it holds).
+fn skipped_in_a_failed_group_steps() -> Vec<Msgs> {
+    vec![
+        Msgs::new().parse("", "SELECT 1").sync(),
+        Msgs::new().bind("", "nosuch").close(b'S', "").sync(),
+        Msgs::new().bind("", "").execute("").sync(),
+        Msgs::new().parse("s1", "SELECT 2").sync(),
+        Msgs::new().parse("s1", "SELECT 3").sync(),
+        Msgs::new().bind("", "nosuch").describe(b'S', "s1").sync(),
+        Msgs::new()
+            .describe(b'S', "s1")
+            .bind("", "s1")
+            .execute("")
+            .sync(),
+        // The duplicate Parse leaves the connection unfit for reuse: the next group starts
+        // on one without s2, and the proxy prepares it there after the group has failed.
+        Msgs::new().parse("s2", "SELECT 5").sync(),
+        Msgs::new().parse("s2", "SELECT 6").sync(),
+        Msgs::new().execute("nosuch").flush(),
+        Msgs::new().describe(b'S', "s2").sync(),
+        Msgs::new()
+            .describe(b'S', "s2")
+            .bind("", "s2")
+            .execute("")
+            .sync(),
+        Msgs::new()
+            .query("SET statement_timeout = 0; ROLLBACK; SELECT 1; SET statement_timeout = '5s'"),
+        Msgs::new().query("SHOW statement_timeout"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_and_settings_after_a_failed_group_are_what_the_server_kept() {
+    let db = TestDb::new("fidelity_failed_group").await;
+    let direct_at = Endpoint::direct(&db).await;
+    let direct = steps(
+        &mut direct_at.wire().await,
+        &skipped_in_a_failed_group_steps(),
+    )
+    .await;
+    assert_eq!(
+        direct[2],
+        strs(&[
+            "BindComplete",
+            "DataRow[1]",
+            "CommandComplete(SELECT 1)",
+            "ReadyForQuery(I)"
+        ]),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        // Two connections and two clients taking turns, so that a step may find a connection
+        // the client's last step did not use.
+        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
+        let at = Endpoint::proxy(&proxy, mode);
+        let mut wire = at.wire().await;
+        let mut other = at.wire().await;
+        let mut got = Vec::new();
+        for step in skipped_in_a_failed_group_steps() {
+            got.push(wire.step(step).await.kinds());
+            other.step(Msgs::new().query("SELECT 1")).await;
+        }
+        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences.assert_none();
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. The login's ParameterStatus messages.
 

@@ -2308,6 +2308,32 @@ fn failed_transaction_difference(direct: &[(Bytes, &Answer)], at: usize, proxied
             .is_some_and(|(_, answer)| answer.body.first() == Some(&b'E'))
 }
 
+/// A statement prepared again on another connection after the session changed its
+/// `search_path` (the README: "A statement prepared again on another connection is analysed
+/// there with the session's current settings"): in transaction mode the proxy may answer that
+/// a table (42P01), function or operator (42883) or type (42704) does not exist, where
+/// PostgreSQL, which resolved the names at the Parse, answers something else. The rest of
+/// that sync group is skipped through the proxy.
+fn reprepared_difference(script: &Script, mode: &str, proxied: &Answer) -> bool {
+    let missing = proxied.tag == b'E'
+        && matches!(
+            sqlstate(&proxied.body).as_str(),
+            "42P01" | "42883" | "42704"
+        );
+    let search_path_changed = || {
+        script.writes[..=proxied.write.min(script.writes.len() - 1)]
+            .iter()
+            .flat_map(|w| &w.msgs)
+            .any(|m| match m {
+                Msg::Query(text) | Msg::Parse { query: text, .. } => {
+                    text.contains("SET search_path")
+                }
+                _ => false,
+            })
+    };
+    mode == "transaction" && missing && search_path_changed()
+}
+
 /// Differences the README documents under "What a pooler cannot do", which are not
 /// failures (and are counted as allowed). The generator sends nothing whose answer depends
 /// on the server connection (pg_backend_pid(), temporary tables, SQL-level PREPARE, LISTEN,
@@ -2373,7 +2399,9 @@ fn first_difference(
             }
             let rejoin = if allowed_difference(script, mode, x, y).is_some() {
                 Some(Rejoin::Next)
-            } else if failed_transaction_difference(&a, i, y) {
+            } else if failed_transaction_difference(&a, i, y)
+                || reprepared_difference(script, mode, y)
+            {
                 Some(Rejoin::AtReady)
             } else {
                 None

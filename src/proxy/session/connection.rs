@@ -234,6 +234,7 @@ impl Session {
             self.not_run(u64::MAX);
         }
         self.placeholders.clear();
+        self.group_failed = false;
         self.unnamed_sent.clear();
         self.unnamed_before = None;
         self.setting_portals.clear();

@@ -127,6 +127,11 @@ struct Session {
     rolled_back: bool,
     /// The last sync group with a statement that ends or opens a transaction.
     transaction_control: Option<u64>,
+    /// How many statements that end or open a transaction were sent in a sync group, and
+    /// how many of them completed, with their group: a COMMIT or ROLLBACK ends the setting
+    /// changes sent before it in its group, not those after.
+    controls_sent: (u64, u32),
+    controls_done: (u64, u32),
     /// What the server still owes on the attached connection (ReadyForQuery messages, the
     /// answers to the proxy's own Parses and Closes, Syncs a copy makes it ignore).
     replies: Replies,
@@ -140,6 +145,8 @@ struct Session {
     /// if that group fails, they may not exist, and a later group that uses one prepares it
     /// again rather than trust a Parse that may be skipped.
     group_prepared: Vec<(u64, String)>,
+    /// The group being answered had an error.
+    group_failed: bool,
     /// Client messages forwarded since the last Sync or Query.
     unsynced: u32,
     /// The client's last unnamed Parse, and whether the current server connection has it.
@@ -208,6 +215,8 @@ impl Session {
             pending_settings: settings::Pending::default(),
             rolled_back: false,
             transaction_control: None,
+            controls_sent: (0, 0),
+            controls_done: (0, 0),
             replies: Replies::default(),
             owed_parse_complete: 0,
             unnamed: Vec::new(),
@@ -218,6 +227,7 @@ impl Session {
             setting_portals: Vec::new(),
             lost_transaction: None,
             group_prepared: Vec::new(),
+            group_failed: false,
             unsynced: 0,
             dirty: false,
             status: b'I',
@@ -545,11 +555,25 @@ impl Session {
                 }
                 if !self.group_prepared.is_empty() {
                     let answering = self.replies.answering();
+                    // After an error the server skipped the rest of the group, including
+                    // statements the proxy prepared after the error came (a group whose
+                    // error answered an earlier write): the connection may lack them.
+                    if std::mem::take(&mut self.group_failed) {
+                        if let Some(server) = self.server.as_mut() {
+                            for (_, name) in
+                                self.group_prepared.iter().filter(|(g, _)| *g < answering)
+                            {
+                                server.prepared.remove(name);
+                            }
+                        }
+                    }
                     self.group_prepared.retain(|(group, _)| *group >= answering);
                 }
+                self.group_failed = false;
             }
             b'E' => {
                 self.replies.error_received();
+                self.group_failed = true;
                 // The transaction failed (or, outside a block, the statement and the rest of
                 // its query or pipeline): its setting changes are undone.
                 self.pending_settings.undo(self.replies.answering());
@@ -560,13 +584,13 @@ impl Session {
                     }
                 }
             }
-            // A ROLLBACK's CommandComplete, maybe in a run of rows and completions.
-            _ if !self.pending_settings.is_empty()
-                && passes_through(kind)
-                && backend::command_tags(&frame).any(|tag| tag == b"ROLLBACK") =>
+            // A COMMIT's or ROLLBACK's CommandComplete, maybe in a run of rows and
+            // completions.
+            _ if passes_through(kind)
+                && (!self.pending_settings.is_empty()
+                    || self.controls_sent.0 == self.replies.answering()) =>
             {
-                self.pending_settings.undo(self.replies.answering());
-                self.rolled_back = true;
+                self.transaction_controls_done(&frame);
             }
             _ => {}
         }

@@ -107,6 +107,7 @@ impl Session {
                 marker,
                 reached: false,
                 ran: false,
+                close: false,
                 text: None,
             });
             out.push(frame);
@@ -297,6 +298,7 @@ impl Session {
         let scan = inspect::scan(message.query);
         if scan.transaction_control {
             self.note_transaction_control();
+            self.control_sent();
         }
         // A temporary object must reach no other client: the connection is closed after
         // the transaction (in session mode, the session's DISCARD ALL drops it).
@@ -499,8 +501,9 @@ impl Session {
             if kind == b'D' {
                 return self.with_unnamed(frame);
             }
-            // Closed here and on the server alike.
-            self.forget_unnamed();
+            // Closed here and on the server alike, unless an error earlier in its group makes
+            // the server skip it: it is settled with the unnamed Parses.
+            self.close_unnamed(close_at);
             return smallvec![frame];
         }
         if kind == b'C' {

@@ -14,7 +14,62 @@ impl Session {
             self.dirty = true;
         }
         if self.status == b'I' {
-            self.settings_lasted(group);
+            let lasted = self.pending_settings.settle(group);
+            self.settings_lasted(lasted);
+        }
+    }
+
+    /// The CommandCompletes in `frames` of statements that end or open a transaction: a
+    /// COMMIT makes the setting changes sent before it in its group the client's, a ROLLBACK
+    /// (or `ROLLBACK TO SAVEPOINT`, whose tag is the same) undoes them.
+    pub(super) fn transaction_controls_done(&mut self, frames: &[u8]) {
+        let group = self.replies.answering();
+        for command in backend::command_tags(frames) {
+            let committed = match command {
+                b"COMMIT" => true,
+                b"ROLLBACK" => false,
+                b"BEGIN" | b"START TRANSACTION" | b"SAVEPOINT" | b"RELEASE" => {
+                    self.control_done(group);
+                    continue;
+                }
+                _ => continue,
+            };
+            let control = self.control_done(group);
+            if !committed {
+                self.rolled_back = true;
+            }
+            let lasted = self
+                .pending_settings
+                .end_transaction(group, control, committed);
+            self.settings_lasted(lasted);
+        }
+    }
+
+    /// Counts a completed statement of `group` that ends or opens a transaction; returns
+    /// its number in the group, from 0.
+    fn control_done(&mut self, group: u64) -> u32 {
+        if self.controls_done.0 != group {
+            self.controls_done = (group, 0);
+        }
+        self.controls_done.1 += 1;
+        self.controls_done.1 - 1
+    }
+
+    /// Counts a statement that ends or opens a transaction sent in the open group.
+    pub(super) fn control_sent(&mut self) {
+        let group = self.replies.open_group();
+        if self.controls_sent.0 != group {
+            self.controls_sent = (group, 0);
+        }
+        self.controls_sent.1 += 1;
+    }
+
+    /// How many statements that end or open a transaction were sent in the open group.
+    fn controls_sent_now(&self) -> u32 {
+        if self.controls_sent.0 == self.replies.open_group() {
+            self.controls_sent.1
+        } else {
+            0
         }
     }
 
@@ -48,8 +103,13 @@ impl Session {
         if scan == inspect::Scan::default() {
             return smallvec![frame];
         }
+        let text = std::str::from_utf8(bytes).ok();
         if scan.transaction_control {
             self.note_transaction_control();
+            // Several statements are counted one by one as they are tracked.
+            if !text.is_some_and(inspect::is_multi_statement) {
+                self.control_sent();
+            }
         }
         if self.mode() == PoolMode::Transaction {
             if scan.listen {
@@ -57,7 +117,7 @@ impl Session {
             }
             self.dirty |= scan.creates_temp;
         }
-        let Ok(text) = std::str::from_utf8(bytes) else {
+        let Some(text) = text else {
             return smallvec![frame];
         };
         if scan.deallocate {
@@ -81,7 +141,11 @@ impl Session {
         match inspect::split_statements(text) {
             Some(statements) => {
                 for statement in statements {
-                    self.track_statement(statement);
+                    if inspect::scan(statement.as_bytes()).transaction_control {
+                        self.control_sent();
+                    } else {
+                        self.track_statement(statement);
+                    }
                 }
             }
             None => self.dirty = true,
@@ -108,7 +172,8 @@ impl Session {
         if self.transaction_control == Some(group) {
             self.dirty = true;
         }
-        self.pending_settings.stage(group, change);
+        let after_control = self.controls_sent_now();
+        self.pending_settings.stage(group, after_control, change);
     }
 
     /// A COMMIT or ROLLBACK in the same query or pipeline as a SET decides whether the SET
@@ -126,8 +191,8 @@ impl Session {
     /// A change whose transaction committed becomes the client's, and the connection's: it
     /// ran there (a simple Query, or the Execute of a portal, on the connection the
     /// transaction holds).
-    pub(super) fn settings_lasted(&mut self, group: u64) {
-        for change in self.pending_settings.settle(group) {
+    pub(super) fn settings_lasted(&mut self, lasted: Vec<SettingChange>) {
+        for change in lasted {
             let applied = self.server.as_mut().map(|server| &mut server.applied);
             match change {
                 SettingChange::Set { name, value_sql } if settings::passed_to_server(&name) => {

@@ -54,7 +54,7 @@ impl Session {
                 outcome = Some(Some(i));
                 continue;
             }
-            if parse.marker.is_none() || parse.reached {
+            if !parse.close && (parse.marker.is_none() || parse.reached) {
                 outcome = Some(None);
             }
             break;
@@ -89,6 +89,27 @@ impl Session {
         self.unnamed_here = here;
     }
 
+    /// A Close of the unnamed statement, answered at position `at`: settled like an unnamed
+    /// Parse that leaves no statement, except that it cannot fail: if its CloseComplete does
+    /// not come, an error before it made the server skip it, and the statement stays.
+    pub(super) fn close_unnamed(&mut self, at: u64) {
+        match self.unnamed_sent.last_mut() {
+            None => self.unnamed_before = Some((self.unnamed.clone(), self.unnamed_here)),
+            Some(previous) => previous.text = Some(self.unnamed.clone()),
+        }
+        self.unnamed.clear();
+        self.unnamed_here = true;
+        self.unnamed_sets = false;
+        self.unnamed_sent.push(UnnamedParse {
+            at,
+            marker: None,
+            reached: false,
+            ran: false,
+            close: true,
+            text: None,
+        });
+    }
+
     /// The unnamed statement is gone, from the client's session and the server connection.
     pub(super) fn forget_unnamed(&mut self) {
         self.unnamed_sent.clear();
@@ -110,6 +131,8 @@ pub(super) struct UnnamedParse {
     pub(super) reached: bool,
     /// Its ParseComplete came.
     pub(super) ran: bool,
+    /// It is a Close of the unnamed statement, not a Parse.
+    pub(super) close: bool,
     /// Its Parse message, kept once a later unnamed Parse replaced it in `Session::unnamed`.
     pub(super) text: Option<Vec<u8>>,
 }
