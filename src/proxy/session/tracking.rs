@@ -169,6 +169,11 @@ impl Session {
             }
         }
         let group = self.replies.open_group();
+        // The group already failed (its error answered an earlier write): the server skips
+        // this statement.
+        if self.group_failed && self.replies.answering() == group {
+            return;
+        }
         if self.transaction_control == Some(group) {
             self.dirty = true;
         }
