@@ -568,12 +568,21 @@ impl<'a> Checked<'a> {
                 Ok::<_, PgError>(((), "its worker exited".to_string()))
             })
             .await?;
-        steps
+        let lsn = steps
             .run(
                 "advance the reverse slot to the target's current WAL",
                 async {
-                    let lsn = advance_slot(target, &reverse).await?;
-                    Ok::<_, PgError>(((), lsn))
+                    let (lsn, text) = advance_slot(target, &reverse).await?;
+                    Ok::<_, PgError>((lsn, text))
+                },
+            )
+            .await?;
+        steps
+            .run(
+                "record where the reverse replication starts, on the source",
+                async {
+                    start_origin_at(source, &reverse, &lsn).await?;
+                    Ok::<_, PgError>(((), format!("{reverse} from {lsn}")))
                 },
             )
             .await?;
@@ -788,6 +797,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "copy sequences to the target",
             "disable the forward subscription",
             "advance the reverse slot to the target's current WAL",
+            "record where the reverse replication starts, on the source",
             "start the source's subscription to the target",
             "record the switch in the state",
             "switch the proxies",
@@ -1063,7 +1073,7 @@ async fn create_slot(server: &Server, name: &str) -> Result<String, PgError> {
 /// behind it the slot's restart point is: an advance decodes from there, so that is what
 /// makes it slow (the restart point follows logged snapshots of running transactions, every
 /// 15 s or at a checkpoint).
-async fn advance_slot(server: &Server, name: &str) -> Result<String, PgError> {
+async fn advance_slot(server: &Server, name: &str) -> Result<(String, String), PgError> {
     let row = server
         .query_one(
             "advance the reverse slot",
@@ -1074,8 +1084,37 @@ async fn advance_slot(server: &Server, name: &str) -> Result<String, PgError> {
         )
         .await?;
     let (lsn, decoded): (String, String) = (row.get(0), row.get(1));
-    Ok(format!("{lsn} (restart point {decoded} behind)"))
+    let text = format!("{lsn} (restart point {decoded} behind)");
+    Ok((lsn, text))
 }
+
+/// The reverse subscription's replication origin on the source, moved to `lsn`: what the
+/// source asks the target's slot to start from. A slot advanced by
+/// `pg_replication_slot_advance` is written to disk only at the target's next checkpoint, so
+/// a crash of the target right after the cutover brings it back before `lsn`, and the
+/// source would apply again what it has (a duplicate key, every 5 s, and no way back). The
+/// origin's position is WAL-logged on the source at once, and the target's walsender skips
+/// every transaction that committed before the position the subscriber asks for. (A
+/// `CHECKPOINT` on the target would also do, at the price of a checkpoint inside the pause.)
+async fn start_origin_at(source: &Server, subscription: &str, lsn: &str) -> Result<(), PgError> {
+    let Some(oid) = replication::subscription_oid(source, subscription).await? else {
+        return Err(PgError::Tool(format!(
+            "the reverse subscription {subscription} is missing on the source"
+        )));
+    };
+    source
+        .query_one(
+            "advance the reverse subscription's origin",
+            ADVANCE_ORIGIN,
+            &[&format!("pg_{oid}"), &lsn],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A subscription's replication origin is named `pg_<its oid>`; the subscription is disabled,
+/// so the origin is not in use.
+const ADVANCE_ORIGIN: &str = "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)";
 
 /// Which of a subscription's workers a wait is about.
 #[derive(Clone, Copy)]

@@ -57,7 +57,9 @@ pub struct Cluster {
 
 enum Request {
     Spawn(Box<Command>, mpsc::Sender<io::Result<u32>>),
-    Stop(u32, mpsc::Sender<()>),
+    /// The postmaster's pid, and the signal: SIGINT (fast shutdown) or SIGQUIT (immediate
+    /// shutdown, as a crash: no checkpoint).
+    Stop(u32, libc::c_int, mpsc::Sender<()>),
 }
 
 fn keeper() -> &'static Mutex<mpsc::Sender<Request>> {
@@ -78,11 +80,10 @@ fn keeper() -> &'static Mutex<mpsc::Sender<Request>> {
                             });
                             let _ = reply.send(result);
                         }
-                        Request::Stop(pid, reply) => {
+                        Request::Stop(pid, signal, reply) => {
                             if let Some(at) = children.iter().position(|c| c.id() == pid) {
                                 let mut child = children.remove(at);
-                                // SIGINT: fast shutdown.
-                                unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+                                unsafe { libc::kill(pid as libc::pid_t, signal) };
                                 let _ = child.wait();
                             }
                             let _ = reply.send(());
@@ -360,18 +361,29 @@ impl Cluster {
 
     /// Fast shutdown.
     pub fn stop(&self) {
+        self.stop_with(libc::SIGINT);
+    }
+
+    fn stop_with(&self, signal: libc::c_int) {
         let pid = *self.pid.lock().expect("pid lock");
         let (tx, rx) = mpsc::channel();
         keeper()
             .lock()
             .expect("keeper lock")
-            .send(Request::Stop(pid, tx))
+            .send(Request::Stop(pid, signal, tx))
             .expect("keeper alive");
         let _ = rx.recv();
     }
 
     pub fn restart(&self) {
         self.stop();
+        self.launch();
+    }
+
+    /// Immediate shutdown (`pg_ctl stop -m immediate`: no checkpoint, recovery from the WAL at
+    /// the next start), then a start: what a crash of the server does.
+    pub fn crash_restart(&self) {
+        self.stop_with(libc::SIGQUIT);
         self.launch();
     }
 

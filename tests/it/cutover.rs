@@ -13,7 +13,7 @@ use crate::common::{self, show, text, TestDb};
 use crate::proxy::Proxy;
 
 use crate::proxy::TOKEN;
-const CLIENTS: i32 = 16;
+pub(crate) const CLIENTS: i32 = 16;
 
 /// The cutover settings of these tests: short, and nested as the gate wants.
 const CUTOVER: &str = "[cutover]\ndrain_timeout = \"1s\"\ncatchup_timeout = \"2s\"\n";
@@ -30,7 +30,11 @@ const SCHEMA: &str = "
 /// A database with the schema, an application role, a proxy in front of the source, synced
 /// and validated. `extra_plan` goes into the plan's [sync] table.
 async fn ready(name: &str, extra_plan: &str) -> (TestDb, Proxy) {
-    let db = TestDb::new(name).await;
+    ready_on(TestDb::new(name).await, extra_plan).await
+}
+
+/// [`ready`] for a database already made (on servers of the test's own).
+pub(crate) async fn ready_on(db: TestDb, extra_plan: &str) -> (TestDb, Proxy) {
     let source = db.source_client().await;
     source.batch_execute(SCHEMA).await.expect("schema");
     let plan = db.plan_text(&format!("{extra_plan}{CUTOVER}"));
@@ -42,7 +46,7 @@ async fn ready(name: &str, extra_plan: &str) -> (TestDb, Proxy) {
     (db, proxy)
 }
 
-fn coordinator(db: &TestDb, plan: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn coordinator(db: &TestDb, plan: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec![args[0], plan.to_str().expect("utf-8 path")];
     all.extend_from_slice(&args[1..]);
     db.command(&all)
@@ -53,7 +57,7 @@ fn coordinator(db: &TestDb, plan: &Path, args: &[&str]) -> std::process::Output 
 
 /// Clients writing through the proxy: each transaction inserts an event and bumps its
 /// client's counter, and every acknowledged commit is recorded.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<(i32, i32)>>>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -62,11 +66,11 @@ struct Load {
 
 impl Load {
     /// `CLIENTS` clients with ids from `first_id` on.
-    async fn start(url: &str) -> Load {
+    pub(crate) async fn start(url: &str) -> Load {
         Load::start_at(url, 1).await
     }
 
-    async fn start_at(url: &str, first_id: i32) -> Load {
+    pub(crate) async fn start_at(url: &str, first_id: i32) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -107,12 +111,12 @@ impl Load {
         }
     }
 
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
 
     /// Waits until `more` further commits were acknowledged.
-    async fn run_for(&self, more: usize) {
+    pub(crate) async fn run_for(&self, more: usize) {
         let goal = self.acked() + more;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.acked() < goal {
@@ -125,7 +129,7 @@ impl Load {
         }
     }
 
-    async fn stop(self) -> (Vec<(i32, i32)>, Vec<String>) {
+    pub(crate) async fn stop(self) -> (Vec<(i32, i32)>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.expect("load task");
@@ -138,7 +142,11 @@ impl Load {
 
 /// Every acknowledged commit is on `server` exactly once, nothing else is, and each client's
 /// counter equals its commits.
-async fn assert_holds_exactly(server: &tokio_postgres::Client, acked: &[(i32, i32)], side: &str) {
+pub(crate) async fn assert_holds_exactly(
+    server: &tokio_postgres::Client,
+    acked: &[(i32, i32)],
+    side: &str,
+) {
     let rows = server
         .query("SELECT client, seq FROM events", &[])
         .await
@@ -193,7 +201,7 @@ async fn direct_client(
     common::connect(&url).await
 }
 
-fn signal(pid: i32, signal: &str) {
+pub(crate) fn signal(pid: i32, signal: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()
@@ -201,7 +209,7 @@ fn signal(pid: i32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-fn pause_ms(output: &std::process::Output) -> f64 {
+pub(crate) fn pause_ms(output: &std::process::Output) -> f64 {
     let out = String::from_utf8_lossy(&output.stdout);
     out.split("Pause seen by the applications: ")
         .nth(1)

@@ -5,7 +5,7 @@
 mod common;
 
 mod abort;
-mod cutover;
+pub mod cutover;
 mod drift;
 mod plan_errors;
 pub mod proxy;
@@ -20,3 +20,4 @@ mod roles;
 mod sync_live;
 mod tls;
 mod validate;
+mod way_back;

@@ -352,6 +352,17 @@ impl ServerConn {
         self.send(out.freeze()).await
     }
 
+    /// Whether the server has said anything on this connection while it sat idle in the
+    /// pool: PostgreSQL sends an idle connection nothing unless it is ending it (a FATAL as it
+    /// shuts down or restarts, `pg_terminate_backend`, `idle_session_timeout`, then EOF). One
+    /// poll of the reader, with a waker that does nothing: no system call when the socket has
+    /// nothing to read (tokio knows it from its last readiness event), and what it reads is
+    /// what makes the connection unusable anyway.
+    pub fn closed_while_idle(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.reader.poll_next_unpin(&mut cx).is_ready()
+    }
+
     /// A quick round trip (an empty query) to prove the connection still works.
     pub async fn ping(&mut self) -> Result<(), ServerError> {
         self.send(crate::proxy::protocol::frontend::query(""))

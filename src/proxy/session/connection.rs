@@ -86,10 +86,25 @@ impl Session {
         let now = std::time::Instant::now();
         let server = pool.take_warm();
         match server {
-            Some(server)
+            Some(mut server)
                 if now.saturating_duration_since(server.idle_since)
                     < self.shared.settings.server_check_delay.0 =>
             {
+                // Given back a moment ago, as under load: nothing to look at. Otherwise the
+                // server may have closed it meanwhile (a restart): the checkout that follows
+                // takes another.
+                if now.saturating_duration_since(server.idle_since) >= LOOK_AFTER_IDLE
+                    && server.closed_while_idle()
+                {
+                    tracing::info!(
+                        user = %self.user,
+                        "a pooled server connection was closed by the server while idle: replaced"
+                    );
+                    server.broken = true;
+                    drop(server);
+                    control.detached(self.shard);
+                    return None;
+                }
                 self.throttle_permit = None;
                 self.in_turn = true;
                 self.attached_at = now;
@@ -342,7 +357,6 @@ pub(super) async fn checkout(
 ) -> Result<Pooled, bb8::RunError<crate::proxy::pool::ServerError>> {
     let mut attempt = 0;
     loop {
-        attempt += 1;
         let mut server = match first.take().or_else(|| pool.take_warm()) {
             Some(server) => server,
             None => {
@@ -351,6 +365,17 @@ pub(super) async fn checkout(
                 pool.get().await?
             }
         };
+        // Closed by the server while it sat in the pool (a restart ends every connection):
+        // dropped, and the next one looked at, however many there are; bb8 makes new ones
+        // for the room they leave.
+        if server.closed_while_idle() {
+            tracing::info!(
+                "a pooled server connection was closed by the server while idle: replaced"
+            );
+            server.broken = true;
+            continue;
+        }
+        attempt += 1;
         if server.idle_since.elapsed() < shared.settings.server_check_delay.0 {
             return Ok(server);
         }
@@ -371,6 +396,11 @@ pub(super) async fn checkout(
         }
     }
 }
+
+/// How long a connection sits in the pool before a checkout looks whether the server closed
+/// it meanwhile ([`ServerConn::closed_while_idle`]). A restart takes far longer, and under
+/// load connections come back within microseconds: the hot path never looks.
+const LOOK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Why no server connection was taken.
 pub(super) enum Waited {

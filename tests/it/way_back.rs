@@ -1,0 +1,85 @@
+//! The way back after faults around a cutover: a crash of the new primary right after the
+//! switch, and a coordinator frozen in the pause past `max_pause`. Each runs on servers of
+//! its own where it must stop one.
+
+use std::time::Duration;
+
+use crate::common::servers::{Cluster, Flavor};
+use crate::common::{self, text, TestDb};
+use crate::cutover::{assert_holds_exactly, coordinator, ready_on, Load, CLIENTS};
+
+/// A target of the test's own, which it may crash: it lives as long as the test process.
+fn own_target() -> &'static Cluster {
+    Box::leak(Box::new(Cluster::start(Flavor::Target17)))
+}
+
+/// As many clients as the pool has connections, each holding one at once, then gone: the
+/// pool keeps them all, idle.
+async fn fill_pool(url: &str) {
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect through the proxy");
+        tokio::spawn(connection);
+        clients.push(client);
+    }
+    let reads = clients
+        .iter()
+        .map(|client| client.batch_execute("SELECT pg_sleep(0.2)"));
+    for result in futures_util::future::join_all(reads).await {
+        result.expect("a read through the proxy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_that_crashes_right_after_the_cutover_keeps_the_way_back() {
+    let target = own_target();
+    let db = TestDb::on("way_back_crash", common::source(), target).await;
+    let (db, proxy) = ready_on(db, "").await;
+    let load = Load::start(&proxy.url()).await;
+    load.run_for(200).await;
+    let (mut acked, errors) = load.stop().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+
+    // No write after the switch: the reverse slot's start is only what the cutover set.
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    // Reads fill the proxy's pool with connections to the target (no WAL written).
+    fill_pool(&proxy.url()).await;
+    target.crash_restart();
+
+    // The proxy gives the applications fresh connections to the restarted target, and the
+    // source applies their writes once, without replaying what it has.
+    let load = Load::start_at(&proxy.url(), CLIENTS + 1).await;
+    load.run_for(200).await;
+    let (more, errors) = load.stop().await;
+    assert!(
+        errors.is_empty(),
+        "clients saw errors after the target restarted: {errors:?}"
+    );
+    acked.extend(more);
+    let target_client = db.target_client().await;
+    let reverse = format!("switchyard_{}_back", db.name);
+    common::wait_caught_up(&target_client, &reverse, Duration::from_secs(60)).await;
+    // Caught up: the source's apply did not stop at a row it had already (a replay fails
+    // with a duplicate key, again and again, and never confirms).
+    let source = db.source_client().await;
+    assert_holds_exactly(&target_client, &acked, "target").await;
+    assert_holds_exactly(&source, &acked, "source").await;
+    let output = coordinator(&db, &proxy.plan, &["validate"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+
+    // And the way back works, under load.
+    let load = Load::start_at(&proxy.url(), 2 * CLIENTS + 1).await;
+    load.run_for(100).await;
+    let output = coordinator(&db, &proxy.plan, &["rollback", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    load.run_for(100).await;
+    let (more, errors) = load.stop().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    acked.extend(more);
+    assert_eq!(proxy.status().await["backend"], "source");
+    let source = db.source_client().await;
+    assert_holds_exactly(&source, &acked, "source").await;
+}
