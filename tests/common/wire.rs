@@ -249,6 +249,25 @@ impl Msgs {
         self
     }
 
+    /// Bind with text parameters, all results in text.
+    pub fn bind_params(mut self, portal: &str, statement: &str, params: &[&str]) -> Msgs {
+        frontend::bind(
+            portal,
+            statement,
+            [],
+            params.iter(),
+            |param, buf| {
+                buf.extend_from_slice(param.as_bytes());
+                Ok::<_, Box<dyn std::error::Error + Sync + Send>>(postgres_protocol::IsNull::No)
+            },
+            [],
+            &mut self.0,
+        )
+        .map_err(|_| ())
+        .expect("bind message");
+        self
+    }
+
     /// Execute with no row limit.
     pub fn execute(mut self, portal: &str) -> Msgs {
         frontend::execute(portal, 0, &mut self.0).expect("execute message");

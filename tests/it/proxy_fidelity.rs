@@ -1459,3 +1459,58 @@ async fn a_set_the_server_skipped_after_an_error_is_not_followed() {
     }
     differences.assert_none();
 }
+
+/// The client's unnamed statement, put on a fresh connection by the proxy in a group that
+/// fails before it (the server skips it), must be put there again for the next group sent
+/// in the same write (the fuzzer saw a 26000 where PostgreSQL binds it). The duplicate Parse
+/// makes the first connection unfit for reuse, so the second write starts on another one.
+async fn replayed_unnamed_steps(wire: &mut Wire) -> Vec<Vec<String>> {
+    let mut seen = Vec::new();
+    wire.send(Msgs::new().parse("s3", "SELECT 3")).await;
+    seen.push(
+        wire.exchange(
+            Msgs::new()
+                .parse("s3", "SELECT 33")
+                .sync()
+                .parse("", "SELECT 'unnamed'")
+                .bind("", "")
+                .sync(),
+            2,
+        )
+        .await
+        .kinds(),
+    );
+    seen.push(
+        wire.exchange(
+            Msgs::new()
+                .describe(b'P', "p2")
+                .bind("", "s1")
+                .describe(b'S', "")
+                .sync()
+                .bind("", "")
+                .execute("")
+                .sync(),
+            2,
+        )
+        .await
+        .kinds(),
+    );
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_replayed_in_a_failed_group_is_replayed_again() {
+    let db = TestDb::new("fidelity_unnamed_replayed").await;
+    let direct_at = Endpoint::direct(&db).await;
+    let direct = replayed_unnamed_steps(&mut direct_at.wire().await).await;
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
+        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
+        let got = replayed_unnamed_steps(&mut wire).await;
+        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences.assert_none();
+}

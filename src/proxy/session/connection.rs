@@ -63,6 +63,7 @@ impl Session {
         self.server = Some(server);
         self.server_side = side;
         self.unnamed_here = false;
+        self.unnamed_replayed = None;
         Ok(())
     }
 

@@ -39,7 +39,7 @@ use crate::plan::PoolMode;
 use cancel::{forward_cancel, give_back_after_cancel};
 use login::LoggedIn;
 pub use login::{refuse, run};
-use prepared::{Awaited, Prepared};
+use prepared::{Awaited, GroupPrepared, Prepared};
 use tracking::remember_parameter;
 use unnamed::UnnamedParse;
 
@@ -144,7 +144,7 @@ struct Session {
     /// Statements the unanswered sync groups made the connection prepare, with their group:
     /// if that group fails, they may not exist, and a later group that uses one prepares it
     /// again rather than trust a Parse that may be skipped.
-    group_prepared: Vec<(u64, String)>,
+    group_prepared: Vec<GroupPrepared>,
     /// The group being answered had an error.
     group_failed: bool,
     /// Client messages forwarded since the last Sync or Query.
@@ -153,6 +153,9 @@ struct Session {
     /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
     unnamed: Vec<u8>,
     unnamed_here: bool,
+    /// The sync group and position of the unnamed Parse (or Close) the proxy sent to put the
+    /// client's unnamed statement on this connection, until its answer comes.
+    unnamed_replayed: Option<(u64, u64)>,
     /// The client's unnamed Parses sent and not yet settled, oldest first: until their
     /// group is answered it is not known which of them the server ran (an error makes it
     /// skip the rest of the group), and the client's unnamed statement is replayed on
@@ -221,6 +224,7 @@ impl Session {
             owed_parse_complete: 0,
             unnamed: Vec::new(),
             unnamed_here: false,
+            unnamed_replayed: None,
             unnamed_sent: Vec::new(),
             unnamed_before: None,
             unnamed_sets: false,
@@ -516,9 +520,23 @@ impl Session {
                     {
                         parse.reached = true;
                     }
+                    if !self.group_prepared.is_empty() {
+                        self.group_prepared.retain(|p| p.at != at);
+                    }
+                    if self
+                        .unnamed_replayed
+                        .is_some_and(|(_, replayed)| replayed == at)
+                    {
+                        self.unnamed_replayed = None;
+                    }
                     return true;
                 }
                 Ok(at) => {
+                    // A statement prepared in this group exists: an error later in it does
+                    // not undo that.
+                    if !self.group_prepared.is_empty() {
+                        self.group_prepared.retain(|p| p.at != at);
+                    }
                     if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
                         parse.ran = true;
                     } else if !self.awaited.is_empty() {
@@ -550,6 +568,9 @@ impl Session {
                 if !self.unnamed_sent.is_empty() {
                     self.settle_unnamed(self.replies.answered());
                 }
+                if self.unnamed_replayed.is_some() {
+                    self.settle_unnamed_replay(self.replies.answered());
+                }
                 if !self.awaited.is_empty() {
                     self.not_run(self.replies.answered());
                 }
@@ -560,14 +581,12 @@ impl Session {
                     // error answered an earlier write): the connection may lack them.
                     if std::mem::take(&mut self.group_failed) {
                         if let Some(server) = self.server.as_mut() {
-                            for (_, name) in
-                                self.group_prepared.iter().filter(|(g, _)| *g < answering)
-                            {
-                                server.prepared.remove(name);
+                            for p in self.group_prepared.iter().filter(|p| p.group < answering) {
+                                server.prepared.remove(&p.name);
                             }
                         }
                     }
-                    self.group_prepared.retain(|(group, _)| *group >= answering);
+                    self.group_prepared.retain(|p| p.group >= answering);
                 }
                 self.group_failed = false;
             }
@@ -579,8 +598,8 @@ impl Session {
                 self.pending_settings.undo(self.replies.answering());
                 if let Some(server) = self.server.as_mut() {
                     let answering = self.replies.answering();
-                    for (_, name) in self.group_prepared.iter().filter(|(g, _)| *g <= answering) {
-                        server.prepared.remove(name);
+                    for p in self.group_prepared.iter().filter(|p| p.group <= answering) {
+                        server.prepared.remove(&p.name);
                     }
                 }
             }

@@ -134,9 +134,12 @@ impl Session {
         self.make_room_for(&server_name, &mut out);
         out.push(frontend::rebuild_target(b'C', b'S', &server_name));
         self.replies.sent_ours();
-        self.group_prepared
-            .push((self.replies.open_group(), server_name));
         let at = self.replies.sent_theirs();
+        self.group_prepared.push(GroupPrepared {
+            group: self.replies.open_group(),
+            name: server_name,
+            at,
+        });
         self.awaited.push(Awaited {
             at,
             group: self.replies.open_group(),
@@ -391,7 +394,7 @@ impl Session {
         let uncertain = self
             .group_prepared
             .iter()
-            .any(|(group, name)| *group < open && *name == server_name);
+            .any(|p| p.group < open && p.name == server_name);
         if !server.prepared.touch(&server_name) || uncertain {
             let parse = prepared.parse.clone();
             self.make_room_for(&server_name, out);
@@ -400,8 +403,13 @@ impl Session {
             out.push(frontend::rebuild_target(b'C', b'S', &server_name));
             out.push(parse);
             self.replies.sent_ours();
+            let at = self.replies.next_position();
             self.replies.sent_ours();
-            self.group_prepared.push((open, server_name.clone()));
+            self.group_prepared.push(GroupPrepared {
+                group: open,
+                name: server_name.clone(),
+                at,
+            });
         }
         Some((server_name, sets))
     }
@@ -561,6 +569,16 @@ pub(super) struct Prepared {
     pub(super) parse: Bytes,
     /// It changes the session's settings (a SET, RESET, DISCARD ALL) when it is executed.
     pub(super) sets: bool,
+}
+
+/// A statement a sync group prepares on the attached connection, until the answer to its
+/// Parse comes: if the group fails first, the connection may not have it.
+pub(super) struct GroupPrepared {
+    pub(super) group: u64,
+    /// Its server name.
+    pub(super) name: String,
+    /// The position of its Parse among the Parse and Close answers.
+    pub(super) at: u64,
 }
 
 /// A client's Parse or Close sent to the server whose answer has not come yet.

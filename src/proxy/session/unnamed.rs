@@ -8,10 +8,15 @@ impl Session {
     /// the client's (it was parsed in an earlier sync group, on another connection): the
     /// client's last unnamed Parse goes first.
     pub(super) fn with_unnamed(&mut self, frame: Bytes) -> Frames {
-        if self.unnamed_here {
+        // A replay in an earlier group, not yet answered, may be skipped: replayed again.
+        let open = self.replies.open_group();
+        if self.unnamed_here && !self.unnamed_replayed.is_some_and(|(group, _)| group < open) {
             return smallvec![frame];
         }
         self.unnamed_here = true;
+        // An error earlier in the group makes the server skip it: then the connection still
+        // lacks the statement ([`Session::settle_unnamed_replay`]).
+        self.unnamed_replayed = Some((open, self.replies.next_position()));
         self.replies.sent_ours();
         if self.unnamed.is_empty() {
             // The client has none (a simple Query destroyed it, or it never made one): the
@@ -108,6 +113,21 @@ impl Session {
             close: true,
             text: None,
         });
+    }
+
+    /// At a ReadyForQuery: the unnamed statement replayed on this connection (or the Close
+    /// that cleared another client's) was skipped after an error if its answer did not
+    /// come: the connection does not have the client's statement.
+    pub(super) fn settle_unnamed_replay(&mut self, answered: u64) {
+        if let Some((_, at)) = self.unnamed_replayed {
+            if at < answered {
+                self.unnamed_replayed = None;
+                // (A Parse of the client's sent since, in a later group, settles it.)
+                if self.unnamed_sent.is_empty() {
+                    self.unnamed_here = false;
+                }
+            }
+        }
     }
 
     /// The unnamed statement is gone, from the client's session and the server connection.
