@@ -51,11 +51,34 @@ pub fn print_status(s: &Status) {
             "The {side} is fenced: no role but the coordinator's can write the migrated tables"
         );
     }
-    if let Some(lag) = s.reverse_lag_bytes {
+    if let Some(reverse) = &s.reverse {
+        let lag = reverse
+            .lag_bytes
+            .map_or("its slot on the target is missing".to_string(), |lag| {
+                format!("the source is {} behind the target", human_bytes(lag))
+            });
+        let worker = match (reverse.exists, reverse.enabled, reverse.worker_running) {
+            (false, _, _) => "MISSING on the source",
+            (true, false, _) => "DISABLED",
+            (true, true, true) => "apply worker running",
+            (true, true, false) => "apply worker NOT running",
+        };
         println!(
-            "Way back: the source is {} behind the target",
-            human_bytes(lag)
+            "Way back: subscription {} on the source, {worker}; {lag}",
+            reverse.subscription
         );
+        if let Some(retained) = reverse.retained_wal_bytes {
+            println!(
+                "WAL retained by the reverse slot on the target: {}",
+                human_bytes(retained)
+            );
+        }
+        if reverse.apply_errors > 0 {
+            println!("Errors on the source: {} apply", reverse.apply_errors);
+        }
+        if let Some(error) = &reverse.last_error {
+            println!("Last error on the source: {error}");
+        }
     }
     match &s.subscription {
         Some(sub) => println!(

@@ -63,6 +63,54 @@ pub struct Status {
     pub fenced: Vec<crate::pg::Side>,
     /// After a cutover: WAL the source has not yet applied from the target (the way back).
     pub reverse_lag_bytes: Option<i64>,
+    /// After a cutover: the replication that carries the target's writes back to the source.
+    pub reverse: Option<ReverseStatus>,
+}
+
+/// The way back after a cutover: the source's subscription to the target, and its slot there.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReverseStatus {
+    pub subscription: String,
+    /// The subscription exists on the source.
+    pub exists: bool,
+    pub enabled: bool,
+    /// Its apply worker runs on the source.
+    pub worker_running: bool,
+    pub apply_errors: i64,
+    /// The last error of its apply in the source's log, when readable.
+    pub last_error: Option<String>,
+    /// WAL of the target the source has not confirmed.
+    pub lag_bytes: Option<i64>,
+    /// WAL the slot keeps on the target.
+    pub retained_wal_bytes: Option<i64>,
+}
+
+impl ReverseStatus {
+    /// Why the way back does not work, if it does not. A failing apply stops its worker, which
+    /// starts again every `wal_retrieve_retry_interval` (5 s) and fails again: errors counted,
+    /// no worker at the moment of the reading and WAL not yet applied say it is failing; a
+    /// worker that runs again after one error (the target restarted) is not.
+    pub fn problem(&self) -> Option<String> {
+        let name = &self.subscription;
+        if !self.exists {
+            return Some(format!("the reverse subscription {name} is missing on the source: there is no way back; `switchyard rollback` is refused"));
+        }
+        if !self.enabled {
+            return Some(format!("the reverse subscription {name} on the source is disabled: the source does not follow the target's writes (ALTER SUBSCRIPTION {name} ENABLE on the source)"));
+        }
+        let behind = self.lag_bytes.is_some_and(|lag| lag > 0);
+        if self.apply_errors > 0 && !self.worker_running && behind {
+            let last = self
+                .last_error
+                .as_deref()
+                .map_or(String::new(), |e| format!(" (last: {e})"));
+            return Some(format!(
+                "the source's apply of the reverse subscription {name} keeps failing{last}; {} errors so far: the way back is broken until the cause is fixed on the source (see its log); `switchyard rollback` waits for it",
+                self.apply_errors
+            ));
+        }
+        None
+    }
 }
 
 impl Status {
@@ -93,6 +141,9 @@ impl Status {
             .collect();
         if self.slot_lost {
             blockers.push("the source invalidated the replication slot (WAL past max_slot_wal_keep_size): run `switchyard abort --drop-target-data` and sync again".into());
+        }
+        if let Some(problem) = self.reverse.as_ref().and_then(ReverseStatus::problem) {
+            blockers.push(problem);
         }
         blockers
     }
@@ -129,9 +180,11 @@ pub async fn read(
         backend: state.backend,
         fenced: state.fences.iter().map(|f| f.side).collect(),
         reverse_lag_bytes: None,
+        reverse: None,
     };
     if let Some(reverse) = &state.created.reverse {
         status.reverse_lag_bytes = replication::slot_lag(target, reverse).await?;
+        status.reverse = Some(read_reverse(source, target, reverse).await?);
     }
     let subscription_oid = replication::subscription_oid(target, &name).await?;
     if let Some(oid) = subscription_oid {
@@ -165,17 +218,59 @@ pub async fn read(
     Ok(status)
 }
 
+/// The reverse subscription on the source and its slot on the target.
+async fn read_reverse(
+    source: &Server,
+    target: &Server,
+    name: &str,
+) -> Result<ReverseStatus, PgError> {
+    let mut reverse = ReverseStatus {
+        subscription: name.to_string(),
+        exists: false,
+        enabled: false,
+        worker_running: false,
+        apply_errors: 0,
+        last_error: None,
+        lag_bytes: None,
+        retained_wal_bytes: None,
+    };
+    let slot = target
+        .query("read the reverse slot", READ_SLOT_SIZES, &[&name])
+        .await?;
+    if let Some(row) = slot.first() {
+        reverse.lag_bytes = row.get(0);
+        reverse.retained_wal_bytes = row.get(1);
+    }
+    let Some(oid) = replication::subscription_oid(source, name).await? else {
+        return Ok(reverse);
+    };
+    reverse.exists = true;
+    let row = source
+        .query_one("read the reverse subscription", READ_WORKER, &[&oid])
+        .await?;
+    reverse.enabled = row.get(0);
+    reverse.worker_running = row.get(1);
+    reverse.apply_errors = row.get(2);
+    if reverse.apply_errors > 0 {
+        reverse.last_error = last_replication_error(source, name, oid).await;
+    }
+    Ok(reverse)
+}
+
+/// A slot's unconfirmed and retained WAL, in bytes.
+const READ_SLOT_SIZES: &str = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, (pg_current_wal_lsn() - restart_lsn)::int8
+   FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()";
+
+/// A subscription's state, whether its apply worker runs, and its error counts.
+const READ_WORKER: &str = "SELECT s.subenabled,
+        EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.relid IS NULL AND w.pid IS NOT NULL),
+        coalesce(st.apply_error_count, 0), coalesce(st.sync_error_count, 0)
+   FROM pg_subscription s LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid
+  WHERE s.oid = $1";
+
 async fn read_subscription(status: &mut Status, target: &Server, oid: u32) -> Result<(), PgError> {
     let row = target
-        .query_one(
-            "read the subscription",
-            "SELECT s.subenabled,
-                    EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.relid IS NULL AND w.pid IS NOT NULL),
-                    coalesce(st.apply_error_count, 0), coalesce(st.sync_error_count, 0)
-               FROM pg_subscription s LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid
-              WHERE s.oid = $1",
-            &[&oid],
-        )
+        .query_one("read the subscription", READ_WORKER, &[&oid])
         .await?;
     status.enabled = row.get(0);
     status.worker_running = row.get(1);

@@ -83,3 +83,52 @@ async fn a_target_that_crashes_right_after_the_cutover_keeps_the_way_back() {
     let source = db.source_client().await;
     assert_holds_exactly(&source, &acked, "source").await;
 }
+
+/// `status` after a cutover watches the way back as it watches the forward replication
+/// before: a reverse apply that keeps failing makes it exit 1 with the subscription, its last
+/// error and the reverse slot's WAL; fixed, it exits 0 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_reports_a_failing_way_back() {
+    let (db, proxy) = ready_on(TestDb::new("way_back_status").await, "").await;
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let reverse = format!("switchyard_{}_back", db.name);
+    let output = coordinator(&db, &proxy.plan, &["status"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(text(&output).contains(&reverse), "{}", text(&output));
+
+    // A row only the source has (the coordinator's role passes the fence), then the same key
+    // written on the target by an application: the source cannot apply it.
+    let source = db.source_client().await;
+    source
+        .batch_execute("INSERT INTO notes (id, body) VALUES (1000, 'only on the source')")
+        .await
+        .expect("a row on the source");
+    let app = crate::common::connect(&proxy.url()).await;
+    app.batch_execute("INSERT INTO notes (id, body) VALUES (1000, 'on the target')")
+        .await
+        .expect("a write through the proxy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let output = loop {
+        let output = coordinator(&db, &proxy.plan, &["status"]);
+        if output.status.code() == Some(1) || std::time::Instant::now() > deadline {
+            break output;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let shown = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{shown}");
+    assert!(shown.contains(&reverse) && shown.contains("keeps failing"), "{shown}");
+    assert!(shown.contains("duplicate key"), "the last error is not shown: {shown}");
+    assert!(shown.contains("WAL retained by the reverse slot"), "{shown}");
+
+    // Fixed on the source: the way back catches up, and status is clean again.
+    source
+        .batch_execute("DELETE FROM notes WHERE id = 1000")
+        .await
+        .expect("remove the conflicting row");
+    let target = db.target_client().await;
+    common::wait_caught_up(&target, &reverse, Duration::from_secs(60)).await;
+    let output = coordinator(&db, &proxy.plan, &["status"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
