@@ -10,7 +10,7 @@ impl Session {
     pub(super) fn with_unnamed(&mut self, frame: Bytes) -> Frames {
         // A replay in an earlier group, not yet answered, may be skipped: replayed again.
         let open = self.replies.open_group();
-        if self.unnamed_here && !self.unnamed_replayed.is_some_and(|(group, _)| group < open) {
+        if self.unnamed_here && self.unnamed_replayed.is_none_or(|(group, _)| group >= open) {
             return smallvec![frame];
         }
         self.unnamed_here = true;
