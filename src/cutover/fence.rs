@@ -61,6 +61,20 @@ pub fn revoke_sql(tables: &[TableName], grants: &[Grant]) -> Option<String> {
     ))
 }
 
+/// `statement` (the REVOKE) in one DO block that refuses to run, or to commit, after
+/// `deadline` on the server's own clock (the pause's budget): a coordinator that stalls after
+/// it decided to fence cannot fence once the proxies may have resumed.
+pub fn before_deadline(statement: &str, deadline: &str) -> String {
+    let check = format!(
+        "IF clock_timestamp() > {}::timestamptz THEN RAISE EXCEPTION 'switchyard: the pause ran past its budget before the fence took hold: nothing revoked' USING ERRCODE = '57014'; END IF;",
+        crate::pg::sql::literal(deadline)
+    );
+    format!(
+        "DO $switchyard$\nBEGIN\n  {check}\n  EXECUTE {};\n  {check}\nEND\n$switchyard$",
+        crate::pg::sql::literal(statement)
+    )
+}
+
 /// One round trip that gives `grants` back, each on its own: a role dropped or a table renamed
 /// since the fence only warns, and every other grant still comes back.
 pub fn restore_sql(grants: &[Grant]) -> String {
@@ -145,6 +159,7 @@ pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
 pub async fn end_sessions(
     server: &Server,
     proxy_pids: &[i32],
+    deadline: &str,
     timeout: Duration,
 ) -> Result<usize, PgError> {
     let rows = server
@@ -156,9 +171,11 @@ pub async fn end_sessions(
                  SELECT pid FROM pg_stat_activity
                   WHERE datname = current_database() AND backend_type = 'client backend'
                     AND pid <> pg_backend_pid()
-                    AND NOT (pid = ANY($1) AND state = 'idle'))
+                    AND NOT (pid = ANY($1) AND state = 'idle')
+                    -- Not once the pause's budget is spent (see before_deadline).
+                    AND clock_timestamp() <= $2::text::timestamptz)
              SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
-            &[&proxy_pids],
+            &[&proxy_pids, &deadline],
         )
         .await?;
     let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
@@ -191,6 +208,25 @@ pub async fn end_sessions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revoke_checks_the_deadline_before_and_after() {
+        let sql = before_deadline(
+            "REVOKE INSERT ON TABLE public.t FROM app",
+            "2026-12-06 12:00:00+00",
+        );
+        assert!(sql.starts_with("DO $switchyard$"), "{sql}");
+        assert_eq!(
+            sql.matches("clock_timestamp() > '2026-12-06 12:00:00+00'")
+                .count(),
+            2,
+            "{sql}"
+        );
+        assert!(
+            sql.contains("EXECUTE 'REVOKE INSERT ON TABLE public.t FROM app'"),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn revoke_and_restore_statements() {

@@ -33,6 +33,77 @@ pub struct Checked<'a> {
     pub recovered: Option<String>,
     /// That earlier run had passed its commit point and is now finished: nothing more to do.
     pub finished_earlier: bool,
+    /// The pause under way, as the coordinator keeps time of it.
+    pause: Option<PauseClock>,
+}
+
+/// The pause as the coordinator keeps time of it. The proxies end a pause by themselves at
+/// `max_pause`, whatever the coordinator does: a coordinator that stalled (frozen, swapped
+/// out, a slow step) must then not fence a server the applications are using again. Every
+/// step that needs the pause checks the clock first, and the fence checks the old primary's
+/// own clock in the same statement as its REVOKE, so that a stall between the check and the
+/// statement cannot slip through either.
+struct PauseClock {
+    /// Taken before the first pause request: earlier than any proxy's own start.
+    started: Instant,
+    /// The budget: `max_pause` less a margin for the step under way and the undo.
+    budget: Duration,
+    max_pause: Duration,
+    /// `started + budget` on the old primary's clock (a timestamptz, as text).
+    server_deadline: String,
+    /// When the fence took hold (since `started`).
+    fenced_at: Option<Duration>,
+    /// Transactions that did not finish within `drain_timeout` and were ended: their clients
+    /// got an error, not a pause.
+    cancelled: usize,
+}
+
+impl PauseClock {
+    /// The margin kept from `max_pause`: a fifth of it, so a step that begins in time ends
+    /// before the proxies resume by themselves.
+    fn budget(max_pause: Duration) -> Duration {
+        max_pause - max_pause / 5
+    }
+
+    /// An error if the pause has used its budget: the step `what` must not begin.
+    fn check(&self, what: &str) -> Result<()> {
+        let elapsed = self.started.elapsed();
+        if elapsed < self.budget {
+            return Ok(());
+        }
+        Err(Error::Refused(format!(
+            "the pause lasted {:.1} s before \"{what}\", past its budget of {:.1} s (max_pause {}, less a margin): the coordinator stalled or a step was slow; the proxies resume by themselves at max_pause, so nothing more is done in this pause",
+            elapsed.as_secs_f64(),
+            self.budget.as_secs_f64(),
+            humantime::format_duration(self.max_pause)
+        )))
+    }
+
+    /// What the applications saw of an undone switch.
+    fn seen_by_applications(&self, from: Side) -> String {
+        let mut seen = Vec::new();
+        if self.cancelled > 0 {
+            seen.push(format!(
+                "{} transactions that did not finish within drain_timeout were ended (their clients got an error)",
+                self.cancelled
+            ));
+        }
+        let elapsed = self.started.elapsed();
+        match self.fenced_at {
+            Some(fenced) if elapsed >= self.max_pause => seen.push(format!(
+                "the proxies' max_pause ({}) ran out while the {from} was fenced (from {:.1} s into the pause): until its grants came back, {:.1} s after the pause began, their writes there failed with 42501 (permission denied)",
+                humantime::format_duration(self.max_pause),
+                fenced.as_secs_f64(),
+                elapsed.as_secs_f64()
+            )),
+            _ => {}
+        }
+        if seen.is_empty() {
+            "they saw only a pause".to_string()
+        } else {
+            format!("they saw more than a pause: {}", seen.join("; "))
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +148,7 @@ pub async fn check<'a>(
         gates: Gates::default(),
         recovered: None,
         finished_earlier: false,
+        pause: None,
     };
     if dry_run {
         // A dry run changes nothing, not even to finish or undo an earlier run.
@@ -421,13 +493,28 @@ impl<'a> Checked<'a> {
             state.note(format!("fence the {from}"));
             store.save(state).map(|()| ((), store.describe()))
         })?;
+        // Immediately before the fence: the pause still holds, on every proxy.
+        self.pause_check(&format!("fence the {from}"))?;
+        self.still_paused(steps).await?;
         let app_roles = self.plan.proxy.user_names();
         let server = self.server(from);
         let timeout = self.plan.cutover.statement_timeout.0;
-        steps
+        let deadline = self.server_deadline();
+        let started = self.pause.as_ref().map(|clock| clock.started);
+        // When the REVOKE committed, for the report if the step fails after it.
+        let fenced_at = std::sync::Mutex::new(None);
+        let fenced = steps
             .run(&format!("fence the {from}"), async {
                 if let Some(revoke) = fence::revoke_sql(&tables, &grants) {
-                    server.execute("revoke the write grants", &revoke).await?;
+                    server
+                        .execute(
+                            "revoke the write grants",
+                            &fence::before_deadline(&revoke, &deadline),
+                        )
+                        .await?;
+                }
+                if let (Some(started), Ok(mut at)) = (started, fenced_at.lock()) {
+                    *at = Some(started.elapsed());
                 }
                 let leaks = fence::still_writable(server, &app_roles, &grants, &tables).await?;
                 if !leaks.is_empty() {
@@ -436,7 +523,7 @@ impl<'a> Checked<'a> {
                         leaks.join(", ")
                     )));
                 }
-                let ended = fence::end_sessions(server, &proxy_pids, timeout).await?;
+                let ended = fence::end_sessions(server, &proxy_pids, &deadline, timeout).await?;
                 Ok::<_, PgError>((
                     (),
                     format!(
@@ -445,10 +532,19 @@ impl<'a> Checked<'a> {
                     ),
                 ))
             })
-            .await?;
+            .await;
+        if let Some(clock) = self.pause.as_mut() {
+            clock.fenced_at = fenced_at.into_inner().unwrap_or_default();
+        }
+        fenced?;
 
+        let server = self.server(from);
         let slot = self.feeding_slot();
         let catchup = self.plan.cutover.catchup_timeout.0;
+        self.pause_check(&format!(
+            "wait until the {} has applied everything",
+            direction.to()
+        ))?;
         steps
             .run(
                 &format!("wait until the {} has applied everything", direction.to()),
@@ -456,6 +552,7 @@ impl<'a> Checked<'a> {
             )
             .await?;
 
+        self.pause_check(&format!("copy sequences to the {}", direction.to()))?;
         let (from_server, to_server) = (self.server(from), self.server(direction.to()));
         steps
             .run(
@@ -469,9 +566,25 @@ impl<'a> Checked<'a> {
             .await?;
 
         if direction == Direction::Cutover {
+            self.pause_check("disable the forward subscription")?;
             self.turn_around(steps).await?;
         }
         Ok(())
+    }
+
+    /// [`PauseClock::check`] of the pause under way.
+    fn pause_check(&self, what: &str) -> Result<()> {
+        self.pause
+            .as_ref()
+            .map_or(Ok(()), |clock| clock.check(what))
+    }
+
+    /// The pause's deadline on the old primary's clock.
+    fn server_deadline(&self) -> String {
+        self.pause.as_ref().map_or_else(
+            || "-infinity".to_string(),
+            |clock| clock.server_deadline.clone(),
+        )
     }
 
     async fn still_paused(&mut self, steps: &mut Steps<'_>) -> Result<()> {
@@ -503,6 +616,26 @@ impl<'a> Checked<'a> {
     async fn pause(&mut self, steps: &mut Steps<'_>) -> Result<Vec<i32>> {
         let from = self.direction.from();
         let drain = self.plan.cutover.drain_timeout.0;
+        let max_pause = self.plan.proxy.max_pause.0;
+        let started = Instant::now();
+        let budget = PauseClock::budget(max_pause);
+        let server_deadline: String = self
+            .server(from)
+            .query_one(
+                "read the server's clock",
+                SERVER_DEADLINE,
+                &[&(budget.as_secs_f64() * 1000.0)],
+            )
+            .await?
+            .get(0);
+        self.pause = Some(PauseClock {
+            started,
+            budget,
+            max_pause,
+            server_deadline,
+            fenced_at: None,
+            cancelled: 0,
+        });
         let proxies = &self.proxies;
         let drained = steps
             .run(
@@ -547,6 +680,9 @@ impl<'a> Checked<'a> {
                 Ok(((), format!("{} cancelled or rolled back", pids.len())))
             })
             .await?;
+        if let Some(clock) = self.pause.as_mut() {
+            clock.cancelled = pids.len().max(1);
+        }
         Ok(proxy_pids)
     }
 
@@ -766,8 +902,12 @@ impl<'a> Checked<'a> {
         let problems = self.undo(direction, steps).await;
         if problems.is_empty() {
             let _ = self.save(&format!("done {} (undone)", direction.name()));
+            let seen = self.pause.as_ref().map_or_else(
+                || "they saw nothing of it".to_string(),
+                |clock| clock.seen_by_applications(direction.from()),
+            );
             Error::Refused(format!(
-                "{} undone: {cause}\nthe applications run on the {} again; they saw only a pause",
+                "{} undone: {cause}\nthe applications run on the {} again; {seen}",
                 direction.name(),
                 direction.from()
             ))
@@ -792,6 +932,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "pause the proxies and let transactions finish",
             "read the source's write grants",
             "record them in the state",
+            "check the proxies are still paused",
             "fence the source",
             "wait until the target has applied everything",
             "copy sequences to the target",
@@ -810,6 +951,7 @@ fn planned_steps(direction: Direction) -> Vec<&'static str> {
             "pause the proxies and let transactions finish",
             "read the target's write grants",
             "record them in the state",
+            "check the proxies are still paused",
             "fence the target",
             "wait until the source has applied everything",
             "copy sequences to the source",
@@ -1112,6 +1254,10 @@ async fn start_origin_at(source: &Server, subscription: &str, lsn: &str) -> Resu
     Ok(())
 }
 
+/// The server's clock plus a number of milliseconds, as a timestamptz in text.
+const SERVER_DEADLINE: &str =
+    "SELECT (clock_timestamp() + $1::float8 * interval '1 millisecond')::text";
+
 /// A subscription's replication origin is named `pg_<its oid>`; the subscription is disabled,
 /// so the origin is not in use.
 const ADVANCE_ORIGIN: &str = "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)";
@@ -1271,4 +1417,56 @@ async fn finalize_steps(
     state.note("done finalize");
     store.save(state)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod pause_tests {
+    use super::*;
+
+    fn clock(elapsed: Duration, fenced_at: Option<Duration>, cancelled: usize) -> PauseClock {
+        let max_pause = Duration::from_secs(10);
+        PauseClock {
+            started: Instant::now() - elapsed,
+            budget: PauseClock::budget(max_pause),
+            max_pause,
+            server_deadline: String::new(),
+            fenced_at,
+            cancelled,
+        }
+    }
+
+    #[test]
+    fn a_step_must_begin_within_the_pause_budget() {
+        assert!(clock(Duration::from_secs(1), None, 0)
+            .check("fence the source")
+            .is_ok());
+        let late = clock(Duration::from_secs(9), None, 0).check("fence the source");
+        assert!(
+            matches!(&late, Err(Error::Refused(m)) if m.contains("fence the source") && m.contains("budget")),
+            "{late:?}"
+        );
+    }
+
+    #[test]
+    fn the_report_says_what_the_applications_saw() {
+        let quick = clock(Duration::from_secs(1), Some(Duration::from_millis(30)), 0);
+        assert_eq!(
+            quick.seen_by_applications(Side::Source),
+            "they saw only a pause"
+        );
+        // Frozen past max_pause after the fence: writes failed until the grants came back.
+        let frozen = clock(Duration::from_secs(13), Some(Duration::from_millis(300)), 0);
+        let seen = frozen.seen_by_applications(Side::Source);
+        assert!(seen.contains("42501") && seen.contains("source"), "{seen}");
+        // Frozen past max_pause before the fence: nothing was fenced, only the pause.
+        let unfenced = clock(Duration::from_secs(13), None, 0);
+        assert_eq!(
+            unfenced.seen_by_applications(Side::Source),
+            "they saw only a pause"
+        );
+        let cancelled = clock(Duration::from_secs(1), None, 2);
+        assert!(cancelled
+            .seen_by_applications(Side::Source)
+            .contains("2 transactions"));
+    }
 }

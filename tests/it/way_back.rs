@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::common::servers::{Cluster, Flavor};
 use crate::common::{self, text, TestDb};
-use crate::cutover::{assert_holds_exactly, coordinator, ready_on, Load, CLIENTS};
+use crate::cutover::{assert_holds_exactly, coordinator, ready_on, signal, Load, CLIENTS};
+use crate::proxy::TOKEN;
 
 /// A target of the test's own, which it may crash: it lives as long as the test process.
 fn own_target() -> &'static Cluster {
@@ -118,9 +119,18 @@ async fn status_reports_a_failing_way_back() {
     };
     let shown = text(&output);
     assert_eq!(output.status.code(), Some(1), "{shown}");
-    assert!(shown.contains(&reverse) && shown.contains("keeps failing"), "{shown}");
-    assert!(shown.contains("duplicate key"), "the last error is not shown: {shown}");
-    assert!(shown.contains("WAL retained by the reverse slot"), "{shown}");
+    assert!(
+        shown.contains(&reverse) && shown.contains("keeps failing"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("duplicate key"),
+        "the last error is not shown: {shown}"
+    );
+    assert!(
+        shown.contains("WAL retained by the reverse slot"),
+        "{shown}"
+    );
 
     // Fixed on the source: the way back catches up, and status is clean again.
     source
@@ -131,4 +141,69 @@ async fn status_reports_a_failing_way_back() {
     common::wait_caught_up(&target, &reverse, Duration::from_secs(60)).await;
     let output = coordinator(&db, &proxy.plan, &["status"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
+
+/// The proxies end a pause by themselves at `max_pause` (5 s here). A coordinator frozen in
+/// the pause (`kill -STOP`) and woken after that must not fence the source the applications
+/// are using again: it undoes the cutover, and the applications saw only a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_frozen_past_max_pause_never_fences() {
+    let (db, proxy) = ready_on(TestDb::new("way_back_freeze").await, "").await;
+    let load = Load::start(&proxy.url()).await;
+    load.run_for(100).await;
+    // A transaction kept open keeps the pause draining, so that the freeze lands before the
+    // fence; it commits while the coordinator is frozen.
+    let open = crate::common::connect(&proxy.url()).await;
+    open.batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("open a transaction");
+    let plan = proxy.plan.to_str().expect("utf-8 path").to_string();
+    let child = db
+        .command(&["cutover", &plan, "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the cutover");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.status().await["paused"] != true {
+        assert!(std::time::Instant::now() < deadline, "the proxy never paused");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id() as i32;
+    signal(pid, "STOP");
+    open.batch_execute("COMMIT").await.expect("commit while paused");
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert_eq!(
+        proxy.status().await["paused"],
+        false,
+        "the proxy did not resume by itself at max_pause"
+    );
+    signal(pid, "CONT");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait for the cutover");
+    let shown = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("budget") && shown.contains("they saw only a pause"), "{shown}");
+
+    load.run_for(100).await;
+    let (acked, errors) = load.stop().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let status = proxy.status().await;
+    assert_eq!(status["backend"], "source", "{status}");
+    let source = db.source_client().await;
+    assert_holds_exactly(&source, &acked, "source").await;
+    // Never fenced: the application's role writes on the source directly too.
+    let url = db
+        .source
+        .url_without_password(&db.name)
+        .replacen("postgres@", &format!("{}:{}@", proxy.user, proxy.password), 1);
+    crate::common::connect(&url)
+        .await
+        .batch_execute("INSERT INTO notes (body) VALUES ('after the frozen cutover')")
+        .await
+        .expect("the source is writable");
 }
