@@ -1514,3 +1514,61 @@ async fn an_unnamed_statement_replayed_in_a_failed_group_is_replayed_again() {
     }
     differences.assert_none();
 }
+
+/// A Bind of the unnamed statement pipelined after a group whose unnamed Parse the server
+/// skips (an error before it): PostgreSQL binds the statement from before that Parse. The
+/// proxy must wait for that group's answer to know which one, and put it on a connection
+/// that lacks it (the duplicate Parse makes the first connection unfit for reuse).
+async fn skipped_unnamed_then_bind_steps(wire: &mut Wire) -> Vec<Vec<String>> {
+    let mut seen = Vec::new();
+    seen.push(
+        wire.step(Msgs::new().parse("s1", "SELECT 1").sync())
+            .await
+            .kinds(),
+    );
+    seen.push(
+        wire.step(
+            Msgs::new()
+                .parse("", "SELECT 'first'")
+                .parse("s1", "SELECT 2")
+                .sync(),
+        )
+        .await
+        .kinds(),
+    );
+    seen.push(
+        wire.step(
+            Msgs::new()
+                .bind("", "nosuch")
+                .parse("", "SELECT 'second'")
+                .sync()
+                .bind("", "")
+                .execute("")
+                .sync(),
+        )
+        .await
+        .kinds(),
+    );
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_after_a_skipped_unnamed_parse_binds_the_statement_before_it() {
+    let db = TestDb::new("fidelity_unnamed_pipelined").await;
+    let direct_at = Endpoint::direct(&db).await;
+    let direct = skipped_unnamed_then_bind_steps(&mut direct_at.wire().await).await;
+    assert!(
+        direct[2].contains(&"DataRow[first]".to_string()),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
+        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
+        let got = skipped_unnamed_then_bind_steps(&mut wire).await;
+        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences.assert_none();
+}

@@ -2291,6 +2291,9 @@ enum Rejoin {
     Next,
     /// At the ReadyForQuery that ends the sync group on both sides.
     AtReady,
+    /// Not in this session: the two went different ways (a transaction block opened on one
+    /// side only), and the rest is not compared.
+    Never,
 }
 
 /// A failed transaction where the proxy had to prepare a statement on its server connection:
@@ -2332,6 +2335,24 @@ fn reprepared_difference(script: &Script, mode: &str, proxied: &Answer) -> bool 
             })
     };
     mode == "transaction" && missing && search_path_changed()
+}
+
+/// A statement prepared again on another connection inside the client's pipeline takes a
+/// snapshot (the README: "a `BEGIN ISOLATION LEVEL ...` sent after a Bind or Describe of such
+/// a statement with no Sync between them gets `25001`").
+fn reprepared_snapshot_difference(script: &Script, mode: &str, proxied: &Answer) -> bool {
+    mode == "transaction"
+        && proxied.tag == b'E'
+        && sqlstate(&proxied.body) == "25001"
+        && script.writes[..=proxied.write.min(script.writes.len() - 1)]
+            .iter()
+            .flat_map(|w| &w.msgs)
+            .any(|m| match m {
+                Msg::Query(text) | Msg::Parse { query: text, .. } => {
+                    text.contains("ISOLATION LEVEL")
+                }
+                _ => false,
+            })
 }
 
 /// Differences the README documents under "What a pooler cannot do", which are not
@@ -2403,6 +2424,8 @@ fn first_difference(
                 || reprepared_difference(script, mode, y)
             {
                 Some(Rejoin::AtReady)
+            } else if reprepared_snapshot_difference(script, mode, y) {
+                Some(Rejoin::Never)
             } else {
                 None
             };
@@ -2412,6 +2435,10 @@ fn first_difference(
                     i += 1;
                     j += 1;
                     continue;
+                }
+                Some(Rejoin::Never) => {
+                    allowed += 1;
+                    break;
                 }
                 Some(Rejoin::AtReady) => {
                     allowed += 1;

@@ -167,13 +167,18 @@ async fn a_coordinator_frozen_past_max_pause_never_fences() {
         .expect("start the cutover");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while proxy.status().await["paused"] != true {
-        assert!(std::time::Instant::now() < deadline, "the proxy never paused");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never paused"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = child.id() as i32;
     signal(pid, "STOP");
-    open.batch_execute("COMMIT").await.expect("commit while paused");
+    open.batch_execute("COMMIT")
+        .await
+        .expect("commit while paused");
     tokio::time::sleep(Duration::from_millis(6500)).await;
     assert_eq!(
         proxy.status().await["paused"],
@@ -187,7 +192,10 @@ async fn a_coordinator_frozen_past_max_pause_never_fences() {
         .expect("wait for the cutover");
     let shown = text(&output);
     assert_eq!(output.status.code(), Some(1), "{shown}");
-    assert!(shown.contains("budget") && shown.contains("they saw only a pause"), "{shown}");
+    assert!(
+        shown.contains("budget") && shown.contains("they saw only a pause"),
+        "{shown}"
+    );
 
     load.run_for(100).await;
     let (acked, errors) = load.stop().await;
@@ -197,10 +205,11 @@ async fn a_coordinator_frozen_past_max_pause_never_fences() {
     let source = db.source_client().await;
     assert_holds_exactly(&source, &acked, "source").await;
     // Never fenced: the application's role writes on the source directly too.
-    let url = db
-        .source
-        .url_without_password(&db.name)
-        .replacen("postgres@", &format!("{}:{}@", proxy.user, proxy.password), 1);
+    let url = db.source.url_without_password(&db.name).replacen(
+        "postgres@",
+        &format!("{}:{}@", proxy.user, proxy.password),
+        1,
+    );
     crate::common::connect(&url)
         .await
         .batch_execute("INSERT INTO notes (body) VALUES ('after the frozen cutover')")

@@ -308,7 +308,9 @@ impl Session {
     /// queued goes out in one write, once the client has nothing more buffered.
     async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
         loop {
-            if !self.awaited.is_empty() && self.must_wait(&frame) {
+            if (!self.awaited.is_empty() || self.unnamed_unsettled_before())
+                && self.must_wait(&frame)
+            {
                 // It and what follows wait for the server's answers ([`Session::serve`]).
                 self.parked = Some(frame);
                 break;

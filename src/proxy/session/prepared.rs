@@ -104,6 +104,7 @@ impl Session {
             let at = self.replies.sent_theirs();
             self.unnamed_sent.push(UnnamedParse {
                 at,
+                group: self.replies.open_group(),
                 marker,
                 reached: false,
                 ran: false,
@@ -269,6 +270,15 @@ impl Session {
         self.awaited.clear();
     }
 
+    /// The client's last unnamed Parse (or Close) went in an earlier sync group, still
+    /// unanswered. (Most clients parse the unnamed statement in the group that binds it: then
+    /// this is false, and costs one comparison.)
+    pub(super) fn unnamed_unsettled_before(&self) -> bool {
+        self.unnamed_sent
+            .last()
+            .is_some_and(|parse| parse.group < self.replies.open_group())
+    }
+
     /// Whether a client message names a statement whose Parse or Close, sent in an earlier
     /// sync group, is still awaited: what the server did with it (ran it, or skipped it
     /// after an error) decides what this message means. Within one group it does not
@@ -283,10 +293,16 @@ impl Session {
             },
             _ => None,
         };
+        let open = self.replies.open_group();
+        if name.is_some_and(str::is_empty) && matches!(tag(frame), b'B' | b'D') {
+            // The unnamed statement, last parsed in a group not yet answered: whether the
+            // server ran that Parse (or skipped it after an error) decides which statement
+            // this binds, and whether this connection has it.
+            return self.unnamed_unsettled_before();
+        }
         let Some(name) = name.filter(|name| !name.is_empty()) else {
             return false;
         };
-        let open = self.replies.open_group();
         self.awaited
             .iter()
             .any(|awaited| awaited.name == name && awaited.group < open)

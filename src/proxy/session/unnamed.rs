@@ -107,6 +107,7 @@ impl Session {
         self.unnamed_sets = false;
         self.unnamed_sent.push(UnnamedParse {
             at,
+            group: self.replies.open_group(),
             marker: None,
             reached: false,
             ran: false,
@@ -144,6 +145,8 @@ impl Session {
 pub(super) struct UnnamedParse {
     /// Its position among the Parse and Close answers.
     pub(super) at: u64,
+    /// The sync group it was sent in.
+    pub(super) group: u64,
     /// The position of the Close sent just before it, when it was not the first message
     /// of its group.
     pub(super) marker: Option<u64>,
