@@ -218,7 +218,8 @@ impl Session {
             pending_settings: settings::Pending::default(),
             rolled_back: false,
             transaction_control: None,
-            controls_sent: (0, 0),
+            // No group is numbered u64::MAX: nothing counted yet.
+            controls_sent: (u64::MAX, 0),
             controls_done: (0, 0),
             replies: Replies::default(),
             owed_parse_complete: 0,

@@ -35,7 +35,9 @@ impl Session {
                 _ => continue,
             };
             let control = self.control_done(group);
-            if !committed {
+            // A ROLLBACK TO SAVEPOINT (the same tag) with changes pending leaves the
+            // connection unfit for reuse (settle_settings); without any, it changes nothing.
+            if !committed && !self.pending_settings.is_empty() {
                 self.rolled_back = true;
             }
             let lasted = self
