@@ -344,7 +344,12 @@ async fn cutover_then_finalize_leaves_nothing_behind() {
         text(&status)
     );
     assert!(out.contains("The source is fenced"), "{}", text(&status));
-    assert!(out.contains("Way back: the source is"), "{}", text(&status));
+    assert!(
+        out.contains("Way back: subscription") && out.contains("behind the target"),
+        "{}",
+        text(&status)
+    );
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
     // A restarted proxy comes back on the target.
     proxy.restart().await;
     let status = proxy.status().await;
