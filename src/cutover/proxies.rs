@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::plan::Plan;
-use crate::proxy::backend::Switch;
+use crate::state::Switch;
 
 const MAX_RESPONSE: usize = 1024 * 1024;
 

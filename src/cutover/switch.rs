@@ -13,8 +13,7 @@ use super::{Direction, Step, Steps};
 use crate::pg::catalog::{self, Selection};
 use crate::pg::{sql, PgError, Server, Side, TableName};
 use crate::plan::{OnDrainTimeout, Plan};
-use crate::proxy::backend::Switch;
-use crate::state::{self, Fence, LockGuard, Phase, State, StateStore};
+use crate::state::{self, Fence, LockGuard, Phase, State, StateStore, Switch};
 use crate::sync::{replication, sequences};
 use crate::{Error, Result};
 
@@ -1120,34 +1119,20 @@ async fn catch_up(server: &Server, slot: &str, timeout: Duration) -> Result<((),
         )
         .await?
         .get(0);
-    let started = Instant::now();
-    let mut polls = 0u32;
-    loop {
-        let reached: Option<bool> = server
-            .query_one(
-                "read the slot's confirmed position",
-                "SELECT (SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&slot, &lsn],
-            )
-            .await?
-            .get(0);
-        polls += 1;
-        match reached {
-            Some(true) => return Ok(((), format!("{lsn} confirmed after {polls} polls"))),
-            None => {
-                return Err(PgError::Tool(format!(
-                    "the slot {slot} is gone from the {}",
-                    server.side
-                )))
-            }
-            Some(false) if started.elapsed() >= timeout => {
-                return Err(PgError::Tool(format!(
-                    "the slot {slot} did not confirm {lsn} within catchup_timeout ({})",
-                    humantime::format_duration(timeout)
-                )))
-            }
-            Some(false) => tokio::time::sleep(Duration::from_millis(2)).await,
+    let waited =
+        replication::wait_confirmed(server, slot, &lsn, timeout, Duration::from_millis(2)).await?;
+    match waited {
+        replication::Confirmed::Reached { polls } => {
+            Ok(((), format!("{lsn} confirmed after {polls} polls")))
         }
+        replication::Confirmed::SlotMissing => Err(PgError::Tool(format!(
+            "the slot {slot} is gone from the {}",
+            server.side
+        ))),
+        replication::Confirmed::TimedOut => Err(PgError::Tool(format!(
+            "the slot {slot} did not confirm {lsn} within catchup_timeout ({})",
+            humantime::format_duration(timeout)
+        ))),
     }
 }
 

@@ -10,24 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 use crate::pg::Side;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Switch {
-    pub backend: Side,
-    pub epoch: u64,
-}
-
-impl Default for Switch {
-    fn default() -> Self {
-        Switch {
-            backend: Side::Source,
-            epoch: 0,
-        }
-    }
-}
+pub use crate::state::Switch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {

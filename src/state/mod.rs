@@ -3,6 +3,7 @@
 
 mod file;
 mod lock;
+mod switch;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use file::FileStore;
 pub use lock::LockGuard;
+pub use switch::Switch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -184,7 +186,7 @@ pub struct State {
     pub last_validation: Option<ValidationRecord>,
     /// Where the proxies send transactions, and the epoch of the last switch.
     #[serde(default)]
-    pub backend: crate::proxy::backend::Switch,
+    pub backend: Switch,
     /// Servers fenced now, with the grants that were revoked.
     #[serde(default)]
     pub fences: Vec<Fence>,

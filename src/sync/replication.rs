@@ -1,7 +1,7 @@
 //! The publication on the source and the subscription on the target, created and removed by
 //! name, so that a re-run after a crash finds what an earlier run made.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::pg::catalog::Selection;
 use crate::pg::{sql, PgError, Server, TableName};
@@ -367,3 +367,50 @@ pub async fn drop_publication(source: &Server, name: &str) -> Result<bool, PgErr
         .await?;
     Ok(existed)
 }
+
+/// How a wait for a slot to confirm a WAL position ended ([`wait_confirmed`]), for the caller to
+/// word in its own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// The slot confirmed the position, after this many looks.
+    Reached { polls: u32 },
+    /// The slot does not exist (dropped, or never made): waiting longer cannot help.
+    SlotMissing,
+    /// The slot exists but had not confirmed the position when the time ran out.
+    TimedOut,
+}
+
+/// Waits until `slot` on `server` has confirmed `lsn` (its consumer has applied and flushed
+/// everything up to there), looking every `poll`, for at most `timeout`. A missing slot ends
+/// the wait at once: the one place both the cutover's catch-up and validation's wait for the
+/// target go through, so that they agree on it.
+pub async fn wait_confirmed(
+    server: &Server,
+    slot: &str,
+    lsn: &str,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<Confirmed, PgError> {
+    let started = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        let reached: Option<bool> = server
+            .query_one(
+                "read the slot's confirmed position",
+                SLOT_CONFIRMED,
+                &[&slot, &lsn],
+            )
+            .await?
+            .get(0);
+        polls += 1;
+        match reached {
+            Some(true) => return Ok(Confirmed::Reached { polls }),
+            None => return Ok(Confirmed::SlotMissing),
+            Some(false) if started.elapsed() >= timeout => return Ok(Confirmed::TimedOut),
+            Some(false) => tokio::time::sleep(poll).await,
+        }
+    }
+}
+
+/// Whether a slot has confirmed a position: NULL when there is no such slot.
+const SLOT_CONFIRMED: &str = "SELECT (SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1)";

@@ -58,7 +58,7 @@ pub struct Status {
     /// What must be fixed before the migration can go on (drift, a lost slot, a failing apply).
     pub blocking: Vec<String>,
     /// Where the proxies send transactions, and the epoch of the last switch.
-    pub backend: crate::proxy::backend::Switch,
+    pub backend: crate::state::Switch,
     /// Servers whose write grants a cutover or rollback revoked.
     pub fenced: Vec<crate::pg::Side>,
     /// After a cutover: WAL the source has not yet applied from the target (the way back).

@@ -402,30 +402,30 @@ async fn confirmed_lsn(source: &Server, slot: &str) -> Result<Option<String>> {
 }
 
 /// Waits until the target confirmed the source's `lsn` on the subscription's slot. Without
-/// replication there is nothing to wait for.
+/// replication there is nothing to wait for; a slot that disappears meanwhile ends the run at
+/// once (it used to wait out `catchup_timeout`).
 async fn wait_applied(shared: &Shared, source: &Server, lsn: &str) -> Result<()> {
     let Some(slot) = &shared.slot else {
         return Ok(());
     };
-    let deadline = Instant::now() + shared.opts.catchup_timeout;
-    loop {
-        let row = source
-            .query_one(
-                "wait for the target",
-                "SELECT coalesce((SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2), false)",
-                &[&lsn, slot],
-            )
-            .await?;
-        if row.get::<_, bool>(0) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Refused(format!(
-                "the target did not confirm source position {lsn} within {} (slot {slot})",
-                humantime::format_duration(shared.opts.catchup_timeout)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let timeout = shared.opts.catchup_timeout;
+    let waited = crate::sync::replication::wait_confirmed(
+        source,
+        slot,
+        lsn,
+        timeout,
+        Duration::from_millis(20),
+    )
+    .await?;
+    match waited {
+        crate::sync::replication::Confirmed::Reached { .. } => Ok(()),
+        crate::sync::replication::Confirmed::SlotMissing => Err(Error::Refused(format!(
+            "the replication slot {slot} is gone from the source: the target no longer follows it, so rows cannot be compared while they change; run `switchyard status` to see why"
+        ))),
+        crate::sync::replication::Confirmed::TimedOut => Err(Error::Refused(format!(
+            "the target did not confirm source position {lsn} within {} (slot {slot})",
+            humantime::format_duration(timeout)
+        ))),
     }
 }
 
