@@ -1572,3 +1572,55 @@ async fn a_bind_after_a_skipped_unnamed_parse_binds_the_statement_before_it() {
     }
     differences.assert_none();
 }
+
+/// A portal bound to a SET in a pipeline, before the answer to an earlier query of the same
+/// write came, and executed after it: the SET is the session's (the fuzzer saw the proxy
+/// forget it, once the earlier query's ReadyForQuery cleared the transaction's portals).
+/// `other` holds a server connection during the SHOW, so that in transaction mode it runs on
+/// another connection than the SET did.
+async fn set_through_a_pipelined_portal(
+    wire: &mut Wire,
+    other: Option<&mut Wire>,
+) -> Vec<Vec<String>> {
+    wire.send(
+        Msgs::new()
+            .query("SELECT pg_sleep(0.2)")
+            .parse("", "SET search_path = pg_catalog, public")
+            .bind("p2", ""),
+    )
+    .await;
+    let mut seen = vec![wire.until_ready(1).await.kinds()];
+    seen.push(wire.step(Msgs::new().execute("p2").sync()).await.kinds());
+    let other = match other {
+        Some(other) => {
+            other.simple("BEGIN").await;
+            Some(other)
+        }
+        None => None,
+    };
+    seen.push(wire.simple("SHOW search_path").await.kinds());
+    if let Some(other) = other {
+        other.simple("COMMIT").await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_executed_through_a_portal_bound_earlier_in_a_pipeline_is_followed() {
+    let db = TestDb::new("fidelity_pipelined_portal").await;
+    let direct_at = Endpoint::direct(&db).await;
+    let direct = set_through_a_pipelined_portal(&mut direct_at.wire().await, None).await;
+    assert!(
+        direct[2].contains(&"DataRow[pg_catalog, public]".to_string()),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
+        let at = Endpoint::proxy(&proxy, mode);
+        let (mut wire, mut other) = (at.wire().await, at.wire().await);
+        let got = set_through_a_pipelined_portal(&mut wire, Some(&mut other)).await;
+        differences.compare(&format!("{mode} mode"), &got, &direct);
+    }
+    differences.assert_none();
+}

@@ -39,7 +39,7 @@ use crate::plan::PoolMode;
 use cancel::{forward_cancel, give_back_after_cancel};
 use login::LoggedIn;
 pub use login::{refuse, run};
-use prepared::{Awaited, GroupPrepared, Prepared};
+use prepared::{Awaited, GroupPrepared, Prepared, SettingPortal};
 use tracking::remember_parameter;
 use unnamed::UnnamedParse;
 
@@ -168,7 +168,7 @@ struct Session {
     unnamed_sets: bool,
     /// Portals bound in this transaction to a statement that changes settings, with its
     /// text: what it sets counts when the portal is executed, not when it is parsed.
-    setting_portals: Vec<(String, String)>,
+    setting_portals: Vec<SettingPortal>,
     /// ParseCompletes owed to the client for Parses remembered without a server.
     owed_parse_complete: u32,
     /// The last transaction status the server reported.
@@ -565,8 +565,12 @@ impl Session {
                 }
                 // That sync group is answered, whatever an error made the server skip.
                 self.replies.ready_received();
-                if self.status == b'I' {
-                    self.setting_portals.clear();
+                // The transaction ended, and its portals with it; those bound in groups the
+                // client sent since belong to the next ones (a pipeline: the client may bind
+                // one before this answer came).
+                if self.status == b'I' && !self.setting_portals.is_empty() {
+                    let answering = self.replies.answering();
+                    self.setting_portals.retain(|p| p.group >= answering);
                 }
                 if !self.unnamed_sent.is_empty() {
                     self.settle_unnamed(self.replies.answered());

@@ -472,7 +472,7 @@ impl Session {
 
     /// A Bind of `portal`: it remembers the statement's text if that changes settings.
     pub(super) fn bound(&mut self, portal: String, statement: String, sets: bool) {
-        self.setting_portals.retain(|(bound, _)| *bound != portal);
+        self.setting_portals.retain(|p| p.portal != portal);
         if !sets {
             return;
         }
@@ -486,7 +486,11 @@ impl Session {
             .and_then(frontend::parse_message)
             .and_then(|message| std::str::from_utf8(message.query).ok().map(str::to_string));
         if let Some(text) = text {
-            self.setting_portals.push((portal, text));
+            self.setting_portals.push(SettingPortal {
+                portal,
+                text,
+                group: self.replies.open_group(),
+            });
         }
     }
 
@@ -497,11 +501,11 @@ impl Session {
         let Some(portal) = cstr(&mut b) else {
             return;
         };
-        if let Some((_, text)) = self
+        if let Some(text) = self
             .setting_portals
             .iter()
-            .find(|(bound, _)| *bound == portal)
-            .cloned()
+            .find(|p| p.portal == portal)
+            .map(|p| p.text.clone())
         {
             self.track_setting(&text);
         }
@@ -595,6 +599,16 @@ pub(super) struct GroupPrepared {
     pub(super) name: String,
     /// The position of its Parse among the Parse and Close answers.
     pub(super) at: u64,
+}
+
+/// A portal bound to a statement that changes settings: what it sets counts when it is
+/// executed.
+pub(super) struct SettingPortal {
+    pub(super) portal: String,
+    /// The statement's text.
+    pub(super) text: String,
+    /// The sync group of its Bind.
+    pub(super) group: u64,
 }
 
 /// A client's Parse or Close sent to the server whose answer has not come yet.
