@@ -120,6 +120,14 @@ impl OnConnection {
         Some(oldest)
     }
 
+    /// `name` turned out to be still there (a Close of it that the server skipped): listed
+    /// again, without closing another. The cap may be passed by as many such statements until
+    /// the connection closes, which is rare (a Close after an error in the same pipeline).
+    pub fn restore(&mut self, name: &str) {
+        self.clock += 1;
+        self.used.insert(name.to_string(), self.clock);
+    }
+
     pub fn remove(&mut self, name: &str) {
         self.used.remove(name);
     }
@@ -155,6 +163,18 @@ mod tests {
         assert!(book.release("a"));
         assert_eq!(book.deaths(), 1);
         assert_eq!(book.dead(&on), ["a"]);
+    }
+
+    #[test]
+    fn a_statement_whose_close_was_skipped_is_listed_again() {
+        let mut on = OnConnection::new(2);
+        on.insert("a");
+        on.insert("b");
+        on.remove("a");
+        on.restore("a");
+        assert!(on.touch("a") && on.touch("b"));
+        // Listed again without closing another.
+        assert_eq!(on.len(), 2);
     }
 
     #[test]

@@ -1624,3 +1624,52 @@ async fn a_set_executed_through_a_portal_bound_earlier_in_a_pipeline_is_followed
     }
     differences.assert_none();
 }
+
+/// A Close of a named statement that the server skipped (an error earlier in its group): the
+/// statement is still the client's and still on the connection, so it is not prepared again,
+/// which after a `SET search_path` would resolve its tables anew (the fuzzer saw a 42P01
+/// where PostgreSQL, binding the statement it has, checks the parameters first: 08P01).
+fn skipped_close_steps() -> Vec<Msgs> {
+    vec![
+        Msgs::new()
+            .parse(
+                "s2",
+                "SELECT count(*) FROM fidelity_close WHERE $1::int > 0",
+            )
+            .sync(),
+        Msgs::new().execute("nosuch").close(b'S', "s2").sync(),
+        Msgs::new().query("SET search_path = ''"),
+        Msgs::new().bind("", "s2").sync(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_server_skipped_leaves_the_statement_where_it_was() {
+    let db = TestDb::new("fidelity_skipped_close").await;
+    let direct_at = Endpoint::direct(&db).await;
+    db.source_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE public.fidelity_close (n int); GRANT SELECT ON public.fidelity_close TO {}",
+            direct_at.user
+        ))
+        .await
+        .expect("a table");
+    let direct = steps(&mut direct_at.wire().await, &skipped_close_steps()).await;
+    assert_eq!(
+        direct[3],
+        strs(&["ErrorResponse(08P01)", "ReadyForQuery(I)"]),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        // One server connection: the statement stays where it was prepared.
+        let proxy = Proxy::start(&db, mode, 1, "workers = 1").await;
+        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
+        let got = steps(&mut wire, &skipped_close_steps()).await;
+        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences.assert_none();
+}

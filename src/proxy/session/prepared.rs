@@ -146,6 +146,7 @@ impl Session {
             group: self.replies.open_group(),
             name: client_name,
             closed: None,
+            closed_on_server: false,
         });
         out.push(parse);
         out
@@ -243,7 +244,13 @@ impl Session {
         self.awaited = awaited;
         // Undone latest first: a Close and a Parse of the same name, both skipped, leave the
         // statement from before them.
-        for Awaited { name, closed, .. } in failed.into_iter().rev() {
+        for Awaited {
+            name,
+            closed,
+            closed_on_server,
+            ..
+        } in failed.into_iter().rev()
+        {
             match closed {
                 None => {
                     if let Some(prepared) = self.statements.remove(&name) {
@@ -251,6 +258,11 @@ impl Session {
                     }
                 }
                 Some(prepared) => {
+                    // Still on the connection (prepared again under a changed search_path, it
+                    // could name other tables than the client's statement does).
+                    if let (true, Some(server)) = (closed_on_server, self.server.as_mut()) {
+                        server.prepared.restore(&prepared.server_name);
+                    }
                     if let std::collections::hash_map::Entry::Vacant(entry) =
                         self.statements.entry(name)
                     {
@@ -553,6 +565,7 @@ impl Session {
                     group: self.replies.open_group(),
                     name: name.to_string(),
                     closed: Some(prepared),
+                    closed_on_server: false,
                 });
                 return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
             }
@@ -565,6 +578,7 @@ impl Session {
                 group: self.replies.open_group(),
                 name: name.to_string(),
                 closed: Some(prepared),
+                closed_on_server: self.server.is_some(),
             });
             return smallvec![close];
         }
@@ -621,6 +635,10 @@ pub(super) struct Awaited {
     pub(super) name: String,
     /// For a Close: the statement, given back to the client if the Close did not run.
     pub(super) closed: Option<Prepared>,
+    /// The Close was sent to the server under the statement's server name (its last holder
+    /// closed it), and the connection's record no longer lists it: if the server skipped the
+    /// Close, the connection still has the statement, and the record lists it again.
+    pub(super) closed_on_server: bool,
 }
 
 /// What a Parse's statement does, as [`Session::parse_effects`] finds it.
