@@ -128,8 +128,9 @@ impl OnConnection {
         self.used.insert(name.to_string(), self.clock);
     }
 
-    pub fn remove(&mut self, name: &str) {
-        self.used.remove(name);
+    /// Whether it was listed.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.used.remove(name).is_some()
     }
 
     pub fn clear(&mut self) {

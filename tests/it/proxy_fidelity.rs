@@ -1673,3 +1673,52 @@ async fn a_close_the_server_skipped_leaves_the_statement_where_it_was() {
     }
     differences.assert_none();
 }
+
+/// The same on a connection that never had the statement (the duplicate Parse makes the first
+/// one unfit for reuse): it must not be listed there afterwards.
+fn skipped_close_elsewhere_steps() -> Vec<Msgs> {
+    vec![
+        Msgs::new().parse("s3", "SELECT 1").sync(),
+        Msgs::new()
+            .parse("s1", "SELECT 2")
+            .parse("s1", "SELECT 3")
+            .sync(),
+        Msgs::new()
+            .execute("nosuch")
+            .close(b'S', "s3")
+            .bind("", "s3")
+            .sync(),
+        Msgs::new().bind("", "s3").execute("").sync(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_close_on_a_connection_without_the_statement_lists_nothing() {
+    let db = TestDb::new("fidelity_skipped_close_elsewhere").await;
+    let direct_at = Endpoint::direct(&db).await;
+    let direct = steps(
+        &mut direct_at.wire().await,
+        &skipped_close_elsewhere_steps(),
+    )
+    .await;
+    assert_eq!(
+        direct[3],
+        strs(&[
+            "BindComplete",
+            "DataRow[1]",
+            "CommandComplete(SELECT 1)",
+            "ReadyForQuery(I)"
+        ]),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
+        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
+        let got = steps(&mut wire, &skipped_close_elsewhere_steps()).await;
+        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences.assert_none();
+}

@@ -569,16 +569,17 @@ impl Session {
                 });
                 return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
             }
-            if let Some(server) = self.server.as_mut() {
-                server.prepared.remove(&prepared.server_name);
-            }
+            let listed = self
+                .server
+                .as_mut()
+                .is_some_and(|server| server.prepared.remove(&prepared.server_name));
             let close = frontend::rebuild_target(b'C', b'S', &prepared.server_name);
             self.awaited.push(Awaited {
                 at: close_at,
                 group: self.replies.open_group(),
                 name: name.to_string(),
                 closed: Some(prepared),
-                closed_on_server: self.server.is_some(),
+                closed_on_server: listed,
             });
             return smallvec![close];
         }
