@@ -324,6 +324,15 @@ impl Pending {
     }
 }
 
+/// A tag for a state of a session's settings, unique in the process: a server connection whose
+/// settings carry the tag of the client's is in step with it, so the check before each
+/// transaction is one comparison of two numbers, not of two maps (a client that set anything,
+/// as every one that sends `application_name` at login, paid that on every transaction).
+pub fn new_tag() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One statement of [`reconcile`]: the setting it changes, and the SQL.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Change {

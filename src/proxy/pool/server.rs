@@ -161,6 +161,9 @@ pub struct ServerConn {
     pub prepared: OnConnection,
     /// Session settings clients made on this connection, name → value as SQL.
     pub applied: std::collections::BTreeMap<String, String>,
+    /// The tag of the client settings `applied` equals ([`crate::proxy::settings::new_tag`]);
+    /// 0 when not known to equal any.
+    pub applied_tag: u64,
     /// Set when the connection must not be reused (it broke, or a client left it mid-way).
     pub broken: bool,
     pub idle_since: Instant,
@@ -199,6 +202,7 @@ impl ServerConn {
                 addr,
                 prepared: OnConnection::new(target.max_prepared_statements),
                 applied: Default::default(),
+                applied_tag: 0,
                 broken: false,
                 idle_since: Instant::now(),
                 home: 0,

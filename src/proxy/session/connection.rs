@@ -46,8 +46,11 @@ impl Session {
         if server.home != self.shard {
             metrics::add(&self.metrics().borrowed, 1);
         }
-        let changes = if apply_settings {
-            settings::reconcile(&self.wanted, &mut server.applied)
+        let changes = if apply_settings && server.applied_tag != self.wanted_tag {
+            let changes = settings::reconcile(&self.wanted, &mut server.applied);
+            // In step once the changes are applied (a failure breaks the connection).
+            server.applied_tag = self.wanted_tag;
+            changes
         } else {
             Vec::new()
         };
@@ -429,5 +432,6 @@ pub(super) async fn reset(server: &mut ServerConn) -> Result<(), crate::proxy::p
     }
     server.prepared.clear();
     server.applied.clear();
+    server.applied_tag = 0;
     Ok(())
 }

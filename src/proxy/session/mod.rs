@@ -120,6 +120,8 @@ struct Session {
     parked: Option<Bytes>,
     /// The client's settings, name → value as SQL.
     wanted: BTreeMap<String, String>,
+    /// A new tag each time `wanted` changes ([`settings::new_tag`]).
+    wanted_tag: u64,
     /// Setting changes sent whose transaction has not ended yet.
     pending_settings: settings::Pending,
     /// The group being answered rolled back (a ROLLBACK's CommandComplete), while setting
@@ -215,6 +217,7 @@ impl Session {
             parked: None,
             placeholders: Vec::new(),
             wanted,
+            wanted_tag: settings::new_tag(),
             pending_settings: settings::Pending::default(),
             rolled_back: false,
             transaction_control: None,

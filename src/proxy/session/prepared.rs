@@ -260,7 +260,17 @@ impl Session {
                 Some(prepared) => {
                     // Still on the connection (prepared again under a changed search_path, it
                     // could name other tables than the client's statement does).
-                    if let (true, Some(server)) = (closed_on_server, self.server.as_mut()) {
+                    // Unless a later Close, still unanswered, closes it (another client name
+                    // for the same text: the server names statements by their text).
+                    let closed_later = self.awaited.iter().any(|later| {
+                        later
+                            .closed
+                            .as_ref()
+                            .is_some_and(|p| p.server_name == prepared.server_name)
+                    });
+                    if let (true, false, Some(server)) =
+                        (closed_on_server, closed_later, self.server.as_mut())
+                    {
                         server.prepared.restore(&prepared.server_name);
                     }
                     if let std::collections::hash_map::Entry::Vacant(entry) =

@@ -84,6 +84,7 @@ impl Session {
         };
         let name = name.to_ascii_lowercase();
         let passed_to_server = settings::passed_to_server(&name);
+        let in_step = self.settings_in_step();
         if let Some(server) = self.server.as_mut() {
             server.params.insert(name.clone(), value.clone());
             if passed_to_server {
@@ -92,6 +93,7 @@ impl Session {
         }
         if passed_to_server {
             self.wanted.insert(name, sql::literal(&value));
+            self.settings_changed(in_step);
         }
     }
 
@@ -199,6 +201,10 @@ impl Session {
     /// ran there (a simple Query, or the Execute of a portal, on the connection the
     /// transaction holds).
     pub(super) fn settings_lasted(&mut self, lasted: Vec<SettingChange>) {
+        if lasted.is_empty() {
+            return;
+        }
+        let in_step = self.settings_in_step();
         for change in lasted {
             let applied = self.server.as_mut().map(|server| &mut server.applied);
             match change {
@@ -222,6 +228,30 @@ impl Session {
                     self.wanted.retain(|name, _| name == "client_encoding");
                 }
             }
+        }
+        // The connection's settings changed with the client's, in step if they were.
+        self.settings_changed(in_step);
+    }
+
+    /// The attached connection's settings carry the tag of the client's.
+    fn settings_in_step(&self) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|server| server.applied_tag == self.wanted_tag)
+    }
+
+    /// The client's settings changed (and the attached connection's with them): a new tag,
+    /// which the connection carries too if it was in step and still is (a `DISCARD ALL`
+    /// keeps the client's `client_encoding` but not the connection's). Rare: the maps are
+    /// compared here, so that equal tags always mean equal settings.
+    fn settings_changed(&mut self, in_step: bool) {
+        self.wanted_tag = settings::new_tag();
+        if let Some(server) = self.server.as_mut() {
+            server.applied_tag = if in_step && server.applied == self.wanted {
+                self.wanted_tag
+            } else {
+                0
+            };
         }
     }
 
@@ -258,8 +288,10 @@ impl Session {
                     b'E' => {
                         let (code, message) = backend::error_fields(body(&frame));
                         server.applied.remove(&change.name);
+                        server.applied_tag = 0;
                         let error = if refuses_the_setting(&code) {
                             self.wanted.remove(&change.name);
+                            self.wanted_tag = settings::new_tag();
                             Fatal::new(code, format!(
                                 "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
                                 change.name
