@@ -192,8 +192,10 @@ async fn a_coordinator_frozen_past_max_pause_never_fences() {
         .expect("wait for the cutover");
     let shown = text(&output);
     assert_eq!(output.status.code(), Some(1), "{shown}");
+    // Undone (by the pause's budget, or, on a slow machine, by the pause request that the
+    // freeze made time out), never fenced, and reported as what it was.
     assert!(
-        shown.contains("budget") && shown.contains("they saw only a pause"),
+        shown.contains("they saw only a pause") && !shown.contains("grants revoked"),
         "{shown}"
     );
 
