@@ -1,0 +1,355 @@
+//! The preflight's checks of the two servers: versions, tools, roles that log in, the
+//! coordinator's privileges, replication capacity, encoding and disk.
+
+use super::*;
+
+pub(super) fn check_versions(c: &mut Checker, source: &Server, target: &Server) {
+    if source.major() < 10 {
+        c.add(
+            Severity::Block,
+            "source_version",
+            "source",
+            format!("PostgreSQL {} has no logical replication", source.major()),
+            Some("upgrade the source to PostgreSQL 10 or later".into()),
+        );
+    }
+    if target.major() < source.major() {
+        c.add(
+            Severity::Block,
+            "target_version",
+            "target",
+            format!(
+                "the target runs PostgreSQL {}, older than the source's {}",
+                target.major(),
+                source.major()
+            ),
+            Some("use a target of the same or a newer major version".into()),
+        );
+    }
+}
+
+pub(super) fn check_tools(
+    c: &mut Checker,
+    source: &Server,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pg_dump = match tools::find("pg_dump", source.major()) {
+        Ok((path, _)) => path,
+        Err(e) => {
+            c.add(
+                Severity::Block,
+                "pg_dump",
+                "coordinator",
+                e.to_string(),
+                None,
+            );
+            "pg_dump".into()
+        }
+    };
+    let pg_restore = match tools::find("pg_restore", source.major()) {
+        Ok((path, _)) => path,
+        Err(e) => {
+            c.add(
+                Severity::Block,
+                "pg_restore",
+                "coordinator",
+                e.to_string(),
+                None,
+            );
+            "pg_restore".into()
+        }
+    };
+    (pg_dump, pg_restore)
+}
+
+/// Applications must not log in as the coordinator's role: the cutover fences every role but
+/// that one.
+pub(super) fn check_proxy_users(c: &mut Checker, plan: &Plan) {
+    for user in &plan.proxy.users {
+        if user.name.0 == plan.source.url.user() || user.name.0 == plan.target.url.user() {
+            c.add(
+                Severity::Block,
+                "proxy_user_is_coordinator",
+                user.name.0.clone(),
+                "a [[proxy.users]] entry is the coordinator's own role: the cutover could not fence the applications",
+                Some("give the applications a role of their own".into()),
+            );
+        }
+    }
+}
+
+pub(super) async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError> {
+    let row = server
+        .query_one(
+            "check the coordinator's role",
+            // Managed services give a superuser-like role instead of superuser.
+            "SELECT current_user::text, rolsuper OR EXISTS (
+                 SELECT 1 FROM pg_roles g
+                  WHERE g.rolname IN ('rds_superuser', 'cloudsqlsuperuser', 'azure_pg_admin')
+                    AND pg_has_role(current_user, g.oid, 'MEMBER'))
+               FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (user, superuser): (String, bool) = (row.get(0), row.get(1));
+    if !superuser {
+        c.add(
+            Severity::Block,
+            "coordinator_not_superuser",
+            server.side.to_string(),
+            format!("role {user} is not a superuser: it cannot create subscriptions on PostgreSQL 15 nor revoke rights for the fence"),
+            Some(format!("ALTER ROLE {} SUPERUSER;  -- or, on RDS, GRANT rds_superuser TO {}", sql::ident(&user), sql::ident(&user))),
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn count(
+    server: &Server,
+    context: &str,
+    query: &str,
+    name: &str,
+) -> Result<i64, PgError> {
+    Ok(server.query_one(context, query, &[&name]).await?.get(0))
+}
+
+/// Counts rows of `query`, which takes this migration's slot name ($1) and its table-sync slot
+/// pattern ($2) so as to leave them out.
+pub(super) async fn count_others(
+    server: &Server,
+    context: &str,
+    query: &str,
+    ours: [&String; 2],
+) -> Result<i64, PgError> {
+    Ok(server
+        .query_one(context, query, &[ours[0], ours[1]])
+        .await?
+        .get(0))
+}
+
+pub(super) async fn check_source_capacity(
+    c: &mut Checker,
+    source: &Server,
+    s: &HashMap<String, String>,
+    ours: [&String; 2],
+    copy_workers: i64,
+) -> Result<(), PgError> {
+    if s.get("wal_level").map(String::as_str) != Some("logical") {
+        c.add(
+            Severity::Block,
+            "wal_level",
+            "source",
+            format!(
+                "wal_level is {}, logical replication needs logical",
+                s.get("wal_level").map_or("unknown", String::as_str)
+            ),
+            Some("ALTER SYSTEM SET wal_level = logical;  -- then restart the source".into()),
+        );
+    }
+    let used_slots = count_others(
+        source,
+        "count replication slots",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1 AND slot_name NOT LIKE $2",
+        ours,
+    )
+    .await?;
+    let free_slots = setting_i64(s, "max_replication_slots") - used_slots;
+    let senders = count_others(
+        source,
+        "count WAL senders",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name <> $1 AND application_name NOT LIKE $2",
+        ours,
+    )
+    .await?;
+    let free_senders = setting_i64(s, "max_wal_senders") - senders;
+    for (what, free, setting) in [
+        ("replication slots", free_slots, "max_replication_slots"),
+        ("WAL senders", free_senders, "max_wal_senders"),
+    ] {
+        let needed = 1 + copy_workers;
+        if free < 1 {
+            c.add(
+                Severity::Block,
+                "source_capacity",
+                "source",
+                format!(
+                    "no free {what} ({setting} = {})",
+                    s.get(setting).map_or("?", String::as_str)
+                ),
+                Some(format!(
+                    "ALTER SYSTEM SET {setting} = {};  -- then restart the source",
+                    setting_i64(s, setting) + needed
+                )),
+            );
+        } else if free < needed {
+            c.add(Severity::Warn, "source_capacity", "source", format!("{free} free {what}: the initial copy uses up to {needed} at once, so tables will copy fewer at a time"), Some(format!("ALTER SYSTEM SET {setting} = {};  -- then restart the source", setting_i64(s, setting) + needed - free)));
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn check_target_capacity(
+    c: &mut Checker,
+    target: &Server,
+    s: &HashMap<String, String>,
+    ours: &str,
+    copy_workers: i64,
+) -> Result<(), PgError> {
+    let running = count(
+        target,
+        "count subscription workers",
+        "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname <> $1",
+        ours,
+    )
+    .await?;
+    let free_workers = setting_i64(s, "max_logical_replication_workers") - running;
+    if free_workers < 1 {
+        c.add(
+            Severity::Block,
+            "target_capacity",
+            "target",
+            "no free logical replication worker on the target",
+            Some(
+                "ALTER SYSTEM SET max_logical_replication_workers = 8;  -- then restart the target"
+                    .into(),
+            ),
+        );
+    } else if free_workers < 1 + copy_workers {
+        c.add(
+            Severity::Warn,
+            "target_capacity",
+            "target",
+            format!(
+                "{free_workers} free logical replication workers: tables will copy {} at a time",
+                free_workers - 1
+            ),
+            None,
+        );
+    }
+    // Before PostgreSQL 18 replication origins are limited by max_replication_slots.
+    let origin_limit = if target.major() >= 18 {
+        "max_active_replication_origins"
+    } else {
+        "max_replication_slots"
+    };
+    let origins = count(target, "count replication origins", "SELECT count(*) FROM pg_replication_origin WHERE roname NOT LIKE 'pg\\_' || coalesce((SELECT oid::text FROM pg_subscription WHERE subname = $1), '-') || '%'", ours).await?;
+    if setting_i64(s, origin_limit) - origins < 1 + copy_workers {
+        c.add(
+            Severity::Block,
+            "target_capacity",
+            "target",
+            format!("{origin_limit} = {} leaves too few replication origins for one subscription and {copy_workers} table copies", s.get(origin_limit).map_or("?", String::as_str)),
+            Some(format!("ALTER SYSTEM SET {origin_limit} = {};  -- then restart the target", origins + 2 + copy_workers)),
+        );
+    }
+    if setting_i64(s, "max_worker_processes")
+        < setting_i64(s, "max_logical_replication_workers") + 1
+    {
+        c.add(Severity::Warn, "target_capacity", "target", "max_worker_processes is lower than max_logical_replication_workers + 1: workers may fail to start", Some("raise max_worker_processes on the target".into()));
+    }
+    Ok(())
+}
+
+/// The database's encoding and collation (`lc_collate` is no setting since PostgreSQL 16).
+pub(super) async fn database_locale(server: &Server) -> Result<HashMap<String, String>, PgError> {
+    let row = server
+        .query_one(
+            "read the database's locale",
+            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(HashMap::from([
+        ("database_encoding".to_string(), row.get(0)),
+        ("database_collate".to_string(), row.get(1)),
+        ("database_ctype".to_string(), row.get(2)),
+    ]))
+}
+
+pub(super) fn check_encoding(
+    c: &mut Checker,
+    src: &HashMap<String, String>,
+    tgt: &HashMap<String, String>,
+) {
+    let get = |s: &HashMap<String, String>, key: &str| s.get(key).cloned().unwrap_or_default();
+    let (src_enc, tgt_enc) = (get(src, "database_encoding"), get(tgt, "database_encoding"));
+    if src_enc != tgt_enc {
+        c.add(
+            Severity::Block,
+            "encoding",
+            "target",
+            format!("the source database is encoded {src_enc}, the target {tgt_enc}"),
+            Some(format!(
+                "create the target database with ENCODING '{src_enc}'"
+            )),
+        );
+    }
+    let (src_coll, tgt_coll) = (get(src, "database_collate"), get(tgt, "database_collate"));
+    if src_coll != tgt_coll {
+        c.add(Severity::Warn, "collation", "target", format!("collation differs: source {src_coll}, target {tgt_coll}; text sorts and unique indexes on text may behave differently"), None);
+    }
+}
+
+pub(super) fn check_disk(
+    c: &mut Checker,
+    s: &HashMap<String, String>,
+    source_free: Option<i64>,
+    target_free: Option<i64>,
+    total_bytes: i64,
+) {
+    let keep_mb = setting_i64(s, "max_slot_wal_keep_size");
+    if keep_mb < 0 {
+        c.add(Severity::Info, "wal_retention", "source", "max_slot_wal_keep_size is unlimited: if replication stalls, the slot keeps WAL until the disk fills; `switchyard status` warns past [sync] retained_wal_warn_bytes", None);
+    } else if keep_mb * 1024 * 1024 < total_bytes {
+        c.add(Severity::Warn, "wal_retention", "source", format!("max_slot_wal_keep_size = {keep_mb}MB is smaller than the data to copy: writes during a long copy can invalidate the slot"), Some("raise max_slot_wal_keep_size on the source for the duration of the copy".into()));
+    }
+    match source_free {
+        Some(free) if free < total_bytes / 2 => c.add(Severity::Warn, "disk_headroom", "source", format!("only {} free for WAL on the source; WAL retained during the copy may fill it", human_bytes(free)), None),
+        Some(_) => {}
+        None => c.add(Severity::Info, "disk_headroom", "source", "free disk space could not be read (needs superuser and a shell on the server); check it by hand", None),
+    }
+    if let Some(free) = target_free.filter(|&free| free < total_bytes) {
+        c.add(
+            Severity::Block,
+            "disk_headroom",
+            "target",
+            format!(
+                "the target has {} free but the selected tables take {}",
+                human_bytes(free),
+                human_bytes(total_bytes)
+            ),
+            Some("give the target more disk".into()),
+        );
+    }
+}
+
+/// Free space of the file system that holds `pg_wal`, read with `df` through
+/// `COPY ... FROM PROGRAM` inside a transaction that is rolled back. `None` where the server
+/// does not allow it (not a superuser, a managed service).
+pub(super) async fn free_disk_bytes(server: &Server) -> Option<i64> {
+    let dir = server
+        .simple_column("read data_directory", "SHOW data_directory")
+        .await
+        .ok()?
+        .into_iter()
+        .next()??;
+    let command = format!("df -Pk '{}/pg_wal'", dir.replace('\'', ""));
+    let setup = format!(
+        "BEGIN; CREATE TEMP TABLE switchyard_df (line text) ON COMMIT DROP; COPY switchyard_df FROM PROGRAM {}",
+        sql::literal(&command)
+    );
+    let result = match server.execute("read free disk space", &setup).await {
+        Ok(()) => server
+            .simple_column("read free disk space", "SELECT line FROM switchyard_df")
+            .await
+            .ok(),
+        Err(e) => {
+            tracing::debug!("cannot read free disk space on the {}: {e}", server.side);
+            None
+        }
+    };
+    let _ = server.execute("roll back", "ROLLBACK").await;
+    let lines = result?;
+    let data_line = lines.into_iter().flatten().nth(1)?;
+    let available_kb: i64 = data_line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(available_kb * 1024)
+}
