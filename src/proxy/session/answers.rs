@@ -1,0 +1,148 @@
+//! The server's answers: what each tells the session about its statements, settings and
+//! transaction on the way to the client, and the end of a transaction.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn on_server_frame(&mut self, frame: Bytes) -> bool {
+        let kind = tag(&frame);
+        match kind {
+            b'1' | b'3' => match self.replies.complete_received() {
+                Err(at) => {
+                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.marker == Some(at))
+                    {
+                        parse.reached = true;
+                    }
+                    if !self.group_prepared.is_empty() {
+                        self.group_prepared.retain(|p| p.at != at);
+                    }
+                    if self
+                        .unnamed_replayed
+                        .is_some_and(|(_, replayed)| replayed == at)
+                    {
+                        self.unnamed_replayed = None;
+                    }
+                    return true;
+                }
+                Ok(at) => {
+                    // A statement prepared in this group exists: an error later in it does
+                    // not undo that.
+                    if !self.group_prepared.is_empty() {
+                        self.group_prepared.retain(|p| p.at != at);
+                    }
+                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
+                        parse.ran = true;
+                    } else if !self.awaited.is_empty() {
+                        self.awaited.retain(|awaited| awaited.at != at);
+                    }
+                }
+            },
+            b'S' => self.note_parameter(&frame),
+            // Copy-in began: the Syncs sent after the Execute that started it were (or will
+            // be) ignored by the server.
+            b'G' => self.replies.copy_in_received(),
+            // The server is ending the connection (shutdown, pg_terminate_backend): that ends
+            // this client's transaction, not its session.
+            b'E' if backend::is_fatal(body(&frame)) => {
+                let (code, message) = backend::error_fields(body(&frame));
+                tracing::warn!(user = %self.user, code, "server connection ended: {message}");
+                return self.server_lost_because(Fatal::new(code, message)).await;
+            }
+            b'Z' => {
+                self.status = body(&frame).first().copied().unwrap_or(b'I');
+                if !self.pending_settings.is_empty() {
+                    self.settle_settings();
+                }
+                // That sync group is answered, whatever an error made the server skip.
+                self.replies.ready_received();
+                // The transaction ended, and its portals with it; those bound in groups the
+                // client sent since belong to the next ones (a pipeline: the client may bind
+                // one before this answer came).
+                if self.status == b'I' && !self.setting_portals.is_empty() {
+                    let answering = self.replies.answering();
+                    self.setting_portals.retain(|p| p.group >= answering);
+                }
+                if !self.unnamed_sent.is_empty() {
+                    self.settle_unnamed(self.replies.answered());
+                }
+                if self.unnamed_replayed.is_some() {
+                    self.settle_unnamed_replay(self.replies.answered());
+                }
+                if !self.awaited.is_empty() {
+                    self.not_run(self.replies.answered());
+                }
+                if !self.group_prepared.is_empty() {
+                    let answering = self.replies.answering();
+                    // After an error the server skipped the rest of the group, including
+                    // statements the proxy prepared after the error came (a group whose
+                    // error answered an earlier write): the connection may lack them.
+                    if std::mem::take(&mut self.group_failed) {
+                        if let Some(server) = self.server.as_mut() {
+                            for p in self.group_prepared.iter().filter(|p| p.group < answering) {
+                                server.prepared.remove(&p.name);
+                            }
+                        }
+                    }
+                    self.group_prepared.retain(|p| p.group >= answering);
+                }
+                self.group_failed = false;
+            }
+            b'E' => {
+                self.replies.error_received();
+                self.group_failed = true;
+                // The transaction failed (or, outside a block, the statement and the rest of
+                // its query or pipeline): its setting changes are undone.
+                self.pending_settings.undo(self.replies.answering());
+                if let Some(server) = self.server.as_mut() {
+                    let answering = self.replies.answering();
+                    for p in self.group_prepared.iter().filter(|p| p.group <= answering) {
+                        server.prepared.remove(&p.name);
+                    }
+                }
+            }
+            // A COMMIT's or ROLLBACK's CommandComplete, maybe in a run of rows and
+            // completions.
+            _ if passes_through(kind)
+                && (!self.pending_settings.is_empty()
+                    || self.controls_sent.0 == self.replies.answering()) =>
+            {
+                self.transaction_controls_done(&frame);
+            }
+            _ => {}
+        }
+        let ready = kind == b'Z';
+        metrics::add(&self.metrics().bytes_to_clients, frame.len() as u64);
+        let more_coming = self
+            .server
+            .as_ref()
+            .is_some_and(|s| !s.reader.read_buffer().is_empty());
+        if !try_queue(&mut self.client_w, &frame)
+            && queue(&mut self.client_w, &frame).await.is_err()
+        {
+            return false;
+        }
+        if (ready || !more_coming) && self.client_w.flush().await.is_err() {
+            return false;
+        }
+        if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == b'I' {
+            self.transaction_done().await;
+        }
+        true
+    }
+
+    /// The client is between transactions: the server connection goes back to the pool in
+    /// transaction mode, and stays in session mode (but the session no longer counts as
+    /// active: a pause holds its next transaction).
+    pub(super) async fn transaction_done(&mut self) {
+        if !self.in_turn {
+            return;
+        }
+        let now = std::time::Instant::now();
+        self.metrics()
+            .transaction(now.saturating_duration_since(self.attached_at));
+        match self.mode() {
+            PoolMode::Transaction => self.release_at(false, now).await,
+            PoolMode::Session => self.end_turn(),
+        }
+    }
+}
