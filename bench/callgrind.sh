@@ -29,13 +29,9 @@ chmod 755 "$WORK"
 source scripts/lib/servers.sh
 start_servers release "$WORK"
 SRC="postgres://postgres@127.0.0.1:$SOURCE_PORT"
-psql -q -v ON_ERROR_STOP=1 "$SRC/postgres" -c "CREATE DATABASE bench"
-"$PG_BIN/pgbench" -q -i -s 10 "$SRC/bench" >/dev/null 2>&1
 APP_PASSWORD=bench-app-pw
 export APP_PASSWORD
-psql -q -v ON_ERROR_STOP=1 "$SRC/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pgbench_database 10
 
 # instructions <binary> <mode> <transactions per client>: the proxy's total Ir for one run.
 instructions() {

@@ -53,7 +53,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app;
 SQL
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 export SWITCHYARD_ADMIN_TOKEN=bench-admin-token APP_PASSWORD

@@ -36,13 +36,9 @@ trap 'kill $SY_PID $PGB_PID $BASE_PID 2>/dev/null || true; stop_servers' EXIT
 SRC="postgres://postgres@127.0.0.1:$SOURCE_PORT"
 
 echo "pgbench -i -s $SCALE ..." >&2
-psql -q -v ON_ERROR_STOP=1 "$SRC/postgres" -c "CREATE DATABASE bench"
-"$PG_BIN/pgbench" -q -i -s "$SCALE" "$SRC/bench" >/dev/null 2>&1
 APP_PASSWORD=bench-app-pw
-psql -q -v ON_ERROR_STOP=1 "$SRC/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
+pgbench_database "$SCALE"
 VERIFIER=$(psql -At "$SRC/bench" -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SY_PORT=$(free_port); SY_ADMIN=$(free_port); PGB_PORT=$(free_port)
 BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
 

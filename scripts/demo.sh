@@ -34,7 +34,6 @@ psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" \
   -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'" \
   -c "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app" \
   -c "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 

@@ -27,3 +27,15 @@ stop_servers() {
   wait "$SERVERS_PID" 2>/dev/null || true
   rm -rf "$SERVERS_WORK"
 }
+
+# A free 127.0.0.1 port.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# pgbench_database <scale>: the database `bench` on the source, initialised by pgbench at that
+# scale, and the role `app` (password $APP_PASSWORD) that may read it.
+pgbench_database() {
+  local src="postgres://postgres@127.0.0.1:$SOURCE_PORT"
+  psql -q -v ON_ERROR_STOP=1 "$src/postgres" -c "CREATE DATABASE bench"
+  /usr/lib/postgresql/15/bin/pgbench -q -i -s "$1" "$src/bench" >/dev/null 2>&1
+  psql -q -v ON_ERROR_STOP=1 "$src/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
+}

@@ -183,8 +183,10 @@ pub async fn read(
         reverse: None,
     };
     if let Some(reverse) = &state.created.reverse {
-        status.reverse_lag_bytes = replication::slot_lag(target, reverse).await?;
-        status.reverse = Some(read_reverse(source, target, reverse).await?);
+        let way_back = read_reverse(source, target, reverse).await?;
+        // Kept in the JSON document as it was before `reverse` came: the same reading.
+        status.reverse_lag_bytes = way_back.lag_bytes;
+        status.reverse = Some(way_back);
     }
     let subscription_oid = replication::subscription_oid(target, &name).await?;
     if let Some(oid) = subscription_oid {

@@ -155,6 +155,26 @@ impl Differences {
     }
 }
 
+/// `steps` through a fresh proxy in each pool mode (`pool_size` connections, one worker),
+/// compared step by step with what PostgreSQL answered directly.
+async fn through_both_modes(
+    db: &TestDb,
+    pool_size: u32,
+    list: &[Msgs],
+    direct: &[Vec<String>],
+) -> Differences {
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(db, mode, pool_size, "workers = 1").await;
+        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
+        let got = steps(&mut wire, list).await;
+        for (i, (got, want)) in got.iter().zip(direct).enumerate() {
+            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
+        }
+    }
+    differences
+}
+
 /// The kinds of each step's replies (each step sent in one write).
 async fn steps(wire: &mut Wire, steps: &[Msgs]) -> Vec<Vec<String>> {
     let mut seen = Vec::new();
@@ -504,16 +524,9 @@ async fn a_duplicate_or_invalid_named_parse_fails_at_the_parse_as_on_the_server(
         strs(&["CommandComplete(ROLLBACK)", "ReadyForQuery(I)"]),
     ];
     assert_eq!(direct, expected, "directly");
-    let mut differences = Differences::default();
-    for mode in ["transaction", "session"] {
-        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
-        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
-        let got = steps(&mut wire, &parse_error_steps()).await;
-        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
-            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
-        }
-    }
-    differences.assert_none();
+    through_both_modes(&db, 2, &parse_error_steps(), &direct)
+        .await
+        .assert_none();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -625,16 +638,9 @@ async fn replies_to_close_parse_bind_and_execute_come_in_the_order_sent() {
         direct.iter().flatten().all(|k| !k.starts_with("Error")),
         "directly: {direct:?}"
     );
-    let mut differences = Differences::default();
-    for mode in ["transaction", "session"] {
-        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
-        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
-        let got = steps(&mut wire, &reply_order_steps()).await;
-        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
-            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
-        }
-    }
-    differences.assert_none();
+    through_both_modes(&db, 2, &reply_order_steps(), &direct)
+        .await
+        .assert_none();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -706,16 +712,9 @@ async fn a_simple_query_destroys_the_unnamed_statement_as_on_the_server() {
         strs(&["ErrorResponse(26000)", "ReadyForQuery(I)"]),
         "directly: {direct:?}"
     );
-    let mut differences = Differences::default();
-    for mode in ["transaction", "session"] {
-        let proxy = Proxy::start(&db, mode, 1, "workers = 1").await;
-        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
-        let got = steps(&mut wire, &unnamed_statement_steps()).await;
-        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
-            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
-        }
-    }
-    differences.assert_none();
+    through_both_modes(&db, 1, &unnamed_statement_steps(), &direct)
+        .await
+        .assert_none();
 }
 
 /// Statements named in a group that failed before them, found by the fuzzer: a Close of the
@@ -1661,17 +1660,10 @@ async fn a_close_the_server_skipped_leaves_the_statement_where_it_was() {
         strs(&["ErrorResponse(08P01)", "ReadyForQuery(I)"]),
         "directly: {direct:?}"
     );
-    let mut differences = Differences::default();
-    for mode in ["transaction", "session"] {
-        // One server connection: the statement stays where it was prepared.
-        let proxy = Proxy::start(&db, mode, 1, "workers = 1").await;
-        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
-        let got = steps(&mut wire, &skipped_close_steps()).await;
-        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
-            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
-        }
-    }
-    differences.assert_none();
+    // One server connection: the statement stays where it was prepared.
+    through_both_modes(&db, 1, &skipped_close_steps(), &direct)
+        .await
+        .assert_none();
 }
 
 /// The same on a connection that never had the statement (the duplicate Parse makes the first
@@ -1711,16 +1703,9 @@ async fn a_skipped_close_on_a_connection_without_the_statement_lists_nothing() {
         ]),
         "directly: {direct:?}"
     );
-    let mut differences = Differences::default();
-    for mode in ["transaction", "session"] {
-        let proxy = Proxy::start(&db, mode, 2, "workers = 1").await;
-        let mut wire = Endpoint::proxy(&proxy, mode).wire().await;
-        let got = steps(&mut wire, &skipped_close_elsewhere_steps()).await;
-        for (i, (got, want)) in got.iter().zip(&direct).enumerate() {
-            differences.compare(&format!("{mode} mode, step {}", i + 1), got, want);
-        }
-    }
-    differences.assert_none();
+    through_both_modes(&db, 2, &skipped_close_elsewhere_steps(), &direct)
+        .await
+        .assert_none();
 }
 
 /// Two client names for one text share one server statement: the first's Close skipped after

@@ -2323,18 +2323,7 @@ fn reprepared_difference(script: &Script, mode: &str, proxied: &Answer) -> bool 
             sqlstate(&proxied.body).as_str(),
             "42P01" | "42883" | "42704"
         );
-    let search_path_changed = || {
-        script.writes[..=proxied.write.min(script.writes.len() - 1)]
-            .iter()
-            .flat_map(|w| &w.msgs)
-            .any(|m| match m {
-                Msg::Query(text) | Msg::Parse { query: text, .. } => {
-                    text.contains("SET search_path")
-                }
-                _ => false,
-            })
-    };
-    mode == "transaction" && missing && search_path_changed()
+    mode == "transaction" && missing && sent_by(script, proxied.write, "SET search_path")
 }
 
 /// A statement prepared again on another connection inside the client's pipeline takes a
@@ -2344,15 +2333,18 @@ fn reprepared_snapshot_difference(script: &Script, mode: &str, proxied: &Answer)
     mode == "transaction"
         && proxied.tag == b'E'
         && sqlstate(&proxied.body) == "25001"
-        && script.writes[..=proxied.write.min(script.writes.len() - 1)]
-            .iter()
-            .flat_map(|w| &w.msgs)
-            .any(|m| match m {
-                Msg::Query(text) | Msg::Parse { query: text, .. } => {
-                    text.contains("ISOLATION LEVEL")
-                }
-                _ => false,
-            })
+        && sent_by(script, proxied.write, "ISOLATION LEVEL")
+}
+
+/// Whether a Query or Parse up to and including write `write` contains `text`.
+fn sent_by(script: &Script, write: usize, text: &str) -> bool {
+    script.writes[..=write.min(script.writes.len() - 1)]
+        .iter()
+        .flat_map(|w| &w.msgs)
+        .any(|m| match m {
+            Msg::Query(query) | Msg::Parse { query, .. } => query.contains(text),
+            _ => false,
+        })
 }
 
 /// Differences the README documents under "What a pooler cannot do", which are not
@@ -2377,15 +2369,7 @@ fn allowed_difference(
         && b.len() == 4
         && a[0] == b[0]
         && a[0].starts_with("\"~c");
-    let rolled_back_to_savepoint = script.writes[..=direct.write.min(script.writes.len() - 1)]
-        .iter()
-        .flat_map(|w| &w.msgs)
-        .any(|m| match m {
-            Msg::Query(text) | Msg::Parse { query: text, .. } => {
-                text.contains("ROLLBACK TO SAVEPOINT")
-            }
-            _ => false,
-        });
+    let rolled_back_to_savepoint = sent_by(script, direct.write, "ROLLBACK TO SAVEPOINT");
     (mode == "transaction" && settings_row && rolled_back_to_savepoint)
         .then_some("a setting changed in a transaction that used ROLLBACK TO SAVEPOINT")
 }
