@@ -790,6 +790,51 @@ async fn statements_and_settings_after_a_failed_group_are_what_the_server_kept()
     differences.assert_none();
 }
 
+/// Found by the fuzzer (seed 2648068669521031386): in a failed transaction, the proxy
+/// prepares the client's statement again in a group the server refuses (25P02), and the
+/// client closes it in the next group, sent before that refusal came and skipped after an
+/// error of its own. The statement is still the client's; the connection does not have it.
+/// The proxy once listed it again and bound it unprepared: 26000 where PostgreSQL says
+/// 25P02.
+fn close_skipped_after_a_failed_prepare_steps() -> Vec<Msgs> {
+    vec![
+        // The duplicate fails its group; the Bind after it made the proxy prepare s1 again
+        // (its first Parse was not answered yet), and the failure leaves it unlisted.
+        Msgs::new()
+            .parse("s1", "SELECT 1")
+            .sync()
+            .parse("s1", "SELECT 2")
+            .bind("", "s1")
+            .execute("")
+            .sync(),
+        Msgs::new().query("BEGIN").query("SELECT 1/0"),
+        Msgs::new()
+            .bind("", "s1")
+            .sync()
+            .describe(b'P', "nosuch")
+            .close(b'S', "s1")
+            .sync(),
+        Msgs::new().bind("", "s1").sync(),
+        Msgs::new().query("ROLLBACK"),
+        Msgs::new().bind("", "s1").execute("").sync(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_skipped_after_a_refused_prepare_leaves_the_statement_the_clients() {
+    let db = TestDb::new("fidelity_skipped_close").await;
+    let list = close_skipped_after_a_failed_prepare_steps();
+    let direct = steps(&mut Endpoint::direct(&db).await.wire().await, &list).await;
+    assert_eq!(
+        direct[3],
+        strs(&["ErrorResponse(25P02)", "ReadyForQuery(E)"]),
+        "directly: {direct:?}"
+    );
+    through_both_modes(&db, 1, &list, &direct)
+        .await
+        .assert_none();
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. The login's ParameterStatus messages.
 

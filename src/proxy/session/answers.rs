@@ -77,11 +77,7 @@ impl Session {
                     // statements the proxy prepared after the error came (a group whose
                     // error answered an earlier write): the connection may lack them.
                     if std::mem::take(&mut self.group_failed) {
-                        if let Some(server) = self.server.as_mut() {
-                            for p in self.group_prepared.iter().filter(|p| p.group < answering) {
-                                server.prepared.remove(&p.name);
-                            }
-                        }
+                        self.unlist_prepared(|p| p.group < answering);
                     }
                     self.group_prepared.retain(|p| p.group >= answering);
                 }
@@ -93,12 +89,8 @@ impl Session {
                 // The transaction failed (or, outside a block, the statement and the rest of
                 // its query or pipeline): its setting changes are undone.
                 self.pending_settings.undo(self.replies.answering());
-                if let Some(server) = self.server.as_mut() {
-                    let answering = self.replies.answering();
-                    for p in self.group_prepared.iter().filter(|p| p.group <= answering) {
-                        server.prepared.remove(&p.name);
-                    }
-                }
+                let answering = self.replies.answering();
+                self.unlist_prepared(|p| p.group <= answering);
             }
             // A COMMIT's or ROLLBACK's CommandComplete, maybe in a run of rows and
             // completions.
@@ -128,6 +120,29 @@ impl Session {
             self.transaction_done().await;
         }
         true
+    }
+
+    /// Statements the proxy prepared in a group that failed: the connection may lack them,
+    /// so its record no longer lists them. A client's Close of one, sent since and still
+    /// unanswered, found it listed (the Parse was on its way): if the server skips that Close
+    /// too, the statement must not be listed again (it would be bound without being prepared
+    /// first, 26000 where PostgreSQL answers otherwise).
+    fn unlist_prepared(&mut self, failed: impl Fn(&GroupPrepared) -> bool) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        for p in self.group_prepared.iter().filter(|p| failed(p)) {
+            server.prepared.remove(&p.name);
+            for awaited in &mut self.awaited {
+                if awaited
+                    .closed
+                    .as_ref()
+                    .is_some_and(|closed| closed.server_name == p.name)
+                {
+                    awaited.closed_on_server = false;
+                }
+            }
+        }
     }
 
     /// The client is between transactions: the server connection goes back to the pool in
