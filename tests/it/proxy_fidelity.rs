@@ -835,6 +835,41 @@ async fn a_close_skipped_after_a_refused_prepare_leaves_the_statement_the_client
         .assert_none();
 }
 
+/// Found by the fuzzer (seed 6438839821127133085): a duplicate Parse leaves a placeholder
+/// under the client's name on the connection; the client closes its statement, and in a
+/// group that fails before it, names it again. The proxy's Close of the placeholder was
+/// skipped with the rest of the group, and the proxy forgot it: the next Bind found the
+/// placeholder (08P01, wrong parameter count) where PostgreSQL says the statement does not
+/// exist (26000).
+fn placeholder_closed_in_a_failed_group_steps() -> Vec<Msgs> {
+    vec![
+        Msgs::new().parse("s1", "SELECT $1::int + 1").sync(),
+        Msgs::new().parse("s1", "SELECT 2").sync(),
+        Msgs::new()
+            .close(b'S', "s1")
+            .bind_params("", "nosuch", &["19"])
+            .describe(b'S', "s1")
+            .sync(),
+        Msgs::new().bind_params("", "s1", &["39"]).sync(),
+        Msgs::new().describe(b'S', "s1").sync(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placeholder_closed_in_a_failed_group_is_closed_again() {
+    let db = TestDb::new("fidelity_placeholder").await;
+    let list = placeholder_closed_in_a_failed_group_steps();
+    let direct = steps(&mut Endpoint::direct(&db).await.wire().await, &list).await;
+    assert_eq!(
+        direct[3],
+        strs(&["ErrorResponse(26000)", "ReadyForQuery(I)"]),
+        "directly: {direct:?}"
+    );
+    through_both_modes(&db, 1, &list, &direct)
+        .await
+        .assert_none();
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. The login's ParameterStatus messages.
 

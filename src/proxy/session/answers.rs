@@ -81,6 +81,9 @@ impl Session {
                     }
                     self.group_prepared.retain(|p| p.group >= answering);
                 }
+                if !self.placeholders.is_empty() {
+                    self.settle_placeholders(self.replies.answering(), false);
+                }
                 self.group_failed = false;
             }
             b'E' => {
@@ -91,6 +94,9 @@ impl Session {
                 self.pending_settings.undo(self.replies.answering());
                 let answering = self.replies.answering();
                 self.unlist_prepared(|p| p.group <= answering);
+                if !self.placeholders.is_empty() {
+                    self.settle_placeholders(answering, true);
+                }
             }
             // A COMMIT's or ROLLBACK's CommandComplete, maybe in a run of rows and
             // completions.

@@ -40,7 +40,7 @@ use crate::plan::PoolMode;
 use cancel::{forward_cancel, give_back_after_cancel};
 use login::LoggedIn;
 pub use login::{refuse, run};
-use prepared::{Awaited, GroupPrepared, Prepared, SettingPortal};
+use prepared::{Awaited, GroupPrepared, Placeholder, Prepared, SettingPortal};
 use tracking::remember_parameter;
 use unnamed::UnnamedParse;
 
@@ -115,7 +115,7 @@ struct Session {
     /// Statements left on the attached connection under a client's own name by a duplicate
     /// Parse ([`Session::parse_duplicate`]): closed before a message that names one reaches
     /// the server, which would otherwise find it.
-    placeholders: Vec<String>,
+    placeholders: Vec<Placeholder>,
     /// A client message that must wait for those answers (it names a statement whose Parse
     /// or Close of an earlier sync group is awaited); the client is not read meanwhile.
     parked: Option<Bytes>,

@@ -158,8 +158,16 @@ impl Session {
     /// connection, which is therefore not reused.
     pub(super) fn parse_duplicate(&mut self, message: &frontend::Parse<'_>) -> Frames {
         self.dirty = true;
-        if !self.placeholders.iter().any(|name| name == message.name) {
-            self.placeholders.push(message.name.to_string());
+        match self
+            .placeholders
+            .iter_mut()
+            .find(|p| p.name == message.name)
+        {
+            Some(placeholder) => placeholder.closing = None,
+            None => self.placeholders.push(Placeholder {
+                name: message.name.to_string(),
+                closing: None,
+            }),
         }
         let placeholder = frontend::Parse {
             name: message.name,
@@ -485,10 +493,29 @@ impl Session {
     /// placeholder of that name on the connection, it is closed first, so that the server
     /// answers as PostgreSQL does (26000).
     pub(super) fn close_placeholder(&mut self, name: &str, out: &mut Frames) {
-        if let Some(at) = self.placeholders.iter().position(|p| p == name) {
-            self.placeholders.swap_remove(at);
+        let group = self.replies.open_group();
+        if let Some(placeholder) = self.placeholders.iter_mut().find(|p| p.name == name) {
+            placeholder.closing = Some(group);
             out.push(frontend::rebuild_target(b'C', b'S', name));
             self.replies.sent_ours();
+        }
+    }
+
+    /// A sync group was answered (`answering` is the first group still open), or failed
+    /// (`failed`: that group and those before it). A placeholder whose Close went in a group
+    /// that failed may still be on the connection: an error before the Close made the server
+    /// skip it, so it is closed again the next time its name comes. One closed in a group that
+    /// ended without error is gone.
+    pub(super) fn settle_placeholders(&mut self, answering: u64, failed: bool) {
+        if failed {
+            for placeholder in &mut self.placeholders {
+                if placeholder.closing.is_some_and(|group| group <= answering) {
+                    placeholder.closing = None;
+                }
+            }
+        } else {
+            self.placeholders
+                .retain(|p| !p.closing.is_some_and(|group| group < answering));
         }
     }
 
@@ -558,8 +585,12 @@ impl Session {
         }
         if kind == b'C' {
             let Some(prepared) = self.statements.remove(name) else {
-                // The server's own answer; a placeholder of that name goes with it.
-                self.placeholders.retain(|placeholder| placeholder != name);
+                // The server's own answer; a placeholder of that name goes with it (unless an
+                // error earlier in the group makes the server skip it).
+                let group = self.replies.open_group();
+                if let Some(placeholder) = self.placeholders.iter_mut().find(|p| p.name == name) {
+                    placeholder.closing = Some(group);
+                }
                 return smallvec![frame];
             };
             // The last client to hold it: deallocated on this connection (the server's
@@ -614,6 +645,14 @@ pub(super) struct Prepared {
     pub(super) parse: Bytes,
     /// It changes the session's settings (a SET, RESET, DISCARD ALL) when it is executed.
     pub(super) sets: bool,
+}
+
+/// A statement left on the attached connection under a client's own name by a duplicate
+/// Parse.
+pub(super) struct Placeholder {
+    pub(super) name: String,
+    /// The sync group of the Close sent for it, until that group is answered.
+    pub(super) closing: Option<u64>,
 }
 
 /// A statement a sync group prepares on the attached connection, until the answer to its
