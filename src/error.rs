@@ -36,7 +36,7 @@ impl Error {
     pub fn exit(&self) -> Exit {
         match self {
             Error::Plan(_) => Exit::Usage,
-            Error::State(StateError::Locked { .. }) => Exit::Refused,
+            Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => Exit::Refused,
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
             Error::Proxy(_) => Exit::Usage,
@@ -52,7 +52,7 @@ impl Error {
             Error::Pg(PgError::Connect { .. })
             | Error::Refused(_)
             | Error::NeedsOperator(_)
-            | Error::State(StateError::Locked { .. }) => self,
+            | Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => self,
             other => Error::NeedsOperator(format!("{other}\nnothing is lost: {next}")),
         }
     }

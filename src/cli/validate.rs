@@ -130,8 +130,8 @@ async fn remember(store: &dyn StateStore, name: &str, report: &Report) -> Result
     let _lock = state::lock_within(store, "record a validation", LOCK_WAIT).await?;
     let mut state = state::load_or_new(store, name)?;
     state.last_validation = Some(validate::record(report));
-    state.note(format!("validation: {}", report.verdict));
-    store.save(&state)
+    state.note(state::Event::Validation(report.verdict.to_string()));
+    store.save(&mut state)
 }
 
 fn cannot_write(dir: &Path, why: &std::io::Error) -> String {

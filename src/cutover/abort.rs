@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::pg::{sql, PgError, Server, Side};
 use crate::plan::Plan;
-use crate::state::{self, Created, Phase, StateStore};
+use crate::state::{self, Created, Direction, Event, Phase, Recovery, StateStore, Step};
 use crate::sync::{replication, schema};
 use crate::{Error, Result};
 
@@ -45,7 +45,7 @@ pub async fn run(
             "the applications run on the target (after a cutover): `switchyard rollback` moves them back, `switchyard finalize` ends the migration there".into(),
         ));
     }
-    if state.phase == Phase::RolledBack && state.interrupted_step() == Some("rollback") {
+    if state.recovery() == Recovery::FinishSwitch(Direction::Rollback) {
         return Err(Error::Refused(
             "a rollback recorded its switch to the source and was interrupted: run `switchyard rollback` again to finish it first (abort now could leave proxies writing to the target)".into(),
         ));
@@ -55,8 +55,8 @@ pub async fn run(
             "the migration is finished: there is nothing to abort".into(),
         ));
     }
-    state.note("begin abort");
-    store.save(&state)?;
+    state.note(Event::Begin(Step::Abort));
+    store.save(&mut state)?;
     let name = plan.replication_name();
     let mut report = AbortReport::default();
 
@@ -65,7 +65,7 @@ pub async fn run(
         Server::connect(Side::Source, &plan.source)
     );
     undo_switch(plan, &mut state, &source, &target, &mut report).await;
-    store.save(&state)?;
+    store.save(&mut state)?;
     let recorded = state.created.subscription.clone();
     let mut sync_slots = recorded
         .as_ref()
@@ -89,7 +89,7 @@ pub async fn run(
                     slot: name.clone(),
                     target_system_id: system_id,
                 });
-                store.save(&state)?;
+                store.save(&mut state)?;
             }
             report.dropped_subscription = report.record(
                 "drop the subscription on the target",
@@ -132,8 +132,8 @@ pub async fn run(
     }
 
     if !report.left_behind.is_empty() {
-        state.note("abort incomplete");
-        store.save(&state)?;
+        state.note(Event::AbortIncomplete);
+        store.save(&mut state)?;
         return Err(Error::NeedsOperator(format!(
             "abort could not finish:\n  {}\nfix the cause and run `switchyard abort` again; it carries on",
             report.left_behind.join("\n  ")
@@ -151,9 +151,9 @@ pub async fn run(
             ..Created::default()
         };
     }
-    state.set_phase(Phase::Planned);
-    state.note("done abort");
-    store.save(&state)?;
+    state.set_phase(Phase::Planned)?;
+    state.note(Event::Done(Step::Abort));
+    store.save(&mut state)?;
     Ok(report)
 }
 

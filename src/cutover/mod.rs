@@ -23,42 +23,15 @@ use crate::plan::Plan;
 
 pub use switch::{check, finalize, Checked, Finalized, Report};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Cutover,
-    Rollback,
-}
+pub use crate::state::Direction;
 
 impl Direction {
-    /// The primary before the switch.
-    pub fn from(self) -> Side {
-        match self {
-            Direction::Cutover => Side::Source,
-            Direction::Rollback => Side::Target,
-        }
-    }
-
-    pub fn to(self) -> Side {
-        match self {
-            Direction::Cutover => Side::Target,
-            Direction::Rollback => Side::Source,
-        }
-    }
-
     /// The server holding the subscription that feeds the new primary, and its name (also
     /// the name of the slot it reads on the old primary).
     fn feeding(self, plan: &Plan) -> (Side, String) {
         match self {
             Direction::Cutover => (Side::Target, plan.replication_name()),
             Direction::Rollback => (Side::Source, reverse_name(plan)),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Direction::Cutover => "cutover",
-            Direction::Rollback => "rollback",
         }
     }
 }

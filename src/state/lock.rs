@@ -21,13 +21,33 @@ struct Holder {
     since: String,
 }
 
-/// Held while a command acts on a migration; released when dropped (or when the process ends).
+/// Held while a command acts on a migration; released when dropped (or when the process
+/// ends). What it holds is the store's: [`FileLock`] for the file store.
 #[derive(Debug)]
 pub struct LockGuard {
+    _held: Box<dyn Held>,
+}
+
+/// A store's lock, as its [`LockGuard`] holds it: released by its `Drop`.
+pub trait Held: Send + Sync + std::fmt::Debug {}
+
+impl LockGuard {
+    pub fn new(held: impl Held + 'static) -> LockGuard {
+        LockGuard {
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// The file store's lock: an advisory `flock` on the lock file.
+#[derive(Debug)]
+pub struct FileLock {
     file: File,
 }
 
-impl LockGuard {
+impl Held for FileLock {}
+
+impl FileLock {
     pub(super) fn acquire(path: PathBuf, purpose: &str) -> Result<LockGuard, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| io_error(&path, source))?;
@@ -71,11 +91,11 @@ impl LockGuard {
             .and_then(|_| file.rewind())
             .and_then(|_| file.write_all(&json))
             .map_err(|source| io_error(&path, source))?;
-        Ok(LockGuard { file })
+        Ok(LockGuard::new(FileLock { file }))
     }
 }
 
-impl Drop for LockGuard {
+impl Drop for FileLock {
     fn drop(&mut self) {
         // SAFETY: unlocking the descriptor this guard owns; closing it would release it too.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
@@ -104,14 +124,14 @@ mod tests {
     fn second_holder_is_refused_and_named_until_the_first_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shop.lock");
-        let first = LockGuard::acquire(path.clone(), "sync").unwrap();
-        let err = LockGuard::acquire(path.clone(), "abort")
+        let first = FileLock::acquire(path.clone(), "sync").unwrap();
+        let err = FileLock::acquire(path.clone(), "abort")
             .unwrap_err()
             .to_string();
         assert!(err.contains("`sync`"), "{err}");
         assert!(err.contains(&std::process::id().to_string()), "{err}");
         drop(first);
-        let _second = LockGuard::acquire(path.clone(), "abort").unwrap();
+        let _second = FileLock::acquire(path.clone(), "abort").unwrap();
     }
 
     #[test]
@@ -124,6 +144,6 @@ mod tests {
             r#"{"pid":999999,"host":"x","purpose":"sync","since":"then"}"#,
         )
         .unwrap();
-        let _taken = LockGuard::acquire(path, "abort").unwrap();
+        let _taken = FileLock::acquire(path, "abort").unwrap();
     }
 }

@@ -3,6 +3,9 @@
 
 mod file;
 mod lock;
+mod log;
+mod phase;
+mod recovery;
 mod switch;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -10,8 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use file::FileStore;
-pub use lock::LockGuard;
-pub use switch::Switch;
+pub use lock::{Held, LockGuard};
+pub use log::{Event, LogEntry, Step, SyncStep, Undone};
+pub use phase::{BadMove, Phase};
+pub use recovery::{recovery, Recovery};
+pub use switch::{Direction, Switch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -34,40 +40,11 @@ pub enum StateError {
     },
     #[error("another switchyard is working on this migration: {holder} (lock {path}); wait for it to finish, or stop it")]
     Locked { path: String, holder: String },
-}
-
-/// Where a migration stands. Transitions are recorded before and after each step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Nothing created yet (or everything removed again by `abort`).
-    Planned,
-    /// Replication objects exist; tables are copying or streaming.
-    Syncing,
-    /// Every table streams, lag was below the limit, the target is analysed and its indexes valid.
-    Synced,
-    /// The cutover switched the applications: the target is primary, reverse replication
-    /// keeps the source current for a rollback.
-    Switched,
-    /// A rollback switched the applications back: the source is primary again, the target is
-    /// fenced and no longer replicated to.
-    RolledBack,
-    /// `finalize` removed everything switchyard made; the target is the primary for good.
-    Finished,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self {
-            Phase::Planned => "planned",
-            Phase::Syncing => "syncing",
-            Phase::Synced => "synced",
-            Phase::Switched => "switched",
-            Phase::RolledBack => "rolled_back",
-            Phase::Finished => "finished",
-        };
-        f.write_str(name)
-    }
+    #[error(transparent)]
+    BadMove(#[from] BadMove),
+    /// A compare-and-set write lost: someone saved the state after this command read it.
+    #[error("the state in {path} changed since this command read it (version {read}, now {found}): another switchyard wrote it; nothing was overwritten, run the command again")]
+    Conflict { path: String, read: u64, found: u64 },
 }
 
 /// Objects switchyard created, so that `abort` removes exactly these and a re-run skips them.
@@ -146,12 +123,6 @@ pub struct SubscriptionRecord {
     pub target_system_id: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LogEntry {
-    pub at: String,
-    pub event: String,
-}
-
 /// The last validation run (`switchyard validate`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationRecord {
@@ -178,6 +149,10 @@ pub struct TableSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub format: u32,
+    /// How many times it was saved: a save is a compare-and-set on it
+    /// ([`StateStore::save`]). (Files of releases before it have none: version 0.)
+    #[serde(default)]
+    pub version: u64,
     pub name: String,
     pub phase: Phase,
     #[serde(default)]
@@ -198,6 +173,7 @@ impl State {
     pub fn new(name: &str) -> State {
         State {
             format: 1,
+            version: 0,
             name: name.to_string(),
             phase: Phase::Planned,
             created: Created::default(),
@@ -208,18 +184,25 @@ impl State {
         }
     }
 
-    pub fn note(&mut self, event: impl Into<String>) {
+    pub fn note(&mut self, event: Event) {
         self.log.push(LogEntry {
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            event: event.into(),
+            event,
         });
     }
 
-    pub fn set_phase(&mut self, phase: Phase) {
+    /// Moves to `phase` and logs it; a move not in the table ([`Phase::check_move`]) is
+    /// refused and changes nothing.
+    pub fn set_phase(&mut self, phase: Phase) -> Result<(), StateError> {
+        self.phase.check_move(phase)?;
         if self.phase != phase {
-            self.note(format!("phase {} -> {}", self.phase, phase));
+            self.note(Event::Phase {
+                from: self.phase,
+                to: phase,
+            });
             self.phase = phase;
         }
+        Ok(())
     }
 
     pub fn fence(&self, side: crate::pg::Side) -> Option<&Fence> {
@@ -227,25 +210,31 @@ impl State {
     }
 
     /// The step that was begun and never recorded as done: a crash or Ctrl-C happened in it.
-    pub fn interrupted_step(&self) -> Option<&str> {
+    pub fn interrupted_step(&self) -> Option<Step> {
         self.log
             .iter()
             .rev()
-            .find_map(|e| {
-                e.event
-                    .strip_prefix("begin ")
-                    .map(Some)
-                    .or_else(|| e.event.strip_prefix("done ").map(|_| None))
-            })
+            .find_map(|e| e.event.step_boundary())
             .flatten()
+    }
+
+    /// What a command must do first about a run that stopped half-way ([`recovery`]).
+    pub fn recovery(&self) -> Recovery {
+        recovery(self)
     }
 }
 
 /// Keeps one migration's [`State`]. A file by default; later a shared backend for teams.
 pub trait StateStore: Send + Sync {
     fn load(&self) -> Result<Option<State>, StateError>;
-    fn save(&self, state: &State) -> Result<(), StateError>;
-    /// Takes the migration's lock, or says who holds it.
+    /// Compare-and-set: writes `state` only if the stored state's version is still
+    /// `state.version` (nothing stored counts as version 0), storing it as the next version
+    /// and bumping `state.version` to match. A lost race is [`StateError::Conflict`] and
+    /// overwrites nothing, so two writers cannot silently undo each other's records even if
+    /// one of them runs without the lock.
+    fn save(&self, state: &mut State) -> Result<(), StateError>;
+    /// Takes the migration's lock, or says who holds it. The guard is the store's own (a
+    /// lock file's `flock` here; a lease elsewhere): the lock is held until it is dropped.
     fn lock(&self, purpose: &str) -> Result<LockGuard, StateError>;
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
@@ -290,18 +279,27 @@ mod tests {
     fn interrupted_step_is_detected() {
         let mut state = State::new("shop");
         assert_eq!(state.interrupted_step(), None);
-        state.note("begin schema");
-        assert_eq!(state.interrupted_step(), Some("schema"));
-        state.note("done schema");
+        state.note(Event::Begin(Step::Sync(SyncStep::Schema)));
+        assert_eq!(state.interrupted_step(), Some(Step::Sync(SyncStep::Schema)));
+        state.note(Event::Done(Step::Sync(SyncStep::Schema)));
         assert_eq!(state.interrupted_step(), None);
     }
 
     #[test]
     fn phase_changes_are_logged() {
         let mut state = State::new("shop");
-        state.set_phase(Phase::Syncing);
-        state.set_phase(Phase::Syncing);
+        state.set_phase(Phase::Syncing).unwrap();
+        state.set_phase(Phase::Syncing).unwrap();
         assert_eq!(state.log.len(), 1);
-        assert_eq!(state.log[0].event, "phase planned -> syncing");
+        assert_eq!(state.log[0].event.to_string(), "phase planned -> syncing");
+    }
+
+    #[test]
+    fn a_move_not_in_the_table_changes_nothing() {
+        let mut state = State::new("shop");
+        let err = state.set_phase(Phase::Finished).unwrap_err().to_string();
+        assert!(err.contains("from planned to finished"), "{err}");
+        assert_eq!(state.phase, Phase::Planned);
+        assert!(state.log.is_empty());
     }
 }

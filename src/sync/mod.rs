@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::pg::checks::{self, Inspection, Preflight};
 use crate::pg::{self, catalog, sql, Server, Side, TableName};
 use crate::plan::Plan;
-use crate::state::{self, Phase, State, StateStore, SubscriptionRecord};
+use crate::state::{self, Event, Phase, State, StateStore, Step, SubscriptionRecord, SyncStep};
 use crate::{Error, Result};
 pub use status::Status;
 
@@ -86,8 +86,8 @@ pub async fn run(
                 state.created.schema = None;
             }
         }
-        state.set_phase(Phase::Syncing);
-        store.save(&state)?;
+        state.set_phase(Phase::Syncing)?;
+        store.save(&mut state)?;
     }
     set_up(plan, store, &mut state, &servers, &inspection)
         .await
@@ -115,14 +115,14 @@ pub async fn run(
     Ok(SyncOutcome::Synced(status))
 }
 
-fn begin(state: &mut State, store: &dyn StateStore, step: &str) -> Result<()> {
-    tracing::info!("{step}");
-    state.note(format!("begin {step}"));
+fn begin(state: &mut State, store: &dyn StateStore, step: SyncStep) -> Result<()> {
+    tracing::info!("{}", step.name());
+    state.note(Event::Begin(Step::Sync(step)));
     Ok(store.save(state)?)
 }
 
-fn done(state: &mut State, store: &dyn StateStore, step: &str) -> Result<()> {
-    state.note(format!("done {step}"));
+fn done(state: &mut State, store: &dyn StateStore, step: SyncStep) -> Result<()> {
+    state.note(Event::Done(Step::Sync(step)));
     Ok(store.save(state)?)
 }
 
@@ -137,7 +137,7 @@ async fn set_up(
     let name = plan.replication_name();
 
     if !inspection.missing_roles.is_empty() {
-        begin(state, store, "roles")?;
+        begin(state, store, SyncStep::Roles)?;
         for role in &inspection.missing_roles {
             // Recorded first: a role created by a run that then died is still dropped by
             // `abort --drop-target-data`, and only roles missing on the target get here.
@@ -147,11 +147,11 @@ async fn set_up(
             }
             roles::create(target, role).await?;
         }
-        done(state, store, "roles")?;
+        done(state, store, SyncStep::Roles)?;
     }
 
     if !inspection.missing_extensions.is_empty() {
-        begin(state, store, "extensions")?;
+        begin(state, store, SyncStep::Extensions)?;
         for (extension, schema) in &inspection.missing_extensions {
             let statement = format!("CREATE SCHEMA IF NOT EXISTS {s}; CREATE EXTENSION IF NOT EXISTS {e} WITH SCHEMA {s}", s = sql::ident(schema), e = sql::ident(extension));
             // Both recorded before they are made, like the roles: `abort --drop-target-data`
@@ -171,7 +171,7 @@ async fn set_up(
                 .execute(&format!("create extension {extension}"), &statement)
                 .await?;
         }
-        done(state, store, "extensions")?;
+        done(state, store, SyncStep::Extensions)?;
     }
 
     if plan.sync.copy_workers > 0 {
@@ -181,10 +181,10 @@ async fn set_up(
     copy_schema(plan, store, state, target, inspection).await?;
 
     if !replication::publication_exists(source, &name).await? {
-        begin(state, store, "publication")?;
+        begin(state, store, SyncStep::Publication)?;
         replication::create_publication(source, &name, &inspection.selection).await?;
         state.created.publication = Some(name.clone());
-        done(state, store, "publication")?;
+        done(state, store, SyncStep::Publication)?;
     }
 
     // Tables the plan selects but the publication or the subscription lacks: added to the
@@ -208,7 +208,7 @@ async fn set_up(
             "the subscription lacked {}: copying them again",
             names.join(", ")
         );
-        state.note(format!("copy again {}", names.join(", ")));
+        state.note(Event::CopyAgain(names));
         store.save(state)?;
     }
 
@@ -216,7 +216,7 @@ async fn set_up(
         .await?
         .is_none()
     {
-        begin(state, store, "subscription")?;
+        begin(state, store, SyncStep::Subscription)?;
         // A slot without its subscription is left from a run that died in between.
         if replication::slot_exists(source, &name).await? {
             replication::drop_slots(source, &name, None).await?;
@@ -230,7 +230,7 @@ async fn set_up(
             slot: name.clone(),
             target_system_id: Some(replication::system_identifier(target).await?),
         });
-        done(state, store, "subscription")?;
+        done(state, store, SyncStep::Subscription)?;
     } else if let Some(oid) = replication::subscription_oid(target, &name).await? {
         // Made by a run that died before it could record it (Ctrl-C while CREATE SUBSCRIPTION
         // waited): record it now, so that abort finds its table-sync slots.
@@ -259,13 +259,13 @@ async fn copy_schema(
     if let Some(record) = state.created.schema.as_mut().filter(|r| !r.restored) {
         if schema::was_restored(target, record).await? {
             record.restored = true;
-            done(state, store, "schema")?;
+            done(state, store, SyncStep::Schema)?;
         }
     }
     if state.created.schema.as_ref().is_some_and(|r| r.restored) {
         return Ok(());
     }
-    begin(state, store, "schema")?;
+    begin(state, store, SyncStep::Schema)?;
     let mut prepared = schema::prepare(inspection, &plan.source, target).await?;
     state.created.schema = Some(prepared.record.clone());
     store.save(state)?;
@@ -275,7 +275,7 @@ async fn copy_schema(
         "schema restored on the target"
     );
     state.created.schema = Some(prepared.record.clone());
-    done(state, store, "schema")
+    done(state, store, SyncStep::Schema)
 }
 
 /// Sets the target's table-copy parallelism, remembering the old value for `abort`.
@@ -469,7 +469,7 @@ async fn finish(
 ) -> Result<()> {
     let target = &servers.target;
     if state.phase != Phase::Synced {
-        begin(state, store, "analyze")?;
+        begin(state, store, SyncStep::Analyze)?;
         let tables: Vec<String> = inspection
             .selection
             .tables
@@ -482,7 +482,7 @@ async fn finish(
                 &format!("ANALYZE {}", tables.join(", ")),
             )
             .await?;
-        done(state, store, "analyze")?;
+        done(state, store, SyncStep::Analyze)?;
     }
     let invalid = invalid_indexes(target, &inspection.selection.schemas).await?;
     if !invalid.is_empty() {
@@ -491,7 +491,7 @@ async fn finish(
             invalid.join(", ")
         )));
     }
-    state.set_phase(Phase::Synced);
+    state.set_phase(Phase::Synced)?;
     store.save(state)?;
     Ok(())
 }

@@ -175,7 +175,7 @@ pub async fn read(
         last_error: None,
         drift: Vec::new(),
         warnings: Vec::new(),
-        interrupted_step: state.interrupted_step().map(str::to_string),
+        interrupted_step: state.interrupted_step().map(|step| step.name().to_string()),
         blocking: Vec::new(),
         backend: state.backend,
         fenced: state.fences.iter().map(|f| f.side).collect(),

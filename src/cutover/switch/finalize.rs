@@ -26,7 +26,10 @@ pub async fn finalize(plan: &Plan, store: &dyn StateStore, unfence: bool) -> Res
             ..Finalized::default()
         });
     }
-    let other_unfinished = state.interrupted_step().filter(|s| *s != "finalize");
+    let other_unfinished = state
+        .recovery()
+        .step()
+        .filter(|step| *step != state::Step::Finalize);
     if state.phase != Phase::Switched || other_unfinished.is_some() {
         return Err(Error::Refused(format!(
             "the migration is {}{}: finalize follows a finished cutover",
@@ -36,8 +39,8 @@ pub async fn finalize(plan: &Plan, store: &dyn StateStore, unfence: bool) -> Res
                 .unwrap_or_default()
         )));
     }
-    state.note("begin finalize");
-    store.save(&state)?;
+    state.note(Event::Begin(state::Step::Finalize));
+    store.save(&mut state)?;
     let (source, target) = tokio::join!(
         Server::connect(Side::Source, &plan.source),
         Server::connect(Side::Target, &plan.target)
@@ -99,8 +102,8 @@ pub(super) async fn finalize_steps(
     }
     state.fences.clear();
     state.created = Default::default();
-    state.set_phase(Phase::Finished);
-    state.note("done finalize");
+    state.set_phase(Phase::Finished)?;
+    state.note(Event::Done(state::Step::Finalize));
     store.save(state)?;
     Ok(report)
 }

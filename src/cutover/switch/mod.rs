@@ -13,7 +13,7 @@ use super::{Direction, Step, Steps};
 use crate::pg::catalog::{self, Selection};
 use crate::pg::{sql, PgError, Server, Side, TableName};
 use crate::plan::{OnDrainTimeout, Plan};
-use crate::state::{self, Fence, LockGuard, Phase, State, StateStore, Switch};
+use crate::state::{self, Event, Fence, LockGuard, Phase, State, StateStore, Switch};
 use crate::sync::{replication, sequences};
 use crate::{Error, Result};
 
@@ -95,11 +95,7 @@ pub async fn check<'a>(
     };
     if dry_run {
         // A dry run changes nothing, not even to finish or undo an earlier run.
-        if let Some(step) = checked
-            .state
-            .interrupted_step()
-            .filter(|s| matches!(*s, "cutover" | "rollback"))
-        {
+        if let Some(step) = checked.state.recovery().switch().map(Direction::name) {
             return Err(Error::Refused(format!(
                 "an earlier `{step}` was interrupted: run it again without --dry-run to finish or undo it first"
             )));
@@ -144,9 +140,9 @@ impl<'a> Checked<'a> {
         Err(Error::Refused(format!("the migration is {phase}: {what}")))
     }
 
-    fn save(&mut self, event: &str) -> Result<()> {
+    fn save(&mut self, event: Event) -> Result<()> {
         self.state.note(event);
-        self.store.save(&self.state)?;
+        self.store.save(&mut self.state)?;
         Ok(())
     }
 
@@ -195,7 +191,7 @@ impl<'a> Checked<'a> {
             return Ok(report);
         }
         let mut steps = Steps::new(observe);
-        self.save(&format!("begin {}", direction.name()))?;
+        self.save(Event::Begin(state::Step::Switch(direction)))?;
         let result = self.switch(&mut steps, &mut report).await;
         report.steps = std::mem::take(&mut steps.done);
         match result {
@@ -227,20 +223,25 @@ impl<'a> Checked<'a> {
             report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
             return Err(error);
         }
-        // The commit point: from here on the switch is finished, never undone.
+        // The commit point: from here on the switch is finished, never undone. (The phase
+        // check before the run makes this move one the table allows.)
+        if let Err(e) = self.state.set_phase(direction.committed_phase()) {
+            let error = self.give_up(steps, e.into()).await;
+            report.pause_coordinator_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+            return Err(error);
+        }
         self.state.backend = Switch {
             backend: direction.to(),
             epoch: self.state.backend.epoch + 1,
         };
-        self.state.set_phase(match direction {
-            Direction::Cutover => Phase::Switched,
-            Direction::Rollback => Phase::RolledBack,
-        });
         let epoch = self.state.backend.epoch;
         let (state, store) = (&mut self.state, self.store);
         steps
             .run_now(&format!("record the switch in the state (epoch {epoch})"), || {
-                state.note(format!("switch to the {} (epoch {epoch})", direction.to()));
+                state.note(Event::Switch {
+                    to: direction.to(),
+                    epoch,
+                });
                 store.save(state).map(|()| ((), store.describe()))
             })
         .map_err(|e| Error::NeedsOperator(format!("{e}\nthe proxies are still paused on the {from} and resume there by themselves at max_pause; the {from} is fenced: run `switchyard {} ` again", direction.name())))?;
@@ -263,7 +264,7 @@ impl<'a> Checked<'a> {
                 direction.name()
             ))
         })?;
-        self.save(&format!("done {}", direction.name()))?;
+        self.save(Event::Done(state::Step::Switch(direction)))?;
         Ok(())
     }
 
@@ -276,7 +277,7 @@ impl<'a> Checked<'a> {
         if direction == Direction::Cutover {
             let name = reverse_name(self.plan);
             self.state.created.reverse = Some(name.clone());
-            self.save("reverse replication recorded")?;
+            self.save(Event::ReverseRecorded)?;
             let tables =
                 replication::published_tables(&self.source, &self.plan.replication_name()).await?;
             let target = &self.target;
@@ -391,7 +392,7 @@ impl<'a> Checked<'a> {
         }
         let (state, store) = (&mut self.state, self.store);
         steps.run_now("record them in the state", || {
-            state.note(format!("fence the {from}"));
+            state.note(Event::Fence(from));
             store.save(state).map(|()| ((), store.describe()))
         })?;
         // Immediately before the fence: the pause still holds, on every proxy.
@@ -548,7 +549,7 @@ impl<'a> Checked<'a> {
                 )
                 .await?;
             self.state.fences.retain(|f| f.side != to.backend);
-            self.save(&format!("unfence the {}", to.backend))?;
+            self.save(Event::Unfence(to.backend))?;
         }
         let pause_ms = steps
             .run("resume the proxies", resume_all(&self.proxies))
@@ -587,7 +588,7 @@ impl<'a> Checked<'a> {
                 self.state.created.reverse = None;
             }
         }
-        self.store.save(&self.state)?;
+        self.store.save(&mut self.state)?;
         Ok(())
     }
 }

@@ -7,23 +7,17 @@ impl Checked<'_> {
     /// An earlier run of a cutover or rollback that did not finish: past its commit point it
     /// is finished (proxies switched and resumed), before it undone.
     pub(super) async fn recover(&mut self) -> Result<()> {
-        let Some(step) = self.state.interrupted_step().map(str::to_string) else {
-            return Ok(());
-        };
-        let earlier = match step.as_str() {
-            "cutover" => Direction::Cutover,
-            "rollback" => Direction::Rollback,
+        let (earlier, committed) = match self.state.recovery() {
+            state::Recovery::FinishSwitch(earlier) => (earlier, true),
+            state::Recovery::UndoSwitch(earlier) => (earlier, false),
             _ => return Ok(()),
         };
-        let committed = match earlier {
-            Direction::Cutover => self.state.phase == Phase::Switched,
-            Direction::Rollback => self.state.phase == Phase::RolledBack,
-        };
+        let step = earlier.name();
         let mut quiet = |_: &Step| {};
         let mut steps = Steps::new(&mut quiet);
         if committed {
             self.finish(earlier, &mut steps).await?;
-            self.save(&format!("done {step}"))?;
+            self.save(Event::Done(state::Step::Switch(earlier)))?;
             self.finished_earlier = earlier == self.direction;
             self.recovered = Some(format!(
                 "an earlier {step} had switched the proxies' epoch to {} and was interrupted: it is finished now",
@@ -37,7 +31,10 @@ impl Checked<'_> {
                     problems.join("\n  ")
                 )));
             }
-            self.save(&format!("done {step} (undone after an interruption)"))?;
+            self.save(Event::Undone(
+                state::Step::Switch(earlier),
+                state::Undone::AfterInterruption,
+            ))?;
             self.recovered = Some(format!(
                 "an earlier {step} was interrupted before its switch: it was undone (grants back, proxies resumed on the {})",
                 earlier.from()
@@ -92,7 +89,7 @@ impl Checked<'_> {
             match restored {
                 Ok(()) => {
                     self.state.fences.retain(|f| f.side != from);
-                    if let Err(e) = self.save(&format!("unfence the {from}")) {
+                    if let Err(e) = self.save(Event::Unfence(from)) {
                         problems.push(e.to_string());
                     }
                 }
@@ -129,7 +126,7 @@ impl Checked<'_> {
                 "{e}; the proxies resume by themselves at max_pause"
             ));
         }
-        if let Err(e) = self.store.save(&self.state) {
+        if let Err(e) = self.store.save(&mut self.state) {
             problems.push(e.to_string());
         }
         problems
@@ -151,7 +148,10 @@ impl Checked<'_> {
         let direction = self.direction;
         let problems = self.undo(direction, steps).await;
         if problems.is_empty() {
-            let _ = self.save(&format!("done {} (undone)", direction.name()));
+            let _ = self.save(Event::Undone(
+                state::Step::Switch(direction),
+                state::Undone::AfterFailure,
+            ));
             let seen = self.pause.as_ref().map_or_else(
                 || "they saw nothing of it".to_string(),
                 |clock| clock.seen_by_applications(direction.from()),

@@ -515,7 +515,7 @@ impl Session {
             }
         } else {
             self.placeholders
-                .retain(|p| !p.closing.is_some_and(|group| group < answering));
+                .retain(|p| p.closing.is_none_or(|group| group >= answering));
         }
     }
 
