@@ -22,8 +22,10 @@ pub enum Error {
     State(#[from] StateError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    /// A long-running service (the proxy) could not start or run: its own error, kept as the
+    /// source. The library's layers do not depend on the proxy; the CLI wraps its error here.
     #[error(transparent)]
-    Proxy(#[from] crate::proxy::ProxyError),
+    Service(Box<dyn std::error::Error + Send + Sync>),
     /// Blocking findings, a gate not met, a step that failed and was undone.
     #[error("{0}")]
     Refused(String),
@@ -39,7 +41,7 @@ impl Error {
             Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => Exit::Refused,
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
-            Error::Proxy(_) => Exit::Usage,
+            Error::Service(_) => Exit::Usage,
             Error::Refused(_) => Exit::Refused,
             Error::NeedsOperator(_) => Exit::NeedsOperator,
         }

@@ -33,6 +33,8 @@ pub async fn run(args: ProxyArgs) -> Result<Exit, Error> {
     };
     let backend =
         switchyard::proxy::backend::Backend::restore(from_state, plan.proxy_switch_path());
-    switchyard::proxy::run(&plan, backend).await?;
+    switchyard::proxy::run(&plan, backend)
+        .await
+        .map_err(|e| Error::Service(Box::new(e)))?;
     Ok(Exit::Done)
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
+use tokio_postgres::error::SqlState;
 
 use super::{PgError, Server, TableName};
 use crate::plan::Plan;
@@ -357,7 +358,7 @@ pub async fn roles(
             }
             true
         }
-        Err(e) if e.code() == Some("42501") => false,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => false,
         Err(e) => return Err(e),
     };
     Ok((roles, readable))

@@ -10,6 +10,7 @@ pub mod tools;
 use std::fmt;
 
 use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
 
 use crate::plan::{Endpoint, PgUrl};
@@ -38,25 +39,32 @@ pub enum PgError {
     Connect {
         side: Side,
         url: String,
+        /// What a person needs to read ([`describe`]): the server's message, detail and
+        /// hint, or the client's chain of causes.
         message: String,
+        #[source]
+        source: tokio_postgres::Error,
     },
     #[error("{side}: {context}: {message}")]
     Query {
         side: Side,
         context: String,
+        /// As for `Connect`.
         message: String,
-        /// The SQLSTATE, when the server sent one.
-        code: Option<String>,
+        /// The driver's error, with the server's SQLSTATE when it sent one ([`PgError::code`]).
+        #[source]
+        source: tokio_postgres::Error,
     },
     #[error("{0}")]
     Tool(String),
 }
 
 impl PgError {
-    pub fn code(&self) -> Option<&str> {
+    /// The server's SQLSTATE, when it sent one.
+    pub fn code(&self) -> Option<&SqlState> {
         match self {
-            PgError::Query { code, .. } => code.as_deref(),
-            _ => None,
+            PgError::Query { source, .. } | PgError::Connect { source, .. } => source.code(),
+            PgError::Tool(_) => None,
         }
     }
 }
@@ -109,6 +117,7 @@ impl Server {
             side,
             url: url.to_string(),
             message: describe(&e),
+            source: e,
         };
         let client = if config.get_ssl_mode() == SslMode::Disable {
             let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
@@ -144,8 +153,8 @@ impl Server {
         PgError::Query {
             side: self.side,
             context: context.to_string(),
-            code: err.code().map(|c| c.code().to_string()),
             message: describe(&err),
+            source: err,
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::error::SqlState;
+
 use crate::pg::catalog::Selection;
 use crate::pg::{sql, PgError, Server, TableName};
 
@@ -338,7 +340,10 @@ pub async fn drop_slots(
                 Ok(_) => dropped.push(name),
                 // 55006: still active for a moment after its sender was ended; 42704: gone
                 // meanwhile. Both are looked at again on the next round.
-                Err(e) if matches!(e.code(), Some("55006") | Some("42704")) => {}
+                Err(e)
+                    if e.code().is_some_and(|code| {
+                        *code == SqlState::OBJECT_IN_USE || *code == SqlState::UNDEFINED_OBJECT
+                    }) => {}
                 Err(e) => return Err(e),
             }
         }
