@@ -84,7 +84,7 @@ impl Session {
             control.detached(self.shard);
             return None;
         }
-        let side = self.shared.backend.side();
+        let side = self.route().side();
         let pool = &self.pools[crate::proxy::side_index(side)];
         // Idle time as of the start of this turn: one clock read per transaction is enough.
         let now = std::time::Instant::now();
@@ -144,7 +144,7 @@ impl Session {
     pub(super) async fn take_turn_and_server(&mut self) -> Result<(Pooled, Side), Waited> {
         self.begin_turn().await;
         // Read after the pause: a switch happens only while paused.
-        let side = self.shared.backend.side();
+        let side = self.route().side();
         let pool = &self.pools[crate::proxy::side_index(side)];
         // The common case without a wait is take_turn_and_server_now's; checkout takes a
         // connection from the stack as it is, checking it if it sat idle too long.

@@ -7,6 +7,7 @@ mod cancel;
 mod connection;
 mod login;
 mod prepared;
+mod routing;
 mod tracking;
 mod unnamed;
 
@@ -307,7 +308,7 @@ impl Session {
     /// A client message, then the others the same read brought (a pipeline, or Parse, Bind,
     /// Execute and Sync in one packet), handled without a trip through the select loop.
     ///
-    /// Mid-transaction, a message needs no more than [`Session::route`] and a place in the
+    /// Mid-transaction, a message needs no more than [`Session::translate`] and a place in the
     /// server writer's buffer, without a future of its own (the extended protocol sends five
     /// per query); [`Session::before_forwarding`] is awaited only for the others. What is
     /// queued goes out in one write, once the client has nothing more buffered.
@@ -353,10 +354,10 @@ impl Session {
         server.writer.flush().await.is_ok() || self.server_lost().await
     }
 
-    /// Puts what a client message becomes ([`Session::route`]) in the server writer's buffer.
+    /// Puts what a client message becomes ([`Session::translate`]) in the server writer's buffer.
     /// What does not fit (the buffer is full) is given back, for [`Session::queue_after_flush`].
     fn queue_for_server(&mut self, frame: Bytes) -> Result<(), Frames> {
-        let frames = self.route(frame);
+        let frames = self.translate(frame);
         let Some(server) = self.server.as_mut() else {
             // Not reached (a message is forwarded only with a server connection attached);
             // if it were, queue_after_flush ends the session rather than lose the message.
@@ -476,7 +477,7 @@ impl Session {
 
     /// Notes what a client message does to the session's state, and gives what goes to the
     /// server in its place (itself, renamed, or with what must come first).
-    fn route(&mut self, frame: Bytes) -> Frames {
+    fn translate(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
         // Messages of a sync group not yet closed by its Sync: the connection must stay.
         self.unsynced = match kind {

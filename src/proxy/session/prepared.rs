@@ -204,7 +204,7 @@ impl Session {
         let control = &self.shared.control;
         control.admits_now()
             && !control.is_paused()
-            && self.pools[crate::proxy::side_index(self.shared.backend.side())].has_free()
+            && self.pools[crate::proxy::side_index(self.route().side())].has_free()
     }
 
     /// `server_name` is about to be prepared on the attached connection: at most
