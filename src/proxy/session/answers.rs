@@ -9,31 +9,32 @@ impl Session {
         match kind {
             b'1' | b'3' => match self.replies.complete_received() {
                 Err(at) => {
-                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.marker == Some(at))
+                    if let Some(parse) = self.unnamed.sent.iter_mut().find(|p| p.marker == Some(at))
                     {
                         parse.reached = true;
                     }
-                    if !self.group_prepared.is_empty() {
-                        self.group_prepared.retain(|p| p.at != at);
+                    if !self.registry.group_prepared.is_empty() {
+                        self.registry.group_prepared.retain(|p| p.at != at);
                     }
                     if self
-                        .unnamed_replayed
+                        .unnamed
+                        .replayed
                         .is_some_and(|(_, replayed)| replayed == at)
                     {
-                        self.unnamed_replayed = None;
+                        self.unnamed.replayed = None;
                     }
                     return true;
                 }
                 Ok(at) => {
                     // A statement prepared in this group exists: an error later in it does
                     // not undo that.
-                    if !self.group_prepared.is_empty() {
-                        self.group_prepared.retain(|p| p.at != at);
+                    if !self.registry.group_prepared.is_empty() {
+                        self.registry.group_prepared.retain(|p| p.at != at);
                     }
-                    if let Some(parse) = self.unnamed_sent.iter_mut().find(|p| p.at == at) {
+                    if let Some(parse) = self.unnamed.sent.iter_mut().find(|p| p.at == at) {
                         parse.ran = true;
-                    } else if !self.awaited.is_empty() {
-                        self.awaited.retain(|awaited| awaited.at != at);
+                    } else if !self.registry.awaited.is_empty() {
+                        self.registry.awaited.retain(|awaited| awaited.at != at);
                     }
                 }
             },
@@ -50,7 +51,7 @@ impl Session {
             }
             b'Z' => {
                 self.status = body(&frame).first().copied().unwrap_or(b'I');
-                if !self.pending_settings.is_empty() {
+                if !self.settings.pending.is_empty() {
                     self.settle_settings();
                 }
                 // That sync group is answered, whatever an error made the server skip.
@@ -58,20 +59,20 @@ impl Session {
                 // The transaction ended, and its portals with it; those bound in groups the
                 // client sent since belong to the next ones (a pipeline: the client may bind
                 // one before this answer came).
-                if self.status == b'I' && !self.setting_portals.is_empty() {
+                if self.status == b'I' && !self.settings.portals.is_empty() {
                     let answering = self.replies.answering();
-                    self.setting_portals.retain(|p| p.group >= answering);
+                    self.settings.portals.retain(|p| p.group >= answering);
                 }
-                if !self.unnamed_sent.is_empty() {
+                if !self.unnamed.sent.is_empty() {
                     self.settle_unnamed(self.replies.answered());
                 }
-                if self.unnamed_replayed.is_some() {
+                if self.unnamed.replayed.is_some() {
                     self.settle_unnamed_replay(self.replies.answered());
                 }
-                if !self.awaited.is_empty() {
+                if !self.registry.awaited.is_empty() {
                     self.not_run(self.replies.answered());
                 }
-                if !self.group_prepared.is_empty() {
+                if !self.registry.group_prepared.is_empty() {
                     let answering = self.replies.answering();
                     // After an error the server skipped the rest of the group, including
                     // statements the proxy prepared after the error came (a group whose
@@ -79,9 +80,11 @@ impl Session {
                     if std::mem::take(&mut self.group_failed) {
                         self.unlist_prepared(|p| p.group < answering);
                     }
-                    self.group_prepared.retain(|p| p.group >= answering);
+                    self.registry
+                        .group_prepared
+                        .retain(|p| p.group >= answering);
                 }
-                if !self.placeholders.is_empty() {
+                if !self.registry.placeholders.is_empty() {
                     self.settle_placeholders(self.replies.answering(), false);
                 }
                 self.group_failed = false;
@@ -91,18 +94,18 @@ impl Session {
                 self.group_failed = true;
                 // The transaction failed (or, outside a block, the statement and the rest of
                 // its query or pipeline): its setting changes are undone.
-                self.pending_settings.undo(self.replies.answering());
+                self.settings.pending.undo(self.replies.answering());
                 let answering = self.replies.answering();
                 self.unlist_prepared(|p| p.group <= answering);
-                if !self.placeholders.is_empty() {
+                if !self.registry.placeholders.is_empty() {
                     self.settle_placeholders(answering, true);
                 }
             }
             // A COMMIT's or ROLLBACK's CommandComplete, maybe in a run of rows and
             // completions.
             _ if passes_through(kind)
-                && (!self.pending_settings.is_empty()
-                    || self.controls_sent.0 == self.replies.answering()) =>
+                && (!self.settings.pending.is_empty()
+                    || self.settings.controls_sent.0 == self.replies.answering()) =>
             {
                 self.transaction_controls_done(&frame);
             }
@@ -137,9 +140,9 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return;
         };
-        for p in self.group_prepared.iter().filter(|p| failed(p)) {
+        for p in self.registry.group_prepared.iter().filter(|p| failed(p)) {
             server.prepared.remove(&p.name);
-            for awaited in &mut self.awaited {
+            for awaited in &mut self.registry.awaited {
                 if awaited
                     .closed
                     .as_ref()

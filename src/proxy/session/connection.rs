@@ -46,10 +46,10 @@ impl Session {
         if server.home != self.shard {
             metrics::add(&self.metrics().borrowed, 1);
         }
-        let changes = if apply_settings && server.applied_tag != self.wanted_tag {
-            let changes = settings::reconcile(&self.wanted, &mut server.applied);
+        let changes = if apply_settings && server.applied_tag != self.settings.wanted_tag {
+            let changes = settings::reconcile(&self.settings.wanted, &mut server.applied);
             // In step once the changes are applied (a failure breaks the connection).
-            server.applied_tag = self.wanted_tag;
+            server.applied_tag = self.settings.wanted_tag;
             changes
         } else {
             Vec::new()
@@ -65,8 +65,8 @@ impl Session {
         }
         self.server = Some(server);
         self.server_side = side;
-        self.unnamed_here = false;
-        self.unnamed_replayed = None;
+        self.unnamed.here = false;
+        self.unnamed.replayed = None;
         Ok(())
     }
 
@@ -249,14 +249,14 @@ impl Session {
         self.dirty = false;
         // Positions count again from 0 on the next connection: what is still awaited (the
         // connection broke) is taken as not run.
-        if !self.awaited.is_empty() {
+        if !self.registry.awaited.is_empty() {
             self.not_run(u64::MAX);
         }
-        self.placeholders.clear();
+        self.registry.placeholders.clear();
         self.group_failed = false;
-        self.unnamed_sent.clear();
-        self.unnamed_before = None;
-        self.setting_portals.clear();
+        self.unnamed.sent.clear();
+        self.unnamed.before = None;
+        self.settings.portals.clear();
         self.status = b'I';
         server.idle_since = now;
         // The turn ends first: it clears where this session's cancels go, so none is
@@ -322,7 +322,7 @@ impl Session {
         let waiting = self.replies.owed();
         let in_transaction = self.status != b'I';
         // Its transaction is lost, and the setting changes made in it with it.
-        self.pending_settings.clear();
+        self.settings.pending.clear();
         self.release(false).await;
         if waiting > 0 {
             // The client waits for answers: its transaction failed; every Sync and Query it

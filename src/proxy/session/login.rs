@@ -151,7 +151,7 @@ impl Session {
                 .iter()
                 .map(|(name, default)| {
                     let value = match server.params.get(name) {
-                        Some(value) if self.wanted.contains_key(name) => value,
+                        Some(value) if self.settings.wanted.contains_key(name) => value,
                         _ => default,
                     };
                     (name.clone(), value.clone())

@@ -7,6 +7,7 @@ mod cancel;
 mod connection;
 mod login;
 mod prepared;
+mod registry;
 mod routing;
 mod tracking;
 mod unnamed;
@@ -41,9 +42,10 @@ use crate::plan::PoolMode;
 use cancel::{forward_cancel, give_back_after_cancel};
 use login::LoggedIn;
 pub use login::{refuse, run};
-use prepared::{Awaited, GroupPrepared, Placeholder, Prepared, SettingPortal};
+use registry::{statement_name, Awaited, Effects, GroupPrepared, Placeholder, Prepared, Registry};
 use tracking::remember_parameter;
-use unnamed::UnnamedParse;
+use tracking::{ClientSettings, SettingPortal};
+use unnamed::{Unnamed, UnnamedParse};
 
 type ClientReader = FramedRead<ReadHalf, PgCodec>;
 type ClientWriter = FramedWrite<WriteHalf, PgCodec>;
@@ -106,36 +108,13 @@ struct Session {
     client_r: ClientReader,
     client_w: ClientWriter,
     server: Option<Pooled>,
-    statements: HashMap<String, Prepared>,
-    /// The user's count of which server statements its clients hold.
-    book: Arc<Book>,
-    /// The client's named Parses and Closes sent to the server and not yet answered: until
-    /// their answers come, the proxy does not know whether the server ran them or skipped
-    /// them after an error.
-    awaited: Vec<Awaited>,
-    /// Statements left on the attached connection under a client's own name by a duplicate
-    /// Parse ([`Session::parse_duplicate`]): closed before a message that names one reaches
-    /// the server, which would otherwise find it.
-    placeholders: Vec<Placeholder>,
-    /// A client message that must wait for those answers (it names a statement whose Parse
-    /// or Close of an earlier sync group is awaited); the client is not read meanwhile.
+    /// The client's named statements, and what the server did with their Parses and Closes.
+    registry: Registry,
+    /// A client message that must wait for the answers to Parses or Closes of earlier
+    /// groups (it names a statement one of them concerns); the client is not read meanwhile.
     parked: Option<Bytes>,
-    /// The client's settings, name → value as SQL.
-    wanted: BTreeMap<String, String>,
-    /// A new tag each time `wanted` changes ([`settings::new_tag`]).
-    wanted_tag: u64,
-    /// Setting changes sent whose transaction has not ended yet.
-    pending_settings: settings::Pending,
-    /// The group being answered rolled back (a ROLLBACK's CommandComplete), while setting
-    /// changes were pending.
-    rolled_back: bool,
-    /// The last sync group with a statement that ends or opens a transaction.
-    transaction_control: Option<u64>,
-    /// How many statements that end or open a transaction were sent in a sync group, and
-    /// how many of them completed, with their group: a COMMIT or ROLLBACK ends the setting
-    /// changes sent before it in its group, not those after.
-    controls_sent: (u64, u32),
-    controls_done: (u64, u32),
+    /// The client's settings, and the changes not yet settled by their transaction's end.
+    settings: ClientSettings,
     /// What the server still owes on the attached connection (ReadyForQuery messages, the
     /// answers to the proxy's own Parses and Closes, Syncs a copy makes it ignore).
     replies: Replies,
@@ -145,36 +124,12 @@ struct Session {
     /// The server connection holds session state the proxy cannot track (an unrecognised SET,
     /// SET ROLE): it is closed instead of going back to the pool.
     dirty: bool,
-    /// Statements the unanswered sync groups made the connection prepare, with their group:
-    /// if that group fails, they may not exist, and a later group that uses one prepares it
-    /// again rather than trust a Parse that may be skipped.
-    group_prepared: Vec<GroupPrepared>,
     /// The group being answered had an error.
     group_failed: bool,
     /// Client messages forwarded since the last Sync or Query.
     unsynced: u32,
-    /// The client's last unnamed Parse, and whether the current server connection has it.
-    /// (Empty when there is none; kept, not reallocated, from one Parse to the next.)
-    unnamed: Vec<u8>,
-    unnamed_here: bool,
-    /// The sync group and position of the unnamed Parse (or Close) the proxy sent to put the
-    /// client's unnamed statement on this connection, until its answer comes.
-    unnamed_replayed: Option<(u64, u64)>,
-    /// The client's unnamed Parses sent and not yet settled, oldest first: until their
-    /// group is answered it is not known which of them the server ran (an error makes it
-    /// skip the rest of the group), and the client's unnamed statement is replayed on
-    /// another connection only as the server left it.
-    unnamed_sent: Vec<UnnamedParse>,
-    /// The client's unnamed statement, and whether the connection had it, before the first
-    /// of `unnamed_sent` (kept only when that one may be skipped: it has a marker).
-    unnamed_before: Option<(Vec<u8>, bool)>,
-    /// The unnamed statement changes settings when executed.
-    unnamed_sets: bool,
-    /// Portals bound in this transaction to a statement that changes settings, with its
-    /// text: what it sets counts when the portal is executed, not when it is parsed.
-    setting_portals: Vec<SettingPortal>,
-    /// ParseCompletes owed to the client for Parses remembered without a server.
-    owed_parse_complete: u32,
+    /// The client's unnamed statement.
+    unnamed: Unnamed,
     /// The last transaction status the server reported.
     status: u8,
     /// When the server connection was taken, for the latency histogram.
@@ -213,30 +168,12 @@ impl Session {
             client_r: reader,
             client_w: writer,
             server: None,
-            statements: HashMap::new(),
-            book,
-            awaited: Vec::new(),
+            registry: Registry::new(book),
             parked: None,
-            placeholders: Vec::new(),
-            wanted,
-            wanted_tag: settings::new_tag(),
-            pending_settings: settings::Pending::default(),
-            rolled_back: false,
-            transaction_control: None,
-            // No group is numbered u64::MAX: nothing counted yet.
-            controls_sent: (u64::MAX, 0),
-            controls_done: (0, 0),
+            settings: ClientSettings::new(wanted),
             replies: Replies::default(),
-            owed_parse_complete: 0,
-            unnamed: Vec::new(),
-            unnamed_here: false,
-            unnamed_replayed: None,
-            unnamed_sent: Vec::new(),
-            unnamed_before: None,
-            unnamed_sets: false,
-            setting_portals: Vec::new(),
+            unnamed: Unnamed::default(),
             lost_transaction: None,
-            group_prepared: Vec::new(),
             group_failed: false,
             unsynced: 0,
             dirty: false,
@@ -314,7 +251,7 @@ impl Session {
     /// queued goes out in one write, once the client has nothing more buffered.
     async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
         loop {
-            if (!self.awaited.is_empty() || self.unnamed_unsettled_before())
+            if (!self.registry.awaited.is_empty() || self.unnamed_unsettled_before())
                 && self.must_wait(&frame)
             {
                 // It and what follows wait for the server's answers ([`Session::serve`]).
@@ -503,7 +440,7 @@ impl Session {
             }
             b'E' => {
                 self.replies.execute_sent();
-                if !self.setting_portals.is_empty() {
+                if !self.settings.portals.is_empty() {
                     self.execute_effects(&frame);
                 }
                 smallvec![frame]

@@ -24,9 +24,9 @@ impl Session {
                 }
                 smallvec![frame]
             }
-            Some(Deallocate::Named(name)) => match self.statements.remove(&name) {
+            Some(Deallocate::Named(name)) => match self.registry.statements.remove(&name) {
                 Some(prepared) => {
-                    self.book.release(&prepared.server_name);
+                    self.registry.book.release(&prepared.server_name);
                     self.deallocate_on_server(&prepared.server_name)
                 }
                 // Not one of the client's: the server's own error (26000).
@@ -85,24 +85,24 @@ impl Session {
                 out.push(frontend::rebuild_target(b'C', b'S', "switchyard_marker"));
                 at
             });
-            match self.unnamed_sent.last_mut() {
+            match self.unnamed.sent.last_mut() {
                 None => {
-                    self.unnamed_before = marker
+                    self.unnamed.before = marker
                         .is_some()
-                        .then(|| (self.unnamed.clone(), self.unnamed_here));
+                        .then(|| (self.unnamed.text.clone(), self.unnamed.here));
                 }
                 // The one before may turn out to be the last the server ran.
-                Some(previous) => previous.text = Some(self.unnamed.clone()),
+                Some(previous) => previous.text = Some(self.unnamed.text.clone()),
             }
             // A copy: a frame shares the read buffer's allocation, and holding it would make
             // every later read allocate a new buffer. Copied into the same buffer each time:
             // most clients send an unnamed Parse with every query.
-            self.unnamed.clear();
-            self.unnamed.extend_from_slice(&frame);
-            self.unnamed_here = true;
-            self.unnamed_sets = sets;
+            self.unnamed.text.clear();
+            self.unnamed.text.extend_from_slice(&frame);
+            self.unnamed.here = true;
+            self.unnamed.sets = sets;
             let at = self.replies.sent_theirs();
-            self.unnamed_sent.push(UnnamedParse {
+            self.unnamed.sent.push(UnnamedParse {
                 at,
                 group: self.replies.open_group(),
                 marker,
@@ -114,14 +114,14 @@ impl Session {
             out.push(frame);
             return out;
         }
-        if self.statements.contains_key(message.name) {
+        if self.registry.statements.contains_key(message.name) {
             return self.parse_duplicate(&message);
         }
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
         let client_name = message.name.to_string();
-        self.book.hold(&server_name);
-        self.statements.insert(
+        self.registry.book.hold(&server_name);
+        self.registry.statements.insert(
             client_name.clone(),
             Prepared {
                 server_name: server_name.clone(),
@@ -136,12 +136,12 @@ impl Session {
         out.push(frontend::rebuild_target(b'C', b'S', &server_name));
         self.replies.sent_ours();
         let at = self.replies.sent_theirs();
-        self.group_prepared.push(GroupPrepared {
+        self.registry.group_prepared.push(GroupPrepared {
             group: self.replies.open_group(),
             name: server_name,
             at,
         });
-        self.awaited.push(Awaited {
+        self.registry.awaited.push(Awaited {
             at,
             group: self.replies.open_group(),
             name: client_name,
@@ -159,12 +159,13 @@ impl Session {
     pub(super) fn parse_duplicate(&mut self, message: &frontend::Parse<'_>) -> Frames {
         self.dirty = true;
         match self
+            .registry
             .placeholders
             .iter_mut()
             .find(|p| p.name == message.name)
         {
             Some(placeholder) => placeholder.closing = None,
-            None => self.placeholders.push(Placeholder {
+            None => self.registry.placeholders.push(Placeholder {
                 name: message.name.to_string(),
                 closing: None,
             }),
@@ -191,12 +192,15 @@ impl Session {
     /// prepared already.
     pub(super) fn duplicate_parse(&self, frame: &Bytes) -> Option<Fatal> {
         let message = frontend::parse_message(frame)?;
-        self.statements.contains_key(message.name).then(|| {
-            Fatal::new(
-                "42P05",
-                format!("prepared statement \"{}\" already exists", message.name),
-            )
-        })
+        self.registry
+            .statements
+            .contains_key(message.name)
+            .then(|| {
+                Fatal::new(
+                    "42P05",
+                    format!("prepared statement \"{}\" already exists", message.name),
+                )
+            })
     }
 
     /// The current backend's pool could give this worker a connection without waiting.
@@ -225,12 +229,12 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return;
         };
-        let deaths = self.book.deaths();
+        let deaths = self.registry.book.deaths();
         if server.prepared.seen_deaths == deaths {
             return;
         }
         server.prepared.seen_deaths = deaths;
-        for name in self.book.dead(&server.prepared) {
+        for name in self.registry.book.dead(&server.prepared) {
             server.prepared.remove(&name);
             let close = frontend::rebuild_target(b'C', b'S', &name);
             if !try_queue(&mut server.writer, &close) {
@@ -246,10 +250,11 @@ impl Session {
     /// `answered` and did not: they failed, or an error made the server skip them. A
     /// Parse's name is free again; a Close's statement is still the client's.
     pub(super) fn not_run(&mut self, answered: u64) {
-        let (failed, awaited): (Vec<Awaited>, Vec<Awaited>) = std::mem::take(&mut self.awaited)
-            .into_iter()
-            .partition(|awaited| awaited.at < answered);
-        self.awaited = awaited;
+        let (failed, awaited): (Vec<Awaited>, Vec<Awaited>) =
+            std::mem::take(&mut self.registry.awaited)
+                .into_iter()
+                .partition(|awaited| awaited.at < answered);
+        self.registry.awaited = awaited;
         // Undone latest first: a Close and a Parse of the same name, both skipped, leave the
         // statement from before them.
         for Awaited {
@@ -261,8 +266,8 @@ impl Session {
         {
             match closed {
                 None => {
-                    if let Some(prepared) = self.statements.remove(&name) {
-                        self.book.release(&prepared.server_name);
+                    if let Some(prepared) = self.registry.statements.remove(&name) {
+                        self.registry.book.release(&prepared.server_name);
                     }
                 }
                 Some(prepared) => {
@@ -270,7 +275,7 @@ impl Session {
                     // could name other tables than the client's statement does).
                     // Unless a later Close, still unanswered, closes it (another client name
                     // for the same text: the server names statements by their text).
-                    let closed_later = self.awaited.iter().any(|later| {
+                    let closed_later = self.registry.awaited.iter().any(|later| {
                         later
                             .closed
                             .as_ref()
@@ -282,9 +287,9 @@ impl Session {
                         server.prepared.restore(&prepared.server_name);
                     }
                     if let std::collections::hash_map::Entry::Vacant(entry) =
-                        self.statements.entry(name)
+                        self.registry.statements.entry(name)
                     {
-                        self.book.hold(&prepared.server_name);
+                        self.registry.book.hold(&prepared.server_name);
                         entry.insert(prepared);
                     }
                 }
@@ -294,17 +299,18 @@ impl Session {
 
     /// The client's statements are gone (its session ended, DEALLOCATE ALL).
     pub(super) fn forget_statements(&mut self) {
-        for (_, prepared) in self.statements.drain() {
-            self.book.release(&prepared.server_name);
+        for (_, prepared) in self.registry.statements.drain() {
+            self.registry.book.release(&prepared.server_name);
         }
-        self.awaited.clear();
+        self.registry.awaited.clear();
     }
 
     /// The client's last unnamed Parse (or Close) went in an earlier sync group, still
     /// unanswered. (Most clients parse the unnamed statement in the group that binds it: then
     /// this is false, and costs one comparison.)
     pub(super) fn unnamed_unsettled_before(&self) -> bool {
-        self.unnamed_sent
+        self.unnamed
+            .sent
             .last()
             .is_some_and(|parse| parse.group < self.replies.open_group())
     }
@@ -333,7 +339,8 @@ impl Session {
         let Some(name) = name.filter(|name| !name.is_empty()) else {
             return false;
         };
-        self.awaited
+        self.registry
+            .awaited
             .iter()
             .any(|awaited| awaited.name == name && awaited.group < open)
     }
@@ -394,8 +401,8 @@ impl Session {
         };
         let server_name = statement_name(message.query, message.rest);
         let parse = frontend::rename_parse(&message, &server_name);
-        self.book.hold(&server_name);
-        self.statements.insert(
+        self.registry.book.hold(&server_name);
+        self.registry.statements.insert(
             message.name.to_string(),
             Prepared {
                 server_name,
@@ -403,17 +410,17 @@ impl Session {
                 sets,
             },
         );
-        self.owed_parse_complete += 1;
+        self.registry.owed_parse_complete += 1;
         true
     }
 
     /// Sends the ParseCompletes owed for remembered Parses, then `last` (a ReadyForQuery for a
     /// Sync), and flushes.
     pub(super) async fn answer_locally(&mut self, last: Option<Bytes>) -> bool {
-        if self.owed_parse_complete == 0 && last.is_none() {
+        if self.registry.owed_parse_complete == 0 && last.is_none() {
             return true;
         }
-        for _ in 0..std::mem::take(&mut self.owed_parse_complete) {
+        for _ in 0..std::mem::take(&mut self.registry.owed_parse_complete) {
             if self.client_w.feed(backend::parse_complete()).await.is_err() {
                 return false;
             }
@@ -433,11 +440,12 @@ impl Session {
         client_name: &str,
         out: &mut Frames,
     ) -> Option<(String, bool)> {
-        let prepared = self.statements.get(client_name)?;
+        let prepared = self.registry.statements.get(client_name)?;
         let server = self.server.as_mut()?;
         let (server_name, sets) = (prepared.server_name.clone(), prepared.sets);
         let open = self.replies.open_group();
         let uncertain = self
+            .registry
             .group_prepared
             .iter()
             .any(|p| p.group < open && p.name == server_name);
@@ -451,7 +459,7 @@ impl Session {
             self.replies.sent_ours();
             let at = self.replies.next_position();
             self.replies.sent_ours();
-            self.group_prepared.push(GroupPrepared {
+            self.registry.group_prepared.push(GroupPrepared {
                 group: open,
                 name: server_name.clone(),
                 at,
@@ -465,8 +473,8 @@ impl Session {
             return smallvec![frame];
         };
         if statement.is_empty() {
-            let sets = self.unnamed_sets;
-            if sets || !self.setting_portals.is_empty() {
+            let sets = self.unnamed.sets;
+            if sets || !self.settings.portals.is_empty() {
                 self.bound(portal.to_string(), String::new(), sets);
             }
             return self.with_unnamed(frame);
@@ -482,7 +490,7 @@ impl Session {
                 (frame.clone(), false)
             }
         };
-        if sets || !self.setting_portals.is_empty() {
+        if sets || !self.settings.portals.is_empty() {
             self.bound(portal.to_string(), statement.to_string(), sets);
         }
         out.push(renamed);
@@ -494,7 +502,12 @@ impl Session {
     /// answers as PostgreSQL does (26000).
     pub(super) fn close_placeholder(&mut self, name: &str, out: &mut Frames) {
         let group = self.replies.open_group();
-        if let Some(placeholder) = self.placeholders.iter_mut().find(|p| p.name == name) {
+        if let Some(placeholder) = self
+            .registry
+            .placeholders
+            .iter_mut()
+            .find(|p| p.name == name)
+        {
             placeholder.closing = Some(group);
             out.push(frontend::rebuild_target(b'C', b'S', name));
             self.replies.sent_ours();
@@ -508,34 +521,38 @@ impl Session {
     /// ended without error is gone.
     pub(super) fn settle_placeholders(&mut self, answering: u64, failed: bool) {
         if failed {
-            for placeholder in &mut self.placeholders {
+            for placeholder in &mut self.registry.placeholders {
                 if placeholder.closing.is_some_and(|group| group <= answering) {
                     placeholder.closing = None;
                 }
             }
         } else {
-            self.placeholders
+            self.registry
+                .placeholders
                 .retain(|p| p.closing.is_none_or(|group| group >= answering));
         }
     }
 
     /// A Bind of `portal`: it remembers the statement's text if that changes settings.
     pub(super) fn bound(&mut self, portal: String, statement: String, sets: bool) {
-        self.setting_portals.retain(|p| p.portal != portal);
+        self.settings.portals.retain(|p| p.portal != portal);
         if !sets {
             return;
         }
         let parse = if statement.is_empty() {
-            (!self.unnamed.is_empty()).then(|| Bytes::copy_from_slice(&self.unnamed))
+            (!self.unnamed.text.is_empty()).then(|| Bytes::copy_from_slice(&self.unnamed.text))
         } else {
-            self.statements.get(&statement).map(|p| p.parse.clone())
+            self.registry
+                .statements
+                .get(&statement)
+                .map(|p| p.parse.clone())
         };
         let text = parse
             .as_ref()
             .and_then(frontend::parse_message)
             .and_then(|message| std::str::from_utf8(message.query).ok().map(str::to_string));
         if let Some(text) = text {
-            self.setting_portals.push(SettingPortal {
+            self.settings.portals.push(SettingPortal {
                 portal,
                 text,
                 group: self.replies.open_group(),
@@ -551,7 +568,8 @@ impl Session {
             return;
         };
         if let Some(text) = self
-            .setting_portals
+            .settings
+            .portals
             .iter()
             .find(|p| p.portal == portal)
             .map(|p| p.text.clone())
@@ -584,11 +602,16 @@ impl Session {
             return smallvec![frame];
         }
         if kind == b'C' {
-            let Some(prepared) = self.statements.remove(name) else {
+            let Some(prepared) = self.registry.statements.remove(name) else {
                 // The server's own answer; a placeholder of that name goes with it (unless an
                 // error earlier in the group makes the server skip it).
                 let group = self.replies.open_group();
-                if let Some(placeholder) = self.placeholders.iter_mut().find(|p| p.name == name) {
+                if let Some(placeholder) = self
+                    .registry
+                    .placeholders
+                    .iter_mut()
+                    .find(|p| p.name == name)
+                {
                     placeholder.closing = Some(group);
                 }
                 return smallvec![frame];
@@ -599,9 +622,9 @@ impl Session {
             // to close a name that does not exist, so that its answer comes in its place.
             // In session mode the connection is the client's alone: closed there whoever
             // else holds the statement.
-            let last = self.book.release(&prepared.server_name);
+            let last = self.registry.book.release(&prepared.server_name);
             if !last && self.mode() == PoolMode::Transaction {
-                self.awaited.push(Awaited {
+                self.registry.awaited.push(Awaited {
                     at: close_at,
                     group: self.replies.open_group(),
                     name: name.to_string(),
@@ -615,7 +638,7 @@ impl Session {
                 .as_mut()
                 .is_some_and(|server| server.prepared.remove(&prepared.server_name));
             let close = frontend::rebuild_target(b'C', b'S', &prepared.server_name);
-            self.awaited.push(Awaited {
+            self.registry.awaited.push(Awaited {
                 at: close_at,
                 group: self.replies.open_group(),
                 name: name.to_string(),
@@ -633,104 +656,5 @@ impl Session {
             }
         }
         out
-    }
-}
-
-/// A named prepared statement as the client knows it.
-pub(super) struct Prepared {
-    /// The name it has on server connections: derived from its text, so that clients that
-    /// prepare the same statement share it.
-    pub(super) server_name: String,
-    /// Its Parse message under that name, to prepare it on a server connection that lacks it.
-    pub(super) parse: Bytes,
-    /// It changes the session's settings (a SET, RESET, DISCARD ALL) when it is executed.
-    pub(super) sets: bool,
-}
-
-/// A statement left on the attached connection under a client's own name by a duplicate
-/// Parse.
-pub(super) struct Placeholder {
-    pub(super) name: String,
-    /// The sync group of the Close sent for it, until that group is answered.
-    pub(super) closing: Option<u64>,
-}
-
-/// A statement a sync group prepares on the attached connection, until the answer to its
-/// Parse comes: if the group fails first, the connection may not have it.
-pub(super) struct GroupPrepared {
-    pub(super) group: u64,
-    /// Its server name.
-    pub(super) name: String,
-    /// The position of its Parse among the Parse and Close answers.
-    pub(super) at: u64,
-}
-
-/// A portal bound to a statement that changes settings: what it sets counts when it is
-/// executed.
-pub(super) struct SettingPortal {
-    pub(super) portal: String,
-    /// The statement's text.
-    pub(super) text: String,
-    /// The sync group of its Bind.
-    pub(super) group: u64,
-}
-
-/// A client's Parse or Close sent to the server whose answer has not come yet.
-pub(super) struct Awaited {
-    /// Its position among the Parse and Close answers ([`Replies::sent_theirs`]).
-    pub(super) at: u64,
-    /// The sync group it was sent in.
-    pub(super) group: u64,
-    /// The client's name of the statement.
-    pub(super) name: String,
-    /// For a Close: the statement, given back to the client if the Close did not run.
-    pub(super) closed: Option<Prepared>,
-    /// The Close was sent to the server under the statement's server name (its last holder
-    /// closed it), and the connection's record no longer lists it: if the server skipped the
-    /// Close, the connection still has the statement, and the record lists it again.
-    pub(super) closed_on_server: bool,
-}
-
-/// What a Parse's statement does, as [`Session::parse_effects`] finds it.
-pub(super) enum Effects {
-    /// The Parse to handle in its place (LISTEN refused in transaction mode).
-    Refused(Bytes),
-    /// Whether the statement changes settings when it is executed.
-    Sets(bool),
-}
-
-/// The name a statement gets on server connections: from its text and parameter types, so
-/// the same statement is prepared once per server connection whichever client asks.
-pub(super) fn statement_name(query: &[u8], param_types: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    // A cryptographic hash: a client must not be able to make its statement's name collide
-    // with another client's.
-    let mut hasher = Sha256::new();
-    hasher.update((query.len() as u64).to_be_bytes());
-    hasher.update(query);
-    hasher.update(param_types);
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("switchyard_{hex}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statement_names_depend_on_text_and_types() {
-        assert_eq!(
-            statement_name(b"SELECT 1", &[0, 0]),
-            statement_name(b"SELECT 1", &[0, 0])
-        );
-        assert_ne!(
-            statement_name(b"SELECT 1", &[0, 0]),
-            statement_name(b"SELECT 2", &[0, 0])
-        );
-        assert_ne!(
-            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23]),
-            statement_name(b"SELECT $1", &[0, 1, 0, 0, 0, 25])
-        );
     }
 }

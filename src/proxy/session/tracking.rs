@@ -10,11 +10,11 @@ impl Session {
     /// are not followed, and the connection, which may still hold some, is not reused.
     pub(super) fn settle_settings(&mut self) {
         let group = self.replies.answering();
-        if std::mem::take(&mut self.rolled_back) && self.status != b'I' {
+        if std::mem::take(&mut self.settings.rolled_back) && self.status != b'I' {
             self.dirty = true;
         }
         if self.status == b'I' {
-            let lasted = self.pending_settings.settle(group);
+            let lasted = self.settings.pending.settle(group);
             self.settings_lasted(lasted);
         }
     }
@@ -37,11 +37,12 @@ impl Session {
             let control = self.control_done(group);
             // A ROLLBACK TO SAVEPOINT (the same tag) with changes pending leaves the
             // connection unfit for reuse (settle_settings); without any, it changes nothing.
-            if !committed && !self.pending_settings.is_empty() {
-                self.rolled_back = true;
+            if !committed && !self.settings.pending.is_empty() {
+                self.settings.rolled_back = true;
             }
             let lasted = self
-                .pending_settings
+                .settings
+                .pending
                 .end_transaction(group, control, committed);
             self.settings_lasted(lasted);
         }
@@ -50,26 +51,26 @@ impl Session {
     /// Counts a completed statement of `group` that ends or opens a transaction; returns
     /// its number in the group, from 0.
     fn control_done(&mut self, group: u64) -> u32 {
-        if self.controls_done.0 != group {
-            self.controls_done = (group, 0);
+        if self.settings.controls_done.0 != group {
+            self.settings.controls_done = (group, 0);
         }
-        self.controls_done.1 += 1;
-        self.controls_done.1 - 1
+        self.settings.controls_done.1 += 1;
+        self.settings.controls_done.1 - 1
     }
 
     /// Counts a statement that ends or opens a transaction sent in the open group.
     pub(super) fn control_sent(&mut self) {
         let group = self.replies.open_group();
-        if self.controls_sent.0 != group {
-            self.controls_sent = (group, 0);
+        if self.settings.controls_sent.0 != group {
+            self.settings.controls_sent = (group, 0);
         }
-        self.controls_sent.1 += 1;
+        self.settings.controls_sent.1 += 1;
     }
 
     /// How many statements that end or open a transaction were sent in the open group.
     fn controls_sent_now(&self) -> u32 {
-        if self.controls_sent.0 == self.replies.open_group() {
-            self.controls_sent.1
+        if self.settings.controls_sent.0 == self.replies.open_group() {
+            self.settings.controls_sent.1
         } else {
             0
         }
@@ -92,7 +93,7 @@ impl Session {
             }
         }
         if passed_to_server {
-            self.wanted.insert(name, sql::literal(&value));
+            self.settings.wanted.insert(name, sql::literal(&value));
             self.settings_changed(in_step);
         }
     }
@@ -178,11 +179,11 @@ impl Session {
         if self.group_failed && self.replies.answering() == group {
             return;
         }
-        if self.transaction_control == Some(group) {
+        if self.settings.transaction_control == Some(group) {
             self.dirty = true;
         }
         let after_control = self.controls_sent_now();
-        self.pending_settings.stage(group, after_control, change);
+        self.settings.pending.stage(group, after_control, change);
     }
 
     /// A COMMIT or ROLLBACK in the same query or pipeline as a SET decides whether the SET
@@ -191,8 +192,8 @@ impl Session {
     /// the transaction.
     pub(super) fn note_transaction_control(&mut self) {
         let group = self.replies.open_group();
-        self.transaction_control = Some(group);
-        if self.pending_settings.has_group(group) {
+        self.settings.transaction_control = Some(group);
+        if self.settings.pending.has_group(group) {
             self.dirty = true;
         }
     }
@@ -212,20 +213,22 @@ impl Session {
                     if let Some(applied) = applied {
                         applied.insert(name.clone(), value_sql.clone());
                     }
-                    self.wanted.insert(name, value_sql);
+                    self.settings.wanted.insert(name, value_sql);
                 }
                 SettingChange::Set { .. } => {}
                 SettingChange::Reset(name) => {
                     if let Some(applied) = applied {
                         applied.remove(&name);
                     }
-                    self.wanted.remove(&name);
+                    self.settings.wanted.remove(&name);
                 }
                 SettingChange::ResetAll => {
                     if let Some(applied) = applied {
                         applied.clear();
                     }
-                    self.wanted.retain(|name, _| name == "client_encoding");
+                    self.settings
+                        .wanted
+                        .retain(|name, _| name == "client_encoding");
                 }
             }
         }
@@ -237,7 +240,7 @@ impl Session {
     fn settings_in_step(&self) -> bool {
         self.server
             .as_ref()
-            .is_some_and(|server| server.applied_tag == self.wanted_tag)
+            .is_some_and(|server| server.applied_tag == self.settings.wanted_tag)
     }
 
     /// The client's settings changed (and the attached connection's with them): a new tag,
@@ -245,10 +248,10 @@ impl Session {
     /// keeps the client's `client_encoding` but not the connection's). Rare: the maps are
     /// compared here, so that equal tags always mean equal settings.
     fn settings_changed(&mut self, in_step: bool) {
-        self.wanted_tag = settings::new_tag();
+        self.settings.wanted_tag = settings::new_tag();
         if let Some(server) = self.server.as_mut() {
-            server.applied_tag = if in_step && server.applied == self.wanted {
-                self.wanted_tag
+            server.applied_tag = if in_step && server.applied == self.settings.wanted {
+                self.settings.wanted_tag
             } else {
                 0
             };
@@ -290,8 +293,8 @@ impl Session {
                         server.applied.remove(&change.name);
                         server.applied_tag = 0;
                         let error = if refuses_the_setting(&code) {
-                            self.wanted.remove(&change.name);
-                            self.wanted_tag = settings::new_tag();
+                            self.settings.wanted.remove(&change.name);
+                            self.settings.wanted_tag = settings::new_tag();
                             Fatal::new(code, format!(
                                 "cannot apply this session's setting {} on a server connection, so the proxy no longer keeps it: {message}",
                                 change.name
@@ -325,6 +328,56 @@ pub(super) fn remember_parameter(server: &mut ServerConn, frame: &Bytes) {
     if let (Some(name), Some(value)) = (cstr(&mut b), cstr(&mut b)) {
         server.params.insert(name.to_ascii_lowercase(), value);
     }
+}
+
+/// The client's settings as the proxy follows them: what every server connection it uses
+/// is brought to, and the changes whose transaction has not ended yet.
+pub(super) struct ClientSettings {
+    /// Name → value as SQL.
+    pub(super) wanted: BTreeMap<String, String>,
+    /// A new tag each time `wanted` changes ([`settings::new_tag`]).
+    pub(super) wanted_tag: u64,
+    /// Setting changes sent whose transaction has not ended yet.
+    pub(super) pending: settings::Pending,
+    /// The group being answered rolled back (a ROLLBACK's CommandComplete), while setting
+    /// changes were pending.
+    pub(super) rolled_back: bool,
+    /// The last sync group with a statement that ends or opens a transaction.
+    pub(super) transaction_control: Option<u64>,
+    /// How many statements that end or open a transaction were sent in a sync group, and
+    /// how many of them completed, with their group: a COMMIT or ROLLBACK ends the setting
+    /// changes sent before it in its group, not those after.
+    pub(super) controls_sent: (u64, u32),
+    pub(super) controls_done: (u64, u32),
+    /// Portals bound in this transaction to a statement that changes settings, with its
+    /// text: what it sets counts when the portal is executed, not when it is parsed.
+    pub(super) portals: Vec<SettingPortal>,
+}
+
+impl ClientSettings {
+    pub(super) fn new(wanted: BTreeMap<String, String>) -> ClientSettings {
+        ClientSettings {
+            wanted,
+            wanted_tag: settings::new_tag(),
+            pending: settings::Pending::default(),
+            rolled_back: false,
+            transaction_control: None,
+            // No group is numbered u64::MAX: nothing counted yet.
+            controls_sent: (u64::MAX, 0),
+            controls_done: (0, 0),
+            portals: Vec::new(),
+        }
+    }
+}
+
+/// A portal bound to a statement that changes settings: what it sets counts when it is
+/// executed.
+pub(super) struct SettingPortal {
+    pub(super) portal: String,
+    /// The statement's text.
+    pub(super) text: String,
+    /// The sync group of its Bind.
+    pub(super) group: u64,
 }
 
 #[cfg(test)]

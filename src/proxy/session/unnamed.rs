@@ -3,6 +3,29 @@
 
 use super::*;
 
+/// The client's unnamed statement, as the proxy keeps it across server connections.
+#[derive(Default)]
+pub(super) struct Unnamed {
+    /// The client's last unnamed Parse. (Empty when there is none; kept, not reallocated,
+    /// from one Parse to the next.)
+    pub(super) text: Vec<u8>,
+    /// The current server connection has it.
+    pub(super) here: bool,
+    /// The sync group and position of the unnamed Parse (or Close) the proxy sent to put the
+    /// client's unnamed statement on this connection, until its answer comes.
+    pub(super) replayed: Option<(u64, u64)>,
+    /// The client's unnamed Parses sent and not yet settled, oldest first: until their
+    /// group is answered it is not known which of them the server ran (an error makes it
+    /// skip the rest of the group), and the client's unnamed statement is replayed on
+    /// another connection only as the server left it.
+    pub(super) sent: Vec<UnnamedParse>,
+    /// The client's unnamed statement, and whether the connection had it, before the first
+    /// of `sent` (kept only when that one may be skipped: it has a marker).
+    pub(super) before: Option<(Vec<u8>, bool)>,
+    /// It changes settings when executed.
+    pub(super) sets: bool,
+}
+
 impl Session {
     /// A Bind or Describe of the unnamed statement, on a server connection that does not have
     /// the client's (it was parsed in an earlier sync group, on another connection): the
@@ -10,20 +33,20 @@ impl Session {
     pub(super) fn with_unnamed(&mut self, frame: Bytes) -> Frames {
         // A replay in an earlier group, not yet answered, may be skipped: replayed again.
         let open = self.replies.open_group();
-        if self.unnamed_here && self.unnamed_replayed.is_none_or(|(group, _)| group >= open) {
+        if self.unnamed.here && self.unnamed.replayed.is_none_or(|(group, _)| group >= open) {
             return smallvec![frame];
         }
-        self.unnamed_here = true;
+        self.unnamed.here = true;
         // An error earlier in the group makes the server skip it: then the connection still
         // lacks the statement ([`Session::settle_unnamed_replay`]).
-        self.unnamed_replayed = Some((open, self.replies.next_position()));
+        self.unnamed.replayed = Some((open, self.replies.next_position()));
         self.replies.sent_ours();
-        if self.unnamed.is_empty() {
+        if self.unnamed.text.is_empty() {
             // The client has none (a simple Query destroyed it, or it never made one): the
             // connection's own, left by another client, must not answer in its place.
             return smallvec![frontend::rebuild_target(b'C', b'S', ""), frame];
         }
-        smallvec![Bytes::copy_from_slice(&self.unnamed), frame]
+        smallvec![Bytes::copy_from_slice(&self.unnamed.text), frame]
     }
 
     /// The groups of the oldest unnamed Parses are answered (their answers would have come
@@ -36,23 +59,24 @@ impl Session {
     /// connection has only if it had it before.
     pub(super) fn settle_unnamed(&mut self, answered: u64) {
         // Most clients: one unnamed Parse per group, and it ran.
-        if let [only] = self.unnamed_sent.as_slice() {
+        if let [only] = self.unnamed.sent.as_slice() {
             if only.ran && only.at < answered {
-                self.unnamed_sent.clear();
-                self.unnamed_before = None;
+                self.unnamed.sent.clear();
+                self.unnamed.before = None;
                 return;
             }
         }
         let count = self
-            .unnamed_sent
+            .unnamed
+            .sent
             .iter()
             .take_while(|parse| parse.at < answered)
             .count();
         if count == 0 {
             return;
         }
-        let settled: Vec<UnnamedParse> = self.unnamed_sent.drain(..count).collect();
-        let pending_after = !self.unnamed_sent.is_empty();
+        let settled: Vec<UnnamedParse> = self.unnamed.sent.drain(..count).collect();
+        let pending_after = !self.unnamed.sent.is_empty();
         let mut outcome = None; // None: as before the first of them
         for (i, parse) in settled.iter().enumerate() {
             if parse.ran {
@@ -68,44 +92,44 @@ impl Session {
         let state: (Vec<u8>, bool) = match outcome {
             // The latest ran and none is pending after it: `unnamed` is already right.
             Some(Some(i)) if i == last && !pending_after => {
-                self.unnamed_before = None;
+                self.unnamed.before = None;
                 return;
             }
             Some(Some(i)) => match settled[i].text.clone() {
                 Some(text) => (text, true),
-                None => (self.unnamed.clone(), true),
+                None => (self.unnamed.text.clone(), true),
             },
             Some(None) => (Vec::new(), true),
             // Skipped: the statement before them; unknown (never asked of the connection)
             // if it was not kept.
-            None => self.unnamed_before.take().unwrap_or((Vec::new(), false)),
+            None => self.unnamed.before.take().unwrap_or((Vec::new(), false)),
         };
         if pending_after {
             // The later ones settle against this.
-            self.unnamed_before = Some(state);
+            self.unnamed.before = Some(state);
             return;
         }
-        self.unnamed_before = None;
+        self.unnamed.before = None;
         let (text, here) = state;
-        self.unnamed_sets = !text.is_empty()
+        self.unnamed.sets = !text.is_empty()
             && frontend::parse_message(&Bytes::copy_from_slice(&text))
                 .is_some_and(|m| inspect::scan(m.query).changes_session);
-        self.unnamed = text;
-        self.unnamed_here = here;
+        self.unnamed.text = text;
+        self.unnamed.here = here;
     }
 
     /// A Close of the unnamed statement, answered at position `at`: settled like an unnamed
     /// Parse that leaves no statement, except that it cannot fail: if its CloseComplete does
     /// not come, an error before it made the server skip it, and the statement stays.
     pub(super) fn close_unnamed(&mut self, at: u64) {
-        match self.unnamed_sent.last_mut() {
-            None => self.unnamed_before = Some((self.unnamed.clone(), self.unnamed_here)),
-            Some(previous) => previous.text = Some(self.unnamed.clone()),
+        match self.unnamed.sent.last_mut() {
+            None => self.unnamed.before = Some((self.unnamed.text.clone(), self.unnamed.here)),
+            Some(previous) => previous.text = Some(self.unnamed.text.clone()),
         }
-        self.unnamed.clear();
-        self.unnamed_here = true;
-        self.unnamed_sets = false;
-        self.unnamed_sent.push(UnnamedParse {
+        self.unnamed.text.clear();
+        self.unnamed.here = true;
+        self.unnamed.sets = false;
+        self.unnamed.sent.push(UnnamedParse {
             at,
             group: self.replies.open_group(),
             marker: None,
@@ -120,12 +144,12 @@ impl Session {
     /// that cleared another client's) was skipped after an error if its answer did not
     /// come: the connection does not have the client's statement.
     pub(super) fn settle_unnamed_replay(&mut self, answered: u64) {
-        if let Some((_, at)) = self.unnamed_replayed {
+        if let Some((_, at)) = self.unnamed.replayed {
             if at < answered {
-                self.unnamed_replayed = None;
+                self.unnamed.replayed = None;
                 // (A Parse of the client's sent since, in a later group, settles it.)
-                if self.unnamed_sent.is_empty() {
-                    self.unnamed_here = false;
+                if self.unnamed.sent.is_empty() {
+                    self.unnamed.here = false;
                 }
             }
         }
@@ -133,11 +157,11 @@ impl Session {
 
     /// The unnamed statement is gone, from the client's session and the server connection.
     pub(super) fn forget_unnamed(&mut self) {
-        self.unnamed_sent.clear();
-        self.unnamed_before = None;
-        self.unnamed.clear();
-        self.unnamed_here = true;
-        self.unnamed_sets = false;
+        self.unnamed.sent.clear();
+        self.unnamed.before = None;
+        self.unnamed.text.clear();
+        self.unnamed.here = true;
+        self.unnamed.sets = false;
     }
 }
 
