@@ -1,4 +1,5 @@
 //! switchyard: move a live PostgreSQL database to a new server with near-zero downtime.
+pub mod admin_api;
 pub mod error;
 pub mod output;
 pub mod pg;

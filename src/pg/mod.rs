@@ -32,6 +32,25 @@ impl fmt::Display for Side {
     }
 }
 
+/// The side as the proxy's admin API names it.
+impl From<Side> for crate::admin_api::Side {
+    fn from(side: Side) -> Self {
+        match side {
+            Side::Source => crate::admin_api::Side::Source,
+            Side::Target => crate::admin_api::Side::Target,
+        }
+    }
+}
+
+impl From<crate::admin_api::Side> for Side {
+    fn from(side: crate::admin_api::Side) -> Self {
+        match side {
+            crate::admin_api::Side::Source => Side::Source,
+            crate::admin_api::Side::Target => Side::Target,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("cannot connect to the {side} ({url}): {message}")]
