@@ -8,6 +8,7 @@ pub mod state;
 
 pub use error::{Error, Exit, Result};
 pub mod cutover;
+pub mod preflight;
 pub mod proxy;
 pub mod sync;
 pub mod validate;

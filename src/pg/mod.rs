@@ -1,7 +1,6 @@
-//! Connections to the two servers, catalog inspection and the preflight checks.
+//! Connections to the two servers and catalog inspection.
 
 pub mod catalog;
-pub mod checks;
 mod pgpass;
 pub mod sql;
 pub mod tls;
