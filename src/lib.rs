@@ -1,4 +1,5 @@
 //! switchyard: move a live PostgreSQL database to a new server with near-zero downtime.
+pub mod admin_api;
 pub mod error;
 pub mod output;
 pub mod pg;
@@ -7,6 +8,7 @@ pub mod state;
 
 pub use error::{Error, Exit, Result};
 pub mod cutover;
+pub mod preflight;
 pub mod proxy;
 pub mod sync;
 pub mod validate;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use switchyard::output::{human_bytes, table};
-use switchyard::pg::checks::{self, Preflight, Severity};
+use switchyard::preflight::{self as checks, Preflight, Severity};
 use switchyard::state;
 use switchyard::sync::Servers;
 use switchyard::{Error, Exit};

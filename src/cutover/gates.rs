@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use super::proxies::ProxyAdmin;
 use super::Direction;
-use crate::pg::{catalog, PgError, Server};
+use crate::admin_api;
+use crate::pg::{catalog, PgError, Server, Side};
 use crate::plan::Plan;
 use crate::state::State;
 use crate::sync::{drift, status};
@@ -297,26 +298,31 @@ async fn proxies(ctx: &Context<'_>, direction: Direction, gates: &mut Gates) {
     for (proxy, answer) in ctx.proxies.iter().zip(answers) {
         let status = match answer {
             Ok(status) => status,
+            // It answered: starting it or fixing its address is not what it needs.
+            Err(e) if e.mismatch => {
+                problems.push(e.to_string());
+                continue;
+            }
             Err(e) => {
                 problems.push(format!("{e}: start it, or fix [[cutover.proxies]]"));
                 continue;
             }
         };
-        let backend = status["backend"].as_str().unwrap_or_default();
-        if backend != from.to_string() {
+        let backend = status.backend;
+        if Side::from(backend) != from {
             problems.push(format!(
                 "proxy {} sends transactions to the {backend}, not the {from}",
                 proxy.address
             ));
         }
-        if status["pool_mode"].as_str() != Some("transaction") {
+        if status.pool_mode != admin_api::PoolMode::Transaction {
             problems.push(format!(
                 "proxy {} is in session mode: its clients hold server connections for good, so it can never drain; use pool_mode = \"transaction\"",
                 proxy.address
             ));
         }
-        let max_pause = Duration::from_millis(status["max_pause_ms"].as_u64().unwrap_or(0));
-        let wait = Duration::from_millis(status["query_wait_timeout_ms"].as_u64().unwrap_or(0));
+        let max_pause = Duration::from_millis(status.max_pause_ms);
+        let wait = Duration::from_millis(status.query_wait_timeout_ms);
         if let Some(problem) = nesting(ctx.plan, max_pause, wait) {
             problems.push(format!("proxy {}: {problem}", proxy.address));
         }

@@ -1,7 +1,6 @@
-//! Connections to the two servers, catalog inspection and the preflight checks.
+//! Connections to the two servers and catalog inspection.
 
 pub mod catalog;
-pub mod checks;
 mod pgpass;
 pub mod sql;
 pub mod tls;
@@ -30,6 +29,25 @@ impl fmt::Display for Side {
             Side::Source => "source",
             Side::Target => "target",
         })
+    }
+}
+
+/// The side as the proxy's admin API names it.
+impl From<Side> for crate::admin_api::Side {
+    fn from(side: Side) -> Self {
+        match side {
+            Side::Source => crate::admin_api::Side::Source,
+            Side::Target => crate::admin_api::Side::Target,
+        }
+    }
+}
+
+impl From<crate::admin_api::Side> for Side {
+    fn from(side: crate::admin_api::Side) -> Self {
+        match side {
+            crate::admin_api::Side::Source => Side::Source,
+            crate::admin_api::Side::Target => Side::Target,
+        }
     }
 }
 

@@ -248,6 +248,16 @@ pub enum PoolMode {
     Session,
 }
 
+/// The pool mode as the proxy's admin API names it.
+impl From<PoolMode> for crate::admin_api::PoolMode {
+    fn from(mode: PoolMode) -> Self {
+        match mode {
+            PoolMode::Transaction => crate::admin_api::PoolMode::Transaction,
+            PoolMode::Session => crate::admin_api::PoolMode::Session,
+        }
+    }
+}
+
 impl Default for ProxySettings {
     fn default() -> Self {
         ProxySettings {

@@ -1,17 +1,20 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /status` (JSON), and, with the
-//! bearer token, `POST /pause`, `POST /switch` and `POST /resume`. A small HTTP/1.1 server of its own: one
-//! request per connection, bodies bounded.
+//! bearer token, `POST /pause`, `POST /throttle`, `POST /switch` and `POST /resume`. A small
+//! HTTP/1.1 server of its own: one request per connection, bodies bounded. The JSON requests and
+//! answers are the types of `admin_api`, which the coordinator reads with.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::pool::Pool;
 use super::Shared;
+use crate::admin_api as api;
 
 const MAX_REQUEST: usize = 16 * 1024;
 
@@ -114,7 +117,7 @@ async fn handle(
                 Err(message) => (
                     if token.is_none() { 403 } else { 401 },
                     "application/json",
-                    json(&serde_json::json!({ "error": message })),
+                    error(message),
                 ),
                 Ok(()) if path == "/pause" => (
                     200,
@@ -132,11 +135,7 @@ async fn handle(
                 }
             }
         }
-        _ => (
-            404,
-            "application/json",
-            json(&serde_json::json!({ "error": "not found" })),
-        ),
+        _ => (404, "application/json", error("not found")),
     };
     let reason = match status {
         200 => "OK",
@@ -178,67 +177,28 @@ fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into())
 }
 
-#[derive(Serialize)]
-struct PoolStatus {
-    user: String,
-    server_connections: u32,
-    idle: u32,
+/// The body of a refusal.
+fn error(message: impl Into<String>) -> String {
+    json(&api::ErrorAnswer {
+        error: message.into(),
+    })
 }
 
-/// One worker thread: its clients, and the server connections it opened (all users).
-#[derive(Serialize)]
-struct WorkerStatus {
-    clients: usize,
-    server_connections: u32,
-    idle: u32,
-}
-
-#[derive(Serialize)]
-struct ServerPidLists {
-    source: Vec<i32>,
-    target: Vec<i32>,
-}
-
-impl ServerPidLists {
-    fn of(shared: &Shared) -> ServerPidLists {
-        ServerPidLists {
-            source: shared.server_pids[0].list(),
-            target: shared.server_pids[1].list(),
-        }
+/// The backend pids of the proxy's server connections, per server.
+fn server_pid_lists(shared: &Shared) -> api::ServerPidLists {
+    api::ServerPidLists {
+        source: shared.server_pids[0].list(),
+        target: shared.server_pids[1].list(),
     }
 }
 
-#[derive(Serialize)]
-pub struct Status {
-    paused: bool,
-    /// Transactions allowed at once while throttled before a pause (0: not throttled).
-    throttled: usize,
-    /// The server transactions go to (`source` or `target`) and the switch that said so.
-    backend: crate::pg::Side,
-    epoch: u64,
-    /// How long the last finished pause held new transactions, in milliseconds.
-    last_pause_ms: f64,
-    max_pause_ms: u64,
-    query_wait_timeout_ms: u64,
-    pool_mode: crate::plan::PoolMode,
-    clients: usize,
-    clients_in_transaction: usize,
-    clients_waiting: u64,
-    /// The backend pids of the proxy's server connections, per server: the cutover's fence
-    /// ends every other session.
-    server_pids: ServerPidLists,
-    pools: Vec<PoolStatus>,
-    /// Per worker thread, to see how clients and connections spread over them.
-    workers: Vec<WorkerStatus>,
-}
-
-fn status(shared: &Shared) -> Status {
-    let mut pools: Vec<PoolStatus> = shared
+fn status(shared: &Shared) -> api::Status {
+    let mut pools: Vec<api::PoolStatus> = shared
         .users
         .keys()
         .map(|user| {
             let (open, idle) = shared.server_connections(user);
-            PoolStatus {
+            api::PoolStatus {
                 user: user.clone(),
                 server_connections: open,
                 idle,
@@ -255,38 +215,49 @@ fn status(shared: &Shared) -> Status {
                 .pools_on(side)
                 .map(Pool::connections)
                 .fold((0, 0), |(open, idle), (o, i)| (open + o, idle + i));
-            WorkerStatus {
-                clients: shard.sessions(),
+            api::WorkerStatus {
+                clients: shard.sessions() as u64,
                 server_connections: open,
                 idle,
             }
         })
         .collect();
     let backend = shared.backend.current();
-    Status {
+    api::Status {
         paused: shared.control.is_paused(),
-        throttled: shared.control.throttled(),
-        backend: backend.backend,
+        throttled: shared.control.throttled() as u64,
+        backend: backend.backend.into(),
         epoch: backend.epoch,
         last_pause_ms: shared.control.last_pause_us() as f64 / 1000.0,
         max_pause_ms: shared.settings.max_pause.0.as_millis() as u64,
         query_wait_timeout_ms: shared.settings.query_wait_timeout.0.as_millis() as u64,
-        pool_mode: shared.pool_mode(),
-        clients: shared.clients.load(Ordering::Relaxed),
-        clients_in_transaction: shared.control.active(),
+        pool_mode: shared.pool_mode().into(),
+        clients: shared.clients.load(Ordering::Relaxed) as u64,
+        clients_in_transaction: shared.control.active() as u64,
         clients_waiting: shared.metrics().clients_waiting.load(Ordering::Relaxed),
-        server_pids: ServerPidLists::of(shared),
+        server_pids: server_pid_lists(shared),
         pools,
         workers,
     }
 }
 
+/// A request's body as its type in [`api`]. A body that is not a JSON object reads as `{}`,
+/// and a field of the wrong type as absent (see `admin_api`), so the defaults apply: as when
+/// the requests were read untyped, a malformed one is not refused.
+fn request<T: DeserializeOwned + Default>(body: &[u8]) -> T {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(value).unwrap_or_default()
+        }
+        _ => T::default(),
+    }
+}
+
 /// Pauses, then waits until no transaction runs or `timeout_ms` (default 5000) passes. A
 /// pause while paused keeps the running pause's max_pause deadline.
-async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
-    let timeout_ms = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["timeout_ms"].as_u64())
+async fn pause(shared: &Shared, body: &[u8]) -> api::PauseAnswer {
+    let timeout_ms = request::<api::PauseRequest>(body)
+        .timeout_ms
         .unwrap_or(5000);
     shared.control.pause(shared.settings.max_pause.0);
     let idle = shared
@@ -294,28 +265,38 @@ async fn pause(shared: &Shared, body: &[u8]) -> serde_json::Value {
         .wait_idle(Duration::from_millis(timeout_ms))
         .await;
     // What still runs: which role, on which server backend, for how long.
-    let running: Vec<serde_json::Value> = shared
+    let running: Vec<api::Running> = shared
         .cancels
         .lock()
         .map(|map| {
             map.values()
                 .filter_map(|slot| slot.running())
-                .map(|t| serde_json::json!({ "user": t.user.to_string(), "server_pid": t.process_id, "running_ms": t.since.elapsed().as_millis() as u64 }))
+                .map(|t| api::Running {
+                    user: t.user.to_string(),
+                    server_pid: t.process_id,
+                    running_ms: t.since.elapsed().as_millis() as u64,
+                })
                 .collect()
         })
         .unwrap_or_default();
     // Listed after the wait: while paused no transaction starts, so no connection opens.
-    let server_pids = ServerPidLists::of(shared);
-    serde_json::json!({ "paused": true, "idle": idle, "clients_in_transaction": shared.control.active(), "running": running, "server_pids": server_pids })
+    let server_pids = server_pid_lists(shared);
+    api::PauseAnswer {
+        paused: true,
+        idle,
+        clients_in_transaction: shared.control.active() as u64,
+        running,
+        server_pids,
+    }
 }
 
 /// `{"max_active": 2, "timeout_ms": 10000}`: at most that many transactions at once until
 /// `/resume` or the timeout (default: max_pause).
 fn throttle(shared: &Shared, body: &[u8]) {
-    let value = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
-    let max_active = value["max_active"].as_u64().unwrap_or(1) as usize;
-    let timeout = value["timeout_ms"]
-        .as_u64()
+    let asked = request::<api::ThrottleRequest>(body);
+    let max_active = asked.max_active.unwrap_or(1) as usize;
+    let timeout = asked
+        .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.settings.max_pause.0);
     shared.control.throttle(max_active, timeout);
@@ -324,30 +305,23 @@ fn throttle(shared: &Shared, body: &[u8]) {
 /// `{"backend": "target", "epoch": 3}`: where transactions go from now on. Refused (409) when
 /// the proxy already has a newer epoch.
 fn switch(shared: &Shared, body: &[u8]) -> (u16, &'static str, String) {
-    let to = match serde_json::from_slice::<super::backend::Switch>(body) {
-        Ok(to) => to,
+    let to = match serde_json::from_slice::<api::SwitchRequest>(body) {
+        Ok(to) => super::backend::Switch {
+            backend: to.backend.into(),
+            epoch: to.epoch,
+        },
         Err(e) => {
             let message =
                 format!("expected {{\"backend\": \"source\" | \"target\", \"epoch\": N}}: {e}");
-            return (
-                400,
-                "application/json",
-                json(&serde_json::json!({ "error": message })),
-            );
+            return (400, "application/json", error(message));
         }
     };
     match shared.backend.switch(to) {
         Ok(()) => (200, "application/json", json(&status(shared))),
-        Err(e @ super::backend::SwitchError::Stale { .. }) => (
-            409,
-            "application/json",
-            json(&serde_json::json!({ "error": e.to_string() })),
-        ),
-        Err(e) => (
-            500,
-            "application/json",
-            json(&serde_json::json!({ "error": e.to_string() })),
-        ),
+        Err(e @ super::backend::SwitchError::Stale { .. }) => {
+            (409, "application/json", error(e.to_string()))
+        }
+        Err(e) => (500, "application/json", error(e.to_string())),
     }
 }
 

@@ -12,9 +12,9 @@ pub mod status;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::pg::checks::{self, Inspection, Preflight};
 use crate::pg::{self, catalog, sql, Server, Side, TableName};
 use crate::plan::Plan;
+use crate::preflight::{self as checks, Inspection, Preflight};
 use crate::state::{self, Event, Phase, State, StateStore, Step, SubscriptionRecord, SyncStep};
 use crate::{Error, Result};
 pub use status::Status;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::pg::checks::Inspection;
 use crate::pg::{catalog, sql, PgError, Server};
 use crate::plan::{Endpoint, PgUrl};
+use crate::preflight::Inspection;
 use crate::state::SchemaCopy;
 
 /// A schema dump ready to restore, with the record of what the restore will create. The

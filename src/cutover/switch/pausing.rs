@@ -28,7 +28,7 @@ impl Checked<'_> {
                 if let Some((proxy, _)) = proxies
                     .iter()
                     .zip(&answers)
-                    .find(|(_, a)| a["paused"].as_bool() != Some(true))
+                    .find(|(_, a)| !a.paused)
                 {
                     return Err(format!(
                         "proxy {} is no longer paused (its max_pause ran out): raise [proxy] max_pause",
@@ -80,7 +80,11 @@ impl Checked<'_> {
             return Ok(proxy_pids);
         }
         let running = drained.running;
-        let listed: Vec<String> = running.iter().map(|r| r.to_string()).collect();
+        // Each as the proxy listed it, in JSON.
+        let listed: Vec<String> = running
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_default())
+            .collect();
         if self.plan.cutover.on_drain_timeout == OnDrainTimeout::Abort {
             return Err(Error::Refused(format!(
                 "transactions still ran after drain_timeout ({}): {}; set [cutover] on_drain_timeout = \"cancel\" to end them",
@@ -88,11 +92,7 @@ impl Checked<'_> {
                 listed.join(", ")
             )));
         }
-        let pids: Vec<i32> = running
-            .iter()
-            .filter_map(|r| r["server_pid"].as_i64())
-            .map(|p| p as i32)
-            .collect();
+        let pids: Vec<i32> = running.iter().map(|r| r.server_pid).collect();
         let server = self.server(self.direction.from());
         steps
             .run("end the transactions that did not finish", async {

@@ -1,47 +1,43 @@
 //! Pause, throttle and resume every proxy at once.
 
 use super::*;
+use crate::admin_api;
 
-/// Pauses every proxy; returns the transactions still running after `drain`.
 /// What the proxies answered to a pause.
 pub(super) struct Drain {
     /// Every proxy said no session holds a server connection.
     pub(super) idle: bool,
     /// The transactions they listed as still running (a session still waiting for its
     /// server connection is not listed, but makes `idle` false).
-    pub(super) running: Vec<serde_json::Value>,
+    pub(super) running: Vec<admin_api::Running>,
     /// Each proxy's `server_pids` (per side).
-    pub(super) pids: Vec<serde_json::Value>,
+    pub(super) pids: Vec<admin_api::ServerPidLists>,
 }
 
 impl Drain {
     /// The backend pids of the proxies' server connections to `side`.
     pub(super) fn server_pids(&self, side: Side) -> Vec<i32> {
-        let key = match side {
-            Side::Source => "source",
-            Side::Target => "target",
-        };
         self.pids
             .iter()
-            .filter_map(|pids| pids[key].as_array())
-            .flatten()
-            .filter_map(|pid| pid.as_i64().and_then(|pid| i32::try_from(pid).ok()))
+            .flat_map(|pids| pids.on(side.into()))
+            .copied()
             .collect()
     }
 }
 
+/// Pauses every proxy; returns the transactions still running after `drain`.
 pub(super) async fn pause_all(
     proxies: &[ProxyAdmin],
     drain: Duration,
 ) -> Result<(Drain, String), String> {
     let answers = join_all(proxies.iter().map(|p| p.pause(drain))).await;
     let answers = first_error(answers)?;
-    let idle = answers.iter().all(|a| a["idle"].as_bool() == Some(true));
-    let running: Vec<serde_json::Value> = answers
-        .iter()
-        .flat_map(|a| a["running"].as_array().cloned().unwrap_or_default())
-        .collect();
-    let pids = answers.iter().map(|a| a["server_pids"].clone()).collect();
+    let idle = answers.iter().all(|a| a.idle);
+    let (running, pids): (Vec<_>, Vec<_>) = answers
+        .into_iter()
+        .map(|a| (a.running, a.server_pids))
+        .unzip();
+    let running: Vec<admin_api::Running> = running.into_iter().flatten().collect();
     let text = if idle {
         format!("{} proxies paused, no transaction running", proxies.len())
     } else {
@@ -64,17 +60,14 @@ pub(super) async fn throttle_all(
     timeout: Duration,
 ) -> Result<(), String> {
     let answers = join_all(proxies.iter().map(|p| p.throttle(max_active, timeout))).await;
-    first_error(answers).map(|_| ())
+    first_error(answers).map(drop)
 }
 
 /// Resumes every proxy; returns the longest pause they measured, in ms.
 pub(super) async fn resume_all(proxies: &[ProxyAdmin]) -> Result<(f64, String), String> {
     let answers = join_all(proxies.iter().map(|p| p.resume())).await;
     let answers = first_error(answers)?;
-    let longest = answers
-        .iter()
-        .filter_map(|a| a["last_pause_ms"].as_f64())
-        .fold(0.0, f64::max);
+    let longest = answers.iter().map(|a| a.last_pause_ms).fold(0.0, f64::max);
     Ok((
         longest,
         format!("{} proxies resumed; pause {longest:.1} ms", proxies.len()),

@@ -1,7 +1,11 @@
-//! The preflight's checks of the two servers: versions, tools, roles that log in, the
-//! coordinator's privileges, replication capacity, encoding and disk.
+//! The preflight's checks of the two servers: versions, tools, replication capacity, encoding,
+//! disk, and the transactions on the source that creating the slot would wait for.
 
 use super::*;
+
+pub(super) fn setting_i64(settings: &HashMap<String, String>, name: &str) -> i64 {
+    settings.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
 
 pub(super) fn check_versions(c: &mut Checker, source: &Server, target: &Server) {
     if source.major() < 10 {
@@ -59,48 +63,6 @@ pub(super) fn check_tools(
         }
     };
     (pg_dump, pg_restore)
-}
-
-/// Applications must not log in as the coordinator's role: the cutover fences every role but
-/// that one.
-pub(super) fn check_proxy_users(c: &mut Checker, plan: &Plan) {
-    for user in &plan.proxy.users {
-        if user.name.0 == plan.source.url.user() || user.name.0 == plan.target.url.user() {
-            c.add(
-                Severity::Block,
-                "proxy_user_is_coordinator",
-                user.name.0.clone(),
-                "a [[proxy.users]] entry is the coordinator's own role: the cutover could not fence the applications",
-                Some("give the applications a role of their own".into()),
-            );
-        }
-    }
-}
-
-pub(super) async fn check_superuser(c: &mut Checker, server: &Server) -> Result<(), PgError> {
-    let row = server
-        .query_one(
-            "check the coordinator's role",
-            // Managed services give a superuser-like role instead of superuser.
-            "SELECT current_user::text, rolsuper OR EXISTS (
-                 SELECT 1 FROM pg_roles g
-                  WHERE g.rolname IN ('rds_superuser', 'cloudsqlsuperuser', 'azure_pg_admin')
-                    AND pg_has_role(current_user, g.oid, 'MEMBER'))
-               FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await?;
-    let (user, superuser): (String, bool) = (row.get(0), row.get(1));
-    if !superuser {
-        c.add(
-            Severity::Block,
-            "coordinator_not_superuser",
-            server.side.to_string(),
-            format!("role {user} is not a superuser: it cannot create subscriptions on PostgreSQL 15 nor revoke rights for the fence"),
-            Some(format!("ALTER ROLE {} SUPERUSER;  -- or, on RDS, GRANT rds_superuser TO {}", sql::ident(&user), sql::ident(&user))),
-        );
-    }
-    Ok(())
 }
 
 pub(super) async fn count(
@@ -352,4 +314,47 @@ pub(super) async fn free_disk_bytes(server: &Server) -> Option<i64> {
     let data_line = lines.into_iter().flatten().nth(1)?;
     let available_kb: i64 = data_line.split_whitespace().nth(3)?.parse().ok()?;
     Some(available_kb * 1024)
+}
+
+/// Transactions open on the source for more than a minute, and prepared transactions:
+/// creating the replication slot waits for every one of them to end.
+pub(super) async fn check_long_transactions(
+    c: &mut Checker,
+    source: &Server,
+) -> Result<(), PgError> {
+    let prepared = source
+        .query("look for prepared transactions", "SELECT gid, extract(epoch FROM now() - prepared)::int8 FROM pg_prepared_xacts ORDER BY prepared", &[])
+        .await?;
+    for row in &prepared {
+        let (gid, secs): (String, i64) = (row.get(0), row.get(1));
+        c.add(
+            Severity::Block,
+            "prepared_transaction",
+            format!("prepared transaction {gid}"),
+            format!("prepared {secs} s ago and still open: creating the replication slot would wait for it for ever"),
+            Some(format!("COMMIT PREPARED {};  -- or ROLLBACK PREPARED, on the source", sql::literal(&gid))),
+        );
+    }
+    let rows = source
+        .query(
+            "look for long transactions",
+            "SELECT pid, usename::text, extract(epoch FROM now() - xact_start)::int8
+               FROM pg_stat_activity
+              WHERE xact_start < now() - interval '1 minute' AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'
+              ORDER BY xact_start",
+            &[],
+        )
+        .await?;
+    for row in &rows {
+        let (pid, user, secs): (i32, Option<String>, i64) = (row.get(0), row.get(1), row.get(2));
+        c.add(
+            Severity::Warn,
+            "long_transaction",
+            format!("pid {pid}"),
+            format!("a transaction of {} has been open for {secs} s; creating the slot waits until it ends", user.unwrap_or_default()),
+            Some(format!("let it finish, or SELECT pg_terminate_backend({pid});  -- on the source")),
+        );
+    }
+    Ok(())
 }

@@ -1,93 +1,32 @@
 //! `switchyard plan`: everything that would make the migration fail, found before anything is
-//! changed, and the steps `sync` would run.
+//! changed, and the steps `sync` would run. [`inspect`] runs the checks, which live by subject:
+//! `servers` (versions, tools, capacity, encoding, disk, open transactions), `roles` (the roles
+//! that log in, the coordinator's, the fence), `tables` (what is selected) and `target` (what
+//! is already there); `report` holds what they find.
+//!
+//! A module of its own, beside `sync`, rather than in `pg`: a re-run reads the migration's
+//! state and asks `sync` about its slots and the schema's drift.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
-use serde::Serialize;
-
-use super::catalog::{self, RoleInfo, Selection, TableInfo};
-use super::{sql, tools, PgError, Server, TableName};
 use crate::output::human_bytes;
+use crate::pg::catalog::{self, RoleInfo, Selection, TableInfo};
+use crate::pg::{sql, tools, PgError, Server, TableName};
 use crate::plan::Plan;
 use crate::state::{Phase, State};
 
+mod report;
+mod roles;
 mod servers;
 mod tables;
+mod target;
 
+use report::{planned_steps, server_report, Checker};
+pub use report::{Finding, Preflight, ServerReport, Severity, Step, TableReport, UnfenceableRole};
+use roles::*;
 use servers::*;
 use tables::*;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    /// Replication would fail: `sync` refuses to start.
-    Block,
-    /// Works, but an operator should know.
-    Warn,
-    Info,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Finding {
-    pub severity: Severity,
-    /// Stable identifier of the check, e.g. `no_replica_identity`.
-    pub check: &'static str,
-    /// What it is about: `source`, `target` or a table or role name.
-    pub subject: String,
-    pub message: String,
-    /// The statement or action that fixes it.
-    pub fix: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServerReport {
-    pub url: String,
-    pub version: String,
-    pub settings: BTreeMap<String, String>,
-    /// Free bytes on the file system that holds `pg_wal`, when the server lets us ask.
-    pub free_disk_bytes: Option<i64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TableReport {
-    pub name: String,
-    pub estimated_rows: i64,
-    pub bytes: i64,
-    /// How UPDATE and DELETE find their row: `primary key`, `full`, `index …`, or null.
-    pub identity: Option<String>,
-    pub partitioned: bool,
-    pub partition_of: Option<String>,
-    /// `absent`, `empty` or `has_rows`.
-    pub on_target: &'static str,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct UnfenceableRole {
-    pub role: String,
-    pub reasons: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    pub description: String,
-    pub done: bool,
-}
-
-/// What `switchyard plan` reports; its JSON form is a stable document.
-#[derive(Debug, Clone, Serialize)]
-pub struct Preflight {
-    pub name: String,
-    pub blocked: bool,
-    pub source: ServerReport,
-    pub target: ServerReport,
-    pub tables: Vec<TableReport>,
-    pub sequences: Vec<String>,
-    pub roles_to_create: Vec<String>,
-    pub extensions_to_create: Vec<String>,
-    pub unfenceable_roles: Vec<UnfenceableRole>,
-    pub findings: Vec<Finding>,
-    pub steps: Vec<Step>,
-}
+use target::*;
 
 /// The preflight report and what `sync` needs from the inspection.
 pub struct Inspection {
@@ -108,6 +47,7 @@ const SOURCE_SETTINGS: &[&str] = &[
     "max_wal_senders",
     "max_slot_wal_keep_size",
 ];
+
 const TARGET_SETTINGS: &[&str] = &[
     "server_version",
     "max_logical_replication_workers",
@@ -116,33 +56,6 @@ const TARGET_SETTINGS: &[&str] = &[
     "max_replication_slots",
     "max_active_replication_origins",
 ];
-
-struct Checker {
-    findings: Vec<Finding>,
-}
-
-impl Checker {
-    fn add(
-        &mut self,
-        severity: Severity,
-        check: &'static str,
-        subject: impl Into<String>,
-        message: impl Into<String>,
-        fix: Option<String>,
-    ) {
-        self.findings.push(Finding {
-            severity,
-            check,
-            subject: subject.into(),
-            message: message.into(),
-            fix,
-        });
-    }
-}
-
-fn setting_i64(settings: &HashMap<String, String>, name: &str) -> i64 {
-    settings.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
 
 /// Inspects both servers; changes nothing on either.
 pub async fn inspect(
@@ -306,65 +219,4 @@ pub async fn inspect(
         pg_dump,
         pg_restore,
     })
-}
-
-fn server_report(
-    server: &Server,
-    settings: HashMap<String, String>,
-    free_disk_bytes: Option<i64>,
-) -> ServerReport {
-    let mut settings: BTreeMap<String, String> = settings.into_iter().collect();
-    let version = settings.remove("server_version").unwrap_or_default();
-    ServerReport {
-        url: server.url.to_string(),
-        version,
-        settings,
-        free_disk_bytes,
-    }
-}
-
-fn planned_steps(
-    plan: &Plan,
-    selection: &Selection,
-    roles: &[RoleInfo],
-    extensions: &[(String, String)],
-    state: &State,
-    copy_workers: i64,
-) -> Vec<Step> {
-    let name = plan.replication_name();
-    let rows: i64 = selection.leaves().map(|t| t.estimated_rows).sum();
-    let bytes: i64 = selection.leaves().map(|t| t.bytes).sum();
-    let created = &state.created;
-    let mut steps = Vec::new();
-    if !roles.is_empty() {
-        let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
-        steps.push(Step {
-            description: format!("create roles on the target: {}", names.join(", ")),
-            done: false,
-        });
-    }
-    if !extensions.is_empty() {
-        let names: Vec<&str> = extensions.iter().map(|(e, _)| e.as_str()).collect();
-        steps.push(Step {
-            description: format!("create extensions on the target: {}", names.join(", ")),
-            done: false,
-        });
-    }
-    steps.push(Step {
-        description: format!("copy the schema of {} ({} tables) with pg_dump --schema-only and pg_restore, in one transaction", selection.schemas.join(", "), selection.tables.len()),
-        done: created.schema.is_some(),
-    });
-    steps.push(Step {
-        description: format!(
-            "create publication {name} on the source for {} tables",
-            selection.published().len()
-        ),
-        done: created.publication.is_some(),
-    });
-    steps.push(Step {
-        description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
-        done: created.subscription.is_some(),
-    });
-    steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == Phase::Synced });
-    steps
 }
