@@ -4,6 +4,7 @@ pub mod backend;
 pub mod codec;
 pub mod frontend;
 pub mod startup;
+pub mod tags;
 
 pub use codec::{body, tag, Frame, PgCodec};
 

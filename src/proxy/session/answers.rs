@@ -7,7 +7,7 @@ impl Session {
     pub(super) async fn on_server_frame(&mut self, frame: Bytes) -> bool {
         let kind = tag(&frame);
         match kind {
-            b'1' | b'3' => match self.replies.complete_received() {
+            PARSE_COMPLETE | CLOSE_COMPLETE => match self.replies.complete_received() {
                 Err(at) => {
                     if let Some(parse) = self.unnamed.sent.iter_mut().find(|p| p.marker == Some(at))
                     {
@@ -38,19 +38,19 @@ impl Session {
                     }
                 }
             },
-            b'S' => self.note_parameter(&frame),
+            PARAMETER_STATUS => self.note_parameter(&frame),
             // Copy-in began: the Syncs sent after the Execute that started it were (or will
             // be) ignored by the server.
-            b'G' => self.replies.copy_in_received(),
+            COPY_IN_RESPONSE => self.replies.copy_in_received(),
             // The server is ending the connection (shutdown, pg_terminate_backend): that ends
             // this client's transaction, not its session.
-            b'E' if backend::is_fatal(body(&frame)) => {
+            ERROR_RESPONSE if backend::is_fatal(body(&frame)) => {
                 let (code, message) = backend::error_fields(body(&frame));
                 tracing::warn!(user = %self.user, code, "server connection ended: {message}");
                 return self.server_lost_because(Fatal::new(code, message)).await;
             }
-            b'Z' => {
-                self.status = body(&frame).first().copied().unwrap_or(b'I');
+            READY_FOR_QUERY => {
+                self.status = body(&frame).first().copied().unwrap_or(IDLE);
                 if !self.settings.pending.is_empty() {
                     self.settle_settings();
                 }
@@ -59,7 +59,7 @@ impl Session {
                 // The transaction ended, and its portals with it; those bound in groups the
                 // client sent since belong to the next ones (a pipeline: the client may bind
                 // one before this answer came).
-                if self.status == b'I' && !self.settings.portals.is_empty() {
+                if self.status == IDLE && !self.settings.portals.is_empty() {
                     let answering = self.replies.answering();
                     self.settings.portals.retain(|p| p.group >= answering);
                 }
@@ -89,7 +89,7 @@ impl Session {
                 }
                 self.group_failed = false;
             }
-            b'E' => {
+            ERROR_RESPONSE => {
                 self.replies.error_received();
                 self.group_failed = true;
                 // The transaction failed (or, outside a block, the statement and the rest of
@@ -111,7 +111,7 @@ impl Session {
             }
             _ => {}
         }
-        let ready = kind == b'Z';
+        let ready = kind == READY_FOR_QUERY;
         metrics::add(&self.metrics().bytes_to_clients, frame.len() as u64);
         let more_coming = self
             .server
@@ -125,7 +125,7 @@ impl Session {
         if (ready || !more_coming) && self.client_w.flush().await.is_err() {
             return false;
         }
-        if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == b'I' {
+        if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
             self.transaction_done().await;
         }
         true

@@ -235,7 +235,7 @@ impl Session {
             self.end_turn();
             return;
         };
-        let clean = self.status == b'I'
+        let clean = self.status == IDLE
             && self.replies.owed() == 0
             && self.unsynced == 0
             && !self.replies.copy_in()
@@ -257,7 +257,7 @@ impl Session {
         self.unnamed.sent.clear();
         self.unnamed.before = None;
         self.settings.portals.clear();
-        self.status = b'I';
+        self.status = IDLE;
         server.idle_since = now;
         // The turn ends first: it clears where this session's cancels go, so none is
         // forwarded to the connection once another client may hold it.
@@ -320,7 +320,7 @@ impl Session {
             server.broken = true;
         }
         let waiting = self.replies.owed();
-        let in_transaction = self.status != b'I';
+        let in_transaction = self.status != IDLE;
         // Its transaction is lost, and the setting changes made in it with it.
         self.settings.pending.clear();
         self.release(false).await;
@@ -334,7 +334,7 @@ impl Session {
             for _ in 0..waiting {
                 if self
                     .client_w
-                    .feed(backend::ready_for_query(b'I'))
+                    .feed(backend::ready_for_query(IDLE))
                     .await
                     .is_err()
                 {
@@ -420,13 +420,13 @@ pub(super) async fn reset(server: &mut ServerConn) -> Result<(), crate::proxy::p
         let frame = server.recv().await?;
         match tag(&frame) {
             // The values it goes back to: the connection's view of them stays true.
-            b'S' => remember_parameter(server, &frame),
-            b'E' => {
+            PARAMETER_STATUS => remember_parameter(server, &frame),
+            ERROR_RESPONSE => {
                 return Err(crate::proxy::pool::ServerError::Refused(
                     backend::error_fields(body(&frame)).1,
                 ))
             }
-            b'Z' => break,
+            READY_FOR_QUERY => break,
             _ => {}
         }
     }

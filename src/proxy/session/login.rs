@@ -165,7 +165,7 @@ impl Session {
             frames.push(backend::parameter_status(name, value));
         }
         frames.push(backend::backend_key_data(self.key.0, self.key.1));
-        frames.push(backend::ready_for_query(b'I'));
+        frames.push(backend::ready_for_query(IDLE));
         for frame in frames {
             self.client_w
                 .feed(frame)
@@ -274,7 +274,7 @@ pub(super) async fn login(
     {
         return Ok(None);
     }
-    let Some(initial) = next_message(reader, b'p').await? else {
+    let Some(initial) = next_message(reader, PASSWORD_MESSAGE).await? else {
         return Ok(None);
     };
     let mut b = body(&initial);
@@ -307,7 +307,7 @@ pub(super) async fn login(
     {
         return Ok(None);
     }
-    let Some(response) = next_message(reader, b'p').await? else {
+    let Some(response) = next_message(reader, PASSWORD_MESSAGE).await? else {
         return Ok(None);
     };
     let server_final = exchange.finish(body(&response)).map_err(scram_error)?;

@@ -31,6 +31,7 @@ use super::protocol::codec::{
     passes_through, queue, rewind, split_buffered, try_queue, CodecError,
 };
 use super::protocol::startup::{self, cstr, Startup};
+use super::protocol::tags::*;
 use super::protocol::{backend, body, frontend, tag, Frame, PgCodec};
 use super::replies::Replies;
 use super::settings::{self, SettingChange};
@@ -177,7 +178,7 @@ impl Session {
             group_failed: false,
             unsynced: 0,
             dirty: false,
-            status: b'I',
+            status: IDLE,
             attached_at: std::time::Instant::now(),
             throttle_permit: None,
             in_turn: false,
@@ -259,7 +260,7 @@ impl Session {
                 break;
             }
             metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
-            let forward = if self.in_transaction() && tag(&frame) != b'X' {
+            let forward = if self.in_transaction() && tag(&frame) != TERMINATE {
                 Some(frame)
             } else {
                 match self.before_forwarding(frame).await {
@@ -346,7 +347,7 @@ impl Session {
     /// none, for what the proxy answers itself), a turn in session mode, or an error.
     async fn before_forwarding(&mut self, frame: Bytes) -> Next {
         // Terminate ends the session; the server connection is the pool's, never told.
-        if tag(&frame) == b'X' {
+        if tag(&frame) == TERMINATE {
             return Next::End;
         }
         if let Some(lost) = self.lost_transaction.take() {
@@ -359,7 +360,7 @@ impl Session {
                 // whichever connection first runs it (checked then): a client that prepares
                 // synchronously while its other sessions hold every server connection, as
                 // pgbench does, would otherwise wait for ever.
-                b'P' if body(&frame).first() != Some(&0) && !self.server_free_now() => {
+                PARSE if body(&frame).first() != Some(&0) && !self.server_free_now() => {
                     // Without a server the proxy answers a duplicate itself, where PostgreSQL
                     // would first have reported an error in the statement, if any.
                     if let Some(error) = self.duplicate_parse(&frame) {
@@ -370,13 +371,13 @@ impl Session {
                     }
                 }
                 // Nothing else pending: answer a Sync or Flush ourselves.
-                b'S' => {
+                SYNC => {
                     return Next::after(
-                        self.answer_locally(Some(backend::ready_for_query(b'I')))
+                        self.answer_locally(Some(backend::ready_for_query(IDLE)))
                             .await,
                     )
                 }
-                b'H' => return Next::after(self.answer_locally(None).await),
+                FLUSH => return Next::after(self.answer_locally(None).await),
                 _ => {}
             }
             if self.shared.is_shutting_down() {
@@ -418,12 +419,12 @@ impl Session {
         let kind = tag(&frame);
         // Messages of a sync group not yet closed by its Sync: the connection must stay.
         self.unsynced = match kind {
-            b'S' | b'Q' | b'F' => 0,
-            b'H' | b'd' | b'c' | b'f' => self.unsynced,
+            SYNC | QUERY | FUNCTION_CALL => 0,
+            FLUSH | COPY_DATA | COPY_DONE | COPY_FAIL => self.unsynced,
             _ => self.unsynced + 1,
         };
         match kind {
-            b'Q' => {
+            QUERY => {
                 metrics::add(&self.metrics().queries, 1);
                 let frames = self.query(frame);
                 self.replies.query_sent();
@@ -432,26 +433,26 @@ impl Session {
                 frames
             }
             // PostgreSQL ignores a Sync that arrives in copy-in mode: it gets no ReadyForQuery.
-            b'S' | b'F' => {
+            SYNC | FUNCTION_CALL => {
                 if self.replies.sync_sent() {
                     metrics::add(&self.metrics().queries, 1);
                 }
                 smallvec![frame]
             }
-            b'E' => {
+            EXECUTE => {
                 self.replies.execute_sent();
                 if !self.settings.portals.is_empty() {
                     self.execute_effects(&frame);
                 }
                 smallvec![frame]
             }
-            b'c' | b'f' => {
+            COPY_DONE | COPY_FAIL => {
                 self.replies.copy_end_sent();
                 smallvec![frame]
             }
-            b'P' => self.parse(frame),
-            b'B' => self.bind(frame),
-            b'D' | b'C' => self.describe_or_close(frame),
+            PARSE => self.parse(frame),
+            BIND => self.bind(frame),
+            DESCRIBE | CLOSE => self.describe_or_close(frame),
             _ => smallvec![frame],
         }
     }
@@ -473,17 +474,17 @@ impl Session {
             return false;
         }
         let mut frame = first.clone();
-        if !matches!(tag(&frame), b'Q' | b'F') {
-            while tag(&frame) != b'S' {
+        if !matches!(tag(&frame), QUERY | FUNCTION_CALL) {
+            while tag(&frame) != SYNC {
                 match self.client_r.next().await {
-                    Some(Ok(Frame::Message(next))) if tag(&next) == b'X' => return false,
+                    Some(Ok(Frame::Message(next))) if tag(&next) == TERMINATE => return false,
                     Some(Ok(Frame::Message(next))) => frame = next,
                     _ => return false,
                 }
             }
         }
         self.client_w
-            .send(backend::ready_for_query(b'I'))
+            .send(backend::ready_for_query(IDLE))
             .await
             .is_ok()
     }

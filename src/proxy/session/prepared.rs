@@ -13,7 +13,7 @@ impl Session {
     pub(super) fn deallocate(&mut self, frame: Bytes, text: &str) -> Frames {
         // In a failed transaction the server refuses the DEALLOCATE itself (25P02), and
         // refuses a Parse too, which would make it skip the query: the client's text goes.
-        if self.status == b'E' {
+        if self.status == FAILED_TRANSACTION {
             return smallvec![frame];
         }
         match inspect::deallocate(text) {
@@ -54,7 +54,7 @@ impl Session {
             rest: &[0, 0],
         };
         smallvec![
-            frontend::rebuild_target(b'C', b'S', server_name),
+            frontend::rebuild_target(CLOSE, STATEMENT, server_name),
             frontend::rename_parse(&placeholder, server_name),
             frontend::query(&format!("DEALLOCATE {server_name}")),
         ]
@@ -82,7 +82,11 @@ impl Session {
             let marker = (self.unsynced > 1).then(|| {
                 let at = self.replies.next_position();
                 self.replies.sent_ours();
-                out.push(frontend::rebuild_target(b'C', b'S', "switchyard_marker"));
+                out.push(frontend::rebuild_target(
+                    CLOSE,
+                    STATEMENT,
+                    "switchyard_marker",
+                ));
                 at
             });
             match self.unnamed.sent.last_mut() {
@@ -133,7 +137,7 @@ impl Session {
         // Closed first in case the connection has it already (from another client, or from
         // a group that failed after its Parse went through); the CloseComplete is swallowed.
         self.make_room_for(&server_name, &mut out);
-        out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+        out.push(frontend::rebuild_target(CLOSE, STATEMENT, &server_name));
         self.replies.sent_ours();
         let at = self.replies.sent_theirs();
         self.registry.group_prepared.push(GroupPrepared {
@@ -182,7 +186,7 @@ impl Session {
         // looks at the name, so a syntax error (42601) or a missing table (42P01) wins. (A
         // placeholder from an earlier duplicate is closed first.)
         smallvec![
-            frontend::rebuild_target(b'C', b'S', message.name),
+            frontend::rebuild_target(CLOSE, STATEMENT, message.name),
             frontend::rename_parse(&placeholder, message.name),
             frontend::rename_parse(message, message.name)
         ]
@@ -218,7 +222,7 @@ impl Session {
             return;
         };
         if let Some(evicted) = server.prepared.insert(server_name) {
-            out.push(frontend::rebuild_target(b'C', b'S', &evicted));
+            out.push(frontend::rebuild_target(CLOSE, STATEMENT, &evicted));
             self.replies.sent_ours();
         }
     }
@@ -236,7 +240,7 @@ impl Session {
         server.prepared.seen_deaths = deaths;
         for name in self.registry.book.dead(&server.prepared) {
             server.prepared.remove(&name);
-            let close = frontend::rebuild_target(b'C', b'S', &name);
+            let close = frontend::rebuild_target(CLOSE, STATEMENT, &name);
             if !try_queue(&mut server.writer, &close) {
                 // A full buffer (it never is, before the first message): left for later.
                 server.prepared.seen_deaths = deaths.wrapping_sub(1);
@@ -321,16 +325,16 @@ impl Session {
     /// matter: after an error the server skips the rest of the group too.
     pub(super) fn must_wait(&self, frame: &Bytes) -> bool {
         let name = match tag(frame) {
-            b'P' => frontend::parse_message(frame).map(|p| p.name),
-            b'B' => frontend::bind_statement(frame).map(|(_, statement, _)| statement),
-            b'D' | b'C' => match frontend::target(frame) {
-                Some((b'S', name)) => Some(name),
+            PARSE => frontend::parse_message(frame).map(|p| p.name),
+            BIND => frontend::bind_statement(frame).map(|(_, statement, _)| statement),
+            DESCRIBE | CLOSE => match frontend::target(frame) {
+                Some((STATEMENT, name)) => Some(name),
                 _ => None,
             },
             _ => None,
         };
         let open = self.replies.open_group();
-        if name.is_some_and(str::is_empty) && matches!(tag(frame), b'B' | b'D') {
+        if name.is_some_and(str::is_empty) && matches!(tag(frame), BIND | DESCRIBE) {
             // The unnamed statement, last parsed in a group not yet answered: whether the
             // server ran that Parse (or skipped it after an error) decides which statement
             // this binds, and whether this connection has it.
@@ -454,7 +458,7 @@ impl Session {
             self.make_room_for(&server_name, out);
             // Closed first: after an error the proxy cannot know whether an earlier Parse of
             // it went through, and Close of a statement that does not exist is no error.
-            out.push(frontend::rebuild_target(b'C', b'S', &server_name));
+            out.push(frontend::rebuild_target(CLOSE, STATEMENT, &server_name));
             out.push(parse);
             self.replies.sent_ours();
             let at = self.replies.next_position();
@@ -509,7 +513,7 @@ impl Session {
             .find(|p| p.name == name)
         {
             placeholder.closing = Some(group);
-            out.push(frontend::rebuild_target(b'C', b'S', name));
+            out.push(frontend::rebuild_target(CLOSE, STATEMENT, name));
             self.replies.sent_ours();
         }
     }
@@ -584,16 +588,16 @@ impl Session {
     /// in its proper place.
     pub(super) fn describe_or_close(&mut self, frame: Bytes) -> Frames {
         let kind = tag(&frame);
-        let close_at = if kind == b'C' {
+        let close_at = if kind == CLOSE {
             self.replies.sent_theirs()
         } else {
             0
         };
-        let Some((b'S', name)) = frontend::target(&frame) else {
+        let Some((STATEMENT, name)) = frontend::target(&frame) else {
             return smallvec![frame];
         };
         if name.is_empty() {
-            if kind == b'D' {
+            if kind == DESCRIBE {
                 return self.with_unnamed(frame);
             }
             // Closed here and on the server alike, unless an error earlier in its group makes
@@ -601,7 +605,7 @@ impl Session {
             self.close_unnamed(close_at);
             return smallvec![frame];
         }
-        if kind == b'C' {
+        if kind == CLOSE {
             let Some(prepared) = self.registry.statements.remove(name) else {
                 // The server's own answer; a placeholder of that name goes with it (unless an
                 // error earlier in the group makes the server skip it).
@@ -631,13 +635,17 @@ impl Session {
                     closed: Some(prepared),
                     closed_on_server: false,
                 });
-                return smallvec![frontend::rebuild_target(b'C', b'S', "switchyard_forgotten")];
+                return smallvec![frontend::rebuild_target(
+                    CLOSE,
+                    STATEMENT,
+                    "switchyard_forgotten"
+                )];
             }
             let listed = self
                 .server
                 .as_mut()
                 .is_some_and(|server| server.prepared.remove(&prepared.server_name));
-            let close = frontend::rebuild_target(b'C', b'S', &prepared.server_name);
+            let close = frontend::rebuild_target(CLOSE, STATEMENT, &prepared.server_name);
             self.registry.awaited.push(Awaited {
                 at: close_at,
                 group: self.replies.open_group(),
@@ -649,7 +657,9 @@ impl Session {
         }
         let mut out = Frames::new();
         match self.ensure_prepared(name, &mut out) {
-            Some((server_name, _)) => out.push(frontend::rebuild_target(b'D', b'S', &server_name)),
+            Some((server_name, _)) => {
+                out.push(frontend::rebuild_target(DESCRIBE, STATEMENT, &server_name))
+            }
             None => {
                 self.close_placeholder(name, &mut out);
                 out.push(frame.clone())

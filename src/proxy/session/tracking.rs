@@ -10,10 +10,10 @@ impl Session {
     /// are not followed, and the connection, which may still hold some, is not reused.
     pub(super) fn settle_settings(&mut self) {
         let group = self.replies.answering();
-        if std::mem::take(&mut self.settings.rolled_back) && self.status != b'I' {
+        if std::mem::take(&mut self.settings.rolled_back) && self.status != IDLE {
             self.dirty = true;
         }
-        if self.status == b'I' {
+        if self.status == IDLE {
             let lasted = self.settings.pending.settle(group);
             self.settings_lasted(lasted);
         }
@@ -282,13 +282,13 @@ impl Session {
             loop {
                 let frame = server.recv().await.map_err(broke)?;
                 match tag(&frame) {
-                    b'S' => remember_parameter(server, &frame),
+                    PARAMETER_STATUS => remember_parameter(server, &frame),
                     // The connection is ending (terminated, the server shutting down, an idle
                     // timeout that struck while it sat in the pool): not the setting's fault.
-                    b'E' if backend::is_fatal(body(&frame)) => {
+                    ERROR_RESPONSE if backend::is_fatal(body(&frame)) => {
                         return Err(Fatal::new("08006", "the server connection broke"));
                     }
-                    b'E' => {
+                    ERROR_RESPONSE => {
                         let (code, message) = backend::error_fields(body(&frame));
                         server.applied.remove(&change.name);
                         server.applied_tag = 0;
@@ -306,7 +306,7 @@ impl Session {
                         };
                         failed.get_or_insert(error);
                     }
-                    b'Z' => break,
+                    READY_FOR_QUERY => break,
                     _ => {}
                 }
             }

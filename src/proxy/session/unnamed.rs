@@ -44,7 +44,7 @@ impl Session {
         if self.unnamed.text.is_empty() {
             // The client has none (a simple Query destroyed it, or it never made one): the
             // connection's own, left by another client, must not answer in its place.
-            return smallvec![frontend::rebuild_target(b'C', b'S', ""), frame];
+            return smallvec![frontend::rebuild_target(CLOSE, STATEMENT, ""), frame];
         }
         smallvec![Bytes::copy_from_slice(&self.unnamed.text), frame]
     }
