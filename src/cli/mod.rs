@@ -2,6 +2,7 @@
 //! and its result into output and an exit code.
 
 mod abort;
+mod bars;
 mod cutover;
 mod finalize;
 mod plan;

@@ -75,9 +75,22 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
         statement_timeout: args.statement_timeout,
         catchup_timeout: args.catchup_timeout,
         chunk_seconds: args.chunk_time.as_secs_f64(),
-        progress: !args.json && std::io::stderr().is_terminal(),
         ..Options::default()
     };
+    let bar = (!args.json && std::io::stderr().is_terminal())
+        .then(|| super::bars::rows_bar("validating", 0, 0));
+    let observe = bar.clone().map(|bar| -> validate::Observer {
+        std::sync::Arc::new(move |progress: validate::Progress| {
+            bar.set_length(progress.rows_total.max(progress.rows_done).max(1));
+            bar.set_position(progress.rows_done);
+            bar.set_message(super::bars::rate_and_eta(
+                progress.rows_done,
+                0,
+                progress.elapsed,
+                progress.rows_total,
+            ));
+        })
+    });
     let started = SystemTime::now();
     // The report's directory first, so that a long run does not end unable to write it.
     if let Some(dir) = &args.report {
@@ -86,7 +99,11 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
             return finish(&args, validate::failed(&plan, &options, started, why));
         }
     }
-    let mut report = match validate::run(&plan, &state, &options).await {
+    let run = validate::run(&plan, &state, &options, observe).await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let mut report = match run {
         Ok(mut report) => {
             if let Err(e) = remember(&store, &plan.name.0, &report).await {
                 report.add_problem(format!(

@@ -56,8 +56,19 @@ pub struct Options {
     pub bucket_rows: i64,
     /// Differences fetched in full per table (counts stay exact beyond it).
     pub max_details: usize,
-    pub progress: bool,
 }
+
+/// How far a run is, as it goes: rows compared on both servers (halved: each row is read
+/// twice), of an estimate of them all, and the time since the run started.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub rows_done: u64,
+    pub rows_total: u64,
+    pub elapsed: Duration,
+}
+
+/// Told of [`Progress`] as chunks finish, from the run's workers; the CLI draws it.
+pub type Observer = std::sync::Arc<dyn Fn(Progress) + Send + Sync>;
 
 impl Default for Options {
     fn default() -> Options {
@@ -72,7 +83,6 @@ impl Default for Options {
             chunk_seconds: 0.5,
             bucket_rows: 2048,
             max_details: 1000,
-            progress: false,
         }
     }
 }
@@ -135,7 +145,12 @@ impl Pair {
 }
 
 /// Runs a validation and builds its report.
-pub async fn run(plan: &Plan, state: &State, opts: &Options) -> Result<Report> {
+pub async fn run(
+    plan: &Plan,
+    state: &State,
+    opts: &Options,
+    observe: Option<Observer>,
+) -> Result<Report> {
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let main = Pair::connect(plan, opts).await?;
@@ -159,9 +174,8 @@ pub async fn run(plan: &Plan, state: &State, opts: &Options) -> Result<Report> {
         partials: Mutex::new(HashMap::new()),
         rows_done: Default::default(),
         started,
-        bar: opts
-            .progress
-            .then(|| crate::output::rows_bar("validating", 0, total_rows.max(0) as u64)),
+        rows_total: total_rows.max(0) as u64,
+        observe,
     });
     let mut workers = Vec::new();
     for _ in 0..opts.jobs.max(1) {
@@ -176,9 +190,6 @@ pub async fn run(plan: &Plan, state: &State, opts: &Options) -> Result<Report> {
             Ok(Err(e)) => problems.push(e.to_string()),
             Err(e) => problems.push(format!("a validation worker failed: {e}")),
         }
-    }
-    if let Some(bar) = &shared.bar {
-        bar.finish_and_clear();
     }
     let source_lsn_end = current_lsn(&main.source).await?;
     let target_confirmed_lsn = match &shared.slot {
@@ -245,7 +256,9 @@ struct Shared {
     partials: Mutex<HashMap<usize, Partials>>,
     rows_done: std::sync::atomic::AtomicU64,
     started: Instant,
-    bar: Option<indicatif::ProgressBar>,
+    /// The estimate of rows to compare, for [`Progress`].
+    rows_total: u64,
+    observe: Option<Observer>,
 }
 
 #[derive(Default)]
@@ -324,19 +337,17 @@ fn record_chunk(shared: &Shared, t: usize, began: Instant, outcome: Result<Chunk
     }
 }
 
-/// Counts rows done, updates the bar, and sleeps as long as `max_rate` asks.
+/// Counts rows done, tells the observer, and sleeps as long as `max_rate` asks.
 async fn pace(shared: &Shared, rows: u64) {
     use std::sync::atomic::Ordering;
     let done = shared.rows_done.fetch_add(rows, Ordering::Relaxed) + rows;
     let elapsed = shared.started.elapsed();
-    if let Some(bar) = &shared.bar {
-        bar.set_position(done / 2);
-        bar.set_message(crate::output::rate_and_eta(
-            done / 2,
-            0,
+    if let Some(observe) = &shared.observe {
+        observe(Progress {
+            rows_done: done / 2,
+            rows_total: shared.rows_total,
             elapsed,
-            bar.length().unwrap_or(0),
-        ));
+        });
     }
     if let Some(rate) = shared.opts.max_rate.filter(|r| *r > 0) {
         let due = Duration::from_secs_f64(done as f64 / rate as f64);
