@@ -10,5 +10,6 @@ pub use error::{Error, Exit, Result};
 pub mod cutover;
 pub mod preflight;
 pub mod proxy;
+pub mod replication;
 pub mod sync;
 pub mod validate;

@@ -7,8 +7,9 @@ use serde::Serialize;
 
 use crate::pg::{sql, PgError, Server, Side};
 use crate::plan::Plan;
+use crate::replication;
 use crate::state::{self, Created, Direction, Event, Phase, Recovery, StateStore, Step};
-use crate::sync::{replication, schema};
+use crate::sync::schema;
 use crate::{Error, Result};
 
 #[derive(Debug, Default, Serialize)]

@@ -9,8 +9,9 @@ use super::Direction;
 use crate::admin_api;
 use crate::pg::{catalog, PgError, Server, Side};
 use crate::plan::Plan;
+use crate::preflight::drift;
 use crate::state::State;
-use crate::sync::{drift, status};
+use crate::sync::status;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Gate {
@@ -284,7 +285,7 @@ async fn reverse_state(
         .await?
         .first()
         .map(|r| r.get(0));
-    let lag = crate::sync::replication::slot_lag(ctx.target, name).await?;
+    let lag = crate::replication::slot_lag(ctx.target, name).await?;
     Ok((running, lag))
 }
 

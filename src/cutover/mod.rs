@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::pg::{sql, PgError, Server, Side};
+use crate::pg::{PgError, Server, Side};
 use crate::plan::Plan;
 
 pub use switch::{check, finalize, Checked, Finalized, Report};
@@ -136,14 +136,5 @@ async fn reset_timeouts(server: &Server) {
 
 /// `ALTER SUBSCRIPTION name SET (synchronous_commit = value)` when it exists on `server`.
 async fn set_subscription_commit(server: &Server, name: &str, value: &str) -> Result<(), PgError> {
-    server
-        .execute(
-            "set the subscription's synchronous_commit",
-            &format!(
-                "ALTER SUBSCRIPTION {} SET (synchronous_commit = {})",
-                sql::ident(name),
-                sql::literal(value)
-            ),
-        )
-        .await
+    crate::replication::set_synchronous_commit(server, name, value).await
 }

@@ -15,6 +15,7 @@ use crate::pg::{sql, tools, PgError, Server, TableName};
 use crate::plan::Plan;
 use crate::state::{Phase, State};
 
+pub mod drift;
 mod report;
 mod roles;
 mod servers;
@@ -92,7 +93,7 @@ pub async fn inspect(
         .filter(|_| resuming)
         .map_or_else(
             || "-".to_string(),
-            |s| crate::sync::replication::sync_slot_pattern(s.oid, s.target_system_id),
+            |s| crate::replication::sync_slot_pattern(s.oid, s.target_system_id),
         );
     check_source_capacity(
         &mut c,
@@ -125,7 +126,7 @@ pub async fn inspect(
     check_long_transactions(&mut c, source).await?;
     let restored = state.created.schema.as_ref().is_some_and(|s| s.restored);
     if resuming && restored {
-        for drift in crate::sync::drift::detect(plan, source, target).await? {
+        for drift in crate::preflight::drift::detect(plan, source, target).await? {
             if drift.kind == "not_subscribed" {
                 // `sync` puts such tables back in the subscription and copies them again.
                 let message = format!("{}; sync copies it again", drift.detail);

@@ -2,8 +2,6 @@
 //! table streams. Every step is recorded in the state before and after it runs, and every step
 //! first looks for what an earlier, interrupted run already made.
 
-pub mod drift;
-pub mod replication;
 pub mod roles;
 pub mod schema;
 pub mod sequences;
@@ -14,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::pg::{self, catalog, sql, Server, Side, TableName};
 use crate::plan::Plan;
+use crate::preflight::drift;
 use crate::preflight::{self as checks, Inspection, Preflight};
+use crate::replication;
 use crate::state::{self, Event, Phase, State, StateStore, Step, SubscriptionRecord, SyncStep};
 use crate::{Error, Result};
 pub use status::Status;

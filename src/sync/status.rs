@@ -2,10 +2,10 @@
 
 use serde::Serialize;
 
-use super::drift::{self, Drift};
-use super::replication;
 use crate::pg::{PgError, Server, TableName};
 use crate::plan::Plan;
+use crate::preflight::drift::{self, Drift};
+use crate::replication;
 use crate::state::{Phase, State};
 
 #[derive(Debug, Clone, Serialize)]

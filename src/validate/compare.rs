@@ -34,20 +34,15 @@ pub(super) async fn wait_applied(shared: &Shared, source: &Server, lsn: &str) ->
         return Ok(());
     };
     let timeout = shared.opts.catchup_timeout;
-    let waited = crate::sync::replication::wait_confirmed(
-        source,
-        slot,
-        lsn,
-        timeout,
-        Duration::from_millis(20),
-    )
-    .await?;
+    let waited =
+        crate::replication::wait_confirmed(source, slot, lsn, timeout, Duration::from_millis(20))
+            .await?;
     match waited {
-        crate::sync::replication::Confirmed::Reached { .. } => Ok(()),
-        crate::sync::replication::Confirmed::SlotMissing => Err(Error::Refused(format!(
+        crate::replication::Confirmed::Reached { .. } => Ok(()),
+        crate::replication::Confirmed::SlotMissing => Err(Error::Refused(format!(
             "the replication slot {slot} is gone from the source: the target no longer follows it, so rows cannot be compared while they change; run `switchyard status` to see why"
         ))),
-        crate::sync::replication::Confirmed::TimedOut => Err(Error::Refused(format!(
+        crate::replication::Confirmed::TimedOut => Err(Error::Refused(format!(
             "the target did not confirm source position {lsn} within {} (slot {slot})",
             humantime::format_duration(timeout)
         ))),

@@ -11,10 +11,11 @@ use super::proxies::{self, ProxyAdmin};
 use super::{fence, reset_timeouts, reverse_name, set_pause_timeouts, set_subscription_commit};
 use super::{Direction, Step, Steps};
 use crate::pg::catalog::{self, Selection};
-use crate::pg::{sql, PgError, Server, Side, TableName};
+use crate::pg::{PgError, Server, Side};
 use crate::plan::{OnDrainTimeout, Plan};
+use crate::replication;
 use crate::state::{self, Event, Fence, LockGuard, Phase, State, StateStore, Switch};
-use crate::sync::{replication, sequences};
+use crate::sync::sequences;
 use crate::{Error, Result};
 
 mod finalize;
@@ -292,8 +293,8 @@ impl<'a> Checked<'a> {
                 .await?;
             steps
                 .run("create the reverse publication and slot on the target", async {
-                    create_reverse_publication(target, &name, &tables).await?;
-                    let lsn = create_slot(target, &name).await.map_err(|e| {
+                    replication::create_reverse_publication(target, &name, &tables).await?;
+                    let lsn = replication::create_slot(target, &name).await.map_err(|e| {
                         PgError::Tool(format!("{e} (creating a slot waits until every transaction open on the target has ended: look for long ones in pg_stat_activity there)"))
                     })?;
                     Ok::<_, PgError>(((), format!("{name} at {lsn}")))
@@ -304,7 +305,7 @@ impl<'a> Checked<'a> {
                 .run(
                     "create the source's subscription to the target, disabled",
                     async {
-                        create_reverse_subscription(source, &name, &conninfo).await?;
+                        replication::create_reverse_subscription(source, &name, &conninfo).await?;
                         Ok::<_, PgError>(((), format!("{name}, copy_data = false")))
                     },
                 )
@@ -345,7 +346,7 @@ impl<'a> Checked<'a> {
         set_pause_timeouts(&self.target, self.plan).await?;
         if direction == Direction::Cutover {
             // Decoding up to now outside the pause leaves less for the advance inside it.
-            advance_slot(&self.target, &reverse_name(self.plan)).await?;
+            replication::advance_slot(&self.target, &reverse_name(self.plan)).await?;
         }
         Ok(selection)
     }
@@ -482,12 +483,7 @@ impl<'a> Checked<'a> {
         let (source, target) = (&self.source, &self.target);
         steps
             .run("disable the forward subscription", async {
-                target
-                    .execute(
-                        "disable the forward subscription",
-                        &format!("ALTER SUBSCRIPTION {} DISABLE", sql::ident(&forward)),
-                    )
-                    .await?;
+                replication::set_enabled(target, &forward, false).await?;
                 wait_workers(target, &forward, Workers::AllGone, Duration::from_secs(5)).await?;
                 Ok::<_, PgError>(((), "its worker exited".to_string()))
             })
@@ -496,7 +492,7 @@ impl<'a> Checked<'a> {
             .run(
                 "advance the reverse slot to the target's current WAL",
                 async {
-                    let (lsn, text) = advance_slot(target, &reverse).await?;
+                    let (lsn, text) = replication::advance_slot(target, &reverse).await?;
                     Ok::<_, PgError>((lsn, text))
                 },
             )
@@ -505,19 +501,14 @@ impl<'a> Checked<'a> {
             .run(
                 "record where the reverse replication starts, on the source",
                 async {
-                    start_origin_at(source, &reverse, &lsn).await?;
+                    replication::start_origin_at(source, &reverse, &lsn).await?;
                     Ok::<_, PgError>(((), format!("{reverse} from {lsn}")))
                 },
             )
             .await?;
         steps
             .run("start the source's subscription to the target", async {
-                source
-                    .execute(
-                        "enable the reverse subscription",
-                        &format!("ALTER SUBSCRIPTION {} ENABLE", sql::ident(&reverse)),
-                    )
-                    .await?;
+                replication::set_enabled(source, &reverse, true).await?;
                 Ok::<_, PgError>(((), reverse.clone()))
             })
             .await?;

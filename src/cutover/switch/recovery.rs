@@ -103,12 +103,7 @@ impl Checked<'_> {
             let dropped = steps
                 .run("drop the reverse replication", async {
                     drop_reverse(source, target, &name).await?;
-                    target
-                        .execute(
-                            "enable the forward subscription",
-                            &format!("ALTER SUBSCRIPTION {} ENABLE", sql::ident(&feeding)),
-                        )
-                        .await?;
+                    replication::set_enabled(target, &feeding, true).await?;
                     Ok::<_, PgError>(((), "forward subscription enabled again".to_string()))
                 })
                 .await;

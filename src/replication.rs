@@ -1,5 +1,8 @@
-//! The publication on the source and the subscription on the target, created and removed by
-//! name, so that a re-run after a crash finds what an earlier run made.
+//! Logical replication, both directions, in one place: every publication, slot and
+//! subscription statement (the forward replication `sync` makes, the way back the cutover
+//! makes), created and removed by name so that a re-run after a crash finds what an earlier
+//! run made, and [`wait_confirmed`], the one wait for a slot to confirm a position. Used by
+//! `sync`, `cutover`, `validate` and the preflight; depends only on `pg`.
 
 use std::time::{Duration, Instant};
 
@@ -419,3 +422,155 @@ pub async fn wait_confirmed(
 
 /// Whether a slot has confirmed a position: NULL when there is no such slot.
 const SLOT_CONFIRMED: &str = "SELECT (SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1)";
+
+/// `ALTER SUBSCRIPTION ... ENABLE` or `DISABLE`: a disabled subscription's workers exit (the
+/// caller waits for them when it must), an enabled one's apply worker starts within a second.
+pub async fn set_enabled(
+    server: &Server,
+    subscription: &str,
+    enabled: bool,
+) -> Result<(), PgError> {
+    let (context, verb) = if enabled {
+        ("enable the subscription", "ENABLE")
+    } else {
+        ("disable the subscription", "DISABLE")
+    };
+    server
+        .execute(
+            &format!("{context} {subscription}"),
+            &format!("ALTER SUBSCRIPTION {} {verb}", sql::ident(subscription)),
+        )
+        .await
+}
+
+/// `ALTER SUBSCRIPTION name SET (synchronous_commit = value)`.
+pub async fn set_synchronous_commit(
+    server: &Server,
+    subscription: &str,
+    value: &str,
+) -> Result<(), PgError> {
+    server
+        .execute(
+            "set the subscription's synchronous_commit",
+            &format!(
+                "ALTER SUBSCRIPTION {} SET (synchronous_commit = {})",
+                sql::ident(subscription),
+                sql::literal(value)
+            ),
+        )
+        .await
+}
+
+// The way back, made by the cutover: a publication and slot on the target, a subscription
+// on the source.
+
+/// The source's subscription to the target, made before the pause but disabled: creating it
+/// asks the target for the publication's tables (a connection and a round trip), which the
+/// pause should not wait for. Inside the pause it is only enabled.
+pub async fn create_reverse_subscription(
+    source: &Server,
+    name: &str,
+    target_conninfo: &str,
+) -> Result<(), PgError> {
+    if subscription_oid(source, name).await?.is_some() {
+        return Ok(());
+    }
+    let statement = format!(
+        "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
+         WITH (create_slot = false, slot_name = {slot}, copy_data = false, enabled = false, synchronous_commit = 'off')",
+        sub = sql::ident(name),
+        conn = sql::literal(target_conninfo),
+        slot = sql::literal(name),
+    );
+    source
+        .execute_secret("create the reverse subscription", &statement)
+        .await
+}
+
+pub async fn create_reverse_publication(
+    target: &Server,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), PgError> {
+    if publication_exists(target, name).await? {
+        return Ok(());
+    }
+    let list: Vec<String> = tables.iter().map(TableName::sql).collect();
+    target
+        .execute(
+            "create the reverse publication",
+            &format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                sql::ident(name),
+                list.join(", ")
+            ),
+        )
+        .await
+}
+
+/// Creates the logical slot (waits for every open transaction on the server, so never inside
+/// the pause). An existing one is kept.
+pub async fn create_slot(server: &Server, name: &str) -> Result<String, PgError> {
+    if slot_exists(server, name).await? {
+        return Ok("existing".into());
+    }
+    let row = server
+        .query_one(
+            "create the reverse slot",
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Moves the slot to the server's current WAL position. Returns the position and how far
+/// behind it the slot's restart point is: an advance decodes from there, so that is what
+/// makes it slow (the restart point follows logged snapshots of running transactions, every
+/// 15 s or at a checkpoint).
+pub async fn advance_slot(server: &Server, name: &str) -> Result<(String, String), PgError> {
+    let row = server
+        .query_one(
+            "advance the reverse slot",
+            "SELECT a.end_lsn::text, pg_size_pretty(a.end_lsn - s.restart_lsn)
+               FROM pg_replication_slots s, pg_replication_slot_advance($1, pg_current_wal_lsn()) a
+              WHERE s.slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    let (lsn, decoded): (String, String) = (row.get(0), row.get(1));
+    let text = format!("{lsn} (restart point {decoded} behind)");
+    Ok((lsn, text))
+}
+
+/// The reverse subscription's replication origin on the source, moved to `lsn`: what the
+/// source asks the target's slot to start from. A slot advanced by
+/// `pg_replication_slot_advance` is written to disk only at the target's next checkpoint, so
+/// a crash of the target right after the cutover brings it back before `lsn`, and the
+/// source would apply again what it has (a duplicate key, every 5 s, and no way back). The
+/// origin's position is WAL-logged on the source at once, and the target's walsender skips
+/// every transaction that committed before the position the subscriber asks for. (A
+/// `CHECKPOINT` on the target would also do, at the price of a checkpoint inside the pause.)
+pub async fn start_origin_at(
+    source: &Server,
+    subscription: &str,
+    lsn: &str,
+) -> Result<(), PgError> {
+    let Some(oid) = subscription_oid(source, subscription).await? else {
+        return Err(PgError::Tool(format!(
+            "the reverse subscription {subscription} is missing on the source"
+        )));
+    };
+    source
+        .query_one(
+            "advance the reverse subscription's origin",
+            ADVANCE_ORIGIN,
+            &[&format!("pg_{oid}"), &lsn],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A subscription's replication origin is named `pg_<its oid>`; the subscription is disabled,
+/// so the origin is not in use.
+pub const ADVANCE_ORIGIN: &str = "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)";

@@ -70,10 +70,10 @@ async fn unsubscribed(
     on_target: &std::collections::BTreeMap<TableName, Vec<Column>>,
 ) -> Result<Vec<Drift>, PgError> {
     let name = plan.replication_name();
-    let Some(oid) = super::replication::subscription_oid(target, &name).await? else {
+    let Some(oid) = crate::replication::subscription_oid(target, &name).await? else {
         return Ok(Vec::new());
     };
-    let subscribed = super::replication::subscribed_tables(target, oid).await?;
+    let subscribed = crate::replication::subscribed_tables(target, oid).await?;
     Ok(selection
         .leaves()
         .filter(|t| on_target.contains_key(&t.name) && !subscribed.contains(&t.name))
