@@ -571,6 +571,14 @@ pub async fn start_origin_at(
     Ok(())
 }
 
+/// The reverse subscription on the source, its slot and publication on the target.
+pub async fn drop_reverse(source: &Server, target: &Server, name: &str) -> Result<(), PgError> {
+    drop_subscription(source, name).await?;
+    drop_slots(target, name, None).await?;
+    drop_publication(target, name).await?;
+    Ok(())
+}
+
 /// A subscription's replication origin is named `pg_<its oid>`; the subscription is disabled,
 /// so the origin is not in use.
 pub const ADVANCE_ORIGIN: &str = "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)";

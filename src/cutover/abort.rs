@@ -120,7 +120,7 @@ pub async fn run(
         Ok(target) => {
             report.record(
                 "restore max_sync_workers_per_subscription on the target",
-                restore_copy_workers(target, &state.created).await,
+                crate::sync::restore_copy_workers(target, &state.created).await,
             );
             if drop_target_data {
                 drop_target_objects(target, &state.created, &mut report).await;
@@ -192,7 +192,7 @@ async fn undo_switch(
     }
     if let Some(name) = state.created.reverse.clone() {
         let dropped = match (source, target) {
-            (Ok(source), Ok(target)) => super::switch::drop_reverse(source, target, &name).await,
+            (Ok(source), Ok(target)) => replication::drop_reverse(source, target, &name).await,
             _ => Err(PgError::Tool("both servers must be reachable".into())),
         };
         match dropped {
@@ -208,25 +208,6 @@ async fn undo_switch(
             let _ = proxy.resume().await;
         }
     }
-}
-
-/// Gives the target back the `max_sync_workers_per_subscription` that sync changed (abort and
-/// finalize both end the migration's use of it).
-pub(super) async fn restore_copy_workers(
-    target: &Server,
-    created: &Created,
-) -> std::result::Result<(), PgError> {
-    if let Some(original) = &created.original_sync_workers {
-        let now =
-            crate::pg::catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
-        if now.get("max_sync_workers_per_subscription") == Some(original) {
-            return Ok(());
-        }
-        target
-            .set_system_setting("max_sync_workers_per_subscription", original)
-            .await?;
-    }
-    Ok(())
 }
 
 /// Drops what sync made on the target: the schema copy's tables, the other objects it restored

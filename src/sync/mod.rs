@@ -278,6 +278,25 @@ async fn copy_schema(
     done(state, store, SyncStep::Schema)
 }
 
+/// Gives the target back the `max_sync_workers_per_subscription` that sync changed (abort and
+/// finalize both end the migration's use of it).
+pub async fn restore_copy_workers(
+    target: &Server,
+    created: &crate::state::Created,
+) -> std::result::Result<(), crate::pg::PgError> {
+    if let Some(original) = &created.original_sync_workers {
+        let now =
+            crate::pg::catalog::settings(target, &["max_sync_workers_per_subscription"]).await?;
+        if now.get("max_sync_workers_per_subscription") == Some(original) {
+            return Ok(());
+        }
+        target
+            .set_system_setting("max_sync_workers_per_subscription", original)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Sets the target's table-copy parallelism, remembering the old value for `abort`.
 async fn set_copy_workers(
     plan: &Plan,

@@ -64,7 +64,7 @@ pub(super) async fn finalize_steps(
 ) -> Result<Finalized> {
     let mut report = Finalized::default();
     let reverse = reverse_name(plan);
-    drop_reverse(source, target, &reverse).await?;
+    replication::drop_reverse(source, target, &reverse).await?;
     state.created.reverse = None;
     store.save(state)?;
     report
@@ -80,7 +80,7 @@ pub(super) async fn finalize_steps(
     state.created.publication = None;
     store.save(state)?;
     if let Some(original) = state.created.original_sync_workers.clone() {
-        crate::cutover::abort::restore_copy_workers(target, &state.created).await?;
+        crate::sync::restore_copy_workers(target, &state.created).await?;
         state.created.original_sync_workers = None;
         store.save(state)?;
         report.done.push(format!(

@@ -28,7 +28,6 @@ mod server_steps;
 pub use finalize::{finalize, Finalized};
 use pause_clock::PauseClock;
 use proxy_calls::*;
-pub(super) use server_steps::drop_reverse;
 use server_steps::*;
 
 /// What `check` found: the gates, and everything the switch needs already open.
@@ -572,7 +571,7 @@ impl<'a> Checked<'a> {
                 let (source, target) = (&self.source, &self.target);
                 steps
                     .run("drop the reverse replication", async {
-                        drop_reverse(source, target, &name).await?;
+                        replication::drop_reverse(source, target, &name).await?;
                         Ok::<_, PgError>(((), name.clone()))
                     })
                     .await?;

@@ -102,7 +102,7 @@ impl Checked<'_> {
             let (source, target) = (&self.source, &self.target);
             let dropped = steps
                 .run("drop the reverse replication", async {
-                    drop_reverse(source, target, &name).await?;
+                    replication::drop_reverse(source, target, &name).await?;
                     replication::set_enabled(target, &feeding, true).await?;
                     Ok::<_, PgError>(((), "forward subscription enabled again".to_string()))
                 })

@@ -143,15 +143,3 @@ pub(super) async fn wait_workers(
         tokio::time::sleep(Duration::from_millis(poll)).await;
     }
 }
-
-/// The reverse subscription on the source, its slot and publication on the target.
-pub(in crate::cutover) async fn drop_reverse(
-    source: &Server,
-    target: &Server,
-    name: &str,
-) -> Result<(), PgError> {
-    replication::drop_subscription(source, name).await?;
-    replication::drop_slots(target, name, None).await?;
-    replication::drop_publication(target, name).await?;
-    Ok(())
-}
