@@ -8,6 +8,7 @@ mod abort;
 pub mod cutover;
 mod drift;
 mod plan_errors;
+mod private_folder;
 pub mod proxy;
 mod proxy_drivers;
 mod proxy_fidelity;
