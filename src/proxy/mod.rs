@@ -9,6 +9,8 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod control;
+#[cfg(test)]
+pub(crate) mod harness;
 mod inspect;
 pub mod metrics;
 pub mod pool;

@@ -9,6 +9,8 @@ mod login;
 mod prepared;
 mod registry;
 mod routing;
+#[cfg(test)]
+mod tests;
 mod tracking;
 mod unnamed;
 

@@ -1,0 +1,115 @@
+//! The session against scripted servers in this process ([`crate::proxy::harness`]): where
+//! transactions go, what the statement registry makes the server prepare and close, and how
+//! settings follow a client between server connections. No PostgreSQL needed.
+
+use crate::pg::Side;
+use crate::proxy::harness::InProcess;
+use crate::state::Switch;
+
+async fn text_of(client: &tokio_postgres::Client, query: &str) -> String {
+    let rows = client.query(query, &[]).await.expect("query");
+    rows[0].get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_go_to_the_current_primary_and_follow_a_switch() {
+    let proxy = InProcess::start("routing", "pool_mode = \"transaction\"").await;
+    let client = proxy.client().await;
+    assert_eq!(text_of(&client, "SELECT 1").await, "source: SELECT 1");
+    proxy
+        .shared
+        .backend
+        .switch(Switch {
+            backend: Side::Target,
+            epoch: 1,
+        })
+        .expect("switch");
+    // The same client, its next transaction: the route is decided per transaction.
+    assert_eq!(text_of(&client, "SELECT 1").await, "target: SELECT 1");
+    assert!(!proxy.target.seen_starting("Parse").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_the_client_closes_is_closed_on_the_server() {
+    let proxy = InProcess::start("close", "pool_mode = \"transaction\"\npool_size = 1").await;
+    let client = proxy.client().await;
+    let statement = client.prepare("SELECT 42").await.expect("prepare");
+    let parsed = proxy.source.seen_starting("Parse switchyard_");
+    let server_name = parsed
+        .iter()
+        .find(|p| p.ends_with("SELECT 42"))
+        .and_then(|p| p.split_whitespace().nth(1))
+        .expect("the statement prepared under its server name")
+        .to_string();
+    drop(statement);
+    // The Close goes with the client's next messages.
+    text_of(&client, "SELECT 1").await;
+    let closes = proxy.source.seen_starting("Close S ");
+    assert!(
+        closes.contains(&format!("Close S {server_name}")),
+        "{closes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_prepared_statements_the_least_recently_used_is_closed() {
+    let proxy = InProcess::start(
+        "lru",
+        "pool_mode = \"transaction\"\npool_size = 1\nmax_prepared_statements = 2",
+    )
+    .await;
+    let client = proxy.client().await;
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let statement = client
+            .prepare(&format!("SELECT {n}00"))
+            .await
+            .expect("prepare");
+        let rows = client.query(&statement, &[]).await.expect("run");
+        assert_eq!(rows[0].get::<_, String>(0), format!("source: SELECT {n}00"));
+        held.push(statement);
+    }
+    let first = proxy
+        .source
+        .seen_starting("Parse switchyard_")
+        .into_iter()
+        .find(|p| p.ends_with("SELECT 100"))
+        .and_then(|p| p.split_whitespace().nth(1).map(str::to_string))
+        .expect("the first statement's server name");
+    assert!(
+        proxy
+            .source
+            .seen_starting("Close S ")
+            .contains(&format!("Close S {first}")),
+        "the oldest statement stayed: {:?}",
+        proxy.source.seen()
+    );
+    // Still the client's: used again, it is prepared again.
+    let rows = client.query(&held[0], &[]).await.expect("run again");
+    assert_eq!(rows[0].get::<_, String>(0), "source: SELECT 100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_follows_its_client_and_not_the_next_one() {
+    let proxy = InProcess::start("settings", "pool_mode = \"transaction\"\npool_size = 1").await;
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    a.batch_execute("SET statement_timeout = '5s'")
+        .await
+        .expect("set");
+    // B gets the one connection next: A's setting is taken off it first.
+    text_of(&b, "SELECT 1").await;
+    // A again: its setting is put back.
+    text_of(&a, "SELECT 1").await;
+    let settings: Vec<String> = proxy
+        .source
+        .seen_starting("Query ")
+        .into_iter()
+        .filter(|q| q.contains("statement_timeout"))
+        .collect();
+    assert_eq!(settings.len(), 3, "{settings:?}");
+    assert!(
+        settings[1].contains("RESET") || settings[1].contains("DEFAULT"),
+        "{settings:?}"
+    );
+}
