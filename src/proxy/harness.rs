@@ -383,6 +383,7 @@ pub struct InProcess {
     pub shared: Arc<super::Shared>,
     password: String,
     _shutdown: tokio::sync::oneshot::Sender<()>,
+    _files: tempfile::TempDir,
 }
 
 impl InProcess {
@@ -400,7 +401,10 @@ impl InProcess {
         let password = format!("pw-{test}");
         // SAFETY (edition 2021: safe): each test has its own variable.
         std::env::set_var(&password_env, &password);
-        let dir = std::env::temp_dir();
+        // The state and the proxy's switch file: new for each proxy (a switch file left by an
+        // earlier run would route its transactions).
+        let files = tempfile::tempdir().expect("a temporary folder");
+        let dir = files.path();
         let text = format!(
             "name = \"harness\"\n\
              [source]\nurl = \"postgres://postgres@{s}/app\"\n\
@@ -431,6 +435,7 @@ impl InProcess {
             shared,
             password,
             _shutdown: stop,
+            _files: files,
         }
     }
 
