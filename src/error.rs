@@ -26,6 +26,10 @@ pub enum Error {
     /// source. The library's layers do not depend on the proxy; the CLI wraps its error here.
     #[error(transparent)]
     Service(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error(transparent)]
+    Validate(#[from] crate::validate::ValidateError),
     /// Blocking findings, a gate not met, a step that failed and was undone.
     #[error("{0}")]
     Refused(String),
@@ -42,7 +46,7 @@ impl Error {
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
             Error::Service(_) => Exit::Usage,
-            Error::Refused(_) => Exit::Refused,
+            Error::Refused(_) | Error::Sync(_) | Error::Validate(_) => Exit::Refused,
             Error::NeedsOperator(_) => Exit::NeedsOperator,
         }
     }
@@ -53,6 +57,8 @@ impl Error {
         match self {
             Error::Pg(PgError::Connect { .. })
             | Error::Refused(_)
+            | Error::Sync(_)
+            | Error::Validate(_)
             | Error::NeedsOperator(_)
             | Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => self,
             other => Error::NeedsOperator(format!("{other}\nnothing is lost: {next}")),

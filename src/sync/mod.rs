@@ -2,6 +2,7 @@
 //! table streams. Every step is recorded in the state before and after it runs, and every step
 //! first looks for what an earlier, interrupted run already made.
 
+mod error;
 pub mod roles;
 pub mod schema;
 pub mod sequences;
@@ -16,7 +17,8 @@ use crate::preflight::drift;
 use crate::preflight::{self as checks, Inspection, Preflight};
 use crate::replication;
 use crate::state::{self, Event, Phase, State, StateStore, Step, SubscriptionRecord, SyncStep};
-use crate::{Error, Result};
+use crate::Result;
+pub use error::SyncError;
 pub use status::Status;
 
 pub struct SyncOptions {
@@ -67,10 +69,7 @@ pub async fn run(
         state.phase,
         Phase::Switched | Phase::RolledBack | Phase::Finished
     ) {
-        return Err(Error::Refused(format!(
-            "the migration is {}: sync starts from a planned or syncing migration (after a rollback: `switchyard abort --drop-target-data` first)",
-            state.phase
-        )));
+        return Err(SyncError::WrongPhase(state.phase).into());
     }
     let servers = Servers::connect(plan).await?;
     let inspection = checks::inspect(plan, &servers.source, &servers.target, &state).await?;
@@ -104,9 +103,7 @@ pub async fn run(
     let _lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     if state.phase == Phase::Planned {
-        return Err(Error::Refused(
-            "the migration was aborted while sync waited".into(),
-        ));
+        return Err(SyncError::AbortedMeanwhile.into());
     }
     finish(store, &mut state, &servers, &inspection)
         .await
@@ -344,9 +341,7 @@ pub async fn copy_sequences_now(
     let _lock = store.lock("sync --sequences")?;
     let state = state::load_or_new(store, &plan.name.0)?;
     if state.phase == Phase::Planned || !state.created.schema.as_ref().is_some_and(|s| s.restored) {
-        return Err(Error::Refused(
-            "the target has no copied schema yet: run `switchyard sync` first".into(),
-        ));
+        return Err(SyncError::NoSchemaYet.into());
     }
     let servers = Servers::connect(plan).await?;
     let selection = catalog::select(plan, catalog::tables(&servers.source).await?);
@@ -377,19 +372,13 @@ pub async fn wait_until_caught_up(
             if status.drift.is_empty() {
                 return Ok(status);
             }
-            return Err(Error::Refused(format!(
-                "caught up, but the schema drifted:\n  {}\napply the fixes on the target (`switchyard status` prints them) and run `switchyard sync --wait` again",
-                status.blocking.join("\n  ")
-            )));
+            return Err(SyncError::Drifted(status.blocking).into());
         }
         if status.subscription.is_none() {
-            return Err(Error::Refused(format!(
-                "subscription {} is gone from the target (aborted meanwhile?); run `switchyard sync` to set it up again",
-                plan.replication_name()
-            )));
+            return Err(SyncError::SubscriptionGone(plan.replication_name()).into());
         }
         if status.slot_lost {
-            return Err(Error::Refused(status.blockers().join("; ")));
+            return Err(SyncError::Blocked(status.blockers()).into());
         }
         // `abort` disables the subscription just before dropping it: one poll is not enough.
         disabled_polls = if status.enabled {
@@ -398,18 +387,20 @@ pub async fn wait_until_caught_up(
             disabled_polls + 1
         };
         if disabled_polls >= 2 {
-            return Err(Error::Refused(format!(
-                "subscription {} on the target is disabled; enable it (ALTER SUBSCRIPTION {} ENABLE) and run `switchyard sync --wait` again",
-                plan.replication_name(),
-                sql::ident(&plan.replication_name())
-            )));
+            return Err(SyncError::SubscriptionDisabled {
+                name: plan.replication_name(),
+                quoted: sql::ident(&plan.replication_name()),
+            }
+            .into());
         }
         let errors = status.apply_errors + status.sync_errors;
         if errors >= *errors_at_start.get_or_insert(errors) + 3 {
-            return Err(Error::Refused(format!(
-                "replication keeps failing on the target: {}; it retries on its own: fix the cause and run `switchyard sync --wait` again",
-                status.last_error.as_deref().unwrap_or("see the target's server log")
-            )));
+            return Err(SyncError::ApplyFailing(
+                status
+                    .last_error
+                    .unwrap_or_else(|| "see the target's server log".into()),
+            )
+            .into());
         }
         if let Some(limit) = timeout.filter(|&limit| started.elapsed() >= limit) {
             let pending: Vec<String> = status
@@ -422,12 +413,17 @@ pub async fn wait_until_caught_up(
                 .last_error
                 .map(|e| format!("; last error on the target: {e}"))
                 .unwrap_or_default();
-            return Err(Error::Refused(format!(
-                "not caught up after {}: lag {} bytes, waiting for {}{error}; replication goes on, run `switchyard sync --wait` again",
-                humantime::format_duration(limit),
-                status.lag_bytes.map_or("unknown".into(), |l| l.to_string()),
-                if pending.is_empty() { "the lag to fall".into() } else { pending.join(", ") }
-            )));
+            return Err(SyncError::NotCaughtUp {
+                limit,
+                lag: status.lag_bytes.map_or("unknown".into(), |l| l.to_string()),
+                waiting: if pending.is_empty() {
+                    "the lag to fall".into()
+                } else {
+                    pending.join(", ")
+                },
+                last_error: error,
+            }
+            .into());
         }
         tokio::time::sleep(plan.sync.poll_interval.0).await;
     }
@@ -462,9 +458,7 @@ async fn recopy_lost_tables(
         // makes sure nobody aborted meanwhile.
         let _lock = store.lock("sync (copying a table again)")?;
         if state::load_or_new(store, &plan.name.0)?.phase == Phase::Planned {
-            return Err(Error::Refused(
-                "the migration was aborted while sync waited".into(),
-            ));
+            return Err(SyncError::AbortedMeanwhile.into());
         }
         tracing::warn!(table = %table.name, "the copy of this table lost its table-sync slot; copying {root} again");
         replication::recopy_table(
@@ -505,10 +499,7 @@ async fn finish(
     }
     let invalid = invalid_indexes(target, &inspection.selection.schemas).await?;
     if !invalid.is_empty() {
-        return Err(Error::Refused(format!(
-            "invalid indexes on the target: {}; run REINDEX INDEX CONCURRENTLY on each and then `switchyard sync --wait` again",
-            invalid.join(", ")
-        )));
+        return Err(SyncError::InvalidIndexes(invalid).into());
     }
     state.set_phase(Phase::Synced)?;
     store.save(state)?;

@@ -39,13 +39,15 @@ pub(super) async fn wait_applied(shared: &Shared, source: &Server, lsn: &str) ->
             .await?;
     match waited {
         crate::replication::Confirmed::Reached { .. } => Ok(()),
-        crate::replication::Confirmed::SlotMissing => Err(Error::Refused(format!(
-            "the replication slot {slot} is gone from the source: the target no longer follows it, so rows cannot be compared while they change; run `switchyard status` to see why"
-        ))),
-        crate::replication::Confirmed::TimedOut => Err(Error::Refused(format!(
-            "the target did not confirm source position {lsn} within {} (slot {slot})",
-            humantime::format_duration(timeout)
-        ))),
+        crate::replication::Confirmed::SlotMissing => {
+            Err(ValidateError::SlotMissing(slot.to_string()).into())
+        }
+        crate::replication::Confirmed::TimedOut => Err(ValidateError::NotConfirmed {
+            lsn: lsn.to_string(),
+            timeout,
+            slot: slot.to_string(),
+        }
+        .into()),
     }
 }
 

@@ -393,3 +393,19 @@ fn summarise(shared: &Shared) -> (Vec<TableReport>, Vec<Difference>) {
     }
     (tables, differences)
 }
+
+/// Why a validation run could not compare (exit 1 with a report whose verdict is
+/// `incomplete`): each case with what to look at next.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("no table to validate: the plan's [sync] tables and --tables select none")]
+    NoTables,
+    #[error("the replication slot {0} is gone from the source: the target no longer follows it, so rows cannot be compared while they change; run `switchyard status` to see why")]
+    SlotMissing(String),
+    #[error("the target did not confirm source position {lsn} within {} (slot {slot})", humantime::format_duration(*.timeout))]
+    NotConfirmed {
+        lsn: String,
+        timeout: Duration,
+        slot: String,
+    },
+}

@@ -22,9 +22,7 @@ pub(super) async fn plan_tables(
         })
         .collect();
     if tables.is_empty() {
-        return Err(Error::Refused(
-            "no table to validate: the plan's [sync] tables and --tables select none".into(),
-        ));
+        return Err(ValidateError::NoTables.into());
     }
     let mut described = Vec::new();
     for t in &tables {
