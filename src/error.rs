@@ -30,6 +30,8 @@ pub enum Error {
     Sync(#[from] crate::sync::SyncError),
     #[error(transparent)]
     Validate(#[from] crate::validate::ValidateError),
+    #[error(transparent)]
+    Cutover(#[from] crate::cutover::CutoverError),
     /// Blocking findings, a gate not met, a step that failed and was undone.
     #[error("{0}")]
     Refused(String),
@@ -46,7 +48,9 @@ impl Error {
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
             Error::Service(_) => Exit::Usage,
-            Error::Refused(_) | Error::Sync(_) | Error::Validate(_) => Exit::Refused,
+            Error::Refused(_) | Error::Sync(_) | Error::Validate(_) | Error::Cutover(_) => {
+                Exit::Refused
+            }
             Error::NeedsOperator(_) => Exit::NeedsOperator,
         }
     }
@@ -59,6 +63,7 @@ impl Error {
             | Error::Refused(_)
             | Error::Sync(_)
             | Error::Validate(_)
+            | Error::Cutover(_)
             | Error::NeedsOperator(_)
             | Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => self,
             other => Error::NeedsOperator(format!("{other}\nnothing is lost: {next}")),

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::CutoverError;
 use crate::pg::{sql, PgError, Server, Side};
 use crate::plan::Plan;
 use crate::replication;
@@ -42,19 +43,13 @@ pub async fn run(
     let _lock = store.lock("abort")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     if state.phase == Phase::Switched {
-        return Err(Error::Refused(
-            "the applications run on the target (after a cutover): `switchyard rollback` moves them back, `switchyard finalize` ends the migration there".into(),
-        ));
+        return Err(CutoverError::AbortAfterCutover.into());
     }
     if state.recovery() == Recovery::FinishSwitch(Direction::Rollback) {
-        return Err(Error::Refused(
-            "a rollback recorded its switch to the source and was interrupted: run `switchyard rollback` again to finish it first (abort now could leave proxies writing to the target)".into(),
-        ));
+        return Err(CutoverError::AbortMidRollback.into());
     }
     if state.phase == Phase::Finished {
-        return Err(Error::Refused(
-            "the migration is finished: there is nothing to abort".into(),
-        ));
+        return Err(CutoverError::AbortFinished.into());
     }
     state.note(Event::Begin(Step::Abort));
     store.save(&mut state)?;

@@ -9,6 +9,7 @@
 //! the commit point. A failure before it is undone; after it, the switch is finished.
 
 pub mod abort;
+mod error;
 pub mod fence;
 pub mod gates;
 pub mod proxies;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use crate::pg::{PgError, Server, Side};
 use crate::plan::Plan;
 
+pub use error::CutoverError;
 pub use switch::{check, finalize, Checked, Finalized, Report};
 
 pub use crate::state::Direction;

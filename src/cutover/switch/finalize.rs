@@ -31,13 +31,11 @@ pub async fn finalize(plan: &Plan, store: &dyn StateStore, unfence: bool) -> Res
         .step()
         .filter(|step| *step != state::Step::Finalize);
     if state.phase != Phase::Switched || other_unfinished.is_some() {
-        return Err(Error::Refused(format!(
-            "the migration is {}{}: finalize follows a finished cutover",
-            state.phase,
-            other_unfinished
-                .map(|s| format!(" with `{s}` unfinished (run it again first)"))
-                .unwrap_or_default()
-        )));
+        return Err(CutoverError::FinalizeTooEarly {
+            phase: state.phase,
+            unfinished: other_unfinished,
+        }
+        .into());
     }
     state.note(Event::Begin(state::Step::Finalize));
     store.save(&mut state)?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::gates::{self, Gates};
 use super::proxies::{self, ProxyAdmin};
 use super::{fence, reset_timeouts, reverse_name, set_pause_timeouts, set_subscription_commit};
-use super::{Direction, Step, Steps};
+use super::{CutoverError, Direction, Step, Steps};
 use crate::pg::catalog::{self, Selection};
 use crate::pg::{PgError, Server, Side};
 use crate::plan::{OnDrainTimeout, Plan};
@@ -78,7 +78,7 @@ pub async fn check<'a>(
         Server::connect(Side::Source, &plan.source),
         Server::connect(Side::Target, &plan.target)
     );
-    let proxies = proxies::from_plan(plan).map_err(Error::Refused)?;
+    let proxies = proxies::from_plan(plan).map_err(CutoverError::Proxy)?;
     let mut checked = Checked {
         _lock: lock,
         plan,
@@ -95,10 +95,8 @@ pub async fn check<'a>(
     };
     if dry_run {
         // A dry run changes nothing, not even to finish or undo an earlier run.
-        if let Some(step) = checked.state.recovery().switch().map(Direction::name) {
-            return Err(Error::Refused(format!(
-                "an earlier `{step}` was interrupted: run it again without --dry-run to finish or undo it first"
-            )));
+        if let Some(earlier) = checked.state.recovery().switch() {
+            return Err(CutoverError::InterruptedBeforeDryRun(earlier).into());
         }
     } else {
         checked.recover().await?;
@@ -129,15 +127,11 @@ impl<'a> Checked<'a> {
         if ok {
             return Ok(());
         }
-        let what = match self.direction {
-            Direction::Cutover => {
-                "a cutover needs a synced migration: run `switchyard sync --wait`"
-            }
-            Direction::Rollback => {
-                "a rollback needs a switched migration (after `switchyard cutover`)"
-            }
-        };
-        Err(Error::Refused(format!("the migration is {phase}: {what}")))
+        Err(CutoverError::WrongPhase {
+            phase,
+            direction: self.direction,
+        }
+        .into())
     }
 
     fn save(&mut self, event: Event) -> Result<()> {
@@ -172,11 +166,11 @@ impl<'a> Checked<'a> {
         }
         let failures = self.gates.failures();
         if !failures.is_empty() {
-            return Err(Error::Refused(format!(
-                "{} refused, nothing changed:\n  {}",
-                direction.name(),
-                failures.join("\n  ")
-            )));
+            return Err(CutoverError::GatesNotMet {
+                direction,
+                failures,
+            }
+            .into());
         }
         if dry_run {
             report.steps = planned_steps(direction)
@@ -526,7 +520,7 @@ impl<'a> Checked<'a> {
                 Ok::<_, String>(((), format!("to the {} (epoch {})", to.backend, to.epoch)))
             })
             .await
-            .map_err(Error::Refused)?;
+            .map_err(CutoverError::Proxy)?;
         if let Some(fence) = self.state.fence(to.backend).cloned() {
             let server = self.server(to.backend);
             steps
@@ -544,7 +538,7 @@ impl<'a> Checked<'a> {
         let pause_ms = steps
             .run("resume the proxies", resume_all(&self.proxies))
             .await
-            .map_err(Error::Refused)?;
+            .map_err(CutoverError::Proxy)?;
         Ok(Some(pause_ms))
     }
 

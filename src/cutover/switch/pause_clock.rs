@@ -36,12 +36,13 @@ impl PauseClock {
         if elapsed < self.budget {
             return Ok(());
         }
-        Err(Error::Refused(format!(
-            "the pause lasted {:.1} s before \"{what}\", past its budget of {:.1} s (max_pause {}, less a margin): the coordinator stalled or a step was slow; the proxies resume by themselves at max_pause, so nothing more is done in this pause",
-            elapsed.as_secs_f64(),
-            self.budget.as_secs_f64(),
-            humantime::format_duration(self.max_pause)
-        )))
+        Err(CutoverError::PauseBudget {
+            step: what.to_string(),
+            elapsed,
+            budget: self.budget,
+            max_pause: self.max_pause,
+        }
+        .into())
     }
 
     /// What the applications saw of an undone switch.
@@ -94,7 +95,7 @@ mod pause_tests {
             .is_ok());
         let late = clock(Duration::from_secs(9), None, 0).check("fence the source");
         assert!(
-            matches!(&late, Err(Error::Refused(m)) if m.contains("fence the source") && m.contains("budget")),
+            matches!(&late, Err(e @ Error::Cutover(CutoverError::PauseBudget { .. })) if e.to_string().contains("fence the source") && e.to_string().contains("budget")),
             "{late:?}"
         );
     }

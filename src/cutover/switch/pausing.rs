@@ -38,7 +38,7 @@ impl Checked<'_> {
                 Ok(((), format!("{} proxies", proxies.len())))
             })
             .await
-            .map_err(Error::Refused)
+            .map_err(|e| CutoverError::Proxy(e).into())
     }
 
     /// Pauses every proxy and waits for their transactions to finish, ending them when
@@ -74,7 +74,7 @@ impl Checked<'_> {
                 pause_all(proxies, drain),
             )
             .await
-            .map_err(Error::Refused)?;
+            .map_err(CutoverError::Proxy)?;
         let proxy_pids = drained.server_pids(from);
         if drained.idle {
             return Ok(proxy_pids);
@@ -86,11 +86,11 @@ impl Checked<'_> {
             .map(|r| serde_json::to_string(r).unwrap_or_default())
             .collect();
         if self.plan.cutover.on_drain_timeout == OnDrainTimeout::Abort {
-            return Err(Error::Refused(format!(
-                "transactions still ran after drain_timeout ({}): {}; set [cutover] on_drain_timeout = \"cancel\" to end them",
-                humantime::format_duration(drain),
-                listed.join(", ")
-            )));
+            return Err(CutoverError::StillRunning {
+                drain,
+                running: listed,
+            }
+            .into());
         }
         let pids: Vec<i32> = running.iter().map(|r| r.server_pid).collect();
         let server = self.server(self.direction.from());

@@ -59,7 +59,7 @@ impl Checked<'_> {
         steps
             .run("pause the proxies", pause_all(&self.proxies, drain))
             .await
-            .map_err(Error::Refused)?;
+            .map_err(CutoverError::Proxy)?;
         self.switch_and_resume(steps).await?;
         self.after(direction, steps).await
     }
@@ -151,11 +151,13 @@ impl Checked<'_> {
                 || "they saw nothing of it".to_string(),
                 |clock| clock.seen_by_applications(direction.from()),
             );
-            Error::Refused(format!(
-                "{} undone: {cause}\nthe applications run on the {} again; {seen}",
-                direction.name(),
-                direction.from()
-            ))
+            CutoverError::Undone {
+                direction,
+                from: direction.from(),
+                cause: Box::new(cause),
+                seen,
+            }
+            .into()
         } else {
             Error::NeedsOperator(format!(
                 "{} failed: {cause}\nand could not be undone:\n  {}\nfix the cause and run `switchyard {}` again (it finishes the undo first), or `switchyard abort`",
