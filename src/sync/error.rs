@@ -9,6 +9,8 @@ use crate::state::Phase;
 pub enum SyncError {
     #[error("the migration is {0}: sync starts from a planned or syncing migration (after a rollback: `switchyard abort --drop-target-data` first)")]
     WrongPhase(Phase),
+    #[error("an earlier `{}` was interrupted: run `switchyard {}` again to finish or undo it first", .0.name(), .0.name())]
+    SwitchUnfinished(crate::state::Direction),
     #[error("the migration was aborted while sync waited")]
     AbortedMeanwhile,
     #[error("the target has no copied schema yet: run `switchyard sync` first")]

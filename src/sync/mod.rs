@@ -71,6 +71,11 @@ pub async fn run(
     ) {
         return Err(SyncError::WrongPhase(state.phase).into());
     }
+    // A cutover stopped before its commit point leaves the source fenced and the proxies
+    // resuming on it: it is undone by running it again, not built on by a sync.
+    if let Some(direction) = state.recovery().switch() {
+        return Err(SyncError::SwitchUnfinished(direction).into());
+    }
     let servers = Servers::connect(plan).await?;
     let inspection = checks::inspect(plan, &servers.source, &servers.target, &state).await?;
     if inspection.report.blocked {
@@ -517,4 +522,50 @@ pub async fn invalid_indexes(target: &Server, schemas: &[String]) -> Result<Vec<
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Direction, Event, FileStore};
+    use crate::Error;
+
+    /// Before it connects anywhere: a cutover stopped half-way is finished or undone by
+    /// running it again, and sync refuses to build on it.
+    #[tokio::test]
+    async fn sync_refuses_while_a_switch_is_half_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "name = \"shop\"\n[source]\nurl = \"postgres://postgres@127.0.0.1:1/shop\"\n\
+             [target]\nurl = \"postgres://postgres@127.0.0.1:2/shop\"\n\
+             [state]\npath = \"{}\"\n",
+            dir.path().join("shop.json").display()
+        );
+        let plan = Plan::parse(&text, std::path::Path::new("shop.toml")).unwrap();
+        let store = FileStore::new(plan.state_path());
+        let mut state = State::new("shop");
+        state.set_phase(Phase::Syncing).unwrap();
+        state.set_phase(Phase::Synced).unwrap();
+        state.note(Event::Begin(state::Step::Switch(Direction::Cutover)));
+        store.save(&mut state).unwrap();
+        let options = SyncOptions {
+            wait: false,
+            timeout: None,
+        };
+        let err = run(&plan, &store, &options, &mut |_| {})
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                err,
+                Error::Sync(SyncError::SwitchUnfinished(Direction::Cutover))
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("run `switchyard cutover` again"),
+            "{err}"
+        );
+    }
 }
