@@ -441,6 +441,14 @@ impl InProcess {
 
     /// A client logged in to the proxy as the plan's user (SCRAM), with its connection task.
     pub async fn client(&self) -> tokio_postgres::Client {
+        self.client_with(|_| {}).await
+    }
+
+    /// The same, with more of the client's startup settings.
+    pub async fn client_with(
+        &self,
+        more: impl FnOnce(&mut tokio_postgres::Config),
+    ) -> tokio_postgres::Client {
         let mut config = tokio_postgres::Config::new();
         config
             .host(self.addr.ip().to_string())
@@ -448,6 +456,7 @@ impl InProcess {
             .user("app")
             .password(&self.password)
             .dbname("app");
+        more(&mut config);
         let (client, connection) = config
             .connect(tokio_postgres::NoTls)
             .await

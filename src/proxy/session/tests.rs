@@ -115,3 +115,46 @@ async fn a_setting_follows_its_client_and_not_the_next_one() {
     assert_eq!(resets[..3], [false, true, false], "{settings:?}");
     assert!(resets.windows(2).all(|w| w[0] != w[1]), "{settings:?}");
 }
+
+/// The settings statements the source received, in order.
+fn settings_seen(proxy: &InProcess, name: &str) -> Vec<String> {
+    proxy
+        .source
+        .seen_starting("Query ")
+        .into_iter()
+        .filter(|q| q.contains(name))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_in_the_startup_options_reach_every_transaction() {
+    let proxy = InProcess::start("options", "pool_mode = \"transaction\"\npool_size = 1").await;
+    let client = proxy
+        .client_with(|config| {
+            config.options("-c lock_timeout=1234");
+        })
+        .await;
+    text_of(&client, "SELECT 1").await;
+    let seen = settings_seen(&proxy, "lock_timeout");
+    assert!(
+        seen.iter().any(|q| q.contains("SET") && q.contains("1234")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_rolled_back_does_not_follow_the_client() {
+    let proxy = InProcess::start("rollback", "pool_mode = \"transaction\"\npool_size = 1").await;
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    a.batch_execute("BEGIN; SET lock_timeout = '7s'; ROLLBACK")
+        .await
+        .expect("rolled back");
+    text_of(&b, "SELECT 1").await;
+    text_of(&a, "SELECT 1").await;
+    // Only A's own statement: nothing taken off before B, nothing put back for A.
+    assert_eq!(
+        settings_seen(&proxy, "lock_timeout"),
+        ["Query BEGIN; SET lock_timeout = '7s'; ROLLBACK"]
+    );
+}
