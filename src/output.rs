@@ -1,29 +1,5 @@
-//! Tables and sizes as people read them, for the reports the library renders (the CLI's
-//! progress bars are in `cli/bars.rs`).
-
-use comfy_table::presets::UTF8_FULL_CONDENSED;
-use comfy_table::{ContentArrangement, Table};
-
-/// A table with a header row, sized to the terminal.
-pub fn table<R, C>(header: &[&str], rows: R) -> String
-where
-    R: IntoIterator<Item = Vec<C>>,
-    C: ToString,
-{
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.to_vec());
-    // A terminal that reports no usable width (a pty without a size) gets the natural layout.
-    if table.width().is_some_and(|width| width < 60) {
-        table.set_content_arrangement(ContentArrangement::Disabled);
-    }
-    for row in rows {
-        table.add_row(row.into_iter().map(|c| c.to_string()).collect::<Vec<_>>());
-    }
-    table.to_string()
-}
+//! Sizes as people read them, in the library's messages (tables and progress bars are drawn
+//! by the CLI: `cli/draw.rs`).
 
 /// `1.5 GiB`, `12.0 MiB`, `512 B`.
 pub fn human_bytes(bytes: i64) -> String {

@@ -2,8 +2,8 @@
 //! and its result into output and an exit code.
 
 mod abort;
-mod bars;
 mod cutover;
+mod draw;
 mod finalize;
 mod plan;
 mod proxy;

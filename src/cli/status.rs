@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use switchyard::output::{human_bytes, table};
+use switchyard::output::human_bytes;
+
+use super::draw::table;
 use switchyard::sync::status::TableStatus;
 use switchyard::sync::{status, Servers, Status};
 use switchyard::{state, Error, Exit};

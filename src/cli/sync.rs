@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
-use switchyard::output::{human_bytes, table};
-
-use super::bars;
+use switchyard::output::human_bytes;
 use switchyard::state::FileStore;
 use switchyard::sync::status::TableStatus;
 use switchyard::sync::{self, Status, SyncOptions, SyncOutcome};
 use switchyard::{Error, Exit};
+
+use super::draw::{self, table};
 
 /// Create roles, copy the schema, and start logical replication from source to target.
 ///
@@ -126,7 +126,7 @@ struct Progress {
 impl Progress {
     fn new() -> Progress {
         let bars = MultiProgress::new();
-        let lag = bars.add(bars::status_line());
+        let lag = bars.add(draw::status_line());
         Progress {
             bars,
             tables: HashMap::new(),
@@ -173,12 +173,12 @@ impl Progress {
             self.tables.entry(table.name.clone()).or_insert_with(|| {
                 let bar = self
                     .bars
-                    .insert_before(&self.lag, bars::rows_bar(&table.name, done, total));
+                    .insert_before(&self.lag, draw::rows_bar(&table.name, done, total));
                 (bar, Instant::now(), done)
             });
         bar.set_length(total.max(bar.length().unwrap_or(0)));
         bar.set_position(done);
-        bar.set_message(bars::rate_and_eta(
+        bar.set_message(draw::rate_and_eta(
             done,
             *first_rows,
             first_seen.elapsed(),

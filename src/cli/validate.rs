@@ -5,9 +5,12 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use switchyard::plan::TablePattern;
 use switchyard::state::{self, StateError, StateStore};
-use switchyard::validate::report::{Report, Verdict};
+use switchyard::validate::hashing::Mode;
+use switchyard::validate::report::{describe, Report, Verdict, UNKNOWN_LSN};
 use switchyard::validate::{self, Options};
 use switchyard::{Error, Exit};
+
+use super::draw::table;
 
 /// Compare the rows of source and target, live, and say exactly which rows differ.
 ///
@@ -78,12 +81,12 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
         ..Options::default()
     };
     let bar = (!args.json && std::io::stderr().is_terminal())
-        .then(|| super::bars::rows_bar("validating", 0, 0));
+        .then(|| super::draw::rows_bar("validating", 0, 0));
     let observe = bar.clone().map(|bar| -> validate::Observer {
         std::sync::Arc::new(move |progress: validate::Progress| {
             bar.set_length(progress.rows_total.max(progress.rows_done).max(1));
             bar.set_position(progress.rows_done);
-            bar.set_message(super::bars::rate_and_eta(
+            bar.set_message(super::draw::rate_and_eta(
                 progress.rows_done,
                 0,
                 progress.elapsed,
@@ -129,7 +132,7 @@ fn finish(args: &ValidateArgs, report: Report) -> Result<Exit, Error> {
     if args.json {
         super::print_json(&report)?;
     } else {
-        print!("{}", report.render_text(args.samples));
+        print!("{}", render_text(&report, args.samples));
     }
     Ok(match report.verdict {
         Verdict::Identical => Exit::Done,
@@ -166,4 +169,90 @@ fn write_html(dir: &Path, report: &Report) -> std::io::Result<PathBuf> {
     let path = dir.join(format!("validation-{}-{stamp}.html", report.migration));
     std::fs::write(&path, report.render_html())?;
     Ok(path)
+}
+
+/// The per-table table and up to `samples` differences, for a terminal.
+fn render_text(report: &Report, samples: usize) -> String {
+    let mut out = format!(
+        "Validation of {}: {} ({} ms; source LSN {} → {})\n",
+        report.migration,
+        report.verdict.to_string().to_uppercase(),
+        report.duration_ms,
+        report.source_lsn_start.as_deref().unwrap_or(UNKNOWN_LSN),
+        report.source_lsn_end.as_deref().unwrap_or(UNKNOWN_LSN)
+    );
+    let rows = report.tables.iter().map(|t| {
+        vec![
+            t.name.clone(),
+            t.rows_source.to_string(),
+            t.rows_target.to_string(),
+            t.chunks.to_string(),
+            t.matching.to_string(),
+            t.missing.to_string(),
+            t.extra.to_string(),
+            t.changed.to_string(),
+            t.in_flight.to_string(),
+            format!("{} ms", t.duration_ms),
+            t.rows_per_second.to_string(),
+            t.error.clone().unwrap_or_default(),
+        ]
+    });
+    if !report.tables.is_empty() {
+        out.push_str(&table(
+            &[
+                "table",
+                "rows source",
+                "rows target",
+                "chunks",
+                "matching",
+                "missing on target",
+                "extra on target",
+                "changed",
+                "in flight",
+                "time",
+                "rows/s",
+                "error",
+            ],
+            rows,
+        ));
+        out.push('\n');
+    }
+    let text_columns: Vec<String> = report
+        .tables
+        .iter()
+        .flat_map(|t| {
+            t.columns
+                .iter()
+                .filter(|c| c.mode == Mode::Text)
+                .map(move |c| {
+                    format!(
+                        "{}.{} ({}): {}",
+                        t.name,
+                        c.name,
+                        c.type_sql,
+                        c.note.as_deref().unwrap_or("text")
+                    )
+                })
+        })
+        .collect();
+    if !text_columns.is_empty() {
+        out.push_str("Columns compared by their text form:\n");
+        for line in &text_columns {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    if !report.differences.is_empty() {
+        out.push_str(&format!(
+            "Differences ({} shown of {}):\n",
+            samples.min(report.differences.len()),
+            report.differences.len()
+        ));
+        for d in report.differences.iter().take(samples) {
+            out.push_str(&format!("  {}\n", describe(d)));
+        }
+    }
+    for p in &report.problems {
+        out.push_str(&format!("Could not validate: {p}\n"));
+    }
+    out
 }

@@ -1,11 +1,10 @@
-//! The validation report: its model (the `--json` document), the terminal tables and the
-//! self-contained HTML page.
+//! The validation report: its model (the `--json` document) and the self-contained HTML
+//! page (the terminal's tables are drawn by the CLI).
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::hashing::ColumnHash;
-use crate::output::table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -110,7 +109,8 @@ pub struct Report {
 }
 
 /// Shown for a WAL position a run that could not start never read.
-const UNKNOWN_LSN: &str = "n/a";
+/// Shown for a position that could not be read.
+pub const UNKNOWN_LSN: &str = "n/a";
 
 impl Report {
     /// Something could not be compared (or reported): the verdict is `incomplete`.
@@ -127,92 +127,6 @@ impl Report {
         } else {
             Verdict::Identical
         }
-    }
-
-    /// The per-table table and up to `samples` differences, for a terminal.
-    pub fn render_text(&self, samples: usize) -> String {
-        let mut out = format!(
-            "Validation of {}: {} ({} ms; source LSN {} → {})\n",
-            self.migration,
-            self.verdict.to_string().to_uppercase(),
-            self.duration_ms,
-            self.source_lsn_start.as_deref().unwrap_or(UNKNOWN_LSN),
-            self.source_lsn_end.as_deref().unwrap_or(UNKNOWN_LSN)
-        );
-        let rows = self.tables.iter().map(|t| {
-            vec![
-                t.name.clone(),
-                t.rows_source.to_string(),
-                t.rows_target.to_string(),
-                t.chunks.to_string(),
-                t.matching.to_string(),
-                t.missing.to_string(),
-                t.extra.to_string(),
-                t.changed.to_string(),
-                t.in_flight.to_string(),
-                format!("{} ms", t.duration_ms),
-                t.rows_per_second.to_string(),
-                t.error.clone().unwrap_or_default(),
-            ]
-        });
-        if !self.tables.is_empty() {
-            out.push_str(&table(
-                &[
-                    "table",
-                    "rows source",
-                    "rows target",
-                    "chunks",
-                    "matching",
-                    "missing on target",
-                    "extra on target",
-                    "changed",
-                    "in flight",
-                    "time",
-                    "rows/s",
-                    "error",
-                ],
-                rows,
-            ));
-            out.push('\n');
-        }
-        let text_columns: Vec<String> = self
-            .tables
-            .iter()
-            .flat_map(|t| {
-                t.columns
-                    .iter()
-                    .filter(|c| c.mode == super::hashing::Mode::Text)
-                    .map(move |c| {
-                        format!(
-                            "{}.{} ({}): {}",
-                            t.name,
-                            c.name,
-                            c.type_sql,
-                            c.note.as_deref().unwrap_or("text")
-                        )
-                    })
-            })
-            .collect();
-        if !text_columns.is_empty() {
-            out.push_str("Columns compared by their text form:\n");
-            for line in &text_columns {
-                out.push_str(&format!("  {line}\n"));
-            }
-        }
-        if !self.differences.is_empty() {
-            out.push_str(&format!(
-                "Differences ({} shown of {}):\n",
-                samples.min(self.differences.len()),
-                self.differences.len()
-            ));
-            for d in self.differences.iter().take(samples) {
-                out.push_str(&format!("  {}\n", describe(d)));
-            }
-        }
-        for p in &self.problems {
-            out.push_str(&format!("Could not validate: {p}\n"));
-        }
-        out
     }
 
     /// One HTML page, no external assets.

@@ -1,7 +1,31 @@
-//! Progress bars: the library reports progress through observers, and the CLI draws them
-//! here (on stderr, hidden when it is not a terminal).
+//! Everything drawn for a person: the tables of the reports, and the progress bars (the
+//! library reports progress through observers; bars go to stderr, hidden when it is not a
+//! terminal).
 
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{ContentArrangement, Table};
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// A table with a header row, sized to the terminal.
+pub fn table<R, C>(header: &[&str], rows: R) -> String
+where
+    R: IntoIterator<Item = Vec<C>>,
+    C: ToString,
+{
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    // A terminal that reports no usable width (a pty without a size) gets the natural layout.
+    if table.width().is_some_and(|width| width < 60) {
+        table.set_content_arrangement(ContentArrangement::Disabled);
+    }
+    for row in rows {
+        table.add_row(row.into_iter().map(|c| c.to_string()).collect::<Vec<_>>());
+    }
+    table.to_string()
+}
 
 /// A bar counting rows; its message carries the rate and ETA (see [`rate_and_eta`]). Hidden
 /// when stderr is not a terminal.
