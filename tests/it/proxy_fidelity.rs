@@ -870,6 +870,51 @@ async fn a_placeholder_closed_in_a_failed_group_is_closed_again() {
         .assert_none();
 }
 
+/// Found by psycopg's suite (`test_socket_closed`): a client that sends Terminate while its
+/// query runs gets the query's answer and then the end of the connection, as PostgreSQL reads
+/// the Terminate only once the query is answered. The proxy once closed the client's socket
+/// at once, 1 ms after the Terminate.
+async fn terminate_during_a_query(at: &Endpoint) -> Vec<String> {
+    let mut wire = at.wire().await;
+    let replies = wire
+        .step(
+            Msgs::new()
+                .query("SELECT 'answered' FROM pg_sleep(0.3)")
+                .terminate(),
+        )
+        .await;
+    let mut seen = replies.kinds();
+    let after = wire.unsolicited(std::time::Duration::from_secs(2)).await;
+    seen.extend(after.kinds());
+    seen.push(format!("closed afterwards: {}", wire.is_closed()));
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_during_a_query_ends_the_connection_after_its_answer() {
+    let db = TestDb::new("fidelity_terminate").await;
+    let direct = terminate_during_a_query(&Endpoint::direct(&db).await).await;
+    assert_eq!(
+        direct,
+        strs(&[
+            "RowDescription",
+            "DataRow[answered]",
+            "CommandComplete(SELECT 1)",
+            "ReadyForQuery(I)",
+            "<connection closed>",
+            "closed afterwards: true"
+        ]),
+        "directly: {direct:?}"
+    );
+    let mut differences = Differences::default();
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&db, mode, 1, "workers = 1").await;
+        let got = terminate_during_a_query(&Endpoint::proxy(&proxy, mode)).await;
+        differences.compare(&format!("{mode} mode"), &got, &direct);
+    }
+    differences.assert_none();
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. The login's ParameterStatus messages.
 

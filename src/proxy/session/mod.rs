@@ -254,7 +254,9 @@ impl Session {
     /// queued goes out in one write, once the client has nothing more buffered.
     async fn on_client_frames(&mut self, mut frame: Bytes) -> bool {
         loop {
-            if (!self.registry.awaited.is_empty() || self.unnamed_unsettled_before())
+            if (!self.registry.awaited.is_empty()
+                || self.unnamed_unsettled_before()
+                || tag(&frame) == TERMINATE)
                 && self.must_wait(&frame)
             {
                 // It and what follows wait for the server's answers ([`Session::serve`]).
@@ -407,6 +409,13 @@ impl Session {
             self.show_running();
         }
         Next::Forward(frame)
+    }
+
+    /// A Terminate after a query still running: PostgreSQL reads it only once the query is
+    /// answered, so the client gets its answer and then the end of the connection. The
+    /// proxy waits the same way (but not in copy-in, where the server waits for the client).
+    fn terminate_waits(&self) -> bool {
+        self.server.is_some() && self.replies.owed() > 0 && !self.replies.copy_in()
     }
 
     /// A server connection is attached and the session is in its turn: a client message goes

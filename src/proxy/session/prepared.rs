@@ -324,6 +324,9 @@ impl Session {
     /// after an error) decides what this message means. Within one group it does not
     /// matter: after an error the server skips the rest of the group too.
     pub(super) fn must_wait(&self, frame: &Bytes) -> bool {
+        if tag(frame) == TERMINATE {
+            return self.terminate_waits();
+        }
         let name = match tag(frame) {
             PARSE => frontend::parse_message(frame).map(|p| p.name),
             BIND => frontend::bind_statement(frame).map(|(_, statement, _)| statement),
