@@ -508,16 +508,27 @@ impl Session {
     /// placeholder of that name on the connection, it is closed first, so that the server
     /// answers as PostgreSQL does (26000).
     pub(super) fn close_placeholder(&mut self, name: &str, out: &mut Frames) {
+        if self.placeholder_closing(name) {
+            out.push(frontend::rebuild_target(CLOSE, STATEMENT, name));
+            self.replies.sent_ours();
+        }
+    }
+
+    /// A Close of the placeholder `name`, if there is one, goes in the open group: noted, so
+    /// that the placeholder is forgotten only once that group ends without error.
+    fn placeholder_closing(&mut self, name: &str) -> bool {
         let group = self.replies.open_group();
-        if let Some(placeholder) = self
+        match self
             .registry
             .placeholders
             .iter_mut()
             .find(|p| p.name == name)
         {
-            placeholder.closing = Some(group);
-            out.push(frontend::rebuild_target(CLOSE, STATEMENT, name));
-            self.replies.sent_ours();
+            Some(placeholder) => {
+                placeholder.closing = Some(group);
+                true
+            }
+            None => false,
         }
     }
 
@@ -612,15 +623,7 @@ impl Session {
             let Some(prepared) = self.registry.statements.remove(name) else {
                 // The server's own answer; a placeholder of that name goes with it (unless an
                 // error earlier in the group makes the server skip it).
-                let group = self.replies.open_group();
-                if let Some(placeholder) = self
-                    .registry
-                    .placeholders
-                    .iter_mut()
-                    .find(|p| p.name == name)
-                {
-                    placeholder.closing = Some(group);
-                }
+                self.placeholder_closing(name);
                 return smallvec![frame];
             };
             // The last client to hold it: deallocated on this connection (the server's
