@@ -79,13 +79,6 @@ fn error(code: &str, text: &str) -> Bytes {
     backend::error_response("ERROR", code, text)
 }
 
-fn parameter_status(name: &str, value: &str) -> Bytes {
-    message(PARAMETER_STATUS, |b| {
-        put_cstr(b, name);
-        put_cstr(b, value);
-    })
-}
-
 /// What a scripted connection holds.
 #[derive(Default)]
 struct Conn {
@@ -116,12 +109,16 @@ async fn serve(
         if startup.get(..4) != Some(&SSL_REQUEST[..]) {
             break;
         }
-        if stream.write_all(b"N").await.is_err() {
+        if stream
+            .write_all(&backend::refuse_encryption())
+            .await
+            .is_err()
+        {
             return;
         }
     }
     let mut out = BytesMut::new();
-    out.put_slice(&message(b'R', |b| b.put_u32(0)));
+    out.put_slice(&backend::authentication_ok());
     for (key, value) in [
         ("server_version", "17.0 (scripted)"),
         ("client_encoding", "UTF8"),
@@ -131,12 +128,9 @@ async fn serve(
         ("integer_datetimes", "on"),
         ("application_name", ""),
     ] {
-        out.put_slice(&parameter_status(key, value));
+        out.put_slice(&backend::parameter_status(key, value));
     }
-    out.put_slice(&message(b'K', |b| {
-        b.put_i32(pid);
-        b.put_i32(7);
-    }));
+    out.put_slice(&backend::backend_key_data(pid, 7));
     out.put_slice(&backend::ready_for_query(IDLE));
     if stream.write_all(&out).await.is_err() {
         return;
@@ -246,7 +240,7 @@ impl Conn {
                     );
                 } else {
                     self.statements.insert(first, query);
-                    out.put_slice(&message(PARSE_COMPLETE, |_| {}));
+                    out.put_slice(&backend::parse_complete());
                 }
                 text
             }
