@@ -8,6 +8,7 @@
 #   bench/callgrind.sh                                  # this tree's release build
 #   BENCH_BASELINE=/tmp/switchyard-old bench/callgrind.sh   # and another build, in the same run
 #   BENCH_CLIENTS=1 BENCH_MODES="simple extended prepared" bench/callgrind.sh
+#   BENCH_KEEP=/tmp/cg bench/callgrind.sh   # keeps each run's callgrind.out, for callgrind_annotate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,7 +58,13 @@ path = "$WORK/state.json"
 PLAN
   out="$WORK/callgrind.out"
   rm -f "$out"
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy "$WORK/plan.toml" \
+  # Not counted: SCRAM's key derivation (PBKDF2, 4096 rounds of HMAC-SHA-256, some 20 million
+  # instructions a login). The two runs' difference leaves out the logins they share, but the
+  # pool may open a server connection more in one run than the other (a client that waited),
+  # and one login more moved a 16-client result by up to 10%. (--collect-atstart must come
+  # after --toggle-collect, which turns it off.)
+  RUST_LOG=warn valgrind --tool=callgrind --toggle-collect='*sasl::hi*' --collect-atstart=yes \
+    --callgrind-out-file="$out" "$bin" proxy "$WORK/plan.toml" \
     2> "$WORK/valgrind.log" &
   pid=$!
   for _ in $(seq 1 600); do
@@ -69,6 +76,10 @@ PLAN
     || { cat "$WORK/pgbench.log" >&2; exit 1; }
   kill -INT "$pid"
   wait "$pid" || true
+  if [ -n "${BENCH_KEEP:-}" ]; then
+    mkdir -p "$BENCH_KEEP"
+    cp "$out" "$BENCH_KEEP/callgrind.$(basename "$(dirname "$bin")")-$(basename "$bin").$mode.$per_client.out"
+  fi
   sed -n 's/^summary: *//p; s/^totals: *//p' "$out" | head -n 1
 }
 

@@ -103,6 +103,14 @@ impl PgCodec {
 /// that handles what one read brought without going back to its select loop; anything else
 /// (a partial or malformed message) is left for the decoder.
 pub fn split_buffered(src: &mut BytesMut, batch: bool) -> Option<Bytes> {
+    let end = buffered(src, batch)?;
+    Some(src.split_to(end).freeze())
+}
+
+/// The length of what [`split_buffered`] would split off, without splitting it: for a session
+/// that copies a message it only forwards straight from one connection's read buffer to the
+/// other's write buffer (and then advances past it), which costs no reference count.
+pub fn buffered(src: &[u8], batch: bool) -> Option<usize> {
     let mut end = PgCodec::complete_message(src)?;
     if batch && passes_through(src[0]) {
         while let Some(next) = src
@@ -113,7 +121,7 @@ pub fn split_buffered(src: &mut BytesMut, batch: bool) -> Option<Bytes> {
             end += next;
         }
     }
-    Some(src.split_to(end).freeze())
+    Some(end)
 }
 
 /// Moves an empty buffer's start back to the start of its allocation, when nothing else holds a
@@ -179,11 +187,17 @@ pub async fn queue<W: AsyncWrite + Unpin>(
 /// must be flushed first. Hot paths call it before `queue`, so that a frame costs no future.
 #[inline]
 pub fn try_queue<W>(writer: &mut FramedWrite<W, PgCodec>, frame: &[u8]) -> bool {
-    if writer.write_buffer().len() >= writer.backpressure_boundary() {
+    if !has_room(writer) {
         return false;
     }
     append(writer.write_buffer_mut(), frame);
     true
+}
+
+/// Whether [`try_queue`] would take a frame now.
+#[inline]
+pub fn has_room<W>(writer: &FramedWrite<W, PgCodec>) -> bool {
+    writer.write_buffer().len() < writer.backpressure_boundary()
 }
 
 /// Every write buffer's one way in: a buffer that was flushed empty starts again at the

@@ -5,6 +5,7 @@
 mod answers;
 mod cancel;
 mod connection;
+mod in_place;
 mod login;
 mod prepared;
 mod registry;
@@ -280,6 +281,7 @@ impl Session {
                     }
                 }
             }
+            while self.forward_in_place() {}
             match split_buffered(self.client_r.read_buffer_mut(), false) {
                 Some(next) => frame = next,
                 None => break,
@@ -332,6 +334,14 @@ impl Session {
         loop {
             if !self.on_server_frame(frame).await {
                 return false;
+            }
+            while let Some(more) = self.pass_answers_in_place() {
+                if !more {
+                    if self.client_w.flush().await.is_err() {
+                        return false;
+                    }
+                    break;
+                }
             }
             let Some(server) = self.server.as_mut() else {
                 return true;
