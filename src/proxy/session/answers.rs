@@ -49,46 +49,7 @@ impl Session {
                 tracing::warn!(user = %self.user, code, "server connection ended: {message}");
                 return self.server_lost_because(Fatal::new(code, message)).await;
             }
-            READY_FOR_QUERY => {
-                self.status = body(&frame).first().copied().unwrap_or(IDLE);
-                if !self.settings.pending.is_empty() {
-                    self.settle_settings();
-                }
-                // That sync group is answered, whatever an error made the server skip.
-                self.replies.ready_received();
-                // The transaction ended, and its portals with it; those bound in groups the
-                // client sent since belong to the next ones (a pipeline: the client may bind
-                // one before this answer came).
-                if self.status == IDLE && !self.settings.portals.is_empty() {
-                    let answering = self.replies.answering();
-                    self.settings.portals.retain(|p| p.group >= answering);
-                }
-                if !self.unnamed.sent.is_empty() {
-                    self.settle_unnamed(self.replies.answered());
-                }
-                if self.unnamed.replayed.is_some() {
-                    self.settle_unnamed_replay(self.replies.answered());
-                }
-                if !self.registry.awaited.is_empty() {
-                    self.not_run(self.replies.answered());
-                }
-                if !self.registry.group_prepared.is_empty() {
-                    let answering = self.replies.answering();
-                    // After an error the server skipped the rest of the group, including
-                    // statements the proxy prepared after the error came (a group whose
-                    // error answered an earlier write): the connection may lack them.
-                    if std::mem::take(&mut self.group_failed) {
-                        self.unlist_prepared(|p| p.group < answering);
-                    }
-                    self.registry
-                        .group_prepared
-                        .retain(|p| p.group >= answering);
-                }
-                if !self.registry.placeholders.is_empty() {
-                    self.settle_placeholders(self.replies.answering(), false);
-                }
-                self.group_failed = false;
-            }
+            READY_FOR_QUERY => self.ready_received(body(&frame).first().copied().unwrap_or(IDLE)),
             ERROR_RESPONSE => {
                 self.replies.error_received();
                 self.group_failed = true;
@@ -131,6 +92,50 @@ impl Session {
         true
     }
 
+    /// ReadyForQuery: a sync group is answered, and with it what was pending on it (setting
+    /// changes, statements prepared or closed in it, the unnamed statement's Parses).
+    #[inline(always)]
+    pub(super) fn ready_received(&mut self, status: u8) {
+        self.status = status;
+        if !self.settings.pending.is_empty() {
+            self.settle_settings();
+        }
+        // That sync group is answered, whatever an error made the server skip.
+        self.replies.ready_received();
+        // The transaction ended, and its portals with it; those bound in groups the
+        // client sent since belong to the next ones (a pipeline: the client may bind
+        // one before this answer came).
+        if self.status == IDLE && !self.settings.portals.is_empty() {
+            let answering = self.replies.answering();
+            self.settings.portals.retain(|p| p.group >= answering);
+        }
+        if !self.unnamed.sent.is_empty() {
+            self.settle_unnamed(self.replies.answered());
+        }
+        if self.unnamed.replayed.is_some() {
+            self.settle_unnamed_replay(self.replies.answered());
+        }
+        if !self.registry.awaited.is_empty() {
+            self.not_run(self.replies.answered());
+        }
+        if !self.registry.group_prepared.is_empty() {
+            let answering = self.replies.answering();
+            // After an error the server skipped the rest of the group, including
+            // statements the proxy prepared after the error came (a group whose
+            // error answered an earlier write): the connection may lack them.
+            if std::mem::take(&mut self.group_failed) {
+                self.unlist_prepared(|p| p.group < answering);
+            }
+            self.registry
+                .group_prepared
+                .retain(|p| p.group >= answering);
+        }
+        if !self.registry.placeholders.is_empty() {
+            self.settle_placeholders(self.replies.answering(), false);
+        }
+        self.group_failed = false;
+    }
+
     /// Statements the proxy prepared in a group that failed: the connection may lack them,
     /// so its record no longer lists them. A client's Close of one, sent since and still
     /// unanswered, found it listed (the Parse was on its way): if the server skips that Close
@@ -157,6 +162,7 @@ impl Session {
     /// The client is between transactions: the server connection goes back to the pool in
     /// transaction mode, and stays in session mode (but the session no longer counts as
     /// active: a pause holds its next transaction).
+    #[inline]
     pub(super) async fn transaction_done(&mut self) {
         if !self.in_turn {
             return;

@@ -26,6 +26,12 @@ impl Session {
             return false;
         };
         let buffer = self.client_r.read_buffer();
+        if !buffer
+            .first()
+            .is_some_and(|&kind| matches!(kind, SYNC | EXECUTE | DESCRIBE | BIND))
+        {
+            return false;
+        }
         let Some(len) = buffered(buffer, false) else {
             return false;
         };
@@ -82,10 +88,10 @@ impl Session {
         let server = self.server.as_mut()?;
         let batch = server.reader.decoder().batching();
         let buffer = server.reader.read_buffer();
-        let len = buffered(buffer, batch)?;
-        if !passes_through(buffer[0]) || !has_room(&self.client_w) {
+        if !buffer.first().is_some_and(|&kind| passes_through(kind)) || !has_room(&self.client_w) {
             return None;
         }
+        let len = buffered(buffer, batch)?;
         try_queue(&mut self.client_w, &buffer[..len]);
         let more = buffer.len() > len;
         server.reader.read_buffer_mut().advance(len);
@@ -94,5 +100,29 @@ impl Session {
             len as u64,
         );
         Some(more)
+    }
+
+    /// A ReadyForQuery next in the server's read buffer: its sync group settled
+    /// ([`Session::ready_received`]) and the message queued for the client, as
+    /// [`Session::on_server_frame`] does. True when taken; the caller flushes, and gives the
+    /// connection back if the transaction is over.
+    pub(super) fn ready_in_place(&mut self) -> bool {
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        let buffer = server.reader.read_buffer();
+        if buffer.first() != Some(&READY_FOR_QUERY) || !has_room(&self.client_w) {
+            return false;
+        }
+        // ReadyForQuery is six bytes: its tag, its length (5) and the status.
+        let Some(6) = buffered(buffer, false) else {
+            return false;
+        };
+        let status = buffer[5];
+        try_queue(&mut self.client_w, &buffer[..6]);
+        server.reader.read_buffer_mut().advance(6);
+        metrics::add(&self.shared.shards[self.shard].metrics.bytes_to_clients, 6);
+        self.ready_received(status);
+        true
     }
 }

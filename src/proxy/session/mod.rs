@@ -335,13 +335,26 @@ impl Session {
             if !self.on_server_frame(frame).await {
                 return false;
             }
-            while let Some(more) = self.pass_answers_in_place() {
-                if !more {
+            loop {
+                if let Some(more) = self.pass_answers_in_place() {
+                    if more {
+                        continue;
+                    }
+                } else if self.ready_in_place() {
                     if self.client_w.flush().await.is_err() {
                         return false;
                     }
+                    if self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
+                        self.transaction_done().await;
+                    }
+                    continue;
+                } else {
                     break;
                 }
+                if self.client_w.flush().await.is_err() {
+                    return false;
+                }
+                break;
             }
             let Some(server) = self.server.as_mut() else {
                 return true;
