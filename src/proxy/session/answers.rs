@@ -87,7 +87,7 @@ impl Session {
             return false;
         }
         if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
-            self.transaction_done().await;
+            self.transaction_done();
         }
         true
     }
@@ -162,8 +162,7 @@ impl Session {
     /// The client is between transactions: the server connection goes back to the pool in
     /// transaction mode, and stays in session mode (but the session no longer counts as
     /// active: a pause holds its next transaction).
-    #[inline]
-    pub(super) async fn transaction_done(&mut self) {
+    pub(super) fn transaction_done(&mut self) {
         if !self.in_turn {
             return;
         }
@@ -171,7 +170,7 @@ impl Session {
         self.metrics()
             .transaction(now.saturating_duration_since(self.attached_at));
         match self.mode() {
-            PoolMode::Transaction => self.release_at(false, now).await,
+            PoolMode::Transaction => self.release_at(now),
             PoolMode::Session => self.end_turn(),
         }
     }

@@ -345,7 +345,7 @@ impl Session {
                         return false;
                     }
                     if self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
-                        self.transaction_done().await;
+                        self.transaction_done();
                     }
                     continue;
                 } else {
