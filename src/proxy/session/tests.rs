@@ -158,3 +158,32 @@ async fn a_set_rolled_back_does_not_follow_the_client() {
         ["Query BEGIN; SET lock_timeout = '7s'; ROLLBACK"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_unnamed_queries_each_get_their_own_answer() {
+    // tokio-postgres pipelines concurrent queries on one connection: Parse, Bind, Describe,
+    // Execute and Sync of each, many in one write. Mid-transaction the Bind, Describe,
+    // Execute and Sync go through session/in_place.rs, and the rows and ReadyForQuery come
+    // back through it: each query must still get its own rows, in order.
+    let proxy = InProcess::start("pipeline", "pool_mode = \"transaction\"\npool_size = 1").await;
+    let client = proxy.client().await;
+    let queries: Vec<String> = (0..20).map(|n| format!("SELECT {n}")).collect();
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures_util::future::join_all(
+            queries
+                .iter()
+                .map(|query| client.query_typed(query.as_str(), &[])),
+        ),
+    )
+    .await
+    .expect("every query answered within 10 s (a miscounted Sync hangs the pipeline)");
+    for (query, rows) in queries.iter().zip(answers) {
+        let rows = rows.expect("query");
+        assert_eq!(rows.len(), 1, "{query}");
+        assert_eq!(rows[0].get::<_, String>(0), format!("source: {query}"));
+    }
+    let executes = proxy.source.seen_starting("Execute");
+    assert_eq!(executes.len(), 20, "{executes:?}");
+    assert_eq!(proxy.source.seen_starting("Sync").len(), 20);
+}
