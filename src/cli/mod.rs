@@ -2,6 +2,7 @@
 //! and its result into output and an exit code.
 
 mod abort;
+mod cache;
 mod cutover;
 mod draw;
 mod finalize;
@@ -67,6 +68,7 @@ enum Command {
     Cutover(cutover::CutoverArgs),
     Rollback(cutover::RollbackArgs),
     Finalize(finalize::FinalizeArgs),
+    Cache(cache::CacheArgs),
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
@@ -113,6 +115,7 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Cutover(a) => cutover::run(a).await,
         Command::Rollback(a) => cutover::rollback(a).await,
         Command::Finalize(a) => finalize::run(a).await,
+        Command::Cache(a) => cache::run(a).await,
     };
     match result {
         Ok(exit) => exit,

@@ -138,6 +138,69 @@ pub struct ProxySettings {
     pub tls_key: Option<EnvString>,
     #[serde(default)]
     pub users: Vec<ProxyUser>,
+    /// `[proxy.cache]`: a Redis read cache; off when the section is absent.
+    pub cache: Option<CacheSettings>,
+}
+
+/// `[proxy.cache]`: answers to proven-cacheable reads kept in Redis, invalidated from the
+/// primary's WAL and never served staler than `max_staleness` (docs/proxy.md, "Read cache").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// `redis://` or `rediss://`; a password from `${VAR}`.
+    pub redis_url: EnvString,
+    #[serde(default = "default_tables")]
+    pub tables: Vec<TablePattern>,
+    #[serde(default)]
+    pub exclude: Vec<TablePattern>,
+    /// Entries expire after this long even if nothing invalidated them (a backstop).
+    #[serde(default = "default_cache_ttl")]
+    pub ttl: Dur,
+    /// Answers larger than this are not stored.
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// A cached answer is served only while the invalidator has processed the primary's WAL
+    /// position of this long ago.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness: Dur,
+    /// A Redis call slower than this counts as a failure; the query goes to the database.
+    #[serde(default = "default_redis_timeout")]
+    pub redis_timeout: Dur,
+    /// Cacheability decisions are made again after this long (role membership, ALTER ROLE:
+    /// what event triggers do not see).
+    #[serde(default = "default_recheck")]
+    pub recheck: Dur,
+    /// The invalidator's own role: REPLICATION and SELECT on the cached tables.
+    pub replication_user: String,
+    pub replication_password_env: EnvString,
+}
+
+impl CacheSettings {
+    /// Whether `[proxy.cache] tables` / `exclude` let `schema.table` be cached.
+    pub fn covers(&self, schema: &str, table: &str) -> bool {
+        self.tables.iter().any(|p| p.matches(schema, table))
+            && !self.exclude.iter().any(|p| p.matches(schema, table))
+    }
+}
+
+fn default_cache_ttl() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+
+fn default_max_entry_bytes() -> u64 {
+    1 << 20
+}
+
+fn default_max_staleness() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+
+fn default_redis_timeout() -> Dur {
+    Dur(Duration::from_millis(5))
+}
+
+fn default_recheck() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 /// `switchyard cutover` and `rollback`.
@@ -279,6 +342,7 @@ impl Default for ProxySettings {
             tls_cert: None,
             tls_key: None,
             users: Vec::new(),
+            cache: None,
         }
     }
 }

@@ -112,6 +112,11 @@ async fn handle(
     let (status, content_type, body) = match (request.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/status") => (200, "application/json", json(&status(&shared))),
+        ("GET", "/cache") => (
+            200,
+            "application/json",
+            json(&shared.cache.as_ref().map(|cache| cache.report())),
+        ),
         ("POST", "/pause") | ("POST", "/resume") | ("POST", "/switch") | ("POST", "/throttle") => {
             match authorize(token, request.authorization.as_deref()) {
                 Err(message) => (

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod control;
 #[cfg(test)]
 pub(crate) mod harness;
@@ -46,6 +47,8 @@ pub enum ProxyError {
     MissingPassword { user: String, var: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Cache(String),
     #[error("cannot start a proxy worker thread: {0}")]
     Worker(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -237,6 +240,10 @@ pub struct Shared {
     pub server_pids: [ServerPids; 2],
     client_slots: Arc<Semaphore>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// `[proxy.cache]`, when configured.
+    pub cache: Option<Arc<cache::Cache>>,
+    /// The plan's two servers (source, target), for the cache's own connections.
+    endpoints: [Endpoint; 2],
 }
 
 impl Shared {
@@ -316,7 +323,16 @@ impl Shared {
             });
             inboxes.push(receiver);
         }
+        let cache = match &settings.cache {
+            Some(cache_settings) => Some(Arc::new(
+                cache::Cache::new(plan, cache_settings, shards)
+                    .map_err(|e| ProxyError::Cache(e.to_string()))?,
+            )),
+            None => None,
+        };
         let shared = Shared {
+            cache,
+            endpoints: [plan.source.clone(), plan.target.clone()],
             database: plan.source.url.dbname().to_string(),
             client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
             settings,
@@ -364,6 +380,26 @@ impl Shared {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
+
+    /// The plan's endpoint of the server transactions go to now.
+    pub fn primary_endpoint(&self) -> Endpoint {
+        self.endpoints[side_index(self.backend.side())].clone()
+    }
+}
+
+/// Starts the cache's tasks on the caller's scheduler: the decisions, the invalidator, and
+/// the sampling of the primary's WAL position.
+fn start_cache(shared: &Arc<Shared>) {
+    let Some(cache) = shared.cache.clone() else {
+        return;
+    };
+    let primary = {
+        let shared = shared.clone();
+        move || shared.primary_endpoint()
+    };
+    tokio::spawn(cache.clone().decide_asked(primary.clone()));
+    tokio::spawn(cache::invalidator::run(cache.clone(), primary.clone()));
+    tokio::spawn(cache::freshness::sample(cache, primary));
 }
 
 type Inbox = tokio::sync::mpsc::UnboundedReceiver<Handover>;
@@ -423,6 +459,7 @@ fn build_pool(
         tls: server_tls,
         pids: pids.clone(),
         max_prepared_statements: settings.max_prepared_statements as usize,
+        replication: false,
     };
     let (refusals, _) = tokio::sync::watch::channel(None);
     let manager = ServerManager {
@@ -629,6 +666,7 @@ fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError
             .spawn(move || runtime.block_on(run_shard(shared, index, inbox)))
             .map_err(ProxyError::Worker)?;
     }
+    start_cache(&shared);
     tracing::debug!(workers = count, "proxy workers started");
     Ok(shared)
 }

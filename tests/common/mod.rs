@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod servers;
 pub mod wire;
 

@@ -5,6 +5,7 @@
 mod common;
 
 mod abort;
+mod cache;
 pub mod cutover;
 mod drift;
 mod plan_errors;

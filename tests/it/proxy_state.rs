@@ -23,6 +23,7 @@ async fn raw_client(proxy: &Proxy) -> ServerConn {
         tls: None,
         pids: Default::default(),
         max_prepared_statements: 200,
+        replication: false,
     };
     ServerConn::connect(&target, Duration::from_secs(10))
         .await

@@ -51,6 +51,8 @@ pub struct ServerTarget {
     pub pids: ServerPids,
     /// `[proxy] max_prepared_statements`.
     pub max_prepared_statements: usize,
+    /// A walsender connection (`replication=database`): the cache's invalidator.
+    pub replication: bool,
 }
 
 /// The backend pids of the proxy's open connections towards one server: what the cutover's
@@ -239,10 +241,14 @@ impl ServerConn {
         let mut buf = BytesMut::new();
         // No application_name: a client that names none has the server's default, as it
         // would directly, and one that does sets it like any other setting.
-        let params = [
+        let mut params = vec![
             ("user", target.user.as_str()),
             ("database", target.database.as_str()),
         ];
+        if target.replication {
+            params.push(("replication", "database"));
+            params.push(("application_name", crate::proxy::cache::APPLICATION_NAME));
+        }
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| ServerError::Protocol(e.to_string()))?;
         self.send(buf.split().freeze()).await?;

@@ -130,6 +130,17 @@ pub fn command_tags(mut frames: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The messages of a run the codec batched ([`super::codec::passes_through`]), each with its
+/// tag and length.
+pub fn messages(mut run: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = u32::from_be_bytes(run.get(1..5)?.try_into().ok()?) as usize + 1;
+        let message = run.get(..len)?;
+        run = &run[len..];
+        Some(message)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

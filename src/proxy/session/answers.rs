@@ -49,7 +49,13 @@ impl Session {
                 tracing::warn!(user = %self.user, code, "server connection ended: {message}");
                 return self.server_lost_because(Fatal::new(code, message)).await;
             }
-            READY_FOR_QUERY => self.ready_received(body(&frame).first().copied().unwrap_or(IDLE)),
+            READY_FOR_QUERY => {
+                let status = body(&frame).first().copied().unwrap_or(IDLE);
+                self.ready_received(status);
+                if self.caching.fill.is_some() {
+                    self.answer_collected(status);
+                }
+            }
             ERROR_RESPONSE => {
                 self.replies.error_received();
                 self.group_failed = true;
@@ -72,6 +78,9 @@ impl Session {
             }
             _ => {}
         }
+        if self.caching.fill.is_some() {
+            self.collect_for_cache(&frame);
+        }
         let ready = kind == READY_FOR_QUERY;
         metrics::add(&self.metrics().bytes_to_clients, frame.len() as u64);
         let more_coming = self
@@ -87,6 +96,9 @@ impl Session {
             return false;
         }
         if ready && self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
+            if self.caching.may_write && self.in_turn && !self.note_own_write().await {
+                return false;
+            }
             self.transaction_done();
         }
         true

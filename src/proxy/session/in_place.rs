@@ -81,6 +81,7 @@ impl Session {
     /// and nothing consumed, for anything else.
     pub(super) fn pass_answers_in_place(&mut self) -> Option<bool> {
         if !self.settings.pending.is_empty()
+            || self.caching.fill.is_some()
             || self.settings.controls_sent.0 == self.replies.answering()
         {
             return None;
@@ -111,7 +112,10 @@ impl Session {
             return false;
         };
         let buffer = server.reader.read_buffer();
-        if buffer.first() != Some(&READY_FOR_QUERY) || !has_room(&self.client_w) {
+        if buffer.first() != Some(&READY_FOR_QUERY)
+            || !has_room(&self.client_w)
+            || self.caching.fill.is_some()
+        {
             return false;
         }
         // ReadyForQuery is six bytes: its tag, its length (5) and the status.

@@ -3,6 +3,7 @@
 //! transaction runs in transaction mode.
 
 mod answers;
+mod caching;
 mod cancel;
 mod connection;
 mod in_place;
@@ -144,6 +145,8 @@ struct Session {
     in_turn: bool,
     /// The side the server connection is on.
     server_side: crate::pg::Side,
+    /// The read cache's part: a miss being collected, the session's last write's position.
+    caching: caching::Caching,
 }
 
 impl Session {
@@ -164,6 +167,10 @@ impl Session {
             .unwrap_or_default();
         Session {
             pools,
+            caching: caching::Caching {
+                on: shared.cache.is_some(),
+                ..Default::default()
+            },
             shared,
             shard,
             user: Arc::from(logged_in.user.as_str()),
@@ -266,6 +273,10 @@ impl Session {
             }
             metrics::add(&self.metrics().bytes_from_clients, frame.len() as u64);
             let forward = if self.in_transaction() && tag(&frame) != TERMINATE {
+                // More in the turn than a cacheable read: it may write.
+                if self.caching.on {
+                    self.caching.may_write = true;
+                }
                 Some(frame)
             } else {
                 match self.before_forwarding(frame).await {
@@ -345,6 +356,9 @@ impl Session {
                         return false;
                     }
                     if self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
+                        if self.caching.may_write && self.in_turn && !self.note_own_write().await {
+                            return false;
+                        }
                         self.transaction_done();
                     }
                     continue;
@@ -379,6 +393,17 @@ impl Session {
         }
         if let Some(lost) = self.lost_transaction.take() {
             return Next::after(self.fail_until_sync(&frame, &lost).await);
+        }
+        if self.caching.on {
+            // A new turn: anything but a cacheable read may write.
+            self.caching.may_write = true;
+            if tag(&frame) == QUERY {
+                match self.serve_from_cache(&frame).await {
+                    caching::Served::Answered => return Next::Handled,
+                    caching::Served::Closed => return Next::End,
+                    caching::Served::Forward => {}
+                }
+            }
         }
         if self.server.is_none() {
             match tag(&frame) {

@@ -1,0 +1,121 @@
+//! The staleness bound: the primary's WAL insert position, sampled about every 100 ms.
+//!
+//! A transaction that committed before time `T` ends at or before the position of any sample
+//! taken after `T`. So once the invalidator has processed the first sample taken after
+//! `now - max_staleness`, every write older than the bound has bumped its tables' versions,
+//! and a cached answer can be at most `max_staleness` old. Keepalives alone would say nothing
+//! when the WAL sender stalls; the samples come from the primary itself.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often the primary's position is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// `pg_current_wal_insert_lsn()` as a number: past every commit a client has seen
+/// (asynchronous commits too, which are visible before their WAL is written).
+pub const INSERT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+
+pub struct Freshness {
+    max_staleness: Duration,
+    /// (when, position), oldest first; none older than `max_staleness` plus one sample.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl Freshness {
+    pub fn new(max_staleness: Duration) -> Freshness {
+        Freshness {
+            max_staleness,
+            samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Records a sample taken at `at`.
+    pub fn sampled(&self, at: Instant, position: u64) {
+        let mut samples = super::lock(&self.samples);
+        samples.push_back((at, position));
+        while samples.len() > 1 && samples[1].0 + self.max_staleness <= at {
+            samples.pop_front();
+        }
+    }
+
+    /// Forgets every sample (the primary changed: positions of the two servers are never
+    /// compared).
+    pub fn reset(&self) {
+        super::lock(&self.samples).clear();
+    }
+
+    /// The position the invalidator must have processed for an answer to be served now: the
+    /// first sample taken within the last `max_staleness`. `None` when there is none (the
+    /// sampler cannot reach the primary): nothing is served.
+    pub fn required(&self) -> Option<u64> {
+        self.required_at(Instant::now())
+    }
+
+    fn required_at(&self, now: Instant) -> Option<u64> {
+        let samples = super::lock(&self.samples);
+        let since = now.checked_sub(self.max_staleness);
+        samples
+            .iter()
+            .find(|(at, _)| since.is_none_or(|since| *at >= since))
+            .map(|&(_, position)| position)
+    }
+}
+
+/// Samples the primary's position every [`SAMPLE_EVERY`] for as long as the proxy runs, on
+/// a connection of the cache's own role (reconnected when it breaks; while it is down no
+/// sample is taken, and after `max_staleness` nothing is served from the cache).
+pub async fn sample(
+    cache: std::sync::Arc<super::Cache>,
+    primary: impl Fn() -> crate::plan::Endpoint,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match super::connect(&primary(), &cache.settings).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!("the cache cannot sample the primary's WAL position: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let asked_at = Instant::now();
+        match tokio::time::timeout(SAMPLE_EVERY * 5, c.query_one(INSERT_POSITION, &[])).await {
+            Ok(Ok(row)) => cache
+                .freshness
+                .sampled(asked_at, row.get::<_, i64>(0) as u64),
+            Ok(Err(e)) => {
+                tracing::debug!("sampling the primary's WAL position failed: {e}");
+                client = None;
+            }
+            Err(_) => client = None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_sample_inside_the_bound_is_required() {
+        let f = Freshness::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..30u64 {
+            f.sampled(t0 + Duration::from_millis(100 * i), 1000 + i);
+        }
+        // At 2.95 s the bound starts at 1.95 s: the sample of 2.0 s (position 1020).
+        assert_eq!(f.required_at(t0 + Duration::from_millis(2950)), Some(1020));
+        // Samples stopped: past 3.9 s none is inside the bound, nothing is served.
+        assert_eq!(f.required_at(t0 + Duration::from_millis(3950)), None);
+        f.reset();
+        assert_eq!(f.required_at(t0 + Duration::from_millis(2950)), None);
+    }
+}

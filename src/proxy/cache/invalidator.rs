@@ -1,0 +1,363 @@
+//! The invalidator: consumes the cache's logical replication slot (`pgoutput`, the cache's
+//! publication, with logical messages) on the primary, over the replication protocol.
+//!
+//! For each committed transaction it bumps the version of every table it changed, and of
+//! their ancestors (a write to a partition or an inheriting table changes what a read of the
+//! parent sees); a schema change (the event trigger's logical message) bumps the schema epoch.
+//! Then it records the position it has processed in Redis, and only then confirms it to the
+//! slot: a crash in between replays the transaction, which bumps again (harmless).
+//!
+//! Several proxies run one each; the slot takes one consumer at a time (a second
+//! `START_REPLICATION` fails with 55006, "object in use"), so the others stand by and retry.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::Cache;
+use crate::plan::Endpoint;
+use crate::proxy::pool::server::{ServerConn, ServerError, ServerTarget};
+use crate::proxy::protocol::backend::{error_fields, messages};
+use crate::proxy::protocol::{body, frontend, tag};
+
+/// How often the invalidator reports its position and asks the WAL sender for a keepalive:
+/// the keepalive's position moves the processed position past WAL that holds no change to a
+/// cached table, which is what lets a read right after another session's (or this one's)
+/// unrelated write be served.
+const STATUS_EVERY: Duration = Duration::from_millis(10);
+
+/// How long a stand-by waits before trying the slot again.
+const STAND_BY: Duration = Duration::from_secs(1);
+
+/// A table's ancestors (partitioned parents, inheritance parents), at any depth.
+const ANCESTORS: &str = "WITH RECURSIVE a(oid) AS ( \
+     SELECT inhparent FROM pg_inherits WHERE inhrelid = $1 \
+     UNION SELECT i.inhparent FROM pg_inherits i JOIN a ON i.inhrelid = a.oid) \
+     SELECT oid FROM a";
+
+/// What `/cache` shows of the invalidator.
+#[derive(Default)]
+pub struct Status {
+    state: Mutex<String>,
+    /// The position processed by this proxy's invalidator, when it is the consumer.
+    pub processed: AtomicU64,
+    pub transactions: AtomicU64,
+    pub schema_changes: AtomicU64,
+}
+
+impl Status {
+    fn set(&self, state: impl Into<String>) {
+        *super::lock(&self.state) = state.into();
+    }
+
+    pub fn state(&self) -> String {
+        super::lock(&self.state).clone()
+    }
+}
+
+/// Runs the invalidator for as long as the proxy runs: consumer when the slot is free,
+/// stand-by otherwise. `primary` gives the server transactions go to now.
+pub async fn run(cache: Arc<Cache>, primary: impl Fn() -> Endpoint) {
+    loop {
+        let endpoint = primary();
+        match consume(&cache, &endpoint).await {
+            Ok(()) => {}
+            Err(Stop::StandBy) => {
+                cache
+                    .invalidator
+                    .set("stand-by: another proxy consumes the cache's slot");
+                tokio::time::sleep(STAND_BY).await;
+            }
+            Err(Stop::Failed(why)) => {
+                tracing::warn!(
+                    "cache invalidator: {why}; retrying in {}",
+                    humantime::format_duration(STAND_BY)
+                );
+                cache.invalidator.set(format!("retrying: {why}"));
+                tokio::time::sleep(STAND_BY).await;
+            }
+        }
+    }
+}
+
+enum Stop {
+    StandBy,
+    Failed(String),
+}
+
+impl From<ServerError> for Stop {
+    fn from(e: ServerError) -> Stop {
+        Stop::Failed(e.to_string())
+    }
+}
+
+/// One transaction's changed tables, gathered between its Begin and its Commit.
+#[derive(Default)]
+struct Transaction {
+    open: bool,
+    tables: BTreeSet<u32>,
+    schema_changed: bool,
+}
+
+async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
+    let password = std::env::var(&cache.settings.replication_password_env.0).map_err(|_| {
+        Stop::Failed(format!(
+            "{} is not set",
+            cache.settings.replication_password_env.0
+        ))
+    })?;
+    let url = &endpoint.url;
+    let target = ServerTarget {
+        host: url.host(),
+        port: url.port(),
+        database: url.dbname().to_string(),
+        user: cache.settings.replication_user.clone(),
+        password,
+        tls: None,
+        pids: Default::default(),
+        max_prepared_statements: 0,
+        replication: true,
+    };
+    let catalog = super::connect(endpoint, &cache.settings)
+        .await
+        .map_err(Stop::Failed)?;
+    let mut conn = ServerConn::connect(&target, endpoint.connect_timeout.0).await?;
+    let names = &cache.names;
+    let start = format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names '{}', messages 'true')",
+        super::catalog::quote_ident(&names.slot),
+        names.publication.replace('\'', "''"),
+    );
+    conn.send(frontend::query(&start)).await?;
+    loop {
+        let frame = conn.recv().await?;
+        match tag(&frame) {
+            b'W' => break,
+            b'E' => {
+                let (code, message) = error_fields(body(&frame));
+                return Err(if code == "55006" {
+                    Stop::StandBy
+                } else if code == "42704" {
+                    Stop::Failed(format!("{message} (run `switchyard cache setup`)"))
+                } else {
+                    Stop::Failed(format!("START_REPLICATION: {message} ({code})"))
+                });
+            }
+            _ => {}
+        }
+    }
+    tracing::info!(slot = %names.slot, "cache invalidator consuming");
+    cache.invalidator.set(format!(
+        "consuming slot {} on {}:{}",
+        names.slot,
+        url.host(),
+        url.port()
+    ));
+    let mut ancestors: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut tx = Transaction::default();
+    let mut processed = 0u64;
+    let mut recorded = 0u64;
+    let mut every = tokio::time::interval(STATUS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let frame = tokio::select! {
+            frame = conn.recv() => frame?,
+            _ = every.tick() => {
+                if processed > recorded {
+                    record(cache, processed).await;
+                    recorded = processed;
+                }
+                conn.send(status_update(recorded, true)).await?;
+                continue;
+            }
+        };
+        for message in messages(&frame) {
+            match message[0] {
+                b'd' => {}
+                b'E' => {
+                    let (code, text) = error_fields(&message[5..]);
+                    return Err(Stop::Failed(format!("replication stream: {text} ({code})")));
+                }
+                b'c' => return Err(Stop::Failed("the replication stream ended".into())),
+                _ => continue,
+            }
+            let mut data = &message[5..];
+            if data.is_empty() {
+                continue;
+            }
+            match data.get_u8() {
+                // Keepalive: everything before its position was sent. Outside a transaction
+                // nothing before it is left to process.
+                b'k' if data.len() >= 17 => {
+                    let end = data.get_u64();
+                    if !tx.open && end > processed {
+                        processed = end;
+                    }
+                    let _time = data.get_i64();
+                    if data.get_u8() == 1 {
+                        conn.send(status_update(recorded, false)).await?;
+                    }
+                }
+                b'w' if data.len() >= 24 => {
+                    let _start = data.get_u64();
+                    let _end = data.get_u64();
+                    let _time = data.get_i64();
+                    let Some(commit_end) = on_message(&mut tx, data, &names.message_prefix) else {
+                        continue;
+                    };
+                    let mut tables = BTreeSet::new();
+                    for table in std::mem::take(&mut tx.tables) {
+                        tables.insert(table);
+                        if let std::collections::hash_map::Entry::Vacant(entry) =
+                            ancestors.entry(table)
+                        {
+                            let found = catalog
+                                .query(ANCESTORS, &[&table])
+                                .await
+                                .map_err(|e| Stop::Failed(crate::pg::describe(&e)))?
+                                .iter()
+                                .map(|row| row.get::<_, u32>(0))
+                                .collect();
+                            entry.insert(found);
+                        }
+                        tables.extend(ancestors.get(&table).into_iter().flatten().copied());
+                    }
+                    let schema = std::mem::take(&mut tx.schema_changed);
+                    if schema {
+                        ancestors.clear();
+                        cache.forget_decisions();
+                        cache
+                            .invalidator
+                            .schema_changes
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    bump(cache, &tables, schema, commit_end).await;
+                    cache
+                        .invalidator
+                        .transactions
+                        .fetch_add(1, Ordering::Relaxed);
+                    processed = processed.max(commit_end);
+                    recorded = recorded.max(commit_end);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Notes one pgoutput message; at a Commit, the commit's end position.
+fn on_message(tx: &mut Transaction, mut m: &[u8], prefix: &str) -> Option<u64> {
+    if m.is_empty() {
+        return None;
+    }
+    tracing::trace!(kind = %(m[0] as char), "cache invalidator: message");
+    match m.get_u8() {
+        b'B' => {
+            tx.open = true;
+            tx.tables.clear();
+            tx.schema_changed = false;
+        }
+        b'C' if m.len() >= 25 => {
+            let _flags = m.get_u8();
+            let _commit = m.get_u64();
+            let end = m.get_u64();
+            tx.open = false;
+            return Some(end);
+        }
+        b'I' | b'U' | b'D' if m.len() >= 4 => {
+            tx.tables.insert(m.get_u32());
+        }
+        b'T' if m.len() >= 5 => {
+            let count = m.get_u32() as usize;
+            let _options = m.get_u8();
+            for _ in 0..count {
+                if m.len() < 4 {
+                    break;
+                }
+                tx.tables.insert(m.get_u32());
+            }
+        }
+        b'M' if m.len() >= 9 => {
+            let _flags = m.get_u8();
+            let _lsn = m.get_u64();
+            let end = m.iter().position(|&b| b == 0).unwrap_or(m.len());
+            if &m[..end] == prefix.as_bytes() {
+                tx.schema_changed = true;
+                tracing::debug!("cache invalidator: schema change");
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+/// Bumps the versions (and the schema epoch) and records the position, in one MULTI; retried
+/// until Redis takes it: the position is never recorded, nor confirmed to the slot, before
+/// the versions it covers are bumped.
+async fn bump(cache: &Cache, tables: &BTreeSet<u32>, schema: bool, position: u64) {
+    tracing::debug!(?tables, schema, position, "cache invalidator: bump");
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for &table in tables {
+        pipe.cmd("INCR").arg(cache.version_key(table)).ignore();
+    }
+    if schema {
+        pipe.cmd("INCR").arg(cache.schema_key()).ignore();
+    }
+    pipe.cmd("SET")
+        .arg(cache.position_key())
+        .arg(position)
+        .ignore();
+    let main = cache.redis.len().saturating_sub(1);
+    let Some(conn) = cache.redis.get(main) else {
+        return;
+    };
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let mut c = conn.clone();
+        match tokio::time::timeout(Duration::from_secs(1), pipe.query_async::<()>(&mut c)).await {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => tracing::warn!("cache invalidator cannot reach redis: {e}"),
+            Err(_) => tracing::warn!("cache invalidator: redis did not answer within 1s"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+    cache
+        .invalidator
+        .processed
+        .store(position, Ordering::Relaxed);
+}
+
+/// Records a position with nothing to bump (a keepalive's).
+async fn record(cache: &Cache, position: u64) {
+    bump(cache, &BTreeSet::new(), false, position).await;
+}
+
+/// A Standby Status Update: `position` written, flushed and applied.
+fn status_update(position: u64, reply: bool) -> Bytes {
+    let mut payload = BytesMut::with_capacity(34);
+    payload.put_u8(b'r');
+    payload.put_u64(position);
+    payload.put_u64(position);
+    payload.put_u64(position);
+    payload.put_i64(pg_now());
+    payload.put_u8(u8::from(reply));
+    let mut frame = BytesMut::with_capacity(payload.len() + 5);
+    frame.put_u8(b'd');
+    frame.put_u32(payload.len() as u32 + 4);
+    frame.extend_from_slice(&payload);
+    frame.freeze()
+}
+
+/// Microseconds since 2000-01-01, the replication protocol's clock.
+fn pg_now() -> i64 {
+    const PG_EPOCH: u64 = 946_684_800;
+    let since_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    since_unix.as_micros() as i64 - (PG_EPOCH as i64) * 1_000_000
+}

@@ -1,0 +1,194 @@
+//! The read cache's part of a session ([`crate::proxy::cache`]): a read answered from Redis
+//! without a server connection, a miss's answer collected on its way to the client, and the
+//! commit position of the session's writes (read-your-writes).
+
+use super::*;
+use crate::proxy::cache::{Fill, Lookup};
+
+/// `pg_current_wal_insert_lsn()` as a number, asked on the connection a write transaction
+/// ran on once it committed: at or past its commit record.
+const COMMIT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+
+/// The session's cache state.
+#[derive(Default)]
+pub(super) struct Caching {
+    /// The answer of a miss being collected, stored at its ReadyForQuery.
+    pub(super) fill: Option<Fill>,
+    /// The session's last write transaction committed at this position: the cache serves
+    /// the session only once the invalidator has processed it.
+    pub(super) own_write: u64,
+    /// The transaction running may write (anything but a cacheable read): its commit
+    /// position is asked before the connection goes back.
+    pub(super) may_write: bool,
+    /// The proxy caches: what the hot path looks at.
+    pub(super) on: bool,
+}
+
+/// What the cache did with a query.
+pub(super) enum Served {
+    /// Answered from the cache.
+    Answered,
+    /// Not answered: it goes to the server (collected for the cache if `fill` was set).
+    Forward,
+    /// The client went away.
+    Closed,
+}
+
+impl Session {
+    /// A simple Query outside a transaction block, with nothing pending: answered from the
+    /// cache when it can be.
+    pub(super) async fn serve_from_cache(&mut self, frame: &Bytes) -> Served {
+        let Some(cache) = self.shared.cache.clone() else {
+            return Served::Forward;
+        };
+        if self.status != IDLE
+            || self.replies.owed() != 0
+            || self.unsynced != 0
+            || !self.settings.pending.is_empty()
+        {
+            return Served::Forward;
+        }
+        let Some(sql) = frontend::query_text(frame).and_then(|t| std::str::from_utf8(t).ok())
+        else {
+            return Served::Forward;
+        };
+        let sql = sql.trim_end_matches('\0');
+        match cache
+            .lookup(
+                self.shard,
+                sql,
+                &self.user,
+                &self.settings.wanted,
+                self.caching.own_write,
+            )
+            .await
+        {
+            Lookup::Hit(answer) => {
+                metrics::add(&self.metrics().queries, 1);
+                metrics::add(&self.metrics().bytes_to_clients, answer.len() as u64 + 6);
+                if self.client_w.feed(answer).await.is_err()
+                    || self
+                        .client_w
+                        .send(backend::ready_for_query(IDLE))
+                        .await
+                        .is_err()
+                {
+                    return Served::Closed;
+                }
+                self.caching.may_write = false;
+                Served::Answered
+            }
+            Lookup::Miss(fill) => {
+                self.caching.fill = Some(fill);
+                self.caching.may_write = false;
+                Served::Forward
+            }
+            Lookup::Bypass => Served::Forward,
+        }
+    }
+
+    /// A server message while a miss's answer is collected: RowDescription, DataRows and the
+    /// CommandComplete are kept; anything else (an error, a notice, a setting reported)
+    /// abandons the fill. `frame` may be a run of several messages.
+    pub(super) fn collect_for_cache(&mut self, frame: &[u8]) {
+        let Some(fill) = self.caching.fill.as_mut() else {
+            return;
+        };
+        if frame.first() == Some(&READY_FOR_QUERY) {
+            return;
+        }
+        let mut rest = frame;
+        let mut fits = true;
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize + 1;
+            if !matches!(rest[0], ROW_DESCRIPTION | DATA_ROW | COMMAND_COMPLETE) || len > rest.len()
+            {
+                fits = false;
+                break;
+            }
+            rest = &rest[len..];
+        }
+        if !fits || !rest.is_empty() || !fill.add(frame) {
+            if let Some(cache) = &self.shared.cache {
+                cache
+                    .stats
+                    .too_large
+                    .fetch_add(u64::from(fits), std::sync::atomic::Ordering::Relaxed);
+            }
+            self.caching.fill = None;
+        }
+    }
+
+    /// The ReadyForQuery that ends a collected answer: stored when the statement ran outside
+    /// a transaction block and completed.
+    pub(super) fn answer_collected(&mut self, status: u8) {
+        let Some(fill) = self.caching.fill.take() else {
+            return;
+        };
+        let Some(cache) = self.shared.cache.clone() else {
+            return;
+        };
+        let complete = fill.answer.first() == Some(&ROW_DESCRIPTION)
+            && backend::command_tags(&fill.answer).count() == 1;
+        if status == IDLE && complete && !self.group_failed {
+            let shard = self.shard;
+            tokio::spawn(async move { cache.store(shard, fill).await });
+        }
+    }
+
+    /// A write transaction of this session is over: its commit position is asked on the
+    /// same connection (one round trip, only while caching is on), so that the session's
+    /// next read is served from the cache only once the invalidator has processed it.
+    pub(super) async fn note_own_write(&mut self) -> bool {
+        if !std::mem::take(&mut self.caching.may_write) {
+            return true;
+        }
+        let Some(server) = self.server.as_mut() else {
+            return true;
+        };
+        if server.send(frontend::query(COMMIT_POSITION)).await.is_err() {
+            return self.server_lost().await;
+        }
+        let mut position = None;
+        loop {
+            match server.recv().await {
+                // The server's answers come as runs of messages (RowDescription, DataRow,
+                // CommandComplete in one frame).
+                Ok(frame) => {
+                    for message in backend::messages(&frame) {
+                        if message.first() == Some(&DATA_ROW) {
+                            position = data_row_int(message);
+                        }
+                    }
+                    if tag(&frame) == READY_FOR_QUERY {
+                        break;
+                    }
+                }
+                Err(_) => return self.server_lost().await,
+            }
+        }
+        match position {
+            Some(position) => self.caching.own_write = self.caching.own_write.max(position),
+            // Not known (not reached: the query is the server's own function): the staleness
+            // bound still holds for the session.
+            None => {
+                tracing::warn!(user = %self.user, "the commit position of a write was not read")
+            }
+        }
+        true
+    }
+}
+
+/// The single integer column of a one-column DataRow, sent as text.
+fn data_row_int(frame: &[u8]) -> Option<u64> {
+    let body = frame.get(5..)?;
+    let columns = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    if columns != 1 || len < 0 {
+        return None;
+    }
+    std::str::from_utf8(body.get(6..6 + len as usize)?)
+        .ok()?
+        .parse()
+        .ok()
+}
