@@ -252,3 +252,235 @@ async fn time_dependent_reads_are_never_cached_and_say_why() {
         );
     }
 }
+
+/// Reads `sql` through the proxy until it equals what the source answers directly; fails past
+/// a second.
+async fn matches_direct_within_a_second(cached: &Cached, client: &Client, sql: &str) {
+    let direct = cached.db.source_client().await;
+    let expected = rows(&direct, sql).await;
+    fresh_within(client, sql, &expected, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn truncate_triggers_partitions_views_and_new_columns_are_never_served_stale() {
+    let schema = "
+        CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL);
+        INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;
+        CREATE TABLE audit (id bigserial PRIMARY KEY, item int, v text);
+        CREATE FUNCTION log_item() RETURNS trigger LANGUAGE plpgsql AS
+          $$ BEGIN INSERT INTO audit (item, v) VALUES (NEW.id, NEW.v); RETURN NEW; END $$;
+        CREATE TRIGGER log_item AFTER UPDATE ON items FOR EACH ROW EXECUTE FUNCTION log_item();
+        CREATE TABLE events (id int, at date NOT NULL, what text, PRIMARY KEY (id, at))
+          PARTITION BY RANGE (at);
+        CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+        CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+        INSERT INTO events VALUES (1, '2026-05-01', 'a'), (2, '2027-05-01', 'b');
+        CREATE VIEW item_view AS SELECT id, upper(v) AS v FROM items;";
+    let cached = Cached::start(
+        "cache_invalidation",
+        schema,
+        "ttl = \"1h\"\nmax_staleness = \"1h\"",
+    )
+    .await;
+    let client = cached.proxy.client().await;
+    let direct = cached.db.source_client().await;
+
+    // A trigger writes a second cached table: its readers see the row at once.
+    let audit = "SELECT count(*) FROM audit";
+    cached.warm(&client, audit).await;
+    direct
+        .batch_execute("UPDATE items SET v = 'x' WHERE id = 1")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, audit).await;
+
+    // A partition's write reaches its parent's readers.
+    let parent = "SELECT id, what FROM events ORDER BY id";
+    cached.warm(&client, parent).await;
+    direct
+        .batch_execute("UPDATE events SET what = 'changed' WHERE id = 2")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, parent).await;
+    cached.warm(&client, parent).await;
+    direct
+        .batch_execute("INSERT INTO events_2026 VALUES (3, '2026-06-01', 'direct')")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, parent).await;
+
+    // A view's base table.
+    let view = "SELECT v FROM item_view WHERE id = 2";
+    cached.warm(&client, view).await;
+    direct
+        .batch_execute("UPDATE items SET v = 'through the view' WHERE id = 2")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, view).await;
+
+    // TRUNCATE.
+    let all = "SELECT count(*) FROM audit";
+    cached.warm(&client, all).await;
+    direct.batch_execute("TRUNCATE audit").await.unwrap();
+    matches_direct_within_a_second(&cached, &client, all).await;
+
+    // A column added under SELECT *.
+    let star = "SELECT * FROM items WHERE id = 3";
+    cached.warm(&client, star).await;
+    direct
+        .batch_execute("ALTER TABLE items ADD COLUMN extra text DEFAULT 'new'")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, star).await;
+    cached.warm(&client, star).await;
+
+    // SELECT revoked from the application's role: its next read fails as it would directly.
+    direct
+        .batch_execute(&format!(
+            "REVOKE SELECT ON items FROM {}",
+            cached.proxy.user
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        match client.simple_query(star).await {
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                    "{e}"
+                );
+                break;
+            }
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "a revoked table was still served a second later"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn sessions_with_different_search_paths_and_time_zones_get_their_own_answers() {
+    let schema = "
+        CREATE SCHEMA a; CREATE SCHEMA b;
+        CREATE TABLE a.t (id int PRIMARY KEY, v text); INSERT INTO a.t VALUES (1, 'from a');
+        CREATE TABLE b.t (id int PRIMARY KEY, v text); INSERT INTO b.t VALUES (1, 'from b');
+        CREATE TABLE public.stamps (id int PRIMARY KEY, at timestamptz NOT NULL);
+        INSERT INTO stamps VALUES (1, '2026-12-07 12:00:00+00');";
+    let cached = Cached::start("cache_settings", schema, "tables = [\"*.*\"]").await;
+    let direct = cached.db.source_client().await;
+    direct
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA a, b TO {user}; GRANT SELECT ON ALL TABLES IN SCHEMA a, b TO {user}",
+            user = cached.proxy.user
+        ))
+        .await
+        .unwrap();
+    let in_a = cached.proxy.client().await;
+    let in_b = cached.proxy.client().await;
+    in_a.batch_execute("SET search_path = a").await.unwrap();
+    in_b.batch_execute("SET search_path = b").await.unwrap();
+    let read = "SELECT v FROM t WHERE id = 1";
+    assert_eq!(cached.warm(&in_a, read).await, one("from a"));
+    assert_eq!(cached.warm(&in_b, read).await, one("from b"));
+    for _ in 0..5 {
+        assert_eq!(rows(&in_a, read).await, one("from a"));
+        assert_eq!(rows(&in_b, read).await, one("from b"));
+    }
+
+    let utc = cached.proxy.client().await;
+    let tokyo = cached.proxy.client().await;
+    utc.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    tokyo
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let stamp = "SELECT at FROM stamps WHERE id = 1";
+    assert_eq!(
+        cached.warm(&utc, stamp).await,
+        one("2026-12-07 12:00:00+00")
+    );
+    assert_eq!(
+        cached.warm(&tokyo, stamp).await,
+        one("2026-12-07 21:00:00+09")
+    );
+    assert_eq!(rows(&utc, stamp).await, one("2026-12-07 12:00:00+00"));
+}
+
+#[tokio::test]
+async fn redis_killed_under_load_costs_no_client_an_error_and_caching_resumes() {
+    let mut cached = Cached::start("cache_redis_down", ITEMS, "redis_timeout = \"20ms\"").await;
+    let client = cached.proxy.client().await;
+    let read = "SELECT v FROM items WHERE id = 7";
+    cached.warm(&client, read).await;
+    let load = {
+        let url = cached.proxy.url();
+        tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            let started = Instant::now();
+            let mut reads = 0;
+            while started.elapsed() < Duration::from_secs(4) {
+                let got = rows(&client, "SELECT v FROM items WHERE id = 7").await;
+                assert_eq!(got, one("v7"));
+                reads += 1;
+            }
+            reads
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cached.redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cached.redis.restart();
+    let reads = load.await.expect("no read failed while Redis was down");
+    assert!(reads > 50, "only {reads} reads in 4 s");
+    // Back: versions were lost with Redis, seeded anew, and the cache serves again.
+    assert_eq!(cached.warm(&client, read).await, one("v7"));
+    let report = cached.report().await;
+    assert!(report["redis_errors"].as_u64().unwrap_or(0) > 0, "{report}");
+}
+
+#[tokio::test]
+async fn versions_lost_from_redis_never_serve_an_old_answer() {
+    let cached = Cached::start(
+        "cache_versions_lost",
+        ITEMS,
+        "ttl = \"1h\"\nmax_staleness = \"1h\"",
+    )
+    .await;
+    let client = cached.proxy.client().await;
+    let direct = cached.db.source_client().await;
+    let read = "SELECT v FROM items WHERE id = 9";
+    assert_eq!(cached.warm(&client, read).await, one("v9"));
+    // The versions go (evicted, flushed by hand) while the answers stay.
+    for key in cached.redis.cli(&["--scan", "--pattern", "*:v:*"]).lines() {
+        cached.redis.cli(&["DEL", key]);
+    }
+    direct
+        .batch_execute("UPDATE items SET v = 'after the flush' WHERE id = 9")
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let got = rows(&client, read).await;
+        assert_ne!(
+            got,
+            one("v9"),
+            "an answer stored under a lost version was served"
+        );
+    }
+    matches_direct_within_a_second(&cached, &client, read).await;
+    cached.warm(&client, read).await;
+    // Everything flushed: the same.
+    cached.redis.cli(&["FLUSHALL"]);
+    direct
+        .batch_execute("UPDATE items SET v = 'after flushall' WHERE id = 9")
+        .await
+        .unwrap();
+    matches_direct_within_a_second(&cached, &client, read).await;
+    assert_eq!(cached.warm(&client, read).await, one("after flushall"));
+}

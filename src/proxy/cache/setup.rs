@@ -93,6 +93,7 @@ pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
     }
 
     let mut tables = Vec::new();
+    let mut schemas = std::collections::BTreeSet::new();
     for row in server
         .query("list the tables to cache", CANDIDATES, &[])
         .await?
@@ -101,7 +102,23 @@ pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
         if settings.covers(&schema, &table) {
             tables.push(format!("{}.{}", quote_ident(&schema), quote_ident(&table)));
             report.tables.push(format!("{schema}.{table}"));
+            schemas.insert(quote_ident(&schema));
         }
+    }
+    if !schemas.is_empty() {
+        // Without USAGE a schema is skipped in the search_path: the cache could not resolve
+        // a name the way the application does.
+        let schemas: Vec<String> = schemas.into_iter().collect();
+        server
+            .execute(
+                "grant the cache's role USAGE on the cached tables' schemas",
+                &format!(
+                    "GRANT USAGE ON SCHEMA {} TO {}",
+                    schemas.join(", "),
+                    quote_ident(role)
+                ),
+            )
+            .await?;
     }
     if !tables.is_empty() {
         server
