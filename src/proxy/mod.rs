@@ -382,8 +382,9 @@ impl Shared {
     }
 
     /// The plan's endpoint of the server transactions go to now.
-    pub fn primary_endpoint(&self) -> Endpoint {
-        self.endpoints[side_index(self.backend.side())].clone()
+    pub fn primary_endpoint(&self) -> (Side, Endpoint) {
+        let side = self.backend.side();
+        (side, self.endpoints[side_index(side)].clone())
     }
 }
 

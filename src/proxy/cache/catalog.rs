@@ -67,14 +67,15 @@ pub struct Asker<'a> {
     pub publication: &'a str,
 }
 
-/// The tables whose versions gate a cached answer of `shape` (OIDs of the relations read,
-/// views replaced by what they read), or why it cannot be cached. `Err(Ok(refusal))` is a
+/// The tables whose versions gate a cached answer of `shape` (the relations read, views
+/// replaced by what they read, by schema-qualified name: the same on both servers, so that
+/// versions and answers stay valid across a switch), or why it cannot be cached. `Err(Ok(refusal))` is a
 /// decision; `Err(Err(e))` means the catalog could not be asked.
 pub async fn decide(
     client: &mut Client,
     shape: &Shape,
     asker: &Asker<'_>,
-) -> Result<Result<Vec<u32>, Refusal>, tokio_postgres::Error> {
+) -> Result<Result<Vec<String>, Refusal>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     if let Some(path) = asker.search_path {
         // `$user` means the client's role, not the invalidator's.
@@ -222,7 +223,7 @@ pub async fn decide(
                 )));
             }
         }
-        gates.insert(oid);
+        gates.insert(table_key(&schema, &name));
         for child in tx.query(DESCENDANTS, &[&oid]).await? {
             // Checked like the parent: a read of the parent reads them. Their writes bump
             // the parent's version (the invalidator bumps every ancestor).
@@ -241,6 +242,11 @@ fn volatility(code: &str) -> &'static str {
         "s" => "STABLE",
         _ => "IMMUTABLE",
     }
+}
+
+/// A table as the cache's version keys name it: `"schema"."table"`.
+pub fn table_key(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
 /// An identifier quoted as `quote_ident` would.

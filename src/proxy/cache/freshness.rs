@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::pg::Side;
+
 /// How often the primary's position is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -19,42 +21,58 @@ pub const INSERT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::
 
 pub struct Freshness {
     max_staleness: Duration,
-    /// (when, position), oldest first; none older than `max_staleness` plus one sample.
-    samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// The server sampled, and its samples (when, position), oldest first; none older than
+    /// `max_staleness` plus one sample.
+    samples: Mutex<(Option<Side>, VecDeque<(Instant, u64)>)>,
 }
 
 impl Freshness {
     pub fn new(max_staleness: Duration) -> Freshness {
         Freshness {
             max_staleness,
-            samples: Mutex::new(VecDeque::new()),
+            samples: Mutex::new((None, VecDeque::new())),
         }
     }
 
-    /// Records a sample taken at `at`.
-    pub fn sampled(&self, at: Instant, position: u64) {
-        let mut samples = super::lock(&self.samples);
+    /// Records a sample of `side`'s server taken at `at` (a new side forgets the other's).
+    pub fn sampled(&self, side: Side, at: Instant, position: u64) {
+        let mut guard = super::lock(&self.samples);
+        if guard.0 != Some(side) {
+            *guard = (Some(side), VecDeque::new());
+        }
+        let samples = &mut guard.1;
         samples.push_back((at, position));
         while samples.len() > 1 && samples[1].0 + self.max_staleness <= at {
             samples.pop_front();
         }
     }
 
-    /// Forgets every sample (the primary changed: positions of the two servers are never
-    /// compared).
+    /// Forgets every sample.
     pub fn reset(&self) {
-        super::lock(&self.samples).clear();
+        *super::lock(&self.samples) = (None, VecDeque::new());
     }
 
     /// The position the invalidator must have processed for an answer to be served now: the
     /// first sample taken within the last `max_staleness`. `None` when there is none (the
     /// sampler cannot reach the primary): nothing is served.
-    pub fn required(&self) -> Option<u64> {
-        self.required_at(Instant::now())
+    /// Positions are those of `side`'s server; samples of the other one (the primary changed a
+    /// moment ago) say nothing.
+    pub fn required(&self, side: Side) -> Option<u64> {
+        self.required_at(side, Instant::now())
     }
 
-    fn required_at(&self, now: Instant) -> Option<u64> {
-        let samples = super::lock(&self.samples);
+    /// [`Freshness::required`] for whichever server is sampled: `/cache`.
+    pub fn required_any(&self) -> Option<u64> {
+        let side = super::lock(&self.samples).0?;
+        self.required(side)
+    }
+
+    fn required_at(&self, side: Side, now: Instant) -> Option<u64> {
+        let guard = super::lock(&self.samples);
+        if guard.0 != Some(side) {
+            return None;
+        }
+        let samples = &guard.1;
         let since = now.checked_sub(self.max_staleness);
         samples
             .iter()
@@ -68,29 +86,37 @@ impl Freshness {
 /// sample is taken, and after `max_staleness` nothing is served from the cache).
 pub async fn sample(
     cache: std::sync::Arc<super::Cache>,
-    primary: impl Fn() -> crate::plan::Endpoint,
+    primary: impl Fn() -> (Side, crate::plan::Endpoint),
 ) {
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<(Side, tokio_postgres::Client)> = None;
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match super::connect(&primary(), &cache.settings).await {
-                Ok(c) => client = Some(c),
+        let (side, endpoint) = primary();
+        // A switch: the new primary is sampled from now on.
+        if client
+            .as_ref()
+            .is_none_or(|(on, c)| *on != side || c.is_closed())
+        {
+            match super::connect(&endpoint, &cache.settings).await {
+                Ok(c) => client = Some((side, c)),
                 Err(e) => {
+                    client = None;
                     tracing::warn!("the cache cannot sample the primary's WAL position: {e}");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             }
         }
-        let Some(c) = client.as_ref() else { continue };
+        let Some((_, c)) = client.as_ref() else {
+            continue;
+        };
         let asked_at = Instant::now();
         match tokio::time::timeout(SAMPLE_EVERY * 5, c.query_one(INSERT_POSITION, &[])).await {
             Ok(Ok(row)) => cache
                 .freshness
-                .sampled(asked_at, row.get::<_, i64>(0) as u64),
+                .sampled(side, asked_at, row.get::<_, i64>(0) as u64),
             Ok(Err(e)) => {
                 tracing::debug!("sampling the primary's WAL position failed: {e}");
                 client = None;
@@ -109,13 +135,20 @@ mod tests {
         let f = Freshness::new(Duration::from_secs(1));
         let t0 = Instant::now();
         for i in 0..30u64 {
-            f.sampled(t0 + Duration::from_millis(100 * i), 1000 + i);
+            f.sampled(Side::Source, t0 + Duration::from_millis(100 * i), 1000 + i);
         }
         // At 2.95 s the bound starts at 1.95 s: the sample of 2.0 s (position 1020).
-        assert_eq!(f.required_at(t0 + Duration::from_millis(2950)), Some(1020));
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(f.required_at(Side::Source, at(2950)), Some(1020));
+        // The other server's positions are never compared with these.
+        assert_eq!(f.required_at(Side::Target, at(2950)), None);
         // Samples stopped: past 3.9 s none is inside the bound, nothing is served.
-        assert_eq!(f.required_at(t0 + Duration::from_millis(3950)), None);
+        assert_eq!(f.required_at(Side::Source, at(3950)), None);
+        // A switch: the target's first sample replaces the source's.
+        f.sampled(Side::Target, at(3000), 7);
+        assert_eq!(f.required_at(Side::Source, at(3050)), None);
+        assert_eq!(f.required_at(Side::Target, at(3050)), Some(7));
         f.reset();
-        assert_eq!(f.required_at(t0 + Duration::from_millis(2950)), None);
+        assert_eq!(f.required_at(Side::Target, at(3050)), None);
     }
 }

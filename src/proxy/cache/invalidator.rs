@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::Cache;
+use crate::pg::Side;
 use crate::plan::Endpoint;
 use crate::proxy::pool::server::{ServerConn, ServerError, ServerTarget};
 use crate::proxy::protocol::backend::{error_fields, messages};
@@ -32,11 +33,12 @@ const STATUS_EVERY: Duration = Duration::from_millis(10);
 /// How long a stand-by waits before trying the slot again.
 const STAND_BY: Duration = Duration::from_secs(1);
 
-/// A table's ancestors (partitioned parents, inheritance parents), at any depth.
-const ANCESTORS: &str = "WITH RECURSIVE a(oid) AS ( \
-     SELECT inhparent FROM pg_inherits WHERE inhrelid = $1 \
-     UNION SELECT i.inhparent FROM pg_inherits i JOIN a ON i.inhrelid = a.oid) \
-     SELECT oid FROM a";
+/// A table's name and its ancestors' (partitioned parents, inheritance parents, at any
+/// depth), as the cache's version keys name them ([`super::catalog::table_key`]).
+const WITH_ANCESTORS: &str = "WITH RECURSIVE a(oid) AS ( \
+     SELECT $1::oid UNION SELECT i.inhparent FROM pg_inherits i JOIN a ON i.inhrelid = a.oid) \
+     SELECT n.nspname::text, c.relname::text FROM a JOIN pg_class c ON c.oid = a.oid \
+     JOIN pg_namespace n ON n.oid = c.relnamespace";
 
 /// What `/cache` shows of the invalidator.
 #[derive(Default)]
@@ -60,10 +62,10 @@ impl Status {
 
 /// Runs the invalidator for as long as the proxy runs: consumer when the slot is free,
 /// stand-by otherwise. `primary` gives the server transactions go to now.
-pub async fn run(cache: Arc<Cache>, primary: impl Fn() -> Endpoint) {
+pub async fn run(cache: Arc<Cache>, primary: impl Fn() -> (Side, Endpoint)) {
     loop {
-        let endpoint = primary();
-        match consume(&cache, &endpoint).await {
+        let (side, endpoint) = primary();
+        match consume(&cache, side, &endpoint, &primary).await {
             Ok(()) => {}
             Err(Stop::StandBy) => {
                 cache
@@ -102,7 +104,14 @@ struct Transaction {
     schema_changed: bool,
 }
 
-async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
+/// Consumes `side`'s slot until the primary is no longer `side` (a switch: the caller moves
+/// to the new primary's slot) or the stream breaks.
+async fn consume(
+    cache: &Cache,
+    side: Side,
+    endpoint: &Endpoint,
+    primary: &impl Fn() -> (Side, Endpoint),
+) -> Result<(), Stop> {
     let password = std::env::var(&cache.settings.replication_password_env.0).map_err(|_| {
         Stop::Failed(format!(
             "{} is not set",
@@ -156,7 +165,7 @@ async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
         url.host(),
         url.port()
     ));
-    let mut ancestors: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut ancestors: HashMap<u32, Vec<String>> = HashMap::new();
     let mut tx = Transaction::default();
     let mut processed = 0u64;
     let mut recorded = 0u64;
@@ -166,8 +175,12 @@ async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
         let frame = tokio::select! {
             frame = conn.recv() => frame?,
             _ = every.tick() => {
+                if primary().0 != side {
+                    tracing::info!("cache invalidator: the primary changed; moving to its slot");
+                    return Ok(());
+                }
                 if processed > recorded {
-                    record(cache, processed).await;
+                    record(cache, side, processed).await;
                     recorded = processed;
                 }
                 conn.send(status_update(recorded, true)).await?;
@@ -210,20 +223,24 @@ async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
                     };
                     let mut tables = BTreeSet::new();
                     for table in std::mem::take(&mut tx.tables) {
-                        tables.insert(table);
                         if let std::collections::hash_map::Entry::Vacant(entry) =
                             ancestors.entry(table)
                         {
                             let found = catalog
-                                .query(ANCESTORS, &[&table])
+                                .query(WITH_ANCESTORS, &[&table])
                                 .await
                                 .map_err(|e| Stop::Failed(crate::pg::describe(&e)))?
                                 .iter()
-                                .map(|row| row.get::<_, u32>(0))
+                                .map(|row| {
+                                    super::catalog::table_key(
+                                        &row.get::<_, String>(0),
+                                        &row.get::<_, String>(1),
+                                    )
+                                })
                                 .collect();
                             entry.insert(found);
                         }
-                        tables.extend(ancestors.get(&table).into_iter().flatten().copied());
+                        tables.extend(ancestors.get(&table).into_iter().flatten().cloned());
                     }
                     let schema = std::mem::take(&mut tx.schema_changed);
                     if schema {
@@ -234,7 +251,7 @@ async fn consume(cache: &Cache, endpoint: &Endpoint) -> Result<(), Stop> {
                             .schema_changes
                             .fetch_add(1, Ordering::Relaxed);
                     }
-                    bump(cache, &tables, schema, commit_end).await;
+                    bump(cache, side, &tables, schema, commit_end).await;
                     cache
                         .invalidator
                         .transactions
@@ -297,18 +314,18 @@ fn on_message(tx: &mut Transaction, mut m: &[u8], prefix: &str) -> Option<u64> {
 /// Bumps the versions (and the schema epoch) and records the position, in one MULTI; retried
 /// until Redis takes it: the position is never recorded, nor confirmed to the slot, before
 /// the versions it covers are bumped.
-async fn bump(cache: &Cache, tables: &BTreeSet<u32>, schema: bool, position: u64) {
+async fn bump(cache: &Cache, side: Side, tables: &BTreeSet<String>, schema: bool, position: u64) {
     tracing::debug!(?tables, schema, position, "cache invalidator: bump");
     let mut pipe = redis::pipe();
     pipe.atomic();
-    for &table in tables {
+    for table in tables {
         pipe.cmd("INCR").arg(cache.version_key(table)).ignore();
     }
     if schema {
         pipe.cmd("INCR").arg(cache.schema_key()).ignore();
     }
     pipe.cmd("SET")
-        .arg(cache.position_key())
+        .arg(cache.position_key(side))
         .arg(position)
         .ignore();
     let main = cache.redis.len().saturating_sub(1);
@@ -333,8 +350,8 @@ async fn bump(cache: &Cache, tables: &BTreeSet<u32>, schema: bool, position: u64
 }
 
 /// Records a position with nothing to bump (a keepalive's).
-async fn record(cache: &Cache, position: u64) {
-    bump(cache, &BTreeSet::new(), false, position).await;
+async fn record(cache: &Cache, side: Side, position: u64) {
+    bump(cache, side, &BTreeSet::new(), false, position).await;
 }
 
 /// A Standby Status Update: `position` written, flushed and applied.

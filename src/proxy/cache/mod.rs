@@ -29,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 
+use crate::pg::Side;
 use crate::plan::{CacheSettings, Endpoint, Plan};
 
 /// The `application_name` of the cache's own connections: the cutover's fence spares them.
@@ -79,8 +80,8 @@ enum Decision {
     /// Being decided: the statement goes to the database meanwhile.
     Pending,
     Cacheable {
-        /// Tables whose versions gate its answers.
-        tables: Arc<[u32]>,
+        /// Tables whose versions gate its answers ([`catalog::table_key`]).
+        tables: Arc<[String]>,
         /// The schema epoch it was decided in.
         schema: String,
         at: Instant,
@@ -247,7 +248,7 @@ impl Cache {
         format!("{}{rest}", self.prefix)
     }
 
-    fn version_key(&self, table: u32) -> String {
+    fn version_key(&self, table: &str) -> String {
         self.key(&format!("v:{table}"))
     }
 
@@ -255,8 +256,10 @@ impl Cache {
         self.key("schema")
     }
 
-    fn position_key(&self) -> String {
-        self.key("pos")
+    /// The position processed on `side`'s server: positions of the two servers are never
+    /// compared.
+    fn position_key(&self, side: Side) -> String {
+        self.key(&format!("pos:{side}"))
     }
 
     /// Whether Redis may be asked now (the breaker is closed).
@@ -328,9 +331,10 @@ impl Cache {
     }
 
     /// Looks `sql` up for a session of `role` with client settings `settings`, whose last
-    /// write committed at `own_write` (0: none).
+    /// write committed at `own_write` (0: none) on `side`, the server transactions go to now.
     pub async fn lookup(
         &self,
+        side: Side,
         shard: usize,
         sql: &str,
         role: &Arc<str>,
@@ -344,12 +348,12 @@ impl Cache {
                 return Lookup::Bypass;
             }
         };
-        let Some(required) = self.freshness.required() else {
+        let Some(required) = self.freshness.required(side) else {
             self.stats.bypass(Bypass::NoPositionSample);
             return Lookup::Bypass;
         };
-        let mut keys = vec![self.position_key(), self.schema_key()];
-        keys.extend(tables.iter().map(|&t| self.version_key(t)));
+        let mut keys = vec![self.position_key(side), self.schema_key()];
+        keys.extend(tables.iter().map(|t| self.version_key(t)));
         let Some(values) = self
             .call::<Vec<Option<String>>>(shard, "MGET", redis::cmd("MGET").arg(&keys))
             .await
@@ -488,7 +492,7 @@ impl Cache {
         sql: &str,
         role: &Arc<str>,
         settings: &BTreeMap<String, String>,
-    ) -> Result<(Arc<[u32]>, String), Bypass> {
+    ) -> Result<(Arc<[String]>, String), Bypass> {
         let search_path = settings.get("search_path").map(|s| Arc::from(s.as_str()));
         let key: DecisionKey = (Arc::from(sql), role.clone(), search_path);
         let mut decisions = lock(&self.decisions);
@@ -519,7 +523,7 @@ impl Cache {
 
     /// Decides the statements sessions ask about, one at a time, on a catalog connection to
     /// the primary `endpoint` as the invalidator's role (reconnected when it breaks).
-    pub async fn decide_asked(self: Arc<Self>, primary: impl Fn() -> Endpoint) {
+    pub async fn decide_asked(self: Arc<Self>, primary: impl Fn() -> (Side, Endpoint)) {
         let Some(mut asked) = lock(&self.asked).take() else {
             return;
         };
@@ -530,7 +534,7 @@ impl Cache {
                 Err(reason) => Some(Err::<(), _>(reason)),
                 Ok(shape) => {
                     if client.as_ref().is_none_or(|c| c.is_closed()) {
-                        client = connect(&primary(), &self.settings)
+                        client = connect(&primary().1, &self.settings)
                             .await
                             .map_err(|e| {
                                 tracing::warn!("the cache cannot reach the primary's catalog: {e}");
@@ -660,7 +664,7 @@ impl Cache {
             "too_large": count(&self.stats.too_large),
             "redis_errors": count(&self.stats.redis_errors),
             "bypassed": self.stats.bypassed(),
-            "required_position": self.freshness.required(),
+            "required_position": self.freshness.required_any(),
             "invalidator": {
                 "state": self.invalidator.state(),
                 "processed": count(&self.invalidator.processed),

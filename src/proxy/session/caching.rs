@@ -55,6 +55,7 @@ impl Session {
         let sql = sql.trim_end_matches('\0');
         match cache
             .lookup(
+                self.route().side(),
                 self.shard,
                 sql,
                 &self.user,
