@@ -23,8 +23,11 @@ pub struct Freshness {
     max_staleness: Duration,
     /// The server sampled, and its samples (when, position), oldest first; none older than
     /// `max_staleness` plus one sample.
-    samples: Mutex<(Option<Side>, VecDeque<(Instant, u64)>)>,
+    samples: Mutex<Samples>,
 }
+
+/// The server sampled, and (when, position) samples of it, oldest first.
+type Samples = (Option<Side>, VecDeque<(Instant, u64)>);
 
 impl Freshness {
     pub fn new(max_staleness: Duration) -> Freshness {
