@@ -111,6 +111,15 @@ pub async fn run(
             .left_behind
             .push(format!("slot and publication {name} on the source: {e}")),
     }
+    if plan.proxy.cache.is_some() {
+        for side in [Side::Source, Side::Target] {
+            if let Err(e) = crate::proxy::cache::setup::drop(plan, side).await {
+                report.left_behind.push(format!(
+                    "the read cache's slot, publication and event trigger on the {side}: {e}"
+                ));
+            }
+        }
+    }
     match &target {
         Ok(target) => {
             report.record(

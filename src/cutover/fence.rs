@@ -44,6 +44,11 @@ pub async fn read_grants(server: &Server, tables: &[TableName]) -> Result<Vec<Gr
         .collect())
 }
 
+/// Tells the proxies' read cache (its event trigger) that this transaction's GRANTs and
+/// REVOKEs are of write privileges only: no answer a reader gets changes, so its cached
+/// answers stay valid through the fence (the cache stays warm across the cutover).
+const WRITE_GRANTS_ONLY: &str = "PERFORM set_config('switchyard.write_grants_only', 'on', true);";
+
 /// One `REVOKE` of every write privilege on `tables` from every grantee in `grants` (a table
 /// REVOKE takes the column grants with it).
 pub fn revoke_sql(tables: &[TableName], grants: &[Grant]) -> Option<String> {
@@ -70,7 +75,7 @@ pub fn before_deadline(statement: &str, deadline: &str) -> String {
         crate::pg::sql::literal(deadline)
     );
     format!(
-        "DO $switchyard$\nBEGIN\n  {check}\n  EXECUTE {};\n  {check}\nEND\n$switchyard$",
+        "DO $switchyard$\nBEGIN\n  {check}\n  {WRITE_GRANTS_ONLY}\n  EXECUTE {};\n  {check}\nEND\n$switchyard$",
         crate::pg::sql::literal(statement)
     )
 }
@@ -88,7 +93,7 @@ pub fn restore_sql(grants: &[Grant]) -> String {
         })
         .collect();
     format!(
-        "DO $switchyard$\nBEGIN\n{}\nEND\n$switchyard$",
+        "DO $switchyard$\nBEGIN\n  {WRITE_GRANTS_ONLY}\n{}\nEND\n$switchyard$",
         each.join("\n")
     )
 }
@@ -154,11 +159,14 @@ pub async fn restore(server: &Server, grants: &[Grant]) -> Result<(), PgError> {
 /// of the proxies (`proxy_pids`, as the paused proxies listed them: no connection opens while
 /// they are paused), all at once, then waits until they are gone. Other sessions of the
 /// coordinator's role go too: a superuser's batch job could write past the fence.
-/// Replication connections (WAL senders, apply workers) are never touched. Returns how many
-/// were ended.
+/// Replication connections (WAL senders, apply workers) are never touched, nor the proxies'
+/// read cache's own sessions (`cache_role` connected as `switchyard-cache`: it only reads,
+/// and after the switch it reads the old primary's stream to its end). Returns how many were
+/// ended.
 pub async fn end_sessions(
     server: &Server,
     proxy_pids: &[i32],
+    cache_role: Option<&str>,
     deadline: &str,
     timeout: Duration,
 ) -> Result<usize, PgError> {
@@ -172,10 +180,11 @@ pub async fn end_sessions(
                   WHERE datname = current_database() AND backend_type = 'client backend'
                     AND pid <> pg_backend_pid()
                     AND NOT (pid = ANY($1) AND state = 'idle')
+                    AND NOT (usename = $3 AND application_name = 'switchyard-cache')
                     -- Not once the pause's budget is spent (see before_deadline).
                     AND clock_timestamp() <= $2::text::timestamptz)
              SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
-            &[&proxy_pids, &deadline],
+            &[&proxy_pids, &deadline, &cache_role.unwrap_or("")],
         )
         .await?;
     let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();

@@ -1,6 +1,8 @@
 //! `[proxy.cache]`: the proxy's Redis read cache, against a real PostgreSQL 15 and a real
 //! `redis-server`: hits, and that no answer is ever served stale past what the design allows.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -78,6 +80,19 @@ impl Cached {
         serde_json::from_str(&body).expect("/cache JSON")
     }
 
+    /// `/cache` with only the decisions about SELECTs, for a failure's message.
+    async fn counters(&self) -> serde_json::Value {
+        let mut report = self.report().await;
+        if let Some(decisions) = report.get_mut("decisions").and_then(|d| d.as_array_mut()) {
+            decisions.retain(|d| {
+                d["statement"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("SELECT"))
+            });
+        }
+        report
+    }
+
     async fn hits(&self) -> u64 {
         self.report().await["hits"].as_u64().unwrap_or(0)
     }
@@ -113,7 +128,7 @@ impl Cached {
             assert!(
                 Instant::now() < deadline,
                 "{sql} was never served from the cache: {}",
-                self.report().await
+                self.counters().await
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -483,4 +498,212 @@ async fn versions_lost_from_redis_never_serve_an_old_answer() {
         .unwrap();
     matches_direct_within_a_second(&cached, &client, read).await;
     assert_eq!(cached.warm(&client, read).await, one("after flushall"));
+}
+
+#[tokio::test]
+async fn a_second_proxy_takes_over_the_invalidation_when_the_first_dies() {
+    let mut first = Cached::start(
+        "cache_failover",
+        ITEMS,
+        "ttl = \"1h\"\nmax_staleness = \"1h\"",
+    )
+    .await;
+    // A second proxy of the same plan: same Redis, same slot.
+    let plan_text = std::fs::read_to_string(&first.proxy.plan).expect("read the plan");
+    let cache_section = plan_text
+        .split("[proxy.cache]")
+        .nth(1)
+        .and_then(|rest| rest.split("[[proxy.users]]").next())
+        .expect("the cache section");
+    let second = Proxy::start_for(
+        &first.db,
+        &first.db.plan_text(""),
+        "transaction",
+        4,
+        &format!("\n[proxy.cache]{cache_section}"),
+        &[(first.proxy.user.as_str(), first.proxy.password.as_str())],
+    )
+    .await;
+    let state = |report: &serde_json::Value| {
+        report["invalidator"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = second.admin("GET", "/cache", None, "").await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if state(&report).starts_with("stand-by") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second proxy did not stand by: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state(&first.report().await).starts_with("consuming"));
+
+    let client = second.client().await;
+    let direct = first.db.source_client().await;
+    let read = "SELECT v FROM items WHERE id = 4";
+    // The first proxy dies: the second consumes within a few seconds, and what is written
+    // meanwhile is not lost (the slot kept it).
+    let _ = first.proxy.child.kill();
+    let _ = first.proxy.child.wait();
+    direct
+        .batch_execute("UPDATE items SET v = 'while nobody consumed' WHERE id = 4")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = second.admin("GET", "/cache", None, "").await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if state(&report).starts_with("consuming") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second proxy did not take over: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows(&client, read).await, one("while nobody consumed"));
+    let before = second_hits(&second).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second_hits(&second).await == before {
+        assert_eq!(rows(&client, read).await, one("while nobody consumed"));
+        assert!(
+            Instant::now() < deadline,
+            "the second proxy never served from the cache"
+        );
+    }
+    direct
+        .batch_execute("UPDATE items SET v = 'after the takeover' WHERE id = 4")
+        .await
+        .unwrap();
+    fresh_within(
+        &client,
+        read,
+        &one("after the takeover"),
+        Duration::from_secs(1),
+    )
+    .await;
+    first.redis.cli(&["PING"]);
+}
+
+async fn second_hits(proxy: &Proxy) -> u64 {
+    let (_, body) = proxy.admin("GET", "/cache", None, "").await;
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    report["hits"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_cutover_under_load_keeps_the_cache_warm_and_loses_nothing() {
+    use crate::cutover::{assert_holds_exactly, coordinator, Load, CUTOVER, PROXY, SCHEMA};
+    let db = TestDb::new("cache_cutover").await;
+    let source = db.source_client().await;
+    source.batch_execute(SCHEMA).await.expect("schema");
+    let redis = Redis::start();
+    let extra = format!(
+        "{PROXY}\n[proxy.cache]\nredis_url = \"{}\"\nreplication_user = \"cache_cutover_cache\"\n\
+         replication_password_env = \"TEST_APP_PASSWORD\"\nttl = \"1h\"\nredis_timeout = \"100ms\"\n",
+        redis.url()
+    );
+    let plan = db.plan_text(CUTOVER);
+    let proxy = Proxy::start_with(&db, &source, &plan, "transaction", 8, &extra).await;
+    let output = coordinator(&db, &proxy.plan, &["sync", "--wait", "--timeout", "120s"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        crate::common::text(&output)
+    );
+    let output = coordinator(&db, &proxy.plan, &["validate"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        crate::common::text(&output)
+    );
+    let cached = Cached { db, redis, proxy };
+    cached.setup();
+    cached.wait_consuming().await;
+
+    let reader = cached.proxy.client().await;
+    // The load writes accounts and events, never notes: its answers stay valid throughout.
+    let read = "SELECT count(*) FROM notes";
+    cached.warm(&reader, read).await;
+    let stored_before = cached.report().await["stored"].as_u64().unwrap_or(0);
+
+    let load = Load::start(&cached.proxy.url()).await;
+    load.run_for(100).await;
+    let reads = {
+        let url = cached.proxy.url();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            let mut n = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                let got = rows(&client, "SELECT count(*) FROM notes").await;
+                assert_eq!(got, one("0"));
+                n += 1;
+            }
+            n
+        });
+        (stop, task)
+    };
+    let output = coordinator(&cached.db, &cached.proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        crate::common::text(&output)
+    );
+    // After the switch the cache serves again, from the entry stored before it: warm.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let hits = cached.hits().await;
+    loop {
+        rows(&reader, read).await;
+        if cached.hits().await > hits + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no hit after the cutover: {}",
+            cached.counters().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    load.run_for(100).await;
+    reads.0.store(true, Ordering::Relaxed);
+    let reads = reads
+        .1
+        .await
+        .expect("the reader saw no error and no wrong answer");
+    assert!(reads > 20, "{reads}");
+    let (acked, errors) = load.stop().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let target = cached.db.target_client().await;
+    assert_holds_exactly(&target, &acked, "target").await;
+    let report = cached.report().await;
+    assert_eq!(
+        report["stored"].as_u64().unwrap_or(0),
+        stored_before,
+        "the cache was filled again after the cutover instead of staying warm: {report}"
+    );
+    // Writes on the new primary invalidate.
+    cached
+        .proxy
+        .client()
+        .await
+        .batch_execute("INSERT INTO notes (body) VALUES ('on the target')")
+        .await
+        .unwrap();
+    fresh_within(&reader, read, &one("1"), Duration::from_secs(1)).await;
 }

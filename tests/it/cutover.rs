@@ -16,11 +16,11 @@ use crate::proxy::TOKEN;
 pub(crate) const CLIENTS: i32 = 16;
 
 /// The cutover settings of these tests: short, and nested as the gate wants.
-const CUTOVER: &str = "[cutover]\ndrain_timeout = \"1s\"\ncatchup_timeout = \"2s\"\n";
+pub(crate) const CUTOVER: &str = "[cutover]\ndrain_timeout = \"1s\"\ncatchup_timeout = \"2s\"\n";
 // Two workers whatever the machine has (one per core is the default): a pool split between them.
-const PROXY: &str = "max_pause = \"5s\"\nquery_wait_timeout = \"20s\"\nworkers = 2";
+pub(crate) const PROXY: &str = "max_pause = \"5s\"\nquery_wait_timeout = \"20s\"\nworkers = 2";
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
     CREATE TABLE accounts (id int PRIMARY KEY, counter bigint NOT NULL DEFAULT 0);
     INSERT INTO accounts SELECT g FROM generate_series(1, 32) g;
     CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -51,6 +51,8 @@ pub(crate) fn coordinator(db: &TestDb, plan: &Path, args: &[&str]) -> std::proce
     all.extend_from_slice(&args[1..]);
     db.command(&all)
         .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        // The read cache's role's password (tests/it/cache.rs), for its setup at a cutover.
+        .env("TEST_APP_PASSWORD", "app-secret")
         .output()
         .expect("run switchyard")
 }

@@ -85,6 +85,20 @@ pub(super) async fn finalize_steps(
             "set the target's max_sync_workers_per_subscription back to {original}"
         ));
     }
+    if plan.proxy.cache.is_some() {
+        // The proxies' read cache ends with the migration: its slots, publications and event
+        // triggers go from both servers (the running consumer is ended).
+        for side in [Side::Source, Side::Target] {
+            let done = crate::proxy::cache::setup::drop(plan, side)
+                .await
+                .map_err(|e| {
+                    PgError::Tool(format!("drop the read cache's objects on the {side}: {e}"))
+                })?;
+            report
+                .done
+                .push(format!("read cache on the {side}: {}", done.join("; ")));
+        }
+    }
     // Last, so that a run stopped before it still finds the fence recorded.
     if let Some(fence) = state.fence(Side::Source).cloned() {
         if unfence {

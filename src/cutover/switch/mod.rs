@@ -304,6 +304,25 @@ impl<'a> Checked<'a> {
                 )
                 .await?;
         }
+        if self.plan.proxy.cache.is_some() {
+            // The proxies' read cache moves to the new primary at the switch: its slot there
+            // must exist before the commit point, so that every write after it is seen. Made
+            // here, outside the pause (creating a slot waits for open transactions).
+            let (plan, to) = (self.plan, direction.to());
+            steps
+                .run(
+                    &format!(
+                        "create the read cache's publication, slot and event trigger on the {to}"
+                    ),
+                    async {
+                        crate::proxy::cache::setup::setup(plan, to)
+                            .await
+                            .map(|report| ((), report.done.join("; ")))
+                            .map_err(|e| PgError::Tool(e.to_string()))
+                    },
+                )
+                .await?;
+        }
         let (server, feeding) = self.feeding();
         steps
             .run(
@@ -419,7 +438,9 @@ impl<'a> Checked<'a> {
                         leaks.join(", ")
                     )));
                 }
-                let ended = fence::end_sessions(server, &proxy_pids, &deadline, timeout).await?;
+                let cache_role = self.plan.proxy.cache.as_ref().map(|c| c.replication_user.as_str());
+                let ended =
+                    fence::end_sessions(server, &proxy_pids, cache_role, &deadline, timeout).await?;
                 Ok::<_, PgError>((
                     (),
                     format!(
@@ -570,6 +591,17 @@ impl<'a> Checked<'a> {
                     })
                     .await?;
                 self.state.created.reverse = None;
+            }
+        }
+        if self.plan.proxy.cache.is_some() {
+            // The old primary's cache slot would only retain WAL there; a rollback makes it
+            // again. Not fatal: the cache no longer reads it.
+            let from = direction.from();
+            match crate::proxy::cache::setup::drop(self.plan, from).await {
+                Ok(done) => tracing::info!("read cache on the {from}: {}", done.join("; ")),
+                Err(e) => tracing::warn!(
+                    "could not drop the read cache's slot on the {from} ({e}): run `switchyard cache drop` once the migration is over"
+                ),
             }
         }
         self.store.save(&mut self.state)?;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -29,6 +29,10 @@ use crate::proxy::protocol::{body, frontend, tag};
 /// cached table, which is what lets a read right after another session's (or this one's)
 /// unrelated write be served.
 const STATUS_EVERY: Duration = Duration::from_millis(10);
+
+/// How long the invalidator keeps reading the old primary's stream after a switch, to the
+/// position where it ended; past it every answer is invalidated instead.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 /// How long a stand-by waits before trying the slot again.
 const STAND_BY: Duration = Duration::from_secs(1);
@@ -169,6 +173,7 @@ async fn consume(
     let mut tx = Transaction::default();
     let mut processed = 0u64;
     let mut recorded = 0u64;
+    let mut drain_until: Option<(u64, Instant)> = None;
     let mut every = tokio::time::interval(STATUS_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -176,8 +181,29 @@ async fn consume(
             frame = conn.recv() => frame?,
             _ = every.tick() => {
                 if primary().0 != side {
-                    tracing::info!("cache invalidator: the primary changed; moving to its slot");
-                    return Ok(());
+                    // A switch. The old primary is fenced: its stream ends at its current
+                    // position. Everything up to it is processed before the new primary's
+                    // slot is read, so no write of the old primary is left unbumped.
+                    match drain_until {
+                        None => {
+                            drain_until = Some(match catalog.query_one(super::freshness::INSERT_POSITION, &[]).await {
+                                Ok(row) => (row.get::<_, i64>(0) as u64, Instant::now()),
+                                Err(e) => {
+                                    invalidate_all(cache, side, &format!("the old primary cannot be read ({e})")).await;
+                                    return Ok(());
+                                }
+                            });
+                        }
+                        Some((end, _)) if processed >= end && !tx.open => {
+                            tracing::info!("cache invalidator: the old primary's stream is processed; moving to the new primary's slot");
+                            return Ok(());
+                        }
+                        Some((_, since)) if since.elapsed() > DRAIN_FOR => {
+                            invalidate_all(cache, side, "its stream was not processed in time").await;
+                            return Ok(());
+                        }
+                        Some(_) => {}
+                    }
                 }
                 if processed > recorded {
                     record(cache, side, processed).await;
@@ -324,10 +350,12 @@ async fn bump(cache: &Cache, side: Side, tables: &BTreeSet<String>, schema: bool
     if schema {
         pipe.cmd("INCR").arg(cache.schema_key()).ignore();
     }
-    pipe.cmd("SET")
-        .arg(cache.position_key(side))
-        .arg(position)
-        .ignore();
+    if position > 0 {
+        pipe.cmd("SET")
+            .arg(cache.position_key(side))
+            .arg(position)
+            .ignore();
+    }
     let main = cache.redis.len().saturating_sub(1);
     let Some(conn) = cache.redis.get(main) else {
         return;
@@ -347,6 +375,13 @@ async fn bump(cache: &Cache, side: Side, tables: &BTreeSet<String>, schema: bool
         .invalidator
         .processed
         .store(position, Ordering::Relaxed);
+}
+
+/// The old primary's stream could not be read to its end after a switch: every answer is
+/// invalidated (the schema epoch is part of every key).
+async fn invalidate_all(cache: &Cache, side: Side, why: &str) {
+    tracing::warn!("cache invalidator: after the switch, the {side}'s stream was not read to its end ({why}): every cached answer is invalidated");
+    bump(cache, side, &BTreeSet::new(), true, 0).await;
 }
 
 /// Records a position with nothing to bump (a keepalive's).

@@ -100,8 +100,9 @@ pub enum Lookup {
     Hit(Bytes),
     /// Not in the cache: run it, and store the answer under this key ([`Fill`]).
     Miss(Fill),
-    /// Not from the cache this time.
-    Bypass,
+    /// Not from the cache this time. `read_only`: the statement is a proven cacheable read
+    /// (it cannot write, so no commit position is asked after it).
+    Bypass { read_only: bool },
 }
 
 /// An answer being collected on its way to the client, stored when complete.
@@ -345,12 +346,12 @@ impl Cache {
             Ok(found) => found,
             Err(why) => {
                 self.stats.bypass(why);
-                return Lookup::Bypass;
+                return Lookup::Bypass { read_only: false };
             }
         };
         let Some(required) = self.freshness.required(side) else {
             self.stats.bypass(Bypass::NoPositionSample);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         };
         let mut keys = vec![self.position_key(side), self.schema_key()];
         keys.extend(tables.iter().map(|t| self.version_key(t)));
@@ -359,7 +360,7 @@ impl Cache {
             .await
         else {
             self.stats.bypass(Bypass::RedisUnavailable);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         };
         let processed = values
             .first()
@@ -368,7 +369,7 @@ impl Cache {
             .and_then(|p| p.parse::<u64>().ok());
         let Some(processed) = processed else {
             self.stats.bypass(Bypass::InvalidatorBehind);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         };
         if processed < own_write {
             tracing::trace!(
@@ -377,11 +378,11 @@ impl Cache {
                 "cache: the session's own write is not processed yet"
             );
             self.stats.bypass(Bypass::OwnWrite);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         }
         if processed < required {
             self.stats.bypass(Bypass::InvalidatorBehind);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         }
         // A missing version is "unknown", never 0: seeded anew at random, so that no answer
         // stored before it went missing can be found under the new one.
@@ -401,14 +402,14 @@ impl Cache {
         }
         if unknown {
             self.stats.bypass(Bypass::VersionUnknown);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         }
         let epoch = values.get(1).cloned().flatten().unwrap_or_default();
         if epoch != *schema {
             // Decided before a schema change: decided again.
             lock(&self.decisions).clear();
             self.stats.bypass(Bypass::SchemaChanged);
-            return Lookup::Bypass;
+            return Lookup::Bypass { read_only: true };
         }
         let key = self.entry_key(sql, role, settings, &values[1..]);
         match self
@@ -429,7 +430,7 @@ impl Cache {
             }
             None => {
                 self.stats.bypass(Bypass::RedisUnavailable);
-                Lookup::Bypass
+                Lookup::Bypass { read_only: true }
             }
         }
     }
@@ -527,22 +528,28 @@ impl Cache {
         let Some(mut asked) = lock(&self.asked).take() else {
             return;
         };
-        let mut client: Option<tokio_postgres::Client> = None;
+        // The catalog of the primary, reconnected when the primary changes (a switch).
+        let mut client: Option<(Side, tokio_postgres::Client)> = None;
         while let Some(ask) = asked.recv().await {
             let (sql, role, search_path) = &ask.key;
             let decided = match analyze::analyze(sql, ask.standard_conforming_strings) {
                 Err(reason) => Some(Err::<(), _>(reason)),
                 Ok(shape) => {
-                    if client.as_ref().is_none_or(|c| c.is_closed()) {
-                        client = connect(&primary().1, &self.settings)
+                    let (side, endpoint) = primary();
+                    if client
+                        .as_ref()
+                        .is_none_or(|(on, c)| *on != side || c.is_closed())
+                    {
+                        client = connect(&endpoint, &self.settings)
                             .await
                             .map_err(|e| {
                                 tracing::warn!("the cache cannot reach the primary's catalog: {e}");
                             })
-                            .ok();
+                            .ok()
+                            .map(|c| (side, c));
                     }
                     let schema = self.schema_epoch().await;
-                    match (client.as_mut(), schema) {
+                    match (client.as_mut().map(|(_, c)| c), schema) {
                         (Some(c), Some(schema)) => {
                             let asker = catalog::Asker {
                                 role,
@@ -640,7 +647,7 @@ impl Cache {
     pub fn report(&self) -> serde_json::Value {
         let decisions: Vec<serde_json::Value> = lock(&self.decisions)
             .iter()
-            .take(200)
+            .take(50)
             .map(|((sql, role, search_path), decision)| {
                 let (cacheable, reason) = match decision {
                     Decision::Pending => (false, Some("being decided".to_string())),

@@ -44,6 +44,12 @@ fn cache_settings(plan: &Plan) -> Result<&CacheSettings, Error> {
 }
 
 /// Makes (or brings in step) the cache's objects on `side`'s server.
+///
+/// The event trigger leaves out what cannot change an answer: subscription commands (the
+/// cutover's own), and the fence's GRANTs and REVOKEs of write privileges (flagged by
+/// `switchyard.write_grants_only` in their transaction), so that the cache stays warm across
+/// a cutover. Any other DDL, and any GRANT or REVOKE an application makes, bumps the schema
+/// epoch.
 pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
     let settings = cache_settings(plan)?;
     let names = Names::of(plan);
@@ -175,7 +181,11 @@ pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
             "create the cache's event trigger function",
             &format!(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS event_trigger LANGUAGE plpgsql AS \
-                 $switchyard$ BEGIN PERFORM pg_logical_emit_message(true, {}, tg_tag); END $switchyard$",
+                 $switchyard$ BEGIN \
+                   IF tg_tag IN ('GRANT', 'REVOKE') \
+                      AND current_setting('switchyard.write_grants_only', true) = 'on' THEN RETURN; END IF; \
+                   IF tg_tag LIKE '% SUBSCRIPTION' THEN RETURN; END IF; \
+                   PERFORM pg_logical_emit_message(true, {}, tg_tag); END $switchyard$",
                 quote_literal(&names.message_prefix)
             ),
         )

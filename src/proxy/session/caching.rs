@@ -14,9 +14,11 @@ const COMMIT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_l
 pub(super) struct Caching {
     /// The answer of a miss being collected, stored at its ReadyForQuery.
     pub(super) fill: Option<Fill>,
-    /// The session's last write transaction committed at this position: the cache serves
-    /// the session only once the invalidator has processed it.
-    pub(super) own_write: u64,
+    /// The session's last write transaction committed at this position of this server: the
+    /// cache serves the session only once the invalidator has processed it. (A position of
+    /// the old primary after a switch is processed by then: the invalidator reads the old
+    /// primary's stream to its end before the new one's.)
+    pub(super) own_write: Option<(Side, u64)>,
     /// The transaction running may write (anything but a cacheable read): its commit
     /// position is asked before the connection goes back.
     pub(super) may_write: bool,
@@ -53,14 +55,26 @@ impl Session {
             return Served::Forward;
         };
         let sql = sql.trim_end_matches('\0');
+        // Only a SELECT (or WITH ... SELECT) can be cached: anything else is not even
+        // decided (each distinct write would take a decision and a place in the map).
+        if !inspect::starts_with_keyword(sql, "SELECT")
+            && !inspect::starts_with_keyword(sql, "WITH")
+        {
+            return Served::Forward;
+        }
+        let side = self.route().side();
+        let own_write = match self.caching.own_write {
+            Some((on, position)) if on == side => position,
+            _ => 0,
+        };
         match cache
             .lookup(
-                self.route().side(),
+                side,
                 self.shard,
                 sql,
                 &self.user,
                 &self.settings.wanted,
-                self.caching.own_write,
+                own_write,
             )
             .await
         {
@@ -84,7 +98,14 @@ impl Session {
                 self.caching.may_write = false;
                 Served::Forward
             }
-            Lookup::Bypass => Served::Forward,
+            Lookup::Bypass { read_only } => {
+                // A proven read cannot write: no commit position to ask after it (a read that
+                // asked would chase the position of every other session's writes).
+                if read_only {
+                    self.caching.may_write = false;
+                }
+                Served::Forward
+            }
         }
     }
 
@@ -169,7 +190,14 @@ impl Session {
             }
         }
         match position {
-            Some(position) => self.caching.own_write = self.caching.own_write.max(position),
+            Some(position) => {
+                let side = self.server_side;
+                let before = match self.caching.own_write {
+                    Some((on, before)) if on == side => before,
+                    _ => 0,
+                };
+                self.caching.own_write = Some((side, before.max(position)));
+            }
             // Not known (not reached: the query is the server's own function): the staleness
             // bound still holds for the session.
             None => {
