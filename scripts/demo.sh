@@ -36,6 +36,11 @@ psql -q -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" \
   -c "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app"
 PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
+# The proxy's read cache: a Redis of the demo's own.
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no > "$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+export CACHE_PASSWORD=demo-cache-pw
 
 cat > "$WORK/shop.toml" <<PLAN
 name = "shop"
@@ -48,6 +53,10 @@ tables = ["public.*"]
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 admin_listen = "127.0.0.1:$ADMIN_PORT"
+[proxy.cache]
+redis_url = "redis://127.0.0.1:$REDIS_PORT/"
+replication_user = "switchyard_cache"
+replication_password_env = "CACHE_PASSWORD"
 [[proxy.users]]
 name = "app"
 password_env = "APP_PASSWORD"
@@ -74,15 +83,32 @@ psql -q "postgres://postgres@127.0.0.1:$TARGET_PORT/shop" -c "UPDATE orders SET 
 step "Put back, and validate again: the cutover wants a recent passing validation"
 "$SWITCHYARD" validate shop.toml
 
+step "switchyard cache setup shop.toml: the read cache's role, publication, slot and event trigger"
+"$SWITCHYARD" cache setup shop.toml
 step "switchyard proxy shop.toml: the application connects to it instead of the database"
 "$SWITCHYARD" proxy shop.toml 2> "$WORK/proxy.log" &
 PROXY_PID=$!
-trap 'kill $PROXY_PID 2>/dev/null || true; stop_servers' EXIT
+trap 'kill $PROXY_PID $REDIS_PID 2>/dev/null || true; stop_servers' EXIT
 APP_URL="postgres://app:$APP_PASSWORD@127.0.0.1:$PROXY_PORT/shop"
 for _ in $(seq 1 100); do
   psql -At "$APP_URL" -c "SELECT 'the proxy answers as ' || current_user || ', on the source'" 2>/dev/null && break
   sleep 0.1
 done
+
+step "The read cache: a read, the same read again (from Redis), a write, the read again (fresh)"
+cache_hits() { curl -s "127.0.0.1:$ADMIN_PORT/cache" | python3 -c 'import json, sys; print(json.load(sys.stdin)["hits"])'; }
+READ="SELECT name FROM customers WHERE id = 1"
+for _ in $(seq 1 50); do  # the first sight of a statement is decided while it runs on the database
+  curl -s "127.0.0.1:$ADMIN_PORT/cache" | grep -q '"consuming' && [ "$(cache_hits)" -gt 0 ] && break
+  psql -At "$APP_URL" -c "$READ" >/dev/null; sleep 0.1
+done
+echo "read: $(psql -At "$APP_URL" -c "$READ")   (cache hits so far: $(cache_hits))"
+echo "read: $(psql -At "$APP_URL" -c "$READ")   (cache hits so far: $(cache_hits))"
+# One session: its own write is never answered from before it (read-your-writes).
+echo "after an UPDATE through the proxy, the same session reads: $(psql -qAt "$APP_URL" -c "UPDATE customers SET name = 'renamed through the proxy' WHERE id = 1" -c "$READ")"
+psql -q "postgres://postgres@127.0.0.1:$SOURCE_PORT/shop" -c "UPDATE customers SET name = 'renamed on the source directly' WHERE id = 1"
+sleep 0.2
+echo "after an UPDATE straight on the source, read: $(psql -At "$APP_URL" -c "$READ")"
 echo "INSERT INTO customers (name) VALUES ('written through the proxy');" > "$WORK/insert.sql"
 # Runs `switchyard <command> shop.toml --yes` while pgbench writes through the proxy, then
 # prints what pgbench saw.

@@ -34,6 +34,7 @@ command -v openssl >/dev/null || missing+=(openssl)   # certificates for the TLS
 # The proxy's read cache: Redis for its tests and demo, libclang for the pg_query crate's build
 # (bindgen), PostgreSQL's own parser.
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v curl >/dev/null || missing+=(curl)   # the demo and bench/cache.sh read /cache
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 # The proxy's driver tests (tests/it/proxy_drivers.rs).

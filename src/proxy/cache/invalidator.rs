@@ -413,3 +413,70 @@ fn pg_now() -> i64 {
         .unwrap_or_default();
     since_unix.as_micros() as i64 - (PG_EPOCH as i64) * 1_000_000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn a_transaction_gathers_its_tables_and_schema_changes_until_its_commit() {
+        let mut tx = Transaction::default();
+        assert_eq!(on_message(&mut tx, &message(b'B', &[0; 20]), "p"), None);
+        assert!(tx.open);
+        // Relation messages carry no change.
+        on_message(&mut tx, &message(b'R', &[0, 0, 0, 9, b'x', 0]), "p");
+        on_message(&mut tx, &message(b'I', &[0, 0, 0, 7, b'N']), "p");
+        on_message(&mut tx, &message(b'U', &[0, 0, 0, 8, b'N']), "p");
+        on_message(&mut tx, &message(b'D', &[0, 0, 0, 7, b'K']), "p");
+        // TRUNCATE of two tables.
+        on_message(
+            &mut tx,
+            &message(b'T', &[0, 0, 0, 2, 0, 0, 0, 0, 10, 0, 0, 0, 11]),
+            "p",
+        );
+        // Another prefix's message is not a schema change; ours is.
+        let mut logical = vec![1];
+        logical.extend_from_slice(&[0; 8]);
+        logical.extend_from_slice(b"other\0");
+        on_message(&mut tx, &message(b'M', &logical), "p");
+        assert!(!tx.schema_changed);
+        let mut ours = vec![1];
+        ours.extend_from_slice(&[0; 8]);
+        ours.extend_from_slice(b"p\0");
+        ours.extend_from_slice(&[0, 0, 0, 5]);
+        ours.extend_from_slice(b"ALTER");
+        on_message(&mut tx, &message(b'M', &ours), "p");
+        assert!(tx.schema_changed);
+        let mut commit = vec![0];
+        commit.extend_from_slice(&100u64.to_be_bytes());
+        commit.extend_from_slice(&164u64.to_be_bytes());
+        commit.extend_from_slice(&[0; 8]);
+        assert_eq!(on_message(&mut tx, &message(b'C', &commit), "p"), Some(164));
+        assert!(!tx.open);
+        assert_eq!(
+            tx.tables.iter().copied().collect::<Vec<_>>(),
+            vec![7, 8, 10, 11]
+        );
+    }
+
+    #[test]
+    fn a_status_update_reports_the_position_written_flushed_and_applied() {
+        let frame = status_update(0x1234, true);
+        assert_eq!(frame[0], b'd');
+        assert_eq!(u32::from_be_bytes(frame[1..5].try_into().unwrap()), 38);
+        assert_eq!(frame[5], b'r');
+        for at in [6, 14, 22] {
+            assert_eq!(
+                u64::from_be_bytes(frame[at..at + 8].try_into().unwrap()),
+                0x1234
+            );
+        }
+        assert_eq!(frame[38], 1);
+    }
+}
