@@ -94,6 +94,21 @@ enum Decision {
 
 type DecisionKey = (Arc<str>, Arc<str>, Option<Arc<str>>);
 
+/// A session's read, as the cache looks it up.
+pub struct Read<'a> {
+    /// The server transactions go to now.
+    pub side: Side,
+    pub sql: &'a str,
+    pub role: &'a Arc<str>,
+    /// The client's settings.
+    pub settings: &'a BTreeMap<String, String>,
+    /// The session's last write committed at this position of `side` (0: none).
+    pub own_write: u64,
+    /// What else the client sent that shapes the answer: the extended protocol's messages,
+    /// `Q` for a simple Query.
+    pub group: &'a [u8],
+}
+
 /// What the session does with a read.
 pub enum Lookup {
     /// The answer, as the server sent it (RowDescription, DataRows, CommandComplete).
@@ -331,17 +346,16 @@ impl Cache {
         }
     }
 
-    /// Looks `sql` up for a session of `role` with client settings `settings`, whose last
-    /// write committed at `own_write` (0: none) on `side`, the server transactions go to now.
-    pub async fn lookup(
-        &self,
-        side: Side,
-        shard: usize,
-        sql: &str,
-        role: &Arc<str>,
-        settings: &BTreeMap<String, String>,
-        own_write: u64,
-    ) -> Lookup {
+    /// Looks a session's read up (on worker `shard`'s Redis connection).
+    pub async fn lookup(&self, shard: usize, read: Read<'_>) -> Lookup {
+        let Read {
+            side,
+            sql,
+            role,
+            settings,
+            own_write,
+            group,
+        } = read;
         let (tables, schema) = match self.decision(sql, role, settings) {
             Ok(found) => found,
             Err(why) => {
@@ -411,7 +425,7 @@ impl Cache {
             self.stats.bypass(Bypass::SchemaChanged);
             return Lookup::Bypass { read_only: true };
         }
-        let key = self.entry_key(sql, role, settings, &values[1..]);
+        let key = self.entry_key(sql, role, settings, group, &values[1..]);
         match self
             .call::<Option<Vec<u8>>>(shard, "GET", redis::cmd("GET").arg(&key))
             .await
@@ -461,6 +475,7 @@ impl Cache {
         sql: &str,
         role: &str,
         settings: &BTreeMap<String, String>,
+        group: &[u8],
         versions: &[Option<String>],
     ) -> String {
         let mut hash = Sha256::new();
@@ -478,6 +493,10 @@ impl Cache {
             }
         }
         part(sql.as_bytes());
+        // The extended protocol's messages as the client sent them (parameter types, values
+        // and formats, result formats, whether it asked for a Describe); `Q` for a simple
+        // Query.
+        part(group);
         for version in versions {
             part(version.as_deref().unwrap_or("").as_bytes());
         }

@@ -3,7 +3,7 @@
 //! commit position of the session's writes (read-your-writes).
 
 use super::*;
-use crate::proxy::cache::{Fill, Lookup};
+use crate::proxy::cache::{Fill, Lookup, Read};
 
 /// `pg_current_wal_insert_lsn()` as a number, asked on the connection a write transaction
 /// ran on once it committed: at or past its commit record.
@@ -26,6 +26,9 @@ pub(super) struct Caching {
     pub(super) on: bool,
 }
 
+/// ParameterDescription: the answer to a Describe of the statement.
+const PARAMETER_DESCRIPTION: u8 = b't';
+
 /// What the cache did with a query.
 pub(super) enum Served {
     /// Answered from the cache.
@@ -37,21 +40,69 @@ pub(super) enum Served {
 }
 
 impl Session {
+    /// Nothing is pending on the session: a read may be answered without a server.
+    fn cache_may_answer(&self) -> bool {
+        self.status == IDLE
+            && self.replies.owed() == 0
+            && self.unsynced == 0
+            && self.settings.pending.is_empty()
+            && self.registry.awaited.is_empty()
+            && self.unnamed.sent.is_empty()
+            && self.unnamed.replayed.is_none()
+            && self.parked.is_none()
+    }
+
     /// A simple Query outside a transaction block, with nothing pending: answered from the
     /// cache when it can be.
     pub(super) async fn serve_from_cache(&mut self, frame: &Bytes) -> Served {
-        let Some(cache) = self.shared.cache.clone() else {
-            return Served::Forward;
-        };
-        if self.status != IDLE
-            || self.replies.owed() != 0
-            || self.unsynced != 0
-            || !self.settings.pending.is_empty()
-        {
+        if !self.cache_may_answer() {
             return Served::Forward;
         }
         let Some(sql) = frontend::query_text(frame).and_then(|t| std::str::from_utf8(t).ok())
         else {
+            return Served::Forward;
+        };
+        self.look_up(sql, b"Q", 0).await
+    }
+
+    /// An unnamed Parse outside a transaction block followed, in what the client sent with
+    /// it, by the rest of its group: Bind of the unnamed statement into the unnamed portal,
+    /// Describe of that portal (or not), Execute, Sync. Answered from the cache when it can
+    /// be, the group's other messages taken from the client's buffer.
+    pub(super) async fn serve_group_from_cache(&mut self, parse: &Bytes) -> Served {
+        if !self.cache_may_answer() {
+            return Served::Forward;
+        }
+        let Some(sql) = frontend::parse_message(parse)
+            .filter(|p| p.name.is_empty())
+            .and_then(|p| std::str::from_utf8(p.query).ok())
+        else {
+            return Served::Forward;
+        };
+        let Some(rest) = unnamed_group(self.client_r.read_buffer()) else {
+            return Served::Forward;
+        };
+        let mut group = Vec::with_capacity(parse.len() + rest);
+        group.extend_from_slice(parse);
+        group.extend_from_slice(&self.client_r.read_buffer()[..rest]);
+        let sql = sql.to_string();
+        let served = self.look_up(&sql, &group, rest).await;
+        if matches!(served, Served::Answered) {
+            // The client's unnamed statement is now this one: replayed on whichever server
+            // connection a later Bind of it runs on.
+            self.unnamed.text.clear();
+            self.unnamed.text.extend_from_slice(parse);
+            self.unnamed.here = false;
+            self.unnamed.before = None;
+            self.unnamed.sets = false;
+        }
+        served
+    }
+
+    /// Looks a read up; on a hit answers it and takes the group's `rest` bytes (the
+    /// messages after the first) from the client's buffer.
+    async fn look_up(&mut self, sql: &str, group: &[u8], rest: usize) -> Served {
+        let Some(cache) = self.shared.cache.clone() else {
             return Served::Forward;
         };
         let sql = sql.trim_end_matches('\0');
@@ -69,18 +120,22 @@ impl Session {
         };
         match cache
             .lookup(
-                side,
                 self.shard,
-                sql,
-                &self.user,
-                &self.settings.wanted,
-                own_write,
+                Read {
+                    side,
+                    sql,
+                    role: &self.user,
+                    settings: &self.settings.wanted,
+                    own_write,
+                    group,
+                },
             )
             .await
         {
             Lookup::Hit(answer) => {
                 metrics::add(&self.metrics().queries, 1);
                 metrics::add(&self.metrics().bytes_to_clients, answer.len() as u64 + 6);
+                self.client_r.read_buffer_mut().advance(rest);
                 if self.client_w.feed(answer).await.is_err()
                     || self
                         .client_w
@@ -109,6 +164,21 @@ impl Session {
         }
     }
 
+    /// A client message forwarded within the turn of a cacheable read: the turn may write
+    /// unless it only goes on with the read's own unnamed statement and portal.
+    pub(super) fn note_forwarded(&mut self, frame: &Bytes) {
+        let part_of_the_read = self.caching.fill.is_some()
+            && match tag(frame) {
+                DESCRIBE | EXECUTE | SYNC | FLUSH => true,
+                BIND => frontend::bind_statement(frame)
+                    .is_some_and(|(_, statement, _)| statement.is_empty()),
+                _ => false,
+            };
+        if !part_of_the_read {
+            self.caching.may_write = true;
+        }
+    }
+
     /// A server message while a miss's answer is collected: RowDescription, DataRows and the
     /// CommandComplete are kept; anything else (an error, a notice, a setting reported)
     /// abandons the fill. `frame` may be a run of several messages.
@@ -123,8 +193,16 @@ impl Session {
         let mut fits = true;
         while rest.len() >= 5 {
             let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize + 1;
-            if !matches!(rest[0], ROW_DESCRIPTION | DATA_ROW | COMMAND_COMPLETE) || len > rest.len()
-            {
+            let kept = matches!(
+                rest[0],
+                PARSE_COMPLETE
+                    | BIND_COMPLETE
+                    | PARAMETER_DESCRIPTION
+                    | ROW_DESCRIPTION
+                    | DATA_ROW
+                    | COMMAND_COMPLETE
+            );
+            if !kept || len > rest.len() {
                 fits = false;
                 break;
             }
@@ -150,8 +228,12 @@ impl Session {
         let Some(cache) = self.shared.cache.clone() else {
             return;
         };
-        let complete = fill.answer.first() == Some(&ROW_DESCRIPTION)
-            && backend::command_tags(&fill.answer).count() == 1;
+        // A simple Query's answer starts with its RowDescription; an unnamed group's with
+        // ParseComplete and BindComplete. Either holds one completed statement.
+        let complete = matches!(
+            fill.answer.first(),
+            Some(&ROW_DESCRIPTION) | Some(&PARSE_COMPLETE)
+        ) && backend::command_tags(&fill.answer).count() == 1;
         if status == IDLE && complete && !self.group_failed {
             let shard = self.shard;
             tokio::spawn(async move { cache.store(shard, fill).await });
@@ -220,4 +302,105 @@ fn data_row_int(frame: &[u8]) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// The length of the rest of an unnamed group at the front of `buffer` (the messages after
+/// its Parse): Bind of the unnamed statement into the unnamed portal, an optional Describe of
+/// that portal, Execute of it with no row limit, Sync. `None` for anything else, or when the
+/// client has not sent it all yet.
+fn unnamed_group(buffer: &[u8]) -> Option<usize> {
+    let mut messages = backend::messages(buffer);
+    let mut message = messages.next()?;
+    // Bind: portal "" and statement "".
+    if message[0] != BIND || !message[5..].starts_with(&[0, 0]) {
+        return None;
+    }
+    let mut len = message.len();
+    message = messages.next()?;
+    if message[0] == DESCRIBE {
+        // Of the portal (psycopg, pgjdbc) or of the statement (tokio-postgres).
+        if message[5..] != [PORTAL, 0] && message[5..] != [STATEMENT, 0] {
+            return None;
+        }
+        len += message.len();
+        message = messages.next()?;
+    }
+    // Execute of portal "" with no row limit: the whole answer.
+    if message[0] != EXECUTE || message[5..] != [0, 0, 0, 0, 0] {
+        return None;
+    }
+    len += message.len();
+    message = messages.next()?;
+    if message[0] != SYNC {
+        return None;
+    }
+    Some(len + message.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn only_a_whole_unnamed_group_is_looked_up() {
+        let bind = msg(BIND, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        let describe = msg(DESCRIBE, &[PORTAL, 0]);
+        let execute = msg(EXECUTE, &[0, 0, 0, 0, 0]);
+        let sync = msg(SYNC, &[]);
+        let group = [
+            bind.clone(),
+            describe.clone(),
+            execute.clone(),
+            sync.clone(),
+        ]
+        .concat();
+        assert_eq!(unnamed_group(&group), Some(group.len()));
+        // Without the Describe, and with more after the Sync.
+        let short = [
+            bind.clone(),
+            execute.clone(),
+            sync.clone(),
+            msg(QUERY, b"x\0"),
+        ]
+        .concat();
+        assert_eq!(
+            unnamed_group(&short),
+            Some(bind.len() + execute.len() + sync.len())
+        );
+        // Not all sent yet.
+        assert_eq!(unnamed_group(&group[..group.len() - 1]), None);
+        // A named statement, a named portal, a row limit, a Describe of the statement.
+        let named = [
+            msg(BIND, b"\0s1\0\0\0\0\0\0\0"),
+            execute.clone(),
+            sync.clone(),
+        ]
+        .concat();
+        assert_eq!(unnamed_group(&named), None);
+        let limited = [bind.clone(), msg(EXECUTE, &[0, 0, 0, 0, 10]), sync.clone()].concat();
+        assert_eq!(unnamed_group(&limited), None);
+        let statement = [
+            bind.clone(),
+            msg(DESCRIBE, &[STATEMENT, 0]),
+            execute,
+            sync.clone(),
+        ]
+        .concat();
+        assert_eq!(unnamed_group(&statement), Some(statement.len()));
+        let named_portal = [
+            bind,
+            msg(DESCRIBE, b"Pp\0"),
+            msg(EXECUTE, b"p\0\0\0\0\0"),
+            sync,
+        ]
+        .concat();
+        assert_eq!(unnamed_group(&named_portal), None);
+    }
 }

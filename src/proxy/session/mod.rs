@@ -275,7 +275,7 @@ impl Session {
             let forward = if self.in_transaction() && tag(&frame) != TERMINATE {
                 // More in the turn than a cacheable read: it may write.
                 if self.caching.on {
-                    self.caching.may_write = true;
+                    self.note_forwarded(&frame);
                 }
                 Some(frame)
             } else {
@@ -397,12 +397,17 @@ impl Session {
         if self.caching.on {
             // A new turn: anything but a cacheable read may write.
             self.caching.may_write = true;
-            if tag(&frame) == QUERY {
-                match self.serve_from_cache(&frame).await {
-                    caching::Served::Answered => return Next::Handled,
-                    caching::Served::Closed => return Next::End,
-                    caching::Served::Forward => {}
+            let served = match tag(&frame) {
+                QUERY => self.serve_from_cache(&frame).await,
+                PARSE if body(&frame).first() == Some(&0) => {
+                    self.serve_group_from_cache(&frame).await
                 }
+                _ => caching::Served::Forward,
+            };
+            match served {
+                caching::Served::Answered => return Next::Handled,
+                caching::Served::Closed => return Next::End,
+                caching::Served::Forward => {}
             }
         }
         if self.server.is_none() {
