@@ -126,6 +126,18 @@ pub fn print_status(s: &Status) {
         _ => "no slot".into(),
     };
     println!("Lag: {lag}");
+    for slot in &s.cache_slots {
+        println!(
+            "Read cache slot on the {}: {} WAL retained, {}",
+            slot.side,
+            slot.retained_wal_bytes.map_or("?".to_string(), human_bytes),
+            if slot.active {
+                "consumed by a proxy"
+            } else {
+                "not consumed now (no proxy runs its invalidator)"
+            }
+        );
+    }
     if let Some(retained) = s.retained_wal_bytes {
         println!(
             "WAL retained by the slot on the source: {}",

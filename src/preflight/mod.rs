@@ -105,6 +105,9 @@ pub async fn inspect(
     .await?;
     check_target_capacity(&mut c, target, &tgt_settings, &ours, copy_workers).await?;
     check_encoding(&mut c, &src_settings, &tgt_settings);
+    if plan.proxy.cache.is_some() {
+        check_cache(&mut c, source, &src_settings, &tgt_settings, plan).await?;
+    }
 
     let selection = catalog::select(plan, catalog::tables(source).await?);
     let total_bytes: i64 = selection.leaves().map(|t| t.bytes).sum();

@@ -358,3 +358,58 @@ pub(super) async fn check_long_transactions(
     }
     Ok(())
 }
+
+/// `[proxy.cache]`: the proxies' read cache holds a logical slot and a WAL sender of its own on
+/// the primary (the target's is made at the cutover), beyond the migration's.
+pub(super) async fn check_cache(
+    c: &mut Checker,
+    source: &Server,
+    src: &HashMap<String, String>,
+    tgt: &HashMap<String, String>,
+    plan: &crate::plan::Plan,
+) -> Result<(), PgError> {
+    let slot = crate::proxy::cache::Names::of(plan).slot;
+    let exists: i64 = source
+        .query_one(
+            "look up the read cache's slot",
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    if exists == 0 {
+        let used: i64 = source
+            .query_one(
+                "count replication slots",
+                "SELECT count(*) FROM pg_replication_slots",
+                &[],
+            )
+            .await?
+            .get(0);
+        // The migration's own slot comes on top of what is used now.
+        if setting_i64(src, "max_replication_slots") - used < 2 {
+            c.add(
+                Severity::Warn,
+                "cache_capacity",
+                "source",
+                "the read cache needs a replication slot of its own besides the migration's: too few free".to_string(),
+                Some(format!(
+                    "ALTER SYSTEM SET max_replication_slots = {};  -- then restart the source",
+                    setting_i64(src, "max_replication_slots") + 1
+                )),
+            );
+        }
+    }
+    for (side, settings) in [("source", src), ("target", tgt)] {
+        if setting_i64(settings, "max_slot_wal_keep_size") < 0 {
+            c.add(
+                Severity::Info,
+                "cache_wal_retention",
+                side,
+                "max_slot_wal_keep_size is unlimited: while no proxy consumes the read cache's slot (every proxy stopped), it keeps WAL until the disk fills; `switchyard cache drop` removes it".to_string(),
+                None,
+            );
+        }
+    }
+    Ok(())
+}

@@ -367,5 +367,9 @@ fn metrics_text(shared: &Shared) -> String {
             u64::from(busy),
         ));
     }
-    shared.metrics().render(&gauges)
+    let mut text = shared.metrics().render(&gauges);
+    if let Some(cache) = &shared.cache {
+        text.push_str(&cache.metrics_text());
+    }
+    text
 }

@@ -32,6 +32,19 @@ pub struct TableStatus {
     pub sync_slot_lost: bool,
 }
 
+/// The proxies' read cache's slot on one server.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheSlot {
+    pub side: crate::pg::Side,
+    pub retained_wal_bytes: Option<i64>,
+    /// A proxy's invalidator consumes it now.
+    pub active: bool,
+}
+
+/// The read cache's slot: WAL kept, and whether it is consumed.
+const CACHE_SLOT: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, active \
+     FROM pg_replication_slots WHERE slot_name = $1";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub name: String,
@@ -48,6 +61,8 @@ pub struct Status {
     pub retained_wal_bytes: Option<i64>,
     /// The source invalidated the slot (`max_slot_wal_keep_size`): replication cannot resume.
     pub slot_lost: bool,
+    /// `[proxy.cache]`: the read cache's slot on each server that has it.
+    pub cache_slots: Vec<CacheSlot>,
     pub apply_errors: i64,
     pub sync_errors: i64,
     pub last_error: Option<String>,
@@ -170,6 +185,7 @@ pub async fn read(
         lag_seconds: None,
         retained_wal_bytes: None,
         slot_lost: false,
+        cache_slots: Vec::new(),
         apply_errors: 0,
         sync_errors: 0,
         last_error: None,
@@ -194,6 +210,21 @@ pub async fn read(
         read_subscription(&mut status, target, oid).await?;
     }
     read_slot(&mut status, source, &name).await?;
+    if plan.proxy.cache.is_some() {
+        let slot = crate::proxy::cache::Names::of(plan).slot;
+        for server in [source, target] {
+            let rows = server
+                .query("look up the read cache's slot", CACHE_SLOT, &[&slot])
+                .await?;
+            if let Some(row) = rows.first() {
+                status.cache_slots.push(CacheSlot {
+                    side: server.side,
+                    retained_wal_bytes: row.get(0),
+                    active: row.get(1),
+                });
+            }
+        }
+    }
     if let Some(oid) = subscription_oid {
         check_sync_slots(&mut status, source, target, oid).await?;
     }

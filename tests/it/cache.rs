@@ -205,6 +205,16 @@ async fn a_session_reads_its_own_writes_and_is_served_from_the_cache_between_the
         report["hits"].as_u64().unwrap_or(0) > hits_before + 10,
         "the reads between writes were served from the cache: {report}"
     );
+    let (_, metrics) = cached.proxy.admin("GET", "/metrics", None, "").await;
+    let hits_line = format!(
+        "switchyard_cache_reads_total{{outcome=\"hit\"}} {}",
+        report["hits"]
+    );
+    assert!(metrics.contains(&hits_line), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_cache_slot_retained_wal_bytes"),
+        "{metrics}"
+    );
     drop(cached.redis);
 }
 

@@ -19,6 +19,10 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// (asynchronous commits too, which are visible before their WAL is written).
 pub const INSERT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
 
+/// WAL kept by the cache's slot, in bytes.
+const RETAINED_WAL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+     FROM pg_replication_slots WHERE slot_name = $1";
+
 pub struct Freshness {
     max_staleness: Duration,
     /// The server sampled, and its samples (when, position), oldest first; none older than
@@ -92,6 +96,7 @@ pub async fn sample(
     primary: impl Fn() -> (Side, crate::plan::Endpoint),
 ) {
     let mut client: Option<(Side, tokio_postgres::Client)> = None;
+    let mut ticks = 0u64;
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -115,6 +120,21 @@ pub async fn sample(
         let Some((_, c)) = client.as_ref() else {
             continue;
         };
+        ticks += 1;
+        if ticks % 50 == 1 {
+            // Every 5 s: the WAL the cache's slot keeps (`/cache`, the metrics).
+            if let Ok(Ok(row)) = tokio::time::timeout(
+                SAMPLE_EVERY * 5,
+                c.query_opt(RETAINED_WAL, &[&cache.names.slot]),
+            )
+            .await
+            {
+                let bytes = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(-1);
+                cache
+                    .retained_wal
+                    .store(bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let asked_at = Instant::now();
         match tokio::time::timeout(SAMPLE_EVERY * 5, c.query_one(INSERT_POSITION, &[])).await {
             Ok(Ok(row)) => cache

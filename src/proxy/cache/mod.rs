@@ -204,6 +204,8 @@ pub struct Cache {
     pub stats: Stats,
     /// The invalidator's state, for `/cache`.
     pub invalidator: invalidator::Status,
+    /// WAL the cache's slot keeps on the primary, in bytes, as last sampled (-1: not known).
+    pub retained_wal: std::sync::atomic::AtomicI64,
 }
 
 /// A statement to decide.
@@ -257,6 +259,7 @@ impl Cache {
             freshness: freshness::Freshness::new(settings.max_staleness.0),
             stats: Stats::default(),
             invalidator: invalidator::Status::default(),
+            retained_wal: std::sync::atomic::AtomicI64::new(-1),
         })
     }
 
@@ -691,6 +694,7 @@ impl Cache {
             "redis_errors": count(&self.stats.redis_errors),
             "bypassed": self.stats.bypassed(),
             "required_position": self.freshness.required_any(),
+            "slot_retained_wal_bytes": Some(self.retained_wal.load(Ordering::Relaxed)).filter(|&b| b >= 0),
             "invalidator": {
                 "state": self.invalidator.state(),
                 "processed": count(&self.invalidator.processed),
@@ -699,6 +703,58 @@ impl Cache {
             },
             "decisions": decisions,
         })
+    }
+
+    /// The cache's counters for `/metrics` (Prometheus text).
+    pub fn metrics_text(&self) -> String {
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut text = String::new();
+        let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
+            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (labels, value) in rows {
+                text.push_str(&format!("{name}{labels} {value}\n"));
+            }
+        };
+        counter(
+            "switchyard_cache_reads_total",
+            "Reads looked up in the cache, by outcome.",
+            vec![
+                ("{outcome=\"hit\"}".into(), count(&self.stats.hits)),
+                ("{outcome=\"miss\"}".into(), count(&self.stats.misses)),
+            ],
+        );
+        counter(
+            "switchyard_cache_bypassed_total",
+            "Reads sent to the database without looking in the cache, by reason.",
+            self.stats
+                .bypassed()
+                .into_iter()
+                .map(|(why, n)| {
+                    let reason = serde_json::to_value(why)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    (format!("{{reason=\"{reason}\"}}"), n)
+                })
+                .collect(),
+        );
+        counter(
+            "switchyard_cache_stored_total",
+            "Answers stored in Redis.",
+            vec![(String::new(), count(&self.stats.stored))],
+        );
+        counter(
+            "switchyard_cache_redis_errors_total",
+            "Redis calls that failed or timed out.",
+            vec![(String::new(), count(&self.stats.redis_errors))],
+        );
+        text.push_str(&format!(
+            "# HELP switchyard_cache_slot_retained_wal_bytes WAL the cache's slot keeps on the primary.\n\
+             # TYPE switchyard_cache_slot_retained_wal_bytes gauge\n\
+             switchyard_cache_slot_retained_wal_bytes {}\n",
+            self.retained_wal.load(Ordering::Relaxed).max(0)
+        ));
+        text
     }
 
     /// Drops every decision (a schema change).
