@@ -776,3 +776,37 @@ async fn the_extended_protocol_with_binary_results_is_cached_per_parameter_and_r
     assert_eq!(typed(3).await, vec![(3, "typed write".to_string())]);
     assert_eq!(typed(4).await, vec![(4, "v4".to_string())]);
 }
+
+#[tokio::test]
+async fn identical_misses_at_once_send_one_query_to_the_database() {
+    let cached = Cached::start("cache_stampede", ITEMS, "").await;
+    let direct = cached.db.source_client().await;
+    // About a million rows joined: long enough for the others to arrive while it runs.
+    let slow = "SELECT count(*) FROM items a, items b, items c WHERE a.id > b.id";
+    let first = cached.proxy.client().await;
+    cached.warm(&first, slow).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(cached.proxy.client().await);
+    }
+    let expected = rows(&direct, slow).await;
+    for round in 0..3 {
+        // Invalidated: the next reads all miss at once.
+        direct
+            .batch_execute(&format!(
+                "UPDATE items SET v = 'round {round}' WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reads = clients.iter().map(|client| rows(client, slow));
+        for got in futures_util::future::join_all(reads).await {
+            assert_eq!(got, expected);
+        }
+    }
+    let report = cached.counters().await;
+    assert!(
+        report["coalesced"].as_u64().unwrap_or(0) >= 3,
+        "identical misses each went to the database: {report}"
+    );
+}

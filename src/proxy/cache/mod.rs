@@ -44,6 +44,10 @@ const MAX_DECISIONS: usize = 10_000;
 const BREAKER_FAILURES: u32 = 5;
 const BREAKER_OPEN: Duration = Duration::from_secs(1);
 
+/// How long an identical miss waits for the answer another session is filling before it goes
+/// to the database itself.
+const WAIT_FOR_FILL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("[proxy.cache] redis_url: {0}")]
@@ -122,9 +126,19 @@ pub enum Lookup {
 
 /// An answer being collected on its way to the client, stored when complete.
 pub struct Fill {
+    cache: Arc<Cache>,
     key: String,
     pub answer: BytesMut,
     limit: usize,
+}
+
+impl Drop for Fill {
+    /// Stored or abandoned: the sessions waiting for this answer look again.
+    fn drop(&mut self) {
+        if let Some(notify) = lock(&self.cache.inflight).remove(&self.key) {
+            notify.notify_waiters();
+        }
+    }
 }
 
 impl Fill {
@@ -163,6 +177,8 @@ pub struct Stats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub stored: AtomicU64,
+    /// Hits that waited for another session's identical miss to be filled.
+    pub coalesced: AtomicU64,
     pub too_large: AtomicU64,
     pub redis_errors: AtomicU64,
     bypassed: Mutex<BTreeMap<Bypass, u64>>,
@@ -206,6 +222,8 @@ pub struct Cache {
     pub invalidator: invalidator::Status,
     /// WAL the cache's slot keeps on the primary, in bytes, as last sampled (-1: not known).
     pub retained_wal: std::sync::atomic::AtomicI64,
+    /// Answers being filled now, by key: identical misses wait for them.
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 /// A statement to decide.
@@ -260,6 +278,7 @@ impl Cache {
             stats: Stats::default(),
             invalidator: invalidator::Status::default(),
             retained_wal: std::sync::atomic::AtomicI64::new(-1),
+            inflight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -350,7 +369,7 @@ impl Cache {
     }
 
     /// Looks a session's read up (on worker `shard`'s Redis connection).
-    pub async fn lookup(&self, shard: usize, read: Read<'_>) -> Lookup {
+    pub async fn lookup(self: &Arc<Self>, shard: usize, read: Read<'_>) -> Lookup {
         let Read {
             side,
             sql,
@@ -438,8 +457,39 @@ impl Cache {
                 Lookup::Hit(Bytes::from(answer))
             }
             Some(None) => {
+                // Concurrent identical misses of this proxy send one query to the database:
+                // the others wait for its answer (a stampede after an invalidation would
+                // otherwise take a server connection each).
+                let filling = {
+                    let mut inflight = lock(&self.inflight);
+                    match inflight.get(&key) {
+                        Some(notify) => Some(notify.clone().notified_owned()),
+                        None => {
+                            inflight.insert(key.clone(), Arc::new(tokio::sync::Notify::new()));
+                            None
+                        }
+                    }
+                };
+                if let Some(filled) = filling {
+                    let _ = tokio::time::timeout(WAIT_FOR_FILL, filled).await;
+                    return match self
+                        .call::<Option<Vec<u8>>>(shard, "GET", redis::cmd("GET").arg(&key))
+                        .await
+                    {
+                        Some(Some(answer)) => {
+                            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                            Lookup::Hit(Bytes::from(answer))
+                        }
+                        _ => {
+                            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                            Lookup::Bypass { read_only: true }
+                        }
+                    };
+                }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 Lookup::Miss(Fill {
+                    cache: self.clone(),
                     key,
                     answer: BytesMut::new(),
                     limit: self.settings.max_entry_bytes as usize,
@@ -690,6 +740,7 @@ impl Cache {
             "hits": count(&self.stats.hits),
             "misses": count(&self.stats.misses),
             "stored": count(&self.stats.stored),
+            "coalesced": count(&self.stats.coalesced),
             "too_large": count(&self.stats.too_large),
             "redis_errors": count(&self.stats.redis_errors),
             "bypassed": self.stats.bypassed(),
