@@ -810,3 +810,41 @@ async fn identical_misses_at_once_send_one_query_to_the_database() {
         "identical misses each went to the database: {report}"
     );
 }
+
+#[tokio::test]
+async fn hits_are_answered_while_the_proxy_is_paused() {
+    let cached = Cached::start("cache_paused", ITEMS, "").await;
+    let client = cached.proxy.client().await;
+    let read = "SELECT v FROM items WHERE id = 5";
+    cached.warm(&client, read).await;
+    let (code, body) = cached
+        .proxy
+        .admin(
+            "POST",
+            "/pause",
+            Some(crate::proxy::TOKEN),
+            "{\"timeout_ms\": 1000}",
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    // Nothing can be written while paused: a cached answer is as good as the database's.
+    let before = cached.hits().await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(rows(&client, read).await, one("v5"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the reads waited for the pause"
+    );
+    assert_eq!(
+        cached.hits().await,
+        before + 5,
+        "{}",
+        cached.counters().await
+    );
+    cached
+        .proxy
+        .admin("POST", "/resume", Some(crate::proxy::TOKEN), "")
+        .await;
+}
