@@ -400,6 +400,27 @@ pub(super) async fn check_cache(
             );
         }
     }
+    let senders: i64 = source
+        .query_one(
+            "count WAL senders",
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name <> 'switchyard-cache'",
+            &[],
+        )
+        .await?
+        .get(0);
+    // The migration's sender and the cache's, on top of the others.
+    if setting_i64(src, "max_wal_senders") - senders < 2 {
+        c.add(
+            Severity::Warn,
+            "cache_capacity",
+            "source",
+            "the read cache's invalidator needs a WAL sender of its own besides the migration's: too few free".to_string(),
+            Some(format!(
+                "ALTER SYSTEM SET max_wal_senders = {};  -- then restart the source",
+                setting_i64(src, "max_wal_senders") + 1
+            )),
+        );
+    }
     for (side, settings) in [("source", src), ("target", tgt)] {
         if setting_i64(settings, "max_slot_wal_keep_size") < 0 {
             c.add(
