@@ -114,6 +114,7 @@ async fn proxy_fuzz_isolation_and_differential() {
                 ));
             }
         }
+        lab.cache_caught_up().await;
         isolation(phase, &target, &config, until, &report).await;
         // The clients are gone: their server connections settle, and what they abandoned
         // mid-transaction must not have been committed.
@@ -176,6 +177,10 @@ struct Lab {
     targets: Targets,
     transaction: Proxy,
     session: Proxy,
+    /// `SWITCHYARD_FUZZ_CACHE`: both proxies answer reads from a Redis read cache, and every
+    /// reset of a table waits until the cache has processed it (a cached answer may be up to
+    /// `max_staleness` old for writes made outside the proxy: the admin's resets).
+    cache: Option<crate::common::redis::Redis>,
     // Kept for its plan files, which the proxies read when restarted.
     _db: TestDb,
 }
@@ -199,8 +204,27 @@ impl Lab {
         }
         // Pools smaller than the clients, so that server connections are shared; two
         // workers, each with its share, whatever the machine has.
-        let transaction = Proxy::start(&db, "transaction", 2, "workers = 2").await;
-        let session = Proxy::start(&db, "session", 4, "workers = 2").await;
+        let cache = std::env::var_os("SWITCHYARD_FUZZ_CACHE")
+            .map(|_| crate::common::redis::Redis::start());
+        let extra = match &cache {
+            Some(redis) => format!(
+                "workers = 2\n[proxy.cache]\nredis_url = \"{}\"\nreplication_user = \"proxy_fuzz_cache\"\n\
+                 replication_password_env = \"TEST_APP_PASSWORD\"\n",
+                redis.url()
+            ),
+            None => "workers = 2".to_string(),
+        };
+        let transaction = Proxy::start(&db, "transaction", 2, &extra).await;
+        let session = Proxy::start(&db, "session", 4, &extra).await;
+        if cache.is_some() {
+            let output = db
+                .command(&["cache", "setup"])
+                .arg(&transaction.plan)
+                .env("TEST_APP_PASSWORD", &transaction.password)
+                .output()
+                .expect("run switchyard cache setup");
+            assert!(output.status.success(), "{}", crate::common::text(&output));
+        }
         let target = |name: &'static str, port: u16| Target {
             name,
             port,
@@ -219,7 +243,39 @@ impl Lab {
             targets,
             transaction,
             session,
+            cache,
             _db: db,
+        }
+    }
+
+    /// With the cache: waits until it has processed everything written so far (up to 5 s).
+    async fn cache_caught_up(&self) {
+        if self.cache.is_none() {
+            return;
+        }
+        let Ok(row) = self
+            .admin
+            .client()
+            .await
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8", &[])
+            .await
+        else {
+            return;
+        };
+        let wanted = row.get::<_, i64>(0) as u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            for proxy in [&self.transaction, &self.session] {
+                let (_, body) = proxy.admin("GET", "/cache", None, "").await;
+                let processed = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|r| r["invalidator"]["processed"].as_u64())
+                    .unwrap_or(0);
+                if processed >= wanted {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -255,6 +311,7 @@ impl Lab {
                     format!("before the run {}: {e}", target.name),
                 ));
             }
+            self.cache_caught_up().await;
             // A crash after the run before is not this run's.
             self.crashes.new_crashes();
             let mut run = run_session(target, script, hang).await;

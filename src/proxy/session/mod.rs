@@ -356,7 +356,7 @@ impl Session {
                         return false;
                     }
                     if self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
-                        if self.caching.may_write && self.in_turn && !self.note_own_write().await {
+                        if self.caching.may_write && self.in_turn && !Box::pin(self.note_own_write()).await {
                             return false;
                         }
                         self.transaction_done();
@@ -395,12 +395,15 @@ impl Session {
             return Next::after(self.fail_until_sync(&frame, &lost).await);
         }
         if self.caching.on {
+            // Boxed, here and where the commit position is asked: the cache's futures are
+            // large, and without the box they would enlarge this future (initialised on every
+            // transaction) whether the cache is on or not.
             // A new turn: anything but a cacheable read may write.
             self.caching.may_write = true;
             let served = match tag(&frame) {
-                QUERY => self.serve_from_cache(&frame).await,
+                QUERY => Box::pin(self.serve_from_cache(&frame)).await,
                 PARSE if body(&frame).first() == Some(&0) => {
-                    self.serve_group_from_cache(&frame).await
+                    Box::pin(self.serve_group_from_cache(&frame)).await
                 }
                 _ => caching::Served::Forward,
             };
