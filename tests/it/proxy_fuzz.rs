@@ -204,8 +204,8 @@ impl Lab {
         }
         // Pools smaller than the clients, so that server connections are shared; two
         // workers, each with its share, whatever the machine has.
-        let cache = std::env::var_os("SWITCHYARD_FUZZ_CACHE")
-            .map(|_| crate::common::redis::Redis::start());
+        let cache =
+            std::env::var_os("SWITCHYARD_FUZZ_CACHE").map(|_| crate::common::redis::Redis::start());
         let extra = match &cache {
             Some(redis) => format!(
                 "workers = 2\n[proxy.cache]\nredis_url = \"{}\"\nreplication_user = \"proxy_fuzz_cache\"\n\
@@ -257,7 +257,10 @@ impl Lab {
             .admin
             .client()
             .await
-            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8", &[])
+            .query_one(
+                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+                &[],
+            )
             .await
         else {
             return;

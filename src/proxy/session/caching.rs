@@ -253,6 +253,10 @@ impl Session {
         if server.send(frontend::query(COMMIT_POSITION)).await.is_err() {
             return self.server_lost().await;
         }
+        // A simple Query destroys the connection's unnamed statement: the client's, if it
+        // made one, is replayed before its next Bind or Describe of it (found by the
+        // fuzzer: `Parse "" ...; Sync; Bind "" ""` failed with 26000 in session mode).
+        self.unnamed.here = false;
         let mut position = None;
         loop {
             match server.recv().await {

@@ -356,7 +356,10 @@ impl Session {
                         return false;
                     }
                     if self.replies.owed() == 0 && self.unsynced == 0 && self.status == IDLE {
-                        if self.caching.may_write && self.in_turn && !Box::pin(self.note_own_write()).await {
+                        if self.caching.may_write
+                            && self.in_turn
+                            && !Box::pin(self.note_own_write()).await
+                        {
                             return false;
                         }
                         self.transaction_done();
