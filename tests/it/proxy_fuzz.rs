@@ -158,6 +158,20 @@ async fn proxy_fuzz_isolation_and_differential() {
     )
     .await;
 
+    if lab.cache.is_some() {
+        for proxy in [&lab.transaction, &lab.session] {
+            let (_, body) = proxy.admin("GET", "/cache", None, "").await;
+            let cache: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            eprintln!(
+                "read cache of the {} proxy: {} hits, {} misses, {} stored, bypassed {}",
+                proxy.plan.display(),
+                cache["hits"],
+                cache["misses"],
+                cache["stored"],
+                cache["bypassed"]
+            );
+        }
+    }
     let report = lock(&report);
     eprintln!("{}", report.summary(&config));
     let failures: u64 = report.counts.values().sum();
