@@ -848,3 +848,49 @@ async fn hits_are_answered_while_the_proxy_is_paused() {
         .admin("POST", "/resume", Some(crate::proxy::TOKEN), "")
         .await;
 }
+
+#[tokio::test]
+async fn temporary_tables_do_not_empty_the_cache_but_other_ddl_does() {
+    let cached = Cached::start("cache_temp_ddl", ITEMS, "").await;
+    let client = cached.proxy.client().await;
+    let direct = cached.db.source_client().await;
+    let read = "SELECT v FROM items WHERE id = 6";
+    cached.warm(&client, read).await;
+    let changes = |r: &serde_json::Value| r["invalidator"]["schema_changes"].as_u64().unwrap_or(0);
+    let before = changes(&cached.report().await);
+    direct
+        .batch_execute(
+            "CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1); DROP TABLE scratch",
+        )
+        .await
+        .unwrap();
+    // A marker written after it: once processed, the temporary table's DDL is too.
+    direct
+        .batch_execute("UPDATE items SET v = 'marker' WHERE id = 99")
+        .await
+        .unwrap();
+    fresh_within(
+        &client,
+        "SELECT v FROM items WHERE id = 99",
+        &one("marker"),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(
+        changes(&cached.report().await),
+        before,
+        "a temporary table bumped the schema epoch"
+    );
+    direct
+        .batch_execute("CREATE TABLE other (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while changes(&cached.report().await) == before {
+        assert!(
+            Instant::now() < deadline,
+            "CREATE TABLE did not bump the schema epoch"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

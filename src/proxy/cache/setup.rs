@@ -46,7 +46,9 @@ fn cache_settings(plan: &Plan) -> Result<&CacheSettings, Error> {
 /// Makes (or brings in step) the cache's objects on `side`'s server.
 ///
 /// The event trigger leaves out what cannot change an answer: subscription commands (the
-/// cutover's own), and the fence's GRANTs and REVOKEs of write privileges (flagged by
+/// cutover's own), commands on temporary objects only (a session's own, never cached: an
+/// application that makes temporary tables would otherwise empty the cache each time), and
+/// the fence's GRANTs and REVOKEs of write privileges (flagged by
 /// `switchyard.write_grants_only` in their transaction), so that the cache stays warm across
 /// a cutover. Any other DDL, and any GRANT or REVOKE an application makes, bumps the schema
 /// epoch.
@@ -185,6 +187,11 @@ pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
                    IF tg_tag IN ('GRANT', 'REVOKE') \
                       AND current_setting('switchyard.write_grants_only', true) = 'on' THEN RETURN; END IF; \
                    IF tg_tag LIKE '% SUBSCRIPTION' THEN RETURN; END IF; \
+                   IF tg_event = 'ddl_command_end' AND NOT EXISTS ( \
+                        SELECT 1 FROM pg_event_trigger_ddl_commands() c \
+                         WHERE c.schema_name IS NULL OR c.schema_name NOT LIKE 'pg\\_temp\\_%') THEN RETURN; END IF; \
+                   IF tg_event = 'sql_drop' AND NOT EXISTS ( \
+                        SELECT 1 FROM pg_event_trigger_dropped_objects() d WHERE NOT d.is_temporary) THEN RETURN; END IF; \
                    PERFORM pg_logical_emit_message(true, {}, tg_tag); END $switchyard$",
                 quote_literal(&names.message_prefix)
             ),
