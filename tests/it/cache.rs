@@ -23,6 +23,11 @@ impl Cached {
     /// `schema` runs on the source first (as the superuser); `cache_keys` go into
     /// `[proxy.cache]`.
     async fn start(name: &str, schema: &str, cache_keys: &str) -> Cached {
+        Cached::start_in("transaction", name, schema, cache_keys).await
+    }
+
+    /// [`Cached::start`] with a proxy in `mode` (`transaction` or `session`).
+    async fn start_in(mode: &str, name: &str, schema: &str, cache_keys: &str) -> Cached {
         let db = TestDb::new(name).await;
         let source = db.source_client().await;
         source
@@ -45,7 +50,7 @@ impl Cached {
         let proxy = Proxy::start_for(
             &db,
             &db.plan_text(""),
-            "transaction",
+            mode,
             4,
             &extra,
             &[(user.as_str(), password.as_str())],
@@ -864,18 +869,27 @@ async fn temporary_tables_do_not_empty_the_cache_but_other_ddl_does() {
         )
         .await
         .unwrap();
-    // A marker written after it: once processed, the temporary table's DDL is too.
-    direct
-        .batch_execute("UPDATE items SET v = 'marker' WHERE id = 99")
+    // Once the invalidator has processed a position after it, it has seen the DDL's message.
+    let after: i64 = direct
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
         .await
-        .unwrap();
-    fresh_within(
-        &client,
-        "SELECT v FROM items WHERE id = 99",
-        &one("marker"),
-        Duration::from_secs(1),
-    )
-    .await;
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while cached.report().await["invalidator"]["processed"]
+        .as_u64()
+        .unwrap_or(0)
+        < after as u64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the invalidator did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         changes(&cached.report().await),
         before,
@@ -893,4 +907,27 @@ async fn temporary_tables_do_not_empty_the_cache_but_other_ddl_does() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_session_with_a_temporary_table_of_a_cached_name_reads_its_own() {
+    let cached = Cached::start_in("session", "cache_temp_shadow", ITEMS, "").await;
+    let other = cached.proxy.client().await;
+    let read = "SELECT v FROM items WHERE id = 1";
+    assert_eq!(cached.warm(&other, read).await, one("v1"));
+    let shadowing = cached.proxy.client().await;
+    shadowing
+        .batch_execute(
+            "CREATE TEMP TABLE items (id int PRIMARY KEY, v text); \
+             INSERT INTO items VALUES (1, 'the session''s own')",
+        )
+        .await
+        .unwrap();
+    // As directly: its temporary table shadows the cached one, for it alone.
+    for _ in 0..5 {
+        assert_eq!(rows(&shadowing, read).await, one("the session's own"));
+    }
+    let before = cached.hits().await;
+    assert_eq!(rows(&other, read).await, one("v1"));
+    assert!(cached.hits().await > before, "{}", cached.counters().await);
 }

@@ -189,7 +189,7 @@ pub async fn setup(plan: &Plan, side: Side) -> Result<SetupReport, Error> {
                    IF tg_tag LIKE '% SUBSCRIPTION' THEN RETURN; END IF; \
                    IF tg_event = 'ddl_command_end' AND NOT EXISTS ( \
                         SELECT 1 FROM pg_event_trigger_ddl_commands() c \
-                         WHERE c.schema_name IS NULL OR c.schema_name NOT LIKE 'pg\\_temp\\_%') THEN RETURN; END IF; \
+                         WHERE c.schema_name IS NULL OR c.schema_name NOT LIKE 'pg\\_temp%') THEN RETURN; END IF; \
                    IF tg_event = 'sql_drop' AND NOT EXISTS ( \
                         SELECT 1 FROM pg_event_trigger_dropped_objects() d WHERE NOT d.is_temporary) THEN RETURN; END IF; \
                    PERFORM pg_logical_emit_message(true, {}, tg_tag); END $switchyard$",

@@ -24,6 +24,10 @@ pub(super) struct Caching {
     pub(super) may_write: bool,
     /// The proxy caches: what the hot path looks at.
     pub(super) on: bool,
+    /// The session may have made a temporary table: one of the same name as a cached table
+    /// would shadow it for this session only, which the cache's decisions (made on a
+    /// connection of its own) cannot see. Such a session is not served from the cache again.
+    pub(super) temporary: bool,
 }
 
 /// ParameterDescription: the answer to a Describe of the statement.
@@ -106,6 +110,9 @@ impl Session {
             return Served::Forward;
         };
         let sql = sql.trim_end_matches('\0');
+        if self.caching.temporary {
+            return Served::Forward;
+        }
         // Only a SELECT (or WITH ... SELECT) can be cached: anything else is not even
         // decided (each distinct write would take a decision and a place in the map).
         if !inspect::starts_with_keyword(sql, "SELECT")
@@ -166,7 +173,21 @@ impl Session {
 
     /// A client message forwarded within the turn of a cacheable read: the turn may write
     /// unless it only goes on with the read's own unnamed statement and portal.
+    /// A Query or Parse that may make a temporary table (`CREATE TEMP ...`, `SELECT ... INTO
+    /// TEMP ...`, `pg_temp.`): see [`Caching::temporary`].
+    pub(super) fn note_temporary(&mut self, frame: &Bytes) {
+        let text = match tag(frame) {
+            QUERY => frontend::query_text(frame),
+            PARSE => frontend::parse_message(frame).map(|p| p.query),
+            _ => None,
+        };
+        if text.is_some_and(may_make_temporary) {
+            self.caching.temporary = true;
+        }
+    }
+
     pub(super) fn note_forwarded(&mut self, frame: &Bytes) {
+        self.note_temporary(frame);
         let part_of_the_read = self.caching.fill.is_some()
             && match tag(frame) {
                 DESCRIBE | EXECUTE | SYNC | FLUSH => true,
@@ -308,6 +329,24 @@ fn data_row_int(frame: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// Whether a statement may make a temporary object: it mentions `temp` and is not a plain
+/// SELECT (one with `INTO` counts). Conservative: a false alarm only stops the cache for one
+/// session.
+fn may_make_temporary(text: &[u8]) -> bool {
+    let has = |word: &[u8]| {
+        text.windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    if !has(b"temp") {
+        return false;
+    }
+    let sql = std::str::from_utf8(text).unwrap_or("");
+    let plain_select = (inspect::starts_with_keyword(sql, "SELECT")
+        || inspect::starts_with_keyword(sql, "WITH"))
+        && !has(b"into");
+    !plain_select
+}
+
 /// The length of the rest of an unnamed group at the front of `buffer` (the messages after
 /// its Parse): Bind of the unnamed statement into the unnamed portal, an optional Describe of
 /// that portal, Execute of it with no row limit, Sync. `None` for anything else, or when the
@@ -350,6 +389,16 @@ mod tests {
         m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         m.extend_from_slice(body);
         m
+    }
+
+    #[test]
+    fn statements_that_may_make_temporary_tables_are_noticed() {
+        assert!(may_make_temporary(b"CREATE TEMP TABLE items (id int)"));
+        assert!(may_make_temporary(b"create temporary table x as select 1"));
+        assert!(may_make_temporary(b"SELECT * INTO TEMP t FROM items"));
+        assert!(may_make_temporary(b"CREATE TABLE pg_temp.items (id int)"));
+        assert!(!may_make_temporary(b"SELECT temperature FROM readings"));
+        assert!(!may_make_temporary(b"UPDATE items SET v = 1"));
     }
 
     #[test]

@@ -403,6 +403,7 @@ impl Session {
             // transaction) whether the cache is on or not.
             // A new turn: anything but a cacheable read may write.
             self.caching.may_write = true;
+            self.note_temporary(&frame);
             let served = match tag(&frame) {
                 QUERY => Box::pin(self.serve_from_cache(&frame)).await,
                 PARSE if body(&frame).first() == Some(&0) => {
