@@ -1,5 +1,6 @@
 //! switchyard: move a live PostgreSQL database to a new server with near-zero downtime.
 pub mod admin_api;
+pub mod cache_setup;
 pub mod error;
 pub mod output;
 pub mod pg;

@@ -1,8 +1,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use switchyard::cache_setup as setup;
 use switchyard::pg::Side;
-use switchyard::proxy::cache::setup;
+use switchyard::proxy::cache::explain;
 use switchyard::{Error, Exit};
 
 /// The proxy's Redis read cache (`[proxy.cache]`): its objects on the primary, and what it
@@ -94,7 +95,7 @@ pub async fn run(args: CacheArgs) -> Result<Exit, Error> {
                     ))
                 }
             };
-            match setup::explain(&plan, &sql, &role, search_path.as_deref()).await? {
+            match explain::explain(&plan, &sql, &role, search_path.as_deref()).await? {
                 Ok(tables) => {
                     println!("cacheable: answers are gated by the versions of {tables} table(s)");
                     Ok(Exit::Done)

@@ -113,7 +113,7 @@ pub async fn run(
     }
     if plan.proxy.cache.is_some() {
         for side in [Side::Source, Side::Target] {
-            if let Err(e) = crate::proxy::cache::setup::drop(plan, side).await {
+            if let Err(e) = crate::cache_setup::drop(plan, side).await {
                 report.left_behind.push(format!(
                     "the read cache's slot, publication and event trigger on the {side}: {e}"
                 ));

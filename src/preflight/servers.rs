@@ -368,7 +368,7 @@ pub(super) async fn check_cache(
     tgt: &HashMap<String, String>,
     plan: &crate::plan::Plan,
 ) -> Result<(), PgError> {
-    let slot = crate::proxy::cache::Names::of(plan).slot;
+    let slot = crate::cache_setup::Names::of(plan).slot;
     let exists: i64 = source
         .query_one(
             "look up the read cache's slot",

@@ -211,7 +211,7 @@ pub async fn read(
     }
     read_slot(&mut status, source, &name).await?;
     if plan.proxy.cache.is_some() {
-        let slot = crate::proxy::cache::Names::of(plan).slot;
+        let slot = crate::cache_setup::Names::of(plan).slot;
         for server in [source, target] {
             let rows = server
                 .query("look up the read cache's slot", CACHE_SLOT, &[&slot])

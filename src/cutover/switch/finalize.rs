@@ -89,11 +89,9 @@ pub(super) async fn finalize_steps(
         // The proxies' read cache ends with the migration: its slots, publications and event
         // triggers go from both servers (the running consumer is ended).
         for side in [Side::Source, Side::Target] {
-            let done = crate::proxy::cache::setup::drop(plan, side)
-                .await
-                .map_err(|e| {
-                    PgError::Tool(format!("drop the read cache's objects on the {side}: {e}"))
-                })?;
+            let done = crate::cache_setup::drop(plan, side).await.map_err(|e| {
+                PgError::Tool(format!("drop the read cache's objects on the {side}: {e}"))
+            })?;
             report
                 .done
                 .push(format!("read cache on the {side}: {}", done.join("; ")));

@@ -315,7 +315,7 @@ impl<'a> Checked<'a> {
                         "create the read cache's publication, slot and event trigger on the {to}"
                     ),
                     async {
-                        crate::proxy::cache::setup::setup(plan, to)
+                        crate::cache_setup::setup(plan, to)
                             .await
                             .map(|report| ((), report.done.join("; ")))
                             .map_err(|e| PgError::Tool(e.to_string()))
@@ -597,7 +597,7 @@ impl<'a> Checked<'a> {
             // The old primary's cache slot would only retain WAL there; a rollback makes it
             // again. Not fatal: the cache no longer reads it.
             let from = direction.from();
-            match crate::proxy::cache::setup::drop(self.plan, from).await {
+            match crate::cache_setup::drop(self.plan, from).await {
                 Ok(done) => tracing::info!("read cache on the {from}: {}", done.join("; ")),
                 Err(e) => tracing::warn!(
                     "could not drop the read cache's slot on the {from} ({e}): run `switchyard cache drop` once the migration is over"

@@ -16,9 +16,9 @@
 
 pub mod analyze;
 pub mod catalog;
+pub mod explain;
 pub mod freshness;
 pub mod invalidator;
-pub mod setup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 
+pub use crate::cache_setup::Names;
 use crate::pg::Side;
 use crate::plan::{CacheSettings, Endpoint, Plan};
 
@@ -54,28 +55,6 @@ pub enum CacheError {
     RedisUrl(String),
     #[error("[proxy.cache] replication_password_env: environment variable {0} is not set")]
     MissingPassword(String),
-}
-
-/// Names of the cache's objects on the primary, per plan.
-#[derive(Debug, Clone)]
-pub struct Names {
-    pub publication: String,
-    pub slot: String,
-    pub event_trigger: String,
-    /// The prefix of the logical messages the event trigger emits.
-    pub message_prefix: String,
-}
-
-impl Names {
-    pub fn of(plan: &Plan) -> Names {
-        let name = &plan.name.0;
-        Names {
-            publication: format!("switchyard_cache_{name}"),
-            slot: format!("switchyard_cache_{name}"),
-            event_trigger: format!("switchyard_cache_{name}"),
-            message_prefix: format!("switchyard_cache_{name}"),
-        }
-    }
 }
 
 /// Whether a statement can be cached, remembered per (statement, role, `search_path`).

@@ -1,6 +1,7 @@
-//! `switchyard cache setup | drop | explain`: the cache's objects on the primary, made and
-//! removed as the coordinator's role (a superuser: event triggers need one), and what the
-//! cache would decide about a statement.
+//! The proxies' read cache's objects on a server (`switchyard cache setup | drop`, the
+//! cutover, `abort`, `finalize`), made and removed as the coordinator's role (a superuser:
+//! event triggers need one). Here rather than in `proxy::cache`: the coordinator's commands
+//! make these objects, and the library's layers do not depend on the proxy.
 //!
 //! On the primary: the cache's role (REPLICATION, LOGIN, SELECT on the cached tables), a
 //! publication of the tables `[proxy.cache] tables` / `exclude` match that have a primary key
@@ -12,8 +13,29 @@ use crate::pg::{Server, Side};
 use crate::plan::{CacheSettings, Plan};
 use crate::Error;
 
-use super::catalog::quote_ident;
-use super::Names;
+use crate::pg::sql::ident as quote_ident;
+
+/// Names of the cache's objects on the primary, per plan.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub publication: String,
+    pub slot: String,
+    pub event_trigger: String,
+    /// The prefix of the logical messages the event trigger emits.
+    pub message_prefix: String,
+}
+
+impl Names {
+    pub fn of(plan: &Plan) -> Names {
+        let name = &plan.name.0;
+        Names {
+            publication: format!("switchyard_cache_{name}"),
+            slot: format!("switchyard_cache_{name}"),
+            event_trigger: format!("switchyard_cache_{name}"),
+            message_prefix: format!("switchyard_cache_{name}"),
+        }
+    }
+}
 
 /// The tables the publication holds: permanent tables (partitions included) that the
 /// patterns match and that have a primary key or a replica identity.
@@ -34,7 +56,7 @@ pub struct SetupReport {
     pub tables: Vec<String>,
 }
 
-fn cache_settings(plan: &Plan) -> Result<&CacheSettings, Error> {
+pub fn cache_settings(plan: &Plan) -> Result<&CacheSettings, Error> {
     plan.proxy.cache.as_ref().ok_or_else(|| {
         Error::Refused(format!(
             "{}: there is no [proxy.cache] section: the cache is off",
@@ -286,43 +308,6 @@ pub async fn drop(plan: &Plan, side: Side) -> Result<Vec<String>, Error> {
     Ok(done)
 }
 
-/// Whether the cache would serve `sql` for `role` from the cache, and if not the first
-/// reason, decided as a running proxy decides (on the source, as the cache's role).
-pub async fn explain(
-    plan: &Plan,
-    sql: &str,
-    role: &str,
-    search_path: Option<&str>,
-) -> Result<Result<usize, String>, Error> {
-    let settings = cache_settings(plan)?;
-    let names = Names::of(plan);
-    let shape = match super::analyze::analyze(sql, true) {
-        Ok(shape) => shape,
-        Err(reason) => return Ok(Err(reason)),
-    };
-    let mut client = super::connect(&plan.source, settings).await.map_err(|e| {
-        Error::Refused(format!(
-            "cannot connect to the source as the cache's role {}: {e}",
-            settings.replication_user
-        ))
-    })?;
-    let asker = super::catalog::Asker {
-        role,
-        search_path,
-        settings,
-        publication: &names.publication,
-    };
-    let decided = super::catalog::decide(&mut client, &shape, &asker)
-        .await
-        .map_err(|e| {
-            Error::Refused(format!(
-                "the catalog check failed: {}",
-                crate::pg::describe(&e)
-            ))
-        })?;
-    Ok(decided.map(|tables| tables.len()))
-}
-
 fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    crate::pg::sql::literal(text)
 }
