@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use super::analyze::{Refusal, Shape};
+use crate::pg::sql::ident as quote_ident;
 use crate::plan::CacheSettings;
 
 /// A relation name resolved as the client would resolve it (its `search_path` is set in the
@@ -247,9 +248,4 @@ fn volatility(code: &str) -> &'static str {
 /// A table as the cache's version keys name it: `"schema"."table"`.
 pub fn table_key(schema: &str, table: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(table))
-}
-
-/// An identifier quoted as `quote_ident` would.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -54,11 +54,6 @@ impl Freshness {
         }
     }
 
-    /// Forgets every sample.
-    pub fn reset(&self) {
-        *super::lock(&self.samples) = (None, VecDeque::new());
-    }
-
     /// The position the invalidator must have processed for an answer to be served now: the
     /// first sample taken within the last `max_staleness`. `None` when there is none (the
     /// sampler cannot reach the primary): nothing is served.
@@ -171,7 +166,5 @@ mod tests {
         f.sampled(Side::Target, at(3000), 7);
         assert_eq!(f.required_at(Side::Source, at(3050)), None);
         assert_eq!(f.required_at(Side::Target, at(3050)), Some(7));
-        f.reset();
-        assert_eq!(f.required_at(Side::Target, at(3050)), None);
     }
 }

@@ -141,7 +141,7 @@ async fn consume(
     let names = &cache.names;
     let start = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names '{}', messages 'true')",
-        super::catalog::quote_ident(&names.slot),
+        crate::pg::sql::ident(&names.slot),
         names.publication.replace('\'', "''"),
     );
     conn.send(frontend::query(&start)).await?;

@@ -16,12 +16,15 @@
 
 pub mod analyze;
 pub mod catalog;
+mod decisions;
 pub mod explain;
 pub mod freshness;
 pub mod invalidator;
+mod redis_store;
+mod report;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,18 +35,11 @@ use sha2::{Digest, Sha256};
 pub use crate::cache_setup::Names;
 use crate::pg::Side;
 use crate::plan::{CacheSettings, Endpoint, Plan};
+use decisions::{Ask, Decision, DecisionKey};
+use redis_store::Breaker;
 
 /// The `application_name` of the cache's own connections: the cutover's fence spares them.
 pub const APPLICATION_NAME: &str = "switchyard-cache";
-
-/// Decisions remembered at most; past it the map starts over (a workload of ever-new
-/// statement texts, literals inlined, would otherwise grow it without bound).
-const MAX_DECISIONS: usize = 10_000;
-
-/// After this many Redis failures in a row the cache stops asking Redis for
-/// [`BREAKER_OPEN`]: a Redis that is down costs each query a timeout only until then.
-const BREAKER_FAILURES: u32 = 5;
-const BREAKER_OPEN: Duration = Duration::from_secs(1);
 
 /// How long an identical miss waits for the answer another session is filling before it goes
 /// to the database itself.
@@ -56,26 +52,6 @@ pub enum CacheError {
     #[error("[proxy.cache] replication_password_env: environment variable {0} is not set")]
     MissingPassword(String),
 }
-
-/// Whether a statement can be cached, remembered per (statement, role, `search_path`).
-#[derive(Debug, Clone)]
-enum Decision {
-    /// Being decided: the statement goes to the database meanwhile.
-    Pending,
-    Cacheable {
-        /// Tables whose versions gate its answers ([`catalog::table_key`]).
-        tables: Arc<[String]>,
-        /// The schema epoch it was decided in.
-        schema: String,
-        at: Instant,
-    },
-    Refused {
-        reason: Arc<str>,
-        at: Instant,
-    },
-}
-
-type DecisionKey = (Arc<str>, Arc<str>, Option<Arc<str>>);
 
 /// A session's read, as the cache looks it up.
 pub struct Read<'a> {
@@ -173,14 +149,6 @@ impl Stats {
     }
 }
 
-/// Stops asking Redis for a while after repeated failures.
-#[derive(Default)]
-struct Breaker {
-    failures: AtomicU32,
-    /// Milliseconds since [`Cache::started`] until which Redis is not asked.
-    open_until: AtomicU64,
-}
-
 /// The cache, shared by every session of the proxy.
 pub struct Cache {
     pub settings: CacheSettings,
@@ -203,12 +171,6 @@ pub struct Cache {
     pub retained_wal: std::sync::atomic::AtomicI64,
     /// Answers being filled now, by key: identical misses wait for them.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
-}
-
-/// A statement to decide.
-struct Ask {
-    key: DecisionKey,
-    standard_conforming_strings: bool,
 }
 
 impl Cache {
@@ -259,92 +221,6 @@ impl Cache {
             retained_wal: std::sync::atomic::AtomicI64::new(-1),
             inflight: Mutex::new(HashMap::new()),
         })
-    }
-
-    fn key(&self, rest: &str) -> String {
-        format!("{}{rest}", self.prefix)
-    }
-
-    fn version_key(&self, table: &str) -> String {
-        self.key(&format!("v:{table}"))
-    }
-
-    fn schema_key(&self) -> String {
-        self.key("schema")
-    }
-
-    /// The position processed on `side`'s server: positions of the two servers are never
-    /// compared.
-    fn position_key(&self, side: Side) -> String {
-        self.key(&format!("pos:{side}"))
-    }
-
-    /// Whether Redis may be asked now (the breaker is closed).
-    fn redis_allowed(&self) -> bool {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.breaker.open_until.load(Ordering::Relaxed) <= now
-    }
-
-    fn redis_failed(&self, what: &str, error: impl std::fmt::Display) {
-        self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-        let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= BREAKER_FAILURES {
-            let until = self.started.elapsed() + BREAKER_OPEN;
-            self.breaker
-                .open_until
-                .store(until.as_millis() as u64, Ordering::Relaxed);
-            self.breaker.failures.store(0, Ordering::Relaxed);
-            tracing::warn!(
-                "redis {what} failed {failures} times in a row ({error}): not asked for {}",
-                humantime::format_duration(BREAKER_OPEN)
-            );
-        } else {
-            tracing::debug!("redis {what} failed: {error}");
-        }
-    }
-
-    fn redis_worked(&self) {
-        if self.breaker.failures.load(Ordering::Relaxed) != 0 {
-            self.breaker.failures.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// A Redis call on worker `shard`'s connection, bounded by `redis_timeout`.
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        shard: usize,
-        what: &str,
-        cmd: &redis::Cmd,
-    ) -> Option<T> {
-        if !self.redis_allowed() {
-            return None;
-        }
-        let mut conn = self.redis.get(shard).or(self.redis.first())?.clone();
-        match tokio::time::timeout(
-            self.settings.redis_timeout.0,
-            cmd.query_async::<T>(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(value)) => {
-                self.redis_worked();
-                Some(value)
-            }
-            Ok(Err(e)) => {
-                self.redis_failed(what, e);
-                None
-            }
-            Err(_) => {
-                self.redis_failed(
-                    what,
-                    format!(
-                        "no answer within redis_timeout ({})",
-                        humantime::format_duration(self.settings.redis_timeout.0)
-                    ),
-                );
-                None
-            }
-        }
     }
 
     /// Looks a session's read up (on worker `shard`'s Redis connection).
@@ -481,25 +357,6 @@ impl Cache {
         }
     }
 
-    /// Stores a complete answer (fire and forget: the client already has it).
-    pub async fn store(&self, shard: usize, fill: Fill) {
-        let ttl = self.settings.ttl.0.as_millis() as u64;
-        let stored: Option<()> = self
-            .call(
-                shard,
-                "SET",
-                redis::cmd("SET")
-                    .arg(&fill.key)
-                    .arg(fill.answer.as_ref())
-                    .arg("PX")
-                    .arg(ttl.max(1)),
-            )
-            .await;
-        if stored.is_some() {
-            self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// The entry key: everything that can change the answer's bytes. `versions` are the
     /// schema epoch and the tables' versions, as read before the query.
     fn entry_key(
@@ -535,261 +392,6 @@ impl Cache {
         let digest = hash.finalize();
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         self.key(&format!("e:{hex}"))
-    }
-
-    /// The remembered decision for a statement, or why the cache is not used for it (and
-    /// the decision asked for, when there is none or it is due again).
-    fn decision(
-        &self,
-        sql: &str,
-        role: &Arc<str>,
-        settings: &BTreeMap<String, String>,
-    ) -> Result<(Arc<[String]>, String), Bypass> {
-        let search_path = settings.get("search_path").map(|s| Arc::from(s.as_str()));
-        let key: DecisionKey = (Arc::from(sql), role.clone(), search_path);
-        let mut decisions = lock(&self.decisions);
-        let recheck = self.settings.recheck.0;
-        match decisions.get(&key) {
-            Some(Decision::Pending) => return Err(Bypass::Deciding),
-            Some(Decision::Cacheable { tables, schema, at }) if at.elapsed() < recheck => {
-                return Ok((tables.clone(), schema.clone()))
-            }
-            Some(Decision::Refused { at, .. }) if at.elapsed() < recheck => {
-                return Err(Bypass::NotCacheable)
-            }
-            _ => {}
-        }
-        if decisions.len() >= MAX_DECISIONS {
-            decisions.clear();
-        }
-        decisions.insert(key.clone(), Decision::Pending);
-        let standard_conforming_strings = settings
-            .get("standard_conforming_strings")
-            .is_none_or(|v| !v.trim_matches('\'').eq_ignore_ascii_case("off"));
-        let _ = self.asks.send(Ask {
-            key,
-            standard_conforming_strings,
-        });
-        Err(Bypass::Deciding)
-    }
-
-    /// Decides the statements sessions ask about, one at a time, on a catalog connection to
-    /// the primary `endpoint` as the invalidator's role (reconnected when it breaks).
-    pub async fn decide_asked(self: Arc<Self>, primary: impl Fn() -> (Side, Endpoint)) {
-        let Some(mut asked) = lock(&self.asked).take() else {
-            return;
-        };
-        // The catalog of the primary, reconnected when the primary changes (a switch).
-        let mut client: Option<(Side, tokio_postgres::Client)> = None;
-        while let Some(ask) = asked.recv().await {
-            let (sql, role, search_path) = &ask.key;
-            let decided = match analyze::analyze(sql, ask.standard_conforming_strings) {
-                Err(reason) => Some(Err::<(), _>(reason)),
-                Ok(shape) => {
-                    let (side, endpoint) = primary();
-                    if client
-                        .as_ref()
-                        .is_none_or(|(on, c)| *on != side || c.is_closed())
-                    {
-                        client = connect(&endpoint, &self.settings)
-                            .await
-                            .map_err(|e| {
-                                tracing::warn!("the cache cannot reach the primary's catalog: {e}");
-                            })
-                            .ok()
-                            .map(|c| (side, c));
-                    }
-                    let schema = self.schema_epoch().await;
-                    match (client.as_mut().map(|(_, c)| c), schema) {
-                        (Some(c), Some(schema)) => {
-                            let asker = catalog::Asker {
-                                role,
-                                search_path: search_path.as_deref(),
-                                settings: &self.settings,
-                                publication: &self.names.publication,
-                            };
-                            match catalog::decide(c, &shape, &asker).await {
-                                Ok(Ok(tables)) => {
-                                    lock(&self.decisions).insert(
-                                        ask.key.clone(),
-                                        Decision::Cacheable {
-                                            tables: tables.into(),
-                                            schema,
-                                            at: Instant::now(),
-                                        },
-                                    );
-                                    continue;
-                                }
-                                Ok(Err(reason)) => Some(Err(reason)),
-                                Err(e) => {
-                                    tracing::warn!(
-                                        "cacheability check failed: {}",
-                                        crate::pg::describe(&e)
-                                    );
-                                    None
-                                }
-                            }
-                        }
-                        _ => None,
-                    }
-                }
-            };
-            let mut decisions = lock(&self.decisions);
-            match decided {
-                Some(Err(reason)) => {
-                    tracing::debug!(statement = %sql, "not cacheable: {reason}");
-                    decisions.insert(
-                        ask.key.clone(),
-                        Decision::Refused {
-                            reason: reason.into(),
-                            at: Instant::now(),
-                        },
-                    );
-                }
-                // Not decided (the catalog or Redis could not be asked): asked again next time.
-                _ => {
-                    decisions.remove(&ask.key);
-                }
-            }
-        }
-    }
-
-    /// The schema epoch in Redis (seeded when missing).
-    async fn schema_epoch(&self) -> Option<String> {
-        let main = self.redis.len().saturating_sub(1);
-        let key = self.schema_key();
-        match self
-            .call::<Option<String>>(main, "GET", redis::cmd("GET").arg(&key))
-            .await?
-        {
-            Some(epoch) => Some(epoch),
-            None => {
-                let seed = rand::random::<u64>() >> 1;
-                let _: Option<()> = self
-                    .call(
-                        main,
-                        "SET NX",
-                        redis::cmd("SET").arg(&key).arg(seed).arg("NX"),
-                    )
-                    .await;
-                None
-            }
-        }
-    }
-
-    /// What the cache would do with `sql` for `role`, and if not cacheable the first reason:
-    /// `switchyard cache explain` and `/cache`.
-    pub fn remembered(&self, sql: &str, role: &str) -> Option<String> {
-        let decisions = lock(&self.decisions);
-        decisions
-            .iter()
-            .find(|((s, r, _), _)| &**s == sql && &**r == role)
-            .map(|(_, d)| match d {
-                Decision::Pending => "being decided".to_string(),
-                Decision::Cacheable { tables, .. } => {
-                    format!("cacheable (gated by {} table versions)", tables.len())
-                }
-                Decision::Refused { reason, .. } => format!("not cacheable: {reason}"),
-            })
-    }
-
-    /// `/cache`: the counters, the invalidator, and the decisions remembered (statement,
-    /// role, and whether it is cacheable or the first reason it is not).
-    pub fn report(&self) -> serde_json::Value {
-        let decisions: Vec<serde_json::Value> = lock(&self.decisions)
-            .iter()
-            .take(50)
-            .map(|((sql, role, search_path), decision)| {
-                let (cacheable, reason) = match decision {
-                    Decision::Pending => (false, Some("being decided".to_string())),
-                    Decision::Cacheable { .. } => (true, None),
-                    Decision::Refused { reason, .. } => (false, Some(reason.to_string())),
-                };
-                serde_json::json!({
-                    "statement": &**sql,
-                    "role": &**role,
-                    "search_path": search_path.as_deref(),
-                    "cacheable": cacheable,
-                    "reason": reason,
-                })
-            })
-            .collect();
-        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "hits": count(&self.stats.hits),
-            "misses": count(&self.stats.misses),
-            "stored": count(&self.stats.stored),
-            "coalesced": count(&self.stats.coalesced),
-            "too_large": count(&self.stats.too_large),
-            "redis_errors": count(&self.stats.redis_errors),
-            "bypassed": self.stats.bypassed(),
-            "required_position": self.freshness.required_any(),
-            "slot_retained_wal_bytes": Some(self.retained_wal.load(Ordering::Relaxed)).filter(|&b| b >= 0),
-            "invalidator": {
-                "state": self.invalidator.state(),
-                "processed": count(&self.invalidator.processed),
-                "transactions": count(&self.invalidator.transactions),
-                "schema_changes": count(&self.invalidator.schema_changes),
-            },
-            "decisions": decisions,
-        })
-    }
-
-    /// The cache's counters for `/metrics` (Prometheus text).
-    pub fn metrics_text(&self) -> String {
-        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut text = String::new();
-        let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
-            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-            for (labels, value) in rows {
-                text.push_str(&format!("{name}{labels} {value}\n"));
-            }
-        };
-        counter(
-            "switchyard_cache_reads_total",
-            "Reads looked up in the cache, by outcome.",
-            vec![
-                ("{outcome=\"hit\"}".into(), count(&self.stats.hits)),
-                ("{outcome=\"miss\"}".into(), count(&self.stats.misses)),
-            ],
-        );
-        counter(
-            "switchyard_cache_bypassed_total",
-            "Reads sent to the database without looking in the cache, by reason.",
-            self.stats
-                .bypassed()
-                .into_iter()
-                .map(|(why, n)| {
-                    let reason = serde_json::to_value(why)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    (format!("{{reason=\"{reason}\"}}"), n)
-                })
-                .collect(),
-        );
-        counter(
-            "switchyard_cache_stored_total",
-            "Answers stored in Redis.",
-            vec![(String::new(), count(&self.stats.stored))],
-        );
-        counter(
-            "switchyard_cache_redis_errors_total",
-            "Redis calls that failed or timed out.",
-            vec![(String::new(), count(&self.stats.redis_errors))],
-        );
-        text.push_str(&format!(
-            "# HELP switchyard_cache_slot_retained_wal_bytes WAL the cache's slot keeps on the primary.\n\
-             # TYPE switchyard_cache_slot_retained_wal_bytes gauge\n\
-             switchyard_cache_slot_retained_wal_bytes {}\n",
-            self.retained_wal.load(Ordering::Relaxed).max(0)
-        ));
-        text
-    }
-
-    /// Drops every decision (a schema change).
-    pub fn forget_decisions(&self) {
-        lock(&self.decisions).clear();
     }
 }
 

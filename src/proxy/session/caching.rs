@@ -3,11 +3,8 @@
 //! commit position of the session's writes (read-your-writes).
 
 use super::*;
+use crate::proxy::cache::freshness::INSERT_POSITION;
 use crate::proxy::cache::{Fill, Lookup, Read};
-
-/// `pg_current_wal_insert_lsn()` as a number, asked on the connection a write transaction
-/// ran on once it committed: at or past its commit record.
-const COMMIT_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
 
 /// The session's cache state.
 #[derive(Default)]
@@ -271,7 +268,7 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return true;
         };
-        if server.send(frontend::query(COMMIT_POSITION)).await.is_err() {
+        if server.send(frontend::query(INSERT_POSITION)).await.is_err() {
             return self.server_lost().await;
         }
         // A simple Query destroys the connection's unnamed statement: the client's, if it
