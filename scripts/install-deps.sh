@@ -36,7 +36,8 @@ command -v openssl >/dev/null || missing+=(openssl)   # certificates for the TLS
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v curl >/dev/null || missing+=(curl)   # the demo and bench/cache.sh read /cache
 command -v redis-cli >/dev/null || missing+=(redis-tools)
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# (libclang-cpp, which other packages bring, is not what bindgen loads: it must be libclang.)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 # The proxy's driver tests (tests/it/proxy_drivers.rs).
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 command -v javac >/dev/null || missing+=(default-jdk-headless)
