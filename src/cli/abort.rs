@@ -26,7 +26,7 @@ pub struct AbortArgs {
 
 pub async fn run(args: AbortArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    let report = abort::run(&plan, &store, args.drop_target_data).await?;
+    let report = abort::run(&plan, store.as_ref(), args.drop_target_data).await?;
     if args.json {
         super::print_json(&report)?;
         return Ok(Exit::Done);

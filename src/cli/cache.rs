@@ -51,7 +51,7 @@ enum CacheCommand {
 pub async fn run(args: CacheArgs) -> Result<Exit, Error> {
     match args.command {
         CacheCommand::Setup { plan, json } => {
-            let (plan, _) = super::load_plan(&plan)?;
+            let plan = switchyard::plan::Plan::load(&plan)?;
             let report = setup::setup(&plan, Side::Source).await?;
             if json {
                 super::print_json(&report)?;
@@ -71,7 +71,7 @@ pub async fn run(args: CacheArgs) -> Result<Exit, Error> {
             Ok(Exit::Done)
         }
         CacheCommand::Drop { plan } => {
-            let (plan, _) = super::load_plan(&plan)?;
+            let plan = switchyard::plan::Plan::load(&plan)?;
             for side in [Side::Source, Side::Target] {
                 match setup::drop(&plan, side).await {
                     Ok(done) => done.iter().for_each(|line| println!("{side}: {line}")),
@@ -86,7 +86,7 @@ pub async fn run(args: CacheArgs) -> Result<Exit, Error> {
             role,
             search_path,
         } => {
-            let (plan, _) = super::load_plan(&plan)?;
+            let plan = switchyard::plan::Plan::load(&plan)?;
             let role = match role.or_else(|| plan.proxy.users.first().map(|u| u.name.0.clone())) {
                 Some(role) => role,
                 None => {

@@ -77,7 +77,8 @@ async fn switch(
     } = args;
     let (yes, dry_run, json) = (*yes, *dry_run, *json);
     let (plan, store) = super::load_plan(path)?;
-    let checked = cutover::check(&plan, &store, direction, skip_validation, dry_run).await?;
+    let checked =
+        cutover::check(&plan, store.as_ref(), direction, skip_validation, dry_run).await?;
     if let Some(recovered) = &checked.recovered {
         eprintln!("{recovered}");
     }

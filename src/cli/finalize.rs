@@ -23,7 +23,7 @@ pub struct FinalizeArgs {
 
 pub async fn run(args: FinalizeArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    let finalized = cutover::finalize(&plan, &store, args.unfence).await?;
+    let finalized = cutover::finalize(&plan, store.as_ref(), args.unfence).await?;
     for line in &finalized.done {
         println!("{line}");
     }

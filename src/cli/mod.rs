@@ -8,6 +8,7 @@ mod draw;
 mod finalize;
 mod plan;
 mod proxy;
+mod state;
 mod status;
 mod sync;
 mod validate;
@@ -16,7 +17,7 @@ use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::plan::Plan;
-use switchyard::state::FileStore;
+use switchyard::state::StateStore;
 use switchyard::{Error, Exit};
 
 const AFTER_HELP: &str = "\
@@ -69,6 +70,7 @@ enum Command {
     Rollback(cutover::RollbackArgs),
     Finalize(finalize::FinalizeArgs),
     Cache(cache::CacheArgs),
+    State(state::StateArgs),
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
@@ -105,6 +107,10 @@ pub fn init_logging(args: &Args) {
 }
 
 pub async fn dispatch(args: Args) -> Exit {
+    if let Err(message) = switchyard::state::faults::check() {
+        eprintln!("error: {message}");
+        return Exit::Usage;
+    }
     let result = match args.command {
         Command::Plan(a) => plan::run(a).await,
         Command::Sync(a) => sync::run(a).await,
@@ -116,6 +122,7 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Rollback(a) => cutover::rollback(a).await,
         Command::Finalize(a) => finalize::run(a).await,
         Command::Cache(a) => cache::run(a).await,
+        Command::State(a) => state::run(a).await,
     };
     match result {
         Ok(exit) => exit,
@@ -126,9 +133,10 @@ pub async fn dispatch(args: Args) -> Exit {
     }
 }
 
-fn load_plan(path: &std::path::Path) -> Result<(Plan, FileStore), Error> {
+/// The plan, and the state store its `[state]` names.
+fn load_plan(path: &std::path::Path) -> Result<(Plan, Box<dyn StateStore>), Error> {
     let plan = Plan::load(path)?;
-    let store = FileStore::new(plan.state_path());
+    let store = switchyard::state::open(&plan)?;
     Ok((plan, store))
 }
 

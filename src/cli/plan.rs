@@ -28,10 +28,34 @@ pub struct PlanArgs {
 
 pub async fn run(args: PlanArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    let state = state::load_or_new(&store, &plan.name.0)?;
+    // The state store first: each action it needs, tried without changing anything, so a
+    // missing table or a denied action is a finding here, not a failure mid-cutover.
+    let store_findings: Vec<checks::Finding> = store
+        .probe()
+        .into_iter()
+        .filter_map(|(action, problem)| {
+            problem.map(|problem| checks::Finding {
+                severity: Severity::Block,
+                check: "state_store",
+                subject: "state".into(),
+                message: format!("{} cannot {action}: {problem}", store.describe()),
+                fix: Some(
+                    "allow that action to this role (IAM), or create the table with `switchyard state init`"
+                        .into(),
+                ),
+            })
+        })
+        .collect();
+    let state = if store_findings.is_empty() {
+        state::load_or_new(store.as_ref(), &plan.name.0)?
+    } else {
+        state::State::new(&plan.name.0)
+    };
     let servers = Servers::connect(&plan).await?;
     let inspection = checks::inspect(&plan, &servers.source, &servers.target, &state).await?;
-    let report = inspection.report;
+    let mut report = inspection.report;
+    report.blocked |= !store_findings.is_empty();
+    report.findings.splice(0..0, store_findings);
     if args.json {
         super::print_json(&report)?;
     } else {

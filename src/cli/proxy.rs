@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use switchyard::state::StateStore;
 use switchyard::{Error, Exit};
 
 /// Run the pooling proxy that applications connect to instead of the database.
@@ -22,8 +21,8 @@ pub async fn run(args: ProxyArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
     // The state store says where the applications belong; the proxy's own switch file wins
     // when it is newer (a cutover whose coordinator died before saving).
-    let from_state = match store.load() {
-        Ok(state) => state.map(|s| s.backend).unwrap_or_default(),
+    let from_state = match store.switch() {
+        Ok(switch) => switch.unwrap_or_default(),
         Err(e) => {
             tracing::warn!(
                 "cannot read the migration state ({e}); using the proxy's own switch file"
@@ -33,7 +32,7 @@ pub async fn run(args: ProxyArgs) -> Result<Exit, Error> {
     };
     let backend =
         switchyard::proxy::backend::Backend::restore(from_state, plan.proxy_switch_path());
-    switchyard::proxy::run(&plan, backend)
+    switchyard::proxy::run(&plan, backend, Some(std::sync::Arc::from(store)))
         .await
         .map_err(|e| Error::Service(Box::new(e)))?;
     Ok(Exit::Done)

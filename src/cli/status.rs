@@ -26,7 +26,7 @@ pub struct StatusArgs {
 
 pub async fn run(args: StatusArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    let state = state::load_or_new(&store, &plan.name.0)?;
+    let state = state::load_or_new(store.as_ref(), &plan.name.0)?;
     let servers = Servers::connect(&plan).await?;
     let status = status::read(&plan, &state, &servers.source, &servers.target, true).await?;
     if args.json {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
 use switchyard::output::human_bytes;
-use switchyard::state::FileStore;
+use switchyard::state::StateStore;
 use switchyard::sync::status::TableStatus;
 use switchyard::sync::{self, Status, SyncOptions, SyncOutcome};
 use switchyard::{Error, Exit};
@@ -41,14 +41,14 @@ pub struct SyncArgs {
 pub async fn run(args: SyncArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
     if args.sequences {
-        return copy_sequences(&plan, &store, args.json).await;
+        return copy_sequences(&plan, store.as_ref(), args.json).await;
     }
     let options = SyncOptions {
         wait: args.wait,
         timeout: args.timeout,
     };
     let mut progress = Progress::new();
-    let outcome = sync::run(&plan, &store, &options, &mut |status| {
+    let outcome = sync::run(&plan, store.as_ref(), &options, &mut |status| {
         progress.update(status)
     })
     .await;
@@ -90,7 +90,7 @@ fn show(status: &Status, json: bool) -> Result<(), Error> {
 
 async fn copy_sequences(
     plan: &switchyard::plan::Plan,
-    store: &FileStore,
+    store: &dyn StateStore,
     json: bool,
 ) -> Result<Exit, Error> {
     let copied = sync::copy_sequences_now(plan, store).await?;

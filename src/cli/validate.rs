@@ -68,7 +68,7 @@ pub struct ValidateArgs {
 
 pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
     let (plan, store) = super::load_plan(&args.plan)?;
-    let state = state::load_or_new(&store, &plan.name.0)?;
+    let state = state::load_or_new(store.as_ref(), &plan.name.0)?;
     let options = Options {
         tables: args.tables.clone(),
         jobs: args.jobs.max(1),
@@ -108,7 +108,7 @@ pub async fn run(args: ValidateArgs) -> Result<Exit, Error> {
     }
     let mut report = match run {
         Ok(mut report) => {
-            if let Err(e) = remember(&store, &plan.name.0, &report).await {
+            if let Err(e) = remember(store.as_ref(), &plan.name.0, &report).await {
                 report.add_problem(format!(
                     "the verdict ({}) is not recorded in the state, so a cutover cannot rely on it: {e}",
                     report.verdict

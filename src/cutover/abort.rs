@@ -40,7 +40,7 @@ pub async fn run(
     store: &dyn StateStore,
     drop_target_data: bool,
 ) -> Result<AbortReport> {
-    let _lock = store.lock("abort")?;
+    let lock = store.lock("abort")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
     if state.phase == Phase::Switched {
         return Err(CutoverError::AbortAfterCutover.into());
@@ -60,7 +60,15 @@ pub async fn run(
         Server::connect(Side::Target, &plan.target),
         Server::connect(Side::Source, &plan.source)
     );
-    undo_switch(plan, &mut state, &source, &target, &mut report).await;
+    undo_switch(
+        plan,
+        lock.generation(),
+        &mut state,
+        &source,
+        &target,
+        &mut report,
+    )
+    .await;
     store.save(&mut state)?;
     let recorded = state.created.subscription.clone();
     let mut sync_slots = recorded
@@ -166,6 +174,7 @@ pub async fn run(
 /// replication, paused proxies. Done first, so the applications can write again.
 async fn undo_switch(
     plan: &Plan,
+    generation: u64,
     state: &mut crate::state::State,
     source: &std::result::Result<Server, PgError>,
     target: &std::result::Result<Server, PgError>,
@@ -208,6 +217,7 @@ async fn undo_switch(
     }
     if let Ok(proxies) = super::proxies::from_plan(plan) {
         for proxy in proxies {
+            let proxy = proxy.fenced_by(generation);
             // A proxy that does not answer resumes by itself at max_pause.
             let _ = proxy.resume().await;
         }

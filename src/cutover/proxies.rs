@@ -19,6 +19,9 @@ pub struct ProxyAdmin {
     /// `host:port`, as written in the plan.
     pub address: String,
     token: Option<String>,
+    /// The generation of the migration's lock this coordinator holds, sent with every control
+    /// call: a proxy that follows the state refuses any other (`proxy::admin`).
+    generation: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,7 @@ pub fn from_plan(plan: &Plan) -> Result<Vec<ProxyAdmin>, String> {
         return Ok(vec![ProxyAdmin {
             address: plan.proxy.admin_listen.0.to_string(),
             token: token(default_token),
+            generation: None,
         }]);
     }
     plan.cutover
@@ -58,12 +62,19 @@ pub fn from_plan(plan: &Plan) -> Result<Vec<ProxyAdmin>, String> {
             Ok(ProxyAdmin {
                 address: address.to_string(),
                 token: token(var),
+                generation: None,
             })
         })
         .collect()
 }
 
 impl ProxyAdmin {
+    /// Control calls from now on carry `generation`, the lock this coordinator holds.
+    pub fn fenced_by(mut self, generation: u64) -> ProxyAdmin {
+        self.generation = Some(generation);
+        self
+    }
+
     fn error(&self, message: impl Into<String>) -> ProxyAdminError {
         ProxyAdminError {
             address: self.address.clone(),
@@ -152,8 +163,12 @@ impl ProxyAdmin {
                 .as_ref()
                 .map(|t| format!("Authorization: Bearer {t}\r\n"))
                 .unwrap_or_default();
+            let generation = self
+                .generation
+                .map(|g| format!("{}: {g}\r\n", crate::admin_api::GENERATION_HEADER))
+                .unwrap_or_default();
             let head = format!(
-                "{method} {path} HTTP/1.1\r\nHost: {}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\n{authorization}{generation}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 self.address,
                 body.len()
             );
@@ -233,6 +248,7 @@ mod tests {
         ProxyAdmin {
             address: "127.0.0.1:6433".into(),
             token: None,
+            generation: None,
         }
     }
 

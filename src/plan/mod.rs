@@ -80,10 +80,49 @@ pub struct SyncSettings {
     pub copy_workers: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Where the migration's state and lock live: `[state]`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// The file backend's state file (default `.switchyard/<name>.json`).
     pub path: Option<EnvString>,
+    /// The DynamoDB backend's table (one table holds any number of migrations).
+    pub table: Option<EnvString>,
+    /// The DynamoDB backend's region; default: the AWS chain's (`AWS_REGION`, the profile).
+    pub region: Option<EnvString>,
+    /// Another endpoint than AWS's (DynamoDB Local, say).
+    pub endpoint_url: Option<EnvString>,
+    /// How long a coordinator's lock outlives its last heartbeat (DynamoDB backend): another
+    /// takes over only after seeing the heartbeat unchanged this long on its own clock.
+    #[serde(default = "default_lease")]
+    pub lease: Dur,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            backend: StateBackend::File,
+            path: None,
+            table: None,
+            region: None,
+            endpoint_url: None,
+            lease: default_lease(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    #[default]
+    File,
+    Dynamodb,
+}
+
+fn default_lease() -> Dur {
+    Dur(Duration::from_secs(20))
 }
 
 /// How applications reach the database: `switchyard proxy`.
@@ -469,7 +508,41 @@ impl Plan {
             }
         })?;
         plan.path = path.to_owned();
+        plan.check_state(text)?;
         Ok(plan)
+    }
+
+    /// What the types cannot say about `[state]`: the DynamoDB backend needs its table, and a
+    /// lease shorter than a second leaves a heartbeat no time to land.
+    fn check_state(&self, text: &str) -> Result<(), PlanError> {
+        let problem = if self.state.backend == StateBackend::Dynamodb && self.state.table.is_none()
+        {
+            Some((
+                "state.table",
+                "backend = \"dynamodb\" needs the table's name: table = \"switchyard-state\" (create it with `switchyard state init`)",
+            ))
+        } else if self.state.lease.0 < Duration::from_secs(1) {
+            Some((
+                "state.lease",
+                "the lease must be at least \"1s\": a heartbeat goes out every third of it",
+            ))
+        } else {
+            None
+        };
+        let Some((key, message)) = problem else {
+            return Ok(());
+        };
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with("[state]"))
+            .map_or(1, |i| i + 1);
+        Err(PlanError::Invalid {
+            path: self.path.clone(),
+            line,
+            column: 1,
+            key: key.into(),
+            message: message.into(),
+        })
     }
 
     /// Where the migration's state lives: `[state] path`, or `.switchyard/<name>.json` in the

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::pool::Pool;
 use super::Shared;
-use crate::admin_api as api;
+use crate::admin_api::{self as api, GENERATION_HEADER};
 
 const MAX_REQUEST: usize = 16 * 1024;
 
@@ -39,6 +39,8 @@ struct Request {
     method: String,
     path: String,
     authorization: Option<String>,
+    /// `X-Switchyard-Generation`: the migration lock's generation the coordinator holds.
+    generation: Option<String>,
     body: Vec<u8>,
 }
 
@@ -69,11 +71,13 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
     );
     let mut length = 0usize;
     let mut authorization = None;
+    let mut generation = None;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             match name.trim().to_ascii_lowercase().as_str() {
                 "content-length" => length = value.trim().parse().unwrap_or(0),
                 "authorization" => authorization = Some(value.trim().to_string()),
+                "x-switchyard-generation" => generation = Some(value.trim().to_string()),
                 _ => {}
             }
         }
@@ -96,6 +100,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         method,
         path,
         authorization,
+        generation,
         body,
     }))
 }
@@ -109,6 +114,14 @@ async fn handle(
         return Ok(());
     };
     let path = request.path.split('?').next().unwrap_or_default();
+    let control = request.method == "POST"
+        && matches!(path, "/pause" | "/resume" | "/switch" | "/throttle")
+        && authorize(token, request.authorization.as_deref()).is_ok();
+    let fence = if control {
+        fenced(&shared, path, request.generation.as_deref()).await
+    } else {
+        Ok(())
+    };
     let (status, content_type, body) = match (request.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/status") => (200, "application/json", json(&status(&shared))),
@@ -123,6 +136,11 @@ async fn handle(
                     if token.is_none() { 403 } else { 401 },
                     "application/json",
                     error(message),
+                ),
+                Ok(()) if fence.is_err() => (
+                    409,
+                    "application/json",
+                    error(fence.err().unwrap_or_default()),
                 ),
                 Ok(()) if path == "/pause" => (
                     200,
@@ -155,6 +173,66 @@ async fn handle(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Fencing: when the proxy follows a migration's state store, a coordinator's control call
+/// carries the generation of the migration's lock it holds ([`GENERATION_HEADER`]), and it
+/// is accepted only while that is the lock's current generation, read from the store at this
+/// call. A coordinator that lost its lock (frozen past its lease while another took over,
+/// say) can then neither pause, switch nor resume anyone. A call without the header is an
+/// operator's own (`curl .../pause`), as before: coordinators always send it. A `/resume` is
+/// let through when the store cannot be read: a proxy must never stay paused because the
+/// store is down (it would resume at `max_pause` anyway).
+async fn fenced(shared: &Shared, path: &str, generation: Option<&str>) -> Result<(), String> {
+    let Some(store) = shared.store.get().cloned() else {
+        return Ok(());
+    };
+    let resume = path == "/resume";
+    let given = match generation.map(str::parse::<u64>) {
+        None => {
+            tracing::info!(
+                path,
+                "a control call without a lock generation: an operator's"
+            );
+            return Ok(());
+        }
+        Some(Err(_)) => return Err(format!("{GENERATION_HEADER} must be a number")),
+        Some(Ok(given)) => given,
+    };
+    let store_now = store.clone();
+    match tokio::task::spawn_blocking(move || store_now.lock_info()).await {
+        Ok(Ok(Some(lock))) if lock.held && lock.generation == given => Ok(()),
+        // No lock at all where this proxy looks: a file backend's lock file on the
+        // coordinator's machine, not this one. Nothing to check against (a stale coordinator
+        // always leaves a lock behind, so this is never one).
+        Ok(Ok(None)) => {
+            tracing::warn!(
+                "no migration lock in {} to check generation {given} against; accepting {path}",
+                store.describe()
+            );
+            Ok(())
+        }
+        Ok(Ok(lock)) => Err(format!(
+            "generation {given} does not hold the migration's lock ({}): a coordinator that lost its lock cannot pause, switch or resume proxies",
+            match lock {
+                Some(lock) if lock.held => format!(
+                    "generation {} does, {}",
+                    lock.generation,
+                    lock.holder.map(|h| h.to_string()).unwrap_or_default()
+                ),
+                Some(lock) => format!("it is free, at generation {}", lock.generation),
+                None => "it was never taken".into(),
+            }
+        )),
+        Ok(Err(e)) if resume => {
+            tracing::warn!("cannot read the migration's lock ({e}); resuming anyway");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!(
+            "cannot read the migration's lock to check this call's generation: {e}"
+        )),
+        Err(e) => Err(format!("cannot check this call's generation: {e}")),
+    }
 }
 
 fn authorize(token: Option<&str>, header: Option<&str>) -> Result<(), &'static str> {

@@ -140,6 +140,9 @@ pub struct Shared {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `[proxy.cache]`, when configured.
     pub cache: Option<Arc<cache::Cache>>,
+    /// The migration's state store, when the proxy runs from a plan: control calls are
+    /// fenced by its lock's generation (`admin::fenced`), and the switch is followed from it.
+    pub store: std::sync::OnceLock<Arc<dyn crate::state::StateStore>>,
     /// The plan's two servers (source, target), for the cache's own connections.
     endpoints: [Endpoint; 2],
 }
@@ -230,6 +233,7 @@ impl Shared {
         };
         let shared = Shared {
             cache,
+            store: std::sync::OnceLock::new(),
             endpoints: [plan.source.clone(), plan.target.clone()],
             database: plan.source.url.dbname().to_string(),
             client_slots: Arc::new(Semaphore::new(settings.max_client_connections as usize)),
@@ -572,8 +576,16 @@ fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError
 
 /// Runs the proxy for `plan` in front of `primary` until SIGTERM or Ctrl-C: the client
 /// listener, the admin listener, and the graceful shutdown.
-pub async fn run(plan: &Plan, backend: Backend) -> Result<(), ProxyError> {
+pub async fn run(
+    plan: &Plan,
+    backend: Backend,
+    store: Option<Arc<dyn crate::state::StateStore>>,
+) -> Result<(), ProxyError> {
     let shared = start_shards(plan, backend)?;
+    if let Some(store) = store {
+        let _ = shared.store.set(store.clone());
+        tokio::spawn(follow_store(shared.clone(), store));
+    }
     let listen = |addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -597,6 +609,40 @@ pub async fn run(plan: &Plan, backend: Backend) -> Result<(), ProxyError> {
     tokio::spawn(admin::serve(shared.clone(), admin, token));
     serve(shared, clients, shutdown_signal()).await;
     Ok(())
+}
+
+/// How often a proxy reads the switch from the state store.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads the switch from the state store every [`FOLLOW_EVERY`] and takes a newer one: a proxy
+/// that was down or unreachable during a cutover, or one added to the fleet later, comes to the
+/// side the migration is on without a coordinator calling it.
+async fn follow_store(shared: Arc<Shared>, store: Arc<dyn crate::state::StateStore>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let read = store.clone();
+        match tokio::task::spawn_blocking(move || read.switch()).await {
+            Ok(Ok(Some(switch))) => {
+                failing = false;
+                if switch.epoch > shared.backend.epoch() {
+                    tracing::info!(backend = %switch.backend, epoch = switch.epoch, "the migration's state has a newer switch; following it");
+                    if let Err(e) = shared.backend.switch(switch) {
+                        tracing::warn!("cannot follow the state's switch: {e}");
+                    }
+                }
+            }
+            Ok(Ok(None)) => failing = false,
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    "cannot read the switch from the migration's state ({e}); keeping epoch {}",
+                    shared.backend.epoch()
+                );
+            }
+            _ => {}
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::lock::{FileLock, LockGuard};
+use super::lock::{FileLock, Holder, LockGuard, LockInfo};
 use super::{State, StateError, StateStore};
 
 pub struct FileStore {
@@ -24,21 +24,28 @@ impl FileStore {
         &self.path
     }
 
+    fn lock_path(&self) -> PathBuf {
+        self.path.with_extension("lock")
+    }
+
     /// The version of the state on disk: 0 when there is none yet, or when it was written by
     /// a release before versions.
-    fn stored_version(&self) -> Result<u64, StateError> {
+    /// Also how many log entries it has: those past them are what a save adds.
+    fn stored_version(&self) -> Result<(u64, usize), StateError> {
         #[derive(Deserialize)]
         struct Versioned {
             #[serde(default)]
             version: u64,
+            #[serde(default)]
+            log: Vec<serde::de::IgnoredAny>,
         }
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
             Err(e) => return Err(self.io("read")(e)),
         };
         serde_json::from_str::<Versioned>(&text)
-            .map(|v| v.version)
+            .map(|v| (v.version, v.log.len()))
             .map_err(|source| StateError::Corrupt {
                 path: self.path.display().to_string(),
                 source,
@@ -86,7 +93,7 @@ impl StateStore for FileStore {
                 std::io::Error::last_os_error(),
             ));
         }
-        let found = self.stored_version()?;
+        let (found, logged) = self.stored_version()?;
         if found != state.version {
             return Err(StateError::Conflict {
                 path: self.describe(),
@@ -106,15 +113,49 @@ impl StateStore for FileStore {
         file.sync_all().map_err(self.io("write"))?;
         std::fs::rename(&tmp, &self.path).map_err(self.io("replace"))?;
         state.version = next.version;
+        drop(dir_lock);
+        super::faults::after_save(state.log.get(logged..).unwrap_or_default());
         Ok(())
     }
 
     fn lock(&self, purpose: &str) -> Result<LockGuard, StateError> {
-        FileLock::acquire(self.path.with_extension("lock"), purpose)
+        FileLock::acquire(self.lock_path(), purpose)
     }
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn lock_info(&self) -> Result<Option<LockInfo>, StateError> {
+        FileLock::info(&self.lock_path())
+    }
+
+    /// A flock dies with its holder: a lock that is held has a live holder, and is never
+    /// broken; one that is not held needs nothing.
+    fn force_unlock(&self) -> Result<Option<Holder>, StateError> {
+        match self.lock_info()? {
+            Some(LockInfo {
+                held: true, holder, ..
+            }) => Err(StateError::Locked {
+                path: self.lock_path().display().to_string(),
+                holder: holder.map_or_else(|| "another process".into(), |h| h.to_string()),
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    fn probe(&self) -> Vec<(&'static str, Option<String>)> {
+        let dir = match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => dir.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        let probe = dir.join(format!(".switchyard-probe-{}", std::process::id()));
+        let problem = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&probe, b""))
+            .and_then(|_| std::fs::remove_file(&probe))
+            .err()
+            .map(|e| format!("cannot write in {}: {e}", dir.display()));
+        vec![("write the state file", problem)]
     }
 }
 

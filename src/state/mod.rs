@@ -1,6 +1,9 @@
 //! Migration state: the phase, every object switchyard created, and a log of every step, kept
 //! in a [`StateStore`] so that a coordinator that died mid-step can be run again.
 
+#[cfg(feature = "dynamodb")]
+mod dynamo;
+pub mod faults;
 mod file;
 mod lock;
 mod log;
@@ -12,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "dynamodb")]
+pub use dynamo::DynamoStore;
 pub use file::FileStore;
-pub use lock::{Held, LockGuard};
+pub use lock::{Held, Holder, LockGuard, LockInfo};
 pub use log::{Event, LogEntry, Step, SyncStep, Undone};
 pub use phase::{BadMove, Phase};
 pub use recovery::{recovery, Recovery};
@@ -42,6 +47,21 @@ pub enum StateError {
     Locked { path: String, holder: String },
     #[error(transparent)]
     BadMove(#[from] BadMove),
+    /// A state write or lock renewal refused because another coordinator holds the lock now.
+    #[error("this command no longer holds the migration's lock in {store}: {holder} has it now; nothing was written. Look with `switchyard state show`, then run the command again")]
+    LostLock { store: String, holder: String },
+    /// The state store did not answer, or refused (permissions, a missing table).
+    #[error("state store {store}: cannot {action}: {message}")]
+    Store {
+        store: String,
+        action: &'static str,
+        message: String,
+    },
+    #[error("the migration's state in {store} was moved to {to} by `switchyard state migrate`: set the plan's [state] backend to it")]
+    Moved { store: String, to: String },
+    /// The plan asks for a backend this build does not have.
+    #[error("{0}")]
+    Unsupported(String),
     /// A compare-and-set write lost: someone saved the state after this command read it.
     #[error("the state in {path} changed since this command read it (version {read}, now {found}): another switchyard wrote it; nothing was overwritten, run the command again")]
     Conflict { path: String, read: u64, found: u64 },
@@ -167,6 +187,10 @@ pub struct State {
     pub fences: Vec<Fence>,
     #[serde(default)]
     pub log: Vec<LogEntry>,
+    /// `switchyard state migrate` moved the migration to this store: this copy is kept for
+    /// the record and refused as the migration's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 impl State {
@@ -181,6 +205,7 @@ impl State {
             backend: Default::default(),
             fences: Vec::new(),
             log: Vec::new(),
+            moved_to: None,
         }
     }
 
@@ -238,6 +263,33 @@ pub trait StateStore: Send + Sync {
     fn lock(&self, purpose: &str) -> Result<LockGuard, StateError>;
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
+    /// The lock as stored now, read consistently: what a proxy checks a control call's
+    /// generation against, and what `state show` prints. `None`: never taken.
+    fn lock_info(&self) -> Result<Option<LockInfo>, StateError>;
+    /// Where the applications belong, as the state says: what proxies follow.
+    fn switch(&self) -> Result<Option<Switch>, StateError> {
+        Ok(self.load()?.map(|state| state.backend))
+    }
+    /// `state unlock --force`: frees a lock whose holder is gone, by the same rule as a
+    /// waiting coordinator's takeover, so a live holder is never broken. Returns the holder
+    /// it freed the lock from, if it was held.
+    fn force_unlock(&self) -> Result<Option<Holder>, StateError>;
+    /// Each action the store needs, tried without changing anything: `(action, problem)`.
+    fn probe(&self) -> Vec<(&'static str, Option<String>)>;
+}
+
+/// Opens the store the plan's `[state]` names.
+pub fn open(plan: &crate::plan::Plan) -> Result<Box<dyn StateStore>, StateError> {
+    match plan.state.backend {
+        crate::plan::StateBackend::File => Ok(Box::new(FileStore::new(plan.state_path()))),
+        #[cfg(feature = "dynamodb")]
+        crate::plan::StateBackend::Dynamodb => Ok(Box::new(DynamoStore::open(plan)?)),
+        #[cfg(not(feature = "dynamodb"))]
+        crate::plan::StateBackend::Dynamodb => Err(StateError::Unsupported(format!(
+            "{}: [state] backend = \"dynamodb\" needs a switchyard built with the `dynamodb` feature (on by default)",
+            plan.path.display()
+        ))),
+    }
 }
 
 /// Takes the state's lock, waiting up to `wait` for another command that holds it (a
@@ -261,6 +313,12 @@ pub async fn lock_within(
 /// Loads the state or starts a new one for `name`.
 pub fn load_or_new(store: &dyn StateStore, name: &str) -> Result<State, StateError> {
     match store.load()? {
+        Some(State {
+            moved_to: Some(to), ..
+        }) => Err(StateError::Moved {
+            store: store.describe(),
+            to,
+        }),
         Some(state) if state.name != name => Err(StateError::WrongMigration {
             path: store.describe(),
             found: state.name,

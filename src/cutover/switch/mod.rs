@@ -78,7 +78,11 @@ pub async fn check<'a>(
         Server::connect(Side::Source, &plan.source),
         Server::connect(Side::Target, &plan.target)
     );
-    let proxies = proxies::from_plan(plan).map_err(CutoverError::Proxy)?;
+    let proxies = proxies::from_plan(plan)
+        .map_err(CutoverError::Proxy)?
+        .into_iter()
+        .map(|proxy| proxy.fenced_by(lock.generation()))
+        .collect();
     let mut checked = Checked {
         _lock: lock,
         plan,

@@ -1,0 +1,283 @@
+//! The lease lock, and the rules that keep it safe without comparing clocks between hosts.
+//!
+//! - Taking it is a conditional write; each holder gets `generation + 1`, the fencing token
+//!   that every state write checks and every proxy call carries.
+//! - The holder raises a heartbeat counter every third of the lease, conditioned on its owner
+//!   and generation. If no heartbeat has *landed* for `lease - lease/6`, counted on its own
+//!   clock from when it sent the last one that did, it stops the process (exit 3) before any
+//!   waiter can take over: a waiter starts counting only after it read that heartbeat, which
+//!   was after it was sent.
+//! - A waiter takes over only after it has seen (generation, heartbeat, owner) unchanged for
+//!   a whole lease on its own clock, with a write conditioned on all three. A holder that
+//!   moves in the meantime is alive: the waiter is refused, naming it.
+//! - A store that does not answer is never read as a dead holder: the waiter gives up with an
+//!   error, and the holder stops itself.
+//!
+//! The AWS lock client's record version numbers are random and cannot order two holders; a
+//! generation only grows, so "is this still the current holder?" is one comparison.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::items::{Ctx, LockItem, Outcome};
+use crate::state::lock::{Held, Holder, LockGuard};
+use crate::state::StateError;
+
+/// The lock as this process holds it.
+#[derive(Debug, Clone)]
+pub struct Owned {
+    /// Unique to this acquisition: host, pid and a random part.
+    pub owner: String,
+    pub generation: u64,
+}
+
+/// What [`acquire`] took.
+pub struct Acquired {
+    owned: Owned,
+    /// When the write that took it was sent: the heartbeat's clock starts there.
+    sent: Instant,
+}
+
+/// How often a waiter looks again.
+fn poll_interval(lease: Duration) -> Duration {
+    (lease / 20).clamp(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+/// Takes the lock: at once if it is free; after one lease of an unchanged heartbeat if its
+/// holder is gone; never from a holder that is alive ([`StateError::Locked`] names it).
+pub async fn acquire(ctx: &Ctx, purpose: &str, lease: Duration) -> Result<Acquired, StateError> {
+    let owner = format!(
+        "{}:{}:{:016x}",
+        crate::state::lock::hostname(),
+        std::process::id(),
+        rand::random::<u64>()
+    );
+    loop {
+        let seen = ctx.read_lock().await?;
+        let sent = Instant::now();
+        let outcome = match &seen {
+            None => ctx.create_lock(&owner, &Holder::me(purpose, 1)).await?,
+            Some(free) if free.owner.is_none() => {
+                ctx.replace_lock(
+                    free,
+                    Some(&owner),
+                    &Holder::me(purpose, free.generation + 1),
+                )
+                .await?
+            }
+            Some(held) => match watch(ctx, held, lease).await? {
+                Watched::Alive(now) => {
+                    return Err(StateError::Locked {
+                        path: ctx.describe.clone(),
+                        holder: now.named(),
+                    })
+                }
+                Watched::Released => continue,
+                Watched::Unchanged => {
+                    let sent = Instant::now();
+                    let taken = ctx
+                        .replace_lock(
+                            held,
+                            Some(&owner),
+                            &Holder::me(purpose, held.generation + 1),
+                        )
+                        .await?;
+                    if let Outcome::Done = taken {
+                        tracing::warn!(
+                            previous = %held.named(),
+                            "took over the migration's lock: its holder's heartbeat did not move for a whole lease ({lease:?})"
+                        );
+                        return Ok(Acquired {
+                            owned: Owned {
+                                owner,
+                                generation: held.generation + 1,
+                            },
+                            sent,
+                        });
+                    }
+                    continue;
+                }
+            },
+        };
+        if let Outcome::Done = outcome {
+            let generation = seen.map_or(1, |l| l.generation + 1);
+            return Ok(Acquired {
+                owned: Owned { owner, generation },
+                sent,
+            });
+        }
+        // Someone else wrote first: look again.
+    }
+}
+
+enum Watched {
+    /// The holder moved: alive (or a new one took it).
+    Alive(LockItem),
+    Released,
+    /// Unchanged for a whole lease on this clock.
+    Unchanged,
+}
+
+/// Watches a held lock for one lease from now.
+async fn watch(ctx: &Ctx, seen: &LockItem, lease: Duration) -> Result<Watched, StateError> {
+    let until = Instant::now() + lease;
+    while Instant::now() < until {
+        tokio::time::sleep(poll_interval(lease).min(until - Instant::now())).await;
+        match ctx.read_lock().await? {
+            Some(now) if now.owner.is_none() => return Ok(Watched::Released),
+            Some(now) if now != *seen => return Ok(Watched::Alive(now)),
+            Some(_) => {}
+            None => return Ok(Watched::Released),
+        }
+    }
+    Ok(Watched::Unchanged)
+}
+
+/// `state unlock --force`: frees a lock only by the takeover rule, so a live holder is never
+/// broken; the generation is raised, fencing whoever held it.
+pub async fn force_unlock(ctx: &Ctx, lease: Duration) -> Result<Option<Holder>, StateError> {
+    let Some(seen) = ctx.read_lock().await? else {
+        return Ok(None);
+    };
+    if seen.owner.is_none() {
+        return Ok(None);
+    }
+    match watch(ctx, &seen, lease).await? {
+        Watched::Alive(now) => Err(StateError::Locked {
+            path: ctx.describe.clone(),
+            holder: format!("{} (its heartbeat moved: it is alive)", now.named()),
+        }),
+        Watched::Released => Ok(None),
+        Watched::Unchanged => {
+            let mut marker = Holder::me("state unlock --force", seen.generation + 1);
+            marker.purpose = "state unlock --force".into();
+            match ctx.replace_lock(&seen, None, &marker).await? {
+                Outcome::Done => Ok(seen.holder),
+                Outcome::Refused(now) => Err(StateError::Locked {
+                    path: ctx.describe.clone(),
+                    holder: now.map_or_else(|| "another coordinator".into(), |l| l.named()),
+                }),
+            }
+        }
+    }
+}
+
+/// The guard of a DynamoDB lock: the heartbeat runs until it is dropped, then the lock is
+/// released.
+#[derive(Debug)]
+struct LeaseLock {
+    ctx_release: Option<tokio::sync::oneshot::Sender<()>>,
+    released: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    held: Arc<Mutex<Option<Owned>>>,
+}
+
+impl Held for LeaseLock {}
+
+impl Drop for LeaseLock {
+    fn drop(&mut self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(stop) = self.ctx_release.take() {
+            let _ = stop.send(());
+        }
+        // Waits (briefly) for the release to land, so the next command finds the lock free
+        // instead of waiting out a lease.
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(released) = released {
+            let _ = released.recv_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Starts the heartbeat of a lock just taken and returns its guard.
+pub fn hold(
+    runtime: tokio::runtime::Handle,
+    ctx: Ctx,
+    acquired: Acquired,
+    lease: Duration,
+    held: Arc<Mutex<Option<Owned>>>,
+    next: String,
+) -> LockGuard {
+    let Acquired { owned, sent } = acquired;
+    *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(owned.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (done, released) = std::sync::mpsc::sync_channel(1);
+    let generation = owned.generation;
+    runtime.spawn(async move {
+        heartbeat(&ctx, &owned, sent, lease, stopped, &next).await;
+        if let Err(e) = ctx.release(&owned).await {
+            tracing::warn!("cannot release the migration's lock ({e}); the next command waits one lease for it");
+        }
+        let _ = done.send(());
+    });
+    LockGuard::new(
+        LeaseLock {
+            ctx_release: Some(stop),
+            released: Mutex::new(Some(released)),
+            held,
+        },
+        generation,
+    )
+}
+
+/// Raises the heartbeat every third of the lease until `stop`; exits the process (3) when it
+/// cannot before the lease could run out, or when another holder has the lock.
+async fn heartbeat(
+    ctx: &Ctx,
+    owned: &Owned,
+    mut renewed: Instant,
+    lease: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    next: &str,
+) {
+    let every = lease / 3;
+    let give_up = lease - lease / 6;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep_until(renewed + every) => {}
+        }
+        loop {
+            let sent = Instant::now();
+            let deadline = renewed + give_up;
+            if sent >= deadline {
+                lost(&format!(
+                    "the migration's lock in {} could not be renewed for {:.1}s (the store did not answer in time, or this process was stopped): stopping before its lease of {lease:?} can run out, so that no other coordinator ever acts beside this one. Nothing half-done is lost: {next}",
+                    ctx.describe,
+                    (sent - renewed).as_secs_f64()
+                ));
+            }
+            match tokio::time::timeout(deadline - sent, ctx.renew(owned)).await {
+                Ok(Ok(Outcome::Done)) => {
+                    renewed = sent;
+                    break;
+                }
+                Ok(Ok(Outcome::Refused(now))) => lost(&format!(
+                    "the migration's lock in {} was taken over by {}: this process stops without writing anything more. {next}",
+                    ctx.describe,
+                    now.map_or_else(|| "another coordinator".into(), |l| l.named())
+                )),
+                Ok(Err(e)) => {
+                    tracing::warn!("cannot renew the migration's lock: {e}; trying again");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(poll_interval(lease)) => {}
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// The holder lost its lock, or cannot show it still has it: it stops here, exit 3.
+fn lost(message: &str) -> ! {
+    tracing::error!("{message}");
+    eprintln!("error: {message}");
+    std::process::exit(3)
+}
