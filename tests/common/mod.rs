@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod dynamodb;
 pub mod redis;
 pub mod servers;
 pub mod wire;
@@ -73,6 +74,8 @@ pub struct TestDb {
     pub dir: tempfile::TempDir,
     pub source: &'static Cluster,
     pub target: &'static Cluster,
+    /// The plan's `[state]` section: empty for the file backend.
+    pub state: String,
 }
 
 impl TestDb {
@@ -98,9 +101,24 @@ impl TestDb {
             dir: tempfile::tempdir().expect("temp dir"),
             source,
             target,
+            state: String::new(),
         };
         db.write_plan("");
         db
+    }
+
+    /// Keeps this migration's state in the harness's DynamoDB Local instead of a file, with
+    /// `lease`; creates the table if it is not there yet.
+    pub fn with_dynamodb(mut self, lease: &str) -> TestDb {
+        self.state = dynamodb::shared().state_section(lease);
+        self.write_plan("");
+        let plan = self.plan_path();
+        let output = self
+            .command(&["state", "init", plan.to_str().expect("utf-8 path")])
+            .output()
+            .expect("run switchyard state init");
+        assert!(output.status.success(), "state init: {}", text(&output));
+        self
     }
 
     pub async fn source_client(&self) -> Client {
@@ -132,8 +150,9 @@ impl TestDb {
     /// The plan text for this migration, followed by `extra` (more tables or keys).
     pub fn plan_text(&self, extra: &str) -> String {
         format!(
-            "name = \"{name}\"\n[source]\nurl = \"{src}\"\n[target]\nurl = \"{tgt}\"\n[sync]\npoll_interval = \"200ms\"\n{extra}",
+            "name = \"{name}\"\n{state}[source]\nurl = \"{src}\"\n[target]\nurl = \"{tgt}\"\n[sync]\npoll_interval = \"200ms\"\n{extra}",
             name = self.name,
+            state = self.state,
             src = self.source.url(&self.name),
             tgt = self.target.url(&self.name),
         )
@@ -149,6 +168,7 @@ impl TestDb {
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("PGPASSWORD")
+            .envs(dynamodb::ENV)
             .env("NO_COLOR", "1");
         command
     }

@@ -104,6 +104,37 @@ fn keeper() -> &'static Mutex<mpsc::Sender<Request>> {
     })
 }
 
+/// Starts `command` from the keeper thread, so that it dies with this process
+/// (`PR_SET_PDEATHSIG`, SIGKILL): for servers other than PostgreSQL (DynamoDB Local).
+pub fn spawn_kept(mut command: Command) -> io::Result<u32> {
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    keeper()
+        .lock()
+        .expect("keeper lock")
+        .send(Request::Spawn(Box::new(command), tx))
+        .expect("keeper alive");
+    rx.recv().expect("keeper reply")
+}
+
+/// Stops a process [`spawn_kept`] started with `signal`, and reaps it.
+pub fn stop_kept(pid: u32, signal: libc::c_int) {
+    let (tx, rx) = mpsc::channel();
+    keeper()
+        .lock()
+        .expect("keeper lock")
+        .send(Request::Stop(pid, signal, tx))
+        .expect("keeper alive");
+    let _ = rx.recv();
+}
+
 fn postgres_ids() -> Option<(u32, u32)> {
     if unsafe { libc::geteuid() } != 0 {
         return None;

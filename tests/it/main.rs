@@ -19,6 +19,7 @@ mod proxy_server_auth;
 mod proxy_state;
 mod resume;
 mod roles;
+mod shared_state;
 mod sync_live;
 mod tls;
 mod validate;

@@ -193,6 +193,35 @@ impl Proxy {
         self.admin("POST", "/resume", Some(TOKEN), "").await;
     }
 
+    /// `POST path` with the token and a coordinator's lock generation; returns (status, body).
+    pub async fn admin_with_generation(
+        &self,
+        path: &str,
+        generation: u64,
+        body: &str,
+    ) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .expect("connect to the admin listener");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nX-Switchyard-Generation: {generation}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     /// An HTTP request to the admin listener; returns (status, body).
     pub async fn admin(
         &self,
@@ -260,6 +289,7 @@ fn spawn_proxy(plan: &std::path::Path, users: &[(String, String)]) -> Child {
     command
         .arg("proxy")
         .arg(plan)
+        .envs(crate::common::dynamodb::ENV)
         .current_dir(plan.parent().expect("the plan's directory"))
         .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
         .stdout(Stdio::null())

@@ -32,6 +32,7 @@ async fn sync_from_a_tls_only_source() {
         dir: tempfile::tempdir().unwrap(),
         source,
         target: common::target(),
+        state: String::new(),
     };
     let src = connect_tls(&format!("{}?sslmode=require", source.url(name))).await;
     src.batch_execute(&common::testdata_schema()).await.unwrap();

@@ -210,6 +210,7 @@ impl Ctx {
                 "SET generation = :next, heartbeat = :zero, holder = :holder REMOVE #owner",
             ),
         };
+        let request = request.condition_expression(condition);
         self.conditional_update(request, "take the lock").await
     }
 
@@ -505,17 +506,27 @@ impl Ctx {
                 .build()
                 .map_err(build)
         };
-        let created = self
-            .client
-            .create_table()
-            .table_name(&self.table)
-            .attribute_definitions(attribute("pk")?)
-            .attribute_definitions(attribute("sk")?)
-            .key_schema(key("pk", KeyType::Hash)?)
-            .key_schema(key("sk", KeyType::Range)?)
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await;
+        // A table takes a while to make (DynamoDB Local's first one, on a cold JVM, too):
+        // a call that timed out is asked again; one that landed says the table is in use.
+        let mut tries = 0;
+        let created = loop {
+            tries += 1;
+            let sent = self
+                .client
+                .create_table()
+                .table_name(&self.table)
+                .attribute_definitions(attribute("pk")?)
+                .attribute_definitions(attribute("sk")?)
+                .key_schema(key("pk", KeyType::Hash)?)
+                .key_schema(key("sk", KeyType::Range)?)
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+                .await;
+            match sent {
+                Err(SdkError::TimeoutError(_)) if tries < 5 => continue,
+                other => break other,
+            }
+        };
         let fresh = match created {
             Ok(_) => true,
             Err(e) if e.code() == Some("ResourceInUseException") => false,

@@ -81,14 +81,15 @@ impl DynamoStore {
                 action: "start",
                 message: e.to_string(),
             })?;
-        // Every call gets at most a third of the lease: a store that does not answer is
-        // seen as one well before a lease could run out.
+        // A call gets at most half a lease per attempt and a lease in all: a store that does
+        // not answer is an error well before a waiter could take the lock over. (The
+        // heartbeat keeps its own, shorter deadline: see `lease`.)
         let lease = settings.lease.0;
-        let attempt = (lease / 6).clamp(Duration::from_millis(300), Duration::from_secs(3));
+        let attempt = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(5));
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(attempt)
             .operation_attempt_timeout(attempt)
-            .operation_timeout(lease / 3)
+            .operation_timeout(lease.clamp(Duration::from_secs(2), Duration::from_secs(10)))
             .build();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .timeout_config(timeouts)

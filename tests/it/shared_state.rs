@@ -1,0 +1,294 @@
+//! The migration's state in a shared store: the lock's races, a holder killed or frozen, the
+//! generation that fences a coordinator which lost its lock out of the state and the proxies,
+//! proxies that follow the store. On both backends where both apply: the file (a flock, which
+//! dies with its holder) and DynamoDB Local (a lease).
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{text, TestDb};
+use crate::cutover::{assert_holds_exactly, coordinator, Load, CUTOVER};
+use crate::proxy::{Proxy, TOKEN};
+
+/// The lease of these tests: short, so that takeovers take seconds.
+pub(crate) const LEASE: &str = "3s";
+const LEASE_TIME: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    File,
+    Dynamodb,
+}
+
+pub(crate) async fn migration(name: &str, backend: Backend) -> TestDb {
+    let db = TestDb::new(name).await;
+    match backend {
+        Backend::File => db,
+        Backend::Dynamodb => db.with_dynamodb(LEASE),
+    }
+}
+
+/// `switchyard state show PLAN --json`.
+pub(crate) fn state_show(db: &TestDb, plan: &std::path::Path) -> serde_json::Value {
+    let output = db
+        .command(&["state", "show", plan.to_str().unwrap(), "--json"])
+        .output()
+        .expect("run state show");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    serde_json::from_slice(&output.stdout).expect("state show JSON")
+}
+
+fn spawn(db: &TestDb, args: &[&str]) -> Child {
+    let mut all = args.to_vec();
+    let plan = db.plan_path();
+    all.insert(1, plan.to_str().unwrap());
+    db.command(&all)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchyard")
+}
+
+/// Waits until the lock is held by a process other than `not` (pid), and returns its pid.
+fn wait_held(db: &TestDb, not: Option<u64>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = state_show(db, &db.plan_path());
+        let pid = shown["lock"]["holder"]["pid"].as_u64();
+        if shown["lock"]["held"] == true && pid.is_some() && pid != not {
+            return pid.unwrap_or_default();
+        }
+        assert!(Instant::now() < deadline, "nobody took the lock: {shown}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn two_coordinators_at_once(backend: Backend, name: &str) {
+    let db = migration(name, backend).await;
+    db.load_testdata(20_000).await;
+    let first = spawn(&db, &["sync", "--wait", "--timeout", "120s"]);
+    let second = spawn(&db, &["sync", "--wait", "--timeout", "120s"]);
+    let outputs = [first, second].map(|c| c.wait_with_output().expect("wait for sync"));
+    let codes: Vec<Option<i32>> = outputs.iter().map(|o| o.status.code()).collect();
+    let refused: Vec<&std::process::Output> = outputs
+        .iter()
+        .filter(|o| o.status.code() == Some(1))
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == Some(0)).count(),
+        1,
+        "exactly one proceeds: {codes:?}\n{}\n{}",
+        text(&outputs[0]),
+        text(&outputs[1])
+    );
+    assert_eq!(refused.len(), 1, "the other is refused: {codes:?}");
+    let message = text(refused[0]);
+    assert!(
+        message.contains("another switchyard is working on this migration")
+            && message.contains("`sync` by pid"),
+        "the refusal names the holder: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_at_once_one_proceeds_file() {
+    two_coordinators_at_once(Backend::File, "race_file").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_at_once_one_proceeds_dynamodb() {
+    two_coordinators_at_once(Backend::Dynamodb, "race_ddb").await;
+}
+
+/// A holder killed with SIGKILL leaves its lease behind: the next coordinator takes it over
+/// after one lease of an unchanged heartbeat, not before, and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
+    let db = migration("lease_kill", Backend::Dynamodb).await;
+    db.load_testdata(20_000).await;
+    let mut holder = spawn(&db, &["sync", "--wait", "--timeout", "120s"]);
+    let pid = wait_held(&db, None);
+    assert_eq!(pid, u64::from(holder.id()));
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let shown = state_show(&db, &db.plan_path());
+    assert_eq!(shown["lock"]["held"], true, "the lease outlives its holder: {shown}");
+    let generation = shown["lock"]["generation"].as_u64().unwrap();
+
+    let started = Instant::now();
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "120s"]);
+    let took = started.elapsed();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(
+        took >= LEASE_TIME,
+        "took over after {took:?}, before a whole lease ({LEASE_TIME:?})"
+    );
+    assert!(
+        text(&output).contains("took over the migration's lock"),
+        "{}",
+        text(&output)
+    );
+    let shown = state_show(&db, &db.plan_path());
+    assert_eq!(shown["lock"]["held"], false, "{shown}");
+    assert_eq!(
+        shown["lock"]["generation"].as_u64(),
+        Some(generation + 1),
+        "the takeover raised the generation: {shown}"
+    );
+    assert_eq!(shown["phase"], "synced", "{shown}");
+}
+
+/// A coordinator frozen (SIGSTOP) in a cutover past its lease while another takes over and
+/// finishes, then resumed: nothing it does reaches the state or the proxies, and it stops
+/// with exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
+    let db = migration("lease_frozen", Backend::Dynamodb).await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(crate::cutover::SCHEMA)
+        .await
+        .expect("schema");
+    let plan = db.plan_text(CUTOVER);
+    let proxy = Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
+        let output = coordinator(&db, &proxy.plan, step);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+    let load = Load::start(&proxy.url()).await;
+    load.run_for(100).await;
+
+    // Frozen right after it recorded the way back: it holds the lock, nothing is paused yet.
+    let mut frozen = db
+        .command(&["cutover", proxy.plan.to_str().unwrap(), "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("TEST_APP_PASSWORD", "app-secret")
+        .env("SWITCHYARD_FAULTS", "on")
+        .env("SWITCHYARD_STOP_AFTER", "reverse replication recorded")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the cutover");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_stopped(frozen.id()) {
+        assert!(
+            frozen.try_wait().unwrap().is_none(),
+            "the cutover ended before its stop point"
+        );
+        assert!(Instant::now() < deadline, "the cutover never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stale = state_show(&db, &proxy.plan)["lock"]["generation"]
+        .as_u64()
+        .unwrap();
+
+    // Another coordinator takes over after one lease, undoes the frozen one's start and cuts
+    // over.
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(proxy.status().await["backend"], "target");
+    let after_takeover = state_show(&db, &proxy.plan);
+
+    // The proxy refuses the stale generation outright.
+    for path in ["/pause", "/switch", "/resume"] {
+        let (status, body) = proxy
+            .admin_with_generation(path, stale, "{\"backend\": \"source\", \"epoch\": 99}")
+            .await;
+        assert_eq!(status, 409, "{path} with a stale generation: {body}");
+        assert!(body.contains("does not hold the migration's lock"), "{body}");
+    }
+
+    unsafe { libc::kill(frozen.id() as i32, libc::SIGCONT) };
+    let resumed_at = Instant::now();
+    let mut paused_seen = false;
+    let status = loop {
+        if let Some(status) = frozen.try_wait().unwrap() {
+            break status;
+        }
+        paused_seen |= proxy.status().await["paused"] == true;
+        assert!(
+            resumed_at.elapsed() < Duration::from_secs(30),
+            "the resumed coordinator did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = frozen.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(!paused_seen, "the fenced coordinator paused the proxy");
+    let now = state_show(&db, &proxy.plan);
+    assert_eq!(now["version"], after_takeover["version"], "it wrote the state: {now}");
+    assert_eq!(now["phase"], "switched");
+    assert_eq!(proxy.status().await["backend"], "target");
+
+    load.run_for(100).await;
+    let (acked, errors) = load.stop().await;
+    for error in &errors {
+        assert!(error.contains("42501"), "a client error other than the fence: {error}");
+    }
+    assert_holds_exactly(&db.target_client().await, &acked, "target").await;
+}
+
+/// Whether the process is stopped (state `T` in /proc).
+pub(crate) fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "T"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `output` is of a process killed by SIGKILL (a crash point).
+pub(crate) fn was_killed(output: &std::process::Output) -> bool {
+    output.status.signal() == Some(libc::SIGKILL)
+}
+
+/// A proxy restarted during a cutover (down while the coordinator switched the others) comes
+/// back on the switched side, and one added after the cutover starts on the target: both read
+/// the switch from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
+    let db = migration("follow_store", Backend::Dynamodb).await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(crate::cutover::SCHEMA)
+        .await
+        .expect("schema");
+    let plan = db.plan_text(CUTOVER);
+    let mut proxy =
+        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
+        let output = coordinator(&db, &proxy.plan, step);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    // Its own switch file gone too (a new host): only the store says where to go.
+    let switch_files: Vec<_> = std::fs::read_dir(db.dir.path().join(".switchyard"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for file in switch_files {
+        if file.to_string_lossy().contains(".proxy-") {
+            std::fs::remove_file(file).unwrap();
+        }
+    }
+    proxy.restart().await;
+    assert_eq!(proxy.status().await["backend"], "target");
+    let client = proxy.client().await;
+    let on: String = client
+        .query_one("SELECT CASE WHEN current_setting('server_version_num')::int >= 170000 THEN 'target' ELSE 'source' END", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on, "target");
+
+    let added =
+        Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
+    assert_eq!(added.status().await["backend"], "target");
+    assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
+}
