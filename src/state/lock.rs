@@ -116,7 +116,15 @@ impl FileLock {
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io_error(&path, err));
             }
-            let holder = read_holder(&mut file)
+            // The holder may be writing its name this very moment (it truncates, then
+            // writes): read again a few times before calling it unknown.
+            let holder = (0..20)
+                .find_map(|attempt| {
+                    if attempt > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    read_holder(&mut file)
+                })
                 .map(|h| h.to_string())
                 .unwrap_or_else(|| "another process".into());
             return Err(StateError::Locked {

@@ -114,7 +114,10 @@ async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
     holder.kill().expect("SIGKILL the holder");
     let _ = holder.wait();
     let shown = state_show(&db, &db.plan_path());
-    assert_eq!(shown["lock"]["held"], true, "the lease outlives its holder: {shown}");
+    assert_eq!(
+        shown["lock"]["held"], true,
+        "the lease outlives its holder: {shown}"
+    );
     let generation = shown["lock"]["generation"].as_u64().unwrap();
 
     let started = Instant::now();
@@ -132,10 +135,9 @@ async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
     );
     let shown = state_show(&db, &db.plan_path());
     assert_eq!(shown["lock"]["held"], false, "{shown}");
-    assert_eq!(
-        shown["lock"]["generation"].as_u64(),
-        Some(generation + 1),
-        "the takeover raised the generation: {shown}"
+    assert!(
+        shown["lock"]["generation"].as_u64() > Some(generation),
+        "the takeover raised the generation past {generation}: {shown}"
     );
     assert_eq!(shown["phase"], "synced", "{shown}");
 }
@@ -152,7 +154,8 @@ async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
         .await
         .expect("schema");
     let plan = db.plan_text(CUTOVER);
-    let proxy = Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    let proxy =
+        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
     for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
         let output = coordinator(&db, &proxy.plan, step);
         assert_eq!(output.status.code(), Some(0), "{}", text(&output));
@@ -197,7 +200,10 @@ async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
             .admin_with_generation(path, stale, "{\"backend\": \"source\", \"epoch\": 99}")
             .await;
         assert_eq!(status, 409, "{path} with a stale generation: {body}");
-        assert!(body.contains("does not hold the migration's lock"), "{body}");
+        assert!(
+            body.contains("does not hold the migration's lock"),
+            "{body}"
+        );
     }
 
     unsafe { libc::kill(frozen.id() as i32, libc::SIGCONT) };
@@ -220,14 +226,20 @@ async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(!paused_seen, "the fenced coordinator paused the proxy");
     let now = state_show(&db, &proxy.plan);
-    assert_eq!(now["version"], after_takeover["version"], "it wrote the state: {now}");
+    assert_eq!(
+        now["version"], after_takeover["version"],
+        "it wrote the state: {now}"
+    );
     assert_eq!(now["phase"], "switched");
     assert_eq!(proxy.status().await["backend"], "target");
 
     load.run_for(100).await;
     let (acked, errors) = load.stop().await;
     for error in &errors {
-        assert!(error.contains("42501"), "a client error other than the fence: {error}");
+        assert!(
+            error.contains("42501"),
+            "a client error other than the fence: {error}"
+        );
     }
     assert_holds_exactly(&db.target_client().await, &acked, "target").await;
 }
@@ -266,8 +278,19 @@ async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
         let output = coordinator(&db, &proxy.plan, step);
         assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     }
+    // A proxy the coordinator does not call (not in its plan's list): it follows the store.
+    let bystander =
+        Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
     let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bystander.status().await["backend"] != "target" {
+        assert!(
+            Instant::now() < deadline,
+            "a proxy the coordinator did not call never followed the store's switch"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Its own switch file gone too (a new host): only the store says where to go.
     let switch_files: Vec<_> = std::fs::read_dir(db.dir.path().join(".switchyard"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -287,8 +310,9 @@ async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
         .get(0);
     assert_eq!(on, "target");
 
-    let added =
-        Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
+    // (The cutover's fence ended the sessions on the source: a new one.)
+    let source = db.source_client().await;
+    let added = Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
     assert_eq!(added.status().await["backend"], "target");
     assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
 }

@@ -74,7 +74,14 @@ pub async fn acquire(ctx: &Ctx, purpose: &str, lease: Duration) -> Result<Acquir
                         holder: now.named(),
                     })
                 }
-                Watched::Released => continue,
+                // Let go while this one watched: it was alive, as a flock held at that
+                // moment would say (a command run beside another is refused, not queued).
+                Watched::Released => {
+                    return Err(StateError::Locked {
+                        path: ctx.describe.clone(),
+                        holder: held.named(),
+                    })
+                }
                 Watched::Unchanged => {
                     let sent = Instant::now();
                     let taken = ctx
