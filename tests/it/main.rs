@@ -6,6 +6,7 @@ mod common;
 
 mod abort;
 mod cache;
+mod crash_matrix;
 pub mod cutover;
 mod drift;
 mod plan_errors;
@@ -19,7 +20,7 @@ mod proxy_server_auth;
 mod proxy_state;
 mod resume;
 mod roles;
-mod shared_state;
+pub mod shared_state;
 mod sync_live;
 mod tls;
 mod validate;

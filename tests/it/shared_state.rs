@@ -22,10 +22,14 @@ pub(crate) enum Backend {
 }
 
 pub(crate) async fn migration(name: &str, backend: Backend) -> TestDb {
+    migration_with_lease(name, backend, LEASE).await
+}
+
+pub(crate) async fn migration_with_lease(name: &str, backend: Backend, lease: &str) -> TestDb {
     let db = TestDb::new(name).await;
     match backend {
         Backend::File => db,
-        Backend::Dynamodb => db.with_dynamodb(LEASE),
+        Backend::Dynamodb => db.with_dynamodb(lease),
     }
 }
 

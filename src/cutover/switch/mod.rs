@@ -105,6 +105,20 @@ pub async fn check<'a>(
     } else {
         checked.recover().await?;
     }
+    // Run again after it finished (its "done" recorded, the answer lost with its terminal,
+    // say): nothing to do, as for an interrupted run that is finished now. Not "run sync".
+    if !checked.finished_earlier
+        && checked.state.phase == direction.committed_phase()
+        && checked.state.recovery() == state::Recovery::Nothing
+    {
+        checked.finished_earlier = true;
+        checked.recovered = Some(format!(
+            "the {} was finished by an earlier run (the applications are on the {}, switch epoch {}): nothing to do",
+            direction.name(),
+            direction.to(),
+            checked.state.backend.epoch
+        ));
+    }
     if checked.finished_earlier {
         return Ok(checked);
     }
