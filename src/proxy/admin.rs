@@ -17,6 +17,8 @@ use super::Shared;
 use crate::admin_api::{self as api, GENERATION_HEADER};
 
 const MAX_REQUEST: usize = 16 * 1024;
+/// How long a control call waits for the state store to say which generation holds the lock.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Option<String>) {
     let token = Arc::new(token);
@@ -180,9 +182,8 @@ async fn handle(
 /// is accepted only while that is the lock's current generation, read from the store at this
 /// call. A coordinator that lost its lock (frozen past its lease while another took over,
 /// say) can then neither pause, switch nor resume anyone. A call without the header is an
-/// operator's own (`curl .../pause`), as before: coordinators always send it. A `/resume` is
-/// let through when the store cannot be read: a proxy must never stay paused because the
-/// store is down (it would resume at `max_pause` anyway).
+/// operator's own (`curl .../pause`), as before: coordinators always send it. When the store
+/// cannot be read, `/resume` and `/switch` go ahead (see below) and `/pause` is refused.
 async fn fenced(shared: &Shared, path: &str, generation: Option<&str>) -> Result<(), String> {
     let Some(store) = shared.store.get().cloned() else {
         return Ok(());
@@ -200,7 +201,20 @@ async fn fenced(shared: &Shared, path: &str, generation: Option<&str>) -> Result
         Some(Ok(given)) => given,
     };
     let store_now = store.clone();
-    match tokio::task::spawn_blocking(move || store_now.lock_info()).await {
+    // Bounded: a control call must not hang on a store that stopped answering.
+    let read = tokio::time::timeout(
+        STORE_CHECK_TIMEOUT,
+        tokio::task::spawn_blocking(move || store_now.lock_info()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Ok(Err(crate::state::StateError::Store {
+            store: store.describe(),
+            action: "read the lock",
+            message: format!("no answer within {STORE_CHECK_TIMEOUT:?}"),
+        }))
+    });
+    match read {
         Ok(Ok(Some(lock))) if lock.held && lock.generation == given => Ok(()),
         // No lock at all where this proxy looks: a file backend's lock file on the
         // coordinator's machine, not this one. Nothing to check against (a stale coordinator
@@ -224,8 +238,12 @@ async fn fenced(shared: &Shared, path: &str, generation: Option<&str>) -> Result
                 None => "it was never taken".into(),
             }
         )),
-        Ok(Err(e)) if resume => {
-            tracing::warn!("cannot read the migration's lock ({e}); resuming anyway");
+        // The store unreachable: a resume is always safe, and a switch is still fenced by
+        // its epoch (a coordinator that lost its lock never saved a newer one), so that a
+        // cutover past its commit point can finish switching the proxies. A pause is
+        // refused: a cutover that cannot reach the store cannot commit anyway.
+        Ok(Err(e)) if resume || path == "/switch" => {
+            tracing::warn!("cannot read the migration's lock ({e}); {path} goes ahead");
             Ok(())
         }
         Ok(Err(e)) => Err(format!(

@@ -109,8 +109,13 @@ impl TestDb {
 
     /// Keeps this migration's state in the harness's DynamoDB Local instead of a file, with
     /// `lease`; creates the table if it is not there yet.
-    pub fn with_dynamodb(mut self, lease: &str) -> TestDb {
-        self.state = dynamodb::shared().state_section(lease);
+    pub fn with_dynamodb(self, lease: &str) -> TestDb {
+        self.with_dynamodb_on(dynamodb::shared(), lease)
+    }
+
+    /// [`TestDb::with_dynamodb`] on a DynamoDB Local of the test's own.
+    pub fn with_dynamodb_on(mut self, store: &dynamodb::DynamoDb, lease: &str) -> TestDb {
+        self.state = store.state_section(lease);
         self.write_plan("");
         let plan = self.plan_path();
         let output = self

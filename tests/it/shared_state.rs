@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{text, TestDb};
+use crate::common::{self, text, TestDb};
 use crate::cutover::{assert_holds_exactly, coordinator, Load, CUTOVER};
 use crate::proxy::{Proxy, TOKEN};
 
@@ -319,4 +319,140 @@ async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
     let added = Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
     assert_eq!(added.status().await["backend"], "target");
     assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
+}
+
+/// The store stops answering in the middle of a switch (its server frozen):
+/// - before the commit point, the cutover undoes itself (exit 1): the proxies resume on the
+///   source, which takes writes again;
+/// - at the commit point (its save unanswered: it may or may not have landed), the
+///   coordinator exits 3 and the next run, with the store back, finishes or undoes it;
+/// - after the commit point, the proxies keep the switch they were told, the coordinator
+///   exits 3 naming the command to run, and that command finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_unreachable_mid_switch_undoes_before_the_commit_point_and_holds_after() {
+    let store: &'static common::dynamodb::DynamoDb =
+        Box::leak(Box::new(common::dynamodb::DynamoDb::start()));
+    // A long lease: a call to the frozen store gives up after a third of it, with time left
+    // to undo before the heartbeat must stop the coordinator.
+    let db = TestDb::new("store_outage")
+        .await
+        .with_dynamodb_on(store, "12s");
+    let source = db.source_client().await;
+    source
+        .batch_execute(crate::cutover::SCHEMA)
+        .await
+        .expect("schema");
+    let plan = db.plan_text(CUTOVER);
+    let proxy =
+        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
+        let output = coordinator(&db, &proxy.plan, step);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+    let load = Load::start(&proxy.url()).await;
+    load.run_for(100).await;
+
+    let before = switch_with_store_frozen_after(
+        &db,
+        &proxy,
+        store,
+        "cutover",
+        "reverse replication recorded",
+    )
+    .await;
+    assert_eq!(
+        before.status.code(),
+        Some(1),
+        "undone before the commit point: {}",
+        text(&before)
+    );
+    assert_eq!(proxy.status().await["paused"], false, "{}", text(&before));
+    assert_eq!(proxy.status().await["backend"], "source");
+    load.run_for(100).await; // the source takes writes again: unfenced
+
+    let at =
+        switch_with_store_frozen_after(&db, &proxy, store, "cutover", "fence the source").await;
+    assert_eq!(
+        at.status.code(),
+        Some(3),
+        "an unanswered commit: {}",
+        text(&at)
+    );
+    assert!(text(&at).contains("switchyard cutover"), "{}", text(&at));
+    let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(proxy.status().await["backend"], "target");
+    assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
+    load.run_for(100).await;
+
+    let after =
+        switch_with_store_frozen_after(&db, &proxy, store, "rollback", "switch to the source")
+            .await;
+    assert_eq!(
+        after.status.code(),
+        Some(3),
+        "past the commit point: {}",
+        text(&after)
+    );
+    assert!(
+        text(&after).contains("switchyard rollback"),
+        "names the command to run: {}",
+        text(&after)
+    );
+    assert_eq!(
+        proxy.status().await["backend"],
+        "source",
+        "{}",
+        text(&after)
+    );
+    load.run_for(100).await;
+    let output = coordinator(&db, &proxy.plan, &["rollback", "--yes"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(state_show(&db, &proxy.plan)["phase"], "rolled_back");
+
+    let (acked, errors) = load.stop().await;
+    for error in &errors {
+        assert!(
+            error.contains("42501"),
+            "a client error other than the fence: {error}"
+        );
+    }
+    assert_holds_exactly(&db.source_client().await, &acked, "source").await;
+}
+
+/// Runs `command` (cutover, rollback), which stops itself right after `point`; freezes the
+/// store; lets the command go on; thaws the store once it ended.
+async fn switch_with_store_frozen_after(
+    db: &TestDb,
+    proxy: &Proxy,
+    store: &common::dynamodb::DynamoDb,
+    command: &str,
+    point: &str,
+) -> std::process::Output {
+    let child = db
+        .command(&[command, proxy.plan.to_str().unwrap(), "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("TEST_APP_PASSWORD", "app-secret")
+        .env("SWITCHYARD_FAULTS", "on")
+        .env("SWITCHYARD_STOP_AFTER", point)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the cutover");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_stopped(child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "{command} never reached {point:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    store.freeze();
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait for the cutover");
+    store.thaw();
+    output
 }

@@ -47,6 +47,8 @@ pub struct Checked<'a> {
     pub finished_earlier: bool,
     /// The pause under way, as the coordinator keeps time of it.
     pause: Option<PauseClock>,
+    /// An undo the state store could not record (it did not answer).
+    unrecorded: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +98,7 @@ pub async fn check<'a>(
         recovered: None,
         finished_earlier: false,
         pause: None,
+        unrecorded: None,
     };
     if dry_run {
         // A dry run changes nothing, not even to finish or undo an earlier run.

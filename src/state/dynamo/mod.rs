@@ -81,15 +81,16 @@ impl DynamoStore {
                 action: "start",
                 message: e.to_string(),
             })?;
-        // A call gets at most half a lease per attempt and a lease in all: a store that does
-        // not answer is an error well before a waiter could take the lock over. (The
-        // heartbeat keeps its own, shorter deadline: see `lease`.)
+        // A call gives up after a third of the lease (2s at least): a store that stopped
+        // answering is an error while the holder still has time to act on it (undo a cutover
+        // before its commit point) before its heartbeat must stop it, at 5/6 of the lease
+        // after the last one that landed. (The heartbeat keeps its own deadline: `lease`.)
         let lease = settings.lease.0;
-        let attempt = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let operation = (lease / 3).max(Duration::from_secs(2));
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(attempt)
-            .operation_attempt_timeout(attempt)
-            .operation_timeout(lease.clamp(Duration::from_secs(2), Duration::from_secs(10)))
+            .connect_timeout(operation / 2)
+            .operation_attempt_timeout(operation / 2)
+            .operation_timeout(operation)
             .build();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .timeout_config(timeouts)
