@@ -1,5 +1,9 @@
 # switchyard in a container: the binary plus PostgreSQL 15 client programs (pg_dump, pg_restore).
 FROM rust:1-bookworm AS build
+# libclang: the pg_query crate's build (bindgen) for the proxy's read cache.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

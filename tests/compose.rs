@@ -43,6 +43,17 @@ fn compose_plan_loads_and_points_at_the_compose_services() {
     assert_eq!(plan.source.url.host(), "source");
     assert_eq!(plan.target.url.host(), "target");
     assert!(compose.contains("wal_level=logical"));
+    // The shared state in the compose file's DynamoDB, which it runs.
+    assert_eq!(plan.state.backend, switchyard::plan::StateBackend::Dynamodb);
+    let endpoint = plan
+        .state
+        .endpoint_url
+        .as_ref()
+        .expect("an endpoint")
+        .0
+        .clone();
+    assert!(endpoint.starts_with("http://dynamodb:"), "{endpoint}");
+    assert!(compose.contains("\n  dynamodb:\n") && compose.contains("\n  redis:\n"));
     assert!(compose.contains(&format!("POSTGRES_DB: {}", plan.source.url.dbname())));
 
     // plans/example.toml documents every key with its default: it loads, and its values are

@@ -456,3 +456,60 @@ async fn switch_with_store_frozen_after(
     store.thaw();
     output
 }
+
+/// `state migrate --to dynamodb` moves a running migration off its file under both locks; the
+/// file is refused from then on, and the migration carries on from DynamoDB. `plan` names a
+/// missing table as a blocking finding with the command that makes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_moves_from_its_file_to_dynamodb_and_plan_probes_the_store() {
+    let mut db = TestDb::new("state_move").await.with_dynamodb(LEASE);
+    let dynamodb_section = db.state.clone();
+    db.state = dynamodb_section.replace("backend = \"dynamodb\"", "backend = \"file\"");
+    db.write_plan("");
+    db.load_testdata(200).await;
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "120s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let on_file = state_show(&db, &db.plan_path());
+
+    let plan = db.plan_path();
+    let output = db
+        .command(&[
+            "state",
+            "migrate",
+            plan.to_str().unwrap(),
+            "--to",
+            "dynamodb",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let output = db.switchyard(&["status"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("was moved to DynamoDB table"),
+        "{}",
+        text(&output)
+    );
+
+    db.state = dynamodb_section;
+    db.write_plan("");
+    let moved = state_show(&db, &db.plan_path());
+    assert_eq!(moved["phase"], "synced", "{moved}");
+    assert_eq!(moved["last_steps"], on_file["last_steps"], "{moved}");
+    let output = db.switchyard(&["validate"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+
+    db.state = db.state.replace(
+        &format!("table = \"{}\"", common::dynamodb::TABLE),
+        "table = \"no_such_table\"",
+    );
+    db.write_plan("");
+    let output = db.switchyard(&["plan"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("no_such_table does not exist")
+            && text(&output).contains("switchyard state init"),
+        "{}",
+        text(&output)
+    );
+}
