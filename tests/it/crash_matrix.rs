@@ -150,7 +150,7 @@ async fn nothing_left(db: &TestDb) {
     for client in [db.source_client().await, db.target_client().await] {
         let left: i64 = client
             .query_one(
-                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'switchyard%' OR slot_name LIKE 'pg_%_sync_%')
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database())
                       + (SELECT count(*) FROM pg_publication)
                       + (SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()))",
                 &[],

@@ -332,11 +332,11 @@ async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
 async fn the_store_unreachable_mid_switch_undoes_before_the_commit_point_and_holds_after() {
     let store: &'static common::dynamodb::DynamoDb =
         Box::leak(Box::new(common::dynamodb::DynamoDb::start()));
-    // A long lease: a call to the frozen store gives up after a third of it, with time left
-    // to undo before the heartbeat must stop the coordinator.
+    // A long lease: a call to the frozen store gives up after a quarter of it, with time
+    // left to undo before the heartbeat must stop the coordinator (a quarter of it: 4.5 s).
     let db = TestDb::new("store_outage")
         .await
-        .with_dynamodb_on(store, "12s");
+        .with_dynamodb_on(store, "18s");
     let source = db.source_client().await;
     source
         .batch_execute(crate::cutover::SCHEMA)

@@ -81,12 +81,15 @@ impl DynamoStore {
                 action: "start",
                 message: e.to_string(),
             })?;
-        // A call gives up after a third of the lease (2s at least): a store that stopped
+        // A call gives up after a quarter of the lease (2s at least): a store that stopped
         // answering is an error while the holder still has time to act on it (undo a cutover
         // before its commit point) before its heartbeat must stop it, at 5/6 of the lease
-        // after the last one that landed. (The heartbeat keeps its own deadline: `lease`.)
+        // after the last one that landed. The worst case, the store lost just before a
+        // heartbeat was due: 1/3 (since that heartbeat) + 1/4 (this call) leaves a quarter of
+        // the lease for the undo (5 s of the default 20 s). (The heartbeat keeps its own
+        // deadline: `lease`.)
         let lease = settings.lease.0;
-        let operation = (lease / 3).max(Duration::from_secs(2));
+        let operation = (lease / 4).max(Duration::from_secs(2));
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(operation / 2)
             .operation_attempt_timeout(operation / 2)
