@@ -615,6 +615,25 @@ url = "postgres://migrator@db-new:5432/shop"
     }
 
     #[test]
+    fn a_dynamodb_state_without_its_table_or_with_a_tiny_lease_names_the_key() {
+        let text = format!("{MINIMAL}[state]\nbackend = \"dynamodb\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("plans/shop.toml:7:1: key `state.table`"),
+            "{err}"
+        );
+        assert!(err.contains("switchyard state init"), "{err}");
+        let text =
+            format!("{MINIMAL}[state]\nbackend = \"dynamodb\"\ntable = \"t\"\nlease = \"500ms\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("key `state.lease`"), "{err}");
+        let text = format!("{MINIMAL}[state]\nbackend = \"dynamodb\"\ntable = \"t\"\n");
+        let plan = parse(&text).unwrap();
+        assert_eq!(plan.state.backend, StateBackend::Dynamodb);
+        assert_eq!(plan.state.lease, Dur(Duration::from_secs(20)));
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let text = format!("{MINIMAL}[sync]\nmax_lag = 5\n");
         let err = parse(&text).unwrap_err().to_string();

@@ -513,3 +513,22 @@ async fn a_migration_moves_from_its_file_to_dynamodb_and_plan_probes_the_store()
         text(&output)
     );
 }
+
+/// A crash point without `SWITCHYARD_FAULTS=on` (a stray variable in an operator's shell) is
+/// refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_point_that_is_not_enabled_is_refused() {
+    let db = TestDb::new("faults_refused").await;
+    let plan = db.plan_path();
+    let output = db
+        .command(&["state", "show", plan.to_str().unwrap()])
+        .env("SWITCHYARD_CRASH_AFTER", "begin cutover")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("SWITCHYARD_FAULTS is not \"on\""),
+        "{}",
+        text(&output)
+    );
+}

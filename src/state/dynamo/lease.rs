@@ -40,6 +40,34 @@ pub struct Acquired {
     sent: Instant,
 }
 
+/// The lease's timings, all on one host's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// A heartbeat every third of the lease.
+    pub every: Duration,
+    /// The holder stops when no heartbeat has landed this long (5/6 of the lease).
+    pub give_up: Duration,
+    /// One call to the store gives up after this (a quarter of the lease, 2 s at least).
+    pub call: Duration,
+}
+
+impl Budget {
+    pub fn of(lease: Duration) -> Budget {
+        Budget {
+            every: lease / 3,
+            give_up: lease - lease / 6,
+            call: (lease / 4).max(Duration::from_secs(2)),
+        }
+    }
+
+    /// What is left for an undo when the store is lost just before a heartbeat was due and
+    /// the holder's next call runs into it: `give_up - every - call`.
+    #[cfg(test)]
+    pub fn left_to_undo(&self) -> Duration {
+        self.give_up.saturating_sub(self.every + self.call)
+    }
+}
+
 /// How often a waiter looks again.
 fn poll_interval(lease: Duration) -> Duration {
     (lease / 20).clamp(Duration::from_millis(50), Duration::from_millis(500))
@@ -119,6 +147,7 @@ pub async fn acquire(ctx: &Ctx, purpose: &str, lease: Duration) -> Result<Acquir
     }
 }
 
+#[derive(Debug, PartialEq)]
 enum Watched {
     /// The holder moved: alive (or a new one took it).
     Alive(LockItem),
@@ -132,14 +161,21 @@ async fn watch(ctx: &Ctx, seen: &LockItem, lease: Duration) -> Result<Watched, S
     let until = Instant::now() + lease;
     while Instant::now() < until {
         tokio::time::sleep(poll_interval(lease).min(until - Instant::now())).await;
-        match ctx.read_lock().await? {
-            Some(now) if now.owner.is_none() => return Ok(Watched::Released),
-            Some(now) if now != *seen => return Ok(Watched::Alive(now)),
-            Some(_) => {}
-            None => return Ok(Watched::Released),
+        if let Some(verdict) = judge(seen, ctx.read_lock().await?) {
+            return Ok(verdict);
         }
     }
     Ok(Watched::Unchanged)
+}
+
+/// One more look at a lock seen held: released, alive (anything of it moved), or no news.
+fn judge(seen: &LockItem, now: Option<LockItem>) -> Option<Watched> {
+    match now {
+        None => Some(Watched::Released),
+        Some(now) if now.owner.is_none() => Some(Watched::Released),
+        Some(now) if now != *seen => Some(Watched::Alive(now)),
+        Some(_) => None,
+    }
 }
 
 /// `state unlock --force`: frees a lock only by the takeover rule, so a live holder is never
@@ -242,8 +278,7 @@ async fn heartbeat(
     mut stop: tokio::sync::oneshot::Receiver<()>,
     next: &str,
 ) {
-    let every = lease / 3;
-    let give_up = lease - lease / 6;
+    let Budget { every, give_up, .. } = Budget::of(lease);
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -287,4 +322,55 @@ fn lost(message: &str) -> ! {
     tracing::error!("{message}");
     eprintln!("error: {message}");
     std::process::exit(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(generation: u64, heartbeat: u64, owner: Option<&str>) -> LockItem {
+        LockItem {
+            generation,
+            heartbeat,
+            owner: owner.map(str::to_string),
+            holder: None,
+        }
+    }
+
+    #[test]
+    fn a_holder_that_moves_in_any_way_is_alive_and_only_stillness_is_no_news() {
+        let seen = lock(4, 10, Some("a"));
+        assert_eq!(judge(&seen, Some(seen.clone())), None);
+        for moved in [
+            lock(4, 11, Some("a")),
+            lock(5, 0, Some("b")),
+            lock(5, 10, Some("a")),
+        ] {
+            assert_eq!(
+                judge(&seen, Some(moved.clone())),
+                Some(Watched::Alive(moved))
+            );
+        }
+        assert_eq!(
+            judge(&seen, Some(lock(4, 10, None))),
+            Some(Watched::Released)
+        );
+        assert_eq!(judge(&seen, None), Some(Watched::Released));
+    }
+
+    #[test]
+    fn the_holder_stops_before_any_waiter_may_take_over_and_has_time_to_undo() {
+        for seconds in [1, 3, 12, 18, 20, 60] {
+            let lease = Duration::from_secs(seconds);
+            let budget = Budget::of(lease);
+            // A waiter takes over after a whole lease from when it read a heartbeat, which
+            // was after the holder sent it: the holder must have stopped before that.
+            assert!(budget.give_up < lease, "{budget:?}");
+            // At least two heartbeats may fail before the holder gives up.
+            assert!(budget.give_up >= budget.every * 2, "{budget:?}");
+        }
+        // The default lease leaves 5 s to undo a cutover after a call ran into a lost store.
+        let left = Budget::of(Duration::from_secs(20)).left_to_undo();
+        assert_eq!(left.as_millis(), 5_000, "{left:?}");
+    }
 }

@@ -89,7 +89,7 @@ impl DynamoStore {
         // the lease for the undo (5 s of the default 20 s). (The heartbeat keeps its own
         // deadline: `lease`.)
         let lease = settings.lease.0;
-        let operation = (lease / 4).max(Duration::from_secs(2));
+        let operation = lease::Budget::of(lease).call;
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(operation / 2)
             .operation_attempt_timeout(operation / 2)
