@@ -532,3 +532,58 @@ async fn a_crash_point_that_is_not_enabled_is_refused() {
         text(&output)
     );
 }
+
+/// A proxy restarted in the middle of a cutover — after its commit point, before the
+/// coordinator switched the proxies — comes back on the switched side from the store, and
+/// the cutover then finishes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxy_restarted_during_a_cutover_comes_back_on_the_switched_side() {
+    let db = migration("restart_mid_cutover", Backend::Dynamodb).await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(crate::cutover::SCHEMA)
+        .await
+        .expect("schema");
+    let plan = db.plan_text(CUTOVER);
+    let mut proxy =
+        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
+        let output = coordinator(&db, &proxy.plan, step);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+    let child = db
+        .command(&["cutover", proxy.plan.to_str().unwrap(), "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("TEST_APP_PASSWORD", "app-secret")
+        .env("SWITCHYARD_FAULTS", "on")
+        .env("SWITCHYARD_STOP_AFTER", "switch to the target")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the cutover");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_stopped(child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "the cutover never reached its commit point"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(proxy.status().await["paused"], true);
+    proxy.restart().await;
+    let status = proxy.status().await;
+    assert_eq!(status["backend"], "target", "{status}");
+    assert_eq!(status["epoch"], 1, "{status}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait for the cutover");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let client = proxy.client().await;
+    client
+        .batch_execute("INSERT INTO notes (body) VALUES ('after the restart')")
+        .await
+        .expect("a write through the restarted proxy lands on the target");
+    assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
+}
