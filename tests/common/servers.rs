@@ -106,10 +106,15 @@ fn keeper() -> &'static Mutex<mpsc::Sender<Request>> {
 
 /// Starts `command` from the keeper thread, so that it dies with this process
 /// (`PR_SET_PDEATHSIG`, SIGKILL): for servers other than PostgreSQL (DynamoDB Local).
-pub fn spawn_kept(mut command: Command) -> io::Result<u32> {
+pub fn spawn_kept(command: Command) -> io::Result<u32> {
+    keep(command, libc::SIGKILL)
+}
+
+/// Starts `command` from the keeper thread; it gets `signal` when this process ends.
+fn keep(mut command: Command, signal: libc::c_int) -> io::Result<u32> {
     unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -331,21 +336,7 @@ impl Cluster {
             .stderr(log)
             .current_dir(&self.dir);
         as_server_user(&mut command);
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        keeper()
-            .lock()
-            .expect("keeper lock")
-            .send(Request::Spawn(Box::new(command), tx))
-            .expect("keeper alive");
-        let pid = rx.recv().expect("keeper reply").expect("start postgres");
+        let pid = keep(command, libc::SIGQUIT).expect("start postgres");
         *self.pid.lock().expect("pid lock") = pid;
         self.wait_ready();
     }

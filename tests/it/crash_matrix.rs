@@ -12,9 +12,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{text, TestDb};
-use crate::cutover::{assert_holds_exactly, Load, CUTOVER};
+use crate::cutover::{assert_holds_exactly, Load};
 use crate::proxy::{Proxy, TOKEN};
-use crate::shared_state::{migration_with_lease, state_show, was_killed, Backend};
+use crate::shared_state::{behind_a_proxy, migration_with_lease, state_show, was_killed, Backend};
 
 const SYNC: &[&str] = &[
     "begin roles",
@@ -165,21 +165,12 @@ async fn nothing_left(db: &TestDb) {
 async fn ready(name: &str, backend: Backend) -> (TestDb, Proxy) {
     // Each run after a kill waits out the dead holder's lease: a short one here.
     let db = migration_with_lease(name, backend, "2s").await;
-    let source = db.source_client().await;
-    source
-        .batch_execute(crate::cutover::SCHEMA)
-        .await
-        .expect("schema");
     // An extension, so that sync's extensions step has something to do (and crash in).
-    source
-        .batch_execute(
-            "CREATE EXTENSION citext; CREATE TABLE tags (id int PRIMARY KEY, name citext)",
-        )
-        .await
-        .expect("an extension");
-    let plan = db.plan_text(CUTOVER);
-    let proxy =
-        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
+    let proxy = behind_a_proxy(
+        &db,
+        ";CREATE EXTENSION citext; CREATE TABLE tags (id int PRIMARY KEY, name citext)",
+    )
+    .await;
     (db, proxy)
 }
 

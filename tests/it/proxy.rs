@@ -200,26 +200,9 @@ impl Proxy {
         generation: u64,
         body: &str,
     ) -> (u16, String) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
-            .await
-            .expect("connect to the admin listener");
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nX-Switchyard-Generation: {generation}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        let headers =
+            format!("Authorization: Bearer {TOKEN}\r\nX-Switchyard-Generation: {generation}\r\n");
+        self.admin_request("POST", path, &headers, body).await
     }
 
     /// An HTTP request to the admin listener; returns (status, body).
@@ -230,14 +213,25 @@ impl Proxy {
         token: Option<&str>,
         body: &str,
     ) -> (u16, String) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
-            .await
-            .expect("connect to the admin listener");
         let auth = token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
+        self.admin_request(method, path, &auth, body).await
+    }
+
+    /// One request with `headers` (each ending in CRLF); returns (status, body).
+    async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .expect("connect to the admin listener");
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.unwrap();

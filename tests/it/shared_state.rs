@@ -33,6 +33,56 @@ pub(crate) async fn migration_with_lease(name: &str, backend: Backend, lease: &s
     }
 }
 
+/// The cutover tests' schema on the source, a proxy (transaction mode) in front of it, synced
+/// and validated.
+pub(crate) async fn synced_behind_a_proxy(db: &TestDb) -> Proxy {
+    let proxy = behind_a_proxy(db, "").await;
+    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
+        let output = coordinator(db, &proxy.plan, step);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+    proxy
+}
+
+/// The cutover tests' schema and `extra_sql` on the source, and a proxy in front of it.
+pub(crate) async fn behind_a_proxy(db: &TestDb, extra_sql: &str) -> Proxy {
+    let source = db.source_client().await;
+    source
+        .batch_execute(&format!("{}{extra_sql}", crate::cutover::SCHEMA))
+        .await
+        .expect("schema");
+    let plan = db.plan_text(CUTOVER);
+    Proxy::start_with(db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await
+}
+
+/// Starts `switchyard <command> PLAN --yes` set to stop itself (SIGSTOP) right after `point`,
+/// and waits until it has.
+pub(crate) fn spawn_stopped_after(db: &TestDb, proxy: &Proxy, command: &str, point: &str) -> Child {
+    let mut child = db
+        .command(&[command, proxy.plan.to_str().unwrap(), "--yes"])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("TEST_APP_PASSWORD", "app-secret")
+        .env("SWITCHYARD_FAULTS", "on")
+        .env("SWITCHYARD_STOP_AFTER", point)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchyard");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_stopped(child.id()) {
+        assert!(
+            child.try_wait().expect("poll the child").is_none(),
+            "{command} ended before {point:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{command} never reached {point:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
 /// `switchyard state show PLAN --json`.
 pub(crate) fn state_show(db: &TestDb, plan: &std::path::Path) -> serde_json::Value {
     let output = db
@@ -152,41 +202,12 @@ async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
     let db = migration("lease_frozen", Backend::Dynamodb).await;
-    let source = db.source_client().await;
-    source
-        .batch_execute(crate::cutover::SCHEMA)
-        .await
-        .expect("schema");
-    let plan = db.plan_text(CUTOVER);
-    let proxy =
-        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
-    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
-        let output = coordinator(&db, &proxy.plan, step);
-        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    }
+    let proxy = synced_behind_a_proxy(&db).await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(100).await;
 
     // Frozen right after it recorded the way back: it holds the lock, nothing is paused yet.
-    let mut frozen = db
-        .command(&["cutover", proxy.plan.to_str().unwrap(), "--yes"])
-        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-        .env("TEST_APP_PASSWORD", "app-secret")
-        .env("SWITCHYARD_FAULTS", "on")
-        .env("SWITCHYARD_STOP_AFTER", "reverse replication recorded")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the cutover");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_stopped(frozen.id()) {
-        assert!(
-            frozen.try_wait().unwrap().is_none(),
-            "the cutover ended before its stop point"
-        );
-        assert!(Instant::now() < deadline, "the cutover never stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut frozen = spawn_stopped_after(&db, &proxy, "cutover", "reverse replication recorded");
     let stale = state_show(&db, &proxy.plan)["lock"]["generation"]
         .as_u64()
         .unwrap();
@@ -264,25 +285,16 @@ pub(crate) fn was_killed(output: &std::process::Output) -> bool {
     output.status.signal() == Some(libc::SIGKILL)
 }
 
-/// A proxy restarted during a cutover (down while the coordinator switched the others) comes
-/// back on the switched side, and one added after the cutover starts on the target: both read
-/// the switch from the store.
+/// Proxies follow the store: one the coordinator does not call switches by itself, one
+/// restarted after the cutover with its own switch file gone comes back on the switched side,
+/// and one added after the cutover starts on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_follow_the_store_after_a_restart_and_when_added_later() {
     let db = migration("follow_store", Backend::Dynamodb).await;
-    let source = db.source_client().await;
-    source
-        .batch_execute(crate::cutover::SCHEMA)
-        .await
-        .expect("schema");
+    let mut proxy = synced_behind_a_proxy(&db).await;
     let plan = db.plan_text(CUTOVER);
-    let mut proxy =
-        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
-    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
-        let output = coordinator(&db, &proxy.plan, step);
-        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    }
     // A proxy the coordinator does not call (not in its plan's list): it follows the store.
+    let source = db.source_client().await;
     let bystander =
         Proxy::start_with(&db, &source, &plan, "session", 4, crate::cutover::PROXY).await;
     let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
@@ -337,18 +349,7 @@ async fn the_store_unreachable_mid_switch_undoes_before_the_commit_point_and_hol
     let db = TestDb::new("store_outage")
         .await
         .with_dynamodb_on(store, "18s");
-    let source = db.source_client().await;
-    source
-        .batch_execute(crate::cutover::SCHEMA)
-        .await
-        .expect("schema");
-    let plan = db.plan_text(CUTOVER);
-    let proxy =
-        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
-    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
-        let output = coordinator(&db, &proxy.plan, step);
-        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    }
+    let proxy = synced_behind_a_proxy(&db).await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(100).await;
 
@@ -429,24 +430,7 @@ async fn switch_with_store_frozen_after(
     command: &str,
     point: &str,
 ) -> std::process::Output {
-    let child = db
-        .command(&[command, proxy.plan.to_str().unwrap(), "--yes"])
-        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-        .env("TEST_APP_PASSWORD", "app-secret")
-        .env("SWITCHYARD_FAULTS", "on")
-        .env("SWITCHYARD_STOP_AFTER", point)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the cutover");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_stopped(child.id()) {
-        assert!(
-            Instant::now() < deadline,
-            "{command} never reached {point:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let child = spawn_stopped_after(db, proxy, command, point);
     store.freeze();
     unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
     let output = tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -539,36 +523,8 @@ async fn a_crash_point_that_is_not_enabled_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_proxy_restarted_during_a_cutover_comes_back_on_the_switched_side() {
     let db = migration("restart_mid_cutover", Backend::Dynamodb).await;
-    let source = db.source_client().await;
-    source
-        .batch_execute(crate::cutover::SCHEMA)
-        .await
-        .expect("schema");
-    let plan = db.plan_text(CUTOVER);
-    let mut proxy =
-        Proxy::start_with(&db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await;
-    for step in [&["sync", "--wait", "--timeout", "120s"][..], &["validate"]] {
-        let output = coordinator(&db, &proxy.plan, step);
-        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    }
-    let child = db
-        .command(&["cutover", proxy.plan.to_str().unwrap(), "--yes"])
-        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-        .env("TEST_APP_PASSWORD", "app-secret")
-        .env("SWITCHYARD_FAULTS", "on")
-        .env("SWITCHYARD_STOP_AFTER", "switch to the target")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the cutover");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_stopped(child.id()) {
-        assert!(
-            Instant::now() < deadline,
-            "the cutover never reached its commit point"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut proxy = synced_behind_a_proxy(&db).await;
+    let child = spawn_stopped_after(&db, &proxy, "cutover", "switch to the target");
     assert_eq!(proxy.status().await["paused"], true);
     proxy.restart().await;
     let status = proxy.status().await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, KeySchemaElement, KeyType,
@@ -135,17 +136,33 @@ impl Ctx {
         HashMap::from([("pk".to_string(), s(&self.pk)), ("sk".to_string(), s(sk))])
     }
 
-    pub async fn read_lock(&self) -> Result<Option<LockItem>, StateError> {
-        let out = self
+    /// One item, read consistently; `projection` keeps only those attributes (names that
+    /// DynamoDB reserves are written `#name` and mapped here).
+    async fn get(
+        &self,
+        sk: &str,
+        projection: Option<&str>,
+        action: &'static str,
+    ) -> Result<Option<Item>, StateError> {
+        let mut request = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(LOCK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(self.sdk("read the lock"))?;
-        Ok(out.item().map(LockItem::from_item))
+            .set_key(Some(self.key(sk)))
+            .consistent_read(true);
+        if let Some(projection) = projection {
+            request = request.projection_expression(projection);
+            for name in projection.split(", ").filter_map(|a| a.strip_prefix('#')) {
+                request = request.expression_attribute_names(format!("#{name}"), name);
+            }
+        }
+        let out = request.send().await.map_err(self.sdk(action))?;
+        Ok(out.item)
+    }
+
+    pub async fn read_lock(&self) -> Result<Option<LockItem>, StateError> {
+        let item = self.get(LOCK, None, "read the lock").await?;
+        Ok(item.as_ref().map(LockItem::from_item))
     }
 
     /// The first holder ever: the item must not exist.
@@ -217,16 +234,9 @@ impl Ctx {
     /// A heartbeat: raises the counter if the lock is still this holder's.
     pub async fn renew(&self, owned: &Owned) -> Result<Outcome, StateError> {
         let request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(LOCK)))
+            .owned_update(owned)
             .update_expression("SET heartbeat = heartbeat + :one")
-            .condition_expression("#owner = :owner AND generation = :g")
-            .expression_attribute_names("#owner", "owner")
             .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":owner", s(&owned.owner))
-            .expression_attribute_values(":g", n(owned.generation))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         self.conditional_update(request, "renew the lock").await
     }
@@ -234,22 +244,25 @@ impl Ctx {
     /// Lets the lock go, if it is still this holder's. The generation stays: the next holder
     /// raises it.
     pub async fn release(&self, owned: &Owned) -> Result<Outcome, StateError> {
-        let request = self
-            .client
+        let request = self.owned_update(owned).update_expression("REMOVE #owner");
+        self.conditional_update(request, "release the lock").await
+    }
+
+    /// An update of the lock item that holds only while it is still `owned`'s.
+    fn owned_update(&self, owned: &Owned) -> UpdateItemFluentBuilder {
+        self.client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(self.key(LOCK)))
-            .update_expression("REMOVE #owner")
             .condition_expression("#owner = :owner AND generation = :g")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_values(":owner", s(&owned.owner))
-            .expression_attribute_values(":g", n(owned.generation));
-        self.conditional_update(request, "release the lock").await
+            .expression_attribute_values(":g", n(owned.generation))
     }
 
     async fn conditional_update(
         &self,
-        request: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        request: UpdateItemFluentBuilder,
         action: &'static str,
     ) -> Result<Outcome, StateError> {
         match request.send().await {
@@ -265,23 +278,14 @@ impl Ctx {
 
     /// The state item and its log, or `None`.
     pub async fn load(&self) -> Result<Option<State>, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(STATE)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(self.sdk("read the state"))?;
-        let Some(item) = out.item() else {
+        let Some(item) = self.get(STATE, None, "read the state").await? else {
             return Ok(None);
         };
-        let body = string(item, "body").unwrap_or_default();
+        let body = string(&item, "body").unwrap_or_default();
         let mut state: State = serde_json::from_str(&body)
             .map_err(|e| self.error("read the state", format!("the state item is damaged: {e}")))?;
-        state.version = number(item, "version");
-        let log_len = number(item, "log_len") as usize;
+        state.version = number(&item, "version");
+        let log_len = number(&item, "log_len") as usize;
         state.log = self.read_log(log_len).await?;
         Ok(Some(state))
     }
@@ -336,40 +340,21 @@ impl Ctx {
     }
 
     pub async fn stored_log_len(&self) -> Result<usize, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(STATE)))
-            .consistent_read(true)
-            .projection_expression("log_len")
-            .send()
-            .await
-            .map_err(self.sdk("read the state"))?;
-        Ok(out
-            .item()
-            .map_or(0, |item| number(item, "log_len") as usize))
+        let item = self.get(STATE, Some("log_len"), "read the state").await?;
+        Ok(item.map_or(0, |item| number(&item, "log_len") as usize))
     }
 
     pub async fn read_switch(&self) -> Result<Option<Switch>, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(STATE)))
-            .consistent_read(true)
-            .projection_expression("#b, epoch")
-            .expression_attribute_names("#b", "backend")
-            .send()
-            .await
-            .map_err(self.sdk("read the switch"))?;
-        Ok(out.item().map(|item| Switch {
-            backend: if string(item, "backend").as_deref() == Some("target") {
+        let item = self
+            .get(STATE, Some("#backend, epoch"), "read the switch")
+            .await?;
+        Ok(item.map(|item| Switch {
+            backend: if string(&item, "backend").as_deref() == Some("target") {
                 Side::Target
             } else {
                 Side::Source
             },
-            epoch: number(item, "epoch"),
+            epoch: number(&item, "epoch"),
         }))
     }
 
@@ -475,17 +460,8 @@ impl Ctx {
     }
 
     async fn stored_version(&self) -> Result<u64, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(STATE)))
-            .consistent_read(true)
-            .projection_expression("version")
-            .send()
-            .await
-            .map_err(self.sdk("read the state"))?;
-        Ok(out.item().map_or(0, |item| number(item, "version")))
+        let item = self.get(STATE, Some("version"), "read the state").await?;
+        Ok(item.map_or(0, |item| number(&item, "version")))
     }
 
     /// `switchyard state init`: `true` if it created the table, `false` if it was there.
@@ -568,18 +544,8 @@ impl Ctx {
             "dynamodb:DescribeTable",
             described.err().and_then(|e| problem(&e, self.explain(&e))),
         ));
-        let get = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(PROBE)))
-            .consistent_read(true)
-            .send()
-            .await;
-        found.push((
-            "dynamodb:GetItem",
-            get.err().and_then(|e| problem(&e, self.explain(&e))),
-        ));
+        let get = self.get(PROBE, None, "read").await;
+        found.push(("dynamodb:GetItem", get.err().map(|e| e.to_string())));
         let query = self
             .client
             .query()
