@@ -543,3 +543,50 @@ async fn a_proxy_restarted_during_a_cutover_comes_back_on_the_switched_side() {
         .expect("a write through the restarted proxy lands on the target");
     assert_eq!(state_show(&db, &proxy.plan)["phase"], "switched");
 }
+
+/// Fencing reaches the proxies on both backends: while a coordinator holds the lock, a
+/// control call carrying an older generation (a coordinator that held it before) is refused
+/// and the holder's own is accepted; once the lock is free, even that one is refused.
+async fn a_stale_generation_is_refused_by_the_proxies(backend: Backend, name: &str) {
+    let db = migration_with_lease(name, backend, "6s").await;
+    let proxy = synced_behind_a_proxy(&db).await;
+    let holder = spawn_stopped_after(&db, &proxy, "cutover", "begin cutover");
+    let shown = state_show(&db, &proxy.plan);
+    assert_eq!(shown["lock"]["held"], true, "{shown}");
+    let current = shown["lock"]["generation"].as_u64().unwrap();
+    assert!(current >= 2, "sync and validate held it before: {shown}");
+    for path in ["/pause", "/switch", "/resume"] {
+        let (status, body) = proxy
+            .admin_with_generation(path, current - 1, "{\"backend\": \"target\", \"epoch\": 9}")
+            .await;
+        assert_eq!(status, 409, "{path} from an earlier holder: {body}");
+        assert!(
+            body.contains("does not hold the migration's lock"),
+            "{body}"
+        );
+    }
+    let (status, body) = proxy.admin_with_generation("/resume", current, "").await;
+    assert_eq!(status, 200, "the holder's own generation: {body}");
+    assert_eq!(proxy.status().await["paused"], false);
+
+    unsafe { libc::kill(holder.id() as i32, libc::SIGCONT) };
+    let output = tokio::task::spawn_blocking(move || holder.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(proxy.status().await["backend"], "target");
+    let (status, body) = proxy.admin_with_generation("/resume", current, "").await;
+    assert_eq!(status, 409, "a free lock accepts no generation: {body}");
+    assert!(body.contains("it is free"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_generation_is_refused_by_the_proxies_file() {
+    a_stale_generation_is_refused_by_the_proxies(Backend::File, "stale_file").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_generation_is_refused_by_the_proxies_dynamodb() {
+    a_stale_generation_is_refused_by_the_proxies(Backend::Dynamodb, "stale_ddb").await;
+}
