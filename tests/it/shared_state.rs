@@ -162,7 +162,25 @@ async fn two_coordinators_at_once_one_proceeds_dynamodb() {
 async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
     let db = migration("lease_kill", Backend::Dynamodb).await;
     db.load_testdata(20_000).await;
-    let mut holder = spawn(&db, &["sync", "--wait", "--timeout", "120s"]);
+    // Held for certain when it dies: it stops itself in its schema step (sync lets the lock
+    // go while it waits for the lag), and SIGKILL ends a stopped process as any other.
+    let plan = db.plan_path().to_str().unwrap().to_string();
+    let mut holder = db
+        .command(&["sync", &plan, "--wait", "--timeout", "120s"])
+        .env("SWITCHYARD_FAULTS", "on")
+        .env("SWITCHYARD_STOP_AFTER", "begin schema")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sync");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_stopped(holder.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "sync never reached its schema step"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pid = wait_held(&db, None);
     assert_eq!(pid, u64::from(holder.id()));
     holder.kill().expect("SIGKILL the holder");
