@@ -267,6 +267,10 @@ async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
     use std::io::Read;
     let _ = frozen.stderr.take().unwrap().read_to_string(&mut stderr);
     assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("switchyard state show"),
+        "it says what to run: {stderr}"
+    );
     assert!(!paused_seen, "the fenced coordinator paused the proxy");
     let now = state_show(&db, &proxy.plan);
     assert_eq!(
