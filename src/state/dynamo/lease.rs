@@ -194,8 +194,7 @@ pub async fn force_unlock(ctx: &Ctx, lease: Duration) -> Result<Option<Holder>, 
         }),
         Watched::Released => Ok(None),
         Watched::Unchanged => {
-            let mut marker = Holder::me("state unlock --force", seen.generation + 1);
-            marker.purpose = "state unlock --force".into();
+            let marker = Holder::me("state unlock --force", seen.generation + 1);
             match ctx.replace_lock(&seen, None, &marker).await? {
                 Outcome::Done => Ok(seen.holder),
                 Outcome::Refused(now) => Err(StateError::Locked {

@@ -249,7 +249,8 @@ impl StateStore for DynamoStore {
         let acquired =
             self.call(async move { lease::acquire(&ctx, &purpose_owned, lease).await })?;
         let next = format!(
-            "run `switchyard state show {plan}`, then `switchyard {purpose} {plan}` again",
+            "run `switchyard state show {plan}`, then `switchyard {} {plan}` again",
+            command_of(purpose),
             plan = self.plan
         );
         Ok(lease::hold(
@@ -290,6 +291,17 @@ impl StateStore for DynamoStore {
     }
 }
 
+/// The command to run again for a lock taken for `purpose` ("sync --sequences",
+/// "record a validation", ...).
+fn command_of(purpose: &str) -> &str {
+    match purpose {
+        "record a validation" => "validate",
+        "state migrate" => "state migrate",
+        "sync --sequences" => "sync --sequences",
+        other => other.split_whitespace().next().unwrap_or("status"),
+    }
+}
+
 /// The key of a log item: zero-padded, so the items sort in the log's order.
 fn log_key(index: usize) -> String {
     format!("{LOG_PREFIX}{index:010}")
@@ -306,6 +318,19 @@ fn n(value: impl ToString) -> AttributeValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_names_the_command_to_run_again() {
+        for (purpose, command) in [
+            ("cutover", "cutover"),
+            ("sync (copying a table again)", "sync"),
+            ("sync --sequences", "sync --sequences"),
+            ("record a validation", "validate"),
+            ("state migrate", "state migrate"),
+        ] {
+            assert_eq!(command_of(purpose), command);
+        }
+    }
 
     #[test]
     fn log_keys_sort_in_the_log_order() {
