@@ -612,3 +612,101 @@ async fn a_stale_generation_is_refused_by_the_proxies_file() {
 async fn a_stale_generation_is_refused_by_the_proxies_dynamodb() {
     a_stale_generation_is_refused_by_the_proxies(Backend::Dynamodb, "stale_ddb").await;
 }
+
+/// `state unlock --force` frees a dead holder's lease only after watching it stand still for
+/// a whole lease, fencing its generation; without --force it explains and changes nothing;
+/// a file lock held by a live process (here a stopped one: its flock stays) is never broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_unlock_frees_only_a_dead_holders_lock() {
+    for backend in [Backend::Dynamodb, Backend::File] {
+        let name = match backend {
+            Backend::Dynamodb => "unlock_ddb",
+            Backend::File => "unlock_file",
+        };
+        let db = migration(name, backend).await;
+        db.load_testdata(200).await;
+        let plan = db.plan_path().to_str().unwrap().to_string();
+        let mut holder = db
+            .command(&["sync", &plan])
+            .env("SWITCHYARD_FAULTS", "on")
+            .env("SWITCHYARD_STOP_AFTER", "begin schema")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sync");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_stopped(holder.id()) {
+            assert!(
+                Instant::now() < deadline,
+                "sync never reached its schema step"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = state_show(&db, &db.plan_path())["lock"]["generation"]
+            .as_u64()
+            .unwrap();
+
+        let output = db.command(&["state", "unlock", &plan]).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+        assert!(text(&output).contains("--force"), "{}", text(&output));
+
+        if backend == Backend::File {
+            // Stopped, not dead: the kernel keeps its flock, and unlock leaves it be.
+            let output = db
+                .command(&["state", "unlock", &plan, "--force"])
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+            assert!(text(&output).contains("`sync` by pid"), "{}", text(&output));
+            holder.kill().unwrap();
+            let _ = holder.wait();
+            let output = db
+                .command(&["state", "unlock", &plan, "--force"])
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+            assert!(
+                text(&output).contains("the lock is free"),
+                "{}",
+                text(&output)
+            );
+            continue;
+        }
+        holder.kill().unwrap();
+        let _ = holder.wait();
+        let human = db.command(&["state", "show", &plan]).output().unwrap();
+        assert!(
+            text(&human).contains("unchanged for") && text(&human).contains("unlock"),
+            "state show says the heartbeat stands still: {}",
+            text(&human)
+        );
+        let started = Instant::now();
+        let output = db
+            .command(&["state", "unlock", &plan, "--force"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+        assert!(
+            started.elapsed() >= LEASE_TIME,
+            "freed before a whole lease"
+        );
+        assert!(
+            text(&output).contains("freed the lock of `sync`"),
+            "{}",
+            text(&output)
+        );
+        let shown = state_show(&db, &db.plan_path());
+        assert_eq!(shown["lock"]["held"], false, "{shown}");
+        assert_eq!(
+            shown["lock"]["generation"].as_u64(),
+            Some(before + 1),
+            "{shown}"
+        );
+        // The next command takes the free lock at once and carries on.
+        let started = Instant::now();
+        let output = db.switchyard(&["sync", "--wait", "--timeout", "120s"]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+        assert!(!text(&output).contains("took over"), "{}", text(&output));
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+}
