@@ -359,6 +359,30 @@ pub(super) async fn check_long_transactions(
     Ok(())
 }
 
+/// Warns when `setting` on the source leaves fewer than two free beyond `used`: one for the
+/// migration, one for the read cache.
+fn cache_needs_one(
+    c: &mut Checker,
+    src: &HashMap<String, String>,
+    setting: &str,
+    used: i64,
+    need: &str,
+) {
+    let limit = setting_i64(src, setting);
+    if limit - used < 2 {
+        c.add(
+            Severity::Warn,
+            "cache_capacity",
+            "source",
+            format!("{need}: too few free"),
+            Some(format!(
+                "ALTER SYSTEM SET {setting} = {};  -- then restart the source",
+                limit + 1
+            )),
+        );
+    }
+}
+
 /// `[proxy.cache]`: the proxies' read cache holds a logical slot and a WAL sender of its own on
 /// the primary (the target's is made at the cutover), beyond the migration's.
 pub(super) async fn check_cache(
@@ -387,18 +411,13 @@ pub(super) async fn check_cache(
             .await?
             .get(0);
         // The migration's own slot comes on top of what is used now.
-        if setting_i64(src, "max_replication_slots") - used < 2 {
-            c.add(
-                Severity::Warn,
-                "cache_capacity",
-                "source",
-                "the read cache needs a replication slot of its own besides the migration's: too few free".to_string(),
-                Some(format!(
-                    "ALTER SYSTEM SET max_replication_slots = {};  -- then restart the source",
-                    setting_i64(src, "max_replication_slots") + 1
-                )),
-            );
-        }
+        cache_needs_one(
+            c,
+            src,
+            "max_replication_slots",
+            used,
+            "the read cache needs a replication slot of its own besides the migration's",
+        );
     }
     let senders: i64 = source
         .query_one(
@@ -409,18 +428,13 @@ pub(super) async fn check_cache(
         .await?
         .get(0);
     // The migration's sender and the cache's, on top of the others.
-    if setting_i64(src, "max_wal_senders") - senders < 2 {
-        c.add(
-            Severity::Warn,
-            "cache_capacity",
-            "source",
-            "the read cache's invalidator needs a WAL sender of its own besides the migration's: too few free".to_string(),
-            Some(format!(
-                "ALTER SYSTEM SET max_wal_senders = {};  -- then restart the source",
-                setting_i64(src, "max_wal_senders") + 1
-            )),
-        );
-    }
+    cache_needs_one(
+        c,
+        src,
+        "max_wal_senders",
+        senders,
+        "the read cache's invalidator needs a WAL sender of its own besides the migration's",
+    );
     for (side, settings) in [("source", src), ("target", tgt)] {
         if setting_i64(settings, "max_slot_wal_keep_size") < 0 {
             c.add(

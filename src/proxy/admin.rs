@@ -116,14 +116,6 @@ async fn handle(
         return Ok(());
     };
     let path = request.path.split('?').next().unwrap_or_default();
-    let control = request.method == "POST"
-        && matches!(path, "/pause" | "/resume" | "/switch" | "/throttle")
-        && authorize(token, request.authorization.as_deref()).is_ok();
-    let fence = if control {
-        fenced(&shared, path, request.generation.as_deref()).await
-    } else {
-        Ok(())
-    };
     let (status, content_type, body) = match (request.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/status") => (200, "application/json", json(&status(&shared))),
@@ -139,25 +131,10 @@ async fn handle(
                     "application/json",
                     error(message),
                 ),
-                Ok(()) if fence.is_err() => (
-                    409,
-                    "application/json",
-                    error(fence.err().unwrap_or_default()),
-                ),
-                Ok(()) if path == "/pause" => (
-                    200,
-                    "application/json",
-                    json(&pause(&shared, &request.body).await),
-                ),
-                Ok(()) if path == "/switch" => switch(&shared, &request.body),
-                Ok(()) if path == "/throttle" => {
-                    throttle(&shared, &request.body);
-                    (200, "application/json", json(&status(&shared)))
-                }
-                Ok(()) => {
-                    shared.control.resume();
-                    (200, "application/json", json(&status(&shared)))
-                }
+                Ok(()) => match fenced(&shared, path, request.generation.as_deref()).await {
+                    Err(refusal) => (409, "application/json", error(refusal)),
+                    Ok(()) => control(&shared, path, &request.body).await,
+                },
             }
         }
         _ => (404, "application/json", error("not found")),
@@ -175,6 +152,22 @@ async fn handle(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// An authorized control call that passed [`fenced`].
+async fn control(shared: &Shared, path: &str, body: &[u8]) -> (u16, &'static str, String) {
+    match path {
+        "/pause" => (200, "application/json", json(&pause(shared, body).await)),
+        "/switch" => switch(shared, body),
+        "/throttle" => {
+            throttle(shared, body);
+            (200, "application/json", json(&status(shared)))
+        }
+        _ => {
+            shared.control.resume();
+            (200, "application/json", json(&status(shared)))
+        }
+    }
 }
 
 /// Fencing: when the proxy follows a migration's state store, a coordinator's control call
@@ -226,16 +219,16 @@ async fn fenced(shared: &Shared, path: &str, generation: Option<&str>) -> Result
             );
             Ok(())
         }
-        Ok(Ok(lock)) => Err(format!(
+        Ok(Ok(Some(lock))) => Err(format!(
             "generation {given} does not hold the migration's lock ({}): a coordinator that lost its lock cannot pause, switch or resume proxies",
-            match lock {
-                Some(lock) if lock.held => format!(
+            if lock.held {
+                format!(
                     "generation {} does, {}",
                     lock.generation,
                     lock.holder.map(|h| h.to_string()).unwrap_or_default()
-                ),
-                Some(lock) => format!("it is free, at generation {}", lock.generation),
-                None => "it was never taken".into(),
+                )
+            } else {
+                format!("it is free, at generation {}", lock.generation)
             }
         )),
         // The store unreachable: a resume is always safe, and a switch is still fenced by

@@ -129,7 +129,7 @@ fn keep(mut command: Command, signal: libc::c_int) -> io::Result<u32> {
     rx.recv().expect("keeper reply")
 }
 
-/// Stops a process [`spawn_kept`] started with `signal`, and reaps it.
+/// Stops a process the keeper started with `signal`, and reaps it.
 pub fn stop_kept(pid: u32, signal: libc::c_int) {
     let (tx, rx) = mpsc::channel();
     keeper()
@@ -391,14 +391,7 @@ impl Cluster {
     }
 
     fn stop_with(&self, signal: libc::c_int) {
-        let pid = *self.pid.lock().expect("pid lock");
-        let (tx, rx) = mpsc::channel();
-        keeper()
-            .lock()
-            .expect("keeper lock")
-            .send(Request::Stop(pid, signal, tx))
-            .expect("keeper alive");
-        let _ = rx.recv();
+        stop_kept(*self.pid.lock().expect("pid lock"), signal);
     }
 
     pub fn restart(&self) {

@@ -55,11 +55,18 @@ pub(crate) async fn behind_a_proxy(db: &TestDb, extra_sql: &str) -> Proxy {
     Proxy::start_with(db, &source, &plan, "transaction", 8, crate::cutover::PROXY).await
 }
 
-/// Starts `switchyard <command> PLAN --yes` set to stop itself (SIGSTOP) right after `point`,
-/// and waits until it has.
-pub(crate) fn spawn_stopped_after(db: &TestDb, proxy: &Proxy, command: &str, point: &str) -> Child {
+/// Starts `switchyard <args[0]> PLAN <args[1..]>` set to stop itself (SIGSTOP) right after
+/// `point`, and waits until it has.
+pub(crate) fn spawn_stopped_after(
+    db: &TestDb,
+    plan: &std::path::Path,
+    args: &[&str],
+    point: &str,
+) -> Child {
+    let mut all = vec![args[0], plan.to_str().unwrap()];
+    all.extend_from_slice(&args[1..]);
     let mut child = db
-        .command(&[command, proxy.plan.to_str().unwrap(), "--yes"])
+        .command(&all)
         .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
         .env("TEST_APP_PASSWORD", "app-secret")
         .env("SWITCHYARD_FAULTS", "on")
@@ -72,11 +79,13 @@ pub(crate) fn spawn_stopped_after(db: &TestDb, proxy: &Proxy, command: &str, poi
     while !is_stopped(child.id()) {
         assert!(
             child.try_wait().expect("poll the child").is_none(),
-            "{command} ended before {point:?}"
+            "{} ended before {point:?}",
+            args[0]
         );
         assert!(
             Instant::now() < deadline,
-            "{command} never reached {point:?}"
+            "{} never reached {point:?}",
+            args[0]
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -164,23 +173,12 @@ async fn a_killed_holder_is_taken_over_after_one_lease_not_before() {
     db.load_testdata(20_000).await;
     // Held for certain when it dies: it stops itself in its schema step (sync lets the lock
     // go while it waits for the lag), and SIGKILL ends a stopped process as any other.
-    let plan = db.plan_path().to_str().unwrap().to_string();
-    let mut holder = db
-        .command(&["sync", &plan, "--wait", "--timeout", "120s"])
-        .env("SWITCHYARD_FAULTS", "on")
-        .env("SWITCHYARD_STOP_AFTER", "begin schema")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sync");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_stopped(holder.id()) {
-        assert!(
-            Instant::now() < deadline,
-            "sync never reached its schema step"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut holder = spawn_stopped_after(
+        &db,
+        &db.plan_path(),
+        &["sync", "--wait", "--timeout", "120s"],
+        "begin schema",
+    );
     let pid = wait_held(&db, None);
     assert_eq!(pid, u64::from(holder.id()));
     holder.kill().expect("SIGKILL the holder");
@@ -225,7 +223,12 @@ async fn a_frozen_holder_resumed_after_a_takeover_is_fenced() {
     load.run_for(100).await;
 
     // Frozen right after it recorded the way back: it holds the lock, nothing is paused yet.
-    let mut frozen = spawn_stopped_after(&db, &proxy, "cutover", "reverse replication recorded");
+    let mut frozen = spawn_stopped_after(
+        &db,
+        &proxy.plan,
+        &["cutover", "--yes"],
+        "reverse replication recorded",
+    );
     let stale = state_show(&db, &proxy.plan)["lock"]["generation"]
         .as_u64()
         .unwrap();
@@ -452,7 +455,7 @@ async fn switch_with_store_frozen_after(
     command: &str,
     point: &str,
 ) -> std::process::Output {
-    let child = spawn_stopped_after(db, proxy, command, point);
+    let child = spawn_stopped_after(db, &proxy.plan, &[command, "--yes"], point);
     store.freeze();
     unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
     let output = tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -546,7 +549,12 @@ async fn a_crash_point_that_is_not_enabled_is_refused() {
 async fn a_proxy_restarted_during_a_cutover_comes_back_on_the_switched_side() {
     let db = migration("restart_mid_cutover", Backend::Dynamodb).await;
     let mut proxy = synced_behind_a_proxy(&db).await;
-    let child = spawn_stopped_after(&db, &proxy, "cutover", "switch to the target");
+    let child = spawn_stopped_after(
+        &db,
+        &proxy.plan,
+        &["cutover", "--yes"],
+        "switch to the target",
+    );
     assert_eq!(proxy.status().await["paused"], true);
     proxy.restart().await;
     let status = proxy.status().await;
@@ -572,7 +580,7 @@ async fn a_proxy_restarted_during_a_cutover_comes_back_on_the_switched_side() {
 async fn a_stale_generation_is_refused_by_the_proxies(backend: Backend, name: &str) {
     let db = migration_with_lease(name, backend, "6s").await;
     let proxy = synced_behind_a_proxy(&db).await;
-    let holder = spawn_stopped_after(&db, &proxy, "cutover", "begin cutover");
+    let holder = spawn_stopped_after(&db, &proxy.plan, &["cutover", "--yes"], "begin cutover");
     let shown = state_show(&db, &proxy.plan);
     assert_eq!(shown["lock"]["held"], true, "{shown}");
     let current = shown["lock"]["generation"].as_u64().unwrap();
@@ -626,22 +634,7 @@ async fn state_unlock_frees_only_a_dead_holders_lock() {
         let db = migration(name, backend).await;
         db.load_testdata(200).await;
         let plan = db.plan_path().to_str().unwrap().to_string();
-        let mut holder = db
-            .command(&["sync", &plan])
-            .env("SWITCHYARD_FAULTS", "on")
-            .env("SWITCHYARD_STOP_AFTER", "begin schema")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sync");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_stopped(holder.id()) {
-            assert!(
-                Instant::now() < deadline,
-                "sync never reached its schema step"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut holder = spawn_stopped_after(&db, &db.plan_path(), &["sync"], "begin schema");
         let before = state_show(&db, &db.plan_path())["lock"]["generation"]
             .as_u64()
             .unwrap();

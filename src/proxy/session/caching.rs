@@ -168,11 +168,12 @@ impl Session {
         }
     }
 
-    /// A client message forwarded within the turn of a cacheable read: the turn may write
-    /// unless it only goes on with the read's own unnamed statement and portal.
     /// A Query or Parse that may make a temporary table (`CREATE TEMP ...`, `SELECT ... INTO
-    /// TEMP ...`, `pg_temp.`): see [`Caching::temporary`].
+    /// TEMP ...`, `pg_temp.`): see [`Caching::temporary`]. Once noticed, never looked for again.
     pub(super) fn note_temporary(&mut self, frame: &Bytes) {
+        if self.caching.temporary {
+            return;
+        }
         let text = match tag(frame) {
             QUERY => frontend::query_text(frame),
             PARSE => frontend::parse_message(frame).map(|p| p.query),
@@ -183,6 +184,8 @@ impl Session {
         }
     }
 
+    /// A client message forwarded within the turn of a cacheable read: the turn may write
+    /// unless it only goes on with the read's own unnamed statement and portal.
     pub(super) fn note_forwarded(&mut self, frame: &Bytes) {
         self.note_temporary(frame);
         let part_of_the_read = self.caching.fill.is_some()

@@ -398,12 +398,12 @@ impl Session {
             return Next::after(self.fail_until_sync(&frame, &lost).await);
         }
         if self.caching.on {
-            // Boxed, here and where the commit position is asked: the cache's futures are
-            // large, and without the box they would enlarge this future (initialised on every
-            // transaction) whether the cache is on or not.
             // A new turn: anything but a cacheable read may write.
             self.caching.may_write = true;
             self.note_temporary(&frame);
+            // Boxed, here and where the commit position is asked: the cache's futures are
+            // large, and without the box they would enlarge this future (initialised on every
+            // transaction) whether the cache is on or not.
             let served = match tag(&frame) {
                 QUERY => Box::pin(self.serve_from_cache(&frame)).await,
                 PARSE if body(&frame).first() == Some(&0) => {
