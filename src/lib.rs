@@ -12,5 +12,6 @@ pub mod cutover;
 pub mod preflight;
 pub mod proxy;
 pub mod replication;
+pub mod shadow;
 pub mod sync;
 pub mod validate;

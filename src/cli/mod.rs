@@ -8,6 +8,7 @@ mod draw;
 mod finalize;
 mod plan;
 mod proxy;
+mod shadow;
 mod state;
 mod status;
 mod sync;
@@ -71,6 +72,7 @@ enum Command {
     Finalize(finalize::FinalizeArgs),
     Cache(cache::CacheArgs),
     State(state::StateArgs),
+    Shadow(shadow::ShadowArgs),
 }
 
 /// The async runtime for a command: tokio's multi-threaded scheduler, one worker per core.
@@ -123,6 +125,7 @@ pub async fn dispatch(args: Args) -> Exit {
         Command::Finalize(a) => finalize::run(a).await,
         Command::Cache(a) => cache::run(a).await,
         Command::State(a) => state::run(a).await,
+        Command::Shadow(a) => shadow::run(a).await,
     };
     match result {
         Ok(exit) => exit,

@@ -51,6 +51,7 @@ pub async fn run(ctx: &Context<'_>, direction: Direction) -> Result<Gates, PgErr
         forward_replication(ctx, &mut gates).await?;
         target_ready(ctx, &mut gates).await?;
         validation(ctx, &mut gates);
+        shadow_reads(ctx, &mut gates).await;
         way_back(ctx, &mut gates).await?;
     } else {
         reverse_replication(ctx, &mut gates).await?;
@@ -59,6 +60,29 @@ pub async fn run(ctx: &Context<'_>, direction: Direction) -> Result<Gates, PgErr
     fenceable(ctx, &mut gates).await?;
     timeouts(ctx, &mut gates);
     Ok(gates)
+}
+
+/// `[cutover] shadow` (opt-in): the proxies' window of shadow reads must have enough
+/// compared samples, no more divergences than allowed and no fingerprint slower past the
+/// ratio on the new server.
+async fn shadow_reads(ctx: &Context<'_>, gates: &mut Gates) {
+    let Some(gate) = &ctx.plan.cutover.shadow else {
+        return;
+    };
+    let problem = match super::proxies::gather_shadow(ctx.plan, false).await {
+        Err(e) => Some(format!("the shadow-read report could not be gathered: {e}")),
+        Ok(report) => {
+            let problems = report.gate_problems(gate);
+            (!problems.is_empty()).then(|| {
+                format!(
+                    "{}; see `switchyard shadow {} --report DIR`",
+                    problems.join("; "),
+                    ctx.plan.path.display()
+                )
+            })
+        }
+    };
+    gates.check("shadow reads meet [cutover] shadow", problem);
 }
 
 /// How long the lag gate waits for a lag above the limit to come down, while everything else

@@ -12,7 +12,8 @@ use crate::admin_api as api;
 use crate::plan::Plan;
 use crate::state::Switch;
 
-const MAX_RESPONSE: usize = 1024 * 1024;
+/// A shadow-read report with its examples and plans can run to a few megabytes.
+const MAX_RESPONSE: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ProxyAdmin {
@@ -32,6 +33,26 @@ pub struct ProxyAdminError {
     /// The proxy answered, but not in the shape of `admin_api` (a field missing, say): not a
     /// matter of reaching it.
     pub mismatch: bool,
+}
+
+/// Asks every proxy of the plan for its window of shadow reads, all at once, and merges them,
+/// judged by the plan's `[proxy.shadow]` thresholds. A proxy that does not answer fails the
+/// whole report: a window without one of the proxies would pass for the fleet's. `reset`
+/// starts a new window on every proxy (the report is then of the windows that ended).
+pub async fn gather_shadow(plan: &Plan, reset: bool) -> Result<api::shadow::Report, String> {
+    let admins = from_plan(plan)?;
+    let answers = futures_util::future::join_all(admins.iter().map(|a| a.shadow(reset))).await;
+    let mut reports = Vec::new();
+    for (admin, answer) in admins.iter().zip(answers) {
+        let report = answer.map_err(|e| {
+            format!(
+                "{e}: every proxy of the plan must answer for the report to stand for the fleet"
+            )
+        })?;
+        reports.push((admin.address.clone(), report));
+    }
+    let thresholds = plan.proxy.shadow.clone().unwrap_or_default().thresholds();
+    Ok(api::shadow::Report::merge(thresholds, reports))
 }
 
 /// The proxies named in `[[cutover.proxies]]`, or the plan's own `[proxy] admin_listen`.
@@ -133,6 +154,20 @@ impl ProxyAdmin {
             .request("POST", "/resume", "", Duration::from_secs(5))
             .await?;
         self.decode("POST", "/resume", &body)
+    }
+
+    /// The proxy's window of shadow reads (`GET /shadow`); with `reset`, the window that
+    /// ends as a new one starts (`POST /shadow/reset`).
+    pub async fn shadow(&self, reset: bool) -> Result<api::shadow::Report, ProxyAdminError> {
+        let (method, path) = if reset {
+            ("POST", "/shadow/reset")
+        } else {
+            ("GET", "/shadow")
+        };
+        let body = self
+            .request(method, path, "", Duration::from_secs(10))
+            .await?;
+        self.decode(method, path, &body)
     }
 
     fn mismatch(&self, method: &str, path: &str, detail: &str) -> ProxyAdminError {

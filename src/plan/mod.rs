@@ -4,6 +4,7 @@
 //! documents them all. Errors name the file, line, column and key path.
 
 mod interpolate;
+mod shadow;
 mod values;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use interpolate::interpolate;
-pub use values::{Dur, EnvString, ListenAddr, PgUrl, PlanName, TablePattern};
+pub use shadow::ShadowSettings;
+pub use values::{Dur, EnvString, Fraction, ListenAddr, PgUrl, PlanName, TablePattern};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -179,6 +181,9 @@ pub struct ProxySettings {
     pub users: Vec<ProxyUser>,
     /// `[proxy.cache]`: a Redis read cache; off when the section is absent.
     pub cache: Option<CacheSettings>,
+    /// `[proxy.shadow]`: reads replayed on the other server and compared; off when the
+    /// section is absent or its `fraction` is 0.
+    pub shadow: Option<ShadowSettings>,
 }
 
 /// `[proxy.cache]`: answers to proven-cacheable reads kept in Redis, invalidated from the
@@ -269,6 +274,9 @@ pub struct CutoverSettings {
     /// The proxies to pause and switch; without any, the plan's own `[proxy] admin_listen`.
     #[serde(default)]
     pub proxies: Vec<CutoverProxy>,
+    /// `shadow = { min_samples, max_divergences, max_p95_ratio }`: the cutover refuses unless
+    /// the proxies' window of shadow reads meets it (opt-in).
+    pub shadow: Option<crate::admin_api::shadow::Gate>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -300,6 +308,7 @@ impl Default for CutoverSettings {
             settle_max_active: default_settle_max_active(),
             statement_timeout: default_pause_statement_timeout(),
             proxies: Vec::new(),
+            shadow: None,
         }
     }
 }
@@ -382,6 +391,7 @@ impl Default for ProxySettings {
             tls_key: None,
             users: Vec::new(),
             cache: None,
+            shadow: None,
         }
     }
 }
@@ -444,7 +454,7 @@ fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-fn default_tables() -> Vec<TablePattern> {
+pub(crate) fn default_tables() -> Vec<TablePattern> {
     vec![TablePattern {
         schema: "public".into(),
         table: "*".into(),

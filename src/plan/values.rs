@@ -255,3 +255,20 @@ mod tests {
         assert_eq!(url.to_string(), "postgres://m@db-old:5433/shop");
     }
 }
+
+/// A share from 0 to 1 (`[proxy.shadow] fraction`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = f64::deserialize(deserializer)?;
+        if (0.0..=1.0).contains(&value) {
+            Ok(Fraction(value))
+        } else {
+            Err(de::Error::custom(format!(
+                "{value} is not a fraction: write a number from 0 (off) to 1 (every read), e.g. 0.1"
+            )))
+        }
+    }
+}

@@ -124,6 +124,22 @@ async fn handle(
             "application/json",
             json(&shared.cache.as_ref().map(|cache| cache.report())),
         ),
+        ("GET", "/shadow") => match &shared.shadow {
+            Some(shadow) => (200, "application/json", json(&shadow.report())),
+            None => (404, "application/json", error(SHADOW_OFF)),
+        },
+        ("POST", "/shadow/reset") => match (
+            authorize(token, request.authorization.as_deref()),
+            &shared.shadow,
+        ) {
+            (Err(message), _) => (
+                if token.is_none() { 403 } else { 401 },
+                "application/json",
+                error(message),
+            ),
+            (Ok(()), Some(shadow)) => (200, "application/json", json(&shadow.reset())),
+            (Ok(()), None) => (404, "application/json", error(SHADOW_OFF)),
+        },
         ("POST", "/pause") | ("POST", "/resume") | ("POST", "/switch") | ("POST", "/throttle") => {
             match authorize(token, request.authorization.as_deref()) {
                 Err(message) => (
@@ -153,6 +169,10 @@ async fn handle(
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
+
+/// `/shadow` on a proxy that does not replay reads.
+const SHADOW_OFF: &str =
+    "shadow reads are off on this proxy: set [proxy.shadow] fraction (e.g. 0.1) in its plan and restart it";
 
 /// An authorized control call that passed [`fenced`].
 async fn control(shared: &Shared, path: &str, body: &[u8]) -> (u16, &'static str, String) {
@@ -459,6 +479,46 @@ fn metrics_text(shared: &Shared) -> String {
     let mut text = shared.metrics().render(&gauges);
     if let Some(cache) = &shared.cache {
         text.push_str(&cache.metrics_text());
+    }
+    if let Some(shadow) = &shared.shadow {
+        text.push_str(&shadow_metrics(shadow));
+    }
+    text
+}
+
+/// Shadow reads' counters, in Prometheus text.
+fn shadow_metrics(shadow: &crate::proxy::shadow::Shadow) -> String {
+    let counters = &shadow.counters;
+    let mut text = String::new();
+    for (name, help, kind, value) in [
+        (
+            "switchyard_shadow_samples_total",
+            "Reads replayed on the other server.",
+            "counter",
+            counters.samples.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_shadow_dropped_total",
+            "Sampled reads not replayed: max_in_flight replays were running.",
+            "counter",
+            counters.dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_shadow_divergences_total",
+            "Replayed reads answered differently by the two servers.",
+            "counter",
+            counters.divergences.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_shadow_regressions",
+            "Statement fingerprints slower on the new server past max_p95_ratio, in this window.",
+            "gauge",
+            shadow.regressions(),
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     }
     text
 }

@@ -20,6 +20,7 @@ pub mod protocol;
 mod replies;
 mod session;
 mod settings;
+pub mod shadow;
 mod statements;
 pub mod tls;
 
@@ -140,6 +141,8 @@ pub struct Shared {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `[proxy.cache]`, when configured.
     pub cache: Option<Arc<cache::Cache>>,
+    /// `[proxy.shadow]`, when configured with a `fraction` above 0.
+    pub shadow: Option<Arc<shadow::Shadow>>,
     /// The migration's state store, when the proxy runs from a plan: control calls are
     /// fenced by its lock's generation (`admin::fenced`), and the switch is followed from it.
     pub store: std::sync::OnceLock<Arc<dyn crate::state::StateStore>>,
@@ -231,8 +234,15 @@ impl Shared {
             )),
             None => None,
         };
+        let shadow = match &settings.shadow {
+            Some(shadow) if shadow.fraction.0 > 0.0 => {
+                Some(Arc::new(build_shadow(plan, &settings, shadow, &passwords)?))
+            }
+            _ => None,
+        };
         let shared = Shared {
             cache,
+            shadow,
             store: std::sync::OnceLock::new(),
             endpoints: [plan.source.clone(), plan.target.clone()],
             database: plan.source.url.dbname().to_string(),
@@ -344,26 +354,7 @@ fn build_pool(
     size: u32,
     pids: &ServerPids,
 ) -> Result<Pool, ProxyError> {
-    let url = &endpoint.url;
-    let server_tls = match url.config().get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => None,
-        mode => Some(pool::server::ServerTls {
-            connector: tls::connector()?,
-            name: tls::server_name(&url.host())?,
-            required: mode == tokio_postgres::config::SslMode::Require,
-        }),
-    };
-    let target = ServerTarget {
-        host: url.host(),
-        port: url.port(),
-        database: url.dbname().to_string(),
-        user: user.to_string(),
-        password: password.to_string(),
-        tls: server_tls,
-        pids: pids.clone(),
-        max_prepared_statements: settings.max_prepared_statements as usize,
-        replication: false,
-    };
+    let target = server_target(settings, endpoint, (user, password), pids)?;
     let (refusals, _) = tokio::sync::watch::channel(None);
     let manager = ServerManager {
         target: Arc::new(target),
@@ -388,6 +379,68 @@ fn build_pool(
         refusals,
         worker.clone(),
     ))
+}
+
+/// Shadow reads: their own connections for every user on both servers (not among the
+/// proxy's server pids: the fence may end them; they connect again), and the slots whose
+/// confirmed positions say the other server has caught up.
+fn build_shadow(
+    plan: &Plan,
+    settings: &ProxySettings,
+    shadow: &crate::plan::ShadowSettings,
+    passwords: &[(String, String)],
+) -> Result<shadow::Shadow, ProxyError> {
+    let pids = ServerPids::default();
+    let mut targets = Vec::new();
+    for (user, password) in passwords {
+        for (side, endpoint) in [(Side::Source, &plan.source), (Side::Target, &plan.target)] {
+            let target = server_target(settings, endpoint, (user, password), &pids)?;
+            targets.push((user.clone(), side, target));
+        }
+    }
+    let connections = shadow::replay::Connections::new(
+        targets,
+        shadow.pool_size,
+        settings.server_connect_timeout.0,
+        shadow.statement_timeout.0,
+    );
+    let forward = plan.replication_name();
+    let reverse = format!("{forward}_back");
+    Ok(shadow::Shadow::new(
+        shadow.clone(),
+        connections,
+        forward,
+        reverse,
+    ))
+}
+
+/// Where and as whom the proxy's connections towards `endpoint` log in as `user`.
+fn server_target(
+    settings: &ProxySettings,
+    endpoint: &Endpoint,
+    (user, password): (&str, &str),
+    pids: &ServerPids,
+) -> Result<ServerTarget, ProxyError> {
+    let url = &endpoint.url;
+    let server_tls = match url.config().get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => None,
+        mode => Some(pool::server::ServerTls {
+            connector: tls::connector()?,
+            name: tls::server_name(&url.host())?,
+            required: mode == tokio_postgres::config::SslMode::Require,
+        }),
+    };
+    Ok(ServerTarget {
+        host: url.host(),
+        port: url.port(),
+        database: url.dbname().to_string(),
+        user: user.to_string(),
+        password: password.to_string(),
+        tls: server_tls,
+        pids: pids.clone(),
+        max_prepared_statements: settings.max_prepared_statements as usize,
+        replication: false,
+    })
 }
 
 /// How often idle server connections are looked at: often enough that none outlives
@@ -570,6 +623,9 @@ fn start_shards(plan: &Plan, backend: Backend) -> Result<Arc<Shared>, ProxyError
             .map_err(ProxyError::Worker)?;
     }
     start_cache(&shared);
+    if let Some(shadow) = shared.shadow.clone() {
+        tokio::spawn(shadow.run());
+    }
     tracing::debug!(workers = count, "proxy workers started");
     Ok(shared)
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod dynamodb;
 pub mod redis;
 pub mod servers;

@@ -20,6 +20,7 @@ mod proxy_server_auth;
 mod proxy_state;
 mod resume;
 mod roles;
+mod shadow;
 pub mod shared_state;
 mod sync_live;
 mod tls;

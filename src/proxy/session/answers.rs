@@ -55,6 +55,9 @@ impl Session {
                 if self.caching.fill.is_some() {
                     self.answer_collected(status);
                 }
+                if self.shadowing.capture.is_some() {
+                    self.shadow_collected(status);
+                }
             }
             ERROR_RESPONSE => {
                 self.replies.error_received();
@@ -80,6 +83,9 @@ impl Session {
         }
         if self.caching.fill.is_some() {
             self.collect_for_cache(&frame);
+        }
+        if self.shadowing.capture.is_some() {
+            self.collect_for_shadow(&frame);
         }
         let ready = kind == READY_FOR_QUERY;
         metrics::add(&self.metrics().bytes_to_clients, frame.len() as u64);

@@ -351,15 +351,22 @@ fn may_make_temporary(text: &[u8]) -> bool {
 /// its Parse): Bind of the unnamed statement into the unnamed portal, an optional Describe of
 /// that portal, Execute of it with no row limit, Sync. `None` for anything else, or when the
 /// client has not sent it all yet.
-fn unnamed_group(buffer: &[u8]) -> Option<usize> {
-    let mut messages = backend::messages(buffer);
-    let mut message = messages.next()?;
+pub(super) fn unnamed_group(buffer: &[u8]) -> Option<usize> {
+    let message = backend::messages(buffer).next()?;
     // Bind: portal "" and statement "".
     if message[0] != BIND || !message[5..].starts_with(&[0, 0]) {
         return None;
     }
-    let mut len = message.len();
-    message = messages.next()?;
+    Some(message.len() + rest_of_group(&buffer[message.len()..])?)
+}
+
+/// The length of what follows a Bind into the unnamed portal at the front of `buffer`: an
+/// optional Describe of that portal (or of the statement), Execute of it with no row limit,
+/// Sync. `None` for anything else, or when the client has not sent it all yet.
+pub(super) fn rest_of_group(buffer: &[u8]) -> Option<usize> {
+    let mut messages = backend::messages(buffer);
+    let mut len = 0;
+    let mut message = messages.next()?;
     if message[0] == DESCRIBE {
         // Of the portal (psycopg, pgjdbc) or of the statement (tokio-postgres).
         if message[5..] != [PORTAL, 0] && message[5..] != [STATEMENT, 0] {

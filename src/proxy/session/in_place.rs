@@ -82,6 +82,7 @@ impl Session {
     pub(super) fn pass_answers_in_place(&mut self) -> Option<bool> {
         if !self.settings.pending.is_empty()
             || self.caching.fill.is_some()
+            || self.shadowing.capture.is_some()
             || self.settings.controls_sent.0 == self.replies.answering()
         {
             return None;
@@ -115,6 +116,7 @@ impl Session {
         if buffer.first() != Some(&READY_FOR_QUERY)
             || !has_room(&self.client_w)
             || self.caching.fill.is_some()
+            || self.shadowing.capture.is_some()
         {
             return false;
         }

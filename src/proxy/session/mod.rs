@@ -11,6 +11,7 @@ mod login;
 mod prepared;
 mod registry;
 mod routing;
+mod shadowing;
 #[cfg(test)]
 mod tests;
 mod tracking;
@@ -147,6 +148,8 @@ struct Session {
     server_side: crate::pg::Side,
     /// The read cache's part: a miss being collected, the session's last write's position.
     caching: caching::Caching,
+    /// Shadow reads' part: a read whose answer is being captured for its replay.
+    shadowing: shadowing::Shadowing,
 }
 
 impl Session {
@@ -169,6 +172,10 @@ impl Session {
             pools,
             caching: caching::Caching {
                 on: shared.cache.is_some(),
+                ..Default::default()
+            },
+            shadowing: shadowing::Shadowing {
+                on: shared.shadow.is_some(),
                 ..Default::default()
             },
             shared,
@@ -467,6 +474,9 @@ impl Session {
                 return Next::after(self.fail_until_sync(&frame, &error).await);
             }
             self.show_running();
+        }
+        if self.shadowing.on {
+            self.maybe_shadow(&frame);
         }
         Next::Forward(frame)
     }

@@ -12,6 +12,8 @@
 //! - `POST /throttle` with a [`ThrottleRequest`]: [`Status`].
 //! - `POST /switch` with a [`SwitchRequest`]: [`Status`]; 409 when the proxy has a newer epoch.
 //! - `POST /resume`: [`Status`].
+//! - `GET /shadow`: [`shadow::Report`], this proxy's window of shadow reads; `POST /shadow/reset`
+//!   starts a new window and answers the closed one.
 //! - Any refusal (400, 401, 403, 404, 409, 500): [`ErrorAnswer`].
 //!
 //! (`GET /metrics` is Prometheus text, not JSON, and not part of this contract.)
@@ -511,3 +513,5 @@ mod tests {
         assert!(serde_json::from_str::<Side>(r#""elsewhere""#).is_err());
     }
 }
+
+pub mod shadow;

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Shadow reads benchmark: pgbench -S (simple protocol) at 16 clients through three proxies in
+# front of the same PostgreSQL 15 source, replaying none, a tenth and every read on the
+# PostgreSQL 17 target ([proxy.shadow] fraction 0, 0.1 and 1.0); the three alternate, round
+# by round, in one run. Reported: client throughput, and the proxy's CPU per transaction
+# (user + system time of its process over the transactions it served).
+#
+# Both servers, the proxies and pgbench share this machine's cores, so the replays' own cost
+# (on the target, and in the proxy) is in the figures.
+#
+# Floor (issue 26): at 0.1 the client throughput >= 0.9x that at fraction 0.
+#
+#   bench/shadow.sh                           # 3 rounds of 5 s per cell
+#   BENCH_SECONDS=10 BENCH_ROUNDS=5 bench/shadow.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
+SCALE=${BENCH_SCALE:-10}
+CLIENTS=16
+
+scripts/install-deps.sh
+cargo build --quiet --release --bin switchyard
+cargo build --quiet --release --example servers
+PG_BIN=/usr/lib/postgresql/15/bin
+
+WORK=$(mktemp -d /tmp/switchyard-bench-shadow.XXXXXX)
+chmod 755 "$WORK"
+# shellcheck source=scripts/lib/servers.sh
+source scripts/lib/servers.sh
+start_servers release "$WORK"
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; stop_servers' EXIT
+APP_PASSWORD=bench-app-pw
+export APP_PASSWORD
+
+echo "pgbench scale $SCALE on both servers ..." >&2
+pgbench_database "$SCALE"
+TGT="postgres://postgres@127.0.0.1:$TARGET_PORT"
+psql -q -v ON_ERROR_STOP=1 "$TGT/postgres" -c "CREATE DATABASE bench"
+/usr/lib/postgresql/17/bin/pgbench -q -i -s "$SCALE" "$TGT/bench" >/dev/null 2>&1
+psql -q -v ON_ERROR_STOP=1 "$TGT/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
+
+FRACTIONS=(0 0.1 1.0)
+declare -A PORT ADMIN PID
+for f in "${FRACTIONS[@]}"; do
+  PORT[$f]=$(free_port); ADMIN[$f]=$(free_port)
+  cat > "$WORK/plan-$f.toml" <<PLAN
+name = "bench_shadow"
+[source]
+url = "postgres://postgres@127.0.0.1:$SOURCE_PORT/bench"
+[target]
+url = "postgres://postgres@127.0.0.1:$TARGET_PORT/bench"
+[proxy]
+listen = "127.0.0.1:${PORT[$f]}"
+admin_listen = "127.0.0.1:${ADMIN[$f]}"
+pool_mode = "transaction"
+pool_size = 10
+[proxy.shadow]
+fraction = $f
+max_in_flight = 8
+[[proxy.users]]
+name = "app"
+password_env = "APP_PASSWORD"
+[state]
+path = "$WORK/state-$f.json"
+PLAN
+  RUST_LOG=warn "$ROOT/target/release/switchyard" proxy "$WORK/plan-$f.toml" 2> "$WORK/proxy-$f.log" &
+  PID[$f]=$!
+  PIDS+=("${PID[$f]}")
+done
+for f in "${FRACTIONS[@]}"; do
+  for _ in $(seq 1 100); do
+    curl -sf "127.0.0.1:${ADMIN[$f]}/status" >/dev/null && break
+    sleep 0.1
+  done
+done
+
+# cpu_ticks <pid>: user + system clock ticks of a process.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# run <fraction>: "tps cpu_us_per_transaction"
+run() {
+  local url="postgres://app:$APP_PASSWORD@127.0.0.1:${PORT[$1]}/bench"
+  local before after out tps
+  before=$(cpu_ticks "${PID[$1]}")
+  out=$("$PG_BIN/pgbench" -n -S -M simple -c "$CLIENTS" -j 2 -T "$SECONDS_PER_RUN" "$url" 2>&1) || { echo "$out" >&2; return 1; }
+  after=$(cpu_ticks "${PID[$1]}")
+  tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+  awk -v t="$tps" -v s="$SECONDS_PER_RUN" -v d="$((after - before))" -v hz="$TICK" \
+    'BEGIN { printf "%s %.1f\n", t, d / hz * 1e6 / (t * s) }'
+}
+
+declare -A TPS CPU
+for round in $(seq 1 "$ROUNDS"); do
+  for f in "${FRACTIONS[@]}"; do
+    read -r tps cpu < <(run "$f")
+    TPS[$f]="${TPS[$f]:-} $tps"
+    CPU[$f]="${CPU[$f]:-} $cpu"
+    echo "round $round, fraction $f: $tps tps, proxy CPU $cpu us/transaction" >&2
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+spread() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {printf "%s-%s", lo, hi}'; }
+echo
+echo "Shadow reads, pgbench -S at $CLIENTS clients, $(nproc) cores, $ROUNDS rounds of ${SECONDS_PER_RUN}s (median, spread):"
+printf '%-9s %10s %22s %14s %18s %s\n' fraction tps "(spread)" "vs 0" "proxy us/tx" "(spread)"
+base=$(echo "${TPS[0]}" | median)
+for f in "${FRACTIONS[@]}"; do
+  m=$(echo "${TPS[$f]}" | median)
+  printf '%-9s %10s %22s %14s %18s %s\n' "$f" "$m" "$(echo "${TPS[$f]}" | spread)" \
+    "$(awk -v a="$m" -v b="$base" 'BEGIN { printf "%.3f", a / b }')" \
+    "$(echo "${CPU[$f]}" | median)" "$(echo "${CPU[$f]}" | spread)"
+done
+for f in 0.1 1.0; do
+  curl -s "127.0.0.1:${ADMIN[$f]}/shadow" | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+w = r['window']
+print(f'fraction $f: {w[\"samples\"]} replayed, {w[\"dropped\"]} dropped, {w[\"divergences\"]} divergent, verdict {r[\"verdict\"]}')"
+done
+m=$(echo "${TPS[0.1]}" | median)
+awk -v a="$m" -v b="$base" 'BEGIN { printf "fraction 0.1: %.3f x the throughput at 0 (floor: >= 0.9) %s\n", a / b, (a / b >= 0.9 ? "met" : "NOT MET") }'

@@ -1,0 +1,451 @@
+//! One side's answer to a replayed read, as the server sent it, and the exact comparison of
+//! two answers: the columns (names and type names: OIDs differ between servers), the rows as
+//! a multiset, the order of the `ORDER BY` keys, and errors by SQLSTATE.
+//!
+//! Values are compared as the bytes the server sent, in the format the client asked for:
+//! both servers were sent the same messages with the same session settings.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::statement::SortKey;
+use crate::admin_api::shadow as api;
+use crate::proxy::protocol::backend;
+use crate::proxy::protocol::tags::*;
+
+/// One value: `None` is NULL.
+pub type Value = Option<Bytes>;
+pub type Row = Vec<Value>;
+
+/// The first OID a user-defined object gets: below it, the same OID is the same built-in
+/// type on every server version.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer {
+    pub columns: Vec<Column>,
+    pub rows: Vec<Row>,
+    pub command: Option<String>,
+    /// SQLSTATE and message.
+    pub error: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    /// 1 for binary.
+    pub format: i16,
+    /// `format_type()` on the answering server, for user-defined types (filled by the
+    /// caller before comparing).
+    pub type_name: Option<String>,
+}
+
+impl Answer {
+    /// Reads the messages of one answer (anything up to its ReadyForQuery): RowDescription,
+    /// DataRows, CommandComplete, ErrorResponse; the rest (ParseComplete, notices) is skipped.
+    pub fn read(messages: &[u8]) -> Answer {
+        let mut answer = Answer::default();
+        for message in backend::messages(messages) {
+            let body = &message[5..];
+            match message[0] {
+                ROW_DESCRIPTION => answer.columns = row_description(body).unwrap_or_default(),
+                DATA_ROW => {
+                    if let Some(row) = data_row(body) {
+                        answer.rows.push(row);
+                    }
+                }
+                COMMAND_COMPLETE => {
+                    answer.command = Some(
+                        String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body))
+                            .into_owned(),
+                    )
+                }
+                ERROR_RESPONSE => {
+                    let (code, text) = backend::error_fields(body);
+                    answer.error = Some((code.to_string(), text.to_string()));
+                }
+                _ => {}
+            }
+        }
+        answer
+    }
+
+    /// User-defined type OIDs whose names must be asked before comparing.
+    pub fn unnamed_types(&self) -> impl Iterator<Item = u32> + '_ {
+        self.columns
+            .iter()
+            .filter(|c| c.type_oid >= FIRST_NORMAL_OID && c.type_name.is_none())
+            .map(|c| c.type_oid)
+    }
+
+    pub fn name_types(&mut self, names: &BTreeMap<u32, String>) {
+        for column in &mut self.columns {
+            if column.type_oid >= FIRST_NORMAL_OID {
+                column.type_name = names.get(&column.type_oid).cloned();
+            }
+        }
+    }
+
+    /// The answer for the report, as text.
+    pub fn to_api(&self) -> api::Answer {
+        api::Answer {
+            columns: self
+                .columns
+                .iter()
+                .map(|c| api::Column {
+                    name: c.name.clone(),
+                    type_name: c
+                        .type_name
+                        .clone()
+                        .unwrap_or_else(|| builtin_type_name(c.type_oid)),
+                })
+                .collect(),
+            rows: self
+                .rows
+                .iter()
+                .take(api::Answer::ROWS_KEPT)
+                .map(|row| self.row_text(row))
+                .collect(),
+            row_count: self.rows.len() as u64,
+            command: self.command.clone(),
+            error: self.error.as_ref().map(|(code, message)| api::AnswerError {
+                code: code.clone(),
+                message: message.clone(),
+            }),
+        }
+    }
+
+    pub fn row_text(&self, row: &Row) -> Vec<Option<String>> {
+        row.iter()
+            .enumerate()
+            .map(|(i, value)| {
+                // Without a RowDescription (a named statement's Execute: the client described
+                // it when it prepared it) the format is not known: control bytes say binary.
+                let binary = match self.columns.get(i) {
+                    Some(column) => column.format == 1,
+                    None => value
+                        .as_ref()
+                        .is_some_and(|v| v.iter().any(|&b| b < 0x20 && !b"\t\n\r".contains(&b))),
+                };
+                value.as_ref().map(|v| value_text(v, binary))
+            })
+            .collect()
+    }
+}
+
+/// A value as text: binary ones (and text that is not UTF-8) as `\x` hex.
+pub fn value_text(value: &[u8], binary: bool) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if !binary => text.to_string(),
+        _ => {
+            let mut hex = String::with_capacity(2 + value.len() * 2);
+            hex.push_str("\\x");
+            for byte in value {
+                hex.push_str(&format!("{byte:02x}"));
+            }
+            hex
+        }
+    }
+}
+
+/// A built-in type's OID as the report shows it (the same on both servers).
+fn builtin_type_name(oid: u32) -> String {
+    tokio_postgres::types::Type::from_oid(oid)
+        .map(|t| t.name().to_string())
+        .unwrap_or_else(|| format!("oid {oid}"))
+}
+
+fn row_description(body: &[u8]) -> Option<Vec<Column>> {
+    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut rest = &body[2..];
+    let mut columns = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let end = rest.iter().position(|&b| b == 0)?;
+        let name = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let fixed = rest.get(end + 1..end + 19)?;
+        columns.push(Column {
+            name,
+            type_oid: u32::from_be_bytes(fixed[6..10].try_into().ok()?),
+            format: i16::from_be_bytes(fixed[16..18].try_into().ok()?),
+            type_name: None,
+        });
+        rest = &rest[end + 19..];
+    }
+    Some(columns)
+}
+
+fn data_row(body: &[u8]) -> Option<Row> {
+    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut at = 2;
+    let mut row = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            row.push(Some(Bytes::copy_from_slice(body.get(at..at + len)?)));
+            at += len;
+        }
+    }
+    Some(row)
+}
+
+/// How two answers differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    pub reason: String,
+    pub only_old: Vec<Row>,
+    pub only_new: Vec<Row>,
+}
+
+/// Compares the old server's answer with the new one's: `None` when they are the same.
+pub fn compare(old: &Answer, new: &Answer, order: &[SortKey]) -> Option<Difference> {
+    let differ = |reason: String| {
+        Some(Difference {
+            reason,
+            only_old: Vec::new(),
+            only_new: Vec::new(),
+        })
+    };
+    match (&old.error, &new.error) {
+        (Some((a, _)), Some((b, _))) if a == b => return None,
+        (Some((a, am)), Some((b, bm))) => {
+            return differ(format!(
+                "different errors: {a} ({am}) on the old server, {b} ({bm}) on the new"
+            ))
+        }
+        (Some((code, message)), None) => {
+            return differ(format!(
+                "an error on the old server only: {code} ({message})"
+            ))
+        }
+        (None, Some((code, message))) => {
+            return differ(format!(
+                "an error on the new server only: {code} ({message})"
+            ))
+        }
+        (None, None) => {}
+    }
+    if old.columns.len() != new.columns.len() {
+        return differ(format!(
+            "{} columns on the old server, {} on the new",
+            old.columns.len(),
+            new.columns.len()
+        ));
+    }
+    for (a, b) in old.columns.iter().zip(&new.columns) {
+        if a.name != b.name {
+            return differ(format!(
+                "column {:?} is called {:?} on the new server",
+                a.name, b.name
+            ));
+        }
+        let same_type = match (
+            a.type_oid >= FIRST_NORMAL_OID,
+            b.type_oid >= FIRST_NORMAL_OID,
+        ) {
+            (false, false) => a.type_oid == b.type_oid,
+            _ => a.type_name.is_some() && a.type_name == b.type_name,
+        };
+        if !same_type {
+            return differ(format!(
+                "column {:?} has type {} on the old server, {} on the new",
+                a.name,
+                a.type_name
+                    .clone()
+                    .unwrap_or_else(|| builtin_type_name(a.type_oid)),
+                b.type_name
+                    .clone()
+                    .unwrap_or_else(|| builtin_type_name(b.type_oid)),
+            ));
+        }
+    }
+    let (only_old, only_new) = multiset_difference(&old.rows, &new.rows);
+    if !only_old.is_empty() || !only_new.is_empty() {
+        return Some(Difference {
+            reason: format!(
+                "{} rows on the old server, {}; {} only on the old, {} only on the new",
+                old.rows.len(),
+                new.rows.len(),
+                only_old.len(),
+                only_new.len()
+            ),
+            only_old,
+            only_new,
+        });
+    }
+    let keys = key_columns(order, &old.columns);
+    if !keys.is_empty() {
+        let sequence = |rows: &[Row]| -> Vec<Vec<Value>> {
+            rows.iter()
+                .map(|row| {
+                    keys.iter()
+                        .map(|&k| row.get(k).cloned().flatten())
+                        .collect()
+                })
+                .collect()
+        };
+        if let Some(at) = sequence(&old.rows)
+            .iter()
+            .zip(sequence(&new.rows).iter())
+            .position(|(a, b)| a != b)
+        {
+            return Some(Difference {
+                reason: format!(
+                    "the same rows in a different ORDER BY order, from row {}",
+                    at + 1
+                ),
+                only_old: vec![old.rows[at].clone()],
+                only_new: vec![new.rows[at].clone()],
+            });
+        }
+    }
+    None
+}
+
+/// The output columns of the `ORDER BY` keys, up to the first that is not one (the order by
+/// the keys before it can still be checked).
+fn key_columns(order: &[SortKey], columns: &[Column]) -> Vec<usize> {
+    let mut keys = Vec::new();
+    for key in order {
+        let index = match key {
+            SortKey::Position(i) if *i < columns.len() => *i,
+            SortKey::Name(name) => match columns.iter().position(|c| &c.name == name) {
+                Some(i) => i,
+                None => break,
+            },
+            _ => break,
+        };
+        keys.push(index);
+    }
+    keys
+}
+
+/// Rows only in `old` and only in `new`, counted with their repeats.
+fn multiset_difference(old: &[Row], new: &[Row]) -> (Vec<Row>, Vec<Row>) {
+    let mut counts: BTreeMap<&Row, i64> = BTreeMap::new();
+    for row in old {
+        *counts.entry(row).or_default() += 1;
+    }
+    for row in new {
+        *counts.entry(row).or_default() -= 1;
+    }
+    let (mut only_old, mut only_new) = (Vec::new(), Vec::new());
+    for (row, count) in counts {
+        for _ in 0..count.max(0) {
+            only_old.push(row.clone());
+        }
+        for _ in 0..(-count).max(0) {
+            only_new.push(row.clone());
+        }
+    }
+    (only_old, only_new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(rows: &[&[&str]]) -> Answer {
+        Answer {
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: 23,
+                    format: 0,
+                    type_name: None,
+                },
+                Column {
+                    name: "name".into(),
+                    type_oid: 25,
+                    format: 0,
+                    type_name: None,
+                },
+            ],
+            rows: rows
+                .iter()
+                .map(|r| r.iter().map(|v| Some(Bytes::from(v.to_string()))).collect())
+                .collect(),
+            command: Some(format!("SELECT {}", rows.len())),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn rows_in_another_order_are_equal_without_order_by() {
+        let a = answer(&[&["1", "a"], &["2", "b"]]);
+        let b = answer(&[&["2", "b"], &["1", "a"]]);
+        assert_eq!(compare(&a, &b, &[]), None);
+        // With ORDER BY id the order counts; rows tied on the key may come in any order.
+        let d = compare(&a, &b, &[SortKey::Name("id".into())]).expect("a different order");
+        assert!(
+            d.reason.contains("different ORDER BY order"),
+            "{}",
+            d.reason
+        );
+        let tied_a = answer(&[&["1", "a"], &["1", "b"]]);
+        let tied_b = answer(&[&["1", "b"], &["1", "a"]]);
+        assert_eq!(compare(&tied_a, &tied_b, &[SortKey::Position(0)]), None);
+    }
+
+    #[test]
+    fn the_differing_rows_are_named() {
+        let a = answer(&[&["1", "a"], &["2", "b"], &["2", "b"]]);
+        let b = answer(&[&["1", "a"], &["2", "b"], &["3", "c"]]);
+        let d = compare(&a, &b, &[]).expect("differs");
+        assert_eq!(d.only_old, vec![a.rows[1].clone()]);
+        assert_eq!(d.only_new, vec![b.rows[2].clone()]);
+    }
+
+    #[test]
+    fn errors_are_compared_by_sqlstate() {
+        let mut a = answer(&[]);
+        a.error = Some(("22007".into(), "invalid input syntax".into()));
+        let b = answer(&[&["1", "a"]]);
+        assert!(compare(&a, &b, &[])
+            .unwrap()
+            .reason
+            .contains("old server only"));
+        let mut c = answer(&[]);
+        c.error = Some(("22007".into(), "worded otherwise".into()));
+        assert_eq!(compare(&a, &c, &[]), None);
+    }
+
+    #[test]
+    fn user_types_are_compared_by_name() {
+        let mut a = answer(&[]);
+        let mut b = answer(&[]);
+        a.columns[1].type_oid = 16500;
+        b.columns[1].type_oid = 17000;
+        a.columns[1].type_name = Some("mood".into());
+        b.columns[1].type_name = Some("mood".into());
+        assert_eq!(compare(&a, &b, &[]), None);
+        b.columns[1].type_name = Some("feeling".into());
+        assert!(compare(&a, &b, &[]).is_some());
+    }
+
+    #[test]
+    fn messages_are_read() {
+        // RowDescription (one int4 column "n"), one DataRow, CommandComplete.
+        let mut bytes = vec![b'T'];
+        let mut body = vec![0, 1];
+        body.extend_from_slice(b"n\0");
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&23u32.to_be_bytes());
+        body.extend_from_slice(&[0, 4, 255, 255, 255, 255, 0, 0]);
+        bytes.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&[b'D', 0, 0, 0, 11, 0, 1, 0, 0, 0, 1, b'7']);
+        bytes.extend_from_slice(&[b'C', 0, 0, 0, 13]);
+        bytes.extend_from_slice(b"SELECT 1\0");
+        let answer = Answer::read(&bytes);
+        assert_eq!(answer.columns[0].name, "n");
+        assert_eq!(answer.columns[0].type_oid, 23);
+        assert_eq!(answer.rows, vec![vec![Some(Bytes::from_static(b"7"))]]);
+        assert_eq!(answer.command.as_deref(), Some("SELECT 1"));
+    }
+}

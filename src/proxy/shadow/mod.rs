@@ -1,0 +1,564 @@
+//! `[proxy.shadow]`: a sample of the applications' reads replayed on the other server after
+//! the client has its answer, and compared with that answer (docs/proxy.md, "Shadow reads").
+//!
+//! A session hands over a [`Sample`] — the messages it sent, its settings, the answer the
+//! client got and how long the primary took — only when a permit of `max_in_flight` is free
+//! (else the sample is dropped and counted), and never waits for anything here. The replay
+//! runs on the proxy's main scheduler, on shadow connections of its own
+//! ([`replay::Connections`]).
+//!
+//! A mismatch is not yet a divergence: the other server is a replication subscriber and may
+//! not have applied what the primary's read saw. It is re-run on both servers once the
+//! subscriber's slot has confirmed the primary's WAL insert position taken right after the
+//! primary's run ([`Shadow::rerun`]); a read that then agrees was "in flight", one whose
+//! difference changes from re-run to re-run is "unstable", and one that differs the same way
+//! twice is a divergence.
+
+pub mod answer;
+pub mod replay;
+pub mod statement;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::admin_api::shadow as api;
+use crate::pg::Side;
+use crate::plan::ShadowSettings;
+use answer::{compare, Answer, Difference};
+use replay::{Connections, Loan};
+use statement::{Kind, Statement};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Re-runs of a mismatch before it is called unstable.
+const RERUNS: usize = 3;
+/// How long a re-run waits for the subscriber to confirm the primary's position.
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+const CONFIRM_POLL: Duration = Duration::from_millis(20);
+/// Answers larger than this are not captured (the sample is dropped).
+pub const MAX_CAPTURE: usize = 1 << 20;
+/// Statements analysed are remembered by their text, up to this many.
+const ANALYSED_KEPT: usize = 10_000;
+
+/// What a session hands over.
+pub struct Sample {
+    pub user: Arc<str>,
+    /// The server that answered the client.
+    pub primary: Side,
+    /// A Query, or an unnamed Parse with its Bind, Describe, Execute and Sync.
+    pub frames: Bytes,
+    /// The statement's text.
+    pub sql: String,
+    pub standard_conforming_strings: bool,
+    /// The client's tracked settings.
+    pub settings: BTreeMap<String, String>,
+    /// The answer's messages as the client got them (without the ReadyForQuery).
+    pub answer: Vec<u8>,
+    /// From forwarding to the ReadyForQuery.
+    pub elapsed: Duration,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Counters `/metrics` reads without a lock.
+#[derive(Default)]
+pub struct Counters {
+    pub samples: AtomicU64,
+    pub dropped: AtomicU64,
+    pub divergences: AtomicU64,
+}
+
+/// One fingerprint's tally in the window.
+struct Tally {
+    query: String,
+    calls: u64,
+    divergences: u64,
+    in_flight: u64,
+    unstable: u64,
+    not_comparable: u64,
+    histograms: api::Histograms,
+    example: Option<api::Example>,
+    plans: Option<api::Plans>,
+    /// An EXPLAIN was asked (or is being asked) for this fingerprint.
+    explained: bool,
+}
+
+struct WindowState {
+    start: SystemTime,
+    window: api::Window,
+    fingerprints: HashMap<u64, Tally>,
+}
+
+impl WindowState {
+    fn new() -> WindowState {
+        WindowState {
+            start: SystemTime::now(),
+            window: api::Window::default(),
+            fingerprints: HashMap::new(),
+        }
+    }
+}
+
+/// What became of one sample.
+enum Outcome {
+    Same,
+    InFlight,
+    Unstable,
+    Diverged(Box<(Answer, Answer, Difference)>),
+    /// A re-run could not run (a connection lost, `statement_timeout`): no verdict.
+    Failed,
+}
+
+pub struct Shadow {
+    pub settings: ShadowSettings,
+    permits: Arc<Semaphore>,
+    queue: mpsc::UnboundedSender<Sample>,
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Sample>>>,
+    connections: Connections,
+    state: Mutex<WindowState>,
+    analysed: Mutex<HashMap<String, Arc<Statement>>>,
+    pub counters: Counters,
+    /// The slot whose confirmed position says the other server has what the primary had:
+    /// the forward subscription's on the source, the way back's on the target.
+    slots: [String; 2],
+}
+
+impl Shadow {
+    pub fn new(
+        settings: ShadowSettings,
+        connections: Connections,
+        forward_slot: String,
+        reverse_slot: String,
+    ) -> Shadow {
+        let (queue, inbox) = mpsc::unbounded_channel();
+        Shadow {
+            permits: Arc::new(Semaphore::new(settings.max_in_flight.max(1) as usize)),
+            settings,
+            queue,
+            inbox: Mutex::new(Some(inbox)),
+            connections,
+            state: Mutex::new(WindowState::new()),
+            analysed: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            slots: [forward_slot, reverse_slot],
+        }
+    }
+
+    /// Whether to sample the read about to be forwarded: the fraction's draw, then a free
+    /// permit (none free: dropped and counted).
+    pub fn draw(&self) -> Option<OwnedSemaphorePermit> {
+        if rand::random::<f64>() >= self.settings.fraction.0 {
+            return None;
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                lock(&self.state).window.dropped += 1;
+                None
+            }
+        }
+    }
+
+    /// A captured sample, for the shadow task.
+    pub fn submit(&self, sample: Sample) {
+        // The receiver lives as long as the proxy; a send after it is gone is dropped.
+        let _ = self.queue.send(sample);
+    }
+
+    /// A sample that could not be captured (its answer too large).
+    pub fn abandoned(&self) {
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        lock(&self.state).window.dropped += 1;
+    }
+
+    /// Runs the replays, each in a task of its own, on the caller's scheduler.
+    pub async fn run(self: Arc<Self>) {
+        let Some(mut inbox) = lock(&self.inbox).take() else {
+            return;
+        };
+        while let Some(sample) = inbox.recv().await {
+            let shadow = self.clone();
+            tokio::spawn(async move { shadow.replay(sample).await });
+        }
+    }
+
+    fn analysed(&self, sample: &Sample) -> Arc<Statement> {
+        if let Some(known) = lock(&self.analysed).get(&sample.sql) {
+            return known.clone();
+        }
+        let statement = Arc::new(statement::analyze(
+            &sample.sql,
+            sample.standard_conforming_strings,
+        ));
+        let mut analysed = lock(&self.analysed);
+        if analysed.len() >= ANALYSED_KEPT {
+            analysed.clear();
+        }
+        analysed.insert(sample.sql.clone(), statement.clone());
+        statement
+    }
+
+    /// Whether every table the statement reads is one `tables`/`exclude` select.
+    fn covers(&self, statement: &Statement) -> bool {
+        statement.tables.iter().all(|table| {
+            let (schema, name) = match table.rsplit_once('.') {
+                Some((schema, name)) => (schema, name),
+                None => ("public", table.as_str()),
+            };
+            self.settings.covers(schema, name)
+        })
+    }
+
+    async fn replay(&self, sample: Sample) {
+        let statement = self.analysed(&sample);
+        if let Kind::NotARead(_) = statement.kind {
+            lock(&self.state).window.not_a_read += 1;
+            return;
+        }
+        if !self.covers(&statement) {
+            return;
+        }
+        let other = other_side(sample.primary);
+        let mut client = Answer::read(&sample.answer);
+        if could_not_run(&client) {
+            // The client's own statement was canceled or timed out: nothing to compare.
+            lock(&self.state).window.failed += 1;
+            return;
+        }
+        let replayed = async {
+            let mut loan = self
+                .connections
+                .take(&sample.user, other, &sample.settings)
+                .await?;
+            let (mut shadow, elapsed) = loan.run(&sample.frames).await?;
+            name_types(&mut loan, &mut shadow).await?;
+            Ok::<_, replay::ReplayError>((shadow, elapsed))
+        }
+        .await;
+        let (shadow, shadow_elapsed) = match replayed {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!(error = %e.0, "a shadow read could not run");
+                lock(&self.state).window.failed += 1;
+                return;
+            }
+        };
+        if shadow
+            .error
+            .as_ref()
+            .is_some_and(|(code, _)| code == READ_ONLY)
+        {
+            lock(&self.state).window.not_a_read += 1;
+            return;
+        }
+        if could_not_run(&shadow) {
+            lock(&self.state).window.failed += 1;
+            return;
+        }
+        // The client's answer's user-defined types are named on the primary.
+        if client.unnamed_types().next().is_some() {
+            if let Ok(mut loan) = self
+                .connections
+                .take(&sample.user, sample.primary, &sample.settings)
+                .await
+            {
+                let _ = name_types(&mut loan, &mut client).await;
+            }
+        }
+        let comparable = matches!(statement.kind, Kind::Read { .. });
+        let verdict = match &statement.kind {
+            Kind::Read { order, .. } => {
+                let (old, new) = by_side(sample.primary, &client, &shadow);
+                match compare(old, new, order) {
+                    None => Outcome::Same,
+                    Some(first) => self.rerun(&sample, order, first).await,
+                }
+            }
+            _ => Outcome::Same,
+        };
+        self.counters.samples.fetch_add(1, Ordering::Relaxed);
+        let explain = {
+            let mut state = lock(&self.state);
+            let state = &mut *state;
+            state.window.samples += 1;
+            let tally = state
+                .fingerprints
+                .entry(statement.fingerprint)
+                .or_insert_with(|| Tally {
+                    query: statement.normalized.clone(),
+                    calls: 0,
+                    divergences: 0,
+                    in_flight: 0,
+                    unstable: 0,
+                    not_comparable: 0,
+                    histograms: api::Histograms::default(),
+                    example: None,
+                    plans: None,
+                    explained: false,
+                });
+            tally.calls += 1;
+            let (old_elapsed, new_elapsed) = match sample.primary {
+                Side::Source => (sample.elapsed, shadow_elapsed),
+                Side::Target => (shadow_elapsed, sample.elapsed),
+            };
+            tally.histograms.old.record(old_elapsed);
+            tally.histograms.new.record(new_elapsed);
+            if !comparable {
+                tally.not_comparable += 1;
+                state.window.not_comparable += 1;
+            }
+            match verdict {
+                Outcome::Same => {}
+                Outcome::InFlight => {
+                    tally.in_flight += 1;
+                    state.window.in_flight += 1;
+                }
+                Outcome::Unstable => {
+                    tally.unstable += 1;
+                    state.window.unstable += 1;
+                }
+                Outcome::Failed => state.window.failed += 1,
+                Outcome::Diverged(both) => {
+                    let (old, new, difference) = *both;
+                    self.counters.divergences.fetch_add(1, Ordering::Relaxed);
+                    tally.divergences += 1;
+                    state.window.divergences += 1;
+                    if tally.example.is_none() {
+                        tally.example = Some(example(&sample, &old, &new, &difference));
+                    }
+                }
+            }
+            let mut judged = fingerprint(statement.fingerprint, tally);
+            judged.judge(&self.settings.thresholds());
+            let wanted = tally.divergences > 0 || judged.regressed;
+            let explain = wanted && !tally.explained;
+            tally.explained |= explain;
+            explain
+        };
+        if explain {
+            self.explain(&sample, statement.fingerprint).await;
+        }
+    }
+
+    /// A mismatch run again on both servers, each time once the subscriber has confirmed
+    /// what the primary's run saw.
+    async fn rerun(
+        &self,
+        sample: &Sample,
+        order: &[statement::SortKey],
+        first: Difference,
+    ) -> Outcome {
+        let other = other_side(sample.primary);
+        let mut last = first;
+        for _ in 0..RERUNS {
+            let both = async {
+                let mut primary = self
+                    .connections
+                    .take(&sample.user, sample.primary, &sample.settings)
+                    .await?;
+                let (mut on_primary, _) = primary.run(&sample.frames).await?;
+                name_types(&mut primary, &mut on_primary).await?;
+                let position = primary
+                    .value("SELECT pg_current_wal_insert_lsn()::text")
+                    .await?
+                    .unwrap_or_default();
+                self.wait_confirmed(&mut primary, sample.primary, &position)
+                    .await?;
+                drop(primary);
+                let mut shadow = self
+                    .connections
+                    .take(&sample.user, other, &sample.settings)
+                    .await?;
+                let (mut on_other, _) = shadow.run(&sample.frames).await?;
+                name_types(&mut shadow, &mut on_other).await?;
+                Ok::<_, replay::ReplayError>((on_primary, on_other))
+            }
+            .await;
+            let (on_primary, on_other) = match both {
+                Ok((p, o)) if !could_not_run(&p) && !could_not_run(&o) => (p, o),
+                _ => return Outcome::Failed,
+            };
+            let (old, new) = by_side(sample.primary, &on_primary, &on_other);
+            match compare(old, new, order) {
+                None => return Outcome::InFlight,
+                Some(again) if again == last => {
+                    let (old, new) = (old.clone(), new.clone());
+                    return Outcome::Diverged(Box::new((old, new, again)));
+                }
+                Some(again) => last = again,
+            }
+        }
+        Outcome::Unstable
+    }
+
+    /// Waits until the slot that feeds the other server has confirmed `position` of the
+    /// primary (at most [`CONFIRM_WAIT`]); at once when there is no such slot.
+    async fn wait_confirmed(
+        &self,
+        primary: &mut Loan<'_>,
+        side: Side,
+        position: &str,
+    ) -> Result<(), replay::ReplayError> {
+        let slot = &self.slots[crate::proxy::side_index(side)];
+        let sql = format!(
+            "SELECT (SELECT (confirmed_flush_lsn >= {}::pg_lsn)::text FROM pg_replication_slots WHERE slot_name = {})",
+            crate::pg::sql::literal(position),
+            crate::pg::sql::literal(slot)
+        );
+        let started = Instant::now();
+        loop {
+            match primary.value(&sql).await?.as_deref() {
+                Some("true") | None => return Ok(()),
+                _ if started.elapsed() > CONFIRM_WAIT => return Ok(()),
+                _ => tokio::time::sleep(CONFIRM_POLL).await,
+            }
+        }
+    }
+
+    /// `EXPLAIN` of the sample on both servers, kept with its fingerprint.
+    async fn explain(&self, sample: &Sample, fingerprint: u64) {
+        let Some(frames) = replay::explain_frames(&sample.frames) else {
+            return;
+        };
+        let mut plans = [String::new(), String::new()];
+        for side in [Side::Source, Side::Target] {
+            let plan = async {
+                let mut loan = self
+                    .connections
+                    .take(&sample.user, side, &sample.settings)
+                    .await?;
+                let (answer, _) = loan.run(&frames).await?;
+                Ok::<_, replay::ReplayError>(replay::plan_text(&answer))
+            }
+            .await;
+            plans[crate::proxy::side_index(side)] =
+                plan.unwrap_or_else(|e| format!("EXPLAIN could not run: {}", e.0));
+        }
+        let [old, new] = plans;
+        if let Some(tally) = lock(&self.state).fingerprints.get_mut(&fingerprint) {
+            tally.plans = Some(api::Plans { old, new });
+        }
+    }
+
+    /// This proxy's window.
+    pub fn report(&self) -> api::Report {
+        let state = lock(&self.state);
+        let mut window = state.window.clone();
+        window.start = humantime::format_rfc3339_seconds(state.start).to_string();
+        let fingerprints = state
+            .fingerprints
+            .iter()
+            .map(|(value, tally)| fingerprint(*value, tally))
+            .collect();
+        api::Report::judged(self.settings.thresholds(), window, fingerprints)
+    }
+
+    /// Starts a new window; answers the one that ends.
+    pub fn reset(&self) -> api::Report {
+        let report = self.report();
+        *lock(&self.state) = WindowState::new();
+        report
+    }
+
+    /// Fingerprints regressed in the window (for `/metrics`).
+    pub fn regressions(&self) -> u64 {
+        self.report()
+            .fingerprints
+            .iter()
+            .filter(|f| f.regressed)
+            .count() as u64
+    }
+}
+
+/// SQLSTATE `read_only_sql_transaction`: the replay tried to write.
+const READ_ONLY: &str = "25006";
+
+/// The replay was stopped, not answered: canceled or timed out (class 57), out of resources
+/// (53), a lock not available (55P03), a connection problem (08). Not a divergence: the
+/// statement did not get to answer.
+fn could_not_run(answer: &Answer) -> bool {
+    answer.error.as_ref().is_some_and(|(code, _)| {
+        code.starts_with("57")
+            || code.starts_with("53")
+            || code.starts_with("08")
+            || code == "55P03"
+    })
+}
+
+fn other_side(side: Side) -> Side {
+    match side {
+        Side::Source => Side::Target,
+        Side::Target => Side::Source,
+    }
+}
+
+/// (old, new): the source's answer first.
+fn by_side<'a>(
+    primary: Side,
+    on_primary: &'a Answer,
+    on_other: &'a Answer,
+) -> (&'a Answer, &'a Answer) {
+    match primary {
+        Side::Source => (on_primary, on_other),
+        Side::Target => (on_other, on_primary),
+    }
+}
+
+async fn name_types(loan: &mut Loan<'_>, answer: &mut Answer) -> Result<(), replay::ReplayError> {
+    let oids: Vec<u32> = answer.unnamed_types().collect();
+    if !oids.is_empty() {
+        let names = replay::type_names(loan, &oids).await?;
+        answer.name_types(&names);
+    }
+    Ok(())
+}
+
+/// One fingerprint's tally as the report shows it (its latency judged by the caller). The
+/// hex form is pg_query's own.
+fn fingerprint(value: u64, tally: &Tally) -> api::Fingerprint {
+    api::Fingerprint {
+        fingerprint: format!("{value:016x}"),
+        query: tally.query.clone(),
+        calls: tally.calls,
+        divergences: tally.divergences,
+        in_flight: tally.in_flight,
+        unstable: tally.unstable,
+        not_comparable: tally.not_comparable,
+        regressed: false,
+        latency: api::Latency::default(),
+        example: tally.example.clone(),
+        plans: tally.plans.clone(),
+        histograms: tally.histograms.clone(),
+    }
+}
+
+fn example(sample: &Sample, old: &Answer, new: &Answer, difference: &Difference) -> api::Example {
+    api::Example {
+        statement: sample.sql.clone(),
+        parameters: replay::parameters(&sample.frames),
+        reason: difference.reason.clone(),
+        old: old.to_api(),
+        new: new.to_api(),
+        only_old: difference
+            .only_old
+            .iter()
+            .take(api::Answer::ROWS_KEPT)
+            .map(|row| old.row_text(row))
+            .collect(),
+        only_new: difference
+            .only_new
+            .iter()
+            .take(api::Answer::ROWS_KEPT)
+            .map(|row| new.row_text(row))
+            .collect(),
+    }
+}

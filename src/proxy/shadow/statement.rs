@@ -1,0 +1,293 @@
+//! What a sampled statement is, from PostgreSQL's own parser (`pg_query`): a single read or
+//! not, whether the data alone determines its answer, its fingerprint, and the columns of
+//! its top-level `ORDER BY`.
+//!
+//! Run by the shadow task, never on the client's path. Unlike the cache's walk
+//! ([`crate::proxy::cache::analyze`]) this one need not be closed: a construct it misses can
+//! only make a read look comparable when it is not, and then its answer changes from one
+//! re-run to the next and it is reported "unstable", not as a divergence.
+
+use pg_query::protobuf::{self, node::Node as N};
+use pg_query::NodeRef;
+
+/// A sampled statement, analysed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// pg_query's fingerprint: constants and parameters do not change it.
+    pub fingerprint: u64,
+    /// The statement with its constants replaced by `$n`.
+    pub normalized: String,
+    pub kind: Kind,
+    /// The tables it reads, as written (`schema.table` or `table`).
+    pub tables: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// A read whose answer the data determines: compared.
+    Read { order: Vec<SortKey>, limited: bool },
+    /// A read whose answer the data does not determine (the reason): timed, not compared.
+    NotComparable(String),
+    /// Not a single read (the reason): neither replayed nor compared.
+    NotARead(String),
+}
+
+/// A top-level `ORDER BY` item, as far as it names an output column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SortKey {
+    /// `ORDER BY 2`: the second output column.
+    Position(usize),
+    /// `ORDER BY name`: the output column of that name.
+    Name(String),
+    /// An expression that is not an output column: the order cannot be checked.
+    Other,
+}
+
+/// Functions whose result depends on the time, the session or chance, not on the data.
+/// (`pg_catalog.` or not; `CURRENT_TIMESTAMP` and its kin are SQL value functions, below.)
+const NOT_DETERMINED_BY_DATA: &[&str] = &[
+    "now",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "timeofday",
+    "random",
+    "random_normal",
+    "setseed",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "uuidv4",
+    "uuidv7",
+    "nextval",
+    "currval",
+    "lastval",
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_backend_pid",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_postmaster_start_time",
+    "pg_conf_load_time",
+    "inet_server_addr",
+    "inet_server_port",
+    "inet_client_addr",
+    "inet_client_port",
+    "version",
+    "age",
+    "pg_sleep",
+];
+
+/// Parses and classifies `sql`.
+pub fn analyze(sql: &str, standard_conforming_strings: bool) -> Statement {
+    let options = if standard_conforming_strings {
+        pg_query::ParserOptions::DEFAULT
+    } else {
+        pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+    };
+    let fingerprint = pg_query::fingerprint(sql, options, 0).map_or(0, |f| f.value);
+    let normalized = pg_query::normalize(sql).unwrap_or_else(|_| sql.to_string());
+    let mut statement = Statement {
+        fingerprint,
+        normalized,
+        kind: Kind::NotARead(String::new()),
+        tables: Vec::new(),
+    };
+    let parsed = match pg_query::parse(sql, options) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            statement.kind = Kind::NotARead(format!("does not parse: {e}"));
+            return statement;
+        }
+    };
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        statement.kind = Kind::NotARead(format!(
+            "{} statements in one query",
+            parsed.protobuf.stmts.len()
+        ));
+        return statement;
+    };
+    let Some(N::SelectStmt(select)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+        statement.kind = Kind::NotARead("not a SELECT".into());
+        return statement;
+    };
+    if let Some(refusal) = writes(select) {
+        statement.kind = Kind::NotARead(refusal);
+        return statement;
+    }
+    if !parsed.dml_tables().is_empty() || !parsed.ddl_tables().is_empty() {
+        statement.kind = Kind::NotARead("writes a table".into());
+        return statement;
+    }
+    statement.tables = parsed.select_tables();
+    statement.tables.sort();
+    statement.tables.dedup();
+    statement.kind = match not_determined(&parsed) {
+        Some(reason) => Kind::NotComparable(reason),
+        None => {
+            let limited = select.limit_count.is_some() || select.limit_offset.is_some();
+            let order = sort_keys(select);
+            if limited && order.is_empty() {
+                Kind::NotComparable("LIMIT or OFFSET without ORDER BY".into())
+            } else {
+                Kind::Read { order, limited }
+            }
+        }
+    };
+    statement
+}
+
+/// Why a SELECT writes or locks (`INTO`, `FOR UPDATE`, a data-modifying `WITH`), if it does.
+fn writes(select: &protobuf::SelectStmt) -> Option<String> {
+    if select.into_clause.is_some() {
+        return Some("SELECT INTO writes a table".into());
+    }
+    if !select.locking_clause.is_empty() {
+        return Some("has a locking clause (FOR UPDATE/SHARE)".into());
+    }
+    for cte in select.with_clause.iter().flat_map(|w| &w.ctes) {
+        if let Some(N::CommonTableExpr(cte)) = &cte.node {
+            if !matches!(
+                cte.ctequery.as_deref().and_then(|q| q.node.as_ref()),
+                Some(N::SelectStmt(_))
+            ) {
+                return Some(format!("WITH {} writes", cte.ctename));
+            }
+        }
+    }
+    None
+}
+
+/// Why the data alone does not determine the answer, if so.
+fn not_determined(parsed: &pg_query::ParseResult) -> Option<String> {
+    for function in parsed.functions() {
+        let name = function
+            .rsplit('.')
+            .next()
+            .unwrap_or(&function)
+            .to_lowercase();
+        if NOT_DETERMINED_BY_DATA.contains(&name.as_str()) {
+            return Some(format!("calls {name}()"));
+        }
+    }
+    for (node, ..) in parsed.protobuf.nodes() {
+        match node {
+            NodeRef::SqlvalueFunction(_) => {
+                return Some("reads the current time or user (CURRENT_TIMESTAMP, ...)".into())
+            }
+            NodeRef::TypeCast(cast) => {
+                if let Some(N::AConst(c)) = cast.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                    if let Some(protobuf::a_const::Val::Sval(s)) = &c.val {
+                        let text = s.sval.trim().to_lowercase();
+                        if ["now", "today", "tomorrow", "yesterday"].contains(&text.as_str()) {
+                            return Some(format!("reads the time ('{text}')"));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The top-level `ORDER BY` items.
+fn sort_keys(select: &protobuf::SelectStmt) -> Vec<SortKey> {
+    select
+        .sort_clause
+        .iter()
+        .map(|item| {
+            let Some(N::SortBy(sort)) = &item.node else {
+                return SortKey::Other;
+            };
+            match sort.node.as_deref().and_then(|n| n.node.as_ref()) {
+                Some(N::AConst(c)) => match &c.val {
+                    Some(protobuf::a_const::Val::Ival(i)) if i.ival >= 1 => {
+                        SortKey::Position(i.ival as usize - 1)
+                    }
+                    _ => SortKey::Other,
+                },
+                Some(N::ColumnRef(column)) => {
+                    match column.fields.last().and_then(|f| f.node.as_ref()) {
+                        Some(N::String(name)) => SortKey::Name(name.sval.clone()),
+                        _ => SortKey::Other,
+                    }
+                }
+                _ => SortKey::Other,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(sql: &str) -> Kind {
+        analyze(sql, true).kind
+    }
+
+    #[test]
+    fn reads_writes_and_the_rest() {
+        assert!(matches!(kind("SELECT 1"), Kind::Read { .. }));
+        assert!(matches!(
+            kind("SELECT * FROM t WHERE id = $1"),
+            Kind::Read { .. }
+        ));
+        assert!(matches!(kind("SELECT * INTO x FROM t"), Kind::NotARead(_)));
+        assert!(matches!(
+            kind("SELECT * FROM t FOR UPDATE"),
+            Kind::NotARead(_)
+        ));
+        assert!(matches!(
+            kind("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"),
+            Kind::NotARead(_)
+        ));
+        assert!(matches!(kind("UPDATE t SET v = 1"), Kind::NotARead(_)));
+        assert!(matches!(kind("SELECT 1; SELECT 2"), Kind::NotARead(_)));
+        assert!(matches!(kind("SELECT now()"), Kind::NotComparable(_)));
+        assert!(matches!(
+            kind("SELECT pg_catalog.random()"),
+            Kind::NotComparable(_)
+        ));
+        assert!(matches!(
+            kind("SELECT CURRENT_TIMESTAMP"),
+            Kind::NotComparable(_)
+        ));
+        assert!(matches!(
+            kind("SELECT 'now'::timestamptz"),
+            Kind::NotComparable(_)
+        ));
+        assert!(matches!(
+            kind("SELECT * FROM t LIMIT 5"),
+            Kind::NotComparable(_)
+        ));
+    }
+
+    #[test]
+    fn order_by_keys() {
+        assert_eq!(
+            kind("SELECT id, name FROM t ORDER BY name, 1, lower(name) LIMIT 3"),
+            Kind::Read {
+                order: vec![
+                    SortKey::Name("name".into()),
+                    SortKey::Position(0),
+                    SortKey::Other
+                ],
+                limited: true
+            }
+        );
+    }
+
+    #[test]
+    fn fingerprints_ignore_constants() {
+        let a = analyze("SELECT * FROM t WHERE id = 1", true);
+        let b = analyze("SELECT * FROM t WHERE id = 2", true);
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.normalized, "SELECT * FROM t WHERE id = $1");
+        assert_eq!(a.tables, ["t"]);
+    }
+}
