@@ -79,6 +79,7 @@ impl Session {
         let Some(permit) = shadow.draw() else {
             return;
         };
+        tracing::trace!(sql, "drawn for a shadow read");
         self.shadowing.capture = Some(Capture {
             frames,
             sql: sql.to_string(),
@@ -143,6 +144,10 @@ impl Session {
             return;
         };
         if status != IDLE {
+            tracing::trace!(
+                sql = capture.sql,
+                "a shadow read's answer ended in a transaction: not replayed"
+            );
             return;
         }
         shadow.submit(Sample {

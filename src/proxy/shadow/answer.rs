@@ -200,15 +200,22 @@ pub struct Difference {
     pub reason: String,
     pub only_old: Vec<Row>,
     pub only_new: Vec<Row>,
+    /// The rows differ only where a `LIMIT` cut through rows tied on the `ORDER BY` keys
+    /// (or the keys are not output columns, so ties cannot be told): either server may
+    /// return either row, and the answer is not determined by the data.
+    pub undetermined: bool,
 }
 
 /// Compares the old server's answer with the new one's: `None` when they are the same.
-pub fn compare(old: &Answer, new: &Answer, order: &[SortKey]) -> Option<Difference> {
+/// `limited`: the statement has a `LIMIT` or `OFFSET` (with an `ORDER BY`: without one it is
+/// not compared at all).
+pub fn compare(old: &Answer, new: &Answer, order: &[SortKey], limited: bool) -> Option<Difference> {
     let differ = |reason: String| {
         Some(Difference {
             reason,
             only_old: Vec::new(),
             only_new: Vec::new(),
+            undetermined: false,
         })
     };
     match (&old.error, &new.error) {
@@ -264,9 +271,13 @@ pub fn compare(old: &Answer, new: &Answer, order: &[SortKey]) -> Option<Differen
             ));
         }
     }
+    let keys = key_columns(order, &old.columns);
     let (only_old, only_new) = multiset_difference(&old.rows, &new.rows);
     if !only_old.is_empty() || !only_new.is_empty() {
+        let undetermined =
+            limited && cut_through_ties(&keys, order.len(), old, new, &only_old, &only_new);
         return Some(Difference {
+            undetermined,
             reason: format!(
                 "{} rows on the old server, {}; {} only on the old, {} only on the new",
                 old.rows.len(),
@@ -278,7 +289,6 @@ pub fn compare(old: &Answer, new: &Answer, order: &[SortKey]) -> Option<Differen
             only_new,
         });
     }
-    let keys = key_columns(order, &old.columns);
     if !keys.is_empty() {
         let sequence = |rows: &[Row]| -> Vec<Vec<Value>> {
             rows.iter()
@@ -301,10 +311,41 @@ pub fn compare(old: &Answer, new: &Answer, order: &[SortKey]) -> Option<Differen
                 ),
                 only_old: vec![old.rows[at].clone()],
                 only_new: vec![new.rows[at].clone()],
+                undetermined: false,
             });
         }
     }
     None
+}
+
+/// Whether every differing row is tied, on the `ORDER BY` keys, with the last row of its
+/// answer (where the `LIMIT` cut), and the two last rows are tied with each other. True as
+/// well when not every key is an output column: ties cannot be told then.
+fn cut_through_ties(
+    keys: &[usize],
+    all_keys: usize,
+    old: &Answer,
+    new: &Answer,
+    only_old: &[Row],
+    only_new: &[Row],
+) -> bool {
+    if keys.len() < all_keys || keys.is_empty() {
+        return true;
+    }
+    let key = |row: &Row| -> Vec<Value> {
+        keys.iter()
+            .map(|&k| row.get(k).cloned().flatten())
+            .collect()
+    };
+    let (Some(last_old), Some(last_new)) = (old.rows.last(), new.rows.last()) else {
+        return false;
+    };
+    let boundary = key(last_old);
+    boundary == key(last_new)
+        && only_old
+            .iter()
+            .chain(only_new)
+            .all(|row| key(row) == boundary)
 }
 
 /// The output columns of the `ORDER BY` keys, up to the first that is not one (the order by
@@ -379,9 +420,9 @@ mod tests {
     fn rows_in_another_order_are_equal_without_order_by() {
         let a = answer(&[&["1", "a"], &["2", "b"]]);
         let b = answer(&[&["2", "b"], &["1", "a"]]);
-        assert_eq!(compare(&a, &b, &[]), None);
+        assert_eq!(compare(&a, &b, &[], false), None);
         // With ORDER BY id the order counts; rows tied on the key may come in any order.
-        let d = compare(&a, &b, &[SortKey::Name("id".into())]).expect("a different order");
+        let d = compare(&a, &b, &[SortKey::Name("id".into())], false).expect("a different order");
         assert!(
             d.reason.contains("different ORDER BY order"),
             "{}",
@@ -389,16 +430,33 @@ mod tests {
         );
         let tied_a = answer(&[&["1", "a"], &["1", "b"]]);
         let tied_b = answer(&[&["1", "b"], &["1", "a"]]);
-        assert_eq!(compare(&tied_a, &tied_b, &[SortKey::Position(0)]), None);
+        assert_eq!(
+            compare(&tied_a, &tied_b, &[SortKey::Position(0)], false),
+            None
+        );
     }
 
     #[test]
     fn the_differing_rows_are_named() {
         let a = answer(&[&["1", "a"], &["2", "b"], &["2", "b"]]);
         let b = answer(&[&["1", "a"], &["2", "b"], &["3", "c"]]);
-        let d = compare(&a, &b, &[]).expect("differs");
+        let d = compare(&a, &b, &[], false).expect("differs");
         assert_eq!(d.only_old, vec![a.rows[1].clone()]);
         assert_eq!(d.only_new, vec![b.rows[2].clone()]);
+    }
+
+    #[test]
+    fn a_limit_through_tied_rows_is_not_a_difference() {
+        // ORDER BY id LIMIT 2: two rows tie on id 2 at the cut; each server kept another.
+        let a = answer(&[&["1", "a"], &["2", "b"]]);
+        let b = answer(&[&["1", "a"], &["2", "c"]]);
+        let key = [SortKey::Position(0)];
+        assert!(compare(&a, &b, &key, true).unwrap().undetermined);
+        // Not tied: a real difference.
+        let c = answer(&[&["1", "a"], &["3", "c"]]);
+        assert!(!compare(&a, &c, &key, true).unwrap().undetermined);
+        // Without a LIMIT, every difference counts.
+        assert!(!compare(&a, &b, &key, false).unwrap().undetermined);
     }
 
     #[test]
@@ -406,13 +464,13 @@ mod tests {
         let mut a = answer(&[]);
         a.error = Some(("22007".into(), "invalid input syntax".into()));
         let b = answer(&[&["1", "a"]]);
-        assert!(compare(&a, &b, &[])
+        assert!(compare(&a, &b, &[], false)
             .unwrap()
             .reason
             .contains("old server only"));
         let mut c = answer(&[]);
         c.error = Some(("22007".into(), "worded otherwise".into()));
-        assert_eq!(compare(&a, &c, &[]), None);
+        assert_eq!(compare(&a, &c, &[], false), None);
     }
 
     #[test]
@@ -423,9 +481,9 @@ mod tests {
         b.columns[1].type_oid = 17000;
         a.columns[1].type_name = Some("mood".into());
         b.columns[1].type_name = Some("mood".into());
-        assert_eq!(compare(&a, &b, &[]), None);
+        assert_eq!(compare(&a, &b, &[], false), None);
         b.columns[1].type_name = Some("feeling".into());
-        assert!(compare(&a, &b, &[]).is_some());
+        assert!(compare(&a, &b, &[], false).is_some());
     }
 
     #[test]

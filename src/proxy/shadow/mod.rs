@@ -220,6 +220,7 @@ impl Shadow {
 
     async fn replay(&self, sample: Sample) {
         let statement = self.analysed(&sample);
+        tracing::debug!(sql = %sample.sql, kind = ?statement.kind, "shadow replay");
         if let Kind::NotARead(_) = statement.kind {
             lock(&self.state).window.not_a_read += 1;
             return;
@@ -274,13 +275,17 @@ impl Shadow {
                 let _ = name_types(&mut loan, &mut client).await;
             }
         }
-        let comparable = matches!(statement.kind, Kind::Read { .. });
+        let mut comparable = matches!(statement.kind, Kind::Read { .. });
         let verdict = match &statement.kind {
-            Kind::Read { order, .. } => {
+            Kind::Read { order, limited } => {
                 let (old, new) = by_side(sample.primary, &client, &shadow);
-                match compare(old, new, order) {
+                match compare(old, new, order, *limited) {
                     None => Outcome::Same,
-                    Some(first) => self.rerun(&sample, order, first).await,
+                    Some(first) if first.undetermined => {
+                        comparable = false;
+                        Outcome::Same
+                    }
+                    Some(first) => self.rerun(&sample, order, *limited, first).await,
                 }
             }
             _ => Outcome::Same,
@@ -344,6 +349,7 @@ impl Shadow {
             tally.explained |= explain;
             explain
         };
+        tracing::debug!(sql = %sample.sql, "shadow replay compared");
         if explain {
             self.explain(&sample, statement.fingerprint).await;
         }
@@ -355,6 +361,7 @@ impl Shadow {
         &self,
         sample: &Sample,
         order: &[statement::SortKey],
+        limited: bool,
         first: Difference,
     ) -> Outcome {
         let other = other_side(sample.primary);
@@ -388,8 +395,9 @@ impl Shadow {
                 _ => return Outcome::Failed,
             };
             let (old, new) = by_side(sample.primary, &on_primary, &on_other);
-            match compare(old, new, order) {
+            match compare(old, new, order, limited) {
                 None => return Outcome::InFlight,
+                Some(again) if again.undetermined => return Outcome::InFlight,
                 Some(again) if again == last => {
                     let (old, new) = (old.clone(), new.clone());
                     return Outcome::Diverged(Box::new((old, new, again)));
