@@ -11,6 +11,7 @@
 #   FUZZ_SECS=1800 bench/fuzz.sh
 #   FUZZ_SEED=1234 bench/fuzz.sh     # the same sessions as the run that printed that seed
 #   FUZZ_DIFFERENTIAL=session bench/fuzz.sh   # the differential phase in session mode only
+#   SWITCHYARD_FUZZ_SHADOW=1 bench/fuzz.sh    # both proxies capture every read for a shadow replay
 #   FUZZ_RELEASE=1 bench/fuzz.sh     # release builds of the proxy and the fuzzer: more
 #                                    # sessions per second, a long build (fat LTO)
 set -euo pipefail

@@ -105,5 +105,5 @@ fi
 "$PG17_DIR/native/bin/postgres" --version >/dev/null
 /usr/lib/postgresql/15/bin/postgres --version >/dev/null
 python3 -c "import psycopg" >/dev/null
-/usr/bin/chromium --version >/dev/null
+/usr/bin/chromium --version >/dev/null 2>&1 || { echo "[install-deps] chromium does not start" >&2; exit 1; }
 log "ready: $(/usr/lib/postgresql/15/bin/postgres --version), $("$PG17_DIR/native/bin/postgres" --version)"

@@ -228,6 +228,13 @@ impl Lab {
             ),
             None => "workers = 2".to_string(),
         };
+        // `SWITCHYARD_FUZZ_SHADOW`: both proxies also capture every eligible read's answer for
+        // a shadow replay (on the target, where the fuzz tables do not exist: the replays
+        // fail or differ, which the clients must never see).
+        let extra = match std::env::var_os("SWITCHYARD_FUZZ_SHADOW") {
+            Some(_) => format!("{extra}\n[proxy.shadow]\nfraction = 1.0\n"),
+            None => extra,
+        };
         let transaction = Proxy::start(&db, "transaction", 2, &extra).await;
         let session = Proxy::start(&db, "session", 4, &extra).await;
         if cache.is_some() {

@@ -431,7 +431,8 @@ async fn an_index_missing_on_the_target_is_a_regression_with_both_plans() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_not_yet_applied_is_in_flight_and_the_cutover_gate_refuses_a_thin_window() {
+async fn a_row_not_yet_applied_is_in_flight_the_gate_refuses_a_thin_window_and_after_the_cutover_the_source_is_shadowed(
+) {
     let db = TestDb::new("shadow_in_flight").await;
     let source = db.source_client().await;
     source
@@ -441,7 +442,15 @@ async fn a_row_not_yet_applied_is_in_flight_and_the_cutover_gate_refuses_a_thin_
         )
         .await
         .unwrap();
-    let proxy = Proxy::start_with(&db, &source, &db.plan_text(""), "transaction", 4, SHADOW).await;
+    let proxy = Proxy::start_with(
+        &db,
+        &source,
+        &db.plan_text(crate::cutover::CUTOVER),
+        "transaction",
+        4,
+        &format!("{}\n{SHADOW}", crate::cutover::PROXY),
+    )
+    .await;
     let output = coordinator(&db, &proxy.plan, &["sync", "--wait", "--timeout", "120s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let target = db.target_client().await;
@@ -479,11 +488,8 @@ async fn a_row_not_yet_applied_is_in_flight_and_the_cutover_gate_refuses_a_thin_
     // The cutover gate: one compared read is not the thousand it asks for.
     let gated = db.dir.path().join("gated.toml");
     let plan = std::fs::read_to_string(&proxy.plan).unwrap();
-    std::fs::write(
-        &gated,
-        format!("{plan}\n[cutover]\nshadow = {{ min_samples = 1000, max_divergences = 0 }}\n"),
-    )
-    .unwrap();
+    let gate = "[cutover]\nshadow = { min_samples = 1000, max_divergences = 0 }\n";
+    std::fs::write(&gated, plan.replacen("[cutover]\n", gate, 1)).unwrap();
     let output = coordinator(&db, &gated, &["cutover", "--yes"]);
     let said = text(&output);
     assert_eq!(output.status.code(), Some(1), "{said}");

@@ -29,7 +29,8 @@ impl Session {
         let Some(shadow) = self.shared.shadow.as_ref() else {
             return;
         };
-        if self.status != IDLE
+        if !shadow.draw()
+            || self.status != IDLE
             || self.replies.owed() != 0
             || !self.settings.pending.is_empty()
             || self.caching.fill.is_some()
@@ -76,7 +77,7 @@ impl Session {
         {
             return;
         }
-        let Some(permit) = shadow.draw() else {
+        let Some(permit) = shadow.permit() else {
             return;
         };
         tracing::trace!(sql, "drawn for a shadow read");

@@ -152,12 +152,14 @@ impl Shadow {
         }
     }
 
-    /// Whether to sample the read about to be forwarded: the fraction's draw, then a free
-    /// permit (none free: dropped and counted).
-    pub fn draw(&self) -> Option<OwnedSemaphorePermit> {
-        if rand::random::<f64>() >= self.settings.fraction.0 {
-            return None;
-        }
+    /// The fraction's draw: whether the next turn is looked at at all (one random number,
+    /// before anything of the message is read).
+    pub fn draw(&self) -> bool {
+        self.settings.fraction.0 >= 1.0 || rand::random::<f64>() < self.settings.fraction.0
+    }
+
+    /// A free permit for a drawn, eligible read; none free: dropped and counted.
+    pub fn permit(&self) -> Option<OwnedSemaphorePermit> {
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {

@@ -40,11 +40,15 @@ pub struct Connections {
     connect_timeout: Duration,
     /// `SET statement_timeout = ...` as SQL.
     statement_timeout: String,
+    deadline: Duration,
 }
 
 /// A shadow connection on loan: given back when dropped, unless it broke.
 pub struct Loan<'a> {
     slot: &'a Slot,
+    /// An exchange that takes longer (a server frozen, not just slow: `statement_timeout`
+    /// stops slow ones) gives the connection up.
+    deadline: Duration,
     conn: Option<Conn>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -83,6 +87,7 @@ impl Connections {
             slots,
             connect_timeout,
             statement_timeout: format!("{}ms", statement_timeout.as_millis().max(1)),
+            deadline: statement_timeout * 2 + Duration::from_secs(1),
         }
     }
 
@@ -118,6 +123,7 @@ impl Connections {
         };
         let mut loan = Loan {
             slot,
+            deadline: self.deadline,
             conn: Some(conn),
             _permit: permit,
         };
@@ -174,8 +180,9 @@ impl Loan<'_> {
     }
 
     async fn exchange(&mut self, frames: Bytes) -> Result<Vec<u8>, ReplayError> {
+        let deadline = self.deadline;
         let conn = self.conn();
-        let result = async {
+        let exchange = async {
             conn.server.send(frames).await?;
             let mut messages = Vec::new();
             loop {
@@ -191,11 +198,14 @@ impl Loan<'_> {
                 }
                 messages.extend_from_slice(&frame);
             }
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout(deadline, exchange).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {deadline:?}")),
+        };
         result.map_err(|e| {
             conn.server.broken = true;
-            ReplayError(e.to_string())
+            ReplayError(e)
         })
     }
 
