@@ -39,7 +39,8 @@ echo "pgbench scale $SCALE on both servers ..." >&2
 pgbench_database "$SCALE"
 TGT="postgres://postgres@127.0.0.1:$TARGET_PORT"
 psql -q -v ON_ERROR_STOP=1 "$TGT/postgres" -c "CREATE DATABASE bench"
-/usr/lib/postgresql/17/bin/pgbench -q -i -s "$SCALE" "$TGT/bench" >/dev/null 2>&1
+# PostgreSQL 15's pgbench initialises the 17 target too (the 17 here is a server build without client tools).
+"$PG_BIN/pgbench" -q -i -s "$SCALE" "$TGT/bench" >/dev/null 2>&1
 psql -q -v ON_ERROR_STOP=1 "$TGT/bench" -c "CREATE ROLE app LOGIN PASSWORD '$APP_PASSWORD'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app"
 
 FRACTIONS=(0 0.1 1.0)

@@ -118,6 +118,26 @@ pub struct Histograms {
     pub new: Histogram,
 }
 
+impl Histograms {
+    /// The percentiles of both sides, and whether they make a regression.
+    pub fn judge(&self, thresholds: &Thresholds) -> (Latency, bool) {
+        let (old, new) = (&self.old, &self.new);
+        let mut latency = Latency {
+            old: old.percentiles(),
+            new: new.percentiles(),
+            p95_ratio: None,
+        };
+        if old.count() > 0 && new.count() > 0 && latency.old.p95 > 0.0 {
+            latency.p95_ratio = Some((latency.new.p95 / latency.old.p95 * 100.0).round() / 100.0);
+        }
+        let regressed = old.count().min(new.count()) >= thresholds.min_samples
+            && latency
+                .p95_ratio
+                .is_some_and(|ratio| ratio > thresholds.max_p95_ratio);
+        (latency, regressed)
+    }
+}
+
 /// A divergent instance: what was sent and both answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Example {
@@ -244,21 +264,7 @@ fn round3(ms: f64) -> f64 {
 impl Fingerprint {
     /// Latency and `regressed` read again off the histograms.
     pub fn judge(&mut self, thresholds: &Thresholds) {
-        let (old, new) = (&self.histograms.old, &self.histograms.new);
-        self.latency = Latency {
-            old: old.percentiles(),
-            new: new.percentiles(),
-            p95_ratio: None,
-        };
-        if old.count() > 0 && new.count() > 0 && self.latency.old.p95 > 0.0 {
-            self.latency.p95_ratio =
-                Some((self.latency.new.p95 / self.latency.old.p95 * 100.0).round() / 100.0);
-        }
-        self.regressed = old.count().min(new.count()) >= thresholds.min_samples
-            && self
-                .latency
-                .p95_ratio
-                .is_some_and(|ratio| ratio > thresholds.max_p95_ratio);
+        (self.latency, self.regressed) = self.histograms.judge(thresholds);
     }
 
     fn add(&mut self, other: &Fingerprint) {

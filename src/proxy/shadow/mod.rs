@@ -193,19 +193,46 @@ impl Shadow {
         }
     }
 
+    /// The sample's statement analysed: kept under its normalised text (one parse per
+    /// statement, not per set of constants: `pg_query`'s parse is the replay's largest cost
+    /// in the proxy), or under its own text when the analysis depends on a constant.
     fn analysed(&self, sample: &Sample) -> Arc<Statement> {
-        if let Some(known) = lock(&self.analysed).get(&sample.sql) {
-            return known.clone();
+        let normalized = statement::normalize(&sample.sql);
+        let known = {
+            let analysed = lock(&self.analysed);
+            analysed
+                .get(&normalized)
+                .filter(|s| !s.depends_on_constants)
+                .or_else(|| analysed.get(&sample.sql))
+                .cloned()
+        };
+        let statement = match known {
+            Some(known) => known,
+            None => {
+                let statement = Arc::new(statement::analyze_normalized(
+                    &sample.sql,
+                    normalized.clone(),
+                    sample.standard_conforming_strings,
+                ));
+                let key = if statement.depends_on_constants {
+                    sample.sql.clone()
+                } else {
+                    normalized
+                };
+                let mut analysed = lock(&self.analysed);
+                if analysed.len() >= ANALYSED_KEPT {
+                    analysed.clear();
+                }
+                analysed.insert(key, statement.clone());
+                statement
+            }
+        };
+        if matches!(statement.kind, Kind::Read { .. }) && statement::quotes_a_time_word(&sample.sql)
+        {
+            let mut this = (*statement).clone();
+            this.kind = Kind::NotComparable("reads the time ('now', 'today', ...)".into());
+            return Arc::new(this);
         }
-        let statement = Arc::new(statement::analyze(
-            &sample.sql,
-            sample.standard_conforming_strings,
-        ));
-        let mut analysed = lock(&self.analysed);
-        if analysed.len() >= ANALYSED_KEPT {
-            analysed.clear();
-        }
-        analysed.insert(sample.sql.clone(), statement.clone());
         statement
     }
 
@@ -237,17 +264,7 @@ impl Shadow {
             lock(&self.state).window.failed += 1;
             return;
         }
-        let replayed = async {
-            let mut loan = self
-                .connections
-                .take(&sample.user, other, &sample.settings)
-                .await?;
-            let (mut shadow, elapsed) = loan.run(&sample.frames).await?;
-            name_types(&mut loan, &mut shadow).await?;
-            Ok::<_, replay::ReplayError>((shadow, elapsed))
-        }
-        .await;
-        let (shadow, shadow_elapsed) = match replayed {
+        let (shadow, shadow_elapsed) = match self.run_on(&sample, other).await {
             Ok(done) => done,
             Err(e) => {
                 tracing::debug!(error = %e.0, "a shadow read could not run");
@@ -344,10 +361,8 @@ impl Shadow {
                     }
                 }
             }
-            let mut judged = fingerprint(statement.fingerprint, tally);
-            judged.judge(&self.settings.thresholds());
-            let wanted = tally.divergences > 0 || judged.regressed;
-            let explain = wanted && !tally.explained;
+            let explain = !tally.explained
+                && (tally.divergences > 0 || tally.histograms.judge(&self.settings.thresholds()).1);
             tally.explained |= explain;
             explain
         };
@@ -370,12 +385,12 @@ impl Shadow {
         let mut last = first;
         for _ in 0..RERUNS {
             let both = async {
+                let (on_primary, _) = self.run_on(sample, sample.primary).await?;
+                // Taken after the primary's run: everything that run saw is before it.
                 let mut primary = self
                     .connections
                     .take(&sample.user, sample.primary, &sample.settings)
                     .await?;
-                let (mut on_primary, _) = primary.run(&sample.frames).await?;
-                name_types(&mut primary, &mut on_primary).await?;
                 let position = primary
                     .value("SELECT pg_current_wal_insert_lsn()::text")
                     .await?
@@ -383,12 +398,7 @@ impl Shadow {
                 self.wait_confirmed(&mut primary, sample.primary, &position)
                     .await?;
                 drop(primary);
-                let mut shadow = self
-                    .connections
-                    .take(&sample.user, other, &sample.settings)
-                    .await?;
-                let (mut on_other, _) = shadow.run(&sample.frames).await?;
-                name_types(&mut shadow, &mut on_other).await?;
+                let (on_other, _) = self.run_on(sample, other).await?;
                 Ok::<_, replay::ReplayError>((on_primary, on_other))
             }
             .await;
@@ -408,6 +418,22 @@ impl Shadow {
             }
         }
         Outcome::Unstable
+    }
+
+    /// The sample's statement run on `side` with the client's settings: its answer, with
+    /// user-defined types named, and how long the server took.
+    async fn run_on(
+        &self,
+        sample: &Sample,
+        side: Side,
+    ) -> Result<(Answer, Duration), replay::ReplayError> {
+        let mut loan = self
+            .connections
+            .take(&sample.user, side, &sample.settings)
+            .await?;
+        let (mut answer, elapsed) = loan.run(&sample.frames).await?;
+        name_types(&mut loan, &mut answer).await?;
+        Ok((answer, elapsed))
     }
 
     /// Waits until the slot that feeds the other server has confirmed `position` of the

@@ -20,6 +20,27 @@ pub struct Statement {
     pub kind: Kind,
     /// The tables it reads, as written (`schema.table` or `table`).
     pub tables: Vec<String>,
+    /// What was found depends on a constant that normalisation replaces (`ORDER BY 2`): the
+    /// analysis holds for this text only, not for every statement of its normalised text.
+    pub depends_on_constants: bool,
+}
+
+/// The time words a string literal can hold: `'now'::timestamptz` reads the clock.
+const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
+
+/// Whether `sql` holds a quoted time word (`'now'`, `'today'`...): checked on each text,
+/// since statements that normalise alike may differ in it.
+pub fn quotes_a_time_word(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    TIME_WORDS
+        .iter()
+        .any(|word| lower.contains(&format!("'{word}'")))
+}
+
+/// PostgreSQL's normalisation of `sql` (constants replaced by `$n`): the key under which an
+/// analysis is kept, so that a statement is parsed once, not once per set of constants.
+pub fn normalize(sql: &str) -> String {
+    pg_query::normalize(sql).unwrap_or_else(|_| sql.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,19 +103,29 @@ const NOT_DETERMINED_BY_DATA: &[&str] = &[
 ];
 
 /// Parses and classifies `sql`.
+#[cfg(test)]
 pub fn analyze(sql: &str, standard_conforming_strings: bool) -> Statement {
+    analyze_normalized(sql, normalize(sql), standard_conforming_strings)
+}
+
+/// Parses and classifies `sql`, whose normalised text is `normalized`.
+pub fn analyze_normalized(
+    sql: &str,
+    normalized: String,
+    standard_conforming_strings: bool,
+) -> Statement {
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
     } else {
         pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
     };
     let fingerprint = pg_query::fingerprint(sql, options, 0).map_or(0, |f| f.value);
-    let normalized = pg_query::normalize(sql).unwrap_or_else(|_| sql.to_string());
     let mut statement = Statement {
         fingerprint,
         normalized,
         kind: Kind::NotARead(String::new()),
         tables: Vec::new(),
+        depends_on_constants: false,
     };
     let parsed = match pg_query::parse(sql, options) {
         Ok(parsed) => parsed,
@@ -130,6 +161,8 @@ pub fn analyze(sql: &str, standard_conforming_strings: bool) -> Statement {
         None => {
             let limited = select.limit_count.is_some() || select.limit_offset.is_some();
             let order = sort_keys(select);
+            statement.depends_on_constants =
+                order.iter().any(|key| matches!(key, SortKey::Position(_)));
             if limited && order.is_empty() {
                 Kind::NotComparable("LIMIT or OFFSET without ORDER BY".into())
             } else {
@@ -182,7 +215,7 @@ fn not_determined(parsed: &pg_query::ParseResult) -> Option<String> {
                 if let Some(N::AConst(c)) = cast.arg.as_deref().and_then(|a| a.node.as_ref()) {
                     if let Some(protobuf::a_const::Val::Sval(s)) = &c.val {
                         let text = s.sval.trim().to_lowercase();
-                        if ["now", "today", "tomorrow", "yesterday"].contains(&text.as_str()) {
+                        if TIME_WORDS.contains(&text.as_str()) {
                             return Some(format!("reads the time ('{text}')"));
                         }
                     }
