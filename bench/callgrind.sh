@@ -9,6 +9,7 @@
 #   BENCH_BASELINE=/tmp/switchyard-old bench/callgrind.sh   # and another build, in the same run
 #   BENCH_CLIENTS=1 BENCH_MODES="simple extended prepared" bench/callgrind.sh
 #   BENCH_KEEP=/tmp/cg bench/callgrind.sh   # keeps each run's callgrind.out, for callgrind_annotate
+#   BENCH_PROXY_EXTRA=$'[proxy.shadow]\nfraction = 1.0' bench/callgrind.sh   # more of the plan's [proxy]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,6 +51,7 @@ admin_listen = "127.0.0.1:$admin"
 pool_mode = "transaction"
 pool_size = $POOL
 workers = 2
+${BENCH_PROXY_EXTRA:-}
 [[proxy.users]]
 name = "app"
 password_env = "APP_PASSWORD"

@@ -119,6 +119,17 @@ pub struct Histograms {
 }
 
 impl Histograms {
+    /// Whether the two sides' p95s make a regression (what [`Histograms::judge`] says,
+    /// reading only the p95s).
+    pub fn regressed(&self, thresholds: &Thresholds) -> bool {
+        let (old, new) = (&self.old, &self.new);
+        if old.count().min(new.count()) < thresholds.min_samples {
+            return false;
+        }
+        let (old_p95, new_p95) = (round3(old.quantile_ms(0.95)), round3(new.quantile_ms(0.95)));
+        old_p95 > 0.0 && (new_p95 / old_p95 * 100.0).round() / 100.0 > thresholds.max_p95_ratio
+    }
+
     /// The percentiles of both sides, and whether they make a regression.
     pub fn judge(&self, thresholds: &Thresholds) -> (Latency, bool) {
         let (old, new) = (&self.old, &self.new);
@@ -506,6 +517,7 @@ mod tests {
         let fine = fingerprint("b", 2, 2, 60);
         let report = Report::judged(T, window(120), vec![fine.clone(), slow.clone()]);
         assert_eq!(report.verdict, Verdict::Regressed);
+        assert!(slow.histograms.regressed(&T) && !fine.histograms.regressed(&T));
         assert_eq!(report.fingerprints[0].fingerprint, "a", "worst first");
         assert!(report.fingerprints[0].latency.p95_ratio.unwrap() > 4.0);
         // Too few calls to call it a regression: not enough samples overall either.

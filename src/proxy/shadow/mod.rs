@@ -189,19 +189,21 @@ impl Shadow {
         };
         while let Some(sample) = inbox.recv().await {
             let shadow = self.clone();
-            tokio::spawn(async move { shadow.replay(sample).await });
+            tokio::spawn(Box::pin(async move { shadow.replay(sample).await }));
         }
     }
 
-    /// The sample's statement analysed: kept under its normalised text (one parse per
+    /// The sample's statement analysed: kept under its literal shape (one parse per
     /// statement, not per set of constants: `pg_query`'s parse is the replay's largest cost
-    /// in the proxy), or under its own text when the analysis depends on a constant.
+    /// in the proxy; [`statement::literal_shape`]), or under its own text when the analysis
+    /// depends on a constant.
     fn analysed(&self, sample: &Sample) -> Arc<Statement> {
-        let normalized = statement::normalize(&sample.sql);
+        let shape = statement::literal_shape(&sample.sql, sample.standard_conforming_strings)
+            .unwrap_or_else(|| statement::normalize(&sample.sql));
         let known = {
             let analysed = lock(&self.analysed);
             analysed
-                .get(&normalized)
+                .get(&shape)
                 .filter(|s| !s.depends_on_constants)
                 .or_else(|| analysed.get(&sample.sql))
                 .cloned()
@@ -211,13 +213,13 @@ impl Shadow {
             None => {
                 let statement = Arc::new(statement::analyze_normalized(
                     &sample.sql,
-                    normalized.clone(),
+                    statement::normalize(&sample.sql),
                     sample.standard_conforming_strings,
                 ));
                 let key = if statement.depends_on_constants {
                     sample.sql.clone()
                 } else {
-                    normalized
+                    shape
                 };
                 let mut analysed = lock(&self.analysed);
                 if analysed.len() >= ANALYSED_KEPT {
@@ -304,7 +306,9 @@ impl Shadow {
                         comparable = false;
                         Outcome::Same
                     }
-                    Some(first) => self.rerun(&sample, order, *limited, first).await,
+                    // Boxed: the re-runs' future is large, and rare; inline it would enlarge
+                    // (and be copied with) every replay's task.
+                    Some(first) => Box::pin(self.rerun(&sample, order, *limited, first)).await,
                 }
             }
             _ => Outcome::Same,
@@ -361,14 +365,19 @@ impl Shadow {
                     }
                 }
             }
+            // The p95s are read at min_samples calls, then at powers of two and every 64th
+            // call: each read walks the buckets, and a regression shows over many calls.
+            let (calls, min) = (tally.calls, self.settings.min_samples);
+            let look = calls >= min && (calls == min || calls.is_power_of_two() || calls % 64 == 0);
             let explain = !tally.explained
-                && (tally.divergences > 0 || tally.histograms.judge(&self.settings.thresholds()).1);
+                && (tally.divergences > 0
+                    || (look && tally.histograms.regressed(&self.settings.thresholds())));
             tally.explained |= explain;
             explain
         };
         tracing::debug!(sql = %sample.sql, "shadow replay compared");
         if explain {
-            self.explain(&sample, statement.fingerprint).await;
+            Box::pin(self.explain(&sample, statement.fingerprint)).await;
         }
     }
 

@@ -112,7 +112,9 @@ impl Connections {
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let server = ServerConn::connect(&slot.target, self.connect_timeout)
+                // Boxed: a login's future is large and rare; inline, it would be copied with
+                // every replay's task.
+                let server = Box::pin(ServerConn::connect(&slot.target, self.connect_timeout))
                     .await
                     .map_err(|e| ReplayError(format!("connecting to the {side}: {e}")))?;
                 Conn {

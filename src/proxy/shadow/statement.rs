@@ -31,10 +31,97 @@ const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
 /// Whether `sql` holds a quoted time word (`'now'`, `'today'`...): checked on each text,
 /// since statements that normalise alike may differ in it.
 pub fn quotes_a_time_word(sql: &str) -> bool {
-    let lower = sql.to_ascii_lowercase();
-    TIME_WORDS
-        .iter()
-        .any(|word| lower.contains(&format!("'{word}'")))
+    let bytes = sql.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'\'' && {
+            let rest = &bytes[i + 1..];
+            TIME_WORDS.iter().any(|word| {
+                rest.len() > word.len()
+                    && rest[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+                    && rest[word.len()] == b'\''
+            })
+        }
+    })
+}
+
+/// A cheap stand-in for normalisation, as the key of the analyses kept: `sql` with its
+/// numbers and plain or `E''` string literals replaced by `?`, everything else (identifiers,
+/// quoted identifiers, comments, parameters) as written. Built by one pass over the text,
+/// without the parser: most samples are statements seen before with other constants
+/// (pgbench's `WHERE aid = 4711`), and the parse was most of a replay's cost in the proxy.
+/// `None` where a literal could be misread (dollar quoting, nested comments, backslash
+/// escapes in plain strings with `standard_conforming_strings` off): then the parser's
+/// normalisation is the key.
+pub fn literal_shape(sql: &str, standard_conforming_strings: bool) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\'' => {
+                if !standard_conforming_strings {
+                    return None;
+                }
+                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E');
+                i += 1;
+                loop {
+                    match bytes.get(i)? {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => break,
+                        _ => i += 1,
+                    }
+                }
+                out.push('?');
+                i += 1;
+            }
+            b'"' => {
+                let end = i + 1 + bytes[i + 1..].iter().position(|&c| c == b'"')?;
+                out.push_str(&sql[i..=end]);
+                i = end + 1;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(bytes.len(), |p| i + p);
+                out.push_str(&sql[i..end]);
+                i = end;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                let len = sql[i + 2..].find("*/")?;
+                if sql[i + 2..i + 2 + len].contains("/*") {
+                    return None;
+                }
+                out.push_str(&sql[i..i + 4 + len]);
+                i += 4 + len;
+            }
+            b'$' if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
+            b'0'..=b'9' if i == 0 || !ident(bytes[i - 1]) => {
+                while let Some(&c) = bytes.get(i) {
+                    let exponent_sign =
+                        matches!(c, b'+' | b'-') && matches!(bytes[i - 1], b'e' | b'E');
+                    if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || exponent_sign {
+                        i += 1;
+                    } else {
+                        break;
+                    }
+                }
+                out.push('?');
+            }
+            _ => {
+                let start = i;
+                i += 1;
+                while i < bytes.len() && !sql.is_char_boundary(i) {
+                    i += 1;
+                }
+                out.push_str(&sql[start..i]);
+            }
+        }
+    }
+    Some(out)
 }
 
 /// PostgreSQL's normalisation of `sql` (constants replaced by `$n`): the key under which an
@@ -313,6 +400,35 @@ mod tests {
                 limited: true
             }
         );
+    }
+
+    #[test]
+    fn time_words_in_quotes() {
+        assert!(quotes_a_time_word("SELECT 'NOW'::timestamptz"));
+        assert!(quotes_a_time_word("SELECT x FROM t WHERE d > 'today'"));
+        assert!(!quotes_a_time_word("SELECT 'nowhere', now FROM t"));
+    }
+
+    #[test]
+    fn literal_shapes() {
+        let shape = |sql: &str| literal_shape(sql, true);
+        assert_eq!(
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 4711;"),
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 12;")
+        );
+        assert_eq!(
+            shape("SELECT * FROM t1 WHERE a = 'it''s' AND b = 1.5e-3 AND c = E'x\\'y'").as_deref(),
+            Some("SELECT * FROM t1 WHERE a = ? AND b = ? AND c = E?")
+        );
+        // Identifiers with digits, quoted identifiers, comments and parameters stay.
+        assert_eq!(
+            shape("SELECT \"col 1\" FROM t2 -- it's 3\nWHERE x = $1 /* 'q' */").as_deref(),
+            Some("SELECT \"col 1\" FROM t2 -- it's 3\nWHERE x = $1 /* 'q' */")
+        );
+        assert_ne!(shape("SELECT * FROM t1"), shape("SELECT * FROM t2"));
+        assert_eq!(shape("SELECT $$a$$"), None);
+        assert_eq!(shape("SELECT 'unterminated"), None);
+        assert_eq!(literal_shape("SELECT 'a\\'", false), None);
     }
 
     #[test]
