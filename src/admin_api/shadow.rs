@@ -141,11 +141,7 @@ impl Histograms {
         if old.count() > 0 && new.count() > 0 && latency.old.p95 > 0.0 {
             latency.p95_ratio = Some((latency.new.p95 / latency.old.p95 * 100.0).round() / 100.0);
         }
-        let regressed = old.count().min(new.count()) >= thresholds.min_samples
-            && latency
-                .p95_ratio
-                .is_some_and(|ratio| ratio > thresholds.max_p95_ratio);
-        (latency, regressed)
+        (latency, self.regressed(thresholds))
     }
 }
 

@@ -41,7 +41,7 @@ impl Direction {
 /// The publication and slot on the target and the subscription on the source that carry the
 /// writes made on the target back to the source.
 pub fn reverse_name(plan: &Plan) -> String {
-    format!("{}_back", plan.replication_name())
+    plan.reverse_replication_name()
 }
 
 /// One step as it ran: printed as it finishes, and kept for the report.

@@ -585,6 +585,12 @@ impl Plan {
         format!("switchyard_{}", self.name.0)
     }
 
+    /// The way back's publication, slot and subscription (target → source, after the
+    /// cutover): the replication name with `_back`.
+    pub fn reverse_replication_name(&self) -> String {
+        format!("{}_back", self.replication_name())
+    }
+
     pub fn selects(&self, schema: &str, table: &str) -> bool {
         self.sync.tables.iter().any(|p| p.matches(schema, table))
             && !self.sync.exclude.iter().any(|p| p.matches(schema, table))

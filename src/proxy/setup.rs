@@ -97,13 +97,11 @@ pub(super) fn build_shadow(
         settings.server_connect_timeout.0,
         shadow.statement_timeout.0,
     );
-    let forward = plan.replication_name();
-    let reverse = format!("{forward}_back");
     Ok(shadow::Shadow::new(
         shadow.clone(),
         connections,
-        forward,
-        reverse,
+        plan.replication_name(),
+        plan.reverse_replication_name(),
     ))
 }
 

@@ -60,7 +60,16 @@ fn fingerprint<'a>(report: &'a Value, query_starts: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no fingerprint for {query_starts:?} in {report:#}"))
 }
 
-async fn simple(
+/// `count` lookups of one row of `t` each, every one answered.
+async fn lookups(client: &Client, count: u32) {
+    for i in 0..count {
+        let sql = format!("SELECT id FROM t WHERE id = {}", i % 10 + 1);
+        assert_eq!(simple(client, &sql).await.unwrap().len(), 1);
+    }
+}
+
+/// A simple query's rows as text, or its error.
+pub(crate) async fn simple(
     client: &Client,
     sql: &str,
 ) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
@@ -334,15 +343,7 @@ async fn a_shadow_server_down_or_slow_never_reaches_the_clients() {
     .await;
     let client = slow.client().await;
     let started = Instant::now();
-    for i in 0..100 {
-        let rows = simple(
-            &client,
-            &format!("SELECT id FROM t WHERE id = {}", i % 10 + 1),
-        )
-        .await
-        .unwrap();
-        assert_eq!(rows.len(), 1);
-    }
+    lookups(&client, 100).await;
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(5),
@@ -372,15 +373,7 @@ async fn a_shadow_server_down_or_slow_never_reaches_the_clients() {
     )
     .await;
     let client = down.client().await;
-    for i in 0..50 {
-        let rows = simple(
-            &client,
-            &format!("SELECT id FROM t WHERE id = {}", i % 10 + 1),
-        )
-        .await
-        .unwrap();
-        assert_eq!(rows.len(), 1);
-    }
+    lookups(&client, 50).await;
     let report = wait_for(&down, |r| r["window"]["failed"].as_u64() >= Some(1)).await;
     assert_eq!(report["window"]["divergences"], 0, "{report:#}");
 }

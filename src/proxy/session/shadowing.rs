@@ -69,12 +69,10 @@ impl Session {
         };
         let sql = sql.trim_end_matches('\0');
         // A cheap look first: the statement is parsed off the client's path.
-        if !["SELECT", "WITH", "VALUES", "TABLE", "("]
+        let read_like = ["SELECT", "WITH", "VALUES", "TABLE"]
             .iter()
-            .any(|word| {
-                inspect::starts_with_keyword(sql, word) || sql.trim_start().starts_with(word)
-            })
-        {
+            .any(|word| inspect::starts_with_keyword(sql, word));
+        if !read_like && !sql.trim_start().starts_with('(') {
             return;
         }
         let Some(permit) = shadow.permit() else {

@@ -516,10 +516,11 @@ impl Shadow {
 
     /// Fingerprints regressed in the window (for `/metrics`).
     pub fn regressions(&self) -> u64 {
-        self.report()
+        let thresholds = self.settings.thresholds();
+        lock(&self.state)
             .fingerprints
-            .iter()
-            .filter(|f| f.regressed)
+            .values()
+            .filter(|tally| tally.histograms.regressed(&thresholds))
             .count() as u64
     }
 }
