@@ -497,3 +497,142 @@ async fn a_row_not_yet_applied_is_in_flight_the_gate_refuses_a_thin_window_and_a
         "nothing switched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
+    let db = TestDb::new("shadow_transactions").await;
+    let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL);
+                  INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 10) i;";
+    let (_source, target) = both_servers(&db, schema).await;
+    target
+        .batch_execute("UPDATE kv SET v = 'changed on the target' WHERE k = 3")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&db, "transaction", 4, SHADOW).await;
+    let mut client = proxy.client().await;
+    let by_key = client
+        .prepare("SELECT k, v FROM kv WHERE k = $1")
+        .await
+        .unwrap();
+
+    // BEGIN READ ONLY, a simple query, a named statement's Bind, an unnamed statement, COMMIT.
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let count = simple(&client, "SELECT count(*) AS n FROM kv")
+        .await
+        .unwrap();
+    assert_eq!(count, [[Some("10".to_string())]]);
+    let row = client.query_one(&by_key, &[&3i32]).await.unwrap();
+    assert_eq!(row.get::<_, String>(1), "v3");
+    let typed = client
+        .query_typed(
+            "SELECT v FROM kv WHERE k > $1 ORDER BY k",
+            &[(&8i32, tokio_postgres::types::Type::INT4)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(typed.len(), 2);
+    client.batch_execute("COMMIT").await.unwrap();
+    // tokio-postgres' own read-only transaction: START TRANSACTION ... READ ONLY.
+    let transaction = client
+        .build_transaction()
+        .read_only(true)
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    let max = transaction
+        .simple_query("SELECT max(k) AS top FROM kv")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&max[1], SimpleQueryMessage::Row(row) if row.get(0) == Some("10")),
+        "{max:?}"
+    );
+    transaction.rollback().await.unwrap();
+
+    // Not replayed: a transaction not opened READ ONLY, and one made able to write again.
+    client
+        .batch_execute("BEGIN; SELECT k FROM kv WHERE v = 'v1'; COMMIT")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    simple(&client, "SELECT k FROM kv WHERE v = 'v1'")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    client
+        .batch_execute("SET TRANSACTION READ WRITE")
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE kv SET v = 'written through the proxy' WHERE k = 5")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+
+    // Eight clients at once: the replays share their shadow connections' writes.
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let reader = proxy.client().await;
+        readers.push(tokio::spawn(async move { lookups_kv(&reader, 25).await }));
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+
+    let report = wait_for(&proxy, |r| {
+        let w = &r["window"];
+        w["samples"].as_u64().unwrap_or(0) + w["dropped"].as_u64().unwrap_or(0) >= 204
+            && w["divergences"].as_u64() >= Some(1)
+            && w["not_a_read"].as_u64() >= Some(1)
+    })
+    .await;
+    let changed = fingerprint(&report, "SELECT k, v FROM kv WHERE k = $1");
+    assert_eq!(changed["divergences"], 1, "{changed:#}");
+    assert_eq!(
+        changed["example"]["only_new"],
+        serde_json::json!([["\\x00000003", "changed on the target"]]),
+        "{changed:#}"
+    );
+    for equal in [
+        "SELECT count(*) AS n FROM kv",
+        "SELECT v FROM kv WHERE k > $1 ORDER BY k",
+        "SELECT max(k) AS top FROM kv",
+    ] {
+        let f = fingerprint(&report, equal);
+        assert_eq!(f["calls"], 1, "{equal}: {f:#}");
+        assert_eq!(f["divergences"], 0, "{equal}: {f:#}");
+    }
+    let many = fingerprint(&report, "SELECT v FROM kv WHERE k = $1");
+    assert_eq!(many["divergences"], 0, "{many:#}");
+    assert!(
+        many["latency"]["new"]["p95"].as_f64() > Some(0.0),
+        "pipelined replays are timed: {many:#}"
+    );
+    assert!(
+        report["fingerprints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| !f["query"].as_str().unwrap().contains("WHERE v =")),
+        "a read in a transaction not opened READ ONLY was replayed: {report:#}"
+    );
+    assert_eq!(report["window"]["not_a_read"], 1, "{report:#}");
+    let on_target = simple(&target, "SELECT v FROM kv WHERE k = 5")
+        .await
+        .unwrap();
+    assert_eq!(
+        on_target,
+        [[Some("v5".to_string())]],
+        "a write was replayed"
+    );
+}
+
+/// `count` lookups of one of the rows of `kv` neither changed on the target nor written.
+async fn lookups_kv(client: &Client, count: u32) {
+    for i in 0..count {
+        let sql = format!("SELECT v FROM kv WHERE k = {}", i % 5 + 6);
+        assert_eq!(simple(client, &sql).await.unwrap().len(), 1);
+    }
+}

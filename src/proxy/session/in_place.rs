@@ -19,6 +19,8 @@ impl Session {
         if !self.in_transaction()
             || !self.registry.awaited.is_empty()
             || self.unnamed_unsettled_before()
+            // A captured read's messages are counted ([`Session::shadow_client_frame`]).
+            || self.shadowing.capture.is_some()
         {
             return false;
         }

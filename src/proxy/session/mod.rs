@@ -284,6 +284,9 @@ impl Session {
                 if self.caching.on {
                     self.note_forwarded(&frame);
                 }
+                if self.shadowing.capture.is_some() {
+                    self.shadow_client_frame(&frame);
+                }
                 Some(frame)
             } else {
                 match self.before_forwarding(frame).await {

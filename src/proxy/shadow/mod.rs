@@ -31,7 +31,7 @@ use crate::pg::Side;
 use crate::plan::ShadowSettings;
 use answer::{compare, Answer, Difference};
 use replay::{Connections, Loan};
-use statement::{Kind, Statement};
+use statement::{Control, Kind, Statement};
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -48,24 +48,46 @@ const CONFIRM_POLL: Duration = Duration::from_millis(20);
 pub const MAX_CAPTURE: usize = 1 << 20;
 /// Statements analysed are remembered by their text, up to this many.
 const ANALYSED_KEPT: usize = 10_000;
+/// Turns of a `READ ONLY` transaction captured, at most (a longer one is dropped).
+pub const MAX_TURNS: usize = 64;
+/// Samples taken from the queue at once, and sent to a shadow connection in one write
+/// ([`replay::Loan::pipeline`]).
+const MAX_BATCH: usize = 16;
 
-/// What a session hands over.
+/// What a session hands over: one statement, or a whole transaction opened `READ ONLY`.
 pub struct Sample {
     pub user: Arc<str>,
     /// The server that answered the client.
     pub primary: Side,
+    /// One turn; or, for a transaction, every turn from its `BEGIN` to its end.
+    pub turns: Vec<Turn>,
+    pub transaction: bool,
+    pub standard_conforming_strings: bool,
+    /// The client's tracked settings.
+    pub settings: BTreeMap<String, String>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// What the client sent up to a ReadyForQuery, and what it got.
+pub struct Turn {
     /// A Query, or an unnamed Parse with its Bind, Describe, Execute and Sync.
     pub frames: Bytes,
     /// The statement's text.
     pub sql: String,
-    pub standard_conforming_strings: bool,
-    /// The client's tracked settings.
-    pub settings: BTreeMap<String, String>,
     /// The answer's messages as the client got them (without the ReadyForQuery).
     pub answer: Vec<u8>,
     /// From forwarding to the ReadyForQuery.
     pub elapsed: Duration,
-    pub permit: OwnedSemaphorePermit,
+}
+
+/// A replay's answer, and how long it took when it was timed (not waiting behind another).
+type Replayed = (Answer, Option<Duration>);
+
+/// A sample that passed the look before its replay: each turn's statement (`None` for a
+/// transaction control, replayed and not compared) and the client's answer.
+struct Prepared {
+    sample: Sample,
+    turns: Vec<(Option<Arc<Statement>>, Answer)>,
 }
 
 /// Counters `/metrics` reads without a lock.
@@ -182,14 +204,22 @@ impl Shadow {
         lock(&self.state).window.dropped += 1;
     }
 
-    /// Runs the replays, each in a task of its own, on the caller's scheduler.
+    /// Runs the replays on the caller's scheduler: what the queue holds when the task wakes
+    /// (up to [`MAX_BATCH`]) is one task, and goes to each shadow connection in one write.
     pub async fn run(self: Arc<Self>) {
         let Some(mut inbox) = lock(&self.inbox).take() else {
             return;
         };
-        while let Some(sample) = inbox.recv().await {
+        while let Some(first) = inbox.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(sample) => batch.push(sample),
+                    Err(_) => break,
+                }
+            }
             let shadow = self.clone();
-            tokio::spawn(Box::pin(async move { shadow.replay(sample).await }));
+            tokio::spawn(Box::pin(async move { shadow.replay(batch).await }));
         }
     }
 
@@ -197,27 +227,27 @@ impl Shadow {
     /// statement, not per set of constants: `pg_query`'s parse is the replay's largest cost
     /// in the proxy; [`statement::literal_shape`]), or under its own text when the analysis
     /// depends on a constant.
-    fn analysed(&self, sample: &Sample) -> Arc<Statement> {
-        let shape = statement::literal_shape(&sample.sql, sample.standard_conforming_strings)
-            .unwrap_or_else(|| statement::normalize(&sample.sql));
+    fn analysed(&self, sql: &str, standard_conforming_strings: bool) -> Arc<Statement> {
+        let shape = statement::literal_shape(sql, standard_conforming_strings)
+            .unwrap_or_else(|| statement::normalize(sql));
         let known = {
             let analysed = lock(&self.analysed);
             analysed
                 .get(&shape)
                 .filter(|s| !s.depends_on_constants)
-                .or_else(|| analysed.get(&sample.sql))
+                .or_else(|| analysed.get(sql))
                 .cloned()
         };
         let statement = match known {
             Some(known) => known,
             None => {
                 let statement = Arc::new(statement::analyze_normalized(
-                    &sample.sql,
-                    statement::normalize(&sample.sql),
-                    sample.standard_conforming_strings,
+                    sql,
+                    statement::normalize(sql),
+                    standard_conforming_strings,
                 ));
                 let key = if statement.depends_on_constants {
-                    sample.sql.clone()
+                    sql.to_string()
                 } else {
                     shape
                 };
@@ -229,8 +259,7 @@ impl Shadow {
                 statement
             }
         };
-        if matches!(statement.kind, Kind::Read { .. }) && statement::quotes_a_time_word(&sample.sql)
-        {
+        if matches!(statement.kind, Kind::Read { .. }) && statement::quotes_a_time_word(sql) {
             let mut this = (*statement).clone();
             this.kind = Kind::NotComparable("reads the time ('now', 'today', ...)".into());
             return Arc::new(this);
@@ -249,31 +278,151 @@ impl Shadow {
         })
     }
 
-    async fn replay(&self, sample: Sample) {
-        let statement = self.analysed(&sample);
-        tracing::debug!(sql = %sample.sql, kind = ?statement.kind, "shadow replay");
-        if let Kind::NotARead(_) = statement.kind {
-            lock(&self.state).window.not_a_read += 1;
-            return;
+    /// Replays a batch: each sample looked at, then, per role, primary and settings, the
+    /// single statements sent to the other server in one write and each transaction turn by
+    /// turn, then every read compared and tallied.
+    async fn replay(&self, batch: Vec<Sample>) {
+        let mut groups: Vec<Vec<Prepared>> = Vec::new();
+        for sample in batch {
+            let Some(prepared) = self.prepare(sample) else {
+                continue;
+            };
+            let sample = &prepared.sample;
+            match groups.iter_mut().find(|group| {
+                let first = &group[0].sample;
+                first.user == sample.user
+                    && first.primary == sample.primary
+                    && first.settings == sample.settings
+            }) {
+                Some(group) => group.push(prepared),
+                None => groups.push(vec![prepared]),
+            }
         }
-        if !self.covers(&statement) {
-            return;
+        for group in groups {
+            let answers = self.run_group(&group).await;
+            for (prepared, answers) in group.into_iter().zip(answers) {
+                let Some(answers) = answers else {
+                    lock(&self.state).window.failed += 1;
+                    continue;
+                };
+                let Prepared { sample, turns } = prepared;
+                for (turn, ((statement, client), (shadow, elapsed))) in
+                    turns.into_iter().zip(answers).enumerate()
+                {
+                    if let Some(statement) = statement {
+                        self.judge(&sample, turn, &statement, client, shadow, elapsed)
+                            .await;
+                    }
+                }
+            }
         }
-        let other = other_side(sample.primary);
-        let mut client = Answer::read(&sample.answer);
-        if could_not_run(&client) {
-            // The client's own statement was canceled or timed out: nothing to compare.
-            lock(&self.state).window.failed += 1;
-            return;
+    }
+
+    /// The look before a replay: each turn's statement analysed, and the sample set aside
+    /// (counted) when it is not a read, reads a table not covered, or was not answered.
+    fn prepare(&self, sample: Sample) -> Option<Prepared> {
+        let scs = sample.standard_conforming_strings;
+        let mut turns = Vec::with_capacity(sample.turns.len());
+        for (i, turn) in sample.turns.iter().enumerate() {
+            let control = if sample.transaction {
+                statement::transaction_control(&turn.sql, scs)
+            } else {
+                None
+            };
+            // A transaction is replayed only from its `BEGIN ... READ ONLY`.
+            let opens_right =
+                i > 0 || !sample.transaction || control == Some(Control::BeginReadOnly);
+            let statement = match control {
+                Some(_) => None,
+                None => Some(self.analysed(&turn.sql, scs)),
+            };
+            if !opens_right
+                || statement
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.kind, Kind::NotARead(_)))
+            {
+                tracing::debug!(sql = %turn.sql, "a shadow sample that is not a read");
+                lock(&self.state).window.not_a_read += 1;
+                return None;
+            }
+            if statement.as_ref().is_some_and(|s| !self.covers(s)) {
+                return None;
+            }
+            let client = Answer::read(&turn.answer);
+            if statement.is_some() && could_not_run(&client) {
+                // The client's own statement was canceled or timed out: nothing to compare.
+                lock(&self.state).window.failed += 1;
+                return None;
+            }
+            turns.push((statement, client));
         }
-        let (shadow, shadow_elapsed) = match self.run_on(&sample, other).await {
-            Ok(done) => done,
+        Some(Prepared { sample, turns })
+    }
+
+    /// Runs a group of samples (one role, primary and settings) on the other server: the
+    /// single statements in one write, each transaction turn by turn (each turn timed).
+    /// Per sample, its answers, or `None` when it could not run.
+    async fn run_group(&self, group: &[Prepared]) -> Vec<Option<Vec<Replayed>>> {
+        let first = &group[0].sample;
+        let other = other_side(first.primary);
+        let mut answers: Vec<Option<Vec<Replayed>>> = (0..group.len()).map(|_| None).collect();
+        let mut loan = match self
+            .connections
+            .take(&first.user, other, &first.settings)
+            .await
+        {
+            Ok(loan) => loan,
             Err(e) => {
                 tracing::debug!(error = %e.0, "a shadow read could not run");
-                lock(&self.state).window.failed += 1;
-                return;
+                return answers;
             }
         };
+        let singles: Vec<usize> = (0..group.len())
+            .filter(|&i| !group[i].sample.transaction)
+            .collect();
+        if !singles.is_empty() {
+            let frames: Vec<&[u8]> = singles
+                .iter()
+                .map(|&i| &group[i].sample.turns[0].frames[..])
+                .collect();
+            match loan.pipeline(&frames).await {
+                Ok(done) => {
+                    for (&i, answer) in singles.iter().zip(done) {
+                        answers[i] = Some(vec![answer]);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e.0, "shadow reads could not run");
+                    return answers;
+                }
+            }
+        }
+        for (i, prepared) in group.iter().enumerate() {
+            if prepared.sample.transaction {
+                answers[i] = run_turns(&mut loan, &prepared.sample).await.ok();
+            }
+        }
+        for answer in answers.iter_mut().flatten() {
+            for (answer, _) in answer.iter_mut() {
+                if name_types(&mut loan, answer).await.is_err() {
+                    break;
+                }
+            }
+        }
+        answers
+    }
+
+    /// One read of a sample, its answer on the other server at hand: compared (re-run when
+    /// it differs) and tallied under its fingerprint.
+    async fn judge(
+        &self,
+        sample: &Sample,
+        turn: usize,
+        statement: &Statement,
+        mut client: Answer,
+        shadow: Answer,
+        shadow_elapsed: Option<Duration>,
+    ) {
         if shadow
             .error
             .as_ref()
@@ -308,7 +457,7 @@ impl Shadow {
                     }
                     // Boxed: the re-runs' future is large, and rare; inline it would enlarge
                     // (and be copied with) every replay's task.
-                    Some(first) => Box::pin(self.rerun(&sample, order, *limited, first)).await,
+                    Some(first) => Box::pin(self.rerun(sample, turn, order, *limited, first)).await,
                 }
             }
             _ => Outcome::Same,
@@ -334,12 +483,16 @@ impl Shadow {
                     explained: false,
                 });
             tally.calls += 1;
-            let (old_elapsed, new_elapsed) = match sample.primary {
-                Side::Source => (sample.elapsed, shadow_elapsed),
-                Side::Target => (shadow_elapsed, sample.elapsed),
-            };
-            tally.histograms.old.record(old_elapsed);
-            tally.histograms.new.record(new_elapsed);
+            // Timed when the replay's time is known ([`replay::Loan::pipeline`]).
+            if let Some(shadow_elapsed) = shadow_elapsed {
+                let primary_elapsed = sample.turns[turn].elapsed;
+                let (old_elapsed, new_elapsed) = match sample.primary {
+                    Side::Source => (primary_elapsed, shadow_elapsed),
+                    Side::Target => (shadow_elapsed, primary_elapsed),
+                };
+                tally.histograms.old.record(old_elapsed);
+                tally.histograms.new.record(new_elapsed);
+            }
             if !comparable {
                 tally.not_comparable += 1;
                 state.window.not_comparable += 1;
@@ -361,7 +514,7 @@ impl Shadow {
                     tally.divergences += 1;
                     state.window.divergences += 1;
                     if tally.example.is_none() {
-                        tally.example = Some(example(&sample, &old, &new, &difference));
+                        tally.example = Some(example(&sample.turns[turn], &old, &new, &difference));
                     }
                 }
             }
@@ -375,9 +528,9 @@ impl Shadow {
             tally.explained |= explain;
             explain
         };
-        tracing::debug!(sql = %sample.sql, "shadow replay compared");
+        tracing::debug!(sql = %sample.turns[turn].sql, "shadow replay compared");
         if explain {
-            Box::pin(self.explain(&sample, statement.fingerprint)).await;
+            Box::pin(self.explain(sample, turn, statement.fingerprint)).await;
         }
     }
 
@@ -386,6 +539,7 @@ impl Shadow {
     async fn rerun(
         &self,
         sample: &Sample,
+        turn: usize,
         order: &[statement::SortKey],
         limited: bool,
         first: Difference,
@@ -394,7 +548,7 @@ impl Shadow {
         let mut last = first;
         for _ in 0..RERUNS {
             let both = async {
-                let (on_primary, _) = self.run_on(sample, sample.primary).await?;
+                let on_primary = self.run_on(sample, turn, sample.primary).await?;
                 // Taken after the primary's run: everything that run saw is before it.
                 let mut primary = self
                     .connections
@@ -407,7 +561,7 @@ impl Shadow {
                 self.wait_confirmed(&mut primary, sample.primary, &position)
                     .await?;
                 drop(primary);
-                let (on_other, _) = self.run_on(sample, other).await?;
+                let on_other = self.run_on(sample, turn, other).await?;
                 Ok::<_, replay::ReplayError>((on_primary, on_other))
             }
             .await;
@@ -429,20 +583,25 @@ impl Shadow {
         Outcome::Unstable
     }
 
-    /// The sample's statement run on `side` with the client's settings: its answer, with
-    /// user-defined types named, and how long the server took.
+    /// The sample run again on `side` with the client's settings (a transaction, whole):
+    /// the answer of its turn `turn`, with user-defined types named.
     async fn run_on(
         &self,
         sample: &Sample,
+        turn: usize,
         side: Side,
-    ) -> Result<(Answer, Duration), replay::ReplayError> {
+    ) -> Result<Answer, replay::ReplayError> {
         let mut loan = self
             .connections
             .take(&sample.user, side, &sample.settings)
             .await?;
-        let (mut answer, elapsed) = loan.run(&sample.frames).await?;
+        let mut answers = run_turns(&mut loan, sample).await?;
+        if turn >= answers.len() {
+            return Err(replay::ReplayError("a turn without its answer".into()));
+        }
+        let (mut answer, _) = answers.swap_remove(turn);
         name_types(&mut loan, &mut answer).await?;
-        Ok((answer, elapsed))
+        Ok(answer)
     }
 
     /// Waits until the slot that feeds the other server has confirmed `position` of the
@@ -469,9 +628,9 @@ impl Shadow {
         }
     }
 
-    /// `EXPLAIN` of the sample on both servers, kept with its fingerprint.
-    async fn explain(&self, sample: &Sample, fingerprint: u64) {
-        let Some(frames) = replay::explain_frames(&sample.frames) else {
+    /// `EXPLAIN` of the sample's turn `turn` on both servers, kept with its fingerprint.
+    async fn explain(&self, sample: &Sample, turn: usize, fingerprint: u64) {
+        let Some(frames) = replay::explain_frames(&sample.turns[turn].frames) else {
             return;
         };
         let mut plans = [String::new(), String::new()];
@@ -559,6 +718,19 @@ fn by_side<'a>(
     }
 }
 
+/// A sample's turns run one after the other on `loan` (a transaction's turns wait for each
+/// other's answers, as the client's did): their answers, each timed.
+async fn run_turns(
+    loan: &mut Loan<'_>,
+    sample: &Sample,
+) -> Result<Vec<Replayed>, replay::ReplayError> {
+    let mut answers = Vec::with_capacity(sample.turns.len());
+    for turn in &sample.turns {
+        answers.extend(loan.pipeline(&[&turn.frames[..]]).await?);
+    }
+    Ok(answers)
+}
+
 async fn name_types(loan: &mut Loan<'_>, answer: &mut Answer) -> Result<(), replay::ReplayError> {
     let oids: Vec<u32> = answer.unnamed_types().collect();
     if !oids.is_empty() {
@@ -587,10 +759,10 @@ fn fingerprint(value: u64, tally: &Tally) -> api::Fingerprint {
     }
 }
 
-fn example(sample: &Sample, old: &Answer, new: &Answer, difference: &Difference) -> api::Example {
+fn example(turn: &Turn, old: &Answer, new: &Answer, difference: &Difference) -> api::Example {
     api::Example {
-        statement: sample.sql.clone(),
-        parameters: replay::parameters(&sample.frames),
+        statement: turn.sql.clone(),
+        parameters: replay::parameters(&turn.frames),
         reason: difference.reason.clone(),
         old: old.to_api(),
         new: new.to_api(),

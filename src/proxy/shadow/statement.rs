@@ -189,6 +189,73 @@ const NOT_DETERMINED_BY_DATA: &[&str] = &[
     "pg_sleep",
 ];
 
+/// A statement of a captured `READ ONLY` transaction that is not a read, as far as a replay
+/// may send it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// `BEGIN` or `START TRANSACTION` with `READ ONLY`: what a captured transaction opens with.
+    BeginReadOnly,
+    /// `COMMIT`, `ROLLBACK`, `SAVEPOINT`, `RELEASE` or `ROLLBACK TO`, without `AND CHAIN`.
+    Step,
+}
+
+/// `sql` as one transaction control statement a replayed transaction may hold; `None` for
+/// anything else (`SET TRANSACTION READ WRITE` before the first query would make the rest
+/// of the transaction able to write, so nothing but these is replayed).
+pub fn transaction_control(sql: &str, standard_conforming_strings: bool) -> Option<Control> {
+    use protobuf::TransactionStmtKind as T;
+    let options = if standard_conforming_strings {
+        pg_query::ParserOptions::DEFAULT
+    } else {
+        pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+    };
+    let parsed = pg_query::parse(sql, options).ok()?;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    let Some(N::TransactionStmt(stmt)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+        return None;
+    };
+    match T::try_from(stmt.kind).ok()? {
+        T::TransStmtBegin | T::TransStmtStart if read_only(&stmt.options) => {
+            Some(Control::BeginReadOnly)
+        }
+        T::TransStmtCommit
+        | T::TransStmtRollback
+        | T::TransStmtSavepoint
+        | T::TransStmtRelease
+        | T::TransStmtRollbackTo
+            if !stmt.chain =>
+        {
+            Some(Control::Step)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a transaction's options say `READ ONLY` (and not `READ WRITE` after it).
+fn read_only(options: &[protobuf::Node]) -> bool {
+    use protobuf::a_const::Val;
+    let mut read_only = false;
+    for option in options {
+        let Some(N::DefElem(def)) = &option.node else {
+            continue;
+        };
+        if def.defname != "transaction_read_only" {
+            continue;
+        }
+        read_only = match def.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(N::AConst(c)) => match &c.val {
+                Some(Val::Ival(i)) => i.ival != 0,
+                Some(Val::Boolval(b)) => b.boolval,
+                _ => false,
+            },
+            _ => false,
+        };
+    }
+    read_only
+}
+
 /// Parses and classifies `sql`.
 #[cfg(test)]
 pub fn analyze(sql: &str, standard_conforming_strings: bool) -> Statement {
@@ -348,6 +415,42 @@ mod tests {
 
     fn kind(sql: &str) -> Kind {
         analyze(sql, true).kind
+    }
+
+    #[test]
+    fn the_transaction_controls_a_replayed_transaction_may_hold() {
+        let control = |sql| transaction_control(sql, true);
+        for sql in [
+            "BEGIN READ ONLY",
+            "begin transaction isolation level repeatable read, read only",
+            "START TRANSACTION READ ONLY",
+            "BEGIN READ WRITE, READ ONLY",
+        ] {
+            assert_eq!(control(sql), Some(Control::BeginReadOnly), "{sql}");
+        }
+        for sql in [
+            "COMMIT",
+            "END",
+            "ROLLBACK",
+            "ABORT",
+            "SAVEPOINT a",
+            "RELEASE a",
+            "ROLLBACK TO a",
+        ] {
+            assert_eq!(control(sql), Some(Control::Step), "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "BEGIN READ ONLY, READ WRITE",
+            "START TRANSACTION READ WRITE",
+            "COMMIT AND CHAIN",
+            "SET TRANSACTION READ WRITE",
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT; BEGIN",
+            "SELECT 1",
+        ] {
+            assert_eq!(control(sql), None, "{sql}");
+        }
     }
 
     #[test]
