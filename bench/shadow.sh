@@ -121,7 +121,11 @@ for f in 0.1 1.0; do
 import json, sys
 r = json.load(sys.stdin)
 w = r['window']
-print(f'fraction $f: {w[\"samples\"]} replayed, {w[\"dropped\"]} dropped, {w[\"divergences\"]} divergent, verdict {r[\"verdict\"]}')"
+print(f'fraction $f: {w[\"samples\"]} replayed, {w[\"dropped\"]} dropped, {w[\"divergences\"]} divergent, verdict {r[\"verdict\"]}')
+top = max(r['fingerprints'], key=lambda f: f['calls'], default=None)
+if top:
+    l = top['latency']
+    print(f'  {top[\"query\"][:60]}: {top[\"calls\"]} calls, p50 {l[\"old\"][\"p50\"]} / {l[\"new\"][\"p50\"]} ms, p95 {l[\"old\"][\"p95\"]} / {l[\"new\"][\"p95\"]} ms (old / new)')"
 done
 m=$(echo "${TPS[0.1]}" | median)
 awk -v a="$m" -v b="$base" 'BEGIN { printf "fraction 0.1: %.3f x the throughput at 0 (floor: >= 0.9) %s\n", a / b, (a / b >= 0.9 ? "met" : "NOT MET") }'

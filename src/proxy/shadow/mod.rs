@@ -143,7 +143,8 @@ pub struct Shadow {
     pub settings: ShadowSettings,
     permits: Arc<Semaphore>,
     queue: mpsc::UnboundedSender<Sample>,
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Sample>>>,
+    /// Shared by the replayers ([`Shadow::work`]).
+    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Sample>>,
     connections: Connections,
     state: Mutex<WindowState>,
     analysed: Mutex<HashMap<String, Arc<Statement>>>,
@@ -165,7 +166,7 @@ impl Shadow {
             permits: Arc::new(Semaphore::new(settings.max_in_flight.max(1) as usize)),
             settings,
             queue,
-            inbox: Mutex::new(Some(inbox)),
+            inbox: tokio::sync::Mutex::new(inbox),
             connections,
             state: Mutex::new(WindowState::new()),
             analysed: Mutex::new(HashMap::new()),
@@ -204,22 +205,37 @@ impl Shadow {
         lock(&self.state).window.dropped += 1;
     }
 
-    /// Runs the replays on the caller's scheduler: what the queue holds when the task wakes
-    /// (up to [`MAX_BATCH`]) is one task, and goes to each shadow connection in one write.
+    /// Runs the replays on the caller's scheduler: `pool_size` replayers ([`Shadow::work`]).
     pub async fn run(self: Arc<Self>) {
-        let Some(mut inbox) = lock(&self.inbox).take() else {
-            return;
-        };
-        while let Some(first) = inbox.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match inbox.try_recv() {
-                    Ok(sample) => batch.push(sample),
-                    Err(_) => break,
+        for _ in 1..self.settings.pool_size.max(1) {
+            tokio::spawn(Box::pin(self.clone().work()));
+        }
+        self.work().await;
+    }
+
+    /// A replayer: waits for a sample, takes what else the queue holds (up to
+    /// [`MAX_BATCH`]) and replays them together. While every replayer is busy on the shadow
+    /// connections, samples wait in the queue and go out in the next one's write: at low load
+    /// each sample alone, at once; under load, many per write (no timer: one that waited for
+    /// more, 1 ms, held the `max_in_flight` permits so long that half the draws at
+    /// `fraction = 0.1` were dropped).
+    async fn work(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut inbox = self.inbox.lock().await;
+                let Some(first) = inbox.recv().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match inbox.try_recv() {
+                        Ok(sample) => batch.push(sample),
+                        Err(_) => break,
+                    }
                 }
-            }
-            let shadow = self.clone();
-            tokio::spawn(Box::pin(async move { shadow.replay(batch).await }));
+                batch
+            };
+            self.replay(batch).await;
         }
     }
 
@@ -281,7 +297,7 @@ impl Shadow {
     /// Replays a batch: each sample looked at, then, per role, primary and settings, the
     /// single statements sent to the other server in one write and each transaction turn by
     /// turn, then every read compared and tallied.
-    async fn replay(&self, batch: Vec<Sample>) {
+    async fn replay(self: &Arc<Self>, batch: Vec<Sample>) {
         let mut groups: Vec<Vec<Prepared>> = Vec::new();
         for sample in batch {
             let Some(prepared) = self.prepare(sample) else {
@@ -300,19 +316,29 @@ impl Shadow {
         }
         for group in groups {
             let answers = self.run_group(&group).await;
-            for (prepared, answers) in group.into_iter().zip(answers) {
-                let Some(answers) = answers else {
-                    lock(&self.state).window.failed += 1;
-                    continue;
-                };
-                let Prepared { sample, turns } = prepared;
-                for (turn, ((statement, client), (shadow, elapsed))) in
-                    turns.into_iter().zip(answers).enumerate()
-                {
-                    if let Some(statement) = statement {
-                        self.judge(&sample, turn, &statement, client, shadow, elapsed)
-                            .await;
-                    }
+            // Judged apart: a mismatch's re-runs wait for replication (up to CONFIRM_WAIT),
+            // and the replayer goes back to the queue at once.
+            let shadow = self.clone();
+            tokio::spawn(Box::pin(
+                async move { shadow.judge_group(group, answers).await },
+            ));
+        }
+    }
+
+    /// A group's answers compared with the client's and tallied.
+    async fn judge_group(&self, group: Vec<Prepared>, answers: Vec<Option<Vec<Replayed>>>) {
+        for (prepared, answers) in group.into_iter().zip(answers) {
+            let Some(answers) = answers else {
+                lock(&self.state).window.failed += 1;
+                continue;
+            };
+            let Prepared { sample, turns } = prepared;
+            for (turn, ((statement, client), (shadow, elapsed))) in
+                turns.into_iter().zip(answers).enumerate()
+            {
+                if let Some(statement) = statement {
+                    self.judge(&sample, turn, &statement, client, shadow, elapsed)
+                        .await;
                 }
             }
         }
