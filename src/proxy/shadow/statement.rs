@@ -23,6 +23,9 @@ pub struct Statement {
     /// What was found depends on a constant that normalisation replaces (`ORDER BY 2`): the
     /// analysis holds for this text only, not for every statement of its normalised text.
     pub depends_on_constants: bool,
+    /// Every table it reads is one `[proxy.shadow]`'s `tables`/`exclude` select (set by the
+    /// caller, which has the settings).
+    pub covered: bool,
 }
 
 /// The time words a string literal can hold: `'now'::timestamptz` reads the clock.
@@ -112,9 +115,16 @@ pub fn literal_shape(sql: &str, standard_conforming_strings: bool) -> Option<Str
                 out.push('?');
             }
             _ => {
+                // A run up to the next byte that may start a literal, a quoted identifier or
+                // a comment, copied at once (ASCII bytes are always character boundaries).
                 let start = i;
                 i += 1;
-                while i < bytes.len() && !sql.is_char_boundary(i) {
+                while let Some(&c) = bytes.get(i) {
+                    let special = matches!(c, b'\'' | b'"' | b'-' | b'/' | b'$')
+                        || (c.is_ascii_digit() && !ident(bytes[i - 1]));
+                    if special {
+                        break;
+                    }
                     i += 1;
                 }
                 out.push_str(&sql[start..i]);
@@ -280,6 +290,7 @@ pub fn analyze_normalized(
         kind: Kind::NotARead(String::new()),
         tables: Vec::new(),
         depends_on_constants: false,
+        covered: true,
     };
     let parsed = match pg_query::parse(sql, options) {
         Ok(parsed) => parsed,
