@@ -636,3 +636,25 @@ async fn lookups_kv(client: &Client, count: u32) {
         assert_eq!(simple(client, &sql).await.unwrap().len(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replay_does_not_hold_up_the_others() {
+    let db = TestDb::new("shadow_slow_one").await;
+    let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL);
+                  INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 10) i;";
+    both_servers(&db, schema).await;
+    let proxy = Proxy::start(&db, "transaction", 4, SHADOW).await;
+    let (slow, fast) = (proxy.client().await, proxy.client().await);
+    simple(&slow, "SELECT pg_sleep(1.5)").await.unwrap();
+    // Its replay now sleeps as long on the target: the lookups' replays go past it.
+    let answered = Instant::now();
+    lookups_kv(&fast, 20).await;
+    let report = wait_for(&proxy, |r| r["window"]["samples"].as_u64() >= Some(20)).await;
+    assert!(
+        answered.elapsed() < Duration::from_millis(1200),
+        "the lookups were replayed only after the slow read: {:?}, {report:#}",
+        answered.elapsed()
+    );
+    let slow_one = wait_for(&proxy, |r| r["window"]["samples"].as_u64() >= Some(21)).await;
+    assert_eq!(fingerprint(&slow_one, "SELECT pg_sleep")["calls"], 1);
+}

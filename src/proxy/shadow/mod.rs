@@ -53,6 +53,9 @@ pub const MAX_TURNS: usize = 64;
 /// Samples taken from the queue at once, and sent to a shadow connection in one write
 /// ([`replay::Loan::pipeline`]).
 const MAX_BATCH: usize = 16;
+/// How long the replayer may be on one batch before the helper takes what waits
+/// ([`Shadow::help`]).
+const HELP_AFTER: Duration = Duration::from_millis(20);
 
 /// What a session hands over: one statement, or a whole transaction opened `READ ONLY`.
 pub struct Sample {
@@ -143,8 +146,10 @@ pub struct Shadow {
     pub settings: ShadowSettings,
     permits: Arc<Semaphore>,
     queue: mpsc::UnboundedSender<Sample>,
-    /// Shared by the replayers ([`Shadow::work`]).
+    /// Shared by the replayer ([`Shadow::work`]) and its helper ([`Shadow::help`]).
     inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Sample>>,
+    /// When the replayer took its batch ([`since_start`]), 0 when it waits for one.
+    busy_since: AtomicU64,
     connections: Connections,
     state: Mutex<WindowState>,
     analysed: Mutex<HashMap<String, Arc<Statement>>>,
@@ -167,6 +172,7 @@ impl Shadow {
             settings,
             queue,
             inbox: tokio::sync::Mutex::new(inbox),
+            busy_since: AtomicU64::new(0),
             connections,
             state: Mutex::new(WindowState::new()),
             analysed: Mutex::new(HashMap::new()),
@@ -205,20 +211,24 @@ impl Shadow {
         lock(&self.state).window.dropped += 1;
     }
 
-    /// Runs the replays on the caller's scheduler: `pool_size` replayers ([`Shadow::work`]).
+    /// Runs the replays on the caller's scheduler: one replayer ([`Shadow::work`]), and a
+    /// helper that steps in while it is held up ([`Shadow::help`]).
     pub async fn run(self: Arc<Self>) {
-        for _ in 1..self.settings.pool_size.max(1) {
-            tokio::spawn(Box::pin(self.clone().work()));
+        if self.settings.pool_size > 1 {
+            tokio::spawn(Box::pin(self.clone().help()));
         }
         self.work().await;
     }
 
-    /// A replayer: waits for a sample, takes what else the queue holds (up to
-    /// [`MAX_BATCH`]) and replays them together. While every replayer is busy on the shadow
-    /// connections, samples wait in the queue and go out in the next one's write: at low load
-    /// each sample alone, at once; under load, many per write (no timer: one that waited for
-    /// more, 1 ms, held the `max_in_flight` permits so long that half the draws at
-    /// `fraction = 0.1` were dropped).
+    /// The replayer: waits for a sample, takes what else the queue holds (up to
+    /// [`MAX_BATCH`]) and replays them together. Samples that arrive while it is busy wait
+    /// in the queue and go out in its next write: at low load each sample alone, at once;
+    /// under load, several per write, which is what makes a replay cheap for the other
+    /// server (see [`replay::Loan::pipeline`]). In bench/shadow.sh (2 cores, `fraction =
+    /// 0.1`) one replayer gave 0.937 of the throughput without shadow reads where two taking
+    /// turns gave 0.876, and dropped fewer samples: with two, each sample went out alone.
+    /// A timer that waited for more samples (1 ms) held the `max_in_flight` permits so long
+    /// that half the draws were dropped.
     async fn work(self: Arc<Self>) {
         loop {
             let batch = {
@@ -226,16 +236,32 @@ impl Shadow {
                 let Some(first) = inbox.recv().await else {
                     return;
                 };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match inbox.try_recv() {
-                        Ok(sample) => batch.push(sample),
-                        Err(_) => break,
-                    }
-                }
-                batch
+                take_more(&mut inbox, vec![first])
             };
+            self.busy_since.store(since_start(), Ordering::Relaxed);
             self.replay(batch).await;
+            self.busy_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The helper: every [`HELP_AFTER`], when the replayer has been on one batch longer than
+    /// that (a slow statement on the other server, up to `statement_timeout`), takes what
+    /// waits in the queue on another shadow connection, so that one slow read does not stop
+    /// the sampling of all the others.
+    async fn help(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(HELP_AFTER).await;
+            let busy_since = self.busy_since.load(Ordering::Relaxed);
+            if busy_since == 0 || since_start() - busy_since < HELP_AFTER.as_micros() as u64 {
+                continue;
+            }
+            let batch = match self.inbox.try_lock() {
+                Ok(mut inbox) => take_more(&mut inbox, Vec::new()),
+                Err(_) => continue,
+            };
+            if !batch.is_empty() {
+                self.replay(batch).await;
+            }
         }
     }
 
@@ -721,6 +747,24 @@ impl Shadow {
             .filter(|tally| tally.histograms.regressed(&thresholds))
             .count() as u64
     }
+}
+
+/// What else `inbox` holds, after `batch`, up to [`MAX_BATCH`].
+fn take_more(inbox: &mut mpsc::UnboundedReceiver<Sample>, mut batch: Vec<Sample>) -> Vec<Sample> {
+    while batch.len() < MAX_BATCH {
+        match inbox.try_recv() {
+            Ok(sample) => batch.push(sample),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Microseconds since the first call (never 0): the replayer's `busy_since`, where 0 says
+/// "not busy".
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
 }
 
 /// SQLSTATE `read_only_sql_transaction`: the replay tried to write.
