@@ -1131,6 +1131,9 @@ impl Gen {
             "BEGIN",
             "BEGIN",
             "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            // Whole transactions a shadow capture takes (SWITCHYARD_FUZZ_SHADOW).
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
             "COMMIT",
             "COMMIT",
             "ROLLBACK",
