@@ -2,8 +2,10 @@
 # Shadow reads benchmark: pgbench -S (simple protocol) at 16 clients through three proxies in
 # front of the same PostgreSQL 15 source, replaying none, a tenth and every read on the
 # PostgreSQL 17 target ([proxy.shadow] fraction 0, 0.1 and 1.0); the three alternate, round
-# by round, in one run. Reported: client throughput, and the proxy's CPU per transaction
-# (user + system time of its process over the transactions it served).
+# by round, in one run. Reported: client throughput, the proxy's CPU per transaction
+# (user + system time of its process over the transactions it served), and the target
+# server's CPU per replay (user + system time of its postmaster's processes, exited ones
+# included, over the replays of the round).
 #
 # Both servers, the proxies and pgbench share this machine's cores, so the replays' own cost
 # (on the target, and in the proxy) is in the figures.
@@ -81,26 +83,42 @@ done
 # cpu_ticks <pid>: user + system clock ticks of a process.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
+# server_ticks <port>: user + system clock ticks of a server's postmaster, its live children
+# and its exited ones (the postmaster's cutime/cstime).
+server_ticks() {
+  local pm
+  pm=$(pgrep -f "port=$1" | head -1)
+  { awk '{print $16 + $17}' "/proc/$pm/stat"
+    for p in $pm $(pgrep -P "$pm"); do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null; done
+  } | awk '{s += $1} END {print s}'
+}
+# replays <fraction>: the proxy's replays so far.
+replays() {
+  curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^switchyard_shadow_samples_total/ {print $2; found=1} END {if (!found) print 0}'
+}
 
-# run <fraction>: "tps cpu_us_per_transaction"
+# run <fraction>: "tps cpu_us_per_transaction target_cpu_us_per_replay"
 run() {
   local url="postgres://app:$APP_PASSWORD@127.0.0.1:${PORT[$1]}/bench"
   local before after out tps
-  before=$(cpu_ticks "${PID[$1]}")
+  local t0 t1 r0 r1
+  before=$(cpu_ticks "${PID[$1]}"); t0=$(server_ticks "$TARGET_PORT"); r0=$(replays "$1")
   out=$("$PG_BIN/pgbench" -n -S -M simple -c "$CLIENTS" -j 2 -T "$SECONDS_PER_RUN" "$url" 2>&1) || { echo "$out" >&2; return 1; }
-  after=$(cpu_ticks "${PID[$1]}")
+  after=$(cpu_ticks "${PID[$1]}"); t1=$(server_ticks "$TARGET_PORT"); r1=$(replays "$1")
   tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
   awk -v t="$tps" -v s="$SECONDS_PER_RUN" -v d="$((after - before))" -v hz="$TICK" \
-    'BEGIN { printf "%s %.1f\n", t, d / hz * 1e6 / (t * s) }'
+    -v td="$((t1 - t0))" -v r="$((r1 - r0))" \
+    'BEGIN { printf "%s %.1f %s\n", t, d / hz * 1e6 / (t * s), (r > 0 ? sprintf("%.0f", td / hz * 1e6 / r) : "-") }'
 }
 
-declare -A TPS CPU
+declare -A TPS CPU TARGET
 for round in $(seq 1 "$ROUNDS"); do
   for f in "${FRACTIONS[@]}"; do
-    read -r tps cpu < <(run "$f")
+    read -r tps cpu target < <(run "$f")
     TPS[$f]="${TPS[$f]:-} $tps"
     CPU[$f]="${CPU[$f]:-} $cpu"
-    echo "round $round, fraction $f: $tps tps, proxy CPU $cpu us/transaction" >&2
+    [ "$target" != - ] && TARGET[$f]="${TARGET[$f]:-} $target"
+    echo "round $round, fraction $f: $tps tps, proxy CPU $cpu us/transaction, target CPU $target us/replay" >&2
   done
 done
 
@@ -108,13 +126,14 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[i
 spread() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {printf "%s-%s", lo, hi}'; }
 echo
 echo "Shadow reads, pgbench -S at $CLIENTS clients, $(nproc) cores, $ROUNDS rounds of ${SECONDS_PER_RUN}s (median, spread):"
-printf '%-9s %10s %22s %14s %18s %s\n' fraction tps "(spread)" "vs 0" "proxy us/tx" "(spread)"
+printf '%-9s %10s %22s %8s %12s %12s %16s %s\n' fraction tps "(spread)" "vs 0" "proxy us/tx" "(spread)" "target us/replay" "(spread)"
 base=$(echo "${TPS[0]}" | median)
 for f in "${FRACTIONS[@]}"; do
   m=$(echo "${TPS[$f]}" | median)
-  printf '%-9s %10s %22s %14s %18s %s\n' "$f" "$m" "$(echo "${TPS[$f]}" | spread)" \
+  printf '%-9s %10s %22s %8s %12s %12s %16s %s\n' "$f" "$m" "$(echo "${TPS[$f]}" | spread)" \
     "$(awk -v a="$m" -v b="$base" 'BEGIN { printf "%.3f", a / b }')" \
-    "$(echo "${CPU[$f]}" | median)" "$(echo "${CPU[$f]}" | spread)"
+    "$(echo "${CPU[$f]}" | median)" "$(echo "${CPU[$f]}" | spread)" \
+    "$(echo "${TARGET[$f]:-}" | median)" "$(echo "${TARGET[$f]:-}" | spread)"
 done
 for f in 0.1 1.0; do
   curl -s "127.0.0.1:${ADMIN[$f]}/shadow" | python3 -c "
