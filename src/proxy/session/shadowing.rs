@@ -132,7 +132,7 @@ impl Session {
     /// still in the client's buffer: a Query; an unnamed Parse with the rest of its group; a
     /// Bind of a named statement rewritten as an unnamed group ([`Session::named_group`]).
     fn turn(&self, frame: &Bytes) -> Option<(Bytes, String, usize)> {
-        let (frames, sql, expected) = match tag(frame) {
+        let (frames, mut sql, expected) = match tag(frame) {
             QUERY => {
                 let sql = frontend::query_text(frame).and_then(|t| std::str::from_utf8(t).ok())?;
                 (frame.clone(), sql.to_string(), 0)
@@ -150,7 +150,7 @@ impl Session {
             BIND => self.named_group(frame)?,
             _ => return None,
         };
-        let sql = sql.trim_end_matches('\0').to_string();
+        sql.truncate(sql.trim_end_matches('\0').len());
         Some((frames, sql, expected))
     }
 

@@ -185,20 +185,14 @@ impl Loan<'_> {
 
     /// A simple Query of the proxy's own, its answer read.
     pub async fn simple(&mut self, sql: &str) -> Result<Answer, ReplayError> {
-        let query = frontend::query(sql);
-        let mut answers = self.pipeline(&[&query]).await?;
-        let messages = answers
-            .pop()
-            .map(|(messages, _)| messages)
-            .unwrap_or_default();
-        Ok(Answer::read(&messages))
+        Ok(self.run(&frontend::query(sql)).await?.0)
     }
 
     /// Sends every turn of `turns` (each a Query or a group ending in Sync) in one write and
-    /// reads their answers' messages, each up to its ReadyForQuery. One write instead of one exchange
-    /// per turn: the server reads them in one go instead of waking for each, which made a
-    /// replay on PostgreSQL 17 cost 107 µs of its CPU against 45 µs pipelined eight at a
-    /// time (2 cores, under pgbench load). Each answer has [`Connections`]' deadline.
+    /// reads their answers' messages, each up to its ReadyForQuery. One write instead of one
+    /// exchange per turn: the server reads them in one go instead of waking for each, which
+    /// made a replay on PostgreSQL 17 cost 107 µs of its CPU against 45 µs pipelined eight at
+    /// a time (2 cores, under pgbench load). Each answer has [`Connections`]' deadline.
     ///
     /// Timings: the first answer from the write; a later one from the end of the one before
     /// it (the server ran it meanwhile), when none of it had arrived by then, and not at
