@@ -161,6 +161,55 @@ pub enum SortKey {
     Other,
 }
 
+/// Functions that act on the server beyond the transaction, which
+/// `default_transaction_read_only` does not stop: a replay would run them on the other
+/// server (psycopg's test suite through the proxy replayed `SELECT pg_terminate_backend($1)`,
+/// which on the other server ends whichever backend has that pid there). Prefixes, lower
+/// case; `pg_catalog.` or not.
+const ACTS_OUTSIDE: &[&str] = &[
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_switch_wal",
+    "pg_promote",
+    "pg_create_restore_point",
+    "pg_backup_",
+    "pg_advisory_",
+    "pg_try_advisory_",
+    "set_config",
+    "pg_notify",
+    "pg_stat_reset",
+    "pg_log_backend_memory_contexts",
+    "pg_replication_origin_",
+    "pg_create_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_copy_",
+    "pg_replication_slot_advance",
+    "pg_logical_slot_get_",
+    "pg_logical_emit_message",
+    "pg_wal_replay_",
+    "pg_file_",
+    "lo_",
+    "dblink",
+];
+
+/// The first function `parsed` calls that acts outside the transaction ([`ACTS_OUTSIDE`]).
+fn acts_outside(parsed: &pg_query::ParseResult) -> Option<String> {
+    parsed.functions().into_iter().find_map(|function| {
+        let name = function
+            .rsplit('.')
+            .next()
+            .unwrap_or(&function)
+            .to_lowercase();
+        ACTS_OUTSIDE
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            .then_some(name)
+    })
+}
+
 /// Functions whose result depends on the time, the session or chance, not on the data.
 /// (`pg_catalog.` or not; `CURRENT_TIMESTAMP` and its kin are SQL value functions, below.)
 const NOT_DETERMINED_BY_DATA: &[&str] = &[
@@ -318,6 +367,12 @@ pub fn analyze_normalized(
         statement.kind = Kind::NotARead("writes a table".into());
         return statement;
     }
+    if let Some(name) = acts_outside(&parsed) {
+        statement.kind = Kind::NotARead(format!(
+            "calls {name}(), which acts outside the transaction"
+        ));
+        return statement;
+    }
     statement.tables = parsed.select_tables();
     statement.tables.sort();
     statement.tables.dedup();
@@ -462,6 +517,24 @@ mod tests {
         ] {
             assert_eq!(control(sql), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn functions_that_act_outside_the_transaction_are_not_reads() {
+        for sql in [
+            "SELECT pg_terminate_backend($1)",
+            "SELECT pg_catalog.pg_cancel_backend(42)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT set_config('a.b', 'c', false)",
+            "SELECT pg_notify('ch', 'x')",
+            "SELECT * FROM t WHERE pg_try_advisory_lock(id)",
+        ] {
+            assert!(matches!(kind(sql), Kind::NotARead(_)), "{sql}");
+        }
+        assert!(matches!(
+            kind("SELECT pg_backend_pid()"),
+            Kind::NotComparable(_) | Kind::Read { .. }
+        ));
     }
 
     #[test]
