@@ -77,11 +77,10 @@ pub(crate) fn spawn_stopped_after(
         .expect("start switchyard");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !is_stopped(child.id()) {
-        assert!(
-            child.try_wait().expect("poll the child").is_none(),
-            "{} ended before {point:?}",
-            args[0]
-        );
+        if child.try_wait().expect("poll the child").is_some() {
+            let output = child.wait_with_output().expect("read the child's output");
+            panic!("{} ended before {point:?}: {}", args[0], text(&output));
+        }
         assert!(
             Instant::now() < deadline,
             "{} never reached {point:?}",
@@ -482,6 +481,15 @@ async fn switch_with_store_frozen_after(
         .unwrap()
         .expect("wait for the cutover");
     store.thaw();
+    // The command let go of its lock while the store was frozen: that release sits in the
+    // thawed server's socket and lands a moment later. A next command that read the lock
+    // just before would see its holder let go while it watched and be refused (a command
+    // run beside another is refused, not queued), so wait for the release to land; if it
+    // was never sent, the lock stays held and the next command takes it over after a lease.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state_show(db, &proxy.plan)["lock"]["held"] == true && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     output
 }
 
