@@ -225,13 +225,45 @@ pub async fn slot_exists(source: &Server, slot: &str) -> Result<bool, PgError> {
 }
 
 /// Creates the subscription; the target connects to the source, creates the slot, copies the
-/// existing rows and then streams changes. From PostgreSQL 16 the apply would run as each
-/// table's owner; `run_as_owner` keeps it the coordinator's, so row-level security on a table
-/// cannot stop replication.
+/// existing rows and then streams changes (the native copy).
 pub async fn create_subscription(
     target: &Server,
     name: &str,
     source_conninfo: &str,
+) -> Result<u32, PgError> {
+    create(
+        target,
+        name,
+        source_conninfo,
+        "create_slot = true, copy_data = true",
+    )
+    .await
+}
+
+/// Creates the subscription on the slot the snapshot copy made, disabled and without a copy:
+/// enabled once the copy is in, it streams from the slot's consistent point, exactly where
+/// the snapshot ends.
+pub async fn create_subscription_on_slot(
+    target: &Server,
+    name: &str,
+    source_conninfo: &str,
+) -> Result<u32, PgError> {
+    create(
+        target,
+        name,
+        source_conninfo,
+        "create_slot = false, copy_data = false, enabled = false",
+    )
+    .await
+}
+
+/// From PostgreSQL 16 the apply would run as each table's owner; `run_as_owner` keeps it the
+/// coordinator's, so row-level security on a table cannot stop replication.
+async fn create(
+    target: &Server,
+    name: &str,
+    source_conninfo: &str,
+    options: &str,
 ) -> Result<u32, PgError> {
     let run_as_owner = if target.major() >= 16 {
         ", run_as_owner = true"
@@ -240,7 +272,7 @@ pub async fn create_subscription(
     };
     let statement = format!(
         "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {sub} \
-         WITH (slot_name = {slot}, create_slot = true, copy_data = true, streaming = on{run_as_owner})",
+         WITH (slot_name = {slot}, {options}, streaming = on{run_as_owner})",
         sub = sql::ident(name),
         conn = sql::literal(source_conninfo),
         slot = sql::literal(name),

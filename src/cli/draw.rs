@@ -40,6 +40,19 @@ pub fn rows_bar(label: &str, done: u64, total: u64) -> ProgressBar {
     bar
 }
 
+/// A table's copy by bytes (the snapshot copy knows each table's size, not its rows).
+pub fn bytes_bar(label: &str, done: u64, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total.max(done).max(1)).with_position(done);
+    let style = ProgressStyle::with_template(
+        "{prefix:>28} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(label.to_string());
+    bar
+}
+
 /// "12,345 rows/s, ETA 3m 2s" from rows done since an earlier observation. The bar's own
 /// estimate would count from zero, but a copy may have started long before we first saw it.
 pub fn rate_and_eta(rows: u64, since_rows: u64, since: std::time::Duration, total: u64) -> String {

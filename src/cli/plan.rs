@@ -101,6 +101,35 @@ pub fn print_report(r: &Preflight) {
             })
         )
     );
+    match &r.copy {
+        Some(copy) => {
+            println!(
+                "Initial copy: from one exported snapshot, {} workers, chunks of up to {} ([sync] copy = \"snapshot\"; \"native\" uses the subscription's table sync)",
+                copy.workers,
+                human_bytes(copy.chunk_bytes)
+            );
+            println!(
+                "{}",
+                table(
+                    &["table", "size", "chunks", "format"],
+                    copy.tables.iter().map(|t| vec![
+                        t.name.to_string(),
+                        human_bytes(t.bytes),
+                        t.chunks.to_string(),
+                        match t.format {
+                            switchyard::sync::copy::plan::Format::Binary => "binary".to_string(),
+                            switchyard::sync::copy::plan::Format::Text => {
+                                "text (a user-defined type)".to_string()
+                            }
+                        },
+                    ])
+                )
+            );
+        }
+        None => {
+            println!("Initial copy: the subscription's own table sync ([sync] copy = \"native\")")
+        }
+    }
     let disk = |free: Option<i64>| free.map_or("unknown".into(), human_bytes);
     println!(
         "Free disk for WAL: source {}, target {}",

@@ -94,6 +94,9 @@ pub fn print_status(s: &Status) {
         ),
         None => println!("No subscription on the target."),
     }
+    if let Some(copy) = &s.copy {
+        print_copy(copy);
+    }
     if s.tables.iter().any(|t| t.rows_copied.is_some()) {
         let rows = |t: &TableStatus| match (t.rows_copied, t.estimated_rows) {
             (Some(done), Some(total)) => format!("{done} of ~{total}"),
@@ -174,4 +177,39 @@ pub fn print_status(s: &Status) {
             )
         );
     }
+}
+
+/// The snapshot copy, as its chunks commit on the target.
+fn print_copy(copy: &switchyard::sync::copy::CopyProgress) {
+    let eta = copy.eta_seconds.map_or(String::new(), |s| {
+        format!(
+            ", ETA {}",
+            humantime::format_duration(std::time::Duration::from_secs(s as u64))
+        )
+    });
+    println!(
+        "Initial copy ({}): {} of {} in {:.0} s, {}/s{eta}",
+        copy.phase,
+        human_bytes(copy.bytes as i64),
+        human_bytes(copy.estimated_bytes as i64),
+        copy.elapsed_seconds,
+        human_bytes(copy.rate as i64)
+    );
+    println!(
+        "{}",
+        table(
+            &["table", "state", "chunks", "rows", "bytes"],
+            copy.tables.iter().map(|t| vec![
+                t.name.clone(),
+                t.state.to_string(),
+                format!("{}/{}", t.chunks_done, t.chunks),
+                t.rows.to_string(),
+                format!(
+                    "{} of ~{}",
+                    human_bytes(t.bytes as i64),
+                    human_bytes(t.estimated_bytes as i64)
+                ),
+            ])
+        )
+    );
 }

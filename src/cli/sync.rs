@@ -7,8 +7,9 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
 use switchyard::output::human_bytes;
 use switchyard::state::StateStore;
+use switchyard::sync::copy::CopyProgress;
 use switchyard::sync::status::TableStatus;
-use switchyard::sync::{self, Status, SyncOptions, SyncOutcome};
+use switchyard::sync::{self, Observed, Status, SyncOptions, SyncOutcome};
 use switchyard::{Error, Exit};
 
 use super::draw::{self, table};
@@ -48,9 +49,15 @@ pub async fn run(args: SyncArgs) -> Result<Exit, Error> {
         timeout: args.timeout,
     };
     let mut progress = Progress::new();
-    let outcome = sync::run(&plan, store.as_ref(), &options, &mut |status| {
-        progress.update(status)
-    })
+    let outcome = sync::run(
+        &plan,
+        store.as_ref(),
+        &options,
+        &mut |observed| match observed {
+            Observed::Copy(copy) => progress.update_copy(copy),
+            Observed::Status(status) => progress.update(status),
+        },
+    )
     .await;
     progress.finish();
     match outcome? {
@@ -121,6 +128,8 @@ struct Progress {
     states: HashMap<String, &'static str>,
     lag: ProgressBar,
     interactive: bool,
+    /// The snapshot copy's phase last shown.
+    phase: Option<String>,
 }
 
 impl Progress {
@@ -133,20 +142,13 @@ impl Progress {
             states: HashMap::new(),
             lag,
             interactive: std::io::stderr().is_terminal(),
+            phase: None,
         }
     }
 
     fn update(&mut self, status: &Status) {
         for table in &status.tables {
-            if self.states.insert(table.name.clone(), table.state) != Some(table.state) {
-                if self.interactive {
-                    let _ = self
-                        .bars
-                        .println(format!("{}: {}", table.name, table.state));
-                } else {
-                    tracing::info!(table = %table.name, state = table.state, "table state");
-                }
-            }
+            self.note_state(&table.name, table.state);
             if table.state == "copying" {
                 self.show_copy(table);
             } else if let Some((bar, _, _)) = self.tables.remove(&table.name) {
@@ -164,6 +166,55 @@ impl Progress {
             status.tables.len()
         ));
         self.lag.tick();
+    }
+
+    /// The snapshot copy: a bar per table being copied, the whole copy on the status line.
+    fn update_copy(&mut self, copy: &CopyProgress) {
+        for table in &copy.tables {
+            self.note_state(&table.name, table.state);
+            if table.state == "copying" {
+                let (bar, _, _) = self.tables.entry(table.name.clone()).or_insert_with(|| {
+                    let bar = draw::bytes_bar(&table.name, table.bytes, table.estimated_bytes);
+                    (self.bars.insert_before(&self.lag, bar), Instant::now(), 0)
+                });
+                bar.set_length(table.estimated_bytes.max(table.bytes));
+                bar.set_position(table.bytes);
+            } else if let Some((bar, _, _)) = self.tables.remove(&table.name) {
+                bar.finish_and_clear();
+            }
+        }
+        let copied = copy.tables.iter().filter(|t| t.state == "copied").count();
+        let eta = copy.eta_seconds.map_or(String::new(), |s| {
+            format!(
+                ", ETA {}",
+                humantime::format_duration(std::time::Duration::from_secs(s as u64))
+            )
+        });
+        let message = format!(
+            "{}: {} of {} at {}/s, {copied}/{} tables copied{eta}",
+            copy.phase,
+            human_bytes(copy.bytes as i64),
+            human_bytes(copy.estimated_bytes as i64),
+            human_bytes(copy.rate as i64),
+            copy.tables.len()
+        );
+        if self.interactive {
+            self.lag.set_message(message);
+            self.lag.tick();
+        } else if self.phase.as_deref() != Some(copy.phase.as_str()) {
+            tracing::info!("{message}");
+        }
+        self.phase = Some(copy.phase.clone());
+    }
+
+    fn note_state(&mut self, table: &str, state: &'static str) {
+        if self.states.insert(table.to_string(), state) != Some(state) {
+            if self.interactive {
+                let _ = self.bars.println(format!("{table}: {state}"));
+            } else {
+                tracing::info!(table = %table, state = state, "table state");
+            }
+        }
     }
 
     fn show_copy(&mut self, table: &TableStatus) {

@@ -70,6 +70,7 @@ pub async fn run(
     )
     .await;
     store.save(&mut state)?;
+    let half_copied = state.created.copy.as_ref().is_some_and(|c| !c.done);
     let recorded = state.created.subscription.clone();
     let mut sync_slots = recorded
         .as_ref()
@@ -134,8 +135,26 @@ pub async fn run(
                 "restore max_sync_workers_per_subscription on the target",
                 crate::sync::restore_copy_workers(target, &state.created).await,
             );
+            report.record(
+                "drop the copy's bookkeeping on the target",
+                target
+                    .execute(
+                        "drop the copy's bookkeeping",
+                        crate::sync::copy::progress::DROP,
+                    )
+                    .await,
+            );
             if drop_target_data {
                 drop_target_objects(target, &state.created, &mut report).await;
+            } else if half_copied {
+                // Tables the snapshot copy had not finished: half a table is of no use, and
+                // the next `sync` copies them again from its own snapshot.
+                for statement in copied_objects(target, &state.created, &mut report).await {
+                    match target.execute("drop half-copied tables", &statement).await {
+                        Ok(()) => report.dropped_target_objects.push(statement),
+                        Err(e) => report.left_behind.push(format!("{statement}: {e}")),
+                    }
+                }
             }
         }
         Err(_) if drop_target_data => report
@@ -160,7 +179,7 @@ pub async fn run(
             roles: kept.roles,
             extensions: kept.extensions,
             extension_schemas: kept.extension_schemas,
-            schema: kept.schema,
+            schema: kept.schema.filter(|_| !half_copied),
             ..Created::default()
         };
     }
@@ -280,17 +299,5 @@ async fn copied_objects(
     if !restored {
         return Vec::new();
     }
-    let tables = schema
-        .tables
-        .iter()
-        .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"));
-    let others = schema
-        .other_objects
-        .iter()
-        .map(|o| format!("DROP {o} CASCADE"));
-    let schemas = schema
-        .created_schemas
-        .iter()
-        .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s)));
-    tables.chain(others).chain(schemas).collect()
+    schema::drop_statements(schema)
 }

@@ -14,6 +14,7 @@ use crate::pg::catalog::{self, RoleInfo, Selection, TableInfo};
 use crate::pg::{sql, tools, PgError, Server, TableName};
 use crate::plan::Plan;
 use crate::state::{Phase, State};
+use crate::sync::copy::plan::CopyPlan;
 
 pub mod drift;
 mod report;
@@ -79,10 +80,14 @@ pub async fn inspect(
     check_proxy_users(&mut c, plan);
     check_superuser(&mut c, source).await?;
     check_superuser(&mut c, target).await?;
-    let copy_workers = if plan.sync.copy_workers > 0 {
-        i64::from(plan.sync.copy_workers)
-    } else {
-        setting_i64(&tgt_settings, "max_sync_workers_per_subscription").max(1)
+    // The native copy's table syncs each take a slot, a sender and an origin; the snapshot
+    // copy takes one slot and sender for the stream, plus one connection per worker.
+    let copy_workers = match (plan.sync.copy, plan.sync.copy_workers) {
+        (crate::plan::CopyMethod::Snapshot, _) => 0,
+        (crate::plan::CopyMethod::Native, Some(workers)) => i64::from(workers),
+        (crate::plan::CopyMethod::Native, None) => {
+            setting_i64(&tgt_settings, "max_sync_workers_per_subscription").max(1)
+        }
     };
     // A re-run must not count this migration's own slots and senders against it.
     let resuming = state.phase != Phase::Planned;
@@ -122,6 +127,7 @@ pub async fn inspect(
         total_bytes,
     );
 
+    let copy = copy_plan(&mut c, plan, source, &selection).await?;
     check_selection(&mut c, &selection);
     let on_target = check_target_tables(&mut c, target, &selection, state).await?;
     check_large_objects(&mut c, source, &selection).await?;
@@ -201,6 +207,7 @@ pub async fn inspect(
         &missing_extensions,
         state,
         copy_workers,
+        copy.as_ref(),
     );
     let report = Preflight {
         name: plan.name.0.clone(),
@@ -214,6 +221,7 @@ pub async fn inspect(
         unfenceable_roles,
         findings: c.findings,
         steps,
+        copy,
     };
     Ok(Inspection {
         report,
@@ -223,4 +231,39 @@ pub async fn inspect(
         pg_dump,
         pg_restore,
     })
+}
+
+/// With `[sync] copy = "snapshot"`: how the copy will split the tables, and what it costs the
+/// source while it runs.
+async fn copy_plan(
+    c: &mut Checker,
+    plan: &Plan,
+    source: &Server,
+    selection: &catalog::Selection,
+) -> Result<Option<CopyPlan>, PgError> {
+    if plan.sync.copy == crate::plan::CopyMethod::Native {
+        return Ok(None);
+    }
+    let copy = crate::sync::copy::plan::make(
+        source,
+        selection,
+        plan.sync.snapshot_workers(),
+        plan.sync.copy_chunk_bytes,
+    )
+    .await?;
+    c.add(
+        Severity::Warn,
+        "copy_snapshot",
+        "source",
+        "the copy reads one snapshot from start to end: until its rows are in and its indexes built, vacuum on the source keeps every row version deleted or updated meanwhile, and the copied tables stay share-locked (ALTER TABLE, TRUNCATE and VACUUM FULL on them wait)",
+        Some("run it when the source is not at its busiest; `switchyard status` shows its ETA".into()),
+    );
+    c.add(
+        Severity::Info,
+        "copy_slot_wait",
+        "source",
+        "creating the slot waits for the transactions already open on the source to end",
+        None,
+    );
+    Ok(Some(copy))
 }

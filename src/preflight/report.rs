@@ -82,6 +82,8 @@ pub struct Preflight {
     pub unfenceable_roles: Vec<UnfenceableRole>,
     pub findings: Vec<Finding>,
     pub steps: Vec<Step>,
+    /// How the snapshot copy will run (`[sync] copy = "snapshot"`); absent for the native copy.
+    pub copy: Option<crate::sync::copy::plan::CopyPlan>,
 }
 
 /// What the checks found, in the order they ran (`inspect` sorts it by severity).
@@ -130,6 +132,7 @@ pub(super) fn planned_steps(
     extensions: &[(String, String)],
     state: &State,
     copy_workers: i64,
+    copy: Option<&crate::sync::copy::plan::CopyPlan>,
 ) -> Vec<Step> {
     let name = plan.replication_name();
     let rows: i64 = selection.leaves().map(|t| t.estimated_rows).sum();
@@ -150,21 +153,41 @@ pub(super) fn planned_steps(
             done: false,
         });
     }
-    steps.push(Step {
-        description: format!("copy the schema of {} ({} tables) with pg_dump --schema-only and pg_restore, in one transaction", selection.schemas.join(", "), selection.tables.len()),
-        done: created.schema.is_some(),
-    });
-    steps.push(Step {
+    let publication = Step {
         description: format!(
             "create publication {name} on the source for {} tables",
             selection.published().len()
         ),
         done: created.publication.is_some(),
-    });
-    steps.push(Step {
-        description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
-        done: created.subscription.is_some(),
-    });
+    };
+    let copied = created.copy.as_ref().is_some_and(|c| c.done);
+    match copy {
+        Some(copy) => {
+            let binary = copy
+                .tables
+                .iter()
+                .filter(|t| t.format == crate::sync::copy::plan::Format::Binary)
+                .count();
+            let chunks: u32 = copy.tables.iter().map(|t| t.chunks).sum();
+            steps.push(publication);
+            steps.push(Step { description: format!("create slot {name} on the source through the replication protocol, exporting its snapshot; share-lock the {} tables in it", copy.tables.len()), done: copied });
+            steps.push(Step { description: format!("copy the schema of {} as of that snapshot (pg_dump --snapshot): types and tables first", selection.schemas.join(", ")), done: copied });
+            steps.push(Step { description: format!("copy about {rows} rows ({}) from the snapshot, {} workers, {chunks} chunks of up to {}; {binary} tables in binary, {} in text (user-defined types)", human_bytes(copy.bytes()), copy.workers, human_bytes(copy.chunk_bytes), copy.tables.len() - binary), done: copied });
+            steps.push(Step { description: format!("build keys and indexes, {} at a time; add foreign keys NOT VALID, then validate them", copy.workers), done: copied });
+            steps.push(Step { description: format!("create subscription {name} on the slot (copy_data = false) and enable it: changes stream from exactly where the snapshot ends"), done: copied || (created.subscription.is_some() && created.copy.is_none()) });
+        }
+        None => {
+            steps.push(Step {
+                description: format!("copy the schema of {} ({} tables) with pg_dump --schema-only and pg_restore, in one transaction", selection.schemas.join(", "), selection.tables.len()),
+                done: created.schema.is_some(),
+            });
+            steps.push(publication);
+            steps.push(Step {
+                description: format!("create subscription {name} on the target with slot {name} on the source; copy about {rows} rows ({}) with its table sync ([sync] copy = \"native\"), {copy_workers} tables at a time, then stream changes", human_bytes(bytes)),
+                done: created.subscription.is_some(),
+            });
+        }
+    }
     steps.push(Step { description: format!("with --wait: wait until every table streams and lag < {} bytes, then ANALYZE the target and check its indexes", plan.sync.max_lag_bytes), done: state.phase == Phase::Synced });
     steps
 }

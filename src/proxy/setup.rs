@@ -130,7 +130,7 @@ fn server_target(
         tls: server_tls,
         pids: pids.clone(),
         max_prepared_statements: settings.max_prepared_statements as usize,
-        replication: false,
+        replication: None,
     })
 }
 

@@ -40,16 +40,19 @@ pub enum SyncStep {
     Schema,
     Publication,
     Subscription,
+    /// The snapshot copy: slot, rows, indexes, then the subscription.
+    Copy,
     Analyze,
 }
 
 impl SyncStep {
-    pub(crate) const ALL: [SyncStep; 6] = [
+    pub(crate) const ALL: [SyncStep; 7] = [
         SyncStep::Roles,
         SyncStep::Extensions,
         SyncStep::Schema,
         SyncStep::Publication,
         SyncStep::Subscription,
+        SyncStep::Copy,
         SyncStep::Analyze,
     ];
 
@@ -60,6 +63,7 @@ impl SyncStep {
             SyncStep::Schema => "schema",
             SyncStep::Publication => "publication",
             SyncStep::Subscription => "subscription",
+            SyncStep::Copy => "copy",
             SyncStep::Analyze => "analyze",
         }
     }

@@ -88,6 +88,11 @@ pub struct Created {
     /// Subscription on the target, with the slot it created on the source.
     #[serde(default)]
     pub subscription: Option<SubscriptionRecord>,
+    /// The snapshot copy: recorded before its slot is made, `done` once its subscription is
+    /// enabled. Not done at the start of a `sync`: the coordinator died mid-copy, and the
+    /// copy starts over.
+    #[serde(default)]
+    pub copy: Option<CopyRecord>,
     /// The target's `max_sync_workers_per_subscription` before switchyard changed it.
     #[serde(default)]
     pub original_sync_workers: Option<String>,
@@ -130,6 +135,14 @@ pub struct SchemaCopy {
     /// False between the record being saved and the restore being confirmed.
     #[serde(default)]
     pub restored: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CopyRecord {
+    /// The slot on the source, made with the copy's snapshot.
+    pub slot: String,
+    #[serde(default)]
+    pub done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! table streams. Every step is recorded in the state before and after it runs, and every step
 //! first looks for what an earlier, interrupted run already made.
 
+pub mod copy;
 mod error;
 pub mod roles;
 pub mod schema;
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::pg::{self, catalog, sql, Server, Side, TableName};
-use crate::plan::Plan;
+use crate::plan::{CopyMethod, Plan};
 use crate::preflight::drift;
 use crate::preflight::{self as checks, Inspection, Preflight};
 use crate::replication;
@@ -26,6 +27,13 @@ pub struct SyncOptions {
     pub wait: bool,
     /// Give up waiting after this long.
     pub timeout: Option<Duration>,
+}
+
+/// What `sync` reports while it works: the snapshot copy's progress, then replication's
+/// status while it waits.
+pub enum Observed<'a> {
+    Copy(&'a copy::CopyProgress),
+    Status(&'a Status),
 }
 
 pub enum SyncOutcome {
@@ -56,12 +64,13 @@ impl Servers {
     }
 }
 
-/// Runs `sync`; `observe` is called with each status read while waiting.
+/// Runs `sync`; `observe` is called with the copy's progress and each status read while
+/// waiting.
 pub async fn run(
     plan: &Plan,
     store: &dyn StateStore,
     options: &SyncOptions,
-    observe: &mut dyn FnMut(&Status),
+    observe: &mut dyn FnMut(Observed<'_>),
 ) -> Result<SyncOutcome> {
     let lock = store.lock("sync")?;
     let mut state = state::load_or_new(store, &plan.name.0)?;
@@ -93,9 +102,15 @@ pub async fn run(
         state.set_phase(Phase::Syncing)?;
         store.save(&mut state)?;
     }
-    set_up(plan, store, &mut state, &servers, &inspection)
+    set_up(plan, store, &mut state, &servers, &inspection, observe)
         .await
         .map_err(|e| e.halfway(next))?;
+    // A long copy may have outlived a server restart (its workers retry): read on anew.
+    let servers = if servers.source.client.is_closed() || servers.target.client.is_closed() {
+        Servers::connect(plan).await?
+    } else {
+        servers
+    };
     if !options.wait {
         let status = status::read(plan, &state, &servers.source, &servers.target, false).await?;
         return Ok(SyncOutcome::Started(status));
@@ -134,6 +149,7 @@ async fn set_up(
     state: &mut State,
     servers: &Servers,
     inspection: &Inspection,
+    observe: &mut dyn FnMut(Observed<'_>),
 ) -> Result<()> {
     let Servers { source, target } = servers;
     let name = plan.replication_name();
@@ -176,7 +192,13 @@ async fn set_up(
         done(state, store, SyncStep::Extensions)?;
     }
 
-    if plan.sync.copy_workers > 0 {
+    if plan.sync.copy == CopyMethod::Snapshot && copy::needed(state) {
+        return copy::run(plan, store, state, servers, inspection, &mut |progress| {
+            observe(Observed::Copy(progress))
+        })
+        .await;
+    }
+    if plan.sync.copy == CopyMethod::Native && plan.sync.copy_workers.is_some() {
         set_copy_workers(plan, store, state, target).await?;
     }
 
@@ -268,10 +290,10 @@ async fn copy_schema(
         return Ok(());
     }
     begin(state, store, SyncStep::Schema)?;
-    let mut prepared = schema::prepare(inspection, &plan.source, target).await?;
+    let mut prepared = schema::prepare(inspection, &plan.source, target, None).await?;
     state.created.schema = Some(prepared.record.clone());
     store.save(state)?;
-    schema::restore(&mut prepared, &plan.target).await?;
+    schema::restore(&mut prepared, &plan.target, schema::Part::Whole).await?;
     tracing::info!(
         tables = prepared.record.tables.len(),
         "schema restored on the target"
@@ -311,7 +333,7 @@ async fn set_copy_workers(
         .get("max_sync_workers_per_subscription")
         .cloned()
         .unwrap_or_default();
-    let wanted = plan.sync.copy_workers.to_string();
+    let wanted = plan.sync.copy_workers.unwrap_or_default().to_string();
     if current == wanted {
         return Ok(());
     }
@@ -360,7 +382,7 @@ pub async fn wait_until_caught_up(
     state: &State,
     servers: &Servers,
     timeout: Option<Duration>,
-    observe: &mut dyn FnMut(&Status),
+    observe: &mut dyn FnMut(Observed<'_>),
 ) -> Result<Status> {
     let started = Instant::now();
     let mut errors_at_start = None;
@@ -368,7 +390,7 @@ pub async fn wait_until_caught_up(
     let mut lost_copies: HashMap<String, u32> = HashMap::new();
     loop {
         let mut status = status::read(plan, state, &servers.source, &servers.target, false).await?;
-        observe(&status);
+        observe(Observed::Status(&status));
         recopy_lost_tables(plan, store, servers, &status, &mut lost_copies).await?;
         if status.caught_up(plan.sync.max_lag_bytes) {
             // The lag says nothing about DDL: look for drift once before calling it caught up.

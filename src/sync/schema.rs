@@ -1,9 +1,10 @@
 //! The schema copy: `pg_dump --schema-only` of the schemas that hold the selected tables, then
-//! `pg_restore` into the target in one transaction, so a crash leaves all of it or none.
+//! `pg_restore` into the target.
 //!
-//! Primary keys, replica-identity indexes and the other indexes are restored before any row
-//! arrives: the apply needs the first two, and building the rest on empty tables keeps the
-//! restore a single atomic step that a re-run can trust.
+//! For the native copy, all of it in one transaction before any row arrives, so a crash
+//! leaves all of it or none, and the table sync finds the keys the apply needs. For the
+//! snapshot copy, in two parts around the rows (`Part::Tables`, then `Part::AfterData`):
+//! indexes built once over the copied rows cost a fraction of maintaining them row by row.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -34,10 +35,13 @@ impl Drop for PreparedSchema {
 
 /// Dumps the schemas that hold the selected tables and plans the restore: schemas that already
 /// exist on the target (such as `public`) are not created again.
+///
+/// With `snapshot`, the schema is read in that exported snapshot (the copy's consistent cut).
 pub async fn prepare(
     inspection: &Inspection,
     source: &Endpoint,
     target: &Server,
+    snapshot: Option<&str>,
 ) -> Result<PreparedSchema, PgError> {
     let selection = &inspection.selection;
     let dump = std::env::temp_dir().join(format!(
@@ -63,6 +67,9 @@ pub async fn prepare(
         "--format=custom".into(),
         format!("--file={}", prepared.dump.display()),
     ];
+    if let Some(snapshot) = snapshot {
+        args.push(format!("--snapshot={snapshot}"));
+    }
     args.extend(
         selection
             .schemas
@@ -118,16 +125,60 @@ pub async fn prepare(
     Ok(prepared)
 }
 
-/// Restores the dump on the target in one transaction.
-pub async fn restore(prepared: &mut PreparedSchema, target: &Endpoint) -> Result<(), PgError> {
-    let args = vec![
-        "--single-transaction".to_string(),
-        "--exit-on-error".to_string(),
-        format!("--use-list={}", prepared.list.display()),
-        prepared.dump.display().to_string(),
-    ];
-    run_tool(&prepared.pg_restore, &args, Some(&target.url)).await?;
-    prepared.record.restored = true;
+/// What part of the dump a restore applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// All of it, in one transaction (the native copy: keys and indexes before the rows).
+    Whole,
+    /// Types, functions, tables, sequences: in one transaction, before the rows.
+    Tables,
+    /// Primary keys, indexes, constraints, triggers and rules, after the rows, `jobs` at
+    /// once; foreign keys are left out (added `NOT VALID` and validated afterwards).
+    AfterData { jobs: u32 },
+}
+
+/// For the coordinator's own index builds only: more memory per sort (each of `jobs` builds
+/// may use it) and parallel workers per build.
+const INDEX_BUILD_OPTIONS: &str =
+    "-c maintenance_work_mem=512MB -c max_parallel_maintenance_workers=4";
+
+/// Restores `part` of the dump on the target.
+pub async fn restore(
+    prepared: &mut PreparedSchema,
+    target: &Endpoint,
+    part: Part,
+) -> Result<(), PgError> {
+    let mut args = vec!["--exit-on-error".to_string()];
+    let mut env = None;
+    match part {
+        Part::Whole => args.push("--single-transaction".into()),
+        Part::Tables => {
+            args.push("--single-transaction".into());
+            args.push("--section=pre-data".into());
+        }
+        Part::AfterData { jobs } => {
+            let listing = std::fs::read_to_string(&prepared.list).map_err(|e| {
+                PgError::Tool(format!("cannot read {}: {e}", prepared.list.display()))
+            })?;
+            let without_foreign_keys: String = listing
+                .lines()
+                .filter(|line| TocEntry::parse(line).is_none_or(|e| e.kind != "FK CONSTRAINT"))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            std::fs::write(&prepared.list, without_foreign_keys).map_err(|e| {
+                PgError::Tool(format!("cannot write {}: {e}", prepared.list.display()))
+            })?;
+            args.push("--section=post-data".into());
+            args.push(format!("--jobs={}", jobs.max(1)));
+            env = Some(("PGOPTIONS", INDEX_BUILD_OPTIONS));
+        }
+    }
+    args.push(format!("--use-list={}", prepared.list.display()));
+    args.push(prepared.dump.display().to_string());
+    run_tool_with(&prepared.pg_restore, &args, Some(&target.url), env).await?;
+    if matches!(part, Part::Whole | Part::Tables) {
+        prepared.record.restored = true;
+    }
     Ok(())
 }
 
@@ -145,6 +196,24 @@ pub async fn was_restored(target: &Server, record: &SchemaCopy) -> Result<bool, 
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The statements that drop what a restore made (it must have committed: objects of the same
+/// names are otherwise someone else's).
+pub fn drop_statements(record: &SchemaCopy) -> Vec<String> {
+    let tables = record
+        .tables
+        .iter()
+        .map(|t| format!("DROP TABLE IF EXISTS {t} CASCADE"));
+    let others = record
+        .other_objects
+        .iter()
+        .map(|o| format!("DROP {o} CASCADE"));
+    let schemas = record
+        .created_schemas
+        .iter()
+        .map(|s| format!("DROP SCHEMA IF EXISTS {} CASCADE", sql::ident(s)));
+    tables.chain(others).chain(schemas).collect()
 }
 
 /// One line of `pg_restore --list`: `215; 1259 16390 TABLE public orders owner`.
@@ -232,8 +301,20 @@ impl TocEntry {
 /// Runs a PostgreSQL client program, against `url` when given; the password goes in the
 /// environment, never on the command line.
 async fn run_tool(program: &Path, args: &[String], url: Option<&PgUrl>) -> Result<String, PgError> {
+    run_tool_with(program, args, url, None).await
+}
+
+async fn run_tool_with(
+    program: &Path,
+    args: &[String],
+    url: Option<&PgUrl>,
+    env: Option<(&str, &str)>,
+) -> Result<String, PgError> {
     let mut command = Command::new(program);
     command.args(args).kill_on_drop(true);
+    if let Some((key, value)) = env {
+        command.env(key, value);
+    }
     if let Some(url) = url {
         let (conninfo, password) = crate::pg::coordinator_conninfo(url);
         command.arg(format!("--dbname={conninfo}"));

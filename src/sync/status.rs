@@ -80,6 +80,9 @@ pub struct Status {
     pub reverse_lag_bytes: Option<i64>,
     /// After a cutover: the replication that carries the target's writes back to the source.
     pub reverse: Option<ReverseStatus>,
+    /// The snapshot copy under way (before its subscription exists): per table rows, bytes,
+    /// rate and ETA, as its chunks commit on the target.
+    pub copy: Option<super::copy::CopyProgress>,
 }
 
 /// The way back after a cutover: the source's subscription to the target, and its slot there.
@@ -197,7 +200,11 @@ pub async fn read(
         fenced: state.fences.iter().map(|f| f.side).collect(),
         reverse_lag_bytes: None,
         reverse: None,
+        copy: None,
     };
+    if state.created.copy.as_ref().is_some_and(|c| !c.done) {
+        status.copy = super::copy::progress::read(target).await?;
+    }
     if let Some(reverse) = &state.created.reverse {
         let way_back = read_reverse(source, target, reverse).await?;
         // Kept in the JSON document as it was before `reverse` came: the same reading.

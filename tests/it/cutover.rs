@@ -328,7 +328,7 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
 async fn cutover_then_finalize_leaves_nothing_behind() {
     // This migration also sets the target's table-copy parallelism; finalize puts it back.
     let _settings = common::target_settings_lock().await;
-    let (db, mut proxy) = ready("cutover_final", "copy_workers = 3\n").await;
+    let (db, mut proxy) = ready("cutover_final", "copy = \"native\"\ncopy_workers = 3\n").await;
     let target = db.target_client().await;
     let load = Load::start(&proxy.url()).await;
     load.run_for(200).await;

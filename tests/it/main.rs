@@ -9,6 +9,7 @@ mod cache;
 mod crash_matrix;
 pub mod cutover;
 mod drift;
+mod initial_copy;
 mod plan_errors;
 mod private_folder;
 pub mod proxy;

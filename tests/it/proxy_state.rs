@@ -23,7 +23,7 @@ async fn raw_client(proxy: &Proxy) -> ServerConn {
         tls: None,
         pids: Default::default(),
         max_prepared_statements: 200,
-        replication: false,
+        replication: None,
     };
     ServerConn::connect(&target, Duration::from_secs(10))
         .await

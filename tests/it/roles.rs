@@ -58,8 +58,9 @@ async fn roles_grants_and_extensions_are_copied() {
         "{unfenceable:?}"
     );
 
-    // This migration also sets the target's table-copy parallelism; abort puts it back.
-    db.write_plan("copy_workers = 3\n");
+    // This migration also sets the target's table-copy parallelism (the native copy's
+    // setting); abort puts it back.
+    db.write_plan("copy = \"native\"\ncopy_workers = 3\n");
     let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 

@@ -132,7 +132,7 @@ async fn consume(
         tls: None,
         pids: Default::default(),
         max_prepared_statements: 0,
-        replication: true,
+        replication: Some(super::APPLICATION_NAME),
     };
     let catalog = super::connect(endpoint, &cache.settings)
         .await

@@ -51,8 +51,9 @@ pub struct ServerTarget {
     pub pids: ServerPids,
     /// `[proxy] max_prepared_statements`.
     pub max_prepared_statements: usize,
-    /// A walsender connection (`replication=database`): the cache's invalidator.
-    pub replication: bool,
+    /// A walsender connection (`replication=database`) under this application_name: the
+    /// cache's invalidator, the initial copy's slot.
+    pub replication: Option<&'static str>,
 }
 
 /// The backend pids of the proxy's open connections towards one server: what the cutover's
@@ -245,9 +246,9 @@ impl ServerConn {
             ("user", target.user.as_str()),
             ("database", target.database.as_str()),
         ];
-        if target.replication {
+        if let Some(application_name) = target.replication {
             params.push(("replication", "database"));
-            params.push(("application_name", crate::proxy::cache::APPLICATION_NAME));
+            params.push(("application_name", application_name));
         }
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| ServerError::Protocol(e.to_string()))?;
