@@ -91,7 +91,7 @@ pub struct Created {
     /// The snapshot copy: recorded before its slot is made, `done` once its subscription is
     /// enabled. Not done at the start of a `sync`: the coordinator died mid-copy, and the
     /// copy starts over.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyRecord>,
     /// The target's `max_sync_workers_per_subscription` before switchyard changed it.
     #[serde(default)]
