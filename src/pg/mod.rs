@@ -1,6 +1,7 @@
 //! Connections to the two servers and catalog inspection.
 
 pub mod catalog;
+pub mod copy_plan;
 mod pgpass;
 pub mod sql;
 pub mod tls;

@@ -11,10 +11,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::output::human_bytes;
 use crate::pg::catalog::{self, RoleInfo, Selection, TableInfo};
+use crate::pg::copy_plan::CopyPlan;
 use crate::pg::{sql, tools, PgError, Server, TableName};
 use crate::plan::Plan;
 use crate::state::{Phase, State};
-use crate::sync::copy::plan::CopyPlan;
 
 pub mod drift;
 mod report;
@@ -244,7 +244,7 @@ async fn copy_plan(
     if plan.sync.copy == crate::plan::CopyMethod::Native {
         return Ok(None);
     }
-    let copy = crate::sync::copy::plan::make(
+    let copy = crate::pg::copy_plan::make(
         source,
         selection,
         plan.sync.snapshot_workers(),

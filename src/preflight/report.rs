@@ -83,7 +83,7 @@ pub struct Preflight {
     pub findings: Vec<Finding>,
     pub steps: Vec<Step>,
     /// How the snapshot copy will run (`[sync] copy = "snapshot"`); absent for the native copy.
-    pub copy: Option<crate::sync::copy::plan::CopyPlan>,
+    pub copy: Option<crate::pg::copy_plan::CopyPlan>,
 }
 
 /// What the checks found, in the order they ran (`inspect` sorts it by severity).
@@ -132,7 +132,7 @@ pub(super) fn planned_steps(
     extensions: &[(String, String)],
     state: &State,
     copy_workers: i64,
-    copy: Option<&crate::sync::copy::plan::CopyPlan>,
+    copy: Option<&crate::pg::copy_plan::CopyPlan>,
 ) -> Vec<Step> {
     let name = plan.replication_name();
     let rows: i64 = selection.leaves().map(|t| t.estimated_rows).sum();
@@ -166,7 +166,7 @@ pub(super) fn planned_steps(
             let binary = copy
                 .tables
                 .iter()
-                .filter(|t| t.format == crate::sync::copy::plan::Format::Binary)
+                .filter(|t| t.format == crate::pg::copy_plan::Format::Binary)
                 .count();
             let chunks: u32 = copy.tables.iter().map(|t| t.chunks).sum();
             steps.push(publication);

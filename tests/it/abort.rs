@@ -87,6 +87,9 @@ async fn abort_without_state_cleans_up_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_while_sync_waits() {
     let db = TestDb::new("abort_during_wait").await;
+    // The native copy's wait: sync lets go of the lock while the table sync copies. (The
+    // snapshot copy holds it until its subscription streams: see initial_copy.)
+    db.write_plan("copy = \"native\"\n");
     let source = db.source_client().await;
     source
         .batch_execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text); INSERT INTO wide SELECT i, repeat('x', 200) FROM generate_series(1, 400000) AS i")

@@ -18,7 +18,8 @@
 //! it restored) and starts over.
 
 pub mod foreign_keys;
-pub mod plan;
+/// The copy plan lives with the catalogs it reads, below `preflight`, which shows it.
+pub use crate::pg::copy_plan as plan;
 pub mod progress;
 pub mod snapshot;
 pub mod worker;
