@@ -21,6 +21,7 @@ pub mod foreign_keys;
 /// The copy plan lives with the catalogs it reads, below `preflight`, which shows it.
 pub use crate::pg::copy_plan as plan;
 pub mod progress;
+mod raw;
 pub mod snapshot;
 pub mod worker;
 

@@ -31,12 +31,21 @@ pub const DROP: &str = "DROP SCHEMA IF EXISTS _switchyard_copy CASCADE";
 pub const ADD_CHUNK: &str =
     "INSERT INTO _switchyard_copy.chunks (relation, chunk, estimated_bytes) VALUES ($1, $2, $3)";
 pub const SET_PHASE: &str = "UPDATE _switchyard_copy.run SET phase = $1";
-/// Run in the chunk's own transaction, after its COPY.
-pub const MARK_DONE: &str =
-    "UPDATE _switchyard_copy.chunks SET rows = $3, bytes = $4, done_at = clock_timestamp()
-  WHERE relation = $1 AND chunk = $2";
-pub const IS_DONE: &str =
-    "SELECT done_at IS NOT NULL FROM _switchyard_copy.chunks WHERE relation = $1 AND chunk = $2";
+/// Run in the chunk's own transaction, after its COPY (the workers speak the simple protocol).
+pub fn mark_done(relation: &str, chunk: u32, rows: u64, bytes: u64) -> String {
+    format!(
+        "UPDATE _switchyard_copy.chunks SET rows = {rows}, bytes = {bytes}, done_at = clock_timestamp() \
+          WHERE relation = {} AND chunk = {chunk}",
+        crate::pg::sql::literal(relation)
+    )
+}
+
+pub fn is_done(relation: &str, chunk: u32) -> String {
+    format!(
+        "SELECT done_at IS NOT NULL FROM _switchyard_copy.chunks WHERE relation = {} AND chunk = {chunk}",
+        crate::pg::sql::literal(relation)
+    )
+}
 const READ: &str =
     "SELECT c.relation, count(*)::int8, count(c.done_at)::int8, coalesce(sum(c.rows), 0)::int8,
        coalesce(sum(c.bytes), 0)::int8, sum(c.estimated_bytes)::int8,

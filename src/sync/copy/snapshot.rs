@@ -9,13 +9,9 @@
 //! and `pg_dump --snapshot` reads the schema in it too. The walsender is still held idle until
 //! the copy ends, so nothing the copy depends on is let go early.
 
-use bytes::{Buf, BytesMut};
-use postgres_protocol::message::frontend;
-
+use super::raw::Raw;
 use crate::pg::{sql, PgError, Server, Side, TableName};
 use crate::plan::Endpoint;
-use crate::proxy::pool::server::{ServerConn, ServerTarget, ServerTls};
-use crate::proxy::protocol::backend::{error_fields, messages};
 
 /// What `pg_stat_replication` and `pg_stat_activity` call the copy's connections.
 pub const APPLICATION_NAME: &str = "switchyard-copy";
@@ -23,7 +19,7 @@ pub const APPLICATION_NAME: &str = "switchyard-copy";
 /// The slot made for the subscription, with its snapshot still exported.
 pub struct ExportedSlot {
     /// Held idle: the exported snapshot lives while it does.
-    _walsender: ServerConn,
+    _walsender: Raw,
     /// Where streaming starts: every transaction that committed before is in the snapshot.
     pub consistent_point: String,
     pub snapshot: String,
@@ -32,102 +28,24 @@ pub struct ExportedSlot {
 /// Creates the logical slot `slot` for pgoutput and exports its snapshot. Like
 /// `CREATE SUBSCRIPTION`, it waits for the transactions open on the source to end.
 pub async fn create_exported_slot(source: &Endpoint, slot: &str) -> Result<ExportedSlot, PgError> {
-    let url = &source.url;
-    let (_, password) = crate::pg::coordinator_conninfo(url);
-    let tls = match url.config().get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => None,
-        mode => Some(ServerTls {
-            connector: crate::proxy::tls::connector()
-                .map_err(|e| PgError::Tool(format!("TLS towards the source: {e}")))?,
-            name: crate::proxy::tls::server_name(&url.host())
-                .map_err(|e| PgError::Tool(format!("TLS towards the source: {e}")))?,
-            required: mode == tokio_postgres::config::SslMode::Require,
-        }),
-    };
-    let target = ServerTarget {
-        host: url.host(),
-        port: url.port(),
-        database: url.dbname().to_string(),
-        user: url.user().to_string(),
-        password: password.unwrap_or_default(),
-        tls,
-        pids: Default::default(),
-        max_prepared_statements: 0,
-        replication: Some(APPLICATION_NAME),
-    };
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        PgError::Tool(format!(
-            "source: {what} through the replication protocol: {e}"
+    let mut walsender = Raw::connect(Side::Source, source, Some(APPLICATION_NAME)).await?;
+    let answer = walsender
+        .simple(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            sql::ident(slot)
         ))
-    };
-    let mut conn = ServerConn::connect(&target, source.connect_timeout.0)
-        .await
-        .map_err(|e| failed("connect", &e))?;
-    let statement = format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-        sql::ident(slot)
-    );
-    let mut buf = BytesMut::new();
-    frontend::query(&statement, &mut buf).map_err(|e| failed("create the slot", &e))?;
-    conn.send(buf.freeze())
-        .await
-        .map_err(|e| failed("create the slot", &e))?;
-    let mut row: Option<Vec<Option<String>>> = None;
-    let mut error = None;
-    'answer: loop {
-        let frame = conn
-            .recv()
-            .await
-            .map_err(|e| failed("create the slot", &e))?;
-        // The connection hands over runs of messages at once.
-        for message in messages(&frame) {
-            let body = message.get(5..).unwrap_or_default();
-            match message[0] {
-                b'D' => row = Some(data_row(body)),
-                b'E' => {
-                    let (code, text) = error_fields(body);
-                    error = Some(format!("{text} ({code})"));
-                }
-                b'Z' => break 'answer,
-                _ => {}
-            }
-        }
-    }
-    if let Some(error) = error {
-        return Err(failed("create the slot", &error));
-    }
+        .await?;
     // slot_name, consistent_point, snapshot_name, output_plugin
-    match row.as_deref() {
+    match answer.rows.first().map(Vec::as_slice) {
         Some([_, Some(lsn), Some(snapshot), ..]) => Ok(ExportedSlot {
             consistent_point: lsn.clone(),
             snapshot: snapshot.clone(),
-            _walsender: conn,
+            _walsender: walsender,
         }),
-        _ => Err(failed("create the slot", &"no snapshot in the answer")),
+        _ => Err(PgError::Tool(
+            "source: CREATE_REPLICATION_SLOT answered without a snapshot".into(),
+        )),
     }
-}
-
-/// A DataRow's columns as text.
-fn data_row(mut body: &[u8]) -> Vec<Option<String>> {
-    let mut columns = Vec::new();
-    if body.len() < 2 {
-        return columns;
-    }
-    let count = body.get_i16();
-    for _ in 0..count {
-        if body.len() < 4 {
-            break;
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            columns.push(None);
-            continue;
-        }
-        let len = (len as usize).min(body.len());
-        columns.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
-        body.advance(len);
-    }
-    columns
 }
 
 /// The anchor: a source transaction in the slot's snapshot, holding every copied table
@@ -181,31 +99,5 @@ impl Anchor {
     /// Whether the anchor's connection still holds the snapshot.
     pub fn alive(&self) -> bool {
         !self._server.client.is_closed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_data_row_reads_as_text_columns() {
-        let mut body = Vec::new();
-        body.extend_from_slice(&3i16.to_be_bytes());
-        for value in [Some("slot"), None, Some("0/16B3748")] {
-            match value {
-                Some(v) => {
-                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    body.extend_from_slice(v.as_bytes());
-                }
-                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
-        assert_eq!(
-            data_row(&body),
-            vec![Some("slot".into()), None, Some("0/16B3748".into())]
-        );
-        // A short body never panics.
-        assert_eq!(data_row(&body[..5]), vec![None::<String>; 0]);
     }
 }

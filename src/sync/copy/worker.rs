@@ -8,13 +8,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::Client;
-
 use super::plan::{Chunk, CopyPlan};
 use super::progress::{self, Counters};
+use super::raw::{self, Raw};
 use super::snapshot::import_statement;
-use crate::pg::{PgError, Server, Side};
+use crate::pg::{PgError, Side};
 use crate::plan::Plan;
 
 /// Attempts per chunk: a target restart takes a few seconds, and the waits between attempts
@@ -40,8 +38,8 @@ impl Shared {
 }
 
 struct Connections {
-    source: Server,
-    target: Server,
+    source: Raw,
+    target: Raw,
 }
 
 /// Runs one worker until the queue is empty; the first chunk that fails every attempt ends
@@ -54,11 +52,11 @@ pub async fn run(plan: &Plan, shared: &Shared) -> Result<(), PgError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = match connections.as_ref() {
+            let result = match connections.as_mut() {
                 Some(c) => copy_chunk(c, shared, &chunk, &relation).await,
                 None => match connect(plan, &shared.snapshot).await {
-                    Ok(c) => {
-                        let result = copy_chunk(&c, shared, &chunk, &relation).await;
+                    Ok(mut c) => {
+                        let result = copy_chunk(&mut c, shared, &chunk, &relation).await;
                         connections = Some(c);
                         result
                     }
@@ -79,8 +77,8 @@ pub async fn run(plan: &Plan, shared: &Shared) -> Result<(), PgError> {
             tracing::warn!(table = %relation, chunk = chunk.number, attempt, "copying a chunk failed: {error}; trying again in {wait:?} in the same snapshot");
             tokio::time::sleep(wait).await;
             // The COMMIT may have landed though its answer did not.
-            if let Ok(c) = connect(plan, &shared.snapshot).await {
-                if chunk_done(&c.target, &relation, &chunk)
+            if let Ok(mut c) = connect(plan, &shared.snapshot).await {
+                if chunk_done(&mut c.target, &relation, &chunk)
                     .await
                     .unwrap_or(false)
                 {
@@ -97,44 +95,34 @@ pub async fn run(plan: &Plan, shared: &Shared) -> Result<(), PgError> {
 
 async fn connect(plan: &Plan, snapshot: &str) -> Result<Connections, PgError> {
     let (source, target) = tokio::join!(
-        Server::connect(Side::Source, &plan.source),
-        Server::connect(Side::Target, &plan.target)
+        Raw::connect(Side::Source, &plan.source, None),
+        Raw::connect(Side::Target, &plan.target, None)
     );
-    let (source, target) = (source?, target?);
-    source
-        .execute("import the copy's snapshot", &import_statement(snapshot))
-        .await?;
+    let (mut source, mut target) = (source?, target?);
+    source.simple(&import_statement(snapshot)).await?;
     // Each chunk commits with its mark; a target crash loses both or neither, so the commit
     // need not wait for the WAL flush.
     target
-        .execute(
-            "set up the copy's session",
-            "SET synchronous_commit = off; SET application_name = 'switchyard-copy'",
-        )
+        .simple("SET synchronous_commit = off; SET application_name = 'switchyard-copy'")
         .await?;
     Ok(Connections { source, target })
 }
 
-async fn chunk_done(target: &Server, relation: &str, chunk: &Chunk) -> Result<bool, PgError> {
-    let number = chunk.number as i32;
-    let row = target
-        .query_one("look up a chunk", progress::IS_DONE, &[&relation, &number])
+async fn chunk_done(target: &mut Raw, relation: &str, chunk: &Chunk) -> Result<bool, PgError> {
+    let answer = target
+        .simple(&progress::is_done(relation, chunk.number))
         .await?;
-    Ok(row.get(0))
-}
-
-fn query_error(side: Side, context: &str, e: tokio_postgres::Error) -> PgError {
-    PgError::Query {
-        side,
-        context: context.to_string(),
-        message: crate::pg::describe(&e),
-        source: e,
-    }
+    Ok(answer
+        .rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        == Some("t"))
 }
 
 /// One attempt at one chunk.
 async fn copy_chunk(
-    c: &Connections,
+    c: &mut Connections,
     shared: &Shared,
     chunk: &Chunk,
     relation: &str,
@@ -142,15 +130,7 @@ async fn copy_chunk(
     let counters = &shared.counters;
     counters.started(chunk.table);
     let mut streamed = 0u64;
-    let result = stream(
-        &c.source.client,
-        &c.target.client,
-        shared,
-        chunk,
-        relation,
-        &mut streamed,
-    )
-    .await;
+    let result = stream(c, shared, chunk, relation, &mut streamed).await;
     counters.stopped(chunk.table);
     match result {
         Ok(rows) => {
@@ -165,36 +145,30 @@ async fn copy_chunk(
 }
 
 async fn stream(
-    source: &Client,
-    target: &Client,
+    c: &mut Connections,
     shared: &Shared,
     chunk: &Chunk,
     relation: &str,
     streamed: &mut u64,
 ) -> Result<u64, PgError> {
     let plan = &shared.plan;
-    let into = |e| query_error(Side::Target, "copy rows into the target", e);
-    let from = |e| query_error(Side::Source, "copy rows out of the source", e);
-    target.batch_execute("BEGIN").await.map_err(into)?;
-    let sink = target.copy_in(&plan.copy_in(chunk)).await.map_err(into)?;
-    let rows = source.copy_out(&plan.copy_out(chunk)).await.map_err(from)?;
-    futures_util::pin_mut!(sink, rows);
-    while let Some(data) = rows.next().await {
-        let data = data.map_err(from)?;
-        let len = data.len() as u64;
-        sink.feed(data).await.map_err(into)?;
-        *streamed += len;
-        shared.counters.streamed(chunk.table, len);
-    }
-    let copied = sink.as_mut().finish().await.map_err(into)?;
-    let number = chunk.number as i32;
-    target
-        .execute(
-            progress::MARK_DONE,
-            &[&relation, &number, &(copied as i64), &(*streamed as i64)],
-        )
-        .await
-        .map_err(into)?;
-    target.batch_execute("COMMIT").await.map_err(into)?;
+    c.target.simple("BEGIN").await?;
+    let copied = raw::pipe(
+        &mut c.source,
+        &mut c.target,
+        &plan.copy_out(chunk),
+        &plan.copy_in(chunk),
+        &mut |bytes| {
+            *streamed += bytes;
+            shared.counters.streamed(chunk.table, bytes);
+        },
+    )
+    .await?;
+    c.target
+        .simple(&format!(
+            "{}; COMMIT",
+            progress::mark_done(relation, chunk.number, copied, *streamed)
+        ))
+        .await?;
     Ok(copied)
 }
