@@ -42,8 +42,8 @@ if [ "$SET" = single ]; then
   echo "generating one table of $ROWS rows ..." >&2
   psql -q -v ON_ERROR_STOP=1 "$SRC/bench" -c "CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL, n numeric, at timestamptz NOT NULL DEFAULT now());
     CREATE INDEX big_n ON big (n);
-    INSERT INTO big (id, payload, n) SELECT i, repeat(md5(i::text), 3), i / 7.0 FROM generate_series(1, $ROWS) AS i;
-    VACUUM ANALYZE big;"
+    INSERT INTO big (id, payload, n) SELECT i, repeat(md5(i::text), 3), i / 7.0 FROM generate_series(1, $ROWS) AS i;"
+  psql -q -v ON_ERROR_STOP=1 "$SRC/bench" -c "VACUUM ANALYZE big"
   DESCRIPTION="one table of $ROWS rows"
 else
   echo "generating testdata: $ROWS customers ..." >&2
