@@ -233,6 +233,11 @@ pub async fn inspect(
     })
 }
 
+/// Whether the coordinator's role may use the replication protocol.
+const COPY_ROLE: &str = "SELECT current_user::text, rolsuper OR rolreplication OR EXISTS (
+    SELECT 1 FROM pg_roles g WHERE g.rolname = 'rds_replication' AND pg_has_role(current_user, g.oid, 'MEMBER'))
+   FROM pg_roles WHERE rolname = current_user";
+
 /// With `[sync] copy = "snapshot"`: how the copy will split the tables, and what it costs the
 /// source while it runs.
 async fn copy_plan(
@@ -258,6 +263,21 @@ async fn copy_plan(
         "the copy reads one snapshot from start to end: until its rows are in and its indexes built, vacuum on the source keeps every row version deleted or updated meanwhile, and the copied tables stay share-locked (ALTER TABLE, TRUNCATE and VACUUM FULL on them wait)",
         Some("run it when the source is not at its busiest; `switchyard status` shows its ETA".into()),
     );
+    // The copy makes its slot itself, through the replication protocol: the subscription's
+    // connection needed that right before, now the coordinator's own role does too.
+    let row = source
+        .query_one("check the coordinator's replication right", COPY_ROLE, &[])
+        .await?;
+    let (user, may): (String, bool) = (row.get(0), row.get(1));
+    if !may {
+        c.add(
+            Severity::Block,
+            "copy_needs_replication",
+            "source",
+            format!("role {user} may not open a replication connection, which the snapshot copy needs to create its slot and export its snapshot"),
+            Some(format!("ALTER ROLE {} REPLICATION;  -- or, on RDS, GRANT rds_replication TO {}; or set [sync] copy = \"native\"", sql::ident(&user), sql::ident(&user))),
+        );
+    }
     c.add(
         Severity::Info,
         "copy_slot_wait",

@@ -361,3 +361,68 @@ async fn a_coordinator_killed_mid_copy_is_aborted_or_started_over_cleanly() {
         }
     }
 }
+
+/// A managed service's admin role (a member of `rds_superuser`, no REPLICATION): `plan`
+/// blocks the snapshot copy with the statement that grants the right, and passes it with
+/// `copy = "native"` (the subscription's own connection then makes the slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_blocks_the_copy_for_a_role_without_replication() {
+    let db = TestDb::new("copy_no_replication").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_superuser') THEN
+                 CREATE ROLE rds_superuser NOLOGIN;
+               END IF;
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'copy_rds_admin') THEN
+                 CREATE ROLE copy_rds_admin LOGIN PASSWORD '{password}' IN ROLE rds_superuser;
+               END IF;
+             END $$;
+             CREATE TABLE items (id int PRIMARY KEY);",
+            password = crate::common::servers::PASSWORD
+        ))
+        .await
+        .unwrap();
+    let as_admin = |extra: &str| {
+        let url = db.source.url(&db.name);
+        db.plan_text(extra)
+            .replacen(&url, &url.replacen("://postgres:", "://copy_rds_admin:", 1), 1)
+    };
+    let blocks = |plan: String| {
+        std::fs::write(db.plan_path(), plan).unwrap();
+        let output = db.switchyard(&["plan", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&output)));
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["severity"] == "block")
+            .map(|f| (f["check"].as_str().unwrap().to_string(), f["fix"].clone()))
+            .collect::<Vec<_>>()
+    };
+    let found = blocks(as_admin(""));
+    assert!(!found.is_empty(), "the plan found nothing to block");
+    let copy = found
+        .iter()
+        .find(|(check, _)| check == "copy_needs_replication")
+        .unwrap_or_else(|| panic!("{found:?}"));
+    assert!(
+        copy.1
+            .as_str()
+            .unwrap()
+            .contains("ALTER ROLE \"copy_rds_admin\" REPLICATION"),
+        "{copy:?}"
+    );
+    assert!(!found
+        .iter()
+        .any(|(check, _)| check == "coordinator_not_superuser"));
+    let found = blocks(as_admin("copy = \"native\"\n"));
+    assert!(
+        !found
+            .iter()
+            .any(|(check, _)| check == "copy_needs_replication"),
+        "{found:?}"
+    );
+}
