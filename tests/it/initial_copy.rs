@@ -386,8 +386,11 @@ async fn plan_blocks_the_copy_for_a_role_without_replication() {
         .unwrap();
     let as_admin = |extra: &str| {
         let url = db.source.url(&db.name);
-        db.plan_text(extra)
-            .replacen(&url, &url.replacen("://postgres:", "://copy_rds_admin:", 1), 1)
+        db.plan_text(extra).replacen(
+            &url,
+            &url.replacen("://postgres:", "://copy_rds_admin:", 1),
+            1,
+        )
     };
     let blocks = |plan: String| {
         std::fs::write(db.plan_path(), plan).unwrap();
