@@ -198,7 +198,7 @@ fn print_copy(copy: &switchyard::sync::copy::CopyProgress) {
     println!(
         "{}",
         table(
-            &["table", "state", "chunks", "rows", "bytes"],
+            &["table", "state", "chunks", "rows", "bytes", "rate", "ETA"],
             copy.tables.iter().map(|t| vec![
                 t.name.clone(),
                 t.state.to_string(),
@@ -209,6 +209,11 @@ fn print_copy(copy: &switchyard::sync::copy::CopyProgress) {
                     human_bytes(t.bytes as i64),
                     human_bytes(t.estimated_bytes as i64)
                 ),
+                t.rate
+                    .map_or(String::new(), |r| format!("{}/s", human_bytes(r as i64))),
+                t.eta_seconds.map_or(String::new(), |s| {
+                    humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string()
+                }),
             ])
         )
     );

@@ -312,7 +312,15 @@ async fn a_coordinator_killed_mid_copy_is_aborted_or_started_over_cleanly() {
             .get(0);
         let status = db.switchyard(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-        assert!(status["copy"]["tables"].is_array(), "{status}");
+        // Seen from another process: the chunks under way show (marked before their
+        // transaction), with rows and bytes of those that committed.
+        let wide = status["copy"]["tables"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["name"] == "public.wide"))
+            .unwrap_or_else(|| panic!("{status}"))
+            .clone();
+        assert_eq!(wide["state"], "copying", "{wide}");
+        assert!(wide["chunks"].as_u64() > Some(1), "{wide}");
 
         if then == "abort" {
             let output = db.switchyard(&["abort"]);

@@ -21,6 +21,7 @@ CREATE TABLE _switchyard_copy.chunks (
     estimated_bytes int8 NOT NULL,
     rows int8,
     bytes int8,
+    started_at timestamptz,
     done_at timestamptz,
     PRIMARY KEY (relation, chunk)
 );
@@ -40,6 +41,15 @@ pub fn mark_done(relation: &str, chunk: u32, rows: u64, bytes: u64) -> String {
     )
 }
 
+/// Run on its own before the chunk's transaction, so that `status` from anywhere sees the
+/// chunk under way.
+pub fn mark_started(relation: &str, chunk: u32) -> String {
+    format!(
+        "UPDATE _switchyard_copy.chunks SET started_at = clock_timestamp() WHERE relation = {} AND chunk = {chunk}",
+        crate::pg::sql::literal(relation)
+    )
+}
+
 pub fn is_done(relation: &str, chunk: u32) -> String {
     format!(
         "SELECT done_at IS NOT NULL FROM _switchyard_copy.chunks WHERE relation = {} AND chunk = {chunk}",
@@ -49,7 +59,8 @@ pub fn is_done(relation: &str, chunk: u32) -> String {
 const READ: &str =
     "SELECT c.relation, count(*)::int8, count(c.done_at)::int8, coalesce(sum(c.rows), 0)::int8,
        coalesce(sum(c.bytes), 0)::int8, sum(c.estimated_bytes)::int8,
-       extract(epoch FROM clock_timestamp() - r.started_at)::float8, r.phase
+       extract(epoch FROM clock_timestamp() - r.started_at)::float8, r.phase,
+       count(c.started_at)::int8, extract(epoch FROM max(c.done_at) - min(c.started_at))::float8
   FROM _switchyard_copy.chunks c, _switchyard_copy.run r
  GROUP BY c.relation, r.started_at, r.phase ORDER BY c.relation";
 
@@ -65,6 +76,23 @@ pub struct TableProgress {
     pub rows: u64,
     pub bytes: u64,
     pub estimated_bytes: u64,
+    /// Bytes per second over its finished chunks, from the first one's start to the last
+    /// one's end (`status`; `sync`'s bars measure their own).
+    pub rate: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+impl TableProgress {
+    fn timed(mut self, seconds: Option<f64>) -> TableProgress {
+        self.rate = seconds
+            .filter(|&s| s > 0.0 && self.bytes > 0)
+            .map(|s| self.bytes as f64 / s);
+        self.eta_seconds = self
+            .rate
+            .filter(|_| self.state != "copied")
+            .map(|rate| self.estimated_bytes.saturating_sub(self.bytes) as f64 / rate);
+        self
+    }
 }
 
 /// The whole copy.
@@ -126,25 +154,29 @@ pub async fn read(target: &Server) -> Result<Option<CopyProgress>, PgError> {
             elapsed = r.get(6);
             phase = r.get(7);
             let (chunks, done): (i64, i64) = (r.get(1), r.get(2));
+            let started: i64 = r.get(8);
             TableProgress {
                 name: r.get(0),
-                state: state_of(chunks as u64, done as u64, r.get::<_, i64>(4) as u64),
+                state: state_of(chunks as u64, done as u64, started as u64),
                 format: None,
                 chunks: chunks as u64,
                 chunks_done: done as u64,
                 rows: r.get::<_, i64>(3) as u64,
                 bytes: r.get::<_, i64>(4) as u64,
                 estimated_bytes: r.get::<_, i64>(5) as u64,
+                rate: None,
+                eta_seconds: None,
             }
+            .timed(r.get(9))
         })
         .collect();
     Ok(Some(CopyProgress::new(phase, elapsed, tables)))
 }
 
-fn state_of(chunks: u64, done: u64, bytes: u64) -> &'static str {
+fn state_of(chunks: u64, done: u64, started: u64) -> &'static str {
     if done == chunks {
         "copied"
-    } else if done > 0 || bytes > 0 {
+    } else if started > 0 {
         "copying"
     } else {
         "queued"
@@ -228,6 +260,8 @@ impl Counters {
                     rows: c.rows.load(Ordering::Relaxed),
                     bytes: c.bytes.load(Ordering::Relaxed),
                     estimated_bytes: table.bytes.max(0) as u64,
+                    rate: None,
+                    eta_seconds: None,
                 }
             })
             .collect();
@@ -250,6 +284,8 @@ mod tests {
             rows: 0,
             bytes,
             estimated_bytes: estimated,
+            rate: None,
+            eta_seconds: None,
         };
         let p = CopyProgress::new(
             "copying rows".into(),
@@ -261,8 +297,14 @@ mod tests {
         assert_eq!(p.eta_seconds, Some(10.0));
         let p = CopyProgress::new("building indexes".into(), 10.0, vec![table(100, 300)]);
         assert_eq!(p.eta_seconds, None);
-        assert_eq!(state_of(3, 3, 10), "copied");
+        assert_eq!(state_of(3, 3, 3), "copied");
         assert_eq!(state_of(3, 0, 0), "queued");
-        assert_eq!(state_of(3, 0, 5), "copying");
+        assert_eq!(state_of(3, 0, 1), "copying");
+        // Per table: 100 bytes over its chunks' 4 s, 200 left.
+        let t = table(100, 300).timed(Some(4.0));
+        assert_eq!((t.rate, t.eta_seconds), (Some(25.0), Some(8.0)));
+        // Nothing finished yet: no rate to tell.
+        let t = table(100, 300).timed(None);
+        assert_eq!((t.rate, t.eta_seconds), (None, None));
     }
 }

@@ -152,6 +152,11 @@ async fn stream(
     streamed: &mut u64,
 ) -> Result<u64, PgError> {
     let plan = &shared.plan;
+    // Its own statement: in one query string with the BEGIN, the mark would belong to the
+    // chunk's transaction and show only when it commits.
+    c.target
+        .simple(&progress::mark_started(relation, chunk.number))
+        .await?;
     c.target.simple("BEGIN").await?;
     let copied = raw::pipe(
         &mut c.source,
