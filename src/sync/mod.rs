@@ -248,27 +248,32 @@ async fn set_up(
         tracing::info!("creating the slot on the source waits for transactions open there to end");
         let oid = replication::create_subscription(target, &name, &pg::peer_conninfo(&plan.source))
             .await?;
-        state.created.subscription = Some(SubscriptionRecord {
-            name: name.clone(),
-            oid,
-            slot: name.clone(),
-            target_system_id: Some(replication::system_identifier(target).await?),
-        });
+        state.created.subscription = Some(subscription_record(target, &name, oid).await?);
         done(state, store, SyncStep::Subscription)?;
     } else if let Some(oid) = replication::subscription_oid(target, &name).await? {
         // Made by a run that died before it could record it (Ctrl-C while CREATE SUBSCRIPTION
         // waited): record it now, so that abort finds its table-sync slots.
         if state.created.subscription.as_ref().map(|s| s.oid) != Some(oid) {
-            state.created.subscription = Some(SubscriptionRecord {
-                name: name.clone(),
-                oid,
-                slot: name.clone(),
-                target_system_id: Some(replication::system_identifier(target).await?),
-            });
+            state.created.subscription = Some(subscription_record(target, &name, oid).await?);
             store.save(state)?;
         }
     }
     Ok(())
+}
+
+/// What the state records of our subscription (its slot carries its name; the target's
+/// system identifier names its table-sync slots).
+async fn subscription_record(
+    target: &Server,
+    name: &str,
+    oid: u32,
+) -> Result<SubscriptionRecord, crate::pg::PgError> {
+    Ok(SubscriptionRecord {
+        name: name.to_string(),
+        oid,
+        slot: name.to_string(),
+        target_system_id: Some(replication::system_identifier(target).await?),
+    })
 }
 
 /// Restores the schema on the target, once: a restore that committed before the run died is

@@ -32,7 +32,7 @@ use crate::pg::{PgError, Server, Side, TableName};
 use crate::plan::Plan;
 use crate::preflight::Inspection;
 use crate::replication;
-use crate::state::{CopyRecord, State, StateStore, SubscriptionRecord, SyncStep};
+use crate::state::{CopyRecord, State, StateStore, SyncStep};
 use crate::Result;
 
 use super::schema;
@@ -179,12 +179,7 @@ pub async fn run(
         &crate::pg::peer_conninfo(&plan.source),
     )
     .await?;
-    state.created.subscription = Some(SubscriptionRecord {
-        name: name.clone(),
-        oid,
-        slot: name.clone(),
-        target_system_id: Some(replication::system_identifier(target).await?),
-    });
+    state.created.subscription = Some(super::subscription_record(target, &name, oid).await?);
     super::done(state, store, SyncStep::Subscription)?;
     start_streaming(plan, store, state, target).await
 }

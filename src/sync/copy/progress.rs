@@ -10,10 +10,6 @@ use serde::Serialize;
 use super::plan::{CopyPlan, Format};
 use crate::pg::{PgError, Server};
 
-/// The target's schema for the copy's bookkeeping; dropped once the subscription streams,
-/// and by `abort`.
-pub const SCHEMA: &str = "_switchyard_copy";
-
 pub const CREATE: &str = "CREATE SCHEMA _switchyard_copy;
 CREATE TABLE _switchyard_copy.chunks (
     relation text NOT NULL,

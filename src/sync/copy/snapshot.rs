@@ -52,7 +52,7 @@ pub async fn create_exported_slot(source: &Endpoint, slot: &str) -> Result<Expor
 /// share-locked (as pg_dump does: nothing can rewrite, truncate or drop one between chunks)
 /// and exporting the snapshot for the workers and pg_dump.
 pub struct Anchor {
-    _server: Server,
+    server: Server,
     /// The snapshot the workers import.
     pub snapshot: String,
 }
@@ -92,12 +92,12 @@ impl Anchor {
             .await?;
         Ok(Anchor {
             snapshot: row.get(0),
-            _server: server,
+            server,
         })
     }
 
     /// Whether the anchor's connection still holds the snapshot.
     pub fn alive(&self) -> bool {
-        !self._server.client.is_closed()
+        !self.server.client.is_closed()
     }
 }
