@@ -220,6 +220,16 @@ pub(crate) fn pause_ms(output: &std::process::Output) -> f64 {
         .unwrap_or_else(|| panic!("no pause in the output: {}", text(output)))
 }
 
+/// How long the step named `name` took, from the coordinator's step lines (`  12.3 ms  name`).
+fn step_ms(output: &std::process::Output, name: &str) -> f64 {
+    let all = text(output);
+    all.lines()
+        .find(|line| line.contains(name) && line.contains(" ms "))
+        .and_then(|line| line.split_whitespace().next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no step {name:?} in the output: {all}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cutover_and_rollback_under_write_load_lose_nothing() {
     let (db, proxy) = ready("cutover_load", "").await;
@@ -240,8 +250,31 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
 
     let load = Load::start(&proxy.url()).await;
     load.run_for(300).await;
+    // A transaction that has written, open on the target for 7 s: creating the reverse slot
+    // waits for it to end (outside the pause), where it used to fail the cutover after 5 s.
+    let open_on_target = db.target_client().await;
+    open_on_target
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .expect("a transaction with an xid on the target");
+    let ends = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        open_on_target.batch_execute("COMMIT").await
+    });
     let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    ends.await
+        .expect("the committer")
+        .expect("the open transaction commits");
+    let slot_ms = step_ms(
+        &output,
+        "create the reverse publication and slot on the target",
+    );
+    assert!(
+        slot_ms > 4_000.0,
+        "the slot did not wait: {}",
+        text(&output)
+    );
     let pause = pause_ms(&output);
     eprintln!(
         "cutover pause: {pause:.1} ms\n{}",

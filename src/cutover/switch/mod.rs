@@ -296,9 +296,13 @@ impl<'a> Checked<'a> {
             let tables =
                 replication::published_tables(&self.source, &self.plan.replication_name()).await?;
             let target = &self.target;
-            // Both wait for others: the publication for a lock on each table, the slot for
-            // every transaction open on the target. Bounded, so a long transaction there
-            // fails the cutover with a reason instead of hanging it.
+            // Both wait for others, bounded so that a long transaction there fails the
+            // cutover with a reason instead of hanging it. The publication waits for a lock
+            // on each table, and while it waits in the lock queue it holds up the writers
+            // behind it: 5 s. The slot waits for every transaction that has written, in any
+            // database of the target's cluster, to end (a logical slot needs a consistent
+            // start), and holds no lock anyone else waits for: it may wait the whole minute.
+            // Outside the pause, the applications see neither.
             target
                 .execute(
                     "bound the preparation",
@@ -308,9 +312,15 @@ impl<'a> Checked<'a> {
             steps
                 .run("create the reverse publication and slot on the target", async {
                     replication::create_reverse_publication(target, &name, &tables).await?;
+                    target
+                        .execute("let the slot wait", "SET lock_timeout = '60s'")
+                        .await?;
                     let lsn = replication::create_slot(target, &name).await.map_err(|e| {
-                        PgError::Tool(format!("{e} (creating a slot waits until every transaction open on the target has ended: look for long ones in pg_stat_activity there)"))
+                        PgError::Tool(format!("{e} (creating a slot waits until every transaction that has written, in any database of the target's cluster, has ended: look for long ones with a backend_xid in pg_stat_activity there)"))
                     })?;
+                    target
+                        .execute("bound the preparation", "SET lock_timeout = '5s'")
+                        .await?;
                     Ok::<_, PgError>(((), format!("{name} at {lsn}")))
                 })
                 .await?;
