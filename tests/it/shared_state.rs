@@ -63,6 +63,17 @@ pub(crate) fn spawn_stopped_after(
     args: &[&str],
     point: &str,
 ) -> Child {
+    try_spawn_stopped_after(db, plan, args, point)
+        .unwrap_or_else(|output| panic!("{} ended before {point:?}: {}", args[0], text(&output)))
+}
+
+/// [`spawn_stopped_after`], or the output of a command that ended before `point`.
+fn try_spawn_stopped_after(
+    db: &TestDb,
+    plan: &std::path::Path,
+    args: &[&str],
+    point: &str,
+) -> Result<Child, std::process::Output> {
     let mut all = vec![args[0], plan.to_str().unwrap()];
     all.extend_from_slice(&args[1..]);
     let mut child = db
@@ -78,8 +89,7 @@ pub(crate) fn spawn_stopped_after(
     let deadline = Instant::now() + Duration::from_secs(60);
     while !is_stopped(child.id()) {
         if child.try_wait().expect("poll the child").is_some() {
-            let output = child.wait_with_output().expect("read the child's output");
-            panic!("{} ended before {point:?}: {}", args[0], text(&output));
+            return Err(child.wait_with_output().expect("read the child's output"));
         }
         assert!(
             Instant::now() < deadline,
@@ -88,7 +98,7 @@ pub(crate) fn spawn_stopped_after(
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    child
+    Ok(child)
 }
 
 /// `switchyard state show PLAN --json`.
@@ -473,7 +483,28 @@ async fn switch_with_store_frozen_after(
     command: &str,
     point: &str,
 ) -> std::process::Output {
-    let child = spawn_stopped_after(db, &proxy.plan, &[command, "--yes"], point);
+    // The gates may refuse a cutover run right after an undo (exit 1, nothing changed: the
+    // lag of a shared, loaded source cluster a moment over [sync] max_lag_bytes): run it
+    // again, as its message says.
+    let mut child = try_spawn_stopped_after(db, &proxy.plan, &[command, "--yes"], point);
+    for _ in 0..5 {
+        match &child {
+            Err(output)
+                if output.status.code() == Some(1)
+                    && text(output).contains("refused, nothing changed") =>
+            {
+                eprintln!(
+                    "{command} refused by its gates, run again: {}",
+                    text(output)
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                child = try_spawn_stopped_after(db, &proxy.plan, &[command, "--yes"], point);
+            }
+            _ => break,
+        }
+    }
+    let child = child
+        .unwrap_or_else(|output| panic!("{command} ended before {point:?}: {}", text(&output)));
     store.freeze();
     unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
     let output = tokio::task::spawn_blocking(move || child.wait_with_output())
