@@ -501,8 +501,13 @@ async fn a_row_not_yet_applied_is_in_flight_the_gate_refuses_a_thin_window_and_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
     let db = TestDb::new("shadow_transactions").await;
+    // `other.kv` is what `SET LOCAL search_path` makes a transaction's `kv` on both servers.
     let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL);
-                  INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 10) i;";
+                  INSERT INTO kv SELECT i, 'v' || i FROM generate_series(1, 10) i;
+                  CREATE SCHEMA other; GRANT USAGE ON SCHEMA other TO PUBLIC;
+                  CREATE TABLE other.kv (k int PRIMARY KEY, v text NOT NULL);
+                  GRANT SELECT ON other.kv TO PUBLIC;
+                  INSERT INTO other.kv VALUES (1, 'in other');";
     let (_source, target) = both_servers(&db, schema).await;
     target
         .batch_execute("UPDATE kv SET v = 'changed on the target' WHERE k = 3")
@@ -548,6 +553,25 @@ async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
         matches!(&max[1], SimpleQueryMessage::Row(row) if row.get(0) == Some("10")),
         "{max:?}"
     );
+    // A setting for this transaction only, and a SHOW: replayed in their place, so the read
+    // after them finds `other.kv` on the shadow side too (without the SET it would read
+    // `public.kv` there, 'v1', and diverge).
+    transaction
+        .batch_execute("SET LOCAL search_path = other, public; SHOW search_path")
+        .await
+        .unwrap();
+    transaction
+        .batch_execute("SET LOCAL work_mem = '8MB'")
+        .await
+        .unwrap();
+    let other = transaction
+        .simple_query("SELECT upper(v) FROM kv WHERE k = 1")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&other[1], SimpleQueryMessage::Row(row) if row.get(0) == Some("IN OTHER")),
+        "{other:?}"
+    );
     transaction.rollback().await.unwrap();
 
     // Not replayed: a transaction not opened READ ONLY, and one made able to write again.
@@ -560,16 +584,18 @@ async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
         .await
         .unwrap();
     client.batch_execute("COMMIT").await.unwrap();
-    client.batch_execute("BEGIN READ ONLY").await.unwrap();
-    client
-        .batch_execute("SET TRANSACTION READ WRITE")
-        .await
-        .unwrap();
-    client
-        .batch_execute("UPDATE kv SET v = 'written through the proxy' WHERE k = 5")
-        .await
-        .unwrap();
-    client.batch_execute("COMMIT").await.unwrap();
+    for make_writable in [
+        "SET TRANSACTION READ WRITE",
+        "SET LOCAL transaction_read_only = off",
+    ] {
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        client.batch_execute(make_writable).await.unwrap();
+        client
+            .batch_execute("UPDATE kv SET v = 'written through the proxy' WHERE k = 5")
+            .await
+            .unwrap();
+        client.batch_execute("COMMIT").await.unwrap();
+    }
 
     // Eight clients at once: the replays share their shadow connections' writes.
     let mut readers = Vec::new();
@@ -583,9 +609,9 @@ async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
 
     let report = wait_for(&proxy, |r| {
         let w = &r["window"];
-        w["samples"].as_u64().unwrap_or(0) + w["dropped"].as_u64().unwrap_or(0) >= 204
+        w["samples"].as_u64().unwrap_or(0) + w["dropped"].as_u64().unwrap_or(0) >= 205
             && w["divergences"].as_u64() >= Some(1)
-            && w["not_a_read"].as_u64() >= Some(1)
+            && w["not_a_read"].as_u64() >= Some(2)
     })
     .await;
     let changed = fingerprint(&report, "SELECT k, v FROM kv WHERE k = $1");
@@ -599,6 +625,7 @@ async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
         "SELECT count(*) AS n FROM kv",
         "SELECT v FROM kv WHERE k > $1 ORDER BY k",
         "SELECT max(k) AS top FROM kv",
+        "SELECT upper(v) FROM kv WHERE k = $1",
     ] {
         let f = fingerprint(&report, equal);
         assert_eq!(f["calls"], 1, "{equal}: {f:#}");
@@ -618,7 +645,7 @@ async fn a_read_only_transaction_is_replayed_whole_and_nothing_else_is() {
             .all(|f| !f["query"].as_str().unwrap().contains("WHERE v =")),
         "a read in a transaction not opened READ ONLY was replayed: {report:#}"
     );
-    assert_eq!(report["window"]["not_a_read"], 1, "{report:#}");
+    assert_eq!(report["window"]["not_a_read"], 2, "{report:#}");
     let on_target = simple(&target, "SELECT v FROM kv WHERE k = 5")
         .await
         .unwrap();

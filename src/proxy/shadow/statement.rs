@@ -256,6 +256,20 @@ pub enum Control {
     BeginReadOnly,
     /// `COMMIT`, `ROLLBACK`, `SAVEPOINT`, `RELEASE` or `ROLLBACK TO`, without `AND CHAIN`.
     Step,
+    /// `SET LOCAL` of a setting that neither lifts read-only nor a timeout, or `SHOW`: what
+    /// an application sets for one transaction (`search_path`, `work_mem`, a role for row
+    /// security). Replayed in its place, so the reads after it resolve as they did for the
+    /// client; it ends with the transaction, so the shadow connection keeps nothing of it.
+    Setting,
+}
+
+/// Settings a replayed transaction may not set: the first two could make it able to write
+/// (`SET LOCAL transaction_read_only = off` right after `BEGIN READ ONLY` does), and a
+/// `*_timeout` would lift the bound `[proxy.shadow] statement_timeout` puts on a replay.
+fn guards_the_replay(name: &str) -> bool {
+    name.eq_ignore_ascii_case("transaction_read_only")
+        || name.eq_ignore_ascii_case("default_transaction_read_only")
+        || name.to_ascii_lowercase().ends_with("_timeout")
 }
 
 /// `sql` as one transaction control statement a replayed transaction may hold; `None` for
@@ -269,11 +283,19 @@ pub fn transaction_control(sql: &str, standard_conforming_strings: bool) -> Opti
         pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
     };
     let parsed = pg_query::parse(sql, options).ok()?;
-    let [raw] = parsed.protobuf.stmts.as_slice() else {
-        return None;
-    };
-    let Some(N::TransactionStmt(stmt)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
-        return None;
+    fn node(raw: &protobuf::RawStmt) -> Option<&N> {
+        raw.stmt.as_ref().and_then(|s| s.node.as_ref())
+    }
+    let stmt = match parsed.protobuf.stmts.as_slice() {
+        [raw] => match node(raw)? {
+            N::TransactionStmt(stmt) => stmt,
+            other => return setting(other).then_some(Control::Setting),
+        },
+        // Several settings in one query string (`SET LOCAL a = 1; SET LOCAL b = 2`).
+        many => {
+            let all = many.iter().all(|raw| node(raw).is_some_and(setting));
+            return all.then_some(Control::Setting);
+        }
     };
     match T::try_from(stmt.kind).ok()? {
         T::TransStmtBegin | T::TransStmtStart if read_only(&stmt.options) => {
@@ -289,6 +311,25 @@ pub fn transaction_control(sql: &str, standard_conforming_strings: bool) -> Opti
             Some(Control::Step)
         }
         _ => None,
+    }
+}
+
+/// Whether `node` is a [`Control::Setting`]: a `SHOW`, or a `SET LOCAL` of a setting that
+/// does not guard the replay. `SET LOCAL TRANSACTION ...` (`VarSetMulti`) is not; a plain
+/// `SET` or `RESET` is not either: it would outlive the transaction on the shadow connection.
+fn setting(node: &N) -> bool {
+    use protobuf::VariableSetKind as K;
+    match node {
+        N::VariableShowStmt(_) => true,
+        N::VariableSetStmt(set) => {
+            set.is_local
+                && matches!(
+                    K::try_from(set.kind),
+                    Ok(K::VarSetValue | K::VarSetDefault | K::VarSetCurrent)
+                )
+                && !guards_the_replay(&set.name)
+        }
+        _ => false,
     }
 }
 
@@ -506,6 +547,30 @@ mod tests {
             assert_eq!(control(sql), Some(Control::Step), "{sql}");
         }
         for sql in [
+            "SET LOCAL search_path = other, public",
+            "set local work_mem to '8MB'",
+            "SET LOCAL ROLE reporting",
+            "SET LOCAL TimeZone TO DEFAULT",
+            "SET LOCAL enable_seqscan FROM CURRENT",
+            "SHOW work_mem",
+            "SHOW ALL",
+            "SET LOCAL search_path = other; SHOW search_path",
+        ] {
+            assert_eq!(control(sql), Some(Control::Setting), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL transaction_read_only = off",
+            "SET LOCAL \"Transaction_Read_Only\" TO DEFAULT",
+            "SET LOCAL default_transaction_read_only = off",
+            "SET LOCAL TRANSACTION READ WRITE",
+            "SET LOCAL statement_timeout = 0",
+            "SET LOCAL idle_in_transaction_session_timeout = 0",
+            "SET work_mem = '8MB'",
+            "SET LOCAL work_mem = '8MB'; SET work_mem = '8MB'",
+            "SET LOCAL work_mem = '8MB'; SELECT 1",
+            "SET LOCAL work_mem = '8MB'; COMMIT",
+            "RESET work_mem",
+            "RESET ALL",
             "BEGIN",
             "BEGIN READ ONLY, READ WRITE",
             "START TRANSACTION READ WRITE",
