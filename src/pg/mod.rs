@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod copy_plan;
 mod pgpass;
+pub mod slot_wait;
 pub mod sql;
 pub mod tls;
 pub mod tools;

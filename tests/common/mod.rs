@@ -285,3 +285,54 @@ async fn row_texts(client: &Client, table: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
+
+/// A transaction that has written, held open by `holder` until a backend of its database has
+/// waited on it (a slot being created: `wait_event = 'transactionid'`) for `after`, then
+/// committed. Returns the holder's pid and the task that commits (its error, if nothing
+/// waited on the transaction within two minutes).
+pub async fn hold_a_writer_until_waited_on(
+    holder: Client,
+    watcher: Client,
+    after: Duration,
+) -> (i32, tokio::task::JoinHandle<Result<(), String>>) {
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the holder's pid")
+        .get(0);
+    holder
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .expect("a transaction with an xid");
+    let commits = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let waited_on = loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE wait_event = 'transactionid' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if waiting > 0 || Instant::now() > deadline {
+                break waiting > 0;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if waited_on {
+            tokio::time::sleep(after).await;
+        }
+        holder
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| e.to_string())?;
+        if waited_on {
+            Ok(())
+        } else {
+            Err("nothing waited on the open transaction".into())
+        }
+    });
+    (pid, commits)
+}

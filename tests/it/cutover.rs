@@ -250,29 +250,34 @@ async fn cutover_and_rollback_under_write_load_lose_nothing() {
 
     let load = Load::start(&proxy.url()).await;
     load.run_for(300).await;
-    // A transaction that has written, open on the target for 7 s: creating the reverse slot
-    // waits for it to end (outside the pause), where it used to fail the cutover after 5 s.
-    let open_on_target = db.target_client().await;
-    open_on_target
-        .batch_execute("BEGIN; SELECT txid_current()")
-        .await
-        .expect("a transaction with an xid on the target");
-    let ends = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(7)).await;
-        open_on_target.batch_execute("COMMIT").await
-    });
+    // A transaction that has written, open on the target until the reverse slot has waited
+    // for it 6 s: the slot waits (outside the pause), where it used to fail the cutover
+    // after 5 s, and says what it waits for.
+    let (pid, ends) = common::hold_a_writer_until_waited_on(
+        db.target_client().await,
+        db.target_client().await,
+        Duration::from_secs(6),
+    )
+    .await;
     let output = coordinator(&db, &proxy.plan, &["cutover", "--yes"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     ends.await
         .expect("the committer")
-        .expect("the open transaction commits");
+        .expect("the slot waited for the open transaction");
     let slot_ms = step_ms(
         &output,
         "create the reverse publication and slot on the target",
     );
     assert!(
-        slot_ms > 4_000.0,
+        slot_ms > 5_000.0,
         "the slot did not wait: {}",
+        text(&output)
+    );
+    assert!(
+        text(&output).contains(&format!(
+            "target: creating the slot waits for the transactions that have written to end, the oldest: pid {pid} "
+        )),
+        "the wait did not name the transaction: {}",
         text(&output)
     );
     let pause = pause_ms(&output);

@@ -437,3 +437,50 @@ async fn plan_blocks_the_copy_for_a_role_without_replication() {
         "{found:?}"
     );
 }
+
+/// Creating the copy's slot waits for every transaction that has written on the source's
+/// cluster; while it waits, `sync` names them (pid, database, age, statement), and goes on
+/// when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_names_the_transactions_it_waits_for() {
+    let db = TestDb::new("copy_slot_wait").await;
+    db.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 1000)",
+        )
+        .await
+        .unwrap();
+    db.write_plan("");
+    let (pid, ends) = common::hold_a_writer_until_waited_on(
+        db.source_client().await,
+        db.source_client().await,
+        Duration::from_secs(5),
+    )
+    .await;
+    let output = db.switchyard(&["sync", "--wait", "--timeout", "60s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    ends.await
+        .expect("the committer")
+        .expect("the slot waited for the open transaction");
+    let said = text(&output);
+    let named = format!(
+        "source: creating the slot waits for the transactions that have written to end, the oldest: pid {pid} in database \"{}\"",
+        db.name
+    );
+    assert!(said.contains(&named), "{named:?} not in: {said}");
+    for line in said
+        .lines()
+        .filter(|l| l.contains("creating the slot waits"))
+    {
+        eprintln!("{line}");
+    }
+    assert!(said.contains("pg_terminate_backend"), "{said}");
+    let (a, b) = except_all(
+        &db.source_client().await,
+        &db.target_client().await,
+        "items",
+    )
+    .await;
+    assert!(a.is_empty() && b.is_empty(), "{a:?} {b:?}");
+}

@@ -295,7 +295,7 @@ impl<'a> Checked<'a> {
             self.save(Event::ReverseRecorded)?;
             let tables =
                 replication::published_tables(&self.source, &self.plan.replication_name()).await?;
-            let target = &self.target;
+            let (target, target_endpoint) = (&self.target, &self.plan.target);
             // Both wait for others, bounded so that a long transaction there fails the
             // cutover with a reason instead of hanging it. The publication waits for a lock
             // on each table, and while it waits in the lock queue it holds up the writers
@@ -315,7 +315,8 @@ impl<'a> Checked<'a> {
                     target
                         .execute("let the slot wait", "SET lock_timeout = '60s'")
                         .await?;
-                    let lsn = replication::create_slot(target, &name).await.map_err(|e| {
+                    let creating = replication::create_slot(target, &name);
+                    let lsn = crate::pg::slot_wait::report_while(Side::Target, target_endpoint, creating).await.map_err(|e| {
                         PgError::Tool(format!("{e} (creating a slot waits until every transaction that has written, in any database of the target's cluster, has ended: look for long ones with a backend_xid in pg_stat_activity there)"))
                     })?;
                     target

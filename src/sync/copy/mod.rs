@@ -96,7 +96,12 @@ pub async fn run(
     });
     store.save(state)?;
     tracing::info!("creating the slot on the source waits for transactions open there to end");
-    let slot = snapshot::create_exported_slot(&plan.source, &name).await?;
+    let slot = crate::pg::slot_wait::report_while(
+        Side::Source,
+        &plan.source,
+        snapshot::create_exported_slot(&plan.source, &name),
+    )
+    .await?;
     let leaves: Vec<TableName> = inspection
         .selection
         .leaves()
