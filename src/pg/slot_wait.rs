@@ -115,34 +115,36 @@ pub async fn report_while<T>(
     loop {
         tokio::select! {
             done = &mut creating => return done,
-            _ = ticks.tick() => {
-                let looked = tokio::time::timeout(LOOKUP_TIMEOUT, async {
-                    if watcher.is_none() {
-                        watcher = Some(Server::connect(side, endpoint).await?);
-                    }
-                    match &watcher {
-                        Some(server) => open_writers(server).await,
-                        None => Ok(Vec::new()),
-                    }
-                })
-                .await;
-                match looked {
-                    Ok(Ok(open)) if !open.is_empty() => {
-                        let list: Vec<String> = open.iter().map(ToString::to_string).collect();
-                        tracing::warn!(
-                            "{side}: creating the slot waits for the transactions that have written to end, the oldest: {}; it goes on when they do (`SELECT pg_terminate_backend(<pid>)` ends one)",
-                            list.join("; ")
-                        );
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "could not look for what the slot waits for");
-                        watcher = None;
-                    }
-                    Err(_) => watcher = None,
-                }
-            }
+            _ = ticks.tick() => report(side, endpoint, &mut watcher).await,
         }
+    }
+}
+
+/// One report, read on `watcher` (connected on first use). A lookup that fails or takes
+/// over [`LOOKUP_TIMEOUT`] is skipped and its connection dropped: the next one connects anew.
+async fn report(side: Side, endpoint: &Endpoint, watcher: &mut Option<Server>) {
+    let looked = tokio::time::timeout(LOOKUP_TIMEOUT, async {
+        let server = match watcher {
+            Some(server) => server,
+            None => watcher.insert(Server::connect(side, endpoint).await?),
+        };
+        open_writers(server).await
+    })
+    .await;
+    match looked {
+        Ok(Ok(open)) if !open.is_empty() => {
+            let list: Vec<String> = open.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                "{side}: creating the slot waits for the transactions that have written to end, the oldest: {}; it goes on when they do (`SELECT pg_terminate_backend(<pid>)` ends one)",
+                list.join("; ")
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "could not look for what the slot waits for");
+            *watcher = None;
+        }
+        Err(_) => *watcher = None,
     }
 }
 
